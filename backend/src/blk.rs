@@ -1,0 +1,196 @@
+//! virtio-blk as the guest sees it: features, request types, statuses and the
+//! configuration space.
+
+use nvme_model::LbaSize;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+/// The length of a request header: type, reserved, sector.
+pub const HEADER_LEN: u32 = 16;
+/// The length of a GET_ID answer.
+pub const ID_BYTES: usize = 20;
+/// The length of one discard / write-zeroes segment.
+pub const DWZ_SEGMENT_LEN: u32 = 16;
+/// virtio-blk addresses data in 512-byte sectors, whatever the block size.
+pub const SECTOR_SHIFT: u32 = 9;
+
+/// The largest data segment the guest may send (config `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Discard and write-zeroes limits offered in the config space.
+pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
+pub const MAX_DWZ_SEGMENTS: u32 = 32;
+
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
+
+/// The vhost-user feature bit that enables protocol feature negotiation.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = bit(30);
+
+/// The features this device offers.
+pub fn device_features(read_only: bool) -> u64 {
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | bit(VIRTIO_BLK_F_SIZE_MAX)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_BLK_SIZE)
+        | bit(VIRTIO_BLK_F_FLUSH)
+        | bit(VIRTIO_BLK_F_TOPOLOGY)
+        | bit(VIRTIO_BLK_F_CONFIG_WCE)
+        | bit(VIRTIO_BLK_F_MQ)
+        | bit(VIRTIO_BLK_F_DISCARD)
+        | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        | VHOST_USER_F_PROTOCOL_FEATURES;
+    if read_only {
+        f |= bit(VIRTIO_BLK_F_RO);
+    }
+    f
+}
+
+/// The status byte a request completes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    IoErr = 1,
+    Unsupp = 2,
+}
+
+/// A request's operation, from the header's type field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    Unsupported(u32),
+}
+
+impl RequestType {
+    pub fn from_raw(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+
+    /// A short name for logs: `op=`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestType::In => "read",
+            RequestType::Out => "write",
+            RequestType::Flush => "flush",
+            RequestType::GetId => "get-id",
+            RequestType::Discard => "discard",
+            RequestType::WriteZeroes => "write-zeroes",
+            RequestType::Unsupported(_) => "unsupported",
+        }
+    }
+
+    /// Whether the device writes data into guest memory for this request.
+    pub fn device_writes_data(self) -> bool {
+        matches!(self, RequestType::In | RequestType::GetId)
+    }
+}
+
+/// The virtio-blk configuration space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkConfig {
+    pub capacity_sectors: u64,
+    pub lbs: LbaSize,
+    pub seg_max: u32,
+    pub num_queues: u16,
+    pub writeback: bool,
+}
+
+/// Offset of the `writeback` byte, the only field the guest may write.
+pub const CONFIG_WRITEBACK_OFFSET: u32 = 32;
+/// The length of the configuration space up to and including the write-zeroes fields.
+pub const CONFIG_LEN: usize = 60;
+
+impl BlkConfig {
+    /// The configuration space as the guest reads it (little-endian).
+    pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
+        let sectors_per_block = u32::try_from(self.lbs.bytes() >> SECTOR_SHIFT).unwrap_or(1);
+        let mut b = [0u8; CONFIG_LEN];
+        let mut put = |at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &self.capacity_sectors.to_le_bytes());
+        put(8, &SIZE_MAX.to_le_bytes());
+        put(12, &self.seg_max.to_le_bytes());
+        // 16..20: geometry, not offered.
+        put(
+            20,
+            &u32::try_from(self.lbs.bytes()).unwrap_or(512).to_le_bytes(),
+        );
+        // Topology: physical block = logical block, no offset, min I/O one block.
+        put(24, &[0, 0]);
+        put(26, &1u16.to_le_bytes());
+        put(28, &0u32.to_le_bytes());
+        put(32, &[u8::from(self.writeback), 0]);
+        put(34, &self.num_queues.to_le_bytes());
+        put(36, &MAX_DWZ_SECTORS.to_le_bytes());
+        put(40, &MAX_DWZ_SEGMENTS.to_le_bytes());
+        put(44, &sectors_per_block.to_le_bytes());
+        put(48, &MAX_DWZ_SECTORS.to_le_bytes());
+        put(52, &MAX_DWZ_SEGMENTS.to_le_bytes());
+        put(56, &[1, 0, 0, 0]); // write_zeroes_may_unmap
+        b
+    }
+
+    /// Exactly `size` bytes from `offset`, zero-padded past the end.
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.to_bytes();
+        let (offset, size) = (offset as usize, size as usize);
+        (offset..offset.saturating_add(size))
+            .map(|i| bytes.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_exactly_what_is_asked() {
+        let c = BlkConfig {
+            capacity_sectors: 0x1_0000,
+            lbs: LbaSize::B4096,
+            seg_max: 254,
+            num_queues: 2,
+            writeback: true,
+        };
+        let all = c.read(0, 96);
+        assert_eq!(all.len(), 96);
+        assert_eq!(u64::from_le_bytes(all[0..8].try_into().unwrap()), 0x1_0000);
+        assert_eq!(u32::from_le_bytes(all[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u16::from_le_bytes(all[34..36].try_into().unwrap()), 2);
+        assert_eq!(all[32], 1);
+        assert!(all[CONFIG_LEN..].iter().all(|&b| b == 0));
+        assert_eq!(c.read(20, 4), 4096u32.to_le_bytes());
+        assert_eq!(c.read(u32::MAX, 4), vec![0; 4]);
+        assert!(c.read(0, 0).is_empty());
+    }
+
+    #[test]
+    fn statuses_match_the_spec() {
+        assert_eq!(u32::from(Status::Ok as u8), VIRTIO_BLK_S_OK);
+        assert_eq!(u32::from(Status::IoErr as u8), VIRTIO_BLK_S_IOERR);
+        assert_eq!(u32::from(Status::Unsupp as u8), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn read_only_is_offered_only_when_asked() {
+        assert_eq!(device_features(false) & bit(VIRTIO_BLK_F_RO), 0);
+        assert_ne!(device_features(true) & bit(VIRTIO_BLK_F_RO), 0);
+    }
+}

@@ -1,0 +1,155 @@
+//! The `dmaprobe` command line: arguments and their conversion to configurations.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use nvme_model::LbaSize;
+
+use crate::config::{self, BackingConfig, ConfigError, ServeConfig};
+
+/// dmaprobe: a vhost-user-blk disk that controls when DMA happens, for testing
+/// how Linux kernels handle the lifetime of pages under I/O.
+#[derive(Debug, Parser)]
+#[command(name = "dmaprobe", version, about, long_about = None)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a vhost-user-blk device on a UNIX socket until SIGINT or SIGTERM.
+    ///
+    /// Attach it to QEMU with shared guest memory:
+    ///   -object memory-backend-memfd,id=mem,size=512M,share=on
+    ///   -machine q35,memory-backend=mem
+    ///   -chardev socket,id=c,path=SOCKET
+    ///   -device vhost-user-blk-pci,chardev=c,num-queues=N
+    ///
+    /// When the frontend disconnects, dmaprobe listens again and serves the next
+    /// one with the same data.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("media").required(true).args(["mem", "disk"]))]
+pub struct ServeArgs {
+    /// The vhost-user socket to listen on (replaced if it exists).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Keep the media in sparse memory of this size (e.g. 64M, 1G).
+    #[arg(long, value_name = "SIZE", conflicts_with = "size")]
+    pub mem: Option<String>,
+    /// Keep the media in a raw file: created with --size if missing, used at its
+    /// own size if present (never resized).
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// The size of a --disk file to create (e.g. 1G).
+    #[arg(long, value_name = "SIZE", requires = "disk")]
+    pub size: Option<String>,
+    /// The logical block size the guest sees: 512 or 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    pub lbs: u64,
+    /// Number of virtqueues, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Descriptors per virtqueue (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// Refuse writes, discards and write-zeroes (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub read_only: bool,
+    /// The serial number GET_ID returns (at most 20 bytes).
+    #[arg(long, value_name = "STR", default_value = "dmaprobe")]
+    pub serial: String,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let lbs = LbaSize::try_from(a.lbs)?;
+        let backing = match (a.mem, a.disk) {
+            (Some(mem), _) => BackingConfig::Memory {
+                size: config::check_size(config::parse_size(&mem)?, lbs)?,
+            },
+            (None, Some(path)) => BackingConfig::File {
+                path,
+                size: a
+                    .size
+                    .map(|s| config::check_size(config::parse_size(&s)?, lbs))
+                    .transpose()?,
+            },
+            // clap's "media" group requires one of them.
+            (None, None) => return Err(ConfigError::Empty),
+        };
+        Ok(ServeConfig {
+            socket: a.socket,
+            backing,
+            lbs,
+            queues: config::check_queues(a.queues)?,
+            queue_size: config::check_queue_size(a.queue_size)?,
+            read_only: a.read_only,
+            serial: config::check_serial(a.serial)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("dmaprobe").chain(args.iter().copied()))
+    }
+
+    fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
+        match parse(args).unwrap().command {
+            Command::Serve(a) => ServeConfig::try_from(a),
+        }
+    }
+
+    #[test]
+    fn defaults_a_user_expects() {
+        let c = serve_config(&["serve", "--socket", "/tmp/s", "--mem", "64M"]).unwrap();
+        assert_eq!(c.lbs, LbaSize::B512);
+        assert_eq!(c.queues, 1);
+        assert_eq!(c.queue_size, 256);
+        assert!(!c.read_only);
+        assert_eq!(c.backing, BackingConfig::Memory { size: 64 << 20 });
+    }
+
+    #[test]
+    fn media_is_required_and_exclusive() {
+        assert!(parse(&["serve", "--socket", "s"]).is_err());
+        assert!(parse(&["serve", "--socket", "s", "--mem", "1M", "--disk", "f"]).is_err());
+        assert!(parse(&["serve", "--socket", "s", "--mem", "1M", "--size", "1M"]).is_err());
+        let c = serve_config(&["serve", "--socket", "s", "--disk", "f", "--size", "1G"]).unwrap();
+        assert_eq!(
+            c.backing,
+            BackingConfig::File {
+                path: "f".into(),
+                size: Some(1 << 30)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let base = ["serve", "--socket", "s", "--mem", "64M"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            serve_config(&v)
+        };
+        assert!(with(&["--lbs", "1024"]).is_err());
+        assert!(with(&["--queues", "0"]).is_err());
+        assert!(with(&["--queue-size", "300"]).is_err());
+        assert!(with(&["--serial", "012345678901234567890"]).is_err());
+        assert!(serve_config(&["serve", "--socket", "s", "--mem", "1000"]).is_err());
+        assert!(with(&["--lbs", "4096"]).is_ok());
+    }
+}

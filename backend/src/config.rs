@@ -1,0 +1,142 @@
+//! The daemon's configuration, checked once before anything starts.
+
+use std::path::PathBuf;
+
+use nvme_model::{LbaSize, LbaSizeError};
+
+/// The most queues a vhost-user-blk device may have here (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("Size {0:?} is not a size: give bytes or a number with K, M, G or T (e.g. 64M)")]
+    Size(String),
+    #[error("--queues {0} is out of range: 1 to {MAX_QUEUES}")]
+    Queues(u16),
+    #[error("--queue-size {0} must be a power of two from 2 to 32768")]
+    QueueSize(u16),
+    #[error("--serial {0:?} is longer than the 20 bytes virtio-blk carries")]
+    Serial(String),
+    #[error(transparent)]
+    LbaSize(#[from] LbaSizeError),
+    #[error("--size {size} is not a multiple of the logical block size {lbs}")]
+    Unaligned { size: u64, lbs: u64 },
+    #[error("--size must be larger than zero")]
+    Empty,
+}
+
+/// Where the media's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackingConfig {
+    /// Sparse memory of this many bytes.
+    Memory { size: u64 },
+    /// A raw file: created with `size` bytes if missing, else used at its size.
+    File { path: PathBuf, size: Option<u64> },
+}
+
+/// Everything `dmaprobe serve` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub socket: PathBuf,
+    pub backing: BackingConfig,
+    pub lbs: LbaSize,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+pub fn check_queues(queues: u16) -> Result<u16, ConfigError> {
+    if (1..=MAX_QUEUES).contains(&queues) {
+        Ok(queues)
+    } else {
+        Err(ConfigError::Queues(queues))
+    }
+}
+
+pub fn check_queue_size(size: u16) -> Result<u16, ConfigError> {
+    if size >= 2 && size.is_power_of_two() {
+        Ok(size)
+    } else {
+        Err(ConfigError::QueueSize(size))
+    }
+}
+
+pub fn check_serial(serial: String) -> Result<String, ConfigError> {
+    if serial.len() <= crate::blk::ID_BYTES {
+        Ok(serial)
+    } else {
+        Err(ConfigError::Serial(serial))
+    }
+}
+
+/// A media size must hold whole blocks.
+pub fn check_size(size: u64, lbs: LbaSize) -> Result<u64, ConfigError> {
+    if size == 0 {
+        Err(ConfigError::Empty)
+    } else if !lbs.is_aligned(size) {
+        Err(ConfigError::Unaligned {
+            size,
+            lbs: lbs.bytes(),
+        })
+    } else {
+        Ok(size)
+    }
+}
+
+/// Parses a size: bytes, or a number with a binary suffix K, M, G or T
+/// (optionally followed by `i` and/or `B`: 64M, 64MiB, 1G, 4096).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(text.to_owned());
+    let t = text.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let t = t.strip_suffix('i').unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        for bad in ["", "M", "12X", "-1", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        assert!(check_queues(0).is_err());
+        assert!(check_queues(1).is_ok());
+        assert!(check_queues(MAX_QUEUES + 1).is_err());
+        assert!(check_queue_size(256).is_ok());
+        assert!(check_queue_size(100).is_err());
+        assert!(check_queue_size(1).is_err());
+        assert!(check_serial("x".repeat(20)).is_ok());
+        assert!(check_serial("x".repeat(21)).is_err());
+        assert!(check_size(1000, LbaSize::B512).is_err());
+        assert!(check_size(0, LbaSize::B512).is_err());
+        assert!(check_size(8192, LbaSize::B4096).is_ok());
+    }
+}

@@ -1,0 +1,133 @@
+//! Counters of what the device served and refused, and a rate limit for the log
+//! lines a guest can trigger over and over.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::request::Malformed;
+
+/// What the device has done since it started. Shared by every queue and connection.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub completed_ok: AtomicU64,
+    pub ioerr: AtomicU64,
+    pub unsupp: AtomicU64,
+    /// Chains returned with no status byte written (there was nowhere to write it).
+    pub no_status: AtomicU64,
+    pub media_errors: AtomicU64,
+    malformed: [AtomicU64; Malformed::ALL.len()],
+    limiter: RateLimit,
+}
+
+impl Counters {
+    pub fn count_malformed(&self, m: Malformed) {
+        self.malformed[m.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn malformed(&self, m: Malformed) -> u64 {
+        self.malformed[m.index()].load(Ordering::Relaxed)
+    }
+
+    /// Every malformed-input counter with its name.
+    pub fn malformed_all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Malformed::ALL
+            .iter()
+            .map(|&m| (m.name(), self.malformed(m)))
+    }
+
+    /// Whether a guest-triggered log line may be printed now.
+    pub fn may_log(&self) -> bool {
+        self.limiter.allow()
+    }
+}
+
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Allows a burst of lines per interval, then says how many it held back.
+#[derive(Debug)]
+pub struct RateLimit {
+    state: Mutex<LimitState>,
+    burst: u32,
+    interval: Duration,
+}
+
+#[derive(Debug)]
+struct LimitState {
+    window: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit::new(10, Duration::from_secs(5))
+    }
+}
+
+impl RateLimit {
+    pub fn new(burst: u32, interval: Duration) -> Self {
+        RateLimit {
+            state: Mutex::new(LimitState {
+                window: None,
+                used: 0,
+                suppressed: 0,
+            }),
+            burst,
+            interval,
+        }
+    }
+
+    pub fn allow(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if s.window
+            .is_none_or(|w| now.duration_since(w) >= self.interval)
+        {
+            if s.suppressed > 0 {
+                log::warn!("{} similar log lines suppressed", s.suppressed);
+            }
+            *s = LimitState {
+                window: Some(now),
+                used: 0,
+                suppressed: 0,
+            };
+        }
+        if s.used < self.burst {
+            s.used += 1;
+            true
+        } else {
+            s.suppressed += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_holds_back() {
+        let r = RateLimit::new(3, Duration::from_secs(3600));
+        assert_eq!((0..10).filter(|_| r.allow()).count(), 3);
+        let r = RateLimit::new(1, Duration::ZERO);
+        assert!(r.allow() && r.allow());
+    }
+
+    #[test]
+    fn malformed_counters_are_separate() {
+        let c = Counters::default();
+        c.count_malformed(Malformed::NoStatus);
+        c.count_malformed(Malformed::NoStatus);
+        c.count_malformed(Malformed::OutOfRange);
+        assert_eq!(c.malformed(Malformed::NoStatus), 2);
+        assert_eq!(c.malformed(Malformed::OutOfRange), 1);
+        assert_eq!(c.malformed(Malformed::BadFlags), 0);
+    }
+}

@@ -1,0 +1,209 @@
+//! Serving a parsed request: dma moves the bytes between guest memory and a
+//! buffer, and the namespace keeps them.
+
+use nvme_model::{LbaRange, Namespace, NamespaceError};
+use vm_memory::GuestMemoryBackend;
+
+use crate::blk::{RequestType, DWZ_SEGMENT_LEN, ID_BYTES, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
+use crate::request::{sector_offset, Malformed, Request};
+
+/// Why a well-formed chain still failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("Malformed request: {0}")]
+    Malformed(Malformed),
+    #[error("Media error")]
+    Media(#[source] NamespaceError),
+    #[error("Guest memory access failed")]
+    Memory(#[source] dma::TransferError),
+}
+
+impl From<Malformed> for ExecError {
+    fn from(m: Malformed) -> Self {
+        ExecError::Malformed(m)
+    }
+}
+
+/// What a request needs from the device besides its namespace.
+#[derive(Debug)]
+pub struct ExecContext<'a> {
+    pub ns: &'a Namespace,
+    pub serial: &'a [u8; ID_BYTES],
+    /// Whether the guest runs the cache in writeback mode; in writethrough mode
+    /// every write is made stable before it completes.
+    pub writeback: bool,
+}
+
+/// Serves `req`; returns the number of data bytes written into guest memory.
+/// `buf` is scratch space, reused across requests.
+pub fn execute<M: GuestMemoryBackend>(
+    ctx: &ExecContext<'_>,
+    mem: &M,
+    req: &Request,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ExecError> {
+    let ns = ctx.ns;
+    let len = req.data_len as usize;
+    match req.op {
+        RequestType::In => {
+            let range = lba_range(ns, req.sector, req.data_len)?;
+            buf.resize(len, 0);
+            ns.read(range, buf).map_err(ExecError::Media)?;
+            dma::to_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
+            Ok(req.data_len)
+        }
+        RequestType::Out => {
+            writable(ns)?;
+            let range = lba_range(ns, req.sector, req.data_len)?;
+            buf.resize(len, 0);
+            dma::from_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
+            ns.write(range, buf).map_err(ExecError::Media)?;
+            if !ctx.writeback {
+                ns.flush().map_err(ExecError::Media)?;
+            }
+            Ok(0)
+        }
+        RequestType::Flush => {
+            ns.flush().map_err(ExecError::Media)?;
+            Ok(0)
+        }
+        RequestType::GetId => {
+            let n = len.min(ID_BYTES);
+            let mut segs = req.data.clone();
+            truncate_segments(&mut segs, n);
+            dma::to_guest(mem, &segs, &ctx.serial[..n]).map_err(ExecError::Memory)?;
+            Ok(u32::try_from(n).unwrap_or(0))
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            writable(ns)?;
+            let ranges = dwz_ranges(ns, mem, req, buf)?;
+            for (range, unmap) in ranges {
+                let done = if req.op == RequestType::Discard || unmap {
+                    ns.deallocate(range)
+                } else {
+                    ns.write_zeroes(range)
+                };
+                done.map_err(ExecError::Media)?;
+            }
+            if !ctx.writeback {
+                ns.flush().map_err(ExecError::Media)?;
+            }
+            Ok(0)
+        }
+        RequestType::Unsupported(_) => Err(Malformed::Unsupported.into()),
+    }
+}
+
+fn writable(ns: &Namespace) -> Result<(), Malformed> {
+    if ns.read_only() {
+        Err(Malformed::ReadOnly)
+    } else {
+        Ok(())
+    }
+}
+
+/// The blocks that `bytes` bytes from 512-byte `sector` cover: both must be
+/// aligned to the logical block size, and the range must lie inside the namespace.
+pub fn lba_range(ns: &Namespace, sector: u64, bytes: u32) -> Result<LbaRange, Malformed> {
+    let lbs = ns.lba_size();
+    let offset = sector_offset(sector).ok_or(Malformed::OutOfRange)?;
+    let start = lbs
+        .lba_at(nvme_model::ByteOffset(offset))
+        .ok_or(Malformed::Unaligned)?;
+    let blocks = lbs
+        .blocks_in(u64::from(bytes))
+        .ok_or(Malformed::Unaligned)?;
+    ns.check_range(start, blocks)
+        .map_err(|_| Malformed::OutOfRange)
+}
+
+/// Reads and checks every segment of a discard / write-zeroes payload before any
+/// of them is carried out.
+fn dwz_ranges<M: GuestMemoryBackend>(
+    ns: &Namespace,
+    mem: &M,
+    req: &Request,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(LbaRange, bool)>, ExecError> {
+    let n = req.data_len / DWZ_SEGMENT_LEN;
+    if req.data_len == 0 || !req.data_len.is_multiple_of(DWZ_SEGMENT_LEN) || n > MAX_DWZ_SEGMENTS {
+        return Err(Malformed::BadSegmentList.into());
+    }
+    buf.resize(req.data_len as usize, 0);
+    dma::from_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
+    let allowed_flags = match req.op {
+        RequestType::WriteZeroes => virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+        _ => 0,
+    };
+    buf.chunks_exact(DWZ_SEGMENT_LEN as usize)
+        .map(|s| {
+            let sector = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
+            let sectors = u32::from_le_bytes(s[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(s[12..16].try_into().unwrap_or_default());
+            if flags & !allowed_flags != 0 {
+                return Err(Malformed::BadFlags.into());
+            }
+            if sectors > MAX_DWZ_SECTORS {
+                return Err(Malformed::BadSegmentList.into());
+            }
+            let bytes = sectors.checked_mul(512).ok_or(Malformed::BadSegmentList)?;
+            Ok((lba_range(ns, sector, bytes)?, flags & allowed_flags != 0))
+        })
+        .collect()
+}
+
+fn truncate_segments(segs: &mut Vec<dma::Segment>, bytes: usize) {
+    let mut left = bytes;
+    segs.retain_mut(|s| {
+        if left == 0 {
+            return false;
+        }
+        let take = left.min(s.len_usize());
+        s.len = u32::try_from(take).unwrap_or(s.len);
+        left -= take;
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvme_model::{Backing, Lba, LbaSize};
+
+    fn ns(lbs: LbaSize) -> Namespace {
+        Namespace::new(Backing::memory(1 << 20).unwrap(), lbs, false).unwrap()
+    }
+
+    #[test]
+    fn sector_ranges() {
+        let n = ns(LbaSize::B512);
+        assert_eq!(lba_range(&n, 2047, 512).unwrap().start(), Lba(2047));
+        assert_eq!(lba_range(&n, 2047, 1024), Err(Malformed::OutOfRange));
+        assert_eq!(lba_range(&n, 0, 100), Err(Malformed::Unaligned));
+        assert_eq!(lba_range(&n, u64::MAX, 512), Err(Malformed::OutOfRange));
+        assert_eq!(
+            lba_range(&n, u64::MAX / 512, 512),
+            Err(Malformed::OutOfRange)
+        );
+        let n = ns(LbaSize::B4096);
+        assert_eq!(lba_range(&n, 8, 4096).unwrap().start(), Lba(1));
+        assert_eq!(lba_range(&n, 1, 4096), Err(Malformed::Unaligned));
+        assert_eq!(lba_range(&n, 8, 512), Err(Malformed::Unaligned));
+    }
+
+    #[test]
+    fn get_id_truncates_segments() {
+        let mut segs = vec![
+            dma::Segment::new(dma::Gpa(0), 8),
+            dma::Segment::new(dma::Gpa(100), 64),
+        ];
+        truncate_segments(&mut segs, 20);
+        assert_eq!(
+            segs,
+            vec![
+                dma::Segment::new(dma::Gpa(0), 8),
+                dma::Segment::new(dma::Gpa(100), 12)
+            ]
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! Parsing a virtio-blk descriptor chain into a request.
+//!
+//! The chain is read as two byte streams, as the virtio 1.x "any layout" rule
+//! allows: the device-readable descriptors (header, then data for writes and
+//! discard/write-zeroes), followed by the device-writable ones (data for reads and
+//! GET_ID, then the status byte, the last writable byte). Everything a guest can
+//! get wrong becomes a [`Malformed`] with the status to report.
+
+use dma::{Gpa, Segment};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestMemoryBackend;
+
+use crate::blk::{RequestType, Status, HEADER_LEN, SECTOR_SHIFT};
+
+/// Limits the device advertised to the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The most data segments in one request (config `seg_max`).
+    pub seg_max: u32,
+    /// The most bytes in one data segment (config `size_max`).
+    pub size_max: u32,
+}
+
+/// A well-formed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub op: RequestType,
+    /// The first 512-byte sector named by the header.
+    pub sector: u64,
+    /// The data segments, in order: read by the device for writes and
+    /// discard/write-zeroes payloads, written by it for reads and GET_ID.
+    pub data: Vec<Segment>,
+    /// The total length of `data` in bytes.
+    pub data_len: u32,
+    /// Where the status byte goes.
+    pub status: Gpa,
+}
+
+/// What the guest got wrong. Each kind has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("the chain is broken (a loop, a bad index or a bad indirect table)")]
+    BrokenChain,
+    #[error("no device-writable byte for the status")]
+    NoStatus,
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("the header is shorter than 16 bytes or not device-readable")]
+    ShortHeader,
+    #[error("a descriptor lies outside guest memory")]
+    OutsideMemory,
+    #[error("data descriptors of the wrong direction for the request type")]
+    WrongDirection,
+    #[error("more data segments or bytes than the device advertised")]
+    TooLarge,
+    #[error("the data length is not a multiple of the block size")]
+    Unaligned,
+    #[error("the sector range overflows or ends past the capacity")]
+    OutOfRange,
+    #[error("a discard or write-zeroes segment list is malformed")]
+    BadSegmentList,
+    #[error("a discard or write-zeroes segment has flags that are not allowed")]
+    BadFlags,
+    #[error("the request type is not supported")]
+    Unsupported,
+    #[error("the device is read-only")]
+    ReadOnly,
+}
+
+impl Malformed {
+    pub const ALL: [Malformed; 13] = [
+        Malformed::BrokenChain,
+        Malformed::NoStatus,
+        Malformed::ReadableAfterWritable,
+        Malformed::ShortHeader,
+        Malformed::OutsideMemory,
+        Malformed::WrongDirection,
+        Malformed::TooLarge,
+        Malformed::Unaligned,
+        Malformed::OutOfRange,
+        Malformed::BadSegmentList,
+        Malformed::BadFlags,
+        Malformed::Unsupported,
+        Malformed::ReadOnly,
+    ];
+
+    /// A stable name for counters and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Malformed::BrokenChain => "broken-chain",
+            Malformed::NoStatus => "no-status",
+            Malformed::ReadableAfterWritable => "readable-after-writable",
+            Malformed::ShortHeader => "short-header",
+            Malformed::OutsideMemory => "outside-memory",
+            Malformed::WrongDirection => "wrong-direction",
+            Malformed::TooLarge => "too-large",
+            Malformed::Unaligned => "unaligned",
+            Malformed::OutOfRange => "out-of-range",
+            Malformed::BadSegmentList => "bad-segment-list",
+            Malformed::BadFlags => "bad-flags",
+            Malformed::Unsupported => "unsupported",
+            Malformed::ReadOnly => "read-only",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Malformed::ALL
+            .iter()
+            .position(|&m| m == self)
+            .unwrap_or_default()
+    }
+
+    /// The status the guest sees for this mistake.
+    pub fn status(self) -> Status {
+        match self {
+            Malformed::Unsupported | Malformed::BadFlags => Status::Unsupp,
+            _ => Status::IoErr,
+        }
+    }
+}
+
+/// A chain that cannot be served: complete it with `status` at `status_at`, or,
+/// where no status byte can be written, return it with length 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub reason: Malformed,
+    pub op: Option<RequestType>,
+    pub status_at: Option<Gpa>,
+}
+
+/// Parses the descriptors of one chain.
+pub fn parse<M: GuestMemoryBackend>(
+    mem: &M,
+    chain: impl Iterator<Item = Descriptor>,
+    limits: Limits,
+) -> Result<Request, Rejected> {
+    let mut readable: Vec<Segment> = Vec::new();
+    let mut writable: Vec<Segment> = Vec::new();
+    let mut last: Option<Descriptor> = None;
+    let mut ordering_error = false;
+    for desc in chain {
+        last = Some(desc);
+        if desc.len() == 0 {
+            continue;
+        }
+        let seg = Segment::new(Gpa(desc.addr().0), desc.len());
+        if desc.is_write_only() {
+            writable.push(seg);
+        } else if writable.is_empty() {
+            readable.push(seg);
+        } else {
+            ordering_error = true;
+        }
+    }
+    // The chain iterator stops early, on a descriptor that still points onwards,
+    // when the chain loops or names something it cannot read.
+    let truncated = last.is_none_or(|d| d.has_next() || d.refers_to_indirect_table());
+
+    let reject = |reason, op, status_at| Rejected {
+        reason,
+        op,
+        status_at,
+    };
+
+    // The status byte: the last byte of the last writable descriptor.
+    let status_at = writable
+        .last()
+        .and_then(|s| s.gpa.checked_add(u64::from(s.len) - 1))
+        .filter(|&gpa| Segment::new(gpa, 1).is_in(mem));
+    if truncated {
+        return Err(reject(Malformed::BrokenChain, None, None));
+    }
+    let Some(status_at) = status_at else {
+        let reason = if writable.is_empty() {
+            Malformed::NoStatus
+        } else {
+            Malformed::OutsideMemory
+        };
+        return Err(reject(reason, None, None));
+    };
+    if ordering_error {
+        return Err(reject(
+            Malformed::ReadableAfterWritable,
+            None,
+            Some(status_at),
+        ));
+    }
+    if readable.iter().chain(&writable).any(|s| !s.is_in(mem)) {
+        return Err(reject(Malformed::OutsideMemory, None, Some(status_at)));
+    }
+
+    let (header, data_out) = split_at(&readable, HEADER_LEN);
+    if total(&header) < u64::from(HEADER_LEN) {
+        return Err(reject(Malformed::ShortHeader, None, Some(status_at)));
+    }
+    let mut raw = [0u8; HEADER_LEN as usize];
+    dma::from_guest(mem, &header, &mut raw)
+        .map_err(|_| reject(Malformed::OutsideMemory, None, Some(status_at)))?;
+    let op = RequestType::from_raw(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
+    let sector = u64::from_le_bytes([
+        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+    ]);
+    let reject_op = |reason| reject(reason, Some(op), Some(status_at));
+
+    let writable_len = total(&writable);
+    let (data_in, _status) = split_at(&writable, u32::try_from(writable_len - 1).unwrap_or(0));
+
+    let data = match op {
+        RequestType::In | RequestType::GetId => {
+            if !data_out.is_empty() {
+                return Err(reject_op(Malformed::WrongDirection));
+            }
+            data_in
+        }
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+            if !data_in.is_empty() {
+                return Err(reject_op(Malformed::WrongDirection));
+            }
+            data_out
+        }
+        RequestType::Flush => {
+            if !data_in.is_empty() || !data_out.is_empty() {
+                return Err(reject_op(Malformed::WrongDirection));
+            }
+            Vec::new()
+        }
+        RequestType::Unsupported(_) => return Err(reject_op(Malformed::Unsupported)),
+    };
+
+    let data_len = total(&data);
+    let seg_max = u64::from(limits.seg_max);
+    let max_bytes = seg_max * u64::from(limits.size_max);
+    if data.len() as u64 > seg_max || data_len > max_bytes {
+        return Err(reject_op(Malformed::TooLarge));
+    }
+    Ok(Request {
+        op,
+        sector,
+        data,
+        // Fits: at most seg_max * size_max, both u32 limits chosen to keep it small.
+        data_len: u32::try_from(data_len).map_err(|_| reject_op(Malformed::TooLarge))?,
+        status: status_at,
+    })
+}
+
+fn total(segs: &[Segment]) -> u64 {
+    dma::segment::total_len(segs)
+}
+
+/// Splits a byte stream of segments after `at` bytes.
+fn split_at(segs: &[Segment], at: u32) -> (Vec<Segment>, Vec<Segment>) {
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    let mut left = at;
+    for s in segs {
+        if left >= s.len {
+            head.push(*s);
+            left -= s.len;
+        } else if left == 0 {
+            tail.push(*s);
+        } else {
+            head.push(Segment::new(s.gpa, left));
+            tail.push(Segment::new(Gpa(s.gpa.0 + u64::from(left)), s.len - left));
+            left = 0;
+        }
+    }
+    (head, tail)
+}
+
+/// The byte offset a 512-byte sector names, or `None` on overflow.
+pub fn sector_offset(sector: u64) -> Option<u64> {
+    sector.checked_mul(1 << SECTOR_SHIFT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const W: u16 = 2; // VRING_DESC_F_WRITE
+    const NEXT: u16 = 1; // VRING_DESC_F_NEXT
+    const LIMITS: Limits = Limits {
+        seg_max: 4,
+        size_max: 4096,
+    };
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, at: u64, t: u32, sector: u64) {
+        mem.write_obj(t, GuestAddress(at)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    /// Descriptors as the chain iterator yields them (`next` is not followed here).
+    fn chain(descs: &[(u64, u32, u16)]) -> Vec<Descriptor> {
+        let n = descs.len();
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let next = if i + 1 < n { flags | NEXT } else { flags };
+                Descriptor::new(addr, len, next, 0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn read_request() {
+        let m = mem();
+        header(&m, 0x1000, 0, 8);
+        let r = parse(
+            &m,
+            chain(&[(0x1000, 16, 0), (0x2000, 4096, W), (0x3000, 1, W)]).into_iter(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.op, RequestType::In);
+        assert_eq!(r.sector, 8);
+        assert_eq!(r.data, vec![Segment::new(Gpa(0x2000), 4096)]);
+        assert_eq!(r.status, Gpa(0x3000));
+    }
+
+    #[test]
+    fn any_layout_write() {
+        // Header and data in one descriptor; data in the writable part.
+        let m = mem();
+        header(&m, 0x1000, 1, 3);
+        let r = parse(
+            &m,
+            chain(&[(0x1000, 16 + 512, 0), (0x3000, 1, W)]).into_iter(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.op, RequestType::Out);
+        assert_eq!(r.data, vec![Segment::new(Gpa(0x1010), 512)]);
+        // Status as the last byte of a longer writable descriptor.
+        header(&m, 0x1000, 0, 3);
+        let r = parse(
+            &m,
+            chain(&[(0x1000, 16, 0), (0x2000, 513, W)]).into_iter(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.data, vec![Segment::new(Gpa(0x2000), 512)]);
+        assert_eq!(r.status, Gpa(0x2200));
+    }
+
+    #[test]
+    fn malformed_chains() {
+        let m = mem();
+        header(&m, 0x1000, 0, 0);
+        type Case<'a> = (&'a [(u64, u32, u16)], Malformed, bool);
+        let cases: &[Case] = &[
+            (&[(0x1000, 16, 0)], Malformed::NoStatus, false),
+            (
+                &[(0x1000, 8, 0), (0x3000, 1, W)],
+                Malformed::ShortHeader,
+                true,
+            ),
+            (
+                &[(0x1000, 16, W), (0x3000, 1, W)],
+                Malformed::ShortHeader,
+                true,
+            ),
+            (
+                &[(0x1000, 16, 0), (0x3000, 1, W), (0x4000, 1, 0)],
+                Malformed::ReadableAfterWritable,
+                true,
+            ),
+            (
+                &[(0x1000, 16, 0), (0xfff_0000, 512, W), (0x3000, 1, W)],
+                Malformed::OutsideMemory,
+                true,
+            ),
+            (
+                &[(0x1000, 16, 0), (0xfff_0000, 1, W)],
+                Malformed::OutsideMemory,
+                false,
+            ),
+            (
+                &[(0x1000, 16, 0), (0x4000, 512, 0), (0x3000, 1, W)],
+                Malformed::WrongDirection,
+                true,
+            ),
+        ];
+        for (descs, want, has_status) in cases {
+            let err = parse(&m, chain(descs).into_iter(), LIMITS).unwrap_err();
+            assert_eq!(err.reason, *want, "{descs:?}");
+            assert_eq!(err.status_at.is_some(), *has_status, "{descs:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_segments_or_bytes() {
+        let m = mem();
+        header(&m, 0x1000, 0, 0);
+        let mut descs = vec![(0x1000, 16, 0)];
+        descs.extend((0..5).map(|i| (0x10000 + i * 0x1000, 512, W)));
+        descs.push((0x3000, 1, W));
+        let err = parse(&m, chain(&descs).into_iter(), LIMITS).unwrap_err();
+        assert_eq!(err.reason, Malformed::TooLarge);
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported() {
+        let m = mem();
+        header(&m, 0x1000, 99, 0);
+        let err = parse(
+            &m,
+            chain(&[(0x1000, 16, 0), (0x3000, 1, W)]).into_iter(),
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason, Malformed::Unsupported);
+        assert_eq!(err.reason.status(), Status::Unsupp);
+    }
+
+    #[test]
+    fn truncated_chain_is_broken() {
+        let m = mem();
+        header(&m, 0x1000, 0, 0);
+        // The last descriptor still points onwards: the iterator stopped early.
+        let mut d = chain(&[(0x1000, 16, 0), (0x3000, 1, W)]);
+        d.truncate(1);
+        let err = parse(&m, d.into_iter(), LIMITS).unwrap_err();
+        assert_eq!(err.reason, Malformed::BrokenChain);
+        assert_eq!(
+            parse(&m, std::iter::empty(), LIMITS).unwrap_err().reason,
+            Malformed::BrokenChain
+        );
+    }
+}

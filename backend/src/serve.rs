@@ -1,0 +1,189 @@
+//! `dmaprobe serve`: open the media, listen on the vhost-user socket, serve one
+//! frontend after another with the same media, and stop cleanly on SIGINT/SIGTERM.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{error, info};
+use nvme_model::{Backing, Namespace};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::{BackingConfig, ServeConfig};
+use crate::counters::Counters;
+use crate::device::{BlkDevice, DeviceShape};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("Cannot open the media")]
+    Media(#[source] nvme_model::NamespaceError),
+    #[error("Cannot open the media")]
+    Backing(#[source] nvme_model::BackingError),
+    #[error("Cannot listen on {0}")]
+    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    #[error("Cannot create the device")]
+    Device(#[source] io::Error),
+    // vhost_user_backend::Error has no std::error::Error impl to chain as a source.
+    #[error("vhost-user daemon failed: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("Cannot flush the media on exit")]
+    Flush(#[source] nvme_model::NamespaceError),
+}
+
+/// Opens the namespace the configuration describes.
+pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
+    let backing = match &config.backing {
+        BackingConfig::Memory { size } => Backing::memory(*size),
+        BackingConfig::File { path, size } => Backing::file(path, *size, config.read_only),
+    }
+    .map_err(ServeError::Backing)?;
+    Namespace::new(backing, config.lbs, config.read_only).map_err(ServeError::Media)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    // Block the stop signals before any thread exists, so every thread inherits the
+    // mask and this thread alone takes them, synchronously.
+    let signals = StopSignals::block().map_err(ServeError::Signals)?;
+    let ns = Arc::new(open_namespace(&config)?);
+    let counters = Arc::new(Counters::default());
+    let listener = Listener::new(&config.socket, true)
+        .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
+    info!(
+        "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
+        ns.capacity_bytes(),
+        ns.blocks(),
+        ns.lba_size(),
+        config.socket.display(),
+        config.queues,
+        config.queue_size,
+        if ns.read_only() { ", read-only" } else { "" }
+    );
+
+    let (failed_tx, failed_rx) = mpsc::channel();
+    let shape = DeviceShape {
+        queues: config.queues,
+        queue_size: config.queue_size,
+        serial: config.serial.clone(),
+    };
+    let loop_ns = ns.clone();
+    thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || {
+            let err = serve_connections(listener, loop_ns, counters, shape);
+            let _ = failed_tx.send(err);
+        })
+        .map_err(ServeError::Device)?;
+
+    let result = loop {
+        if let Some(sig) = signals.wait(Duration::from_millis(200)) {
+            info!("received {sig}: flushing the media and stopping");
+            break Ok(());
+        }
+        match failed_rx.try_recv() {
+            Ok(err) => break Err(err),
+            Err(mpsc::TryRecvError::Empty) => {}
+            Err(mpsc::TryRecvError::Disconnected) => {
+                break Err(ServeError::Device(io::Error::other(
+                    "the serving thread died",
+                )))
+            }
+        }
+    };
+    let flushed = ns.flush().map_err(ServeError::Flush);
+    let _ = std::fs::remove_file(&config.socket);
+    result.and(flushed)
+}
+
+/// Serves one frontend after another; returns only on a fatal error.
+fn serve_connections(
+    mut listener: Listener,
+    ns: Arc<Namespace>,
+    counters: Arc<Counters>,
+    shape: DeviceShape,
+) -> ServeError {
+    const MAX_ACCEPT_FAILURES: u32 = 50;
+    let mut failures = 0;
+    loop {
+        let device = match BlkDevice::new(ns.clone(), counters.clone(), shape.clone()) {
+            Ok(d) => Arc::new(d),
+            Err(e) => return ServeError::Device(e),
+        };
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new("dmaprobe".into(), device.clone(), mem) {
+            Ok(d) => d,
+            Err(e) => return ServeError::Daemon(e),
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            // A connection that fails before it is set up harms nothing; a listener
+            // that keeps failing is broken.
+            failures += 1;
+            if failures >= MAX_ACCEPT_FAILURES {
+                return ServeError::Daemon(e);
+            }
+            error!("accepting a frontend failed: {e}");
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        failures = 0;
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("frontend disconnected"),
+            Err(e) => error!("frontend connection ended: {e}"),
+        }
+        device.stop_workers();
+        // The media stays: the next frontend sees what this one wrote.
+        if let Err(e) = ns.flush() {
+            error!("flush after disconnect failed: {e}");
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, blocked and taken synchronously.
+struct StopSignals {
+    set: libc::sigset_t,
+}
+
+impl StopSignals {
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame; the signal numbers are valid.
+        let ret = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        Ok(StopSignals { set })
+    }
+
+    /// Waits up to `timeout` for a stop signal; returns its name.
+    fn wait(&self, timeout: Duration) -> Option<&'static str> {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::c_long::try_from(timeout.as_nanos().min(999_999_999)).unwrap_or(0),
+        };
+        // SAFETY: `self.set` is an initialised sigset_t, `ts` a valid timespec, and a
+        // null siginfo pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
+        match sig {
+            libc::SIGINT => Some("SIGINT"),
+            libc::SIGTERM => Some("SIGTERM"),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Guest-physical addresses and the segments a request moves data through.
+
+use std::fmt;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+/// A guest-physical address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gpa(pub u64);
+
+impl Gpa {
+    pub fn checked_add(self, bytes: u64) -> Option<Gpa> {
+        self.0.checked_add(bytes).map(Gpa)
+    }
+}
+
+impl From<Gpa> for GuestAddress {
+    fn from(gpa: Gpa) -> Self {
+        GuestAddress(gpa.0)
+    }
+}
+
+impl fmt::Display for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// A contiguous range of guest-physical memory that a request reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub gpa: Gpa,
+    pub len: u32,
+}
+
+impl Segment {
+    pub fn new(gpa: Gpa, len: u32) -> Self {
+        Segment { gpa, len }
+    }
+
+    pub fn len_usize(&self) -> usize {
+        // A u32 always fits in usize on the 64-bit hosts dmaprobe runs on.
+        self.len as usize
+    }
+
+    /// Whether every byte of the segment is backed by guest memory.
+    pub fn is_in<M: GuestMemoryBackend>(&self, mem: &M) -> bool {
+        mem.check_range(self.gpa.into(), self.len_usize())
+    }
+}
+
+/// The total length of `segments` in bytes.
+pub fn total_len(segments: &[Segment]) -> u64 {
+    segments.iter().map(|s| u64::from(s.len)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn segments_must_lie_in_guest_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        assert!(Segment::new(Gpa(0), 0x2000).is_in(&mem));
+        assert!(Segment::new(Gpa(0x1000), 0x1000).is_in(&mem));
+        assert!(!Segment::new(Gpa(0x1000), 0x1001).is_in(&mem));
+        assert!(!Segment::new(Gpa(u64::MAX), 1).is_in(&mem));
+    }
+}

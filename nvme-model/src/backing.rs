@@ -1,0 +1,224 @@
+//! Where a namespace's bytes live.
+//!
+//! Both backings are a file descriptor used with positioned reads and writes, so
+//! one code path serves both and several queues can use it at once without a lock:
+//! - memory: an anonymous memfd. It is sparse — untouched blocks cost no memory —
+//!   and deallocating punches a hole that gives the memory back.
+//! - a raw file (or block device): created at the requested size if missing, its
+//!   own size used if present, never truncated.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+/// Zeros are written in pieces of this size where a hole cannot be punched.
+const ZERO_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    #[error("Cannot create the memory backing")]
+    Memfd(#[source] io::Error),
+    #[error("Cannot set the size of the backing to {size} bytes")]
+    SetSize {
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} is {actual} bytes but --size asks for {requested}; \
+         it is never resized: drop --size to use it as it is, or give another file"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        requested: u64,
+    },
+    #[error("{path} does not exist; give --size to create it")]
+    NoSize { path: PathBuf },
+    #[error("A backing of 0 bytes holds no block")]
+    Empty,
+    #[error("I/O on the backing at byte {offset} failed")]
+    Io {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What holds the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingKind {
+    Memory,
+    File,
+}
+
+/// The bytes of a namespace.
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    kind: BackingKind,
+    size: u64,
+}
+
+impl Backing {
+    /// A sparse memory backing of `size` bytes.
+    pub fn memory(size: u64) -> Result<Self, BackingError> {
+        if size == 0 {
+            return Err(BackingError::Empty);
+        }
+        // SAFETY: the name is a valid NUL-terminated string and the flags are valid;
+        // the return value is checked before use.
+        let fd = unsafe { libc::memfd_create(c"dmaprobe-media".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(BackingError::Memfd(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| BackingError::SetSize { size, source })?;
+        Ok(Backing {
+            file,
+            kind: BackingKind::Memory,
+            size,
+        })
+    }
+
+    /// A raw file at `path`. A missing file is created with `size` bytes; an existing
+    /// one keeps its size, and `size`, if given, must match it.
+    pub fn file(path: &Path, size: Option<u64>, read_only: bool) -> Result<Self, BackingError> {
+        let open_err = |source| BackingError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let exists = path.exists();
+        if !exists && size.is_none() {
+            return Err(BackingError::NoSize {
+                path: path.to_owned(),
+            });
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only || !exists)
+            .create(!exists)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let actual = if meta.file_type().is_block_device() {
+            file.seek(SeekFrom::End(0)).map_err(open_err)?
+        } else {
+            meta.len()
+        };
+        let size = match (exists, size) {
+            (false, Some(size)) => {
+                if size == 0 {
+                    return Err(BackingError::Empty);
+                }
+                file.set_len(size)
+                    .map_err(|source| BackingError::SetSize { size, source })?;
+                size
+            }
+            (true, Some(requested)) if requested != actual => {
+                return Err(BackingError::SizeMismatch {
+                    path: path.to_owned(),
+                    actual,
+                    requested,
+                })
+            }
+            _ => actual,
+        };
+        if size == 0 {
+            return Err(BackingError::Empty);
+        }
+        Ok(Backing {
+            file,
+            kind: BackingKind::File,
+            size,
+        })
+    }
+
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| BackingError::Io { offset, source })
+    }
+
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| BackingError::Io { offset, source })
+    }
+
+    /// Makes everything written so far stable.
+    pub fn flush(&self) -> Result<(), BackingError> {
+        match self.kind {
+            BackingKind::Memory => Ok(()),
+            BackingKind::File => self
+                .file
+                .sync_data()
+                .map_err(|source| BackingError::Io { offset: 0, source }),
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read back as zeros, giving their space back
+    /// where the file system can.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.punch_hole(offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => {
+                self.write_zeros(offset, len)
+            }
+            Err(source) => Err(BackingError::Io { offset, source }),
+        }
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self`.
+        let ret = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        let zeros = vec![0u8; ZERO_CHUNK];
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
+            self.write_at(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
