@@ -54,8 +54,7 @@ impl GuestRam {
         if size64 <= FIRST_ALLOCATABLE {
             return Err(Error::InvalidConfig("mem_size must exceed one page"));
         }
-        let name = CStr::from_bytes_with_nul(b"dmaprobe-frontend\0")
-            .map_err(|_| Error::InvalidConfig("memfd name"))?;
+        let name: &CStr = c"dmaprobe-frontend";
         // SAFETY: `name` is a valid NUL-terminated string; memfd_create has no
         // other memory-safety preconditions.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -236,10 +235,7 @@ impl Buffer {
 
     /// Writes `data` at byte `offset` into the buffer.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), Error> {
-        if offset
-            .checked_add(data.len())
-            .map_or(true, |end| end > self.len)
-        {
+        if !matches!(offset.checked_add(data.len()), Some(end) if end <= self.len) {
             return Err(Error::BufferOverflow {
                 offset,
                 len: data.len(),

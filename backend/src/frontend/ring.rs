@@ -758,13 +758,17 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::{Queue as DeviceQueue, QueueOwnedT, QueueT};
+    use virtio_queue::{Queue as DeviceQueue, QueueT};
 
     /// A device-side view of `q` from virtio-queue, as a backend would see it.
     fn device(q: &Queue, event_idx: bool) -> DeviceQueue {
         let mut dq = DeviceQueue::new(q.size()).unwrap();
         dq.set_size(q.size());
-        let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+        let split = |a: GuestAddress| {
+            let lo = u32::try_from(a.0 & 0xffff_ffff).unwrap();
+            let hi = u32::try_from(a.0 >> 32).unwrap();
+            (Some(lo), Some(hi))
+        };
         let (lo, hi) = split(q.desc_table());
         dq.set_desc_table_address(lo, hi);
         let (lo, hi) = split(q.avail_ring());

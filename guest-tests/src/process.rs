@@ -1,0 +1,98 @@
+//! Child processes that never outlive the run: the daemon and QEMU.
+//!
+//! Each child gets `PR_SET_PDEATHSIG` (SIGKILL), so it dies with the runner even
+//! if the runner is killed; a [`Child`] guard kills and reaps it when dropped.
+//! Ctrl-C reaches the children directly: they share the terminal's process group.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{self, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A child process, killed and reaped when dropped.
+#[derive(Debug)]
+pub struct Child {
+    name: &'static str,
+    inner: Option<process::Child>,
+}
+
+impl Child {
+    pub fn spawn(name: &'static str, mut cmd: Command) -> io::Result<Child> {
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let inner = cmd.spawn()?;
+        Ok(Child {
+            name,
+            inner: Some(inner),
+        })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.inner.as_ref().map(process::Child::id)
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether it has exited, and how.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self.inner.as_mut() {
+            Some(c) => c.try_wait(),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks it to stop with SIGTERM, then kills it if it has not exited in `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> io::Result<Option<ExitStatus>> {
+        if let Some(pid) = self.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            if self.try_wait()?.is_none() {
+                // SAFETY: kill with a valid signal on our own child's pid.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        match self.wait_timeout(grace)? {
+            Some(status) => Ok(Some(status)),
+            None => {
+                self.kill();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Kills and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.inner.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,227 @@
+//! The guest-to-host protocol and the shared data patterns.
+//!
+//! The guest writes one [`Event`] per line, as JSON, to its second serial port
+//! (`/dev/ttyS1`). It also writes `dmaprobe: begin TEST` / `dmaprobe: end TEST`
+//! to `/dev/kmsg`, so the kernel log on the first serial port can be split by test.
+//!
+//! The guest learns what to do from the kernel command line ([`GuestParams`]).
+
+use serde::{Deserialize, Serialize};
+
+/// The outcome of one test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// The kernel lacks what the test needs.
+    Skip,
+    /// The harness, not the kernel, went wrong.
+    Error,
+}
+
+/// One line from the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// The guest binary started.
+    Hello { kernel: String, tests: Vec<String> },
+    /// A test started.
+    Begin { test: String },
+    /// One check within a test, passed or failed, with what was seen.
+    Check {
+        test: String,
+        name: String,
+        ok: bool,
+        detail: String,
+    },
+    /// The guest wrote `len` bytes of [`fill_pattern`]`(seed, offset)` to the raw
+    /// device at byte `offset`; the host checks the backing holds them.
+    Wrote {
+        test: String,
+        offset: u64,
+        len: u64,
+        seed: u64,
+    },
+    /// The guest left a file of `len` bytes of [`fill_pattern`]`(seed, 0)` at
+    /// `path` on the test's file system; the host checks it after shutdown.
+    File {
+        test: String,
+        path: String,
+        len: u64,
+        seed: u64,
+    },
+    /// A property of the kernel the test observed (not a pass or fail by itself).
+    Note {
+        test: String,
+        key: String,
+        value: String,
+    },
+    /// A test ended with the guest's own verdict and, unless it passed, why.
+    End {
+        test: String,
+        verdict: Verdict,
+        reason: String,
+    },
+    /// Every test has run; the guest powers off next.
+    Done,
+}
+
+impl Event {
+    /// The line the guest writes.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"event":"note","test":"","key":"encode-error","value":"{e}"}}"#)
+        });
+        s.push('\n');
+        s
+    }
+
+    /// Parses a line from the guest; anything else (noise, a torn line) is `None`.
+    pub fn from_line(line: &str) -> Option<Event> {
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+/// What the guest is told on the kernel command line, as `dmaprobe.KEY=VALUE`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestParams {
+    /// Tests to run, in order (`dmaprobe.tests=smoke,ext4`).
+    pub tests: Vec<String>,
+    /// The disk's size in bytes, as the host configured it (`dmaprobe.size`).
+    pub disk_size: Option<u64>,
+    /// The disk's logical block size (`dmaprobe.lbs`).
+    pub lbs: Option<u64>,
+    /// The seed for data patterns (`dmaprobe.seed`).
+    pub seed: u64,
+}
+
+impl GuestParams {
+    /// Reads the `dmaprobe.*` parameters from a kernel command line.
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        let mut p = GuestParams::default();
+        for word in cmdline.split_whitespace() {
+            let Some((key, value)) = word
+                .strip_prefix("dmaprobe.")
+                .and_then(|kv| kv.split_once('='))
+            else {
+                continue;
+            };
+            match key {
+                "tests" => {
+                    p.tests = value
+                        .split(',')
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "size" => p.disk_size = value.parse().ok(),
+                "lbs" => p.lbs = value.parse().ok(),
+                "seed" => p.seed = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// The words to put on the kernel command line.
+    pub fn to_cmdline(&self) -> String {
+        let mut words = vec![format!("dmaprobe.tests={}", self.tests.join(","))];
+        if let Some(size) = self.disk_size {
+            words.push(format!("dmaprobe.size={size}"));
+        }
+        if let Some(lbs) = self.lbs {
+            words.push(format!("dmaprobe.lbs={lbs}"));
+        }
+        words.push(format!("dmaprobe.seed={}", self.seed));
+        words.join(" ")
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The pattern byte at absolute byte `offset` for `seed`. Every 8-byte word of a
+/// disk or file gets its own value, so misplaced data is caught, not only stale data.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    splitmix64(seed ^ (offset >> 3)).to_le_bytes()[(offset & 7) as usize]
+}
+
+/// Fills `buf` with the pattern of the bytes at `offset..offset + buf.len()`.
+pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in (offset..).zip(buf.iter_mut()) {
+        *b = pattern_byte(seed, i);
+    }
+}
+
+/// The index of the first byte of `buf` that differs from the pattern, if any.
+pub fn pattern_mismatch(seed: u64, offset: u64, buf: &[u8]) -> Option<usize> {
+    (offset..)
+        .zip(buf.iter())
+        .position(|(i, &b)| b != pattern_byte(seed, i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_lines() {
+        let events = [
+            Event::Hello {
+                kernel: "6.12".into(),
+                tests: vec!["smoke".into()],
+            },
+            Event::Wrote {
+                test: "smoke".into(),
+                offset: 4096,
+                len: 512,
+                seed: 7,
+            },
+            Event::End {
+                test: "smoke".into(),
+                verdict: Verdict::Fail,
+                reason: "mismatch at byte 3".into(),
+            },
+            Event::Done,
+        ];
+        for e in events {
+            let line = e.to_line();
+            assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+            assert_eq!(Event::from_line(&line), Some(e));
+        }
+        assert_eq!(Event::from_line("[    1.0] random console noise"), None);
+        assert_eq!(Event::from_line(r#"{"event":"end","test":"x""#), None);
+    }
+
+    #[test]
+    fn params_round_trip() {
+        let p = GuestParams {
+            tests: vec!["smoke".into(), "ext4".into()],
+            disk_size: Some(1 << 28),
+            lbs: Some(4096),
+            seed: 42,
+        };
+        let cmdline = format!("console=ttyS0 panic=-1 {} quiet", p.to_cmdline());
+        assert_eq!(GuestParams::from_cmdline(&cmdline), p);
+    }
+
+    #[test]
+    fn pattern_is_position_dependent() {
+        let mut a = vec![0u8; 64];
+        fill_pattern(1, 512, &mut a);
+        assert_eq!(pattern_mismatch(1, 512, &a), None);
+        assert_eq!(pattern_mismatch(2, 512, &a), Some(0));
+        // The same bytes one word later do not match.
+        assert!(pattern_mismatch(1, 520, &a).is_some());
+        // A pattern read from the middle matches its own offset.
+        assert_eq!(pattern_mismatch(1, 520, &a[8..]), None);
+        let mut b = a.clone();
+        b[37] ^= 1;
+        assert_eq!(pattern_mismatch(1, 512, &b), Some(37));
+    }
+}

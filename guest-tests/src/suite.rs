@@ -1,0 +1,80 @@
+//! The host side of each guest test: the disk it gets, and what the host checks
+//! after the guest has shut down.
+
+use std::time::Duration;
+
+/// A file system the host makes on a test's disk before the guest boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fs {
+    Ext4,
+}
+
+/// The disk a test gets: a fresh file for every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub size: u64,
+    pub lbs: u64,
+    pub format: Option<Fs>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestSpec {
+    pub name: &'static str,
+    /// One line for `--help` and reports.
+    pub summary: &'static str,
+    pub disk: DiskSpec,
+    /// Run in the default suite. Self-tests run only when named with `--allow-selftests`.
+    pub selftest: bool,
+    /// How long the whole guest run may take under TCG before it counts as hung.
+    pub timeout: Duration,
+}
+
+const MIB: u64 = 1 << 20;
+
+pub const TESTS: &[TestSpec] = &[
+    TestSpec {
+        name: "smoke",
+        summary: "size and block size as configured; O_DIRECT and buffered I/O round trips, \
+                  checked in the guest and on the host's backing file",
+        disk: DiskSpec {
+            size: 256 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "ext4",
+        summary: "ext4 made on the host: files written and read back with O_DIRECT and \
+                  buffered I/O, contents checked on the host, fsck clean",
+        disk: DiskSpec {
+            size: 256 * MIB,
+            lbs: 512,
+            format: Some(Fs::Ext4),
+        },
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "selftest-fail",
+        summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
+                  a FAIL is reported",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        selftest: true,
+        timeout: Duration::from_secs(120),
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static TestSpec> {
+    TESTS.iter().find(|t| t.name == name)
+}
+
+/// The tests `dmaprobe run` runs when none are named.
+pub fn default_tests() -> Vec<&'static TestSpec> {
+    TESTS.iter().filter(|t| !t.selftest).collect()
+}
