@@ -32,6 +32,55 @@ pub enum Command {
     /// When the frontend disconnects, dmaprobe listens again and serves the next
     /// one with the same data.
     Serve(ServeArgs),
+    /// Boot guest kernels under QEMU with dmaprobe attached, run the guest test
+    /// suite, and print the verdicts (tests × kernels).
+    ///
+    /// Exits 0 when every test passed or was skipped, 1 when any failed or
+    /// errored, 2 when the run itself could not be set up.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A kernel to boot: debian-6.1 or debian-6.12 (fetched by scripts/setup into
+    /// the cache), or the path of a bzImage. Repeat for a matrix. Default: both
+    /// Debian kernels.
+    #[arg(long = "kernel", value_name = "KERNEL")]
+    pub kernels: Vec<String>,
+    /// The lib/modules/RELEASE directory (after depmod) for a --kernel given by
+    /// path, if virtio_pci/virtio_blk are modules there.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// Tests to run, comma-separated (default: all; see --list).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub tests: Vec<String>,
+    /// List the tests and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Write every result with its evidence as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Keep each run's console, guest events and daemon log under DIR/KERNEL/TEST/.
+    #[arg(long, value_name = "DIR")]
+    pub keep_logs: Option<PathBuf>,
+    /// Virtqueues of the device (and of QEMU's vhost-user-blk-pci).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub queues: u16,
+    /// Seed of the data patterns the guest writes.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    /// Multiply every guest timeout by this (for slow machines).
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    pub timeout_scale: f64,
+    /// The guest binary (default: dmaprobe-guest beside this executable).
+    #[arg(long, value_name = "PATH")]
+    pub guest_bin: Option<PathBuf>,
+    /// The QEMU to run.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Also accept the harness's self-tests (tests that fail on purpose).
+    #[arg(long, hide = true)]
+    pub allow_selftests: bool,
 }
 
 #[derive(Debug, Args)]

@@ -11,4 +11,5 @@ pub mod device;
 pub mod execute;
 pub mod frontend;
 pub mod request;
+pub mod runner;
 pub mod serve;

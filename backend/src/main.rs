@@ -14,18 +14,25 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
-    let result = match cli.command {
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Command::Serve(args) => ServeConfig::try_from(args)
-            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
-            .and_then(|config| backend::serve::run(config).map_err(Into::into)),
+            .map_err(Into::into)
+            .and_then(|config| backend::serve::run(config).map_err(Into::into))
+            .map(|()| ExitCode::SUCCESS),
+        // 0: all passed, 1: something failed, 2: the run could not be set up.
+        Command::Run(args) => match backend::runner::run_suite(args) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{}", error_chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    result.unwrap_or_else(|e| {
+        log::error!("{}", error_chain(e.as_ref()));
+        ExitCode::FAILURE
+    })
 }
 
 /// An error and its causes on one line.

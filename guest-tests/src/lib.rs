@@ -11,7 +11,10 @@
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
+pub mod klog;
 pub mod modules;
 pub mod process;
 pub mod protocol;
+pub mod report;
+pub mod run;
 pub mod suite;

@@ -4,9 +4,11 @@
 //! if the runner is killed; a [`Child`] guard kills and reaps it when dropped.
 //! Ctrl-C reaches the children directly: they share the terminal's process group.
 
-use std::io;
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{self, Command, ExitStatus};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A child process, killed and reaped when dropped.
@@ -80,6 +82,38 @@ impl Child {
                 Ok(None)
             }
         }
+    }
+
+    /// Collects its stdout and stderr, line by line, into `sink` on reader threads
+    /// that end when it does.
+    pub fn take_output(&mut self, sink: Arc<Mutex<Vec<String>>>) -> Vec<JoinHandle<()>> {
+        let Some(c) = self.inner.as_mut() else {
+            return Vec::new();
+        };
+        let pipes: Vec<Box<dyn Read + Send>> = [
+            c.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            c.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        pipes
+            .into_iter()
+            .map(|pipe| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(pipe);
+                    let mut line = Vec::new();
+                    while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                        if let Ok(mut s) = sink.lock() {
+                            s.push(text);
+                        }
+                        line.clear();
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Kills and reaps it.

@@ -1,1 +1,272 @@
-fn main() {}
+//! dmaprobe-guest: the test program inside the guest.
+//!
+//! A busybox `/init` starts it after loading virtio-blk; the disk under test is
+//! `/dev/vda`, served by dmaprobe. It reads [`GuestParams`] from `/proc/cmdline`,
+//! runs the tests named there in order, reports every step as an [`Event`], and
+//! exits 0 so that `/init` can power off.
+//!
+//! - `main.rs`: the test table ([`TESTS`]), the per-test context ([`Ctx`]) and how
+//!   a test's result becomes a [`Verdict`].
+//! - [`report`]: the event channel (`/dev/ttyS1`, else stdout) and `/dev/kmsg` markers.
+//! - [`io`]: aligned buffers, exact positional I/O with errno text, the pattern check.
+//! - [`smoke`]: the raw disk's size, and O_DIRECT and buffered data round trips.
+//! - [`ext4`]: files written and read through ext4, buffered and O_DIRECT.
+//!
+//! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
+//! `note`) events, then `end` with the verdict; `hello` comes first, `done` last.
+//!
+//! To add a test: write `fn run(&Ctx) -> Result<(), Stop>` in its own module and
+//! add a row to [`TESTS`].
+
+mod ext4;
+mod io;
+mod report;
+mod smoke;
+
+use std::cell::RefCell;
+use std::error::Error as StdError;
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use guest_tests::protocol::{Event, GuestParams, Verdict};
+
+use report::Reporter;
+
+/// The disk under test.
+pub const DISK: &str = "/dev/vda";
+
+/// How long to wait for [`DISK`] to appear.
+const DISK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A test body. `Ok` means it ran to the end; it passes if none of its checks failed.
+pub type TestFn = fn(&Ctx) -> Result<(), Stop>;
+
+/// Every test the guest knows, by the name used in `dmaprobe.tests=`.
+const TESTS: &[(&str, TestFn)] = &[("smoke", smoke::run), ("ext4", ext4::run)];
+
+/// Why a test stopped before its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The kernel misbehaved or the data is wrong.
+    Fail(String),
+    /// The kernel lacks what the test needs.
+    Skip(String),
+    /// The harness went wrong (a missing disk, a failed allocation).
+    Error(String),
+}
+
+impl Stop {
+    pub fn reason(&self) -> &str {
+        match self {
+            Stop::Fail(r) | Stop::Skip(r) | Stop::Error(r) => r,
+        }
+    }
+}
+
+/// Turns any error into a [`Stop`], choosing whose fault it is.
+pub trait OrStop<T> {
+    /// The kernel's fault: the verdict is Fail.
+    fn or_fail(self) -> Result<T, Stop>;
+    /// The harness's fault: the verdict is Error.
+    fn or_error(self) -> Result<T, Stop>;
+}
+
+impl<T, E: StdError> OrStop<T> for Result<T, E> {
+    fn or_fail(self) -> Result<T, Stop> {
+        self.map_err(|e| Stop::Fail(one_line(&e)))
+    }
+    fn or_error(self) -> Result<T, Stop> {
+        self.map_err(|e| Stop::Error(one_line(&e)))
+    }
+}
+
+/// An error and its causes on one line, outermost first.
+pub fn one_line(err: &dyn StdError) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// What a running test can see and say.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    params: &'a GuestParams,
+    out: &'a Reporter,
+    test: &'a str,
+    /// Details of the checks that failed, in order.
+    failed: RefCell<Vec<String>>,
+}
+
+impl Ctx<'_> {
+    pub fn params(&self) -> &GuestParams {
+        self.params
+    }
+
+    /// The seed for the `k`th pattern of a test (k >= 1): the run's seed plus
+    /// `k << 32`. Seeds then differ in bits no byte offset below 32 GiB reaches,
+    /// so one pattern is never a shifted copy of another (the pattern is
+    /// `splitmix64(seed ^ word_index)`).
+    pub fn seed(&self, k: u64) -> u64 {
+        self.params.seed.wrapping_add(k << 32)
+    }
+
+    /// Waits for [`DISK`]; its absence is the harness's fault.
+    pub fn disk(&self) -> Result<&'static str, Stop> {
+        if io::wait_for(DISK, DISK_TIMEOUT) {
+            Ok(DISK)
+        } else {
+            Err(Stop::Error(format!(
+                "{DISK} missing after {} s (virtio_blk not loaded?)",
+                DISK_TIMEOUT.as_secs()
+            )))
+        }
+    }
+
+    /// Reports one check; a failed one makes the test fail at its end.
+    pub fn check(&self, name: &str, ok: bool, detail: impl Into<String>) -> bool {
+        let detail = detail.into();
+        if !ok {
+            self.failed.borrow_mut().push(format!("{name}: {detail}"));
+        }
+        self.out.emit(&Event::Check {
+            test: self.test.to_owned(),
+            name: name.to_owned(),
+            ok,
+            detail,
+        });
+        ok
+    }
+
+    /// Reports the result of one step as a check. A [`Stop::Fail`] is only
+    /// recorded, so the test goes on to gather more evidence; Skip and Error
+    /// are recorded and passed up.
+    pub fn record(&self, name: &str, result: Result<String, Stop>) -> Result<(), Stop> {
+        match result {
+            Ok(detail) => {
+                self.check(name, true, detail);
+                Ok(())
+            }
+            Err(stop) => {
+                self.check(name, false, stop.reason());
+                match stop {
+                    Stop::Fail(_) => Ok(()),
+                    Stop::Skip(_) | Stop::Error(_) => Err(stop),
+                }
+            }
+        }
+    }
+
+    /// Tells the host the raw disk holds `fill_pattern(seed, offset)` at `offset..offset + len`.
+    pub fn wrote(&self, offset: u64, len: usize, seed: u64) {
+        self.out.emit(&Event::Wrote {
+            test: self.test.to_owned(),
+            offset,
+            len: len as u64,
+            seed,
+        });
+    }
+
+    /// Tells the host the file system holds `fill_pattern(seed, 0)` in `path` (from its root).
+    pub fn file(&self, path: &str, len: usize, seed: u64) {
+        self.out.emit(&Event::File {
+            test: self.test.to_owned(),
+            path: path.to_owned(),
+            len: len as u64,
+            seed,
+        });
+    }
+
+    /// Reports a property of the kernel, not a pass or fail by itself.
+    pub fn note(&self, key: &str, value: impl Into<String>) {
+        self.out.emit(&Event::Note {
+            test: self.test.to_owned(),
+            key: key.to_owned(),
+            value: value.into(),
+        });
+    }
+
+    /// The verdict of a test that returned `result`, with its failed checks.
+    fn verdict(&self, result: Result<(), Stop>) -> (Verdict, String) {
+        let failed = self.failed.borrow();
+        let more = match failed.len() {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more failed checks)", n - 1),
+        };
+        match result {
+            Ok(()) => match failed.first() {
+                None => (Verdict::Pass, String::new()),
+                Some(first) => (Verdict::Fail, format!("{first}{more}")),
+            },
+            Err(Stop::Fail(reason)) => (Verdict::Fail, reason),
+            Err(Stop::Skip(reason)) => (Verdict::Skip, reason),
+            Err(Stop::Error(reason)) => (Verdict::Error, reason),
+        }
+    }
+}
+
+fn main() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
+        eprintln!("dmaprobe-guest: cannot read /proc/cmdline ({e}); running no tests");
+        String::new()
+    });
+    let params = GuestParams::from_cmdline(&cmdline);
+    let out = Reporter::open();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    out.emit(&Event::Hello {
+        kernel,
+        tests: params.tests.clone(),
+    });
+    for name in &params.tests {
+        run_test(&params, &out, name);
+    }
+    out.emit(&Event::Done);
+}
+
+/// Runs one test between its markers; nothing a test does can stop the others.
+fn run_test(params: &GuestParams, out: &Reporter, name: &str) {
+    report::kmsg(&format!("dmaprobe: begin {name}"));
+    out.emit(&Event::Begin {
+        test: name.to_owned(),
+    });
+    let start = Instant::now();
+    let (verdict, reason) = match TESTS.iter().find(|(n, _)| *n == name) {
+        None => (Verdict::Error, "unknown test".to_owned()),
+        Some((_, body)) => {
+            let ctx = Ctx {
+                params,
+                out,
+                test: name,
+                failed: RefCell::new(Vec::new()),
+            };
+            // A panic is a bug in this program: the test's verdict is Error.
+            // The panic hook has already printed the message on stderr.
+            let result = panic::catch_unwind(AssertUnwindSafe(|| body(&ctx)))
+                .unwrap_or_else(|payload| Err(Stop::Error(panic_message(payload.as_ref()))));
+            ctx.note("elapsed-ms", start.elapsed().as_millis().to_string());
+            ctx.verdict(result)
+        }
+    };
+    out.emit(&Event::End {
+        test: name.to_owned(),
+        verdict,
+        reason,
+    });
+    report::kmsg(&format!("dmaprobe: end {name}"));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("test panicked: {msg}")
+}

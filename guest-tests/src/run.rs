@@ -1,0 +1,564 @@
+//! Running the suite: for each kernel, an initramfs; for each test, a fresh disk,
+//! a `dmaprobe serve` child, a QEMU boot, the guest's events, the host's checks,
+//! and a verdict that joins them with the kernel log.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::initramfs::{self, Contents, BASE_MODULES};
+use crate::kernel::Kernel;
+use crate::klog;
+use crate::modules::ModuleIndex;
+use crate::process::Child;
+use crate::protocol::{pattern_mismatch, Event, GuestParams, Verdict};
+use crate::suite::{Fs, TestSpec};
+
+/// How many console lines a report keeps of a guest that failed to finish.
+const CONSOLE_TAIL: usize = 25;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("Cannot make the initramfs for {kernel}")]
+    Initramfs {
+        kernel: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Cannot create a temporary directory")]
+    TempDir(#[source] std::io::Error),
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub kernels: Vec<Kernel>,
+    pub tests: Vec<&'static TestSpec>,
+    /// The `dmaprobe` executable that serves the disk.
+    pub dmaprobe: PathBuf,
+    pub guest_bin: PathBuf,
+    pub busybox: PathBuf,
+    pub qemu: PathBuf,
+    pub queues: u16,
+    pub seed: u64,
+    /// Keep each run's console, events and daemon log here.
+    pub keep_logs: Option<PathBuf>,
+    /// Multiplies every test's timeout (slow machines).
+    pub timeout_scale: f64,
+}
+
+/// One check, from the guest or the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckRecord {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The outcome of one test on one kernel, with all its evidence.
+#[derive(Clone, Debug, Serialize)]
+pub struct TestResult {
+    pub test: String,
+    pub kernel: String,
+    pub kernel_release: Option<String>,
+    pub verdict: Verdict,
+    /// One line naming the evidence, unless it passed.
+    pub reason: String,
+    pub checks: Vec<CheckRecord>,
+    pub notes: Vec<(String, String)>,
+    pub kernel_log_errors: Vec<String>,
+    /// The end of the console, kept when the guest did not finish.
+    pub console_tail: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Runs every test on every kernel; `progress` hears of each step.
+pub fn run(
+    config: &RunConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TestResult>, RunError> {
+    let work = tempfile::Builder::new()
+        .prefix("dmaprobe-run.")
+        .tempdir()
+        .map_err(RunError::TempDir)?;
+    let mut results = Vec::new();
+    for kernel in &config.kernels {
+        progress(&format!("[{}] building the initramfs", kernel.name));
+        let initrd = work
+            .path()
+            .join(format!("initramfs-{}.cpio", results.len()));
+        build_initramfs(config, kernel, &initrd).map_err(|source| RunError::Initramfs {
+            kernel: kernel.name.clone(),
+            source,
+        })?;
+        for test in &config.tests {
+            progress(&format!("[{}] {}: booting", kernel.name, test.name));
+            let dir = work.path().join(format!("{}-{}", results.len(), test.name));
+            let result = run_one(config, kernel, test, &initrd, &dir);
+            progress(&format!(
+                "[{}] {}: {:?} ({:.1} s){}",
+                kernel.name,
+                test.name,
+                result.verdict,
+                result.seconds,
+                if result.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", result.reason)
+                }
+            ));
+            if let Some(keep) = &config.keep_logs {
+                keep_logs(&dir, &keep.join(&kernel.name).join(test.name));
+            }
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
+fn build_initramfs(
+    config: &RunConfig,
+    kernel: &Kernel,
+    out: &Path,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let modules = match &kernel.modules {
+        Some(dir) => ModuleIndex::load(dir)?.load_order(&BASE_MODULES)?,
+        None => Vec::new(),
+    };
+    initramfs::build(
+        &Contents {
+            guest_bin: &config.guest_bin,
+            busybox: &config.busybox,
+            modules: &modules,
+        },
+        out,
+    )?;
+    Ok(())
+}
+
+/// What one guest run produced.
+#[derive(Debug, Default)]
+struct Evidence {
+    events: Vec<Event>,
+    console: Vec<String>,
+    checks: Vec<CheckRecord>,
+    /// Harness trouble: the run cannot be judged.
+    error: Option<String>,
+}
+
+fn run_one(
+    config: &RunConfig,
+    kernel: &Kernel,
+    test: &TestSpec,
+    initrd: &Path,
+    dir: &Path,
+) -> TestResult {
+    let start = Instant::now();
+    let mut ev = Evidence::default();
+    if let Err(e) = fs::create_dir_all(dir) {
+        ev.error = Some(format!("cannot create {}: {e}", dir.display()));
+    } else {
+        guest_run(config, kernel, test, initrd, dir, &mut ev);
+    }
+    let mut result = judge(test, kernel, ev);
+    result.seconds = start.elapsed().as_secs_f64();
+    result
+}
+
+fn guest_run(
+    config: &RunConfig,
+    kernel: &Kernel,
+    test: &TestSpec,
+    initrd: &Path,
+    dir: &Path,
+    ev: &mut Evidence,
+) {
+    let disk = dir.join("disk.img");
+    if let Err(e) = make_disk(test, &disk) {
+        ev.error = Some(e);
+        return;
+    }
+    let socket = dir.join("vhost.sock");
+    let mut daemon = match start_daemon(config, test, &disk, &socket, &dir.join("daemon.log")) {
+        Ok(d) => d,
+        Err(e) => {
+            ev.error = Some(e);
+            return;
+        }
+    };
+    let results = dir.join("events.jsonl");
+    let params = GuestParams {
+        tests: vec![test.name.to_owned()],
+        disk_size: Some(test.disk.size),
+        lbs: Some(test.disk.lbs),
+        seed: config.seed,
+    };
+    let timeout = Duration::from_secs_f64(test.timeout.as_secs_f64() * config.timeout_scale);
+    let outcome = boot(
+        config, kernel, initrd, &socket, &results, &params, timeout, ev,
+    );
+    let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
+    let stopped = daemon.terminate(Duration::from_secs(10));
+    ev.events = read_events(&results);
+    if let Err(e) = outcome {
+        ev.error = Some(e);
+        return;
+    }
+    match stopped {
+        Ok(Some(status)) if status.success() => {}
+        other => {
+            ev.error = Some(format!(
+                "the daemon did not stop cleanly ({other:?}): {}",
+                tail(&dir.join("daemon.log"), 5)
+            ));
+            return;
+        }
+    }
+    host_checks(test, &disk, ev);
+}
+
+fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
+    let f = fs::File::create(disk).map_err(|e| format!("cannot create {}: {e}", disk.display()))?;
+    f.set_len(test.disk.size)
+        .map_err(|e| format!("cannot size {}: {e}", disk.display()))?;
+    match test.disk.format {
+        None => Ok(()),
+        Some(Fs::Ext4) => run_tool(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(disk),
+            "mkfs.ext4",
+        )
+        .map(drop),
+    }
+}
+
+/// Runs a host tool to completion; its output, or why it failed.
+fn run_tool(cmd: &mut Command, name: &str) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {name}: {e} (run scripts/setup)"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{name} failed ({}): {}", out.status, text.trim()))
+    }
+}
+
+fn start_daemon(
+    config: &RunConfig,
+    test: &TestSpec,
+    disk: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Child, String> {
+    let log_file =
+        fs::File::create(log).map_err(|e| format!("cannot create the daemon log: {e}"))?;
+    let mut cmd = Command::new(&config.dmaprobe);
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--disk")
+        .arg(disk)
+        .args(["--lbs", &test.disk.lbs.to_string()])
+        .args(["--queues", &config.queues.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    let mut child = Child::spawn("dmaprobe serve", cmd)
+        .map_err(|e| format!("cannot start {}: {e}", config.dmaprobe.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "dmaprobe serve exited ({status}): {}",
+                tail(log, 5)
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err("dmaprobe serve did not create its socket in 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn boot(
+    config: &RunConfig,
+    kernel: &Kernel,
+    initrd: &Path,
+    socket: &Path,
+    results: &Path,
+    params: &GuestParams,
+    timeout: Duration,
+    ev: &mut Evidence,
+) -> Result<(), String> {
+    let append = format!(
+        "console=ttyS0 panic=-1 init_on_free=1 {}",
+        params.to_cmdline()
+    );
+    let mut cmd = Command::new(&config.qemu);
+    cmd.args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-machine", "q35,memory-backend=mem"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .args(["-serial", "stdio"])
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=vu,path={}", socket.display()))
+        .args([
+            "-device",
+            &format!("vhost-user-blk-pci,chardev=vu,num-queues={}", config.queues),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut qemu = Child::spawn("qemu", cmd).map_err(|e| {
+        format!(
+            "cannot start {}: {e} (run scripts/setup)",
+            config.qemu.display()
+        )
+    })?;
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let readers = qemu.take_output(console.clone());
+    let status = qemu.wait_timeout(timeout);
+    let hung = matches!(status, Ok(None));
+    qemu.kill();
+    for r in readers {
+        let _ = r.join();
+    }
+    ev.console = console.lock().map(|c| c.clone()).unwrap_or_default();
+    match status {
+        Ok(Some(s)) if s.success() => Ok(()),
+        Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
+        Err(e) => Err(format!("waiting for QEMU failed: {e}")),
+        Ok(None) if hung => Err(format!(
+            "the guest did not finish within {:.0} s and was killed",
+            timeout.as_secs_f64()
+        )),
+        Ok(None) => Err("QEMU vanished".into()),
+    }
+}
+
+fn read_events(path: &Path) -> Vec<Event> {
+    let Ok(f) = fs::File::open(path) else {
+        return Vec::new();
+    };
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| Event::from_line(&l))
+        .collect()
+}
+
+/// What the host checks after the guest has gone: the raw ranges and files the
+/// guest says it wrote, and the file system.
+fn host_checks(test: &TestSpec, disk: &Path, ev: &mut Evidence) {
+    let mut checks = Vec::new();
+    for e in &ev.events {
+        match e {
+            Event::Wrote {
+                offset, len, seed, ..
+            } => checks.push(check_range(disk, *offset, *len, *seed)),
+            Event::File {
+                path, len, seed, ..
+            } => checks.push(check_file(disk, path, *len, *seed)),
+            _ => {}
+        }
+    }
+    if test.disk.format == Some(Fs::Ext4) {
+        let fsck = run_tool(
+            Command::new("e2fsck").args(["-f", "-n"]).arg(disk),
+            "e2fsck",
+        );
+        checks.push(CheckRecord {
+            name: "host: e2fsck -fn is clean".into(),
+            ok: fsck.is_ok(),
+            detail: match fsck {
+                Ok(_) => "clean".into(),
+                Err(e) => last_lines(&e, 6),
+            },
+        });
+    }
+    ev.checks.extend(checks);
+}
+
+fn check_range(disk: &Path, offset: u64, len: u64, seed: u64) -> CheckRecord {
+    let name = format!("host: backing holds the {len} B written at byte {offset}");
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = fs::File::open(disk)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    };
+    pattern_check(name, read(), offset, seed)
+}
+
+fn check_file(disk: &Path, path: &str, len: u64, seed: u64) -> CheckRecord {
+    let name = format!("host: {path} holds its {len} B");
+    let out = disk.with_extension("dump");
+    let dumped = run_tool(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump -p {path} {}", out.display()))
+            .arg(disk),
+        "debugfs",
+    )
+    .map_err(std::io::Error::other)
+    .and_then(|_| fs::read(&out));
+    let _ = fs::remove_file(&out);
+    match dumped {
+        Ok(data) if data.len() as u64 != len => CheckRecord {
+            name,
+            ok: false,
+            detail: format!("the file has {} B, the guest wrote {len} B", data.len()),
+        },
+        other => pattern_check(name, other, 0, seed),
+    }
+}
+
+fn pattern_check(
+    name: String,
+    data: std::io::Result<Vec<u8>>,
+    offset: u64,
+    seed: u64,
+) -> CheckRecord {
+    match data {
+        Err(e) => CheckRecord {
+            name,
+            ok: false,
+            detail: format!("cannot read it: {e}"),
+        },
+        Ok(data) => match pattern_mismatch(seed, offset, &data) {
+            None => CheckRecord {
+                name,
+                ok: true,
+                detail: "matches".into(),
+            },
+            Some(i) => CheckRecord {
+                name,
+                ok: false,
+                detail: format!(
+                    "first mismatch at +{i} (byte {}): got {:#04x}, want {:#04x}",
+                    offset + i as u64,
+                    data[i],
+                    crate::protocol::pattern_byte(seed, offset + i as u64)
+                ),
+            },
+        },
+    }
+}
+
+/// Joins the guest's verdict, the host's checks and the kernel log.
+fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
+    let mut checks: Vec<CheckRecord> = Vec::new();
+    let mut notes = Vec::new();
+    let mut guest_end = None;
+    for e in &ev.events {
+        match e {
+            Event::Check {
+                name, ok, detail, ..
+            } => checks.push(CheckRecord {
+                name: name.clone(),
+                ok: *ok,
+                detail: detail.clone(),
+            }),
+            Event::Note { key, value, .. } => notes.push((key.clone(), value.clone())),
+            Event::End {
+                test: t,
+                verdict,
+                reason,
+            } if t == test.name => guest_end = Some((*verdict, reason.clone())),
+            _ => {}
+        }
+    }
+    checks.extend(ev.checks);
+    let kernel_log_errors = klog::errors(&ev.console);
+    let failed_host_check = checks.iter().find(|c| !c.ok && c.name.starts_with("host:"));
+
+    let (verdict, reason) = if let Some(err) = &ev.error {
+        (Verdict::Error, err.clone())
+    } else if let Some(line) = kernel_log_errors.first() {
+        (
+            Verdict::Fail,
+            format!(
+                "kernel log: {} ({} error line(s))",
+                line.trim(),
+                kernel_log_errors.len()
+            ),
+        )
+    } else {
+        match guest_end {
+            None => (
+                Verdict::Error,
+                "the guest never reported the end of the test".into(),
+            ),
+            Some((Verdict::Pass, _)) if failed_host_check.is_some() => {
+                let c = failed_host_check.map(|c| format!("{}: {}", c.name, c.detail));
+                (Verdict::Fail, c.unwrap_or_default())
+            }
+            Some((v, r)) => (v, r),
+        }
+    };
+    let console_tail = if verdict == Verdict::Error {
+        ev.console
+            .iter()
+            .rev()
+            .take(CONSOLE_TAIL)
+            .rev()
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    TestResult {
+        test: test.name.to_owned(),
+        kernel: kernel.name.clone(),
+        kernel_release: kernel.release.clone(),
+        verdict,
+        reason,
+        checks,
+        notes,
+        kernel_log_errors,
+        console_tail,
+        seconds: 0.0,
+    }
+}
+
+fn keep_logs(from: &Path, to: &Path) {
+    if fs::create_dir_all(to).is_err() {
+        return;
+    }
+    for name in ["console.log", "events.jsonl", "daemon.log"] {
+        let _ = fs::copy(from.join(name), to.join(name));
+    }
+}
+
+/// The last `n` lines of a file, on one line.
+fn tail(path: &Path, n: usize) -> String {
+    last_lines(&fs::read_to_string(path).unwrap_or_default(), n)
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
