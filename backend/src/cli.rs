@@ -158,6 +158,7 @@ mod tests {
     fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         match parse(args).unwrap().command {
             Command::Serve(a) => ServeConfig::try_from(a),
+            Command::Run(_) => panic!("not a serve command"),
         }
     }
 

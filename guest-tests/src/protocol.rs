@@ -145,24 +145,50 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The pattern word `word` (the 8 bytes at byte `word * 8`) for `seed`. The seed is
+/// mixed first, so patterns of nearby seeds are unrelated, not shifted copies.
+fn pattern_word(seed: u64, word: u64) -> [u8; 8] {
+    splitmix64(splitmix64(seed) ^ word).to_le_bytes()
+}
+
 /// The pattern byte at absolute byte `offset` for `seed`. Every 8-byte word of a
 /// disk or file gets its own value, so misplaced data is caught, not only stale data.
 pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
-    splitmix64(seed ^ (offset >> 3)).to_le_bytes()[(offset & 7) as usize]
+    pattern_word(seed, offset >> 3)[(offset & 7) as usize]
 }
 
 /// Fills `buf` with the pattern of the bytes at `offset..offset + buf.len()`.
 pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, b) in (offset..).zip(buf.iter_mut()) {
-        *b = pattern_byte(seed, i);
+    let mut at = offset;
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let word = pattern_word(seed, at >> 3);
+        let skip = (at & 7) as usize;
+        let n = (8 - skip).min(rest.len());
+        rest[..n].copy_from_slice(&word[skip..skip + n]);
+        rest = &mut rest[n..];
+        at += n as u64;
     }
 }
 
 /// The index of the first byte of `buf` that differs from the pattern, if any.
 pub fn pattern_mismatch(seed: u64, offset: u64, buf: &[u8]) -> Option<usize> {
-    (offset..)
-        .zip(buf.iter())
-        .position(|(i, &b)| b != pattern_byte(seed, i))
+    let mut at = offset;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let word = pattern_word(seed, at >> 3);
+        let skip = (at & 7) as usize;
+        let n = (8 - skip).min(buf.len() - done);
+        if buf[done..done + n] != word[skip..skip + n] {
+            let i = (0..n)
+                .find(|&i| buf[done + i] != word[skip + i])
+                .unwrap_or(0);
+            return Some(done + i);
+        }
+        done += n;
+        at += n as u64;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -223,5 +249,14 @@ mod tests {
         let mut b = a.clone();
         b[37] ^= 1;
         assert_eq!(pattern_mismatch(1, 512, &b), Some(37));
+        // Word-wise and byte-wise agree at any alignment.
+        let mut c = vec![0u8; 29];
+        fill_pattern(9, 1003, &mut c);
+        for (i, &byte) in c.iter().enumerate() {
+            assert_eq!(byte, pattern_byte(9, 1003 + i as u64));
+        }
+        assert_eq!(pattern_mismatch(9, 1003, &c), None);
+        c[28] ^= 0xff;
+        assert_eq!(pattern_mismatch(9, 1003, &c), Some(28));
     }
 }

@@ -101,10 +101,10 @@ pub fn run(
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
             let result = run_one(config, kernel, test, &initrd, &dir);
             progress(&format!(
-                "[{}] {}: {:?} ({:.1} s){}",
+                "[{}] {}: {} ({:.1} s){}",
                 kernel.name,
                 test.name,
-                result.verdict,
+                crate::report::verdict_word(result.verdict),
                 result.seconds,
                 if result.reason.is_empty() {
                     String::new()

@@ -68,6 +68,17 @@ pub const TESTS: &[TestSpec] = &[
         selftest: true,
         timeout: Duration::from_secs(120),
     },
+    TestSpec {
+        name: "selftest-hang",
+        summary: "never finishes, to show how a hung guest is reported",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        selftest: true,
+        timeout: Duration::from_secs(20),
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static TestSpec> {

@@ -180,7 +180,11 @@ impl Fd {
         )
     }
 
-    fn with(options: &mut OpenOptions, path: impl AsRef<Path>, cache: Cache) -> Result<Fd, IoError> {
+    fn with(
+        options: &mut OpenOptions,
+        path: impl AsRef<Path>,
+        cache: Cache,
+    ) -> Result<Fd, IoError> {
         let path = path.as_ref().to_owned();
         match options.custom_flags(cache.flags()).open(&path) {
             Ok(file) => Ok(Fd { file, path }),
@@ -375,7 +379,9 @@ mod tests {
         assert_eq!(m.uniform, Some(0));
         // A few pattern bytes happen to be zero; nearly all of the tail differs.
         assert!(m.differing > 3500 && m.differing <= 3584, "{m}");
-        assert!(m.to_string().starts_with("first mismatch at +512 (got 0x00, want "));
+        assert!(m
+            .to_string()
+            .starts_with("first mismatch at +512 (got 0x00, want "));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`io`]: aligned buffers, exact positional I/O with errno text, the pattern check.
 //! - [`smoke`]: the raw disk's size, and O_DIRECT and buffered data round trips.
 //! - [`ext4`]: files written and read through ext4, buffered and O_DIRECT.
+//! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
 //! `note`) events, then `end` with the verdict; `hello` comes first, `done` last.
@@ -21,6 +22,7 @@
 mod ext4;
 mod io;
 mod report;
+mod selftest;
 mod smoke;
 
 use std::cell::RefCell;
@@ -43,7 +45,12 @@ const DISK_TIMEOUT: Duration = Duration::from_secs(10);
 pub type TestFn = fn(&Ctx) -> Result<(), Stop>;
 
 /// Every test the guest knows, by the name used in `dmaprobe.tests=`.
-const TESTS: &[(&str, TestFn)] = &[("smoke", smoke::run), ("ext4", ext4::run)];
+const TESTS: &[(&str, TestFn)] = &[
+    ("smoke", smoke::run),
+    ("ext4", ext4::run),
+    ("selftest-fail", selftest::fail),
+    ("selftest-hang", selftest::hang),
+];
 
 /// Why a test stopped before its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,10 +115,7 @@ impl Ctx<'_> {
         self.params
     }
 
-    /// The seed for the `k`th pattern of a test (k >= 1): the run's seed plus
-    /// `k << 32`. Seeds then differ in bits no byte offset below 32 GiB reaches,
-    /// so one pattern is never a shifted copy of another (the pattern is
-    /// `splitmix64(seed ^ word_index)`).
+    /// The seed for the `k`th pattern of a test (k >= 1), distinct for each k.
     pub fn seed(&self, k: u64) -> u64 {
         self.params.seed.wrapping_add(k << 32)
     }

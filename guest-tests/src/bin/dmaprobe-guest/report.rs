@@ -34,7 +34,9 @@ impl Reporter {
         match opened {
             Ok(file) => {
                 if let Err(e) = make_raw(&file) {
-                    eprintln!("dmaprobe-guest: cannot set {SERIAL} raw ({e}); lines may end in CRLF");
+                    eprintln!(
+                        "dmaprobe-guest: cannot set {SERIAL} raw ({e}); lines may end in CRLF"
+                    );
                 }
                 Reporter {
                     sink: Sink::Serial(file),
@@ -58,7 +60,10 @@ impl Reporter {
             }
         };
         if let Err(e) = written {
-            eprintln!("dmaprobe-guest: cannot write event ({e}): {}", line.trim_end());
+            eprintln!(
+                "dmaprobe-guest: cannot write event ({e}): {}",
+                line.trim_end()
+            );
         }
     }
 }
@@ -73,7 +78,9 @@ fn write_drained(mut file: &File, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Raw output (no LF to CRLF) at 115200 baud.
+/// Raw output: no LF to CRLF. (The baud rate is left alone: QEMU's UART does
+/// not pace output by it, and the libc crate's versioned `cfsetospeed` does not
+/// link with `+crt-static`.)
 fn make_raw(file: &File) -> io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: termios is plain data, so all-zero is a valid value; every call gets
@@ -84,7 +91,6 @@ fn make_raw(file: &File) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         libc::cfmakeraw(&mut t);
-        libc::cfsetospeed(&mut t, libc::B115200);
         libc::tcsetattr(fd, libc::TCSANOW, &t)
     };
     if rc != 0 {
@@ -95,8 +101,10 @@ fn make_raw(file: &File) -> io::Result<()> {
 
 /// Writes a line to the kernel log (`/dev/kmsg`), so the console log on the first
 /// serial port can be split by test. Failure is ignored: the log is a courtesy.
+/// The newline matters: without it the kernel keeps the record open for a
+/// continuation and does not print it until another message follows.
 pub fn kmsg(line: &str) {
     if let Ok(mut f) = OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = f.write_all(line.as_bytes());
+        let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }

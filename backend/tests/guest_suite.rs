@@ -1,0 +1,193 @@
+//! The guest suite through `dmaprobe run`: real Debian kernels under QEMU with
+//! dmaprobe attached. Needs `scripts/setup` (QEMU, busybox, kernels) and the
+//! guest binary built beside `dmaprobe` (`cargo build --workspace`).
+//!
+//! On failure each test prints the run's output, which holds the verdict table,
+//! the evidence and, for an ERROR, the last console lines.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const DMAPROBE: &str = env!("CARGO_BIN_EXE_dmaprobe");
+
+/// Runs `dmaprobe run` with its work files under `json`'s directory.
+fn dmaprobe_run(args: &[&str], json: &Path) -> (Output, Value) {
+    let out = Command::new(DMAPROBE)
+        .env("TMPDIR", json.parent().unwrap())
+        .arg("run")
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("run dmaprobe");
+    let report = std::fs::read_to_string(json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    (out, report)
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn result<'a>(report: &'a Value, test: &str, kernel: &str) -> &'a Value {
+    report["results"]
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .find(|r| r["test"] == test && r["kernel"] == kernel)
+        })
+        .unwrap_or(&Value::Null)
+}
+
+#[test]
+fn smoke_and_ext4_pass_on_both_debian_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(&["--tests", "smoke,ext4"], &json);
+    assert!(out.status.success(), "{}", show(&out));
+    for kernel in ["debian-6.1", "debian-6.12"] {
+        for test in ["smoke", "ext4"] {
+            let r = result(&report, test, kernel);
+            assert_eq!(
+                r["verdict"],
+                "PASS",
+                "{test} on {kernel}: {r}\n{}",
+                show(&out)
+            );
+            let checks = r["checks"].as_array().cloned().unwrap_or_default();
+            // The guest checked its data, and the host checked it again.
+            assert!(
+                checks
+                    .iter()
+                    .any(|c| c["ok"] == true
+                        && !c["name"].as_str().unwrap_or("").starts_with("host:"))
+            );
+            assert!(checks
+                .iter()
+                .any(|c| c["ok"] == true && c["name"].as_str().unwrap_or("").starts_with("host:")));
+            assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+        }
+        let ext4 = result(&report, "ext4", kernel);
+        assert!(
+            ext4["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "host: e2fsck -fn is clean"),
+            "{ext4}"
+        );
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("debian-6.1") && table.contains("debian-6.12"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_failing_guest_test_is_a_fail_with_its_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(
+        &[
+            "--kernel",
+            "debian-6.12",
+            "--tests",
+            "selftest-fail",
+            "--allow-selftests",
+        ],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let r = result(&report, "selftest-fail", "debian-6.12");
+    assert_eq!(r["verdict"], "FAIL", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("first mismatch at +"),
+        "{r}"
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("FAIL selftest-fail on debian-6.12: "),
+        "{table}"
+    );
+}
+
+#[test]
+fn self_tests_need_their_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = dmaprobe_run(&["--tests", "selftest-fail"], &dir.path().join("r.json"));
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-selftests"));
+}
+
+#[test]
+fn a_guest_that_does_not_finish_is_an_error_with_its_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(
+        &[
+            "--kernel",
+            "debian-6.12",
+            "--tests",
+            "selftest-hang",
+            "--allow-selftests",
+        ],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let r = result(&report, "selftest-hang", "debian-6.12");
+    assert_eq!(r["verdict"], "ERROR", "{r}");
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("did not finish"), "{r}");
+    let tail = r["console_tail"].as_array().unwrap();
+    let began = |l: &Value| {
+        l.as_str()
+            .unwrap_or("")
+            .contains("dmaprobe: begin selftest-hang")
+    };
+    assert!(tail.iter().any(began), "{r}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("    | "),
+        "{}",
+        show(&out)
+    );
+    // Nothing is left running: no QEMU or daemon of this run (their paths are
+    // under the run's TMPDIR) survives it.
+    let ps = Command::new("pgrep")
+        .args(["-f", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+#[test]
+fn a_missing_kernel_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(DMAPROBE)
+        .args(["run", "--kernel", "debian-6.12", "--tests", "smoke"])
+        .env("DMAPROBE_CACHE", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("scripts/setup"),
+        "{}",
+        show(&out)
+    );
+}
