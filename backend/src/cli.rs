@@ -114,6 +114,33 @@ pub struct ServeArgs {
     /// The serial number GET_ID returns (at most 20 bytes).
     #[arg(long, value_name = "STR", default_value = "dmaprobe")]
     pub serial: String,
+    /// A fault rule, comma-separated key=value (repeatable), e.g.
+    /// 'op=read,action=delay,ms=1000' or 'op=read,lba=0-7,nth=2,action=hold'.
+    /// Keys: op, lba, queue, size, tag, nth|every|prob, count, action
+    /// (delay, hold, watch), ms.
+    #[arg(long = "fault", value_name = "RULE")]
+    pub faults: Vec<String>,
+    /// Stamp canaries into read destinations at arrival and check them at DMA time.
+    #[arg(long)]
+    pub canary: bool,
+    /// Hash write sources at arrival and compare them at DMA time.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Report requests in flight on the same guest page (one writing memory).
+    #[arg(long)]
+    pub overlap: bool,
+    /// The guest-physical address of the guest's zero page (hex or decimal).
+    #[arg(long, value_name = "GPA")]
+    pub zero_page: Option<String>,
+    /// Record every request in the ledger and write it here, as JSON lines, on exit.
+    #[arg(long, value_name = "FILE")]
+    pub ledger: Option<PathBuf>,
+    /// Entries the ledger keeps (the oldest are dropped and counted).
+    #[arg(long, value_name = "N", default_value_t = dma::ledger::DEFAULT_CAPACITY)]
+    pub ledger_capacity: usize,
+    /// Seed of the generator behind random delays and probabilities.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -143,6 +170,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
             queue_size: config::check_queue_size(a.queue_size)?,
             read_only: a.read_only,
             serial: config::check_serial(a.serial)?,
+            dma: dma::EngineConfig {
+                checks: dma::Checks {
+                    canary: a.canary,
+                    snapshot: a.snapshot,
+                    overlap: a.overlap,
+                    ledger: a.ledger.is_some(),
+                },
+                ledger_capacity: a.ledger_capacity,
+                zero_page: a.zero_page.as_deref().map(config::parse_gpa).transpose()?,
+                seed: a.seed,
+            },
+            faults: crate::serve::parse_faults(&a.faults)?,
+            ledger_file: a.ledger,
         })
     }
 }
@@ -201,5 +241,34 @@ mod tests {
         assert!(with(&["--serial", "012345678901234567890"]).is_err());
         assert!(serve_config(&["serve", "--socket", "s", "--mem", "1000"]).is_err());
         assert!(with(&["--lbs", "4096"]).is_ok());
+        let e = with(&["--fault", "op=read,action=delay,ms=x"]).unwrap_err();
+        assert!(e.to_string().contains("column"), "{e}");
+        assert!(with(&["--zero-page", "nope"]).is_err());
+    }
+
+    #[test]
+    fn dma_options() {
+        let c = serve_config(&[
+            "serve",
+            "--socket",
+            "s",
+            "--mem",
+            "64M",
+            "--fault",
+            "op=read,action=delay,ms=1000",
+            "--canary",
+            "--snapshot",
+            "--ledger",
+            "l.jsonl",
+            "--zero-page",
+            "0x1000",
+        ])
+        .unwrap();
+        assert_eq!(c.faults.len(), 1);
+        assert!(c.dma.checks.canary && c.dma.checks.snapshot && c.dma.checks.ledger);
+        assert!(!c.dma.checks.overlap);
+        assert_eq!(c.dma.zero_page, Some(dma::Gpa(0x1000)));
+        let plain = serve_config(&["serve", "--socket", "s", "--mem", "64M"]).unwrap();
+        assert_eq!(plain.dma.checks, dma::Checks::default());
     }
 }

@@ -23,6 +23,10 @@ pub enum ConfigError {
     Unaligned { size: u64, lbs: u64 },
     #[error("--size must be larger than zero")]
     Empty,
+    #[error("--fault {0:?}: {1}")]
+    Fault(String, #[source] dma::fault::RuleError),
+    #[error("--zero-page {0:?} is not an address (give hex like 0x1f2c000, or decimal)")]
+    Address(String),
 }
 
 /// Where the media's bytes live.
@@ -35,7 +39,7 @@ pub enum BackingConfig {
 }
 
 /// Everything `dmaprobe serve` needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub backing: BackingConfig,
@@ -44,6 +48,23 @@ pub struct ServeConfig {
     pub queue_size: u16,
     pub read_only: bool,
     pub serial: String,
+    /// The DMA engine's checks, ledger size, zero page and seed.
+    pub dma: dma::EngineConfig,
+    /// Fault rules in force from the start.
+    pub faults: Vec<dma::RuleSpec>,
+    /// Where to write the ledger on exit.
+    pub ledger_file: Option<PathBuf>,
+}
+
+/// Parses a guest-physical address: `0x` hex or decimal.
+pub fn parse_gpa(text: &str) -> Result<dma::Gpa, ConfigError> {
+    let t = text.trim();
+    let n = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    n.map(dma::Gpa)
+        .map_err(|_| ConfigError::Address(text.to_owned()))
 }
 
 pub fn check_queues(queues: u16) -> Result<u16, ConfigError> {
@@ -123,6 +144,14 @@ mod tests {
         for bad in ["", "M", "12X", "-1", "1.5G", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_gpa("0x1f2c000"), Ok(dma::Gpa(0x1f2c000)));
+        assert_eq!(parse_gpa("4096"), Ok(dma::Gpa(4096)));
+        assert!(parse_gpa("0xzz").is_err());
+        assert!(parse_gpa("").is_err());
     }
 
     #[test]

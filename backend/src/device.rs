@@ -1,10 +1,19 @@
-//! The vhost-user-blk device: the `VhostUserBackend` implementation and the
-//! queue loop that pops chains, parses them, serves them and completes them.
+//! The vhost-user-blk device: the `VhostUserBackend` implementation, the queue
+//! loop that pops chains and serves them, and the jobs that the DMA engine's
+//! scheduler runs for requests that wait.
+//!
+//! A chain's life: parse ([`request`](crate::request)) → prepare
+//! ([`execute::prepare`]) → the engine's arrival → now, or parked in the
+//! scheduler until its delay passes or it is released → perform
+//! ([`execute::perform`]) → status byte, used ring, notification → the
+//! engine's completion (and maybe a watch, parked in turn).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use dma::schedule::{FollowUp, ParkedInfo, Release};
+use dma::{Engine, Scheduler, Ticket, Wait, WatchTask};
 use log::{debug, warn};
 use nvme_model::Namespace;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -18,10 +27,11 @@ use vmm_sys_util::event::{
 
 use crate::blk::{self, BlkConfig, Status, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SIZE_MAX};
 use crate::counters::{bump, Counters};
-use crate::execute::{execute, ExecContext, ExecError};
-use crate::request::{self, Limits, Rejected};
+use crate::execute::{self, ExecContext, ExecError, Prepared};
+use crate::request::{self, Limits, Rejected, Request};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type Vring = VringRwLock<Mem>;
 
 /// The device's fixed shape, from the configuration.
 #[derive(Debug, Clone)]
@@ -31,17 +41,41 @@ pub struct DeviceShape {
     pub serial: String,
 }
 
-/// One vhost-user-blk device, serving one frontend connection. The namespace and
-/// counters outlive it and are handed to the device for the next connection.
+/// What the queue workers and the scheduler's thread share.
 #[derive(Debug)]
-pub struct BlkDevice {
+struct Core {
     ns: Arc<Namespace>,
+    engine: Arc<Engine>,
     counters: Arc<Counters>,
-    shape: DeviceShape,
     serial: [u8; ID_BYTES],
     writeback: AtomicBool,
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
+}
+
+/// A request waiting in the scheduler, with what it needs to finish.
+struct Pending {
+    q: u16,
+    head: u16,
+    req: Request,
+    prepared: Prepared,
+    ticket: Ticket,
+    vring: Vring,
+}
+
+/// What the scheduler runs.
+enum Job {
+    Io(Box<Pending>),
+    Watch(WatchTask),
+}
+
+/// One vhost-user-blk device, serving one frontend connection. The namespace,
+/// engine and counters outlive it and are handed to the device for the next one.
+#[derive(Debug)]
+pub struct BlkDevice {
+    core: Arc<Core>,
+    shape: DeviceShape,
+    scheduler: Mutex<Option<Scheduler<Job>>>,
     /// One exit event per worker thread (one thread per queue).
     exits: Vec<(EventConsumer, EventNotifier)>,
 }
@@ -49,6 +83,7 @@ pub struct BlkDevice {
 impl BlkDevice {
     pub fn new(
         ns: Arc<Namespace>,
+        engine: Arc<Engine>,
         counters: Arc<Counters>,
         shape: DeviceShape,
     ) -> io::Result<Self> {
@@ -58,23 +93,62 @@ impl BlkDevice {
         let exits = (0..shape.queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(BlkDevice {
+        let core = Arc::new(Core {
             ns,
+            engine,
             counters,
-            shape,
             serial,
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
+        });
+        let job_core = core.clone();
+        let scheduler = Scheduler::new("dma-scheduler", move |job| job_core.run_job(job))?;
+        Ok(BlkDevice {
+            core,
+            shape,
+            scheduler: Mutex::new(Some(scheduler)),
             exits,
         })
     }
 
-    /// Tells every worker thread to stop; used once the frontend has gone.
-    pub fn stop_workers(&self) {
+    /// Tells every worker thread to stop and abandons what is still parked: the
+    /// frontend has gone, so nothing can complete.
+    pub fn shut_down(&self) {
         for (_, notifier) in &self.exits {
             let _ = notifier.notify();
         }
+        let leftovers = self
+            .scheduler
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .map(|mut s| s.shutdown())
+            .unwrap_or_default();
+        for job in leftovers {
+            if let Job::Io(p) = job {
+                self.core.engine.complete(p.ticket, "abandoned");
+            }
+        }
+    }
+
+    /// Releases held requests; returns how many.
+    pub fn release(&self, which: Release) -> usize {
+        self.with_scheduler(|s| s.release(which)).unwrap_or(0)
+    }
+
+    /// Requests waiting for their delay or for a release.
+    pub fn parked(&self) -> Vec<ParkedInfo> {
+        self.with_scheduler(Scheduler::parked).unwrap_or_default()
+    }
+
+    fn with_scheduler<T>(&self, f: impl FnOnce(&Scheduler<Job>) -> T) -> Option<T> {
+        self.scheduler.lock().ok()?.as_ref().map(f)
+    }
+
+    fn park(&self, (info, wait, job): FollowUp<Job>) {
+        // Without a scheduler (shut down) the job is dropped with its connection.
+        self.with_scheduler(|s| s.park(info, wait, job));
     }
 
     fn limits(&self) -> Limits {
@@ -91,47 +165,46 @@ impl BlkDevice {
 
     fn config(&self) -> BlkConfig {
         BlkConfig {
-            capacity_sectors: self.ns.capacity_bytes() >> blk::SECTOR_SHIFT,
-            lbs: self.ns.lba_size(),
+            capacity_sectors: self.core.ns.capacity_bytes() >> blk::SECTOR_SHIFT,
+            lbs: self.core.ns.lba_size(),
             seg_max: self.seg_max(),
             num_queues: self.shape.queues,
-            writeback: self.writeback.load(Ordering::Relaxed),
+            writeback: self.core.writeback.load(Ordering::Relaxed),
         }
     }
 
     /// Serves every available chain of one queue, then tells the guest.
-    fn process_queue(&self, q: usize, vring: &VringRwLock<Mem>) {
-        let Some(atomic) = self.mem.read().ok().and_then(|m| m.clone()) else {
+    fn process_queue(&self, q: u16, vring: &Vring) {
+        let Some(atomic) = self.core.mem() else {
             return;
         };
         let mem = atomic.memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let event_idx = self.core.event_idx.load(Ordering::Relaxed);
         let mut buf = Vec::new();
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    self.guest_error(q, format_args!("cannot disable notifications: {e}"));
+                    self.core
+                        .guest_error(q, format_args!("cannot disable notifications: {e}"));
                 }
             }
-            let mut served = 0usize;
+            let mut used = 0usize;
             loop {
-                let chain = match vring
+                let Some(chain) = vring
                     .get_mut()
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone())
-                {
-                    Some(chain) => chain,
-                    None => break,
+                else {
+                    break;
                 };
                 let head = chain.head_index();
-                let used_len = self.serve_chain(q, &mem, chain, &mut buf);
-                if let Err(e) = vring.add_used(head, used_len) {
-                    self.guest_error(q, format_args!("cannot add used entry {head}: {e}"));
+                if let Some(len) = self.serve_chain(q, vring, &mem, head, chain, &mut buf) {
+                    self.core.add_used(q, vring, head, len);
+                    used += 1;
                 }
-                served += 1;
             }
-            if served > 0 {
-                self.signal(q, vring, event_idx);
+            if used > 0 {
+                self.core.signal(q, vring);
             }
             if !event_idx {
                 break;
@@ -140,64 +213,181 @@ impl BlkDevice {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    self.guest_error(q, format_args!("cannot enable notifications: {e}"));
+                    self.core
+                        .guest_error(q, format_args!("cannot enable notifications: {e}"));
                     break;
                 }
             }
         }
     }
 
-    fn signal(&self, q: usize, vring: &VringRwLock<Mem>, event_idx: bool) {
-        let needed = !event_idx || vring.needs_notification().unwrap_or(true);
-        if needed {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("q={q} cannot signal the guest: {e}");
+    /// Parses and serves one chain. Returns the used length to report now, or
+    /// `None` when the request waits in the scheduler and completes later.
+    fn serve_chain<C>(
+        &self,
+        q: u16,
+        vring: &Vring,
+        mem: &GuestMemoryMmap<()>,
+        head: u16,
+        chain: C,
+        buf: &mut Vec<u8>,
+    ) -> Option<u32>
+    where
+        C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let core = &self.core;
+        bump(&core.counters.requests);
+        let req = match request::parse(mem, chain, self.limits()) {
+            Ok(req) => req,
+            Err(rejected) => {
+                core.count_rejected(q, &rejected);
+                return Some(core.finish(q, mem, rejected.status_at, rejected.reason.status(), 0));
+            }
+        };
+        debug!(
+            "q={q} op={} sector={} len={}",
+            req.op.name(),
+            req.sector,
+            req.data_len
+        );
+        let prepared = match execute::prepare(&core.ns, mem, q, &req, buf) {
+            Ok(p) => p,
+            Err(e) => {
+                let status = core.count_exec_error(q, &req, &e);
+                return Some(core.finish(q, mem, Some(req.status), status, 0));
+            }
+        };
+        let ticket = core.engine.arrive(mem, prepared.arrival.clone());
+        if ticket.wait == Wait::None {
+            let (len, watch) = core.perform_and_finish(q, mem, &req, &prepared, ticket, buf);
+            if let Some(w) = watch {
+                self.park(watch_job(w));
+            }
+            return Some(len);
+        }
+        let info = parked_info(&ticket);
+        let wait = ticket.wait;
+        debug!("q={q} req={} waits: {wait}", ticket.id);
+        self.park((
+            info,
+            wait,
+            Job::Io(Box::new(Pending {
+                q,
+                head,
+                req,
+                prepared,
+                ticket,
+                vring: vring.clone(),
+            })),
+        ));
+        None
+    }
+}
+
+fn parked_info(t: &Ticket) -> ParkedInfo {
+    ParkedInfo {
+        request: t.id,
+        queue: t.arrival.queue,
+        op: t.arrival.op,
+        lba: t.arrival.lba,
+        len: t.arrival.len,
+        held: false,
+        waited_ms: 0,
+        since: None,
+    }
+}
+
+fn watch_job(w: WatchTask) -> FollowUp<Job> {
+    let info = ParkedInfo {
+        request: w.id,
+        queue: u16::MAX,
+        op: dma::Op::Read,
+        lba: 0,
+        len: 0,
+        held: false,
+        waited_ms: 0,
+        since: None,
+    };
+    let due = w.due;
+    (info, Wait::Delay(due), Job::Watch(w))
+}
+
+impl Core {
+    fn mem(&self) -> Option<Mem> {
+        self.mem.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Runs a job of the scheduler's: a request whose wait is over, or a watch.
+    fn run_job(&self, job: Job) -> Option<FollowUp<Job>> {
+        let Some(atomic) = self.mem() else {
+            if let Job::Io(p) = job {
+                self.engine.complete(p.ticket, "abandoned");
+            }
+            return None;
+        };
+        let mem = atomic.memory();
+        match job {
+            Job::Watch(w) => {
+                self.engine.watch(&*mem, &w);
+                None
+            }
+            Job::Io(p) => {
+                let Pending {
+                    q,
+                    head,
+                    req,
+                    prepared,
+                    ticket,
+                    vring,
+                } = *p;
+                let mut buf = Vec::new();
+                let (len, watch) =
+                    self.perform_and_finish(q, &mem, &req, &prepared, ticket, &mut buf);
+                self.add_used(q, &vring, head, len);
+                self.signal(q, &vring);
+                watch.map(watch_job)
             }
         }
     }
 
-    /// Parses and serves one chain; returns the used length to report.
-    fn serve_chain<C>(
+    /// Moves a request's data, writes its status and tells the engine it is done.
+    fn perform_and_finish(
         &self,
-        q: usize,
+        q: u16,
         mem: &GuestMemoryMmap<()>,
-        chain: C,
+        req: &Request,
+        prepared: &Prepared,
+        mut ticket: Ticket,
         buf: &mut Vec<u8>,
-    ) -> u32
-    where
-        C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        bump(&self.counters.requests);
-        let (status, status_at, written) = match request::parse(mem, chain, self.limits()) {
-            Ok(req) => {
-                let ctx = ExecContext {
-                    ns: &self.ns,
-                    serial: &self.serial,
-                    writeback: self.writeback.load(Ordering::Relaxed),
-                };
-                debug!(
-                    "q={q} op={} sector={} len={}",
-                    req.op.name(),
-                    req.sector,
-                    req.data_len
-                );
-                match execute(&ctx, mem, &req, buf) {
-                    Ok(written) => (Status::Ok, Some(req.status), written),
-                    Err(e) => {
-                        self.count_exec_error(q, &req, &e);
-                        let status = match e {
-                            ExecError::Malformed(m) => m.status(),
-                            _ => Status::IoErr,
-                        };
-                        (status, Some(req.status), 0)
-                    }
-                }
-            }
-            Err(rejected) => {
-                self.count_rejected(q, &rejected);
-                (rejected.reason.status(), rejected.status_at, 0)
-            }
+    ) -> (u32, Option<WatchTask>) {
+        let ctx = ExecContext {
+            ns: &self.ns,
+            engine: &self.engine,
+            serial: &self.serial,
+            writeback: self.writeback.load(Ordering::Relaxed),
         };
+        let (status, written) = match execute::perform(&ctx, mem, prepared, &mut ticket, buf) {
+            Ok(written) => (Status::Ok, written),
+            Err(e) => (self.count_exec_error(q, req, &e), 0),
+        };
+        let len = self.finish(q, mem, Some(req.status), status, written);
+        let outcome = if len == 0 {
+            "no-status"
+        } else {
+            status_name(status)
+        };
+        (len, self.engine.complete(ticket, outcome))
+    }
+
+    /// Writes the status byte; returns the used length to report.
+    fn finish(
+        &self,
+        q: u16,
+        mem: &GuestMemoryMmap<()>,
+        status_at: Option<dma::Gpa>,
+        status: Status,
+        written: u32,
+    ) -> u32 {
         let Some(at) = status_at else {
             bump(&self.counters.no_status);
             return 0;
@@ -215,20 +405,45 @@ impl BlkDevice {
         written.saturating_add(1)
     }
 
-    fn count_rejected(&self, q: usize, r: &Rejected) {
+    fn add_used(&self, q: u16, vring: &Vring, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            self.guest_error(q, format_args!("cannot add used entry {head}: {e}"));
+        }
+    }
+
+    fn signal(&self, q: u16, vring: &Vring) {
+        let needed =
+            !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
+        if needed {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("q={q} cannot signal the guest: {e}");
+            }
+        }
+    }
+
+    fn count_rejected(&self, q: u16, r: &Rejected) {
         self.counters.count_malformed(r.reason);
         let op = r.op.map_or("?", |op| op.name());
         self.guest_error(q, format_args!("op={op} refused: {}", r.reason));
     }
 
-    fn count_exec_error(&self, q: usize, req: &request::Request, e: &ExecError) {
-        match e {
-            ExecError::Malformed(m) => self.counters.count_malformed(*m),
-            ExecError::Media(_) => bump(&self.counters.media_errors),
-            ExecError::Memory(_) => self
-                .counters
-                .count_malformed(request::Malformed::OutsideMemory),
-        }
+    /// Counts and logs a failed request; returns the status the guest gets.
+    fn count_exec_error(&self, q: u16, req: &Request, e: &ExecError) -> Status {
+        let status = match e {
+            ExecError::Malformed(m) => {
+                self.counters.count_malformed(*m);
+                m.status()
+            }
+            ExecError::Media(_) => {
+                bump(&self.counters.media_errors);
+                Status::IoErr
+            }
+            ExecError::Memory(_) => {
+                self.counters
+                    .count_malformed(request::Malformed::OutsideMemory);
+                Status::IoErr
+            }
+        };
         let cause = std::error::Error::source(e)
             .map(|s| format!(": {s}"))
             .unwrap_or_default();
@@ -241,19 +456,28 @@ impl BlkDevice {
                 req.data_len
             ),
         );
+        status
     }
 
     /// A log line for something the guest did; rate-limited.
-    fn guest_error(&self, q: usize, msg: std::fmt::Arguments<'_>) {
+    fn guest_error(&self, q: u16, msg: std::fmt::Arguments<'_>) {
         if self.counters.may_log() {
             warn!("q={q} {msg}");
         }
     }
 }
 
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::IoErr => "ioerr",
+        Status::Unsupp => "unsupp",
+    }
+}
+
 impl VhostUserBackend for BlkDevice {
     type Bitmap = ();
-    type Vring = VringRwLock<Mem>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.shape.queues)
@@ -264,7 +488,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        blk::device_features(self.ns.read_only())
+        blk::device_features(self.core.ns.read_only())
     }
 
     fn acked_features(&self, features: u64) {
@@ -278,7 +502,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+        self.core.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -289,7 +513,7 @@ impl VhostUserBackend for BlkDevice {
         // Only the writeback byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
         match (offset, buf) {
             (CONFIG_WRITEBACK_OFFSET, &[wce]) => {
-                self.writeback.store(wce != 0, Ordering::Relaxed);
+                self.core.writeback.store(wce != 0, Ordering::Relaxed);
                 log::info!(
                     "cache mode: {}",
                     if wce != 0 {
@@ -298,17 +522,15 @@ impl VhostUserBackend for BlkDevice {
                         "writethrough"
                     }
                 );
-                Ok(())
             }
-            _ => {
-                debug!("ignored config write at {offset} of {} bytes", buf.len());
-                Ok(())
-            }
+            _ => debug!("ignored config write at {offset} of {} bytes", buf.len()),
         }
+        Ok(())
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         let mut slot = self
+            .core
             .mem
             .write()
             .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
@@ -325,6 +547,30 @@ impl VhostUserBackend for BlkDevice {
         Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
+    /// GET_VRING_BASE: every request of this queue still waiting completes now
+    /// (its data moves, its status is written), before the frontend reads the
+    /// ring's state; a job the scheduler is running finishes first.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Ok(q) = u16::try_from(queue_index) else {
+            return Ok(());
+        };
+        let jobs = self
+            .with_scheduler(|s| s.drain_queue(q))
+            .unwrap_or_default();
+        if !jobs.is_empty() {
+            debug!(
+                "q={q} stopping: completing {} waiting request(s) now",
+                jobs.len()
+            );
+        }
+        for job in jobs {
+            if let Some(next) = self.core.run_job(job) {
+                self.park(next);
+            }
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -333,14 +579,15 @@ impl VhostUserBackend for BlkDevice {
         thread_id: usize,
     ) -> io::Result<()> {
         // Returning an error would end this worker's loop: nothing a guest does may.
+        let q = u16::try_from(thread_id).unwrap_or(u16::MAX);
         if evset != EventSet::IN {
-            debug!("q={thread_id} unexpected event set {evset:?}");
+            debug!("q={q} unexpected event set {evset:?}");
             return Ok(());
         }
         // One queue per worker thread: the thread's only vring is its queue.
         match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.process_queue(thread_id, vring),
-            None => debug!("q={thread_id} unknown event {device_event}"),
+            Some(vring) => self.process_queue(q, vring),
+            None => debug!("q={q} unknown event {device_event}"),
         }
         Ok(())
     }

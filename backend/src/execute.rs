@@ -1,6 +1,9 @@
-//! Serving a parsed request: dma moves the bytes between guest memory and a
-//! buffer, and the namespace keeps them.
+//! Serving a parsed request, in two steps around the DMA engine's wait:
+//! [`prepare`] checks everything that can be checked at arrival (ranges,
+//! alignment, discard segments) and says what the engine should see;
+//! [`perform`] moves the data through the engine and the namespace.
 
+use dma::{Arrival, Engine, Op, Segment, Ticket};
 use nvme_model::{LbaRange, Namespace, NamespaceError};
 use vm_memory::GuestMemoryBackend;
 
@@ -24,61 +27,136 @@ impl From<Malformed> for ExecError {
     }
 }
 
-/// What a request needs from the device besides its namespace.
+/// What a request needs from the device besides guest memory.
 #[derive(Debug)]
 pub struct ExecContext<'a> {
     pub ns: &'a Namespace,
+    pub engine: &'a Engine,
     pub serial: &'a [u8; ID_BYTES],
     /// Whether the guest runs the cache in writeback mode; in writethrough mode
     /// every write is made stable before it completes.
     pub writeback: bool,
 }
 
-/// Serves `req`; returns the number of data bytes written into guest memory.
-/// `buf` is scratch space, reused across requests.
-pub fn execute<M: GuestMemoryBackend>(
-    ctx: &ExecContext<'_>,
+/// A request checked at arrival, ready for the engine and then [`perform`].
+#[derive(Debug)]
+pub struct Prepared {
+    work: Work,
+    /// What the engine sees of the request.
+    pub arrival: Arrival,
+}
+
+#[derive(Debug)]
+enum Work {
+    Read(LbaRange),
+    Write(LbaRange),
+    Flush,
+    GetId(usize),
+    /// Ranges, each with its unmap flag.
+    Zero(Vec<(LbaRange, bool)>),
+}
+
+/// Checks `req` against the namespace and, for discard and write-zeroes, reads
+/// its segment list.
+pub fn prepare<M: GuestMemoryBackend>(
+    ns: &Namespace,
     mem: &M,
+    queue: u16,
     req: &Request,
     buf: &mut Vec<u8>,
-) -> Result<u32, ExecError> {
-    let ns = ctx.ns;
-    let len = req.data_len as usize;
-    match req.op {
+) -> Result<Prepared, ExecError> {
+    let lba = sector_offset(req.sector).map_or(0, |off| off >> ns.lba_size().shift());
+    let mut segments = Vec::new();
+    let (op, work) = match req.op {
         RequestType::In => {
-            let range = lba_range(ns, req.sector, req.data_len)?;
-            buf.resize(len, 0);
-            ns.read(range, buf).map_err(ExecError::Media)?;
-            dma::to_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
-            Ok(req.data_len)
+            segments.clone_from(&req.data);
+            (
+                Op::Read,
+                Work::Read(lba_range(ns, req.sector, req.data_len)?),
+            )
         }
         RequestType::Out => {
             writable(ns)?;
-            let range = lba_range(ns, req.sector, req.data_len)?;
-            buf.resize(len, 0);
-            dma::from_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
-            ns.write(range, buf).map_err(ExecError::Media)?;
+            segments.clone_from(&req.data);
+            (
+                Op::Write,
+                Work::Write(lba_range(ns, req.sector, req.data_len)?),
+            )
+        }
+        RequestType::Flush => (Op::Flush, Work::Flush),
+        RequestType::GetId => {
+            let n = (req.data_len as usize).min(ID_BYTES);
+            segments.clone_from(&req.data);
+            truncate_segments(&mut segments, n);
+            (Op::GetId, Work::GetId(n))
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            writable(ns)?;
+            let op = if req.op == RequestType::Discard {
+                Op::Discard
+            } else {
+                Op::WriteZeroes
+            };
+            (op, Work::Zero(dwz_ranges(ns, mem, req, buf)?))
+        }
+        RequestType::Unsupported(_) => return Err(Malformed::Unsupported.into()),
+    };
+    let len = dma::segment::total_len(&segments);
+    Ok(Prepared {
+        work,
+        arrival: Arrival {
+            op,
+            queue,
+            lba,
+            len,
+            segments,
+        },
+    })
+}
+
+/// Moves the data of a prepared request; returns the number of data bytes
+/// written into guest memory. `buf` is scratch space, reused across requests.
+pub fn perform<M: GuestMemoryBackend>(
+    ctx: &ExecContext<'_>,
+    mem: &M,
+    work: &Prepared,
+    ticket: &mut Ticket,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ExecError> {
+    let ns = ctx.ns;
+    match &work.work {
+        Work::Read(range) => {
+            buf.resize(len_of(range), 0);
+            ns.read(*range, buf).map_err(ExecError::Media)?;
+            ctx.engine
+                .to_guest(mem, ticket, buf)
+                .map_err(ExecError::Memory)?;
+            Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
+        }
+        Work::Write(range) => {
+            buf.resize(len_of(range), 0);
+            ctx.engine
+                .from_guest(mem, ticket, buf)
+                .map_err(ExecError::Memory)?;
+            ns.write(*range, buf).map_err(ExecError::Media)?;
             if !ctx.writeback {
                 ns.flush().map_err(ExecError::Media)?;
             }
             Ok(0)
         }
-        RequestType::Flush => {
+        Work::Flush => {
             ns.flush().map_err(ExecError::Media)?;
             Ok(0)
         }
-        RequestType::GetId => {
-            let n = len.min(ID_BYTES);
-            let mut segs = req.data.clone();
-            truncate_segments(&mut segs, n);
-            dma::to_guest(mem, &segs, &ctx.serial[..n]).map_err(ExecError::Memory)?;
-            Ok(u32::try_from(n).unwrap_or(0))
+        Work::GetId(n) => {
+            ctx.engine
+                .to_guest(mem, ticket, &ctx.serial[..*n])
+                .map_err(ExecError::Memory)?;
+            Ok(u32::try_from(*n).unwrap_or(0))
         }
-        RequestType::Discard | RequestType::WriteZeroes => {
-            writable(ns)?;
-            let ranges = dwz_ranges(ns, mem, req, buf)?;
-            for (range, unmap) in ranges {
-                let done = if req.op == RequestType::Discard || unmap {
+        Work::Zero(ranges) => {
+            for &(range, unmap) in ranges {
+                let done = if work.arrival.op == Op::Discard || unmap {
                     ns.deallocate(range)
                 } else {
                     ns.write_zeroes(range)
@@ -90,8 +168,12 @@ pub fn execute<M: GuestMemoryBackend>(
             }
             Ok(0)
         }
-        RequestType::Unsupported(_) => Err(Malformed::Unsupported.into()),
     }
+}
+
+fn len_of(range: &LbaRange) -> usize {
+    // A request's data is at most seg_max * size_max bytes (request::parse).
+    usize::try_from(range.len()).unwrap_or(0)
 }
 
 fn writable(ns: &Namespace) -> Result<(), Malformed> {
@@ -152,7 +234,7 @@ fn dwz_ranges<M: GuestMemoryBackend>(
         .collect()
 }
 
-fn truncate_segments(segs: &mut Vec<dma::Segment>, bytes: usize) {
+fn truncate_segments(segs: &mut Vec<Segment>, bytes: usize) {
     let mut left = bytes;
     segs.retain_mut(|s| {
         if left == 0 {
@@ -194,15 +276,15 @@ mod tests {
     #[test]
     fn get_id_truncates_segments() {
         let mut segs = vec![
-            dma::Segment::new(dma::Gpa(0), 8),
-            dma::Segment::new(dma::Gpa(100), 64),
+            Segment::new(dma::Gpa(0), 8),
+            Segment::new(dma::Gpa(100), 64),
         ];
         truncate_segments(&mut segs, 20);
         assert_eq!(
             segs,
             vec![
-                dma::Segment::new(dma::Gpa(0), 8),
-                dma::Segment::new(dma::Gpa(100), 12)
+                Segment::new(dma::Gpa(0), 8),
+                Segment::new(dma::Gpa(100), 12)
             ]
         );
     }

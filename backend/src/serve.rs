@@ -1,13 +1,21 @@
 //! `dmaprobe serve`: open the media, listen on the vhost-user socket, serve one
-//! frontend after another with the same media, and stop cleanly on SIGINT/SIGTERM.
+//! frontend after another with the same media and DMA engine, and stop cleanly
+//! on SIGINT/SIGTERM.
+//!
+//! [`Daemon::start`] runs the serving loop on its own thread and returns a
+//! handle that reaches the engine and the current connection's waiting
+//! requests; [`run`] is the command: start, wait for a signal, flush, write the
+//! ledger.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use dma::schedule::{ParkedInfo, Release};
+use dma::{Engine, RuleSpec};
 use log::{error, info};
 use nvme_model::{Backing, Namespace};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -35,6 +43,8 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     #[error("Cannot flush the media on exit")]
     Flush(#[source] nvme_model::NamespaceError),
+    #[error("Cannot write the ledger to {0}")]
+    Ledger(PathBuf, #[source] io::Error),
 }
 
 /// Opens the namespace the configuration describes.
@@ -47,72 +57,158 @@ pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
     Namespace::new(backing, config.lbs, config.read_only).map_err(ServeError::Media)
 }
 
+/// What outlives each connection.
+#[derive(Debug)]
+struct Shared {
+    ns: Arc<Namespace>,
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    /// The device of the connection being served, if any.
+    current: Mutex<Option<Arc<BlkDevice>>>,
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+    failed: mpsc::Receiver<ServeError>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Opens the media, binds the socket and starts serving on a thread of its own.
+    pub fn start(config: &ServeConfig) -> Result<Daemon, ServeError> {
+        let ns = Arc::new(open_namespace(config)?);
+        let engine = Arc::new(Engine::new(config.dma.clone()));
+        for rule in &config.faults {
+            engine.faults().add(rule.clone());
+        }
+        let listener = Listener::new(&config.socket, true)
+            .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
+        info!(
+            "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
+            ns.capacity_bytes(),
+            ns.blocks(),
+            ns.lba_size(),
+            config.socket.display(),
+            config.queues,
+            config.queue_size,
+            if ns.read_only() { ", read-only" } else { "" }
+        );
+        let shared = Arc::new(Shared {
+            ns,
+            engine,
+            counters: Arc::new(Counters::default()),
+            current: Mutex::new(None),
+        });
+        let shape = DeviceShape {
+            queues: config.queues,
+            queue_size: config.queue_size,
+            serial: config.serial.clone(),
+        };
+        let (failed_tx, failed) = mpsc::channel();
+        let loop_shared = shared.clone();
+        thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || {
+                let err = serve_connections(listener, &loop_shared, shape);
+                let _ = failed_tx.send(err);
+            })
+            .map_err(ServeError::Device)?;
+        Ok(Daemon {
+            shared,
+            failed,
+            socket: config.socket.clone(),
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.shared.ns
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.shared.counters
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn current(&self) -> Option<Arc<BlkDevice>> {
+        self.shared.current.lock().ok()?.clone()
+    }
+
+    /// Releases held requests of the current connection; returns how many.
+    pub fn release(&self, which: Release) -> usize {
+        self.current().map_or(0, |d| d.release(which))
+    }
+
+    /// Requests of the current connection waiting for a delay or a release.
+    pub fn parked(&self) -> Vec<ParkedInfo> {
+        self.current().map(|d| d.parked()).unwrap_or_default()
+    }
+
+    /// A fatal error of the serving thread, if it has stopped.
+    pub fn failure(&self) -> Option<ServeError> {
+        match self.failed.try_recv() {
+            Ok(err) => Some(err),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(ServeError::Device(io::Error::other(
+                "the serving thread died",
+            ))),
+        }
+    }
+
+    /// Writes the ledger as JSON lines.
+    pub fn write_ledger(&self, path: &Path) -> Result<(), ServeError> {
+        let write = || -> io::Result<()> {
+            let mut out = io::BufWriter::new(std::fs::File::create(path)?);
+            self.shared.engine.ledger().write_json_lines(&mut out)?;
+            io::Write::flush(&mut out)
+        };
+        write().map_err(|e| ServeError::Ledger(path.to_owned(), e))
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     // Block the stop signals before any thread exists, so every thread inherits the
     // mask and this thread alone takes them, synchronously.
     let signals = StopSignals::block().map_err(ServeError::Signals)?;
-    let ns = Arc::new(open_namespace(&config)?);
-    let counters = Arc::new(Counters::default());
-    let listener = Listener::new(&config.socket, true)
-        .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
-    info!(
-        "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
-        ns.capacity_bytes(),
-        ns.blocks(),
-        ns.lba_size(),
-        config.socket.display(),
-        config.queues,
-        config.queue_size,
-        if ns.read_only() { ", read-only" } else { "" }
-    );
-
-    let (failed_tx, failed_rx) = mpsc::channel();
-    let shape = DeviceShape {
-        queues: config.queues,
-        queue_size: config.queue_size,
-        serial: config.serial.clone(),
-    };
-    let loop_ns = ns.clone();
-    thread::Builder::new()
-        .name("vhost-user".into())
-        .spawn(move || {
-            let err = serve_connections(listener, loop_ns, counters, shape);
-            let _ = failed_tx.send(err);
-        })
-        .map_err(ServeError::Device)?;
-
+    let daemon = Daemon::start(&config)?;
     let result = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200)) {
             info!("received {sig}: flushing the media and stopping");
             break Ok(());
         }
-        match failed_rx.try_recv() {
-            Ok(err) => break Err(err),
-            Err(mpsc::TryRecvError::Empty) => {}
-            Err(mpsc::TryRecvError::Disconnected) => {
-                break Err(ServeError::Device(io::Error::other(
-                    "the serving thread died",
-                )))
-            }
+        if let Some(err) = daemon.failure() {
+            break Err(err);
         }
     };
-    let flushed = ns.flush().map_err(ServeError::Flush);
+    let flushed = daemon.namespace().flush().map_err(ServeError::Flush);
+    let ledger = match &config.ledger_file {
+        Some(path) => daemon.write_ledger(path),
+        None => Ok(()),
+    };
     let _ = std::fs::remove_file(&config.socket);
-    result.and(flushed)
+    result.and(flushed).and(ledger)
 }
 
 /// Serves one frontend after another; returns only on a fatal error.
-fn serve_connections(
-    mut listener: Listener,
-    ns: Arc<Namespace>,
-    counters: Arc<Counters>,
-    shape: DeviceShape,
-) -> ServeError {
+fn serve_connections(mut listener: Listener, shared: &Shared, shape: DeviceShape) -> ServeError {
     const MAX_ACCEPT_FAILURES: u32 = 50;
     let mut failures = 0;
     loop {
-        let device = match BlkDevice::new(ns.clone(), counters.clone(), shape.clone()) {
+        let device = match BlkDevice::new(
+            shared.ns.clone(),
+            shared.engine.clone(),
+            shared.counters.clone(),
+            shape.clone(),
+        ) {
             Ok(d) => Arc::new(d),
             Err(e) => return ServeError::Device(e),
         };
@@ -134,6 +230,9 @@ fn serve_connections(
         }
         failures = 0;
         info!("frontend connected");
+        if let Ok(mut current) = shared.current.lock() {
+            *current = Some(device.clone());
+        }
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -141,12 +240,23 @@ fn serve_connections(
             )) => info!("frontend disconnected"),
             Err(e) => error!("frontend connection ended: {e}"),
         }
-        device.stop_workers();
+        if let Ok(mut current) = shared.current.lock() {
+            *current = None;
+        }
+        device.shut_down();
         // The media stays: the next frontend sees what this one wrote.
-        if let Err(e) = ns.flush() {
+        if let Err(e) = shared.ns.flush() {
             error!("flush after disconnect failed: {e}");
         }
     }
+}
+
+/// Parses `--fault` rules, naming the one that is wrong.
+pub fn parse_faults(lines: &[String]) -> Result<Vec<RuleSpec>, crate::config::ConfigError> {
+    lines
+        .iter()
+        .map(|l| RuleSpec::parse(l).map_err(|e| crate::config::ConfigError::Fault(l.clone(), e)))
+        .collect()
 }
 
 /// SIGINT and SIGTERM, blocked and taken synchronously.

@@ -1,20 +1,41 @@
-//! dmaprobe's DMA engine: moves bytes between guest memory and byte buffers.
+//! dmaprobe's DMA engine: decides when data moves between guest memory and the
+//! device, and watches guest memory around that moment.
 //!
 //! dma knows guest memory (through vm-memory, every access bounds-checked) and
-//! nothing of virtio: a front-end hands it the guest-physical segments of a
-//! request, and dma moves the bytes between those segments and a buffer that the
-//! media model fills or drains.
+//! nothing of virtio: a front-end hands it a request's guest-physical segments,
+//! and dma moves the bytes between those segments and a buffer that the media
+//! model fills or drains.
 //!
-//! - [`segment`]: guest-physical addresses and segments, and their validation.
-//! - [`transfer`]: the copies to and from guest memory, with partial transfers
-//!   reported as values.
+//! - [`request`]: a request as dma sees it ([`Arrival`], [`Op`], [`ReqId`]).
+//! - [`segment`]: guest-physical addresses and segments.
+//! - [`transfer`]: the copies to and from guest memory.
+//! - [`fault`]: the rules that decide how a request waits (delay, hold) or is watched.
+//! - [`canary`]: the pattern stamped into read destinations and its classification.
+//! - [`finding`]: what the engine saw, with evidence.
+//! - [`ledger`]: every request and finding, in a bounded ring, as JSON lines.
+//! - [`engine`]: arrival, DMA and completion, with the checks around them.
+//! - [`schedule`]: parks waiting requests without busy threads and runs them when due.
+//! - [`rng`]: the seeded generator behind random delays and probabilities.
 //!
-//! Later parts of the engine (delays and holds, canaries, source snapshots, the
-//! ledger) sit around [`transfer`]: they decide *when* it runs and watch guest
-//! memory before and after.
+//! A request flows: front-end → [`Engine::arrive`] (a [`Ticket`]) → wait in the
+//! [`Scheduler`] if the plan says so → [`Engine::to_guest`] / [`Engine::from_guest`]
+//! → [`Engine::complete`] → optional watch.
 
+pub mod canary;
+pub mod engine;
+pub mod fault;
+pub mod finding;
+pub mod ledger;
+pub mod request;
+pub mod rng;
+pub mod schedule;
 pub mod segment;
 pub mod transfer;
 
+pub use engine::{Checks, Engine, EngineConfig, Ticket, WatchTask};
+pub use fault::{RuleSpec, Wait};
+pub use finding::{Finding, FindingKind};
+pub use request::{Arrival, Op, ReqId};
+pub use schedule::Scheduler;
 pub use segment::{Gpa, Segment};
 pub use transfer::{from_guest, to_guest, PartialTransfer, TransferError};

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use serde::{Serialize, Serializer};
+
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// A guest-physical address.
@@ -20,6 +22,13 @@ impl From<Gpa> for GuestAddress {
     }
 }
 
+/// Addresses read best in hex: they serialise as `"0x1f2c000"`.
+impl Serialize for Gpa {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 impl fmt::Display for Gpa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x}", self.0)
@@ -27,7 +36,7 @@ impl fmt::Display for Gpa {
 }
 
 /// A contiguous range of guest-physical memory that a request reads or writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Segment {
     pub gpa: Gpa,
     pub len: u32,
@@ -41,6 +50,13 @@ impl Segment {
     pub fn len_usize(&self) -> usize {
         // A u32 always fits in usize on the 64-bit hosts dmaprobe runs on.
         self.len as usize
+    }
+
+    /// The guest page numbers (of `page_size` bytes) the segment touches.
+    pub fn pages(&self, page_size: u64) -> std::ops::Range<u64> {
+        let first = self.gpa.0 / page_size;
+        let end = self.gpa.0.saturating_add(u64::from(self.len).max(1) - 1) / page_size + 1;
+        first..end
     }
 
     /// Whether every byte of the segment is backed by guest memory.
@@ -66,5 +82,12 @@ mod tests {
         assert!(Segment::new(Gpa(0x1000), 0x1000).is_in(&mem));
         assert!(!Segment::new(Gpa(0x1000), 0x1001).is_in(&mem));
         assert!(!Segment::new(Gpa(u64::MAX), 1).is_in(&mem));
+    }
+
+    #[test]
+    fn pages_touched() {
+        assert_eq!(Segment::new(Gpa(0x1000), 0x1000).pages(4096), 1..2);
+        assert_eq!(Segment::new(Gpa(0x1200), 0x1000).pages(4096), 1..3);
+        assert_eq!(Segment::new(Gpa(0x1fff), 1).pages(4096), 1..2);
     }
 }

@@ -1,0 +1,528 @@
+//! The fault plan: rules that match requests and say what to do with them.
+//!
+//! A rule is one line of comma-separated `key=value` pairs, the same on the
+//! command line, in files and on the control socket:
+//!
+//! ```text
+//! op=read,action=delay,ms=1000
+//! op=read,lba=0-7,nth=2,action=hold
+//! op=write,every=3,count=2,action=delay,ms=50-200
+//! ```
+//!
+//! Match keys (all optional; a request must satisfy every one given):
+//! `op` (read, write, flush, discard, write-zeroes, get-id, any), `lba` (N or
+//! N-M, inclusive, on the request's first block), `queue`, `size` (bytes, N or
+//! N-M), `tag` (the test tag in force). Selectors (at most one): `nth=N` (only
+//! the N-th matching request), `every=N` (every N-th), `prob=P` (each with
+//! probability P, from the seeded generator); default every match. `count=N`
+//! retires the rule after it has fired N times.
+//!
+//! Actions: `delay` (`ms=N` or `ms=MIN-MAX`), `hold` (until released), `watch`
+//! (re-check a read's destination `ms=N` after completion).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::request::{Arrival, Op};
+use crate::rng::SeededRng;
+
+/// A rule that did not parse: what and where (a byte column, from 1).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("at column {column}: {message}")]
+pub struct RuleError {
+    pub column: usize,
+    pub message: String,
+}
+
+/// Which matching requests a rule fires on.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selector {
+    All,
+    Nth(u64),
+    Every(u64),
+    Prob(f64),
+}
+
+/// What a rule does to a request it fires on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum Action {
+    Delay { min_ms: u64, max_ms: u64 },
+    Hold,
+    Watch { ms: u64 },
+}
+
+/// How a request waits before its data moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    None,
+    Delay(Duration),
+    Hold,
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Wait::None => write!(f, "none"),
+            Wait::Delay(d) => write!(f, "delay {} ms", d.as_millis()),
+            Wait::Hold => write!(f, "hold"),
+        }
+    }
+}
+
+/// A rule as written, without its counters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleSpec {
+    pub op: Option<Op>,
+    pub lba: Option<(u64, u64)>,
+    pub queue: Option<u16>,
+    pub size: Option<(u64, u64)>,
+    pub tag: Option<String>,
+    pub select: Selector,
+    pub count: Option<u64>,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+impl RuleSpec {
+    /// Parses the line form.
+    pub fn parse(line: &str) -> Result<RuleSpec, RuleError> {
+        let mut b = Builder::default();
+        let mut column = 1;
+        for part in line.split(',') {
+            let here = column;
+            column += part.len() + 1;
+            let err = |message: String| RuleError {
+                column: here,
+                message,
+            };
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+            b.set(key.trim(), value.trim()).map_err(err)?;
+        }
+        b.build()
+            .map_err(|message| RuleError { column: 1, message })
+    }
+
+    fn matches(&self, a: &Arrival, tag: Option<&str>) -> bool {
+        self.op.is_none_or(|op| op == a.op)
+            && self.lba.is_none_or(|(lo, hi)| (lo..=hi).contains(&a.lba))
+            && self.queue.is_none_or(|q| q == a.queue)
+            && self.size.is_none_or(|(lo, hi)| (lo..=hi).contains(&a.len))
+            && self.tag.as_deref().is_none_or(|t| Some(t) == tag)
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    op: Option<Option<Op>>,
+    lba: Option<(u64, u64)>,
+    queue: Option<u16>,
+    size: Option<(u64, u64)>,
+    tag: Option<String>,
+    select: Option<Selector>,
+    count: Option<u64>,
+    action: Option<String>,
+    ms: Option<(u64, u64)>,
+}
+
+impl Builder {
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let dup = |set: bool| {
+            if set {
+                Err(format!("{key} given twice"))
+            } else {
+                Ok(())
+            }
+        };
+        match key {
+            "op" => {
+                dup(self.op.is_some())?;
+                self.op = Some(match value {
+                    "any" => None,
+                    v => Some(Op::from_name(v).ok_or_else(|| {
+                        format!(
+                            "unknown op {v:?} (read, write, flush, discard, write-zeroes, get-id, any)"
+                        )
+                    })?),
+                });
+            }
+            "lba" => {
+                dup(self.lba.is_some())?;
+                self.lba = Some(range(key, value)?);
+            }
+            "size" => {
+                dup(self.size.is_some())?;
+                self.size = Some(range(key, value)?);
+            }
+            "queue" => {
+                dup(self.queue.is_some())?;
+                self.queue = Some(value.parse().map_err(|_| format!("queue {value:?} is not a number"))?);
+            }
+            "tag" => {
+                dup(self.tag.is_some())?;
+                self.tag = Some(value.to_owned());
+            }
+            "nth" | "every" => {
+                dup(self.select.is_some())?;
+                let n = number(key, value)?;
+                if n == 0 {
+                    return Err(format!("{key} counts from 1"));
+                }
+                self.select = Some(if key == "nth" {
+                    Selector::Nth(n)
+                } else {
+                    Selector::Every(n)
+                });
+            }
+            "prob" => {
+                dup(self.select.is_some())?;
+                let p: f64 = value
+                    .parse()
+                    .map_err(|_| format!("prob {value:?} is not a number"))?;
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(format!("prob {p} is not between 0 and 1"));
+                }
+                self.select = Some(Selector::Prob(p));
+            }
+            "count" => {
+                dup(self.count.is_some())?;
+                self.count = Some(number(key, value)?);
+            }
+            "action" => {
+                dup(self.action.is_some())?;
+                self.action = Some(value.to_owned());
+            }
+            "ms" => {
+                dup(self.ms.is_some())?;
+                self.ms = Some(range(key, value)?);
+            }
+            other => {
+                return Err(format!(
+                    "unknown key {other:?} (op, lba, queue, size, tag, nth, every, prob, count, action, ms)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn build(self) -> Result<RuleSpec, String> {
+        let action = match self.action.as_deref() {
+            None => return Err("no action (delay, hold, watch)".into()),
+            Some("delay") => {
+                let (min_ms, max_ms) = self.ms.ok_or("delay needs ms=N or ms=MIN-MAX")?;
+                Action::Delay { min_ms, max_ms }
+            }
+            Some("hold") => {
+                if self.ms.is_some() {
+                    return Err("hold takes no ms (it lasts until released)".into());
+                }
+                Action::Hold
+            }
+            Some("watch") => {
+                let (ms, hi) = self.ms.ok_or("watch needs ms=N")?;
+                if ms != hi {
+                    return Err("watch takes one ms value".into());
+                }
+                Action::Watch { ms }
+            }
+            Some(other) => return Err(format!("unknown action {other:?} (delay, hold, watch)")),
+        };
+        Ok(RuleSpec {
+            op: self.op.flatten(),
+            lba: self.lba,
+            queue: self.queue,
+            size: self.size,
+            tag: self.tag,
+            select: self.select.unwrap_or(Selector::All),
+            count: self.count,
+            action,
+        })
+    }
+}
+
+fn number(key: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{key} {value:?} is not a number"))
+}
+
+/// `N` or `N-M` (inclusive, N <= M).
+fn range(key: &str, value: &str) -> Result<(u64, u64), String> {
+    match value.split_once('-') {
+        None => number(key, value).map(|n| (n, n)),
+        Some((lo, hi)) => {
+            let (lo, hi) = (number(key, lo.trim())?, number(key, hi.trim())?);
+            if lo > hi {
+                Err(format!("{key} range {lo}-{hi} is backwards"))
+            } else {
+                Ok((lo, hi))
+            }
+        }
+    }
+}
+
+/// A rule in the plan, with its counters.
+#[derive(Debug)]
+pub struct Rule {
+    pub id: u64,
+    pub spec: RuleSpec,
+    matched: AtomicU64,
+    fired: AtomicU64,
+}
+
+impl Rule {
+    pub fn matched(&self) -> u64 {
+        self.matched.load(Ordering::Relaxed)
+    }
+
+    pub fn fired(&self) -> u64 {
+        self.fired.load(Ordering::Relaxed)
+    }
+
+    pub fn expired(&self) -> bool {
+        self.spec.count.is_some_and(|c| self.fired() >= c)
+    }
+
+    /// Counts a matching request and says whether the rule fires on it.
+    fn fire(&self, rng: &SeededRng) -> bool {
+        if self.expired() {
+            return false;
+        }
+        let n = self.matched.fetch_add(1, Ordering::Relaxed) + 1;
+        let fires = match self.spec.select {
+            Selector::All => true,
+            Selector::Nth(k) => n == k,
+            Selector::Every(k) => n.is_multiple_of(k),
+            Selector::Prob(p) => rng.chance(p),
+        };
+        if !fires {
+            return false;
+        }
+        // Counting may race with another queue; a count is a budget, so claim a slot.
+        let prev = self.fired.fetch_add(1, Ordering::Relaxed);
+        self.spec.count.is_none_or(|c| prev < c)
+    }
+}
+
+/// What the plan decided for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub wait: Wait,
+    /// Re-check the destination this long after completion.
+    pub watch: Option<Duration>,
+}
+
+/// The rules in force, in the order they were added.
+#[derive(Debug)]
+pub struct FaultPlan {
+    rules: RwLock<Vec<std::sync::Arc<Rule>>>,
+    next_id: AtomicU64,
+    rng: SeededRng,
+}
+
+impl FaultPlan {
+    pub fn new(seed: u64) -> Self {
+        FaultPlan {
+            rules: RwLock::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            rng: SeededRng::new(seed),
+        }
+    }
+
+    /// Adds a rule; returns its id.
+    pub fn add(&self, spec: RuleSpec) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rule = std::sync::Arc::new(Rule {
+            id,
+            spec,
+            matched: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+        });
+        if let Ok(mut rules) = self.rules.write() {
+            rules.push(rule);
+        }
+        id
+    }
+
+    /// Removes a rule; whether it was there.
+    pub fn remove(&self, id: u64) -> bool {
+        let Ok(mut rules) = self.rules.write() else {
+            return false;
+        };
+        let before = rules.len();
+        rules.retain(|r| r.id != id);
+        rules.len() != before
+    }
+
+    pub fn rules(&self) -> Vec<std::sync::Arc<Rule>> {
+        self.rules.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.read().map(|r| r.is_empty()).unwrap_or(true)
+    }
+
+    /// Applies every rule to a request: the first delay or hold that fires sets
+    /// the wait; a watch that fires adds a post-completion check.
+    pub fn decide(&self, a: &Arrival, tag: Option<&str>) -> Decision {
+        let mut d = Decision {
+            wait: Wait::None,
+            watch: None,
+        };
+        let Ok(rules) = self.rules.read() else {
+            return d;
+        };
+        for rule in rules.iter() {
+            if !rule.spec.matches(a, tag) {
+                continue;
+            }
+            match rule.spec.action {
+                // `fire` counts the match, so it is asked only of a rule that applies.
+                Action::Delay { min_ms, max_ms }
+                    if d.wait == Wait::None && rule.fire(&self.rng) =>
+                {
+                    let ms = self.rng.in_range(min_ms, max_ms);
+                    d.wait = Wait::Delay(Duration::from_millis(ms));
+                }
+                Action::Hold if d.wait == Wait::None && rule.fire(&self.rng) => {
+                    d.wait = Wait::Hold;
+                }
+                Action::Watch { ms } if d.watch.is_none() && rule.fire(&self.rng) => {
+                    d.watch = Some(Duration::from_millis(ms));
+                }
+                _ => {}
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival(op: Op, lba: u64, queue: u16, len: u64) -> Arrival {
+        Arrival {
+            op,
+            queue,
+            lba,
+            len,
+            segments: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_documented_forms_parse() {
+        let r = RuleSpec::parse("op=read,action=delay,ms=1000").unwrap();
+        assert_eq!(r.op, Some(Op::Read));
+        assert_eq!(
+            r.action,
+            Action::Delay {
+                min_ms: 1000,
+                max_ms: 1000
+            }
+        );
+        let r = RuleSpec::parse("op=read,lba=0-7,nth=2,action=hold").unwrap();
+        assert_eq!(r.lba, Some((0, 7)));
+        assert_eq!(r.select, Selector::Nth(2));
+        let r =
+            RuleSpec::parse(" op = write , every=3, count=2, action=delay, ms=50-200 ").unwrap();
+        assert_eq!(r.select, Selector::Every(3));
+        assert_eq!(r.count, Some(2));
+    }
+
+    #[test]
+    fn bad_rules_say_what_and_where() {
+        let e = RuleSpec::parse("op=read,action=delay,ms=abc").unwrap_err();
+        assert_eq!(e.column, 22);
+        assert!(e.message.contains("ms"), "{e}");
+        let e = RuleSpec::parse("op=reed,action=hold").unwrap_err();
+        assert_eq!(e.column, 1);
+        assert!(e.message.contains("reed"));
+        assert!(RuleSpec::parse("op=read")
+            .unwrap_err()
+            .message
+            .contains("no action"));
+        assert!(RuleSpec::parse("action=delay").is_err());
+        assert!(RuleSpec::parse("action=hold,nth=0").is_err());
+        assert!(RuleSpec::parse("action=hold,nth=1,every=2").is_err());
+        assert!(RuleSpec::parse("action=hold,lba=9-3").is_err());
+        assert!(RuleSpec::parse("action=hold,colour=red").is_err());
+        assert!(RuleSpec::parse("action=hold,prob=1.5").is_err());
+        assert_eq!(RuleSpec::parse("action=hold,op").unwrap_err().column, 13);
+    }
+
+    #[test]
+    fn selectors_and_counts() {
+        let plan = FaultPlan::new(1);
+        plan.add(RuleSpec::parse("op=read,nth=2,action=hold").unwrap());
+        let waits: Vec<Wait> = (0..4)
+            .map(|_| plan.decide(&arrival(Op::Read, 0, 0, 512), None).wait)
+            .collect();
+        assert_eq!(waits, vec![Wait::None, Wait::Hold, Wait::None, Wait::None]);
+
+        let plan = FaultPlan::new(1);
+        plan.add(RuleSpec::parse("every=2,count=2,action=delay,ms=5").unwrap());
+        let fired = (0..10)
+            .filter(|_| plan.decide(&arrival(Op::Write, 0, 0, 512), None).wait != Wait::None)
+            .count();
+        assert_eq!(fired, 2);
+        assert!(plan.rules()[0].expired());
+    }
+
+    #[test]
+    fn match_fields() {
+        let plan = FaultPlan::new(1);
+        plan.add(
+            RuleSpec::parse("op=write,lba=10-20,queue=1,size=4096,tag=t1,action=hold").unwrap(),
+        );
+        let hold = |a: Arrival, tag| plan.decide(&a, tag).wait == Wait::Hold;
+        assert!(hold(arrival(Op::Write, 15, 1, 4096), Some("t1")));
+        assert!(!hold(arrival(Op::Read, 15, 1, 4096), Some("t1")));
+        assert!(!hold(arrival(Op::Write, 21, 1, 4096), Some("t1")));
+        assert!(!hold(arrival(Op::Write, 15, 0, 4096), Some("t1")));
+        assert!(!hold(arrival(Op::Write, 15, 1, 512), Some("t1")));
+        assert!(!hold(arrival(Op::Write, 15, 1, 4096), Some("t2")));
+        assert!(!hold(arrival(Op::Write, 15, 1, 4096), None));
+    }
+
+    #[test]
+    fn random_delays_repeat_with_the_seed() {
+        let delays = |seed| {
+            let plan = FaultPlan::new(seed);
+            plan.add(RuleSpec::parse("action=delay,ms=1-1000").unwrap());
+            (0..8)
+                .map(|_| plan.decide(&arrival(Op::Read, 0, 0, 512), None).wait)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(delays(3), delays(3));
+        assert_ne!(delays(3), delays(4));
+    }
+
+    #[test]
+    fn first_wait_wins_and_watch_adds() {
+        let plan = FaultPlan::new(1);
+        plan.add(RuleSpec::parse("op=read,action=watch,ms=50").unwrap());
+        plan.add(RuleSpec::parse("op=read,action=delay,ms=10").unwrap());
+        plan.add(RuleSpec::parse("op=read,action=hold").unwrap());
+        let d = plan.decide(&arrival(Op::Read, 0, 0, 512), None);
+        assert_eq!(d.wait, Wait::Delay(Duration::from_millis(10)));
+        assert_eq!(d.watch, Some(Duration::from_millis(50)));
+        assert!(plan.remove(2));
+        assert_eq!(
+            plan.decide(&arrival(Op::Read, 0, 0, 512), None).wait,
+            Wait::Hold
+        );
+    }
+}
