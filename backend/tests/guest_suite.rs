@@ -49,13 +49,13 @@ fn result<'a>(report: &'a Value, test: &str, kernel: &str) -> &'a Value {
 }
 
 #[test]
-fn smoke_and_ext4_pass_on_both_debian_kernels() {
+fn the_default_suite_passes_on_both_debian_kernels() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let (out, report) = dmaprobe_run(&["--tests", "smoke,ext4"], &json);
+    let (out, report) = dmaprobe_run(&[], &json);
     assert!(out.status.success(), "{}", show(&out));
     for kernel in ["debian-6.1", "debian-6.12"] {
-        for test in ["smoke", "ext4"] {
+        for test in ["smoke", "ext4", "delayed-read"] {
             let r = result(&report, test, kernel);
             assert_eq!(
                 r["verdict"],
@@ -85,6 +85,19 @@ fn smoke_and_ext4_pass_on_both_debian_kernels() {
                 .any(|c| c["name"] == "host: e2fsck -fn is clean"),
             "{ext4}"
         );
+        // The delayed read really waited, and its buffer was untouched meanwhile.
+        let delayed = result(&report, "delayed-read", kernel);
+        for name in [
+            "the read waited for the device",
+            "the buffer kept its own bytes while the read was in flight",
+        ] {
+            let found = delayed["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == name);
+            assert!(found, "{name}: {delayed}");
+        }
     }
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(

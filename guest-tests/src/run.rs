@@ -273,6 +273,7 @@ fn start_daemon(
         .arg(disk)
         .args(["--lbs", &test.disk.lbs.to_string()])
         .args(["--queues", &config.queues.to_string()])
+        .args(test.serve_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);

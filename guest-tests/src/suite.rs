@@ -23,6 +23,8 @@ pub struct TestSpec {
     /// One line for `--help` and reports.
     pub summary: &'static str,
     pub disk: DiskSpec,
+    /// Extra `dmaprobe serve` arguments (fault rules, checks) for this test's disk.
+    pub serve_args: &'static [&'static str],
     /// Run in the default suite. Self-tests run only when named with `--allow-selftests`.
     pub selftest: bool,
     /// How long the whole guest run may take under TCG before it counts as hung.
@@ -41,6 +43,7 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: None,
         },
+        serve_args: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -53,6 +56,20 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: Some(Fs::Ext4),
         },
+        serve_args: &[],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "delayed-read",
+        summary: "the device delays an O_DIRECT read by 1 s: the buffer keeps the program's \
+                  bytes while the read is in flight, and holds the data after it",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--fault", "op=read,lba=2048,action=delay,ms=1000"],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -65,6 +82,7 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: None,
         },
+        serve_args: &[],
         selftest: true,
         timeout: Duration::from_secs(120),
     },
@@ -76,6 +94,7 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: None,
         },
+        serve_args: &[],
         selftest: true,
         timeout: Duration::from_secs(20),
     },

@@ -11,6 +11,7 @@
 //! - [`io`]: aligned buffers, exact positional I/O with errno text, the pattern check.
 //! - [`smoke`]: the raw disk's size, and O_DIRECT and buffered data round trips.
 //! - [`ext4`]: files written and read through ext4, buffered and O_DIRECT.
+//! - [`delay`]: a read the device delays moves its data at the end of the delay.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -19,6 +20,7 @@
 //! To add a test: write `fn run(&Ctx) -> Result<(), Stop>` in its own module and
 //! add a row to [`TESTS`].
 
+mod delay;
 mod ext4;
 mod io;
 mod report;
@@ -48,6 +50,7 @@ pub type TestFn = fn(&Ctx) -> Result<(), Stop>;
 const TESTS: &[(&str, TestFn)] = &[
     ("smoke", smoke::run),
     ("ext4", ext4::run),
+    ("delayed-read", delay::run),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
