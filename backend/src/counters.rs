@@ -17,6 +17,8 @@ pub struct Counters {
     /// Chains returned with no status byte written (there was nowhere to write it).
     pub no_status: AtomicU64,
     pub media_errors: AtomicU64,
+    /// Requests failed by a fault rule.
+    pub injected: AtomicU64,
     malformed: [AtomicU64; Malformed::ALL.len()],
     limiter: RateLimit,
 }

@@ -11,7 +11,9 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use dma::fault::Effect;
 use dma::schedule::{FollowUp, ParkedInfo, Release};
 use dma::{Engine, Scheduler, Ticket, Wait, WatchTask};
 use log::{debug, warn};
@@ -55,6 +57,9 @@ struct Core {
 
 /// A request waiting in the scheduler, with what it needs to finish.
 struct Pending {
+    /// Already completed to the guest (the `complete-before-dma` mutant): only
+    /// the data is left to move.
+    completed_early: bool,
     q: u16,
     head: u16,
     req: Request,
@@ -258,7 +263,18 @@ impl BlkDevice {
             }
         };
         let ticket = core.engine.arrive(mem, prepared.arrival.clone());
-        if ticket.wait == Wait::None {
+        let mut wait = ticket.wait;
+        let mut used = None;
+        if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
+            // A broken device on purpose: the guest hears "done" now, the data moves later.
+            let written = if req.op.device_writes_data() {
+                req.data_len
+            } else {
+                0
+            };
+            used = Some(core.finish(q, mem, Some(req.status), Status::Ok, written));
+            wait = Wait::Delay(Duration::from_millis(ms));
+        } else if wait == Wait::None {
             let (len, watch) = core.perform_and_finish(q, mem, &req, &prepared, ticket, buf);
             if let Some(w) = watch {
                 self.park(watch_job(w));
@@ -266,12 +282,12 @@ impl BlkDevice {
             return Some(len);
         }
         let info = parked_info(&ticket);
-        let wait = ticket.wait;
         debug!("q={q} req={} waits: {wait}", ticket.id);
         self.park((
             info,
             wait,
             Job::Io(Box::new(Pending {
+                completed_early: used.is_some(),
                 q,
                 head,
                 req,
@@ -280,7 +296,7 @@ impl BlkDevice {
                 vring: vring.clone(),
             })),
         ));
-        None
+        used
     }
 }
 
@@ -333,14 +349,25 @@ impl Core {
             }
             Job::Io(p) => {
                 let Pending {
+                    completed_early,
                     q,
                     head,
                     req,
                     prepared,
-                    ticket,
+                    mut ticket,
                     vring,
                 } = *p;
                 let mut buf = Vec::new();
+                if completed_early {
+                    let ctx = self.exec_context();
+                    let done = execute::perform(&ctx, &*mem, &prepared, &mut ticket, &mut buf);
+                    let outcome = if done.is_ok() {
+                        "ok-before-dma"
+                    } else {
+                        "failed-after-completion"
+                    };
+                    return self.engine.complete(ticket, outcome).map(watch_job);
+                }
                 let (len, watch) =
                     self.perform_and_finish(q, &mem, &req, &prepared, ticket, &mut buf);
                 self.add_used(q, &vring, head, len);
@@ -360,12 +387,7 @@ impl Core {
         mut ticket: Ticket,
         buf: &mut Vec<u8>,
     ) -> (u32, Option<WatchTask>) {
-        let ctx = ExecContext {
-            ns: &self.ns,
-            engine: &self.engine,
-            serial: &self.serial,
-            writeback: self.writeback.load(Ordering::Relaxed),
-        };
+        let ctx = self.exec_context();
         let (status, written) = match execute::perform(&ctx, mem, prepared, &mut ticket, buf) {
             Ok(written) => (Status::Ok, written),
             Err(e) => (self.count_exec_error(q, req, &e), 0),
@@ -377,6 +399,15 @@ impl Core {
             status_name(status)
         };
         (len, self.engine.complete(ticket, outcome))
+    }
+
+    fn exec_context(&self) -> ExecContext<'_> {
+        ExecContext {
+            ns: &self.ns,
+            engine: &self.engine,
+            serial: &self.serial,
+            writeback: self.writeback.load(Ordering::Relaxed),
+        }
     }
 
     /// Writes the status byte; returns the used length to report.
@@ -442,6 +473,11 @@ impl Core {
                 self.counters
                     .count_malformed(request::Malformed::OutsideMemory);
                 Status::IoErr
+            }
+            ExecError::Injected(_, status) => {
+                bump(&self.counters.injected);
+                // An injected fault is the test's doing: no warning for it.
+                return *status;
             }
         };
         let cause = std::error::Error::source(e)

@@ -3,11 +3,14 @@
 //! alignment, discard segments) and says what the engine should see;
 //! [`perform`] moves the data through the engine and the namespace.
 
+use dma::fault::Effect;
 use dma::{Arrival, Engine, Op, Segment, Ticket};
 use nvme_model::{LbaRange, Namespace, NamespaceError};
 use vm_memory::GuestMemoryBackend;
 
-use crate::blk::{RequestType, DWZ_SEGMENT_LEN, ID_BYTES, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
+use crate::blk::{
+    RequestType, Status, DWZ_SEGMENT_LEN, ID_BYTES, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS,
+};
 use crate::request::{sector_offset, Malformed, Request};
 
 /// Why a well-formed chain still failed.
@@ -19,6 +22,8 @@ pub enum ExecError {
     Media(#[source] NamespaceError),
     #[error("Guest memory access failed")]
     Memory(#[source] dma::TransferError),
+    #[error("Fault injected: {0}")]
+    Injected(&'static str, crate::blk::Status),
 }
 
 impl From<Malformed> for ExecError {
@@ -116,6 +121,8 @@ pub fn prepare<M: GuestMemoryBackend>(
 
 /// Moves the data of a prepared request; returns the number of data bytes
 /// written into guest memory. `buf` is scratch space, reused across requests.
+/// A fault effect on the ticket shapes what happens (the engine itself corrupts
+/// or misplaces data; here requests fail, or writes reach the media torn).
 pub fn perform<M: GuestMemoryBackend>(
     ctx: &ExecContext<'_>,
     mem: &M,
@@ -124,6 +131,15 @@ pub fn perform<M: GuestMemoryBackend>(
     buf: &mut Vec<u8>,
 ) -> Result<u32, ExecError> {
     let ns = ctx.ns;
+    let effect = ticket.effect;
+    if let Some(Effect::Error { unsupp }) = effect {
+        let status = if unsupp {
+            Status::Unsupp
+        } else {
+            Status::IoErr
+        };
+        return Err(ExecError::Injected("error", status));
+    }
     match &work.work {
         Work::Read(range) => {
             buf.resize(len_of(range), 0);
@@ -131,6 +147,9 @@ pub fn perform<M: GuestMemoryBackend>(
             ctx.engine
                 .to_guest(mem, ticket, buf)
                 .map_err(ExecError::Memory)?;
+            if let Some(Effect::Partial { .. }) = effect {
+                return Err(ExecError::Injected("partial", Status::IoErr));
+            }
             Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
         }
         Work::Write(range) => {
@@ -138,11 +157,27 @@ pub fn perform<M: GuestMemoryBackend>(
             ctx.engine
                 .from_guest(mem, ticket, buf)
                 .map_err(ExecError::Memory)?;
-            ns.write(*range, buf).map_err(ExecError::Media)?;
+            let (stored, failure) = match effect {
+                Some(Effect::Partial { bytes }) => (bytes, Some("partial")),
+                Some(Effect::Torn { bytes, fail }) => (bytes, fail.then_some("torn")),
+                _ => (range.len(), None),
+            };
+            // Only whole blocks reach the media.
+            let blocks = stored.min(range.len()) >> ns.lba_size().shift();
+            if blocks > 0 {
+                let part = ns
+                    .check_range(range.start(), blocks)
+                    .map_err(|_| ExecError::Malformed(Malformed::OutOfRange))?;
+                ns.write(part, &buf[..len_of(&part)])
+                    .map_err(ExecError::Media)?;
+            }
             if !ctx.writeback {
                 ns.flush().map_err(ExecError::Media)?;
             }
-            Ok(0)
+            match failure {
+                Some(what) => Err(ExecError::Injected(what, Status::IoErr)),
+                None => Ok(0),
+            }
         }
         Work::Flush => {
             ns.flush().map_err(ExecError::Media)?;

@@ -433,3 +433,228 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! `parse` against arbitrary descriptor lists: it never panics, and whatever
+    //! it lets the device touch (data segments, the status byte) lies inside
+    //! guest memory.
+
+    use super::*;
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+
+    /// Guest memory: two regions with a hole between them.
+    const REGIONS: [(u64, usize); 2] = [(0, 0x4000), (0x8000, 0x4000)];
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&REGIONS.map(|(start, len)| (GuestAddress(start), len)))
+            .unwrap()
+    }
+
+    /// Whether `[gpa, gpa + len)` lies inside one region, checked without
+    /// vm-memory.
+    fn inside(gpa: u64, len: u64) -> bool {
+        REGIONS.iter().any(|&(start, size)| {
+            let end = start + size as u64;
+            gpa >= start && gpa.checked_add(len).is_some_and(|e| e <= end)
+        })
+    }
+
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            6 => 0u64..0x4000,
+            6 => 0x8000u64..0xc000,
+            1 => 0x3f00u64..0x4100,
+            1 => 0x7f00u64..0x8100,
+            1 => 0xbf00u64..0xc100,
+            1 => (u64::MAX - 0x2000)..=u64::MAX,
+            1 => Just(1u64 << 40),
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn len() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            2 => Just(0u32),
+            4 => 1u32..=32,
+            4 => 0u32..0x1400,
+            2 => prop::sample::select(vec![1u32, 15, 16, 17, 511, 512, 513, 4096, 0x4000]),
+            1 => (u32::MAX - 0x20)..=u32::MAX,
+            1 => any::<u32>(),
+        ]
+    }
+
+    /// Mostly just the WRITE flag; sometimes anything.
+    fn flags() -> impl Strategy<Value = u16> {
+        prop_oneof![
+            8 => prop::bool::ANY.prop_map(|w| if w { WRITE } else { 0 }),
+            1 => Just(INDIRECT),
+            1 => any::<u16>(),
+        ]
+    }
+
+    fn descriptor() -> impl Strategy<Value = (u64, u32, u16)> {
+        (addr(), len(), flags())
+    }
+
+    /// A header: a known or arbitrary type, arbitrary reserved bits, a sector
+    /// near 0, near u64::MAX or anywhere.
+    fn header() -> impl Strategy<Value = [u8; 16]> {
+        let kind = prop_oneof![
+            3 => prop::sample::select(vec![0u32, 1, 4, 8, 11, 13]),
+            1 => any::<u32>(),
+        ];
+        let sector = prop_oneof![0u64..0x100, (u64::MAX - 0x100)..=u64::MAX, any::<u64>(),];
+        (kind, any::<u32>(), sector).prop_map(|(kind, reserved, sector)| {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[4..8].copy_from_slice(&reserved.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            h
+        })
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        (
+            1u32..=8,
+            prop::sample::select(vec![1u32, 512, 4096, 1 << 20, u32::MAX]),
+        )
+            .prop_map(|(seg_max, size_max)| Limits { seg_max, size_max })
+    }
+
+    /// How the list ends: as a complete chain, or as one the iterator cut short
+    /// (the last descriptor still points onwards).
+    fn cut_short() -> impl Strategy<Value = bool> {
+        prop::bool::weighted(0.1)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn parse_keeps_the_device_inside_guest_memory(
+            descs in prop::collection::vec(descriptor(), 0..12),
+            cut in cut_short(),
+            hdr in header(),
+            limits in limits(),
+        ) {
+            let m = mem();
+            // The header goes where the first descriptor points, when it fits.
+            if let Some(&(first, _, _)) = descs.first() {
+                if inside(first, 16) {
+                    m.write_slice(&hdr, GuestAddress(first)).unwrap();
+                }
+            }
+            let n = descs.len();
+            let chain: Vec<Descriptor> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, flags))| {
+                    let flags = if i + 1 < n || cut { flags | NEXT } else { flags & !NEXT };
+                    Descriptor::new(addr, len, flags, 0)
+                })
+                .collect();
+
+            match parse(&m, chain.into_iter(), limits) {
+                Ok(req) => {
+                    for s in &req.data {
+                        prop_assert!(
+                            inside(s.gpa.0, u64::from(s.len)),
+                            "segment {:?} outside guest memory: {:?}", s, req
+                        );
+                    }
+                    prop_assert!(inside(req.status.0, 1), "status outside: {:?}", req);
+                    prop_assert_eq!(u64::from(req.data_len), total(&req.data));
+                    prop_assert!(req.data.len() <= usize::try_from(limits.seg_max).unwrap());
+                    prop_assert!(
+                        u64::from(req.data_len)
+                            <= u64::from(limits.seg_max) * u64::from(limits.size_max)
+                    );
+                    prop_assert!(!matches!(req.op, RequestType::Unsupported(_)));
+                    if req.op == RequestType::Flush {
+                        prop_assert!(req.data.is_empty());
+                    }
+                    prop_assert!(!cut, "accepted a chain that was cut short: {:?}", req);
+                }
+                Err(rejected) => {
+                    if let Some(at) = rejected.status_at {
+                        prop_assert!(
+                            inside(at.0, 1),
+                            "status for {:?} at {} outside guest memory", rejected.reason, at
+                        );
+                    }
+                }
+            }
+        }
+
+        /// Well-formed reads and writes, with header and data cut into
+        /// descriptors anywhere (zero-length ones included) and, for reads, the
+        /// status byte sharing the last data descriptor: parse returns exactly
+        /// the data bytes, in order, and the status byte after them.
+        #[test]
+        fn any_layout_parses_to_the_same_request(
+            write in any::<bool>(),
+            sectors in 0u32..=8,
+            sector in any::<u64>(),
+            header_cuts in prop::collection::vec(0u32..=16, 0..4),
+            data_cuts in prop::collection::vec(any::<u16>(), 0..6),
+            shared_status in any::<bool>(),
+        ) {
+            const HDR: u64 = 0x100;
+            const DATA: u64 = 0x1000;
+            let m = mem();
+            let kind: u32 = if write { 1 } else { 0 };
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(HDR)).unwrap();
+
+            let len = sectors * 512;
+            let pieces = |base: u64, total: u32, cuts: &mut Vec<u32>, flags: u16| {
+                cuts.sort_unstable();
+                let mut at = 0;
+                let mut out = Vec::new();
+                for &c in cuts.iter().chain(std::iter::once(&total)) {
+                    out.push(Descriptor::new(base + u64::from(at), c - at, flags | NEXT, 0));
+                    at = c;
+                }
+                out
+            };
+            let mut descs = pieces(HDR, 16, &mut header_cuts.clone(), 0);
+            let mut cuts: Vec<u32> = data_cuts.iter().map(|&c| u32::from(c) % (len + 1)).collect();
+            let data_flags = if write { 0 } else { WRITE };
+            descs.extend(pieces(DATA, len, &mut cuts, data_flags));
+            let status = DATA + u64::from(len);
+            if !write && shared_status {
+                // The status byte is the last byte of the last data descriptor.
+                let last = descs.pop().unwrap();
+                descs.push(Descriptor::new(last.addr().0, last.len() + 1, WRITE | NEXT, 0));
+            } else {
+                descs.push(Descriptor::new(status, 1, WRITE | NEXT, 0));
+            }
+            let last = descs.pop().unwrap();
+            descs.push(Descriptor::new(last.addr().0, last.len(), last.flags() & !NEXT, 0));
+
+            let limits = Limits { seg_max: 16, size_max: 4096 };
+            let req = parse(&m, descs.clone().into_iter(), limits);
+            prop_assert!(req.is_ok(), "{:?} from {:?}", req, descs);
+            let req = req.unwrap();
+            prop_assert_eq!(req.op, if write { RequestType::Out } else { RequestType::In });
+            prop_assert_eq!(req.sector, sector);
+            prop_assert_eq!(req.data_len, len);
+            prop_assert_eq!(req.status, Gpa(status));
+            let mut at = DATA;
+            for s in &req.data {
+                prop_assert_eq!(s.gpa, Gpa(at), "data out of order: {:?}", req.data);
+                prop_assert!(s.len > 0);
+                at += u64::from(s.len);
+            }
+            prop_assert_eq!(at, DATA + u64::from(len));
+        }
+    }
+}

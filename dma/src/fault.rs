@@ -17,8 +17,19 @@
 //! probability P, from the seeded generator); default every match. `count=N`
 //! retires the rule after it has fired N times.
 //!
-//! Actions: `delay` (`ms=N` or `ms=MIN-MAX`), `hold` (until released), `watch`
-//! (re-check a read's destination `ms=N` after completion).
+//! Actions that decide when the data moves: `delay` (`ms=N` or `ms=MIN-MAX`),
+//! `hold` (until released). One that looks after it: `watch` (re-check a read's
+//! destination `ms=N` after completion). Ones that change what happens
+//! ([`Effect`]): `error` (`status=ioerr|unsupp`, no data moves), `partial`
+//! (`bytes=N`: move the first N bytes, then fail), `torn` (`bytes=N`: a write
+//! stores only its first N bytes, rounded down to whole blocks, and reports
+//! `status=ok|ioerr`), `corrupt` (`bits=N`: flip N bits of the data moved), and
+//! two deliberately broken devices used to validate a test suite:
+//! `complete-before-dma` (`ms=N`: complete at once, move the data N ms later) and
+//! `wrong-page` (move the data into, or out of, the neighbouring guest page).
+//!
+//! A request gets the first wait, the first watch and the first effect of the
+//! rules that fire on it.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,9 +63,47 @@ pub enum Selector {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "action")]
 pub enum Action {
-    Delay { min_ms: u64, max_ms: u64 },
+    Delay {
+        min_ms: u64,
+        max_ms: u64,
+    },
     Hold,
-    Watch { ms: u64 },
+    Watch {
+        ms: u64,
+    },
+    #[serde(untagged)]
+    Effect(Effect),
+}
+
+/// A change to what a request does, beyond when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum Effect {
+    /// Fail without moving data.
+    Error { unsupp: bool },
+    /// Move the first `bytes` bytes, then fail.
+    Partial { bytes: u64 },
+    /// A write stores only its first `bytes` bytes (whole blocks); `fail` chooses the status.
+    Torn { bytes: u64, fail: bool },
+    /// Flip `bits` bits of the data moved.
+    Corrupt { bits: u32 },
+    /// Complete at once; move the data `ms` later.
+    CompleteBeforeDma { ms: u64 },
+    /// Move the data into (read) or out of (write) the next guest page.
+    WrongPage,
+}
+
+impl Effect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Effect::Error { .. } => "error",
+            Effect::Partial { .. } => "partial",
+            Effect::Torn { .. } => "torn",
+            Effect::Corrupt { .. } => "corrupt",
+            Effect::CompleteBeforeDma { .. } => "complete-before-dma",
+            Effect::WrongPage => "wrong-page",
+        }
+    }
 }
 
 /// How a request waits before its data moves.
@@ -134,6 +183,9 @@ struct Builder {
     count: Option<u64>,
     action: Option<String>,
     ms: Option<(u64, u64)>,
+    bytes: Option<u64>,
+    bits: Option<u32>,
+    status: Option<String>,
 }
 
 impl Builder {
@@ -167,7 +219,11 @@ impl Builder {
             }
             "queue" => {
                 dup(self.queue.is_some())?;
-                self.queue = Some(value.parse().map_err(|_| format!("queue {value:?} is not a number"))?);
+                self.queue = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("queue {value:?} is not a number"))?,
+                );
             }
             "tag" => {
                 dup(self.tag.is_some())?;
@@ -207,9 +263,26 @@ impl Builder {
                 dup(self.ms.is_some())?;
                 self.ms = Some(range(key, value)?);
             }
+            "bytes" => {
+                dup(self.bytes.is_some())?;
+                self.bytes = Some(number(key, value)?);
+            }
+            "bits" => {
+                dup(self.bits.is_some())?;
+                let n = number(key, value)?;
+                self.bits = Some(u32::try_from(n).map_err(|_| format!("bits {n} is too many"))?);
+            }
+            "status" => {
+                dup(self.status.is_some())?;
+                if !["ok", "ioerr", "unsupp"].contains(&value) {
+                    return Err(format!("unknown status {value:?} (ok, ioerr, unsupp)"));
+                }
+                self.status = Some(value.to_owned());
+            }
             other => {
                 return Err(format!(
-                    "unknown key {other:?} (op, lba, queue, size, tag, nth, every, prob, count, action, ms)"
+                    "unknown key {other:?} (op, lba, queue, size, tag, nth, every, prob, \
+                     count, action, ms, bytes, bits, status)"
                 ))
             }
         }
@@ -217,27 +290,7 @@ impl Builder {
     }
 
     fn build(self) -> Result<RuleSpec, String> {
-        let action = match self.action.as_deref() {
-            None => return Err("no action (delay, hold, watch)".into()),
-            Some("delay") => {
-                let (min_ms, max_ms) = self.ms.ok_or("delay needs ms=N or ms=MIN-MAX")?;
-                Action::Delay { min_ms, max_ms }
-            }
-            Some("hold") => {
-                if self.ms.is_some() {
-                    return Err("hold takes no ms (it lasts until released)".into());
-                }
-                Action::Hold
-            }
-            Some("watch") => {
-                let (ms, hi) = self.ms.ok_or("watch needs ms=N")?;
-                if ms != hi {
-                    return Err("watch takes one ms value".into());
-                }
-                Action::Watch { ms }
-            }
-            Some(other) => return Err(format!("unknown action {other:?} (delay, hold, watch)")),
-        };
+        let action = self.action()?;
         Ok(RuleSpec {
             op: self.op.flatten(),
             lba: self.lba,
@@ -247,6 +300,75 @@ impl Builder {
             select: self.select.unwrap_or(Selector::All),
             count: self.count,
             action,
+        })
+    }
+
+    fn action(&self) -> Result<Action, String> {
+        let name = self.action.as_deref().ok_or(
+            "no action (delay, hold, watch, error, partial, torn, corrupt, \
+             complete-before-dma, wrong-page)",
+        )?;
+        // Each action takes only its own parameters.
+        let takes: &[&str] = match name {
+            "delay" | "watch" | "complete-before-dma" => &["ms"],
+            "error" => &["status"],
+            "partial" => &["bytes"],
+            "torn" => &["bytes", "status"],
+            "corrupt" => &["bits"],
+            _ => &[],
+        };
+        for (param, given) in [
+            ("ms", self.ms.is_some()),
+            ("bytes", self.bytes.is_some()),
+            ("bits", self.bits.is_some()),
+            ("status", self.status.is_some()),
+        ] {
+            if given && !takes.contains(&param) {
+                return Err(format!("{name} takes no {param}"));
+            }
+        }
+        let one_ms = || match self.ms {
+            Some((ms, hi)) if ms == hi => Ok(ms),
+            Some(_) => Err(format!("{name} takes one ms value")),
+            None => Err(format!("{name} needs ms=N")),
+        };
+        let status = self.status.as_deref();
+        Ok(match name {
+            "delay" => {
+                let (min_ms, max_ms) = self.ms.ok_or("delay needs ms=N or ms=MIN-MAX")?;
+                Action::Delay { min_ms, max_ms }
+            }
+            "hold" => Action::Hold,
+            "watch" => Action::Watch { ms: one_ms()? },
+            "error" => Action::Effect(Effect::Error {
+                unsupp: match status {
+                    None | Some("ioerr") => false,
+                    Some("unsupp") => true,
+                    Some(s) => return Err(format!("error takes status=ioerr or unsupp, not {s}")),
+                },
+            }),
+            "partial" => Action::Effect(Effect::Partial {
+                bytes: self.bytes.ok_or("partial needs bytes=N")?,
+            }),
+            "torn" => Action::Effect(Effect::Torn {
+                bytes: self.bytes.ok_or("torn needs bytes=N")?,
+                fail: match status {
+                    None | Some("ok") => false,
+                    Some("ioerr") => true,
+                    Some(s) => return Err(format!("torn takes status=ok or ioerr, not {s}")),
+                },
+            }),
+            "corrupt" => Action::Effect(Effect::Corrupt {
+                bits: self.bits.unwrap_or(1).max(1),
+            }),
+            "complete-before-dma" => Action::Effect(Effect::CompleteBeforeDma { ms: one_ms()? }),
+            "wrong-page" => Action::Effect(Effect::WrongPage),
+            other => {
+                return Err(format!(
+                    "unknown action {other:?} (delay, hold, watch, error, partial, torn, \
+                     corrupt, complete-before-dma, wrong-page)"
+                ))
+            }
         })
     }
 }
@@ -321,6 +443,7 @@ pub struct Decision {
     pub wait: Wait,
     /// Re-check the destination this long after completion.
     pub watch: Option<Duration>,
+    pub effect: Option<Effect>,
 }
 
 /// The rules in force, in the order they were added.
@@ -379,6 +502,7 @@ impl FaultPlan {
         let mut d = Decision {
             wait: Wait::None,
             watch: None,
+            effect: None,
         };
         let Ok(rules) = self.rules.read() else {
             return d;
@@ -400,6 +524,9 @@ impl FaultPlan {
                 }
                 Action::Watch { ms } if d.watch.is_none() && rule.fire(&self.rng) => {
                     d.watch = Some(Duration::from_millis(ms));
+                }
+                Action::Effect(e) if d.effect.is_none() && rule.fire(&self.rng) => {
+                    d.effect = Some(e);
                 }
                 _ => {}
             }
@@ -464,6 +591,47 @@ mod tests {
     }
 
     #[test]
+    fn every_action_parses() {
+        let action = |l: &str| RuleSpec::parse(l).unwrap().action;
+        assert_eq!(
+            action("action=error"),
+            Action::Effect(Effect::Error { unsupp: false })
+        );
+        assert_eq!(
+            action("action=error,status=unsupp"),
+            Action::Effect(Effect::Error { unsupp: true })
+        );
+        assert_eq!(
+            action("action=partial,bytes=512"),
+            Action::Effect(Effect::Partial { bytes: 512 })
+        );
+        assert_eq!(
+            action("action=torn,bytes=4096,status=ioerr"),
+            Action::Effect(Effect::Torn {
+                bytes: 4096,
+                fail: true
+            })
+        );
+        assert_eq!(
+            action("action=corrupt"),
+            Action::Effect(Effect::Corrupt { bits: 1 })
+        );
+        assert_eq!(
+            action("action=corrupt,bits=8"),
+            Action::Effect(Effect::Corrupt { bits: 8 })
+        );
+        assert_eq!(
+            action("action=complete-before-dma,ms=20"),
+            Action::Effect(Effect::CompleteBeforeDma { ms: 20 })
+        );
+        assert_eq!(
+            action("action=wrong-page"),
+            Action::Effect(Effect::WrongPage)
+        );
+        assert_eq!(action("action=watch,ms=5"), Action::Watch { ms: 5 });
+    }
+
+    #[test]
     fn selectors_and_counts() {
         let plan = FaultPlan::new(1);
         plan.add(RuleSpec::parse("op=read,nth=2,action=hold").unwrap());
@@ -519,6 +687,7 @@ mod tests {
         let d = plan.decide(&arrival(Op::Read, 0, 0, 512), None);
         assert_eq!(d.wait, Wait::Delay(Duration::from_millis(10)));
         assert_eq!(d.watch, Some(Duration::from_millis(50)));
+        assert_eq!(d.effect, None);
         assert!(plan.remove(2));
         assert_eq!(
             plan.decide(&arrival(Op::Read, 0, 0, 512), None).wait,
