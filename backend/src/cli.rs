@@ -38,6 +38,10 @@ pub enum Command {
     /// Exits 0 when every test passed or was skipped, 1 when any failed or
     /// errored, 2 when the run itself could not be set up.
     Run(RunArgs),
+    /// Drive a running `dmaprobe serve` over its control socket: list and
+    /// release held requests, add and remove fault rules, read findings and
+    /// the ledger.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +145,18 @@ pub struct ServeArgs {
     /// Seed of the generator behind random delays and probabilities.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
+    /// The control socket for `dmaprobe ctl` (mode 0600). Default: the vhost-user
+    /// socket's path with `.ctl` added.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve no control socket.
+    #[arg(long, conflicts_with = "control")]
+    pub no_control: bool,
+    /// Make the last MiB of the disk a mailbox through which programs in the
+    /// guest send control commands (no storage there: give a file system the
+    /// rest of the disk).
+    #[arg(long)]
+    pub mailbox: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -161,6 +177,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             // clap's "media" group requires one of them.
             (None, None) => return Err(ConfigError::Empty),
+        };
+        let control = if a.no_control {
+            None
+        } else {
+            Some(
+                a.control
+                    .unwrap_or_else(|| crate::control::default_path(&a.socket)),
+            )
         };
         Ok(ServeConfig {
             socket: a.socket,
@@ -183,6 +207,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             faults: crate::serve::parse_faults(&a.faults)?,
             ledger_file: a.ledger,
+            control,
+            mailbox: a.mailbox,
         })
     }
 }
@@ -198,7 +224,7 @@ mod tests {
     fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         match parse(args).unwrap().command {
             Command::Serve(a) => ServeConfig::try_from(a),
-            Command::Run(_) => panic!("not a serve command"),
+            Command::Run(_) | Command::Ctl(_) => panic!("not a serve command"),
         }
     }
 

@@ -54,6 +54,10 @@ pub struct ServeConfig {
     pub faults: Vec<dma::RuleSpec>,
     /// Where to write the ledger on exit.
     pub ledger_file: Option<PathBuf>,
+    /// The control socket, if any.
+    pub control: Option<PathBuf>,
+    /// Make the last MiB of the disk the guest's mailbox.
+    pub mailbox: bool,
 }
 
 /// Parses a guest-physical address: `0x` hex or decimal.

@@ -19,11 +19,65 @@ pub struct Counters {
     pub media_errors: AtomicU64,
     /// Requests failed by a fault rule.
     pub injected: AtomicU64,
+    /// Commands the guest sent through the mailbox, and writes to it refused.
+    pub mailbox_commands: AtomicU64,
+    pub mailbox_refused: AtomicU64,
     malformed: [AtomicU64; Malformed::ALL.len()],
     limiter: RateLimit,
 }
 
+/// The counters at one moment, as the control socket reports them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CounterSnapshot {
+    pub requests: u64,
+    pub completed_ok: u64,
+    pub ioerr: u64,
+    pub unsupp: u64,
+    pub no_status: u64,
+    pub media_errors: u64,
+    pub injected: u64,
+    pub mailbox_commands: u64,
+    pub mailbox_refused: u64,
+    pub malformed: std::collections::BTreeMap<&'static str, u64>,
+}
+
 impl Counters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            requests: get(&self.requests),
+            completed_ok: get(&self.completed_ok),
+            ioerr: get(&self.ioerr),
+            unsupp: get(&self.unsupp),
+            no_status: get(&self.no_status),
+            media_errors: get(&self.media_errors),
+            injected: get(&self.injected),
+            mailbox_commands: get(&self.mailbox_commands),
+            mailbox_refused: get(&self.mailbox_refused),
+            malformed: self.malformed_all().collect(),
+        }
+    }
+
+    /// Sets every counter back to zero.
+    pub fn reset(&self) {
+        for c in [
+            &self.requests,
+            &self.completed_ok,
+            &self.ioerr,
+            &self.unsupp,
+            &self.no_status,
+            &self.media_errors,
+            &self.injected,
+            &self.mailbox_commands,
+            &self.mailbox_refused,
+        ]
+        .into_iter()
+        .chain(&self.malformed)
+        {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub fn count_malformed(&self, m: Malformed) {
         self.malformed[m.index()].fetch_add(1, Ordering::Relaxed);
     }

@@ -27,9 +27,12 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blk::{self, BlkConfig, Status, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SIZE_MAX};
+use crate::blk::{
+    self, BlkConfig, RequestType, Status, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SIZE_MAX,
+};
 use crate::counters::{bump, Counters};
 use crate::execute::{self, ExecContext, ExecError, Prepared};
+use crate::mailbox::{ControlFn, Mailbox};
 use crate::request::{self, Limits, Rejected, Request};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -53,6 +56,7 @@ struct Core {
     writeback: AtomicBool,
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
+    mailbox: Option<Mailbox>,
 }
 
 /// A request waiting in the scheduler, with what it needs to finish.
@@ -86,11 +90,14 @@ pub struct BlkDevice {
 }
 
 impl BlkDevice {
+    /// A device over `ns`; with `control`, the last MiB of the disk is the guest
+    /// mailbox, whose commands `control` answers.
     pub fn new(
         ns: Arc<Namespace>,
         engine: Arc<Engine>,
         counters: Arc<Counters>,
         shape: DeviceShape,
+        control: Option<ControlFn>,
     ) -> io::Result<Self> {
         let mut serial = [0u8; ID_BYTES];
         let n = shape.serial.len().min(ID_BYTES);
@@ -98,7 +105,10 @@ impl BlkDevice {
         let exits = (0..shape.queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
+        let block = usize::try_from(ns.lba_size().bytes()).unwrap_or(512);
+        let mailbox = control.and_then(|c| Mailbox::new(ns.capacity_bytes(), block, c));
         let core = Arc::new(Core {
+            mailbox,
             ns,
             engine,
             counters,
@@ -140,6 +150,11 @@ impl BlkDevice {
     /// Releases held requests; returns how many.
     pub fn release(&self, which: Release) -> usize {
         self.with_scheduler(|s| s.release(which)).unwrap_or(0)
+    }
+
+    /// Releases the held requests that `pick` chooses; returns how many.
+    pub fn release_where(&self, pick: impl Fn(&ParkedInfo) -> bool) -> usize {
+        self.with_scheduler(|s| s.release_where(pick)).unwrap_or(0)
     }
 
     /// Requests waiting for their delay or for a release.
@@ -194,6 +209,7 @@ impl BlkDevice {
                 }
             }
             let mut used = 0usize;
+            let mut popped = 0usize;
             loop {
                 let Some(chain) = vring
                     .get_mut()
@@ -202,6 +218,7 @@ impl BlkDevice {
                 else {
                     break;
                 };
+                popped += 1;
                 let head = chain.head_index();
                 if let Some(len) = self.serve_chain(q, vring, &mem, head, chain, &mut buf) {
                     self.core.add_used(q, vring, head, len);
@@ -215,7 +232,17 @@ impl BlkDevice {
                 break;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                // More is available, but if nothing could be popped this round the
+                // ring is unusable (a stopped queue, or an avail index the guest
+                // broke): wait for the next kick rather than spin.
+                Ok(true) if popped > 0 => continue,
+                Ok(true) => {
+                    self.core.guest_error(
+                        q,
+                        format_args!("avail ring says more but no chain can be popped"),
+                    );
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     self.core
@@ -262,6 +289,11 @@ impl BlkDevice {
                 return Some(core.finish(q, mem, Some(req.status), status, 0));
             }
         };
+        if let Some(mb) = &core.mailbox {
+            if let Some((status, written)) = mailbox_io(mb, mem, &req, &prepared, &core.counters) {
+                return Some(core.finish(q, mem, Some(req.status), status, written));
+            }
+        }
         let ticket = core.engine.arrive(mem, prepared.arrival.clone());
         let mut wait = ticket.wait;
         let mut used = None;
@@ -300,6 +332,35 @@ impl BlkDevice {
     }
 }
 
+/// Serves a request that touches the mailbox (status and data bytes written),
+/// or `None` for one that does not.
+fn mailbox_io(
+    mb: &Mailbox,
+    mem: &GuestMemoryMmap<()>,
+    req: &Request,
+    prepared: &Prepared,
+    counters: &Counters,
+) -> Option<(Status, u32)> {
+    let ranges = prepared.media_ranges();
+    let &(offset, _) = ranges.iter().find(|(o, l)| mb.touches(*o, *l))?;
+    Some(match req.op {
+        RequestType::In => {
+            let status = mb.read(mem, offset, &req.data);
+            let written = if status == Status::Ok {
+                req.data_len
+            } else {
+                0
+            };
+            (status, written)
+        }
+        RequestType::Out => (mb.write(mem, offset, &req.data, counters), 0),
+        _ => {
+            bump(&counters.mailbox_refused);
+            (Status::IoErr, 0)
+        }
+    })
+}
+
 fn parked_info(t: &Ticket) -> ParkedInfo {
     ParkedInfo {
         request: t.id,
@@ -308,6 +369,7 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
         lba: t.arrival.lba,
         len: t.arrival.len,
         held: false,
+        tag: t.tag().map(str::to_owned),
         waited_ms: 0,
         since: None,
     }
@@ -321,6 +383,7 @@ fn watch_job(w: WatchTask) -> FollowUp<Job> {
         lba: 0,
         len: 0,
         held: false,
+        tag: None,
         waited_ms: 0,
         since: None,
     };

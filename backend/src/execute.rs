@@ -119,6 +119,18 @@ pub fn prepare<M: GuestMemoryBackend>(
     })
 }
 
+impl Prepared {
+    /// The media byte ranges (offset, length) the request touches.
+    pub fn media_ranges(&self) -> Vec<(u64, u64)> {
+        let r = |range: &LbaRange| (range.offset().0, range.len());
+        match &self.work {
+            Work::Read(range) | Work::Write(range) => vec![r(range)],
+            Work::Zero(ranges) => ranges.iter().map(|(range, _)| r(range)).collect(),
+            Work::Flush | Work::GetId(_) => Vec::new(),
+        }
+    }
+}
+
 /// Moves the data of a prepared request; returns the number of data bytes
 /// written into guest memory. `buf` is scratch space, reused across requests.
 /// A fault effect on the ticket shapes what happens (the engine itself corrupts

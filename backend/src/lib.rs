@@ -6,10 +6,13 @@
 pub mod blk;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod counters;
+pub mod ctl;
 pub mod device;
 pub mod execute;
 pub mod frontend;
+pub mod mailbox;
 pub mod request;
 pub mod runner;
 pub mod serve;

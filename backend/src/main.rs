@@ -19,6 +19,13 @@ fn main() -> ExitCode {
             .map_err(Into::into)
             .and_then(|config| backend::serve::run(config).map_err(Into::into))
             .map(|()| ExitCode::SUCCESS),
+        Command::Ctl(args) => match backend::ctl::run(args) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("dmaprobe ctl: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
         Command::Run(args) => match backend::runner::run_suite(args) {
             Ok(true) => Ok(ExitCode::SUCCESS),

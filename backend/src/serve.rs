@@ -25,6 +25,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::{BackingConfig, ServeConfig};
 use crate::counters::Counters;
 use crate::device::{BlkDevice, DeviceShape};
+use crate::mailbox::ControlFn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -45,6 +46,8 @@ pub enum ServeError {
     Flush(#[source] nvme_model::NamespaceError),
     #[error("Cannot write the ledger to {0}")]
     Ledger(PathBuf, #[source] io::Error),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Opens the namespace the configuration describes.
@@ -57,20 +60,81 @@ pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
     Namespace::new(backing, config.lbs, config.read_only).map_err(ServeError::Media)
 }
 
-/// What outlives each connection.
+/// What outlives each connection, and what the control plane drives.
 #[derive(Debug)]
-struct Shared {
+pub struct DaemonState {
     ns: Arc<Namespace>,
     engine: Arc<Engine>,
     counters: Arc<Counters>,
     /// The device of the connection being served, if any.
     current: Mutex<Option<Arc<BlkDevice>>>,
+    started: std::time::Instant,
+}
+
+impl DaemonState {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.ns
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    fn current(&self) -> Option<Arc<BlkDevice>> {
+        self.current.lock().ok()?.clone()
+    }
+
+    /// Releases held requests of the current connection; returns how many.
+    pub fn release(&self, which: Release) -> usize {
+        self.current().map_or(0, |d| d.release(which))
+    }
+
+    /// Releases the held requests `pick` chooses; returns how many.
+    pub fn release_where(&self, pick: impl Fn(&ParkedInfo) -> bool) -> usize {
+        self.current().map_or(0, |d| d.release_where(pick))
+    }
+
+    /// Requests of the current connection waiting for a delay or a release.
+    pub fn parked(&self) -> Vec<ParkedInfo> {
+        self.current().map(|d| d.parked()).unwrap_or_default()
+    }
+
+    /// The daemon at a glance.
+    pub fn status(&self) -> serde_json::Value {
+        let engine = &self.engine;
+        let parked = self.parked();
+        let ledger = engine.ledger();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "connected": self.current().is_some(),
+            "capacity_bytes": self.ns.capacity_bytes(),
+            "lbs": self.ns.lba_size().bytes(),
+            "counters": self.counters.snapshot(),
+            "findings": engine
+                .finding_counts()
+                .into_iter()
+                .map(|(k, n)| (k.name(), n))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "checks": crate::control::checks_json(engine.checks()),
+            "rules": engine.faults().rules().len(),
+            "held": parked.iter().filter(|p| p.held).count(),
+            "delayed": parked.iter().filter(|p| !p.held).count(),
+            "zero_page": engine.zero_page(),
+            "tag": engine.tag(),
+            "ledger": {"entries": ledger.len(), "capacity": ledger.capacity(), "dropped": ledger.dropped()},
+        })
+    }
 }
 
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
-    shared: Arc<Shared>,
+    shared: Arc<DaemonState>,
     failed: mpsc::Receiver<ServeError>,
     socket: PathBuf,
 }
@@ -95,12 +159,16 @@ impl Daemon {
             config.queue_size,
             if ns.read_only() { ", read-only" } else { "" }
         );
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(DaemonState {
             ns,
             engine,
             counters: Arc::new(Counters::default()),
             current: Mutex::new(None),
+            started: std::time::Instant::now(),
         });
+        if let Some(path) = &config.control {
+            crate::control::serve(path, shared.clone()).map_err(ServeError::Control)?;
+        }
         let shape = DeviceShape {
             queues: config.queues,
             queue_size: config.queue_size,
@@ -108,10 +176,17 @@ impl Daemon {
         };
         let (failed_tx, failed) = mpsc::channel();
         let loop_shared = shared.clone();
+        let mailbox = config.mailbox;
+        if mailbox {
+            match guest_tests::mailbox::mailbox_offset(shared.ns.capacity_bytes()) {
+                Some(at) => info!("guest mailbox at byte {at} (the last MiB)"),
+                None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
+            }
+        }
         thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
-                let err = serve_connections(listener, &loop_shared, shape);
+                let err = serve_connections(listener, &loop_shared, shape, mailbox);
                 let _ = failed_tx.send(err);
             })
             .map_err(ServeError::Device)?;
@@ -120,6 +195,10 @@ impl Daemon {
             failed,
             socket: config.socket.clone(),
         })
+    }
+
+    pub fn state(&self) -> &Arc<DaemonState> {
+        &self.shared
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -138,18 +217,14 @@ impl Daemon {
         &self.socket
     }
 
-    fn current(&self) -> Option<Arc<BlkDevice>> {
-        self.shared.current.lock().ok()?.clone()
-    }
-
     /// Releases held requests of the current connection; returns how many.
     pub fn release(&self, which: Release) -> usize {
-        self.current().map_or(0, |d| d.release(which))
+        self.shared.release(which)
     }
 
     /// Requests of the current connection waiting for a delay or a release.
     pub fn parked(&self) -> Vec<ParkedInfo> {
-        self.current().map(|d| d.parked()).unwrap_or_default()
+        self.shared.parked()
     }
 
     /// A fatal error of the serving thread, if it has stopped.
@@ -195,19 +270,36 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         None => Ok(()),
     };
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(control) = &config.control {
+        let _ = std::fs::remove_file(control);
+    }
     result.and(flushed).and(ledger)
 }
 
 /// Serves one frontend after another; returns only on a fatal error.
-fn serve_connections(mut listener: Listener, shared: &Shared, shape: DeviceShape) -> ServeError {
+fn serve_connections(
+    mut listener: Listener,
+    shared: &Arc<DaemonState>,
+    shape: DeviceShape,
+    mailbox: bool,
+) -> ServeError {
     const MAX_ACCEPT_FAILURES: u32 = 50;
     let mut failures = 0;
     loop {
+        let control = mailbox.then(|| {
+            let state = Arc::downgrade(shared);
+            let f: ControlFn = Arc::new(move |line: &str| match state.upgrade() {
+                Some(s) => crate::control::handle_line(&s, line),
+                None => r#"{"v":1,"ok":false,"error":"the daemon is stopping"}"#.to_owned(),
+            });
+            f
+        });
         let device = match BlkDevice::new(
             shared.ns.clone(),
             shared.engine.clone(),
             shared.counters.clone(),
             shape.clone(),
+            control,
         ) {
             Ok(d) => Arc::new(d),
             Err(e) => return ServeError::Device(e),

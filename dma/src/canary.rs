@@ -1,16 +1,18 @@
 //! Canaries: what dma writes into a read's destination at arrival, and how it
 //! tells, at DMA time, what overwrote it.
 //!
-//! The canary is a run of 16-byte units, each `b"DmaC"`, the request id (u64 LE)
-//! and the unit's byte offset within the request (u32 LE), the last two XORed
-//! with fixed masks so that small numbers do not leave the canary mostly zeros.
-//! A stray copy found anywhere names the request and the place it came from.
+//! The canary is a run of 16-byte units, each `b"DmC"`, a check byte, the
+//! request id (u64 LE) and the unit's byte offset within the request (u32 LE),
+//! the last two XORed with fixed masks so that small numbers do not leave the
+//! canary mostly zeros. The check byte folds the id and offset bytes, so a unit
+//! that was partly overwritten is not taken for another request's. A stray copy
+//! found anywhere names the request and the place it came from.
 
 use serde::Serialize;
 
 use crate::request::ReqId;
 
-const MAGIC: [u8; 4] = *b"DmaC";
+const MAGIC: [u8; 3] = *b"DmC";
 const UNIT: usize = 16;
 const ID_MASK: u64 = 0x5bd1_e995_c3a5_c85c;
 const OFFSET_MASK: u32 = 0x9e37_79b9;
@@ -34,12 +36,18 @@ pub fn fill(id: ReqId, req_offset: u64, buf: &mut [u8]) {
     }
 }
 
+/// The check byte of a unit: its id and offset bytes folded together.
+fn check_byte(u: &[u8]) -> u8 {
+    u[4..UNIT].iter().fold(0x5a, |c, &b| c ^ b)
+}
+
 fn unit_bytes(id: ReqId, unit_offset: u64) -> [u8; UNIT] {
     let mut u = [0u8; UNIT];
-    u[..4].copy_from_slice(&MAGIC);
+    u[..3].copy_from_slice(&MAGIC);
     u[4..12].copy_from_slice(&(id.0 ^ ID_MASK).to_le_bytes());
     // The offset wraps past 4 GiB; requests are far smaller.
     u[12..].copy_from_slice(&(unit_offset as u32 ^ OFFSET_MASK).to_le_bytes());
+    u[3] = check_byte(&u);
     u
 }
 
@@ -121,7 +129,7 @@ fn find_foreign(expected: &[u8], found: &[u8]) -> Option<ReqId> {
 /// Every canary unit in `buf`: (position, request, offset within that request).
 pub fn find_canaries(buf: &[u8]) -> impl Iterator<Item = (usize, ReqId, u32)> + '_ {
     buf.windows(UNIT).enumerate().filter_map(|(pos, w)| {
-        if w[..4] != MAGIC {
+        if w[..3] != MAGIC || w[3] != check_byte(w) {
             return None;
         }
         let id = u64::from_le_bytes(w[4..12].try_into().ok()?) ^ ID_MASK;
@@ -152,6 +160,16 @@ mod tests {
     }
 
     #[test]
+    fn a_partly_overwritten_unit_is_not_another_canary() {
+        let c = canary(1, 0, 64);
+        let mut f = c.clone();
+        // Data over the id field of the second unit, its magic left intact.
+        f[16 + 6..16 + 12].copy_from_slice(b"userda");
+        assert_eq!(check(&c, &f).unwrap().overwrite, Overwrite::Data);
+        assert_eq!(find_canaries(&f).count(), 3);
+    }
+
+    #[test]
     fn intact_canary_is_not_damage() {
         let c = canary(1, 0, 4096);
         assert_eq!(check(&c, &c), None);
@@ -171,7 +189,8 @@ mod tests {
         let mut poison = c.clone();
         poison.fill(FREE_POISON);
         assert_eq!(check(&c, &poison).unwrap().overwrite, Overwrite::Poison);
-        assert_eq!(check(&c, &poison).unwrap().bytes, 4096);
+        // Every byte but those that were 0xaa in the canary already.
+        assert!(check(&c, &poison).unwrap().bytes > 4000);
 
         let mut other = c.clone();
         other[1024..2048].copy_from_slice(&canary(7, 0, 1024));

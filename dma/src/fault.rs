@@ -143,6 +143,7 @@ impl RuleSpec {
     pub fn parse(line: &str) -> Result<RuleSpec, RuleError> {
         let mut b = Builder::default();
         let mut column = 1;
+        let mut action_column = 1;
         for part in line.split(',') {
             let here = column;
             column += part.len() + 1;
@@ -157,18 +158,48 @@ impl RuleSpec {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
+            if key.trim() == "action" {
+                action_column = here;
+            }
             b.set(key.trim(), value.trim()).map_err(err)?;
         }
-        b.build()
-            .map_err(|message| RuleError { column: 1, message })
+        // What is left to find wrong concerns the action and its parameters.
+        b.build().map_err(|message| RuleError {
+            column: action_column,
+            message,
+        })
     }
 
     fn matches(&self, a: &Arrival, tag: Option<&str>) -> bool {
-        self.op.is_none_or(|op| op == a.op)
-            && self.lba.is_none_or(|(lo, hi)| (lo..=hi).contains(&a.lba))
-            && self.queue.is_none_or(|q| q == a.queue)
-            && self.size.is_none_or(|(lo, hi)| (lo..=hi).contains(&a.len))
+        self.matches_fields(a.op, a.lba, a.queue, a.len, tag)
+    }
+
+    /// Whether a request with these fields satisfies the rule's match keys.
+    pub fn matches_fields(
+        &self,
+        op: Op,
+        lba: u64,
+        queue: u16,
+        len: u64,
+        tag: Option<&str>,
+    ) -> bool {
+        self.op.is_none_or(|o| o == op)
+            && self.lba.is_none_or(|(lo, hi)| (lo..=hi).contains(&lba))
+            && self.queue.is_none_or(|q| q == queue)
+            && self.size.is_none_or(|(lo, hi)| (lo..=hi).contains(&len))
             && self.tag.as_deref().is_none_or(|t| Some(t) == tag)
+    }
+
+    /// Parses match keys alone (no action), e.g. to pick held requests to release.
+    pub fn parse_match(line: &str) -> Result<RuleSpec, RuleError> {
+        if line.split(',').any(|p| p.trim().starts_with("action")) {
+            return Err(RuleError {
+                column: 1,
+                message: "a match takes no action".into(),
+            });
+        }
+        let sep = if line.trim().is_empty() { "" } else { "," };
+        RuleSpec::parse(&format!("{line}{sep}action=hold"))
     }
 }
 
@@ -394,6 +425,68 @@ fn range(key: &str, value: &str) -> Result<(u64, u64), String> {
     }
 }
 
+/// The line form, as `parse` reads it.
+impl fmt::Display for RuleSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let range = |(lo, hi): (u64, u64)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        };
+        let mut parts = Vec::new();
+        if let Some(op) = self.op {
+            parts.push(format!("op={}", op.name()));
+        }
+        if let Some(l) = self.lba {
+            parts.push(format!("lba={}", range(l)));
+        }
+        if let Some(q) = self.queue {
+            parts.push(format!("queue={q}"));
+        }
+        if let Some(sz) = self.size {
+            parts.push(format!("size={}", range(sz)));
+        }
+        if let Some(t) = &self.tag {
+            parts.push(format!("tag={t}"));
+        }
+        match self.select {
+            Selector::All => {}
+            Selector::Nth(n) => parts.push(format!("nth={n}")),
+            Selector::Every(n) => parts.push(format!("every={n}")),
+            Selector::Prob(p) => parts.push(format!("prob={p}")),
+        }
+        if let Some(c) = self.count {
+            parts.push(format!("count={c}"));
+        }
+        parts.push(match self.action {
+            Action::Delay { min_ms, max_ms } => {
+                format!("action=delay,ms={}", range((min_ms, max_ms)))
+            }
+            Action::Hold => "action=hold".into(),
+            Action::Watch { ms } => format!("action=watch,ms={ms}"),
+            Action::Effect(e) => match e {
+                Effect::Error { unsupp } => {
+                    format!(
+                        "action=error,status={}",
+                        if unsupp { "unsupp" } else { "ioerr" }
+                    )
+                }
+                Effect::Partial { bytes } => format!("action=partial,bytes={bytes}"),
+                Effect::Torn { bytes, fail } => format!(
+                    "action=torn,bytes={bytes},status={}",
+                    if fail { "ioerr" } else { "ok" }
+                ),
+                Effect::Corrupt { bits } => format!("action=corrupt,bits={bits}"),
+                Effect::CompleteBeforeDma { ms } => format!("action=complete-before-dma,ms={ms}"),
+                Effect::WrongPage => "action=wrong-page".into(),
+            },
+        });
+        write!(f, "{}", parts.join(","))
+    }
+}
+
 /// A rule in the plan, with its counters.
 #[derive(Debug)]
 pub struct Rule {
@@ -577,6 +670,8 @@ mod tests {
         let e = RuleSpec::parse("op=reed,action=hold").unwrap_err();
         assert_eq!(e.column, 1);
         assert!(e.message.contains("reed"));
+        let e = RuleSpec::parse("op=read,action=bogus").unwrap_err();
+        assert_eq!(e.column, 9);
         assert!(RuleSpec::parse("op=read")
             .unwrap_err()
             .message
@@ -629,6 +724,25 @@ mod tests {
             Action::Effect(Effect::WrongPage)
         );
         assert_eq!(action("action=watch,ms=5"), Action::Watch { ms: 5 });
+    }
+
+    #[test]
+    fn the_line_form_round_trips() {
+        for line in [
+            "op=read,action=delay,ms=1000",
+            "op=read,lba=0-7,nth=2,action=hold",
+            "op=write,queue=1,size=512-4096,tag=t,every=3,count=2,action=delay,ms=50-200",
+            "prob=0.5,action=corrupt,bits=3",
+            "action=torn,bytes=4096,status=ioerr",
+            "op=get-id,action=error,status=unsupp",
+            "action=complete-before-dma,ms=20",
+            "action=wrong-page",
+            "op=read,action=watch,ms=5",
+        ] {
+            let spec = RuleSpec::parse(line).unwrap();
+            assert_eq!(spec.to_string(), line);
+            assert_eq!(RuleSpec::parse(&spec.to_string()).unwrap(), spec);
+        }
     }
 
     #[test]

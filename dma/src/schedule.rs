@@ -37,6 +37,9 @@ pub struct ParkedInfo {
     pub len: u64,
     /// Held until released (else delayed until a deadline).
     pub held: bool,
+    /// The test tag it arrived under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     /// Milliseconds it has been parked, when listed.
     pub waited_ms: u64,
     #[serde(skip)]
@@ -180,19 +183,21 @@ impl<J: Send + 'static> Scheduler<J> {
 
     /// Makes held jobs due now; returns how many.
     pub fn release(&self, which: Release) -> usize {
+        self.release_where(|info| match which {
+            Release::All => true,
+            Release::One(id) => info.request == id,
+            Release::Queue(q) => info.queue == q,
+        })
+    }
+
+    /// Makes the held jobs that `pick` chooses due now; returns how many.
+    pub fn release_where(&self, pick: impl Fn(&ParkedInfo) -> bool) -> usize {
         let now = Instant::now();
         let mut st = lock(&self.shared.state);
         let keys: Vec<u64> = st
             .slots
             .iter()
-            .filter(|(_, s)| {
-                s.info.held
-                    && match which {
-                        Release::All => true,
-                        Release::One(id) => s.info.request == id,
-                        Release::Queue(q) => s.info.queue == q,
-                    }
-            })
+            .filter(|(_, s)| s.info.held && pick(&s.info))
             .map(|(&k, _)| k)
             .collect();
         for &k in &keys {
@@ -279,6 +284,7 @@ mod tests {
             lba: 0,
             len: 512,
             held: false,
+            tag: None,
             waited_ms: 0,
             since: None,
         }

@@ -12,6 +12,7 @@ pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
 pub mod klog;
+pub mod mailbox;
 pub mod modules;
 pub mod process;
 pub mod protocol;

@@ -74,6 +74,19 @@ pub const TESTS: &[TestSpec] = &[
         timeout: Duration::from_secs(120),
     },
     TestSpec {
+        name: "mailbox-hold",
+        summary: "a program holds its own O_DIRECT read through the device mailbox: pending \
+                  after 2 s, listed as held, released, the data arrives",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
                   a FAIL is reported",

@@ -124,6 +124,10 @@ impl AlignedBuf {
     }
 }
 
+// SAFETY: an AlignedBuf owns its allocation alone, like a Vec<u8>; moving it to
+// another thread moves that ownership.
+unsafe impl Send for AlignedBuf {}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: `base` came from `alloc_zeroed(self.layout)` and is freed only here.

@@ -12,6 +12,8 @@
 //! - [`smoke`]: the raw disk's size, and O_DIRECT and buffered data round trips.
 //! - [`ext4`]: files written and read through ext4, buffered and O_DIRECT.
 //! - [`delay`]: a read the device delays moves its data at the end of the delay.
+//! - [`mailbox`]: the guest's end of the device mailbox (control commands).
+//! - [`hold`]: a program holds its own read through the mailbox and releases it.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -22,7 +24,9 @@
 
 mod delay;
 mod ext4;
+mod hold;
 mod io;
+mod mailbox;
 mod report;
 mod selftest;
 mod smoke;
@@ -51,6 +55,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("smoke", smoke::run),
     ("ext4", ext4::run),
     ("delayed-read", delay::run),
+    ("mailbox-hold", hold::run),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];

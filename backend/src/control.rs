@@ -1,0 +1,393 @@
+//! The control plane: the commands that drive a running daemon, the JSON-lines
+//! protocol that carries them, and the UNIX socket that serves it.
+//!
+//! One request per line, one response per line:
+//!
+//! ```text
+//! → {"v":1,"cmd":"held"}
+//! ← {"v":1,"ok":true,"result":[{"request":7,"queue":0,"op":"read",...}]}
+//! → {"v":1,"cmd":"release","id":7}
+//! ← {"v":1,"ok":true,"result":{"released":1}}
+//! → {"v":1,"cmd":"nonsense"}
+//! ← {"v":1,"ok":false,"error":"unknown command ..."}
+//! ```
+//!
+//! `v` may be left out; a version other than [`PROTOCOL_VERSION`] is refused.
+//! The same commands reach the daemon from inside the guest through the
+//! mailbox (see `mailbox`).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use dma::{Checks, RuleSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::serve::DaemonState;
+
+/// The version of the control protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest request line accepted.
+const MAX_LINE: usize = 1 << 20;
+/// Clients served at once; more are told so and closed.
+const MAX_CLIENTS: usize = 32;
+/// Ledger entries returned by one `ledger` command unless `limit` says otherwise.
+const DEFAULT_LEDGER_LIMIT: usize = 1000;
+
+/// A command, as it arrives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Counters, checks, rules and held requests in brief.
+    Status,
+    /// The requests waiting for a delay or a release.
+    Held,
+    /// Release held requests: one (`id`), all (`all`), a queue's, or those matching.
+    Release {
+        id: Option<u64>,
+        #[serde(default)]
+        all: bool,
+        queue: Option<u16>,
+        /// Match keys in the rule line form, e.g. `op=read,lba=0-7`.
+        #[serde(rename = "match")]
+        matching: Option<String>,
+    },
+    /// The fault rules in force, with their counters.
+    Rules,
+    AddRule {
+        rule: String,
+    },
+    RemoveRule {
+        id: u64,
+    },
+    /// Register the guest's zero page (hex or decimal), or clear it (no gpa).
+    ZeroPage {
+        gpa: Option<Value>,
+    },
+    /// Requests arriving from now on carry this test tag.
+    Begin {
+        tag: String,
+    },
+    End,
+    /// Findings recorded since a ledger cursor (default: all kept).
+    Findings {
+        since: Option<u64>,
+    },
+    /// Ledger entries since a cursor.
+    Ledger {
+        since: Option<u64>,
+        limit: Option<usize>,
+    },
+    /// Counters and finding counts back to zero.
+    Reset,
+    /// Switch checks on or off; those not given stay as they are.
+    Checks {
+        canary: Option<bool>,
+        snapshot: Option<bool>,
+        overlap: Option<bool>,
+        ledger: Option<bool>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    v: Option<u32>,
+    #[serde(flatten)]
+    command: Command,
+}
+
+/// Answers one request line with one response line (no newline).
+pub fn handle_line(state: &DaemonState, line: &str) -> String {
+    let response = match parse_request(line) {
+        Ok(cmd) => match execute(state, cmd) {
+            Ok(result) => json!({"v": PROTOCOL_VERSION, "ok": true, "result": result}),
+            Err(error) => json!({"v": PROTOCOL_VERSION, "ok": false, "error": error}),
+        },
+        Err(error) => json!({"v": PROTOCOL_VERSION, "ok": false, "error": error}),
+    };
+    response.to_string()
+}
+
+/// Parses a request line; the error says what is wrong with it.
+pub fn parse_request(line: &str) -> Result<Command, String> {
+    let value: Value = serde_json::from_str(line.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    if let Some(v) = value.get("v") {
+        if v.as_u64() != Some(u64::from(PROTOCOL_VERSION)) {
+            return Err(format!(
+                "protocol version {v} is not supported (this daemon speaks {PROTOCOL_VERSION})"
+            ));
+        }
+    }
+    let cmd = value.get("cmd").and_then(Value::as_str).map(str::to_owned);
+    let envelope: Envelope = serde_json::from_value(value).map_err(|e| match cmd {
+        None => "no \"cmd\" given".to_owned(),
+        Some(c) => format!("bad {c:?} request: {e}"),
+    })?;
+    let _ = envelope.v;
+    Ok(envelope.command)
+}
+
+/// Carries out a command.
+pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
+    let engine = state.engine();
+    Ok(match cmd {
+        Command::Status => state.status(),
+        Command::Held => json!(state.parked()),
+        Command::Release {
+            id,
+            all,
+            queue,
+            matching,
+        } => {
+            let released = match (id, all, queue, matching) {
+                (Some(id), false, None, None) => {
+                    state.release(dma::schedule::Release::One(dma::ReqId(id)))
+                }
+                (None, true, None, None) => state.release(dma::schedule::Release::All),
+                (None, false, Some(q), None) => state.release(dma::schedule::Release::Queue(q)),
+                (None, false, None, Some(m)) => {
+                    let spec =
+                        RuleSpec::parse_match(&m).map_err(|e| format!("match {m:?}: {e}"))?;
+                    state.release_where(|p| {
+                        spec.matches_fields(p.op, p.lba, p.queue, p.len, p.tag.as_deref())
+                    })
+                }
+                _ => return Err("release takes exactly one of id, all, queue, match".into()),
+            };
+            json!({ "released": released })
+        }
+        Command::Rules => json!(engine
+            .faults()
+            .rules()
+            .iter()
+            .map(|r| json!({
+                "id": r.id,
+                "rule": r.spec.to_string(),
+                "matched": r.matched(),
+                "fired": r.fired(),
+                "expired": r.expired(),
+            }))
+            .collect::<Vec<_>>()),
+        Command::AddRule { rule } => {
+            let spec = RuleSpec::parse(&rule).map_err(|e| format!("rule {rule:?}: {e}"))?;
+            json!({ "id": engine.faults().add(spec) })
+        }
+        Command::RemoveRule { id } => {
+            if !engine.faults().remove(id) {
+                return Err(format!("no rule {id}"));
+            }
+            json!({ "removed": id })
+        }
+        Command::ZeroPage { gpa } => {
+            let gpa = match gpa {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(dma::Gpa(
+                    n.as_u64().ok_or("gpa must be a positive integer")?,
+                )),
+                Some(Value::String(s)) => {
+                    Some(crate::config::parse_gpa(&s).map_err(|e| e.to_string())?)
+                }
+                Some(other) => return Err(format!("gpa {other} is not an address")),
+            };
+            engine.set_zero_page(gpa);
+            json!({ "zero_page": engine.zero_page() })
+        }
+        Command::Begin { tag } => {
+            engine.set_tag(Some(tag.clone()));
+            json!({ "tag": tag, "cursor": engine.ledger().since(u64::MAX).1 })
+        }
+        Command::End => {
+            let tag = engine.tag();
+            engine.set_tag(None);
+            json!({ "ended": tag, "cursor": engine.ledger().since(u64::MAX).1 })
+        }
+        Command::Findings { since } => {
+            let (entries, next) = engine.ledger().since(since.unwrap_or(0));
+            let findings: Vec<_> = entries
+                .into_iter()
+                .filter(|e| matches!(e.entry, dma::ledger::Entry::Finding(_)))
+                .collect();
+            json!({ "findings": findings, "next": next })
+        }
+        Command::Ledger { since, limit } => {
+            let ledger = engine.ledger();
+            let (mut entries, next) = ledger.since(since.unwrap_or(0));
+            let limit = limit.unwrap_or(DEFAULT_LEDGER_LIMIT);
+            let more = entries.len() > limit;
+            entries.truncate(limit);
+            let next = if more {
+                entries.last().map_or(next, |e| e.seq + 1)
+            } else {
+                next
+            };
+            json!({ "entries": entries, "next": next, "more": more, "dropped": ledger.dropped() })
+        }
+        Command::Reset => {
+            state.counters().reset();
+            engine.reset_finding_counts();
+            json!({ "reset": true })
+        }
+        Command::Checks {
+            canary,
+            snapshot,
+            overlap,
+            ledger,
+        } => {
+            let c = engine.checks();
+            let c = Checks {
+                canary: canary.unwrap_or(c.canary),
+                snapshot: snapshot.unwrap_or(c.snapshot),
+                overlap: overlap.unwrap_or(c.overlap),
+                ledger: ledger.unwrap_or(c.ledger),
+            };
+            engine.set_checks(c);
+            checks_json(c)
+        }
+    })
+}
+
+pub fn checks_json(c: Checks) -> Value {
+    json!({"canary": c.canary, "snapshot": c.snapshot, "overlap": c.overlap, "ledger": c.ledger})
+}
+
+/// The default control socket: beside the vhost-user socket, `.ctl` added.
+pub fn default_path(vhost_socket: &Path) -> PathBuf {
+    let mut name = vhost_socket.as_os_str().to_owned();
+    name.push(".ctl");
+    PathBuf::from(name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("Cannot listen on the control socket {0}")]
+    Listen(PathBuf, #[source] io::Error),
+}
+
+/// Serves the control socket on its own thread, each client on a thread of its
+/// own, until the process ends.
+pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
+    let listen_err = |e| ControlError::Listen(path.to_owned(), e);
+    if path.exists() {
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    log::info!("control socket on {}", path.display());
+    let clients = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    let busy = json!({"v": PROTOCOL_VERSION, "ok": false, "error": "too many control clients"});
+                    let _ = writeln!(stream, "{busy}");
+                    continue;
+                }
+                let (state, clients) = (state.clone(), clients.clone());
+                let spawned = thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        serve_client(stream, &state);
+                        clients.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    log::warn!("cannot start a thread for a control client");
+                }
+            }
+        })
+        .map_err(listen_err)?;
+    Ok(())
+}
+
+/// Answers a client's lines until it goes away. A client that vanishes
+/// mid-request harms nothing: the answer has nowhere to go, and that is all.
+fn serve_client(stream: UnixStream, state: &DaemonState) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let response = if line.len() > MAX_LINE {
+            // Skip the rest of the overlong line, then say so.
+            let mut rest = Vec::new();
+            if !line.ends_with(b"\n") && reader.read_until(b'\n', &mut rest).is_err() {
+                return;
+            }
+            json!({"v": PROTOCOL_VERSION, "ok": false, "error": format!("request longer than {MAX_LINE} bytes")}).to_string()
+        } else {
+            match std::str::from_utf8(&line) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => handle_line(state, text),
+                Err(_) => {
+                    json!({"v": PROTOCOL_VERSION, "ok": false, "error": "request is not UTF-8"})
+                        .to_string()
+                }
+            }
+        };
+        if writeln!(out, "{response}").is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_or_say_why() {
+        assert_eq!(
+            parse_request(r#"{"v":1,"cmd":"status"}"#),
+            Ok(Command::Status)
+        );
+        assert_eq!(parse_request(r#"{"cmd":"held"}"#), Ok(Command::Held));
+        assert_eq!(
+            parse_request(r#"{"cmd":"release","id":4}"#),
+            Ok(Command::Release {
+                id: Some(4),
+                all: false,
+                queue: None,
+                matching: None
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"add-rule","rule":"op=read,action=hold"}"#),
+            Ok(Command::AddRule {
+                rule: "op=read,action=hold".into()
+            })
+        );
+        assert!(parse_request("{").unwrap_err().contains("not JSON"));
+        assert!(parse_request(r#"{"v":2,"cmd":"status"}"#)
+            .unwrap_err()
+            .contains("version"));
+        assert!(parse_request(r#"{"cmd":"fly"}"#)
+            .unwrap_err()
+            .contains("fly"));
+        assert!(parse_request(r#"{"x":1}"#).unwrap_err().contains("cmd"));
+        assert!(parse_request(r#"{"cmd":"release","id":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn default_path_is_beside_the_socket() {
+        assert_eq!(
+            default_path(Path::new("/run/dmaprobe.sock")),
+            PathBuf::from("/run/dmaprobe.sock.ctl")
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! `dmaprobe ctl`: drive a running daemon over its control socket.
+//!
+//! Each subcommand sends one request and prints the answer: for a person by
+//! default, as the raw JSON result with `--json`. An error answer, or no
+//! answer, exits non-zero.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// How long to wait for the daemon's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket (default: $DMAPROBE_CONTROL, or the
+    /// vhost-user socket given with --socket plus `.ctl`).
+    #[arg(long, value_name = "PATH", env = "DMAPROBE_CONTROL")]
+    pub control: Option<PathBuf>,
+    /// The daemon's vhost-user socket, to find the control socket beside it.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the raw JSON result.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Counters, checks, rules and waiting requests in brief.
+    Status,
+    /// List the requests waiting for a delay or a release.
+    Held,
+    /// Release held requests.
+    Release {
+        /// The request id (from `held`).
+        id: Option<u64>,
+        /// Every held request.
+        #[arg(long, conflicts_with_all = ["id", "queue", "matching"])]
+        all: bool,
+        /// Every held request of this queue.
+        #[arg(long, conflicts_with_all = ["id", "matching"])]
+        queue: Option<u16>,
+        /// Held requests matching these keys, e.g. 'op=read,lba=0-7'.
+        #[arg(long = "match", value_name = "KEYS", conflicts_with = "id")]
+        matching: Option<String>,
+    },
+    /// List the fault rules with their counters.
+    Rules,
+    /// Add a fault rule, e.g. 'op=read,nth=1,action=hold'.
+    AddRule { rule: String },
+    /// Remove a fault rule by id.
+    RemoveRule { id: u64 },
+    /// Register the guest's zero page address; without one, forget it.
+    ZeroPage { gpa: Option<String> },
+    /// Tag requests arriving from now on with a test name.
+    Begin { tag: String },
+    /// Stop tagging requests.
+    End,
+    /// Findings recorded since a ledger cursor.
+    Findings {
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Ledger entries (requests and findings) since a cursor, as JSON lines.
+    Ledger {
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Set the counters and finding counts back to zero.
+    Reset,
+    /// Switch checks on or off (each `on` or `off`); print them.
+    Checks {
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        canary: Option<bool>,
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        snapshot: Option<bool>,
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        overlap: Option<bool>,
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        ledger: Option<bool>,
+    },
+    /// Send one raw JSON request line.
+    Raw { request: String },
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("No control socket given: use --control PATH, --socket PATH or DMAPROBE_CONTROL")]
+    NoSocket,
+    #[error("Cannot reach the daemon at {0} (is `dmaprobe serve` running?)")]
+    Connect(PathBuf, #[source] std::io::Error),
+    #[error("The daemon did not answer")]
+    NoAnswer(#[source] std::io::Error),
+    #[error("The daemon's answer is not JSON: {0}")]
+    BadAnswer(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Runs one ctl command; prints its answer.
+pub fn run(args: CtlArgs) -> Result<(), CtlError> {
+    let path = args
+        .control
+        .or_else(|| args.socket.as_deref().map(crate::control::default_path))
+        .ok_or(CtlError::NoSocket)?;
+    let request = request_for(&args.command);
+    let result = send(&path, &request)?;
+    if args.json {
+        println!("{result}");
+    } else {
+        print!("{}", human(&args.command, &result));
+    }
+    Ok(())
+}
+
+/// The request line for a command.
+fn request_for(cmd: &CtlCommand) -> String {
+    let v = match cmd {
+        CtlCommand::Status => json!({"cmd": "status"}),
+        CtlCommand::Held => json!({"cmd": "held"}),
+        CtlCommand::Release {
+            id,
+            all,
+            queue,
+            matching,
+        } => {
+            let mut r = json!({"cmd": "release"});
+            if let Some(id) = id {
+                r["id"] = json!(id);
+            }
+            if *all {
+                r["all"] = json!(true);
+            }
+            if let Some(q) = queue {
+                r["queue"] = json!(q);
+            }
+            if let Some(m) = matching {
+                r["match"] = json!(m);
+            }
+            r
+        }
+        CtlCommand::Rules => json!({"cmd": "rules"}),
+        CtlCommand::AddRule { rule } => json!({"cmd": "add-rule", "rule": rule}),
+        CtlCommand::RemoveRule { id } => json!({"cmd": "remove-rule", "id": id}),
+        CtlCommand::ZeroPage { gpa } => json!({"cmd": "zero-page", "gpa": gpa}),
+        CtlCommand::Begin { tag } => json!({"cmd": "begin", "tag": tag}),
+        CtlCommand::End => json!({"cmd": "end"}),
+        CtlCommand::Findings { since } => json!({"cmd": "findings", "since": since}),
+        CtlCommand::Ledger { since, limit } => {
+            json!({"cmd": "ledger", "since": since, "limit": limit})
+        }
+        CtlCommand::Reset => json!({"cmd": "reset"}),
+        CtlCommand::Checks {
+            canary,
+            snapshot,
+            overlap,
+            ledger,
+        } => json!({"cmd": "checks", "canary": canary, "snapshot": snapshot,
+                    "overlap": overlap, "ledger": ledger}),
+        CtlCommand::Raw { request } => return request.clone(),
+    };
+    let mut v = v;
+    v["v"] = json!(crate::control::PROTOCOL_VERSION);
+    v.to_string()
+}
+
+/// Sends one request and returns the `result` of a successful answer.
+pub fn send(path: &std::path::Path, request: &str) -> Result<Value, CtlError> {
+    let stream = UnixStream::connect(path).map_err(|e| CtlError::Connect(path.to_owned(), e))?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(CtlError::NoAnswer)?;
+    let mut writer = stream.try_clone().map_err(CtlError::NoAnswer)?;
+    writeln!(writer, "{}", request.trim()).map_err(CtlError::NoAnswer)?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(CtlError::NoAnswer)?;
+    let answer: Value =
+        serde_json::from_str(&line).map_err(|_| CtlError::BadAnswer(line.trim().to_owned()))?;
+    if answer["ok"] == json!(true) {
+        Ok(answer["result"].clone())
+    } else {
+        Err(CtlError::Refused(
+            answer["error"].as_str().unwrap_or("refused").to_owned(),
+        ))
+    }
+}
+
+/// The answer as a person reads it.
+fn human(cmd: &CtlCommand, r: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    match cmd {
+        CtlCommand::Status => {
+            let c = &r["counters"];
+            line(format!(
+                "dmaprobe {}  up {:.0} s  {}",
+                r["version"].as_str().unwrap_or("?"),
+                r["uptime_s"].as_f64().unwrap_or(0.0),
+                if r["connected"] == json!(true) {
+                    "frontend connected"
+                } else {
+                    "no frontend"
+                }
+            ));
+            line(format!(
+                "requests {}  ok {}  ioerr {}  unsupp {}  no-status {}  injected {}  media errors {}",
+                c["requests"], c["completed_ok"], c["ioerr"], c["unsupp"], c["no_status"],
+                c["injected"], c["media_errors"]
+            ));
+            line(format!(
+                "waiting: {} held, {} delayed   rules: {}   tag: {}   zero page: {}",
+                r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
+            ));
+            let on: Vec<&str> = ["canary", "snapshot", "overlap", "ledger"]
+                .into_iter()
+                .filter(|k| r["checks"][*k] == json!(true))
+                .collect();
+            line(format!(
+                "checks: {}   ledger: {} entries, {} dropped",
+                if on.is_empty() {
+                    "none".into()
+                } else {
+                    on.join(", ")
+                },
+                r["ledger"]["entries"],
+                r["ledger"]["dropped"]
+            ));
+            if let Some(f) = r["findings"].as_object() {
+                let seen: Vec<String> = f
+                    .iter()
+                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                line(format!(
+                    "findings: {}",
+                    if seen.is_empty() {
+                        "none".into()
+                    } else {
+                        seen.join(", ")
+                    }
+                ));
+            }
+        }
+        CtlCommand::Held => {
+            let items = r.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                line("nothing is waiting".into());
+            }
+            for p in items {
+                line(format!(
+                    "{:>6}  q{}  {:<12} lba {:<10} {:>8} B  {} {} ms",
+                    p["request"],
+                    p["queue"],
+                    p["op"].as_str().unwrap_or("?"),
+                    p["lba"],
+                    p["len"],
+                    if p["held"] == json!(true) {
+                        "held"
+                    } else {
+                        "delayed"
+                    },
+                    p["waited_ms"]
+                ));
+            }
+        }
+        CtlCommand::Rules => {
+            let items = r.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                line("no rules".into());
+            }
+            for rule in items {
+                line(format!(
+                    "{:>4}  matched {:<6} fired {:<6}{} {}",
+                    rule["id"],
+                    rule["matched"],
+                    rule["fired"],
+                    if rule["expired"] == json!(true) {
+                        " expired"
+                    } else {
+                        ""
+                    },
+                    rule["rule"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+        CtlCommand::Findings { .. } => {
+            let items = r["findings"].as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                line("no findings".into());
+            }
+            for f in items {
+                line(format!(
+                    "#{} {} req {} {} lba {} gpa {}: {}",
+                    f["seq"],
+                    f["finding"].as_str().unwrap_or("?"),
+                    f["request"],
+                    f["op"].as_str().unwrap_or("?"),
+                    f["lba"],
+                    f["gpa"].as_str().unwrap_or("?"),
+                    f["detail"].as_str().unwrap_or("")
+                ));
+            }
+            line(format!("next cursor: {}", r["next"]));
+        }
+        CtlCommand::Ledger { .. } => {
+            for e in r["entries"].as_array().cloned().unwrap_or_default() {
+                line(e.to_string());
+            }
+            line(format!(
+                "next cursor: {}{}",
+                r["next"],
+                if r["more"] == json!(true) {
+                    " (more)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        CtlCommand::Release { .. } => line(format!("released {}", r["released"])),
+        CtlCommand::AddRule { .. } => line(format!("rule {} added", r["id"])),
+        CtlCommand::RemoveRule { .. } => line(format!("rule {} removed", r["removed"])),
+        _ => line(r.to_string()),
+    }
+    out
+}
