@@ -124,6 +124,11 @@ pub struct ServeArgs {
     /// (delay, hold, watch), ms.
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
+    /// Fault rules from a TOML file: [[rule]] tables with the same keys
+    /// (op = "read", lba = "0-7", nth = 2, action = "hold"). A bad rule stops
+    /// the daemon before it starts.
+    #[arg(long = "faults", value_name = "FILE")]
+    pub fault_file: Option<PathBuf>,
     /// Stamp canaries into read destinations at arrival and check them at DMA time.
     #[arg(long)]
     pub canary: bool,
@@ -205,7 +210,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 zero_page: a.zero_page.as_deref().map(config::parse_gpa).transpose()?,
                 seed: a.seed,
             },
-            faults: crate::serve::parse_faults(&a.faults)?,
+            faults: {
+                let mut rules = match &a.fault_file {
+                    Some(file) => config::load_fault_file(file)?,
+                    None => Vec::new(),
+                };
+                rules.extend(crate::serve::parse_faults(&a.faults)?);
+                rules
+            },
             ledger_file: a.ledger,
             control,
             mailbox: a.mailbox,

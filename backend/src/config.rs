@@ -27,6 +27,16 @@ pub enum ConfigError {
     Fault(String, #[source] dma::fault::RuleError),
     #[error("--zero-page {0:?} is not an address (give hex like 0x1f2c000, or decimal)")]
     Address(String),
+    #[error("Cannot read the fault file {0}: {1}")]
+    FaultFile(PathBuf, String),
+    #[error("{file}: rule {index} ({line}): {error}")]
+    FaultFileRule {
+        file: PathBuf,
+        index: usize,
+        line: String,
+        #[source]
+        error: dma::fault::RuleError,
+    },
 }
 
 /// Where the media's bytes live.
@@ -58,6 +68,60 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// Make the last MiB of the disk the guest's mailbox.
     pub mailbox: bool,
+}
+
+/// Reads fault rules from a TOML file: an array of `[[rule]]` tables with the
+/// keys of the line form (`op = "read"`, `lba = "0-7"`, `nth = 2`,
+/// `action = "hold"`). Every rule is checked as the line form is; the first bad
+/// one is named with its number (from 1) and its line form.
+pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, ConfigError> {
+    let fail = |why: String| ConfigError::FaultFile(path.to_owned(), why);
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.to_string()))?;
+    for key in doc.keys().filter(|k| k.as_str() != "rule") {
+        return Err(fail(format!(
+            "unknown top-level key {key:?} (rules are [[rule]] tables)"
+        )));
+    }
+    let Some(rules) = doc.get("rule") else {
+        return Ok(Vec::new());
+    };
+    let rules = rules
+        .as_array()
+        .ok_or_else(|| fail("`rule` must be an array of tables ([[rule]])".into()))?;
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let index = i + 1;
+            let table = rule
+                .as_table()
+                .ok_or_else(|| fail(format!("rule {index} is not a table")))?;
+            let mut parts = Vec::new();
+            for (k, v) in table {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(n) => n.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    other => {
+                        return Err(fail(format!(
+                            "rule {index}: {k} = {other} is not a string or number"
+                        )))
+                    }
+                };
+                parts.push(format!("{k}={v}"));
+            }
+            let line = parts.join(",");
+            dma::RuleSpec::parse(&line).map_err(|error| ConfigError::FaultFileRule {
+                file: path.to_owned(),
+                index,
+                line: line.clone(),
+                error,
+            })
+        })
+        .collect()
 }
 
 /// Parses a guest-physical address: `0x` hex or decimal.
@@ -148,6 +212,48 @@ mod tests {
         for bad in ["", "M", "12X", "-1", "1.5G", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fault_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[[rule]]\nop = \"read\"\naction = \"delay\"\nms = 1000\n\n\
+             [[rule]]\nop = \"read\"\nlba = \"0-7\"\nnth = 2\naction = \"hold\"\n",
+        )
+        .unwrap();
+        let rules = load_fault_file(&good).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            rules[0],
+            dma::RuleSpec::parse("op=read,action=delay,ms=1000").unwrap()
+        );
+        assert_eq!(rules[1].lba, Some((0, 7)));
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[[rule]]\naction = \"hold\"\n[[rule]]\nop = \"read\"\naction = \"bogus\"\n",
+        )
+        .unwrap();
+        let e = load_fault_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("rule 2") && e.contains("bogus"), "{e}");
+
+        let broken = dir.path().join("broken.toml");
+        std::fs::write(&broken, "[[rule]\n").unwrap();
+        assert!(matches!(
+            load_fault_file(&broken),
+            Err(ConfigError::FaultFile(..))
+        ));
+        let stray = dir.path().join("stray.toml");
+        std::fs::write(&stray, "rules = 1\n").unwrap();
+        assert!(load_fault_file(&stray)
+            .unwrap_err()
+            .to_string()
+            .contains("rules"));
+        assert!(load_fault_file(&dir.path().join("missing.toml")).is_err());
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct DaemonState {
     counters: Arc<Counters>,
     /// The device of the connection being served, if any.
     current: Mutex<Option<Arc<BlkDevice>>>,
+    /// Whether a frontend is connected (`current` is set a little before).
+    connected: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
 }
 
@@ -111,7 +113,7 @@ impl DaemonState {
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs_f64(),
-            "connected": self.current().is_some(),
+            "connected": self.connected.load(std::sync::atomic::Ordering::Relaxed),
             "capacity_bytes": self.ns.capacity_bytes(),
             "lbs": self.ns.lba_size().bytes(),
             "counters": self.counters.snapshot(),
@@ -164,6 +166,7 @@ impl Daemon {
             engine,
             counters: Arc::new(Counters::default()),
             current: Mutex::new(None),
+            connected: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
         });
         if let Some(path) = &config.control {
@@ -309,7 +312,16 @@ fn serve_connections(
             Ok(d) => d,
             Err(e) => return ServeError::Daemon(e),
         };
+        // The device is current before the frontend can send anything, so a
+        // release from the control plane never misses a request parked early.
+        if let Ok(mut current) = shared.current.lock() {
+            *current = Some(device.clone());
+        }
         if let Err(e) = daemon.start(&mut listener) {
+            if let Ok(mut current) = shared.current.lock() {
+                *current = None;
+            }
+            device.shut_down();
             // A connection that fails before it is set up harms nothing; a listener
             // that keeps failing is broken.
             failures += 1;
@@ -322,9 +334,9 @@ fn serve_connections(
         }
         failures = 0;
         info!("frontend connected");
-        if let Ok(mut current) = shared.current.lock() {
-            *current = Some(device.clone());
-        }
+        shared
+            .connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -332,6 +344,9 @@ fn serve_connections(
             )) => info!("frontend disconnected"),
             Err(e) => error!("frontend connection ended: {e}"),
         }
+        shared
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut current) = shared.current.lock() {
             *current = None;
         }
