@@ -80,7 +80,7 @@ pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, Con
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| fail(e.to_string()))?;
-    for key in doc.keys().filter(|k| k.as_str() != "rule") {
+    if let Some(key) = doc.keys().find(|k| k.as_str() != "rule") {
         return Err(fail(format!(
             "unknown top-level key {key:?} (rules are [[rule]] tables)"
         )));
