@@ -31,6 +31,7 @@ pub enum Command {
     ///
     /// When the frontend disconnects, dmaprobe listens again and serves the next
     /// one with the same data.
+    #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Boot guest kernels under QEMU with dmaprobe attached, run the guest test
     /// suite, and print the verdicts (tests × kernels).
@@ -120,8 +121,10 @@ pub struct ServeArgs {
     pub serial: String,
     /// A fault rule, comma-separated key=value (repeatable), e.g.
     /// 'op=read,action=delay,ms=1000' or 'op=read,lba=0-7,nth=2,action=hold'.
-    /// Keys: op, lba, queue, size, tag, nth|every|prob, count, action
-    /// (delay, hold, watch), ms.
+    /// Match keys: op, lba, queue, size, tag, nth|every|prob, count. Actions:
+    /// delay (ms=N|MIN-MAX), hold, watch (ms), error (status=ioerr|unsupp),
+    /// partial (bytes), torn (bytes, status=ok|ioerr), corrupt (bits),
+    /// complete-before-dma (ms), wrong-page.
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// Fault rules from a TOML file: [[rule]] tables with the same keys
