@@ -370,6 +370,7 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
         len: t.arrival.len,
         held: false,
         tag: t.tag().map(str::to_owned),
+        segments: t.arrival.segments.clone(),
         waited_ms: 0,
         since: None,
     }
@@ -384,6 +385,7 @@ fn watch_job(w: WatchTask) -> FollowUp<Job> {
         len: 0,
         held: false,
         tag: None,
+        segments: Vec::new(),
         waited_ms: 0,
         since: None,
     };

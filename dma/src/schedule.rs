@@ -40,6 +40,8 @@ pub struct ParkedInfo {
     /// The test tag it arrived under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The guest memory it moves data to or from.
+    pub segments: Vec<crate::segment::Segment>,
     /// Milliseconds it has been parked, when listed.
     pub waited_ms: u64,
     #[serde(skip)]
@@ -285,6 +287,7 @@ mod tests {
             len: 512,
             held: false,
             tag: None,
+            segments: Vec::new(),
             waited_ms: 0,
             since: None,
         }

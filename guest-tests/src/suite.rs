@@ -87,6 +87,31 @@ pub const TESTS: &[TestSpec] = &[
         timeout: Duration::from_secs(120),
     },
     TestSpec {
+        name: "dio-read-fork-cow",
+        summary: "an O_DIRECT read into part of a page is held while the process forks and \
+                  the parent writes elsewhere in the page: the parent must get the data",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "dio-read-fork-cow-child",
+        summary: "as dio-read-fork-cow, but the child writes to the page after fork",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
                   a FAIL is reported",

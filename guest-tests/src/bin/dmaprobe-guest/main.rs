@@ -14,6 +14,8 @@
 //! - [`delay`]: a read the device delays moves its data at the end of the delay.
 //! - [`mailbox`]: the guest's end of the device mailbox (control commands).
 //! - [`hold`]: a program holds its own read through the mailbox and releases it.
+//! - [`mm`]: anonymous pages, their frames, the pin counters, fork.
+//! - [`cow`]: an O_DIRECT read held across fork: does the parent keep its data?
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -22,11 +24,13 @@
 //! To add a test: write `fn run(&Ctx) -> Result<(), Stop>` in its own module and
 //! add a row to [`TESTS`].
 
+mod cow;
 mod delay;
 mod ext4;
 mod hold;
 mod io;
 mod mailbox;
+mod mm;
 mod report;
 mod selftest;
 mod smoke;
@@ -56,6 +60,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("ext4", ext4::run),
     ("delayed-read", delay::run),
     ("mailbox-hold", hold::run),
+    ("dio-read-fork-cow", cow::parent_writes),
+    ("dio-read-fork-cow-child", cow::child_writes),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];

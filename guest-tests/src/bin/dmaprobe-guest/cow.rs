@@ -1,0 +1,171 @@
+//! `dio-read-fork-cow`: does the kernel keep a page pinned for an O_DIRECT read
+//! across fork?
+//!
+//! A thread reads 512 B with O_DIRECT into the start of an anonymous page. The
+//! device holds the read (through the mailbox) while the process forks and
+//! the parent (or, in `dio-read-fork-cow-child`, the child) writes elsewhere in
+//! that page. Then the read is released. The parent's page must hold the data.
+//!
+//! A kernel that only took a reference on the page (not a FOLL_PIN pin) lets
+//! fork share it copy-on-write; the write after fork then gives the parent a
+//! fresh copy, and the device's DMA lands in the old page, which the parent no
+//! longer maps: the parent's buffer keeps its old bytes. With the pinning work
+//! of Linux 6.5, fork copies a pinned page for the child at once and the parent
+//! keeps the page the device writes.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use guest_tests::protocol::fill_pattern;
+use serde_json::{json, Value};
+
+use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
+use crate::mailbox::Mailbox;
+use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
+use crate::{Ctx, OrStop, Stop};
+
+/// Where the data sits on the disk: byte 1 MiB, LBA 2048 with 512 B blocks.
+const OFFSET: u64 = 1 << 20;
+/// The read: the first 512 B of the page.
+const READ_LEN: usize = 512;
+/// What the page holds before the read.
+const OLD: u8 = 0x11;
+/// Where in the page, and what, the writer after fork writes.
+const TOUCH_AT: usize = 2048;
+const TOUCH: u8 = 0x33;
+const HELD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who writes to the page after fork.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Parent,
+    Child,
+}
+
+pub fn parent_writes(ctx: &Ctx) -> Result<(), Stop> {
+    run(ctx, Writer::Parent)
+}
+
+pub fn child_writes(ctx: &Ctx) -> Result<(), Stop> {
+    run(ctx, Writer::Child)
+}
+
+fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
+    let disk = ctx.disk()?;
+    let mailbox = Mailbox::open(disk)?;
+    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let seed = ctx.seed(1);
+    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+    fill_pattern(seed, OFFSET, data.as_mut_slice());
+    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+    ctx.wrote(OFFSET, PAGE, seed);
+
+    let page = Arc::new(AnonPage::map()?);
+    page.fill(OLD);
+    let pfn_before = pfn(page.addr())?;
+
+    let lba = OFFSET / 512;
+    let rule = mailbox.call(json!({"cmd": "add-rule",
+        "rule": format!("op=read,lba={lba},count=1,action=hold")}))?;
+    let pins_before = pins().ok();
+
+    let reader = {
+        let (fd, page) = (fd.clone(), page.clone());
+        thread::spawn(move || {
+            // SAFETY: the page is mapped for the life of `page`, which this thread
+            // holds; the kernel writes it by DMA, no Rust reference aliases it.
+            let buf = unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, READ_LEN) };
+            fd.read_exact_at(buf, OFFSET)
+        })
+    };
+    let held = wait_until_held(&mailbox, lba)?;
+    let gpa = held["segments"][0]["gpa"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    let pins_during = pins().ok();
+
+    let status = fork_and_wait(|| {
+        if writer == Writer::Child {
+            page.write(TOUCH_AT, TOUCH);
+        }
+    })?;
+    if writer == Writer::Parent {
+        page.write(TOUCH_AT, TOUCH);
+    }
+    let pfn_after = pfn(page.addr())?;
+
+    let released =
+        mailbox.call(json!({"cmd": "release", "match": format!("op=read,lba={lba}")}))?;
+    let read = reader
+        .join()
+        .map_err(|_| Stop::Error("the reader thread panicked".into()))?;
+    let _ = mailbox.call(json!({"cmd": "remove-rule", "id": rule["id"]}));
+    if released["released"] != 1 {
+        return Err(Stop::Error(format!("the release answered {released}")));
+    }
+    read.or_fail()?;
+    if status != 0 {
+        return Err(Stop::Error(format!(
+            "the child exited with status {status}"
+        )));
+    }
+
+    let hex = |p: Option<u64>| {
+        p.map_or("not present".to_owned(), |p| {
+            format!("{:#x}", p * PAGE as u64)
+        })
+    };
+    ctx.note("page-before-fork", hex(pfn_before));
+    ctx.note("page-after-write", hex(pfn_after));
+    ctx.note("device-wrote-at", gpa.clone());
+    if let (Some(before), Some(during)) = (pins_before, pins_during) {
+        ctx.note("pins-while-held", (during - before).to_string());
+    }
+    ctx.check(
+        "the other half of the page kept the write",
+        page.read(TOUCH_AT) == if writer == Writer::Parent { TOUCH } else { OLD },
+        format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
+    );
+    let got = page.bytes(0, READ_LEN);
+    let result = check_pattern(seed, OFFSET, &got)
+        .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
+        .map_err(|m| {
+            let moved = pfn_before != pfn_after;
+            let why = if got.iter().all(|&b| b == OLD) {
+                format!(
+                    "the parent's buffer kept its old bytes; the device wrote {READ_LEN} B at GPA {gpa} {}",
+                    if moved {
+                        format!("after the page had left the parent (it now maps {})", hex(pfn_after))
+                    } else {
+                        "but the parent does not see them".to_owned()
+                    }
+                )
+            } else {
+                format!("the parent's buffer is wrong: {m}")
+            };
+            Stop::Fail(why)
+        });
+    ctx.record("the parent sees the data", result)
+}
+
+/// Waits until the device lists a held read of `lba`; returns its listing.
+fn wait_until_held(mailbox: &Mailbox, lba: u64) -> Result<Value, Stop> {
+    let start = Instant::now();
+    loop {
+        let held = mailbox.call(json!({"cmd": "held"}))?;
+        if let Some(p) = held.as_array().and_then(|h| {
+            h.iter()
+                .find(|p| p["held"] == true && p["op"] == "read" && p["lba"] == lba)
+        }) {
+            return Ok(p.clone());
+        }
+        if start.elapsed() > HELD_TIMEOUT {
+            return Err(Stop::Error(format!(
+                "the device never held the read of LBA {lba}: held = {held}"
+            )));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
