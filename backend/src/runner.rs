@@ -29,6 +29,8 @@ pub enum RunnerError {
     Run(#[from] guest_tests::run::RunError),
     #[error("Cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    #[error("Interrupted: the results above are those of the tests that finished")]
+    Interrupted,
 }
 
 /// Runs the suite; `Ok(true)` when nothing failed or errored.
@@ -53,10 +55,14 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
         config.tests.len(),
         config.kernels.len()
     );
+    guest_tests::process::catch_interrupts();
     let results = run(&config, &mut |line| eprintln!("{line}"))?;
     println!("{}", report::table(&results));
     if let Some(path) = json {
         std::fs::write(&path, report::json(&results)).map_err(|e| RunnerError::Write(path, e))?;
+    }
+    if guest_tests::process::interrupted() {
+        return Err(RunnerError::Interrupted);
     }
     Ok(report::all_good(&results))
 }

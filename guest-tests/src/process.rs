@@ -2,14 +2,40 @@
 //!
 //! Each child gets `PR_SET_PDEATHSIG` (SIGKILL), so it dies with the runner even
 //! if the runner is killed; a [`Child`] guard kills and reaps it when dropped.
-//! Ctrl-C reaches the children directly: they share the terminal's process group.
+//! After [`catch_interrupts`], SIGINT and SIGTERM only set a flag: waits end
+//! early, the run stops, the guards clean up, and the runner exits.
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{self, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set the interrupt flag instead of killing the runner.
+pub fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+/// Whether the run was interrupted (Ctrl-C or SIGTERM).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// A child process, killed and reaped when dropped.
 #[derive(Debug)]
@@ -53,14 +79,14 @@ impl Child {
         }
     }
 
-    /// Waits up to `timeout` for it to exit by itself.
+    /// Waits up to `timeout` for it to exit by itself (less if interrupted).
     pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait()? {
                 return Ok(Some(status));
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || interrupted() {
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(20));

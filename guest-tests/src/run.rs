@@ -97,6 +97,10 @@ pub fn run(
             source,
         })?;
         for test in &config.tests {
+            if crate::process::interrupted() {
+                progress("interrupted: stopping");
+                return Ok(results);
+            }
             progress(&format!("[{}] {}: booting", kernel.name, test.name));
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
             let result = run_one(config, kernel, test, &initrd, &dir);
@@ -351,6 +355,7 @@ fn boot(
         Ok(Some(s)) if s.success() => Ok(()),
         Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
         Err(e) => Err(format!("waiting for QEMU failed: {e}")),
+        Ok(None) if crate::process::interrupted() => Err("interrupted".into()),
         Ok(None) if hung => Err(format!(
             "the guest did not finish within {:.0} s and was killed",
             timeout.as_secs_f64()
