@@ -65,6 +65,13 @@ pub struct RunArgs {
     /// Write every result with its evidence as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write the results as JUnit XML (a test suite per kernel).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Run against a deliberately broken device, to check that the suite notices:
+    /// complete-before-dma or wrong-page.
+    #[arg(long, value_name = "NAME", value_parser = ["complete-before-dma", "wrong-page"])]
+    pub mutant: Option<String>,
     /// Keep each run's console, guest events and daemon log under DIR/KERNEL/TEST/.
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use guest_tests::kernel::{Kernel, DEFAULT_KERNELS};
-use guest_tests::run::{run, RunConfig};
+use guest_tests::run::{run, Mutant, RunConfig};
 use guest_tests::{initramfs, report, suite};
 
 use crate::cli::RunArgs;
@@ -49,6 +49,7 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
         return Ok(true);
     }
     let json = args.json.clone();
+    let junit = args.junit.clone();
     let config = run_config(args)?;
     eprintln!(
         "dmaprobe run: {} test(s) on {} kernel(s)",
@@ -60,6 +61,9 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     println!("{}", report::table(&results));
     if let Some(path) = json {
         std::fs::write(&path, report::json(&results)).map_err(|e| RunnerError::Write(path, e))?;
+    }
+    if let Some(path) = junit {
+        std::fs::write(&path, report::junit(&results)).map_err(|e| RunnerError::Write(path, e))?;
     }
     if guest_tests::process::interrupted() {
         return Err(RunnerError::Interrupted);
@@ -113,5 +117,9 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         seed: args.seed,
         keep_logs: args.keep_logs,
         timeout_scale: args.timeout_scale,
+        mutant: args
+            .mutant
+            .as_deref()
+            .and_then(|m| Mutant::ALL.into_iter().find(|x| x.name() == m)),
     })
 }

@@ -94,6 +94,8 @@ pub struct GuestParams {
     pub lbs: Option<u64>,
     /// The seed for data patterns (`dmaprobe.seed`).
     pub seed: u64,
+    /// The disk has a mailbox (`dmaprobe.mailbox=1`).
+    pub mailbox: bool,
 }
 
 impl GuestParams {
@@ -118,6 +120,7 @@ impl GuestParams {
                 "size" => p.disk_size = value.parse().ok(),
                 "lbs" => p.lbs = value.parse().ok(),
                 "seed" => p.seed = value.parse().unwrap_or(0),
+                "mailbox" => p.mailbox = value == "1",
                 _ => {}
             }
         }
@@ -134,6 +137,9 @@ impl GuestParams {
             words.push(format!("dmaprobe.lbs={lbs}"));
         }
         words.push(format!("dmaprobe.seed={}", self.seed));
+        if self.mailbox {
+            words.push("dmaprobe.mailbox=1".into());
+        }
         words.join(" ")
     }
 }
@@ -231,6 +237,7 @@ mod tests {
             disk_size: Some(1 << 28),
             lbs: Some(4096),
             seed: 42,
+            mailbox: true,
         };
         let cmdline = format!("console=ttyS0 panic=-1 {} quiet", p.to_cmdline());
         assert_eq!(GuestParams::from_cmdline(&cmdline), p);

@@ -71,6 +71,101 @@ pub fn verdict_word(v: Verdict) -> &'static str {
     }
 }
 
+/// The results as JUnit XML: a test suite per kernel, a test case per test;
+/// FAIL is a failure and ERROR an error, each with its evidence.
+pub fn junit(results: &[TestResult]) -> String {
+    let mut kernels: Vec<&str> = Vec::new();
+    for r in results {
+        if !kernels.contains(&r.kernel.as_str()) {
+            kernels.push(&r.kernel);
+        }
+    }
+    let mut out = String::from(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"dmaprobe\">\n",
+    );
+    for k in kernels {
+        let mine: Vec<&TestResult> = results.iter().filter(|r| r.kernel == k).collect();
+        let count = |v: Verdict| mine.iter().filter(|r| r.verdict == v).count();
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"dmaprobe.{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.1}\">",
+            xml(k),
+            mine.len(),
+            count(Verdict::Fail),
+            count(Verdict::Error),
+            count(Verdict::Skip),
+            mine.iter().map(|r| r.seconds).sum::<f64>()
+        );
+        for r in mine {
+            let _ = write!(
+                out,
+                "    <testcase classname=\"dmaprobe.{}\" name=\"{}\" time=\"{:.1}\"",
+                xml(k),
+                xml(&r.test),
+                r.seconds
+            );
+            let evidence = || {
+                let mut e: Vec<String> = r
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "[{}] {}: {}",
+                            if c.ok { "ok" } else { "FAILED" },
+                            c.name,
+                            c.detail
+                        )
+                    })
+                    .collect();
+                e.extend(r.kernel_log_errors.iter().map(|l| format!("kernel: {l}")));
+                e.extend(r.console_tail.iter().map(|l| format!("console: {l}")));
+                xml(&e.join("\n"))
+            };
+            match r.verdict {
+                Verdict::Pass => out.push_str("/>\n"),
+                Verdict::Skip => {
+                    let _ = writeln!(
+                        out,
+                        ">\n      <skipped message=\"{}\"/>\n    </testcase>",
+                        xml(&r.reason)
+                    );
+                }
+                Verdict::Fail | Verdict::Error => {
+                    let tag = if r.verdict == Verdict::Fail {
+                        "failure"
+                    } else {
+                        "error"
+                    };
+                    let _ = writeln!(
+                        out,
+                        ">\n      <{tag} message=\"{}\">{}</{tag}>\n    </testcase>",
+                        xml(&r.reason),
+                        evidence()
+                    );
+                }
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+/// Text escaped for XML attributes and content.
+fn xml(s: &str) -> String {
+    s.chars()
+        .filter(|&c| c == '\n' || c == '\t' || !c.is_control())
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&apos;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// Whether the run as a whole succeeded: nothing failed or errored.
 pub fn all_good(results: &[TestResult]) -> bool {
     results
@@ -107,6 +202,7 @@ mod tests {
             checks: Vec::new(),
             notes: Vec::new(),
             kernel_log_errors: Vec::new(),
+            findings: Vec::new(),
             console_tail: Vec::new(),
             seconds: 1.0,
         }
@@ -130,5 +226,26 @@ mod tests {
         assert!(all_good(&r[..2]));
         let j: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(j["results"][2]["verdict"], "FAIL");
+    }
+
+    #[test]
+    fn junit_has_a_suite_per_kernel_and_escapes() {
+        let r = [
+            result("smoke", "debian-6.1", Verdict::Pass, ""),
+            result("ext4", "debian-6.1", Verdict::Fail, "a <b> & \"c\""),
+            result("smoke", "debian-6.12", Verdict::Error, "hung"),
+        ];
+        let x = junit(&r);
+        assert_eq!(x.matches("<testsuite ").count(), 2);
+        assert!(
+            x.contains(r#"name="dmaprobe.debian-6.1" tests="2" failures="1" errors="0""#),
+            "{x}"
+        );
+        assert!(
+            x.contains(r#"<failure message="a &lt;b&gt; &amp; &quot;c&quot;">"#),
+            "{x}"
+        );
+        assert!(x.contains(r#"<error message="hung">"#), "{x}");
+        assert!(!x.contains("<b>"));
     }
 }

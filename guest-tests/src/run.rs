@@ -50,6 +50,37 @@ pub struct RunConfig {
     pub keep_logs: Option<PathBuf>,
     /// Multiplies every test's timeout (slow machines).
     pub timeout_scale: f64,
+    /// Run against a deliberately broken device.
+    pub mutant: Option<Mutant>,
+}
+
+/// A deliberately broken device, to show that the suite notices one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mutant {
+    /// Every request completes at once; its data moves 100 ms later.
+    CompleteBeforeDma,
+    /// Every request's data moves into, or out of, the next guest page.
+    WrongPage,
+}
+
+impl Mutant {
+    pub const ALL: [Mutant; 2] = [Mutant::CompleteBeforeDma, Mutant::WrongPage];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::CompleteBeforeDma => "complete-before-dma",
+            Mutant::WrongPage => "wrong-page",
+        }
+    }
+
+    /// The fault rule that makes the device broken.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Mutant::CompleteBeforeDma => "action=complete-before-dma,ms=100",
+            Mutant::WrongPage => "action=wrong-page",
+        }
+    }
 }
 
 /// One check, from the guest or the host.
@@ -72,6 +103,8 @@ pub struct TestResult {
     pub checks: Vec<CheckRecord>,
     pub notes: Vec<(String, String)>,
     pub kernel_log_errors: Vec<String>,
+    /// What the device saw (findings from its ledger, informational ones included).
+    pub findings: Vec<serde_json::Value>,
     /// The end of the console, kept when the guest did not finish.
     pub console_tail: Vec<String>,
     pub seconds: f64,
@@ -151,6 +184,8 @@ struct Evidence {
     events: Vec<Event>,
     console: Vec<String>,
     checks: Vec<CheckRecord>,
+    /// The device's ledger: every request and finding of the run.
+    ledger: Vec<serde_json::Value>,
     /// Harness trouble: the run cannot be judged.
     error: Option<String>,
 }
@@ -201,6 +236,7 @@ fn guest_run(
         disk_size: Some(test.disk.size),
         lbs: Some(test.disk.lbs),
         seed: config.seed,
+        mailbox: test.serve_args.contains(&"--mailbox"),
     };
     let timeout = Duration::from_secs_f64(test.timeout.as_secs_f64() * config.timeout_scale);
     let outcome = boot(
@@ -209,6 +245,7 @@ fn guest_run(
     let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
     let stopped = daemon.terminate(Duration::from_secs(10));
     ev.events = read_events(&results);
+    ev.ledger = read_json_lines(&dir.join("ledger.jsonl"));
     if let Err(e) = outcome {
         ev.error = Some(e);
         return;
@@ -277,10 +314,15 @@ fn start_daemon(
         .arg(disk)
         .args(["--lbs", &test.disk.lbs.to_string()])
         .args(["--queues", &config.queues.to_string()])
+        .arg("--ledger")
+        .arg(log.with_file_name("ledger.jsonl"))
         .args(test.serve_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
+    if let Some(m) = config.mutant {
+        cmd.args(["--fault", m.rule()]);
+    }
     let mut child = Child::spawn("dmaprobe serve", cmd)
         .map_err(|e| format!("cannot start {}: {e}", config.dmaprobe.display()))?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -362,6 +404,14 @@ fn boot(
         )),
         Ok(None) => Err("QEMU vanished".into()),
     }
+}
+
+fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn read_events(path: &Path) -> Vec<Event> {
@@ -499,6 +549,13 @@ fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
     }
     checks.extend(ev.checks);
     let kernel_log_errors = klog::errors(&ev.console);
+    let findings: Vec<serde_json::Value> = ev
+        .ledger
+        .iter()
+        .filter(|e| e["kind"] == "finding")
+        .cloned()
+        .collect();
+    let device_error = findings.iter().find(|f| f["info"] != true);
     let failed_host_check = checks.iter().find(|c| !c.ok && c.name.starts_with("host:"));
 
     let (verdict, reason) = if let Some(err) = &ev.error {
@@ -521,6 +578,16 @@ fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
             Some((Verdict::Pass, _)) if failed_host_check.is_some() => {
                 let c = failed_host_check.map(|c| format!("{}: {}", c.name, c.detail));
                 (Verdict::Fail, c.unwrap_or_default())
+            }
+            Some((Verdict::Pass, _)) if device_error.is_some() => {
+                let f = device_error.map(|f| {
+                    format!(
+                        "device: {} ({})",
+                        f["detail"].as_str().unwrap_or(""),
+                        f["finding"].as_str().unwrap_or("finding")
+                    )
+                });
+                (Verdict::Fail, f.unwrap_or_default())
             }
             Some((v, r)) => (v, r),
         }
@@ -545,6 +612,7 @@ fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
         checks,
         notes,
         kernel_log_errors,
+        findings,
         console_tail,
         seconds: 0.0,
     }
@@ -554,7 +622,7 @@ fn keep_logs(from: &Path, to: &Path) {
     if fs::create_dir_all(to).is_err() {
         return;
     }
-    for name in ["console.log", "events.jsonl", "daemon.log"] {
+    for name in ["console.log", "events.jsonl", "daemon.log", "ledger.jsonl"] {
         let _ = fs::copy(from.join(name), to.join(name));
     }
 }

@@ -112,6 +112,45 @@ pub const TESTS: &[TestSpec] = &[
         timeout: Duration::from_secs(120),
     },
     TestSpec {
+        name: "dio-pin-accounting",
+        summary: "while the device holds a read and then a write, the pin counter says whether \
+                  the kernel pins O_DIRECT pages (a property, reported); the pins must be released",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "zero-page-write-source",
+        summary: "an O_DIRECT write from never-touched memory: the disk holds zeros and the \
+                  zero page is not pinned while the device holds the write",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "zero-page-read-target",
+        summary: "an O_DIRECT read into read-faulted (zero-page) memory: the device is never \
+                  told to write the zero page, and the program sees the data",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
                   a FAIL is reported",
@@ -134,7 +173,7 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &[],
         selftest: true,
-        timeout: Duration::from_secs(20),
+        timeout: Duration::from_secs(45),
     },
 ];
 

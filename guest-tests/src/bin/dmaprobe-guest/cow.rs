@@ -15,11 +15,10 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use guest_tests::protocol::fill_pattern;
-use serde_json::{json, Value};
 
+use crate::held::Hold;
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
@@ -34,7 +33,6 @@ const OLD: u8 = 0x11;
 /// Where in the page, and what, the writer after fork writes.
 const TOUCH_AT: usize = 2048;
 const TOUCH: u8 = 0x33;
-const HELD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who writes to the page after fork.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,9 +63,7 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
     page.fill(OLD);
     let pfn_before = pfn(page.addr())?;
 
-    let lba = OFFSET / 512;
-    let rule = mailbox.call(json!({"cmd": "add-rule",
-        "rule": format!("op=read,lba={lba},count=1,action=hold")}))?;
+    let hold = Hold::next(&mailbox, "read", OFFSET / 512)?;
     let pins_before = pins().ok();
 
     let reader = {
@@ -79,7 +75,7 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
             fd.read_exact_at(buf, OFFSET)
         })
     };
-    let held = wait_until_held(&mailbox, lba)?;
+    let held = hold.wait_held()?;
     let gpa = held["segments"][0]["gpa"]
         .as_str()
         .unwrap_or("?")
@@ -96,16 +92,11 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
     }
     let pfn_after = pfn(page.addr())?;
 
-    let released =
-        mailbox.call(json!({"cmd": "release", "match": format!("op=read,lba={lba}")}))?;
-    let read = reader
+    hold.release()?;
+    reader
         .join()
-        .map_err(|_| Stop::Error("the reader thread panicked".into()))?;
-    let _ = mailbox.call(json!({"cmd": "remove-rule", "id": rule["id"]}));
-    if released["released"] != 1 {
-        return Err(Stop::Error(format!("the release answered {released}")));
-    }
-    read.or_fail()?;
+        .map_err(|_| Stop::Error("the reader thread panicked".into()))?
+        .or_fail()?;
     if status != 0 {
         return Err(Stop::Error(format!(
             "the child exited with status {status}"
@@ -148,24 +139,4 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
             Stop::Fail(why)
         });
     ctx.record("the parent sees the data", result)
-}
-
-/// Waits until the device lists a held read of `lba`; returns its listing.
-fn wait_until_held(mailbox: &Mailbox, lba: u64) -> Result<Value, Stop> {
-    let start = Instant::now();
-    loop {
-        let held = mailbox.call(json!({"cmd": "held"}))?;
-        if let Some(p) = held.as_array().and_then(|h| {
-            h.iter()
-                .find(|p| p["held"] == true && p["op"] == "read" && p["lba"] == lba)
-        }) {
-            return Ok(p.clone());
-        }
-        if start.elapsed() > HELD_TIMEOUT {
-            return Err(Stop::Error(format!(
-                "the device never held the read of LBA {lba}: held = {held}"
-            )));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }

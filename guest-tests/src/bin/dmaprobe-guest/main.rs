@@ -16,6 +16,8 @@
 //! - [`hold`]: a program holds its own read through the mailbox and releases it.
 //! - [`mm`]: anonymous pages, their frames, the pin counters, fork.
 //! - [`cow`]: an O_DIRECT read held across fork: does the parent keep its data?
+//! - [`held`]: holding the test's own requests at the device through the mailbox.
+//! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -27,6 +29,7 @@
 mod cow;
 mod delay;
 mod ext4;
+mod held;
 mod hold;
 mod io;
 mod mailbox;
@@ -34,6 +37,7 @@ mod mm;
 mod report;
 mod selftest;
 mod smoke;
+mod zero;
 
 use std::cell::RefCell;
 use std::error::Error as StdError;
@@ -62,6 +66,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("mailbox-hold", hold::run),
     ("dio-read-fork-cow", cow::parent_writes),
     ("dio-read-fork-cow-child", cow::child_writes),
+    ("dio-pin-accounting", zero::pin_accounting),
+    ("zero-page-write-source", zero::write_source),
+    ("zero-page-read-target", zero::read_target),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
@@ -242,10 +249,36 @@ fn main() {
         kernel,
         tests: params.tests.clone(),
     });
+    if params.mailbox {
+        register_zero_page(&out);
+    }
     for name in &params.tests {
         run_test(&params, &out, name);
     }
     out.emit(&Event::Done);
+}
+
+/// Tells the device where the zero page is, so that it can see DMA into it and
+/// writes sourced from it. A note says how it went; a failure is left to the
+/// tests that need the mailbox to find.
+fn register_zero_page(out: &Reporter) {
+    let note = |value: String| {
+        out.emit(&Event::Note {
+            test: String::new(),
+            key: "zero-page".into(),
+            value,
+        })
+    };
+    io::wait_for(DISK, DISK_TIMEOUT);
+    let registered = mm::zero_page_gpa().and_then(|gpa| {
+        let mailbox = mailbox::Mailbox::open(DISK)?;
+        mailbox.call(serde_json::json!({"cmd": "zero-page", "gpa": format!("{gpa:#x}")}))?;
+        Ok(gpa)
+    });
+    match registered {
+        Ok(gpa) => note(format!("{gpa:#x} registered with the device")),
+        Err(e) => note(format!("not registered: {}", e.reason())),
+    }
 }
 
 /// Runs one test between its markers; nothing a test does can stop the others.

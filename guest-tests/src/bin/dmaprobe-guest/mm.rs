@@ -102,6 +102,16 @@ pub fn pfn(addr: usize) -> Result<Option<u64>, Stop> {
         .map_err(|e| Stop::Error(format!("cannot read /proc/self/pagemap: {e}")))
 }
 
+/// The guest-physical address of the zero page: the frame behind a page that
+/// was only ever read (a read fault maps the shared zero page).
+pub fn zero_page_gpa() -> Result<u64, Stop> {
+    let page = AnonPage::map()?;
+    let _ = page.read(0);
+    let frame = pfn(page.addr())?
+        .ok_or_else(|| Stop::Error("a read-faulted page shows no frame in pagemap".into()))?;
+    Ok(frame * PAGE as u64)
+}
+
 /// FOLL_PIN pins held now: `nr_foll_pin_acquired - nr_foll_pin_released` from
 /// `/proc/vmstat`. The counters are batched per cpu; writing
 /// `/proc/sys/vm/stat_refresh` first folds the batches in (as root).
