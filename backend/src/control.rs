@@ -17,7 +17,7 @@
 //! mailbox (see `mailbox`).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -215,16 +215,16 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             json!({ "findings": findings, "next": next })
         }
         Command::Ledger { since, limit } => {
+            let limit = limit.unwrap_or(DEFAULT_LEDGER_LIMIT);
+            if limit == 0 {
+                return Err("limit must be at least 1".into());
+            }
             let ledger = engine.ledger();
             let (mut entries, next) = ledger.since(since.unwrap_or(0));
-            let limit = limit.unwrap_or(DEFAULT_LEDGER_LIMIT);
             let more = entries.len() > limit;
+            // The next page starts at the first entry left out.
+            let next = entries.get(limit).map_or(next, |e| e.seq);
             entries.truncate(limit);
-            let next = if more {
-                entries.last().map_or(next, |e| e.seq + 1)
-            } else {
-                next
-            };
             json!({ "entries": entries, "next": next, "more": more, "dropped": ledger.dropped() })
         }
         Command::Reset => {
@@ -266,16 +266,27 @@ pub fn default_path(vhost_socket: &Path) -> PathBuf {
 pub enum ControlError {
     #[error("Cannot listen on the control socket {0}")]
     Listen(PathBuf, #[source] io::Error),
+    #[error("{0} exists and is not a socket: give --control another path")]
+    NotASocket(PathBuf),
 }
 
 /// Serves the control socket on its own thread, each client on a thread of its
 /// own, until the process ends.
 pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
     let listen_err = |e| ControlError::Listen(path.to_owned(), e);
-    if path.exists() {
-        std::fs::remove_file(path).map_err(listen_err)?;
+    // Replace a stale socket, never anything else.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(listen_err)?,
+        Ok(_) => return Err(ControlError::NotASocket(path.to_owned())),
+        Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    // Bind with a umask that leaves the socket to its owner from the start.
+    // SAFETY: umask only swaps the process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(listen_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
     log::info!("control socket on {}", path.display());
     let clients = Arc::new(AtomicUsize::new(0));
@@ -324,9 +335,8 @@ fn serve_client(stream: UnixStream, state: &DaemonState) {
             Ok(_) => {}
         }
         let response = if line.len() > MAX_LINE {
-            // Skip the rest of the overlong line, then say so.
-            let mut rest = Vec::new();
-            if !line.ends_with(b"\n") && reader.read_until(b'\n', &mut rest).is_err() {
+            // Skip the rest of the overlong line a buffer at a time, then say so.
+            if !line.ends_with(b"\n") && !skip_line(&mut reader) {
                 return;
             }
             json!({"v": PROTOCOL_VERSION, "ok": false, "error": format!("request longer than {MAX_LINE} bytes")}).to_string()
@@ -342,6 +352,24 @@ fn serve_client(stream: UnixStream, state: &DaemonState) {
         };
         if writeln!(out, "{response}").is_err() {
             return;
+        }
+    }
+}
+
+/// Consumes input up to and including the next newline without keeping it;
+/// false if the client went away first.
+fn skip_line(reader: &mut impl BufRead) -> bool {
+    loop {
+        let (found, n) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return false,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (false, buf.len()),
+            },
+        };
+        reader.consume(n);
+        if found {
+            return true;
         }
     }
 }

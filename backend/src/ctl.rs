@@ -270,12 +270,12 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             }
             for p in items {
                 line(format!(
-                    "{:>6}  q{}  {:<12} lba {:<10} {:>8} B  {} {} ms",
-                    p["request"],
-                    p["queue"],
+                    "{:>6}  q{:<3} {:<12} lba {:<10} {:>8} B  {} {} ms",
+                    p["request"].to_string(),
+                    p["queue"].to_string(),
                     p["op"].as_str().unwrap_or("?"),
-                    p["lba"],
-                    p["len"],
+                    p["lba"].to_string(),
+                    p["len"].to_string(),
                     if p["held"] == json!(true) {
                         "held"
                     } else {
@@ -293,9 +293,9 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             for rule in items {
                 line(format!(
                     "{:>4}  matched {:<6} fired {:<6}{} {}",
-                    rule["id"],
-                    rule["matched"],
-                    rule["fired"],
+                    rule["id"].to_string(),
+                    rule["matched"].to_string(),
+                    rule["fired"].to_string(),
                     if rule["expired"] == json!(true) {
                         " expired"
                     } else {

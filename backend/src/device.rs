@@ -157,9 +157,12 @@ impl BlkDevice {
         self.with_scheduler(|s| s.release_where(pick)).unwrap_or(0)
     }
 
-    /// Requests waiting for their delay or for a release.
+    /// Requests waiting for their delay or for a release (not the watches
+    /// parked after completion).
     pub fn parked(&self) -> Vec<ParkedInfo> {
-        self.with_scheduler(Scheduler::parked).unwrap_or_default()
+        let mut all = self.with_scheduler(Scheduler::parked).unwrap_or_default();
+        all.retain(|p| !p.watch);
+        all
     }
 
     fn with_scheduler<T>(&self, f: impl FnOnce(&Scheduler<Job>) -> T) -> Option<T> {
@@ -294,7 +297,7 @@ impl BlkDevice {
                 return Some(core.finish(q, mem, Some(req.status), status, written));
             }
         }
-        let ticket = core.engine.arrive(mem, prepared.arrival.clone());
+        let mut ticket = core.engine.arrive(mem, prepared.arrival.clone());
         let mut wait = ticket.wait;
         let mut used = None;
         if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
@@ -306,6 +309,7 @@ impl BlkDevice {
             };
             used = Some(core.finish(q, mem, Some(req.status), Status::Ok, written));
             wait = Wait::Delay(Duration::from_millis(ms));
+            ticket.wait = wait;
         } else if wait == Wait::None {
             let (len, watch) = core.perform_and_finish(q, mem, &req, &prepared, ticket, buf);
             if let Some(w) = watch {
@@ -371,6 +375,7 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
         held: false,
         tag: t.tag().map(str::to_owned),
         segments: t.arrival.segments.clone(),
+        watch: false,
         waited_ms: 0,
         since: None,
     }
@@ -386,6 +391,7 @@ fn watch_job(w: WatchTask) -> FollowUp<Job> {
         held: false,
         tag: None,
         segments: Vec::new(),
+        watch: true,
         waited_ms: 0,
         since: None,
     };

@@ -106,7 +106,14 @@ pub fn prepare<M: GuestMemoryBackend>(
         }
         RequestType::Unsupported(_) => return Err(Malformed::Unsupported.into()),
     };
-    let len = dma::segment::total_len(&segments);
+    // Discard and write-zeroes name their blocks in their ranges, not the header.
+    let (lba, len) = match &work {
+        Work::Zero(ranges) => (
+            ranges.first().map_or(0, |(r, _)| r.start().0),
+            ranges.iter().map(|(r, _)| r.len()).sum(),
+        ),
+        _ => (lba, dma::segment::total_len(&segments)),
+    };
     Ok(Prepared {
         work,
         arrival: Arrival {

@@ -509,21 +509,23 @@ impl Rule {
         self.spec.count.is_some_and(|c| self.fired() >= c)
     }
 
-    /// Counts a matching request and says whether the rule fires on it.
-    fn fire(&self, rng: &SeededRng) -> bool {
+    /// Counts a matching request and says whether the rule's selector picks it.
+    /// Every matching request counts, whatever other rules do with it.
+    fn selects(&self, rng: &SeededRng) -> bool {
         if self.expired() {
             return false;
         }
         let n = self.matched.fetch_add(1, Ordering::Relaxed) + 1;
-        let fires = match self.spec.select {
+        match self.spec.select {
             Selector::All => true,
             Selector::Nth(k) => n == k,
             Selector::Every(k) => n.is_multiple_of(k),
             Selector::Prob(p) => rng.chance(p),
-        };
-        if !fires {
-            return false;
         }
+    }
+
+    /// Takes one firing from the rule's budget: whether it may still fire.
+    fn claim(&self) -> bool {
         // Counting may race with another queue; a count is a budget, so claim a slot.
         let prev = self.fired.fetch_add(1, Ordering::Relaxed);
         self.spec.count.is_none_or(|c| prev < c)
@@ -601,27 +603,26 @@ impl FaultPlan {
             return d;
         };
         for rule in rules.iter() {
-            if !rule.spec.matches(a, tag) {
+            if !rule.spec.matches(a, tag) || !rule.selects(&self.rng) {
+                continue;
+            }
+            // A rule whose slot an earlier rule took does not fire, and keeps its budget.
+            let free = match rule.spec.action {
+                Action::Delay { .. } | Action::Hold => d.wait == Wait::None,
+                Action::Watch { .. } => d.watch.is_none(),
+                Action::Effect(_) => d.effect.is_none(),
+            };
+            if !free || !rule.claim() {
                 continue;
             }
             match rule.spec.action {
-                // `fire` counts the match, so it is asked only of a rule that applies.
-                Action::Delay { min_ms, max_ms }
-                    if d.wait == Wait::None && rule.fire(&self.rng) =>
-                {
+                Action::Delay { min_ms, max_ms } => {
                     let ms = self.rng.in_range(min_ms, max_ms);
                     d.wait = Wait::Delay(Duration::from_millis(ms));
                 }
-                Action::Hold if d.wait == Wait::None && rule.fire(&self.rng) => {
-                    d.wait = Wait::Hold;
-                }
-                Action::Watch { ms } if d.watch.is_none() && rule.fire(&self.rng) => {
-                    d.watch = Some(Duration::from_millis(ms));
-                }
-                Action::Effect(e) if d.effect.is_none() && rule.fire(&self.rng) => {
-                    d.effect = Some(e);
-                }
-                _ => {}
+                Action::Hold => d.wait = Wait::Hold,
+                Action::Watch { ms } => d.watch = Some(Duration::from_millis(ms)),
+                Action::Effect(e) => d.effect = Some(e),
             }
         }
         d

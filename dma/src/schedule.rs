@@ -42,6 +42,9 @@ pub struct ParkedInfo {
     pub tag: Option<String>,
     /// The guest memory it moves data to or from.
     pub segments: Vec<crate::segment::Segment>,
+    /// A post-completion watch, not a request waiting.
+    #[serde(skip)]
+    pub watch: bool,
     /// Milliseconds it has been parked, when listed.
     pub waited_ms: u64,
     #[serde(skip)]
@@ -288,6 +291,7 @@ mod tests {
             held: false,
             tag: None,
             segments: Vec::new(),
+            watch: false,
             waited_ms: 0,
             since: None,
         }

@@ -1,0 +1,1124 @@
+//! The control plane end to end: a real `dmaprobe serve` child process on a disk
+//! file in a temp dir, a frontend (`backend::frontend`) on its vhost-user
+//! socket, and the real `dmaprobe ctl` (or a raw UNIX stream) on its control
+//! socket. Each test checks what the person at the terminal would see and what
+//! the guest's requests then do.
+//!
+//! Timing: waits poll with deadlines; nothing depends on a sleep being long
+//! enough, except the checks that a held request has *not* completed, which
+//! can only err towards passing.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use backend::frontend::{
+    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, Error as FrontendError, FrontendConfig,
+    Queue, RequestType, Sector, Segment, Status,
+};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// How long anything that should happen soon may take on a loaded machine.
+const SOON: Duration = Duration::from_secs(10);
+/// Bytes per request: one page.
+const LEN: usize = 4096;
+/// What the frontend writes into a read's destination before submitting it.
+const PREFILL: u8 = 0x5c;
+/// The longest request line the daemon accepts (control.rs `MAX_LINE`).
+const MAX_LINE: usize = 1 << 20;
+
+/// A `dmaprobe serve` child process on a 16 MiB disk file, with the ledger on;
+/// killed and reaped on drop, its log printed if the test failed.
+struct Serve {
+    child: Child,
+    dir: TempDir,
+    socket: PathBuf,
+    control: PathBuf,
+    disk: PathBuf,
+}
+
+impl Serve {
+    fn start(extra: &[&str]) -> Serve {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("blk.sock");
+        let disk = dir.path().join("disk.img");
+        let child = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(&disk)
+            .args(["--size", "16M", "--ledger"])
+            .arg(dir.path().join("ledger.jsonl"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.path().join("serve.err")).expect("stderr file"))
+            .spawn()
+            .expect("spawn dmaprobe serve");
+        let control = match extra.iter().position(|&a| a == "--control") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => PathBuf::from(format!("{}.ctl", socket.display())),
+        };
+        let mut s = Serve {
+            child,
+            dir,
+            socket,
+            control,
+            disk,
+        };
+        let deadline = Instant::now() + SOON;
+        while UnixStream::connect(&s.control).is_err() {
+            s.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "no control socket after {SOON:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("dmaprobe serve has exited: {status}");
+        }
+    }
+
+    /// Connects a frontend with `queues` queues.
+    fn connect(&self, queues: u16) -> BlkFrontend {
+        let config = FrontendConfig {
+            mem_size: 8 << 20,
+            num_queues: queues,
+            timeout: SOON,
+            ..FrontendConfig::default()
+        };
+        let deadline = Instant::now() + SOON;
+        loop {
+            match BlkFrontend::connect(&self.socket, config.clone()) {
+                Ok(fe) => return fe,
+                Err(FrontendError::Connect { .. }) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connect: {e:?}"),
+            }
+        }
+    }
+
+    /// Runs `dmaprobe ctl --control CONTROL ARGS`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        ctl_at(&["--control", self.control.to_str().unwrap()], args)
+    }
+
+    /// Runs ctl, expects success, returns its stdout.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let (stdout, stderr) = texts(&out);
+        assert!(out.status.success(), "ctl {args:?}: {stderr}");
+        assert_eq!(stderr, "", "ctl {args:?} wrote to stderr");
+        stdout
+    }
+
+    /// Runs `ctl --json ARGS`, expects success, returns the result.
+    fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let stdout = self.ctl_ok(&all);
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("ctl --json {args:?}: {e}: {stdout}"))
+    }
+
+    /// Runs ctl, expects failure, returns its stderr.
+    fn ctl_fails(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let (stdout, stderr) = texts(&out);
+        assert!(!out.status.success(), "ctl {args:?} succeeded: {stdout}");
+        stderr
+    }
+
+    /// Waits until `ctl --json held` lists `n` requests; returns them.
+    fn wait_held(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let held = self.ctl_json(&["held"]);
+            let items = held.as_array().expect("held is a list").clone();
+            if items.len() == n {
+                return items;
+            }
+            assert!(
+                items.len() < n && Instant::now() < deadline,
+                "expected {n} held: {held}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn disk_at(&self, sector: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        File::open(&self.disk)
+            .and_then(|f| f.read_exact_at(&mut buf, sector * 512))
+            .expect("read the disk file");
+        buf
+    }
+
+    fn put_disk(&self, sector: u64, data: &[u8]) {
+        OpenOptions::new()
+            .write(true)
+            .open(&self.disk)
+            .and_then(|f| f.write_all_at(data, sector * 512))
+            .expect("write the disk file");
+    }
+
+    /// Request entries of the ledger, through ctl.
+    fn ledger_requests(&self) -> Vec<Value> {
+        let l = self.ctl_json(&["ledger"]);
+        l["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["kind"] == "request")
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            let log = fs::read_to_string(self.dir.path().join("serve.err")).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(16 << 10)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("dmaprobe serve's log (the end):\n{tail}");
+        }
+    }
+}
+
+/// Runs `dmaprobe ctl PREFIX ARGS` with no DMAPROBE_CONTROL in the environment.
+fn ctl_at(prefix: &[&str], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .arg("ctl")
+        .args(prefix)
+        .args(args)
+        .env_remove("DMAPROBE_CONTROL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dmaprobe ctl")
+}
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A recognisable pattern: each byte depends on its position and a seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = i
+                .wrapping_mul(0x9e37_79b9)
+                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
+            (x ^ (x >> 13)).to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn prefilled(fe: &BlkFrontend) -> Buffer {
+    let buf = fe.ram().alloc_aligned(LEN, 4096).expect("alloc");
+    buf.fill(PREFILL).expect("fill");
+    buf
+}
+
+/// Submits a one-buffer request and kicks.
+fn submit(q: &mut Queue, kind: RequestType, sector: u64, buf: &Buffer) -> ChainId {
+    let seg = [Segment::of(buf).expect("buffer fits a descriptor")];
+    let id = q
+        .submit(&BlkRequest {
+            kind,
+            sector: Sector(sector),
+            data: &seg,
+        })
+        .expect("submit");
+    q.kick().expect("kick");
+    id
+}
+
+fn status(c: &Completion) -> Status {
+    c.status().expect("a blk completion")
+}
+
+fn write_ok(fe: &mut BlkFrontend, sector: u64, data: &[u8]) {
+    assert_eq!(
+        fe.write(0, Sector(sector), data).expect("write"),
+        Status::OK
+    );
+}
+
+/// Whether `q` has completed `id` within a short look.
+fn completes_within(q: &mut Queue, id: ChainId, within: Duration) -> Option<Completion> {
+    q.wait_for(id, within).ok()
+}
+
+/// The words of a text, for output whose spacing does not matter.
+fn words(text: &str) -> Vec<&str> {
+    text.split_whitespace().collect()
+}
+
+/// The id in ctl's "rule N added".
+fn added_rule_id(stdout: &str) -> u64 {
+    stdout
+        .trim()
+        .strip_prefix("rule ")
+        .and_then(|s| s.strip_suffix(" added"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not `rule N added`: {stdout:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Holding and releasing
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_read_held_by_a_ctl_rule_is_listed_and_released_by_id() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let data = pattern(1, LEN);
+    write_ok(&mut fe, 72, &data);
+    assert_eq!(s.ctl_ok(&["held"]), "nothing is waiting\n");
+
+    let added = s.ctl_ok(&["add-rule", "op=read,action=hold"]);
+    let rule = added_rule_id(&added);
+    let rules = s.ctl_ok(&["rules"]);
+    assert_eq!(
+        words(&rules),
+        [
+            rule.to_string().as_str(),
+            "matched",
+            "0",
+            "fired",
+            "0",
+            "op=read,action=hold"
+        ]
+    );
+
+    let buf = prefilled(&fe);
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 72, &buf);
+    let held = s.wait_held(1);
+    let h = &held[0];
+    assert_eq!(
+        (&h["op"], &h["queue"], &h["lba"], &h["len"], &h["held"]),
+        (
+            &json!("read"),
+            &json!(0),
+            &json!(72),
+            &json!(LEN),
+            &json!(true)
+        ),
+        "{h}"
+    );
+    let req = h["request"].as_u64().expect("a request id");
+    // The person's view: one line with the id, queue, op, lba, length, state.
+    let human = s.ctl_ok(&["held"]);
+    assert_eq!(
+        words(&human)[..8],
+        [
+            req.to_string().as_str(),
+            "q0",
+            "read",
+            "lba",
+            "72",
+            "4096",
+            "B",
+            "held"
+        ],
+        "{human}"
+    );
+    assert_eq!(human.lines().count(), 1, "{human}");
+
+    // Not completed while held.
+    let q = fe.queue(0).unwrap();
+    assert!(completes_within(q, id, Duration::from_millis(200)).is_none());
+    assert!(buf.read().unwrap().iter().all(|&b| b == PREFILL));
+
+    assert_eq!(s.ctl_ok(&["release", &req.to_string()]), "released 1\n");
+    let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("released");
+    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert!(buf.read().unwrap() == data, "the data after release");
+    assert_eq!(s.ctl_ok(&["held"]), "nothing is waiting\n");
+    assert_eq!(
+        s.ctl_ok(&["release", &req.to_string()]),
+        "released 0\n",
+        "gone"
+    );
+    let rules = s.ctl_json(&["rules"]);
+    assert_eq!(
+        (&rules[0]["matched"], &rules[0]["fired"]),
+        (&json!(1), &json!(1))
+    );
+}
+
+#[test]
+fn the_held_listing_lines_up_in_columns() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    s.ctl_ok(&["add-rule", "op=read,action=hold"]);
+    let (a, b) = (prefilled(&fe), prefilled(&fe));
+    submit(fe.queue(0).unwrap(), RequestType::In, 8, &a);
+    submit(fe.queue(0).unwrap(), RequestType::In, 30000, &b);
+    s.wait_held(2);
+    let human = s.ctl_ok(&["held"]);
+    let columns: Vec<Option<usize>> = human.lines().map(|l| l.find(" B ")).collect();
+    assert_eq!(columns.len(), 2, "{human}");
+    assert_eq!(
+        columns[0], columns[1],
+        "the length column of lba 8 and lba 30000:\n{human}"
+    );
+    s.ctl_ok(&["release", "--all"]);
+}
+
+#[test]
+fn release_all_by_queue_and_by_match() {
+    let s = Serve::start(&["--queues", "2"]);
+    let mut fe = s.connect(2);
+    for (i, sector) in [8u64, 16, 24, 32].into_iter().enumerate() {
+        s.put_disk(sector, &pattern(10 + i as u64, LEN));
+    }
+    s.ctl_ok(&["add-rule", "op=read,action=hold"]);
+    // (queue, sector)
+    let reads = [(0u16, 8u64), (0, 16), (1, 24), (1, 32)];
+    let bufs: Vec<Buffer> = reads.iter().map(|_| prefilled(&fe)).collect();
+    let ids: Vec<ChainId> = reads
+        .iter()
+        .zip(&bufs)
+        .map(|(&(q, sector), b)| submit(fe.queue(q).unwrap(), RequestType::In, sector, b))
+        .collect();
+    s.wait_held(4);
+    let done = |fe: &mut BlkFrontend, i: usize| {
+        let (q, sector) = reads[i];
+        let c = fe
+            .queue(q)
+            .unwrap()
+            .wait_for(ids[i], SOON)
+            .expect("released");
+        assert_eq!(status(&c), Status::OK);
+        assert!(
+            bufs[i].read().unwrap() == s.disk_at(sector, LEN),
+            "read {i}'s data"
+        );
+    };
+    let pending = |fe: &mut BlkFrontend, i: usize| {
+        let q = fe.queue(reads[i].0).unwrap();
+        assert!(
+            completes_within(q, ids[i], Duration::from_millis(100)).is_none(),
+            "read {i} is still held"
+        );
+    };
+
+    let bad = s.ctl_fails(&["release", "--match", "op=read,lba=x"]);
+    assert!(bad.contains("lba") && bad.contains("not a number"), "{bad}");
+    assert_eq!(
+        s.ctl_ok(&["release", "--match", "op=read,lba=16-20"]),
+        "released 1\n"
+    );
+    done(&mut fe, 1);
+    pending(&mut fe, 0);
+    assert_eq!(s.wait_held(3).len(), 3);
+
+    assert_eq!(s.ctl_ok(&["release", "--queue", "1"]), "released 2\n");
+    done(&mut fe, 2);
+    done(&mut fe, 3);
+    pending(&mut fe, 0);
+    let left = s.wait_held(1);
+    assert_eq!((&left[0]["queue"], &left[0]["lba"]), (&json!(0), &json!(8)));
+
+    assert_eq!(s.ctl_ok(&["release", "--all"]), "released 1\n");
+    done(&mut fe, 0);
+    assert_eq!(s.ctl_ok(&["release", "--all"]), "released 0\n");
+    let none = s.ctl_fails(&["release"]);
+    assert!(none.contains("exactly one of"), "{none}");
+}
+
+#[test]
+fn a_watch_after_completion_is_not_listed_as_a_waiting_request() {
+    let s = Serve::start(&["--fault", "op=read,action=watch,ms=5000"]);
+    let mut fe = s.connect(1);
+    let (st, _) = fe.read(0, Sector(0), LEN).expect("a watched read");
+    assert_eq!(st, Status::OK);
+    let st = s.ctl_json(&["status"]);
+    let held = s.ctl_ok(&["held"]);
+    assert_eq!(
+        (&st["held"], &st["delayed"]),
+        (&json!(0), &json!(0)),
+        "the read completed; `ctl held` says:\n{held}"
+    );
+    assert_eq!(held, "nothing is waiting\n");
+}
+
+// ---------------------------------------------------------------------------
+// Rules while traffic runs
+// ---------------------------------------------------------------------------
+
+/// One write of the traffic thread: when it was submitted, when it completed,
+/// and its status.
+struct Sent {
+    submitted: Instant,
+    completed: Instant,
+    status: Status,
+}
+
+#[test]
+fn a_rule_added_while_traffic_runs_changes_what_follows() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let log = Mutex::new(Vec::<Sent>::new());
+    let stop = AtomicBool::new(false);
+    // Waits until at least `n` writes were submitted after `t`.
+    let wait_writes_after = |t: Instant, n: usize| {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let count = log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|w| w.submitted > t)
+                .count();
+            if count >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "traffic stalled");
+            thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (t0, t1, t2, t3) = thread::scope(|scope| {
+        let q = fe.queue(0).unwrap();
+        let traffic = scope.spawn(|| {
+            // Write a new pattern, read it back; a failed write leaves the old one.
+            let mut on_disk = vec![0u8; LEN];
+            let src = q.ram().alloc(LEN).unwrap();
+            let dst = q.ram().alloc(LEN).unwrap();
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let data = pattern(100 + i, LEN);
+                src.write_at(0, &data).unwrap();
+                let submitted = Instant::now();
+                let id = submit(q, RequestType::Out, 200, &src);
+                let c = q.wait_for(id, SOON).expect("a write");
+                log.lock().unwrap().push(Sent {
+                    submitted,
+                    completed: Instant::now(),
+                    status: status(&c),
+                });
+                if status(&c).is_ok() {
+                    on_disk = data;
+                }
+                let id = submit(q, RequestType::In, 200, &dst);
+                let c = q.wait_for(id, SOON).expect("a read");
+                assert_eq!(status(&c), Status::OK, "reads are never failed");
+                assert!(dst.read().unwrap() == on_disk, "read {i} back");
+            }
+        });
+        let start = Instant::now();
+        wait_writes_after(start, 10);
+        let t0 = Instant::now();
+        let rule = added_rule_id(&s.ctl_ok(&["add-rule", "op=write,action=error"]));
+        let t1 = Instant::now();
+        wait_writes_after(t1, 10);
+        let rules = s.ctl_json(&["rules"]);
+        assert!(rules[0]["fired"].as_u64().unwrap() >= 10, "{rules}");
+        let t2 = Instant::now();
+        s.ctl_ok(&["remove-rule", &rule.to_string()]);
+        let t3 = Instant::now();
+        wait_writes_after(t3, 10);
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().expect("the traffic thread");
+        (t0, t1, t2, t3)
+    });
+    let log = log.into_inner().unwrap();
+    let statuses = |pick: &dyn Fn(&Sent) -> bool| -> Vec<Status> {
+        log.iter().filter(|w| pick(w)).map(|w| w.status).collect()
+    };
+    let before = statuses(&|w| w.completed < t0);
+    let during = statuses(&|w| w.submitted > t1 && w.completed < t2);
+    let after = statuses(&|w| w.submitted > t3);
+    assert!(before.len() >= 10 && during.len() >= 10 && after.len() >= 10);
+    assert!(before.iter().all(|st| st.is_ok()), "before: {before:?}");
+    assert!(
+        during.iter().all(|&st| st == Status::IOERR),
+        "with the rule: {during:?}"
+    );
+    assert!(
+        after.iter().all(|st| st.is_ok()),
+        "after removal: {after:?}"
+    );
+    assert_eq!(s.ctl_ok(&["rules"]), "no rules\n");
+    let gone = s.ctl_fails(&["remove-rule", "1"]);
+    assert!(gone.contains("no rule 1"), "{gone}");
+}
+
+// ---------------------------------------------------------------------------
+// Findings, the ledger, status, checks, zero page, tags
+// ---------------------------------------------------------------------------
+
+#[test]
+fn findings_show_a_read_buffer_reused_while_held() {
+    let s = Serve::start(&["--canary"]);
+    let mut fe = s.connect(1);
+    assert!(s.ctl_ok(&["findings"]).starts_with("no findings\n"));
+    write_ok(&mut fe, 40, &pattern(2, LEN));
+    s.ctl_ok(&["add-rule", "op=read,action=hold"]);
+    let buf = prefilled(&fe);
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 40, &buf);
+    let req = s.wait_held(1)[0]["request"].as_u64().unwrap();
+    // The program gives the page away while the read is in flight: cleared.
+    buf.fill(0).unwrap();
+    s.ctl_ok(&["release", "--all"]);
+    let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
+    assert_eq!(status(&c), Status::OK);
+
+    let human = s.ctl_ok(&["findings"]);
+    let want = format!(
+        "buffer-reused-during-dma req {req} read lba 40 gpa {:#x}:",
+        buf.gpa().0
+    );
+    assert!(human.contains(&want), "expected {want:?} in:\n{human}");
+    let f = s.ctl_json(&["findings"]);
+    let list = f["findings"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{f}");
+    assert_eq!(
+        (&list[0]["finding"], &list[0]["request"], &list[0]["class"]),
+        (
+            &json!("buffer-reused-during-dma"),
+            &json!(req),
+            &json!("zeros")
+        )
+    );
+    let next = f["next"].as_u64().unwrap();
+    assert!(next > list[0]["seq"].as_u64().unwrap());
+    let later = s.ctl_ok(&["findings", "--since", &next.to_string()]);
+    assert!(later.starts_with("no findings\n"), "{later}");
+    let status = s.ctl_json(&["status"]);
+    assert_eq!(
+        status["findings"]["buffer-reused-during-dma"], 1,
+        "{status}"
+    );
+}
+
+#[test]
+fn the_ledger_pages_with_since_and_limit() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    for i in 0..5u64 {
+        write_ok(&mut fe, 8 * i, &pattern(i, 512));
+    }
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    let mut pages = 0;
+    loop {
+        let page = s.ctl_json(&["ledger", "--since", &cursor.to_string(), "--limit", "2"]);
+        let entries = page["entries"].as_array().unwrap().clone();
+        let more = page["more"] == json!(true);
+        pages += 1;
+        assert!(entries.len() <= 2, "{page}");
+        let next = page["next"].as_u64().unwrap();
+        if let Some(last) = entries.last() {
+            assert_eq!(next, last["seq"].as_u64().unwrap() + 1, "{page}");
+        }
+        seen.extend(entries);
+        cursor = next;
+        if !more {
+            break;
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 3, "5 entries in pages of 2");
+    let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    let lbas: Vec<u64> = seen.iter().map(|e| e["lba"].as_u64().unwrap()).collect();
+    assert_eq!(lbas, [0, 8, 16, 24, 32]);
+    assert!(seen
+        .iter()
+        .all(|e| e["kind"] == "request" && e["op"] == "write" && e["status"] == "ok"));
+
+    // The person's view: one JSON line per entry, then the cursor.
+    let human = s.ctl_ok(&["ledger", "--since", "3", "--limit", "2"]);
+    let lines: Vec<&str> = human.lines().collect();
+    assert_eq!(lines.len(), 3, "{human}");
+    for (line, seq) in lines[..2].iter().zip([3, 4]) {
+        let e: Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(e["seq"], seq);
+    }
+    assert_eq!(lines[2], "next cursor: 5 (more)");
+    assert_eq!(s.ctl_ok(&["ledger", "--since", "6"]), "next cursor: 6\n");
+}
+
+#[test]
+fn a_ledger_page_of_limit_0_skips_nothing() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    for i in 0..3u64 {
+        write_ok(&mut fe, 8 * i, &[1; 512]);
+    }
+    let out = s.ctl(&["--json", "ledger", "--since", "1", "--limit", "0"]);
+    if !out.status.success() {
+        return; // Refusing a limit of 0 is as good.
+    }
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["entries"], json!([]));
+    assert!(
+        page["next"].as_u64().unwrap() <= 1,
+        "entries 1-3 were not returned, yet next is past them: {page}"
+    );
+}
+
+#[test]
+fn status_shows_the_counters_and_reset_clears_them() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    // Through --socket: ctl finds the control socket beside the vhost-user one.
+    let out = ctl_at(&["--socket", s.socket.to_str().unwrap()], &["status"]);
+    assert!(out.status.success(), "{}", texts(&out).1);
+    assert!(texts(&out).0.starts_with("dmaprobe "));
+
+    for i in 0..3 {
+        write_ok(&mut fe, 8 * i, &[i as u8 + 1; 512]);
+    }
+    for _ in 0..2 {
+        assert_eq!(fe.read(0, Sector(0), 512).unwrap().0, Status::OK);
+    }
+    s.ctl_ok(&["add-rule", "lba=99,action=error"]);
+    assert_eq!(fe.read(0, Sector(99), 512).unwrap().0, Status::IOERR);
+
+    let st = s.ctl_json(&["status"]);
+    let c = &st["counters"];
+    assert_eq!(
+        (
+            &c["requests"],
+            &c["completed_ok"],
+            &c["ioerr"],
+            &c["injected"]
+        ),
+        (&json!(6), &json!(5), &json!(1), &json!(1)),
+        "{st}"
+    );
+    assert_eq!((&st["connected"], &st["rules"]), (&json!(true), &json!(1)));
+    let human = s.ctl_ok(&["status"]);
+    for want in [
+        "frontend connected",
+        "requests 6  ok 5  ioerr 1  unsupp 0  no-status 0  injected 1  media errors 0",
+        "rules: 1",
+        "checks: ledger",
+        "ledger: 6 entries, 0 dropped",
+    ] {
+        assert!(human.contains(want), "expected {want:?} in:\n{human}");
+    }
+
+    s.ctl_ok(&["reset"]);
+    let c = s.ctl_json(&["status"])["counters"].clone();
+    assert_eq!((&c["requests"], &c["ioerr"]), (&json!(0), &json!(0)), "{c}");
+    assert!(s.ctl_ok(&["status"]).contains("requests 0  ok 0  ioerr 0"));
+
+    // The frontend leaves: the status says so.
+    drop(fe);
+    let deadline = Instant::now() + SOON;
+    while s.ctl_json(&["status"])["connected"] != json!(false) {
+        assert!(Instant::now() < deadline, "still connected");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.ctl_ok(&["status"]).contains("no frontend"));
+}
+
+#[test]
+fn checks_switch_the_canary_on_and_off_at_run_time() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    s.ctl_ok(&["add-rule", "op=read,action=hold"]);
+    let st = s.ctl_json(&["status"]);
+    assert_eq!(st["checks"]["canary"], false);
+
+    // With the canary on, a held read's destination holds the canary.
+    let shown = s.ctl_ok(&["checks", "--canary", "on"]);
+    let shown: Value = serde_json::from_str(shown.trim()).expect("the checks as JSON");
+    assert_eq!(
+        shown,
+        json!({"canary": true, "snapshot": false, "overlap": false, "ledger": true})
+    );
+    assert_eq!(s.ctl_json(&["status"])["checks"]["canary"], true);
+    let held_read = |fe: &mut BlkFrontend| -> Vec<u8> {
+        let buf = prefilled(fe);
+        let id = submit(fe.queue(0).unwrap(), RequestType::In, 0, &buf);
+        s.wait_held(1);
+        let during = buf.read().unwrap();
+        s.ctl_ok(&["release", "--all"]);
+        let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
+        assert_eq!(status(&c), Status::OK);
+        during
+    };
+    let during = held_read(&mut fe);
+    let units = dma::canary::find_canaries(&during).count();
+    assert_eq!(
+        units,
+        LEN / 16,
+        "the destination is all canary: {units} units"
+    );
+
+    let shown = s.ctl_json(&["checks", "--canary", "off"]);
+    assert_eq!(shown["canary"], false);
+    let during = held_read(&mut fe);
+    assert!(
+        during.iter().all(|&b| b == PREFILL),
+        "canary off: untouched"
+    );
+    let bad = s.ctl(&["checks", "--canary", "maybe"]);
+    assert!(!bad.status.success());
+    assert!(texts(&bad).1.contains("not on or off"), "{}", texts(&bad).1);
+}
+
+#[test]
+fn zero_page_registers_the_guest_zero_page_and_forgets_it() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let page = prefilled(&fe);
+    let gpa = format!("{:#x}", page.gpa().0);
+    let set = s.ctl_json(&["zero-page", &gpa]);
+    assert_eq!(set["zero_page"], json!(gpa), "{set}");
+    assert_eq!(s.ctl_json(&["status"])["zero_page"], json!(gpa));
+
+    // A read into the zero page is found.
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 0, &page);
+    fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
+    let f = s.ctl_json(&["findings"]);
+    let list = f["findings"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{f}");
+    assert_eq!(
+        (&list[0]["finding"], &list[0]["gpa"]),
+        (&json!("dma-to-zero-page"), &json!(gpa))
+    );
+
+    // Forgotten: no more findings.
+    assert_eq!(s.ctl_json(&["zero-page"])["zero_page"], Value::Null);
+    assert_eq!(s.ctl_json(&["status"])["zero_page"], Value::Null);
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 0, &page);
+    fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
+    assert_eq!(
+        s.ctl_json(&["findings"])["findings"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let bad = s.ctl_fails(&["zero-page", "0xzz"]);
+    assert!(bad.contains("not an address"), "{bad}");
+}
+
+#[test]
+fn begin_and_end_tag_the_requests_between_them() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    write_ok(&mut fe, 0, &[1; 512]);
+    let begun = s.ctl_json(&["begin", "fork-read"]);
+    assert_eq!(begun["tag"], "fork-read");
+    write_ok(&mut fe, 8, &[2; 512]);
+    s.ctl_ok(&["add-rule", "tag=fork-read,op=read,action=hold"]);
+    let buf = prefilled(&fe);
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 8, &buf);
+    let held = s.wait_held(1);
+    assert_eq!(held[0]["tag"], "fork-read", "{held:?}");
+    assert_eq!(s.ctl_json(&["status"])["tag"], "fork-read");
+    s.ctl_ok(&["release", "--all"]);
+    fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
+    let ended = s.ctl_json(&["end"]);
+    assert_eq!(ended["ended"], "fork-read");
+    write_ok(&mut fe, 16, &[3; 512]);
+    assert_eq!(s.ctl_json(&["status"])["tag"], Value::Null);
+
+    let tags: Vec<(String, Value)> = s
+        .ledger_requests()
+        .into_iter()
+        .map(|r| (r["op"].as_str().unwrap().to_owned(), r["tag"].clone()))
+        .collect();
+    assert_eq!(
+        tags,
+        vec![
+            ("write".into(), Value::Null),
+            ("write".into(), json!("fork-read")),
+            ("read".into(), json!("fork-read")),
+            ("write".into(), Value::Null),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The protocol over a raw stream
+// ---------------------------------------------------------------------------
+
+/// A control client speaking the JSON-lines protocol directly.
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect to the control socket");
+        stream.set_read_timeout(Some(SOON)).unwrap();
+        Client {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("send");
+    }
+
+    fn answer(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("an answer");
+        assert!(line.ends_with('\n'), "a whole line: {line:?}");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    fn ask(&mut self, line: &str) -> Value {
+        self.send(format!("{line}\n").as_bytes());
+        self.answer()
+    }
+
+    fn assert_works(&mut self, who: &str) {
+        let a = self.ask(r#"{"v":1,"cmd":"status"}"#);
+        assert_eq!((&a["v"], &a["ok"]), (&json!(1), &json!(true)), "{who}: {a}");
+        assert!(a["result"]["counters"].is_object(), "{who}: {a}");
+    }
+}
+
+/// An error answer whose message contains `why`.
+fn assert_refused(a: &Value, why: &str) {
+    assert_eq!((&a["v"], &a["ok"]), (&json!(1), &json!(false)), "{a}");
+    let error = a["error"].as_str().expect("an error message");
+    assert!(error.contains(why), "expected {why:?} in {error:?}");
+    assert!(a.get("result").is_none(), "{a}");
+}
+
+#[test]
+fn bad_requests_are_refused_and_the_connection_stays_usable() {
+    let s = Serve::start(&[]);
+    let mut a = Client::connect(&s.control);
+    let mut b = Client::connect(&s.control);
+    b.assert_works("the second client");
+    // The second client is half-way through a line the whole time.
+    b.send(br#"{"v":1,"cmd":"#);
+
+    let too_long = format!(
+        r#"{{"v":1,"cmd":"status","pad":"{}"}}"#,
+        "x".repeat(MAX_LINE)
+    );
+    let cases: [(&[u8], &str); 7] = [
+        (b"{not json\n", "not JSON"),
+        (br#"{"v":1,"cmd":"fly"}"#, "fly"),
+        (br#"{"v":2,"cmd":"status"}"#, "version"),
+        (br#"{"v":1}"#, "cmd"),
+        (br#"{"v":1,"cmd":"release","id":"seven"}"#, "release"),
+        (too_long.as_bytes(), "longer"),
+        (b"\xff\xfe{}", "UTF-8"),
+    ];
+    for (line, why) in cases {
+        a.send(line);
+        if !line.ends_with(b"\n") {
+            a.send(b"\n");
+        }
+        assert_refused(&a.answer(), why);
+        a.assert_works("after a bad request");
+    }
+    // An error from a command that parsed.
+    assert_refused(
+        &a.ask(r#"{"v":1,"cmd":"add-rule","rule":"op=read"}"#),
+        "no action",
+    );
+    assert_refused(&a.ask(r#"{"cmd":"remove-rule","id":42}"#), "no rule 42");
+    // `v` may be left out.
+    assert_eq!(a.ask(r#"{"cmd":"held"}"#)["result"], json!([]));
+
+    // ctl raw sends a line as it is and reports the daemon's refusal.
+    let raw = s.ctl_ok(&["raw", r#"{"cmd":"held"}"#]);
+    assert_eq!(raw.trim(), "[]");
+    let refused = s.ctl_fails(&["raw", r#"{"v":1,"cmd":"fly"}"#]);
+    assert!(refused.contains("fly"), "{refused}");
+
+    // The second client finishes its line and is answered.
+    b.send(b"\"held\"}\n");
+    let held = b.answer();
+    assert_eq!((&held["ok"], &held["result"]), (&json!(true), &json!([])));
+    b.assert_works("the second client, at the end");
+}
+
+/// The daemon's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn an_overlong_line_is_refused_without_buffering_it_whole() {
+    let s = Serve::start(&[]);
+    let mut c = Client::connect(&s.control);
+    c.assert_works("before");
+    let before = peak_rss_kib(s.child.id());
+    // 96 MiB in one line.
+    let chunk = vec![b'x'; 1 << 20];
+    c.send(b"{\"v\":1,\"cmd\":\"status\",\"pad\":\"");
+    for _ in 0..96 {
+        c.send(&chunk);
+    }
+    c.send(b"\"}\n");
+    assert_refused(&c.answer(), "longer");
+    c.assert_works("after");
+    let grew_mib = peak_rss_kib(s.child.id()).saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 16,
+        "refusing a 96 MiB line made the daemon {grew_mib} MiB bigger"
+    );
+}
+
+#[test]
+fn clients_that_leave_mid_request_harm_nothing() {
+    let mut s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let mut stayer = Client::connect(&s.control);
+    // More than the daemon serves at once (32): each must give its place back.
+    for i in 0..40 {
+        let mut c = UnixStream::connect(&s.control).expect("connect");
+        let half: &[u8] = if i % 2 == 0 {
+            br#"{"v":1,"cmd":"rele"#
+        } else {
+            br#"{"v":1,"cmd":"status""#
+        };
+        c.write_all(half).unwrap();
+        if i % 3 == 0 {
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        drop(c);
+    }
+    stayer.assert_works("a client connected throughout");
+    // New clients still get a place.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut fresh = Client::connect(&s.control);
+        let a = fresh.ask(r#"{"v":1,"cmd":"status"}"#);
+        if a["ok"] == json!(true) {
+            break;
+        }
+        assert_refused(&a, "too many");
+        assert!(Instant::now() < deadline, "places are never given back");
+        thread::sleep(Duration::from_millis(20));
+    }
+    s.assert_alive();
+    write_ok(&mut fe, 0, &[9; 512]);
+    assert_eq!(fe.read(0, Sector(0), 512).unwrap().1, vec![9; 512]);
+    assert!(s.ctl_ok(&["status"]).contains("requests 2"));
+}
+
+#[test]
+fn the_control_socket_is_for_its_owner_only() {
+    let s = Serve::start(&[]);
+    let mode = fs::metadata(&s.control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {:o}", mode & 0o777);
+    // A --control path of one's own choosing, too.
+    let other = s.dir.path().join("elsewhere.ctl");
+    let _elsewhere = Serve::start(&["--control", other.to_str().unwrap()]);
+    let mode = fs::metadata(&other).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {:o}", mode & 0o777);
+}
+
+#[test]
+fn a_control_path_that_is_a_regular_file_is_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("notes.txt");
+    fs::write(&precious, "a file that is not a socket\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("blk.sock"))
+        .args(["--mem", "16M", "--control"])
+        .arg(&precious)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dmaprobe serve");
+    // Either it refuses (and exits) or it is serving; give it time to do either.
+    let deadline = Instant::now() + SOON;
+    while child.try_wait().unwrap().is_none()
+        && !(fs::symlink_metadata(&precious).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }))
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        fs::read_to_string(&precious).ok().as_deref(),
+        Some("a file that is not a socket\n"),
+        "the file at the --control path is gone"
+    );
+}
+
+#[test]
+fn ctl_without_a_daemon_says_it_cannot_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nobody.ctl");
+    let out = ctl_at(&["--control", missing.to_str().unwrap()], &["status"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("Cannot reach the daemon") && stderr.contains("nobody.ctl"),
+        "{stderr}"
+    );
+    // Found through --socket: the same.
+    let sock = dir.path().join("gone.sock");
+    let out = ctl_at(&["--socket", sock.to_str().unwrap()], &["held"]);
+    assert!(!out.status.success());
+    assert!(
+        texts(&out).1.contains("Cannot reach the daemon")
+            && texts(&out).1.contains("gone.sock.ctl"),
+        "{}",
+        texts(&out).1
+    );
+    // No socket named at all.
+    let out = ctl_at(&[], &["status"]);
+    assert!(!out.status.success());
+    assert!(
+        texts(&out).1.contains("No control socket"),
+        "{}",
+        texts(&out).1
+    );
+}
