@@ -22,17 +22,32 @@ pub const FREE_POISON: u8 = 0xaa;
 
 /// Fills `buf` with the canary of request `id` for the bytes at `req_offset..`
 /// of the request's data.
+///
+/// A part unit at either end is cut from a whole one; everything between is
+/// written a whole unit at a time.
 pub fn fill(id: ReqId, req_offset: u64, buf: &mut [u8]) {
-    let mut at = req_offset;
-    let mut i = 0;
-    while i < buf.len() {
-        let unit_start = at - at % UNIT as u64;
-        let unit = unit_bytes(id, unit_start);
-        let skip = (at - unit_start) as usize;
-        let n = (UNIT - skip).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&unit[skip..skip + n]);
-        i += n;
-        at += n as u64;
+    let units = Units::new(id);
+    let skip = (req_offset % UNIT as u64) as usize;
+    let mut unit_offset = req_offset - skip as u64;
+    let head = if skip == 0 {
+        0
+    } else {
+        (UNIT - skip).min(buf.len())
+    };
+    let (head_buf, rest) = buf.split_at_mut(head);
+    if head > 0 {
+        head_buf.copy_from_slice(&units.at(unit_offset)[skip..skip + head]);
+        unit_offset += UNIT as u64;
+    }
+    let mut whole = rest.chunks_exact_mut(UNIT);
+    for chunk in &mut whole {
+        chunk.copy_from_slice(&units.at(unit_offset));
+        unit_offset += UNIT as u64;
+    }
+    let tail = whole.into_remainder();
+    let n = tail.len();
+    if n > 0 {
+        tail.copy_from_slice(&units.at(unit_offset)[..n]);
     }
 }
 
@@ -41,14 +56,32 @@ fn check_byte(u: &[u8]) -> u8 {
     u[4..UNIT].iter().fold(0x5a, |c, &b| c ^ b)
 }
 
-fn unit_bytes(id: ReqId, unit_offset: u64) -> [u8; UNIT] {
-    let mut u = [0u8; UNIT];
-    u[..3].copy_from_slice(&MAGIC);
-    u[4..12].copy_from_slice(&(id.0 ^ ID_MASK).to_le_bytes());
-    // The offset wraps past 4 GiB; requests are far smaller.
-    u[12..].copy_from_slice(&(unit_offset as u32 ^ OFFSET_MASK).to_le_bytes());
-    u[3] = check_byte(&u);
-    u
+/// The units of one request's canary: the magic and id bytes, and their part
+/// of the check byte, worked out once.
+struct Units {
+    template: [u8; UNIT],
+    id_check: u8,
+}
+
+impl Units {
+    fn new(id: ReqId) -> Units {
+        let mut template = [0u8; UNIT];
+        template[..3].copy_from_slice(&MAGIC);
+        template[4..12].copy_from_slice(&(id.0 ^ ID_MASK).to_le_bytes());
+        // With the offset bytes still zero, this is the id's part alone.
+        let id_check = check_byte(&template);
+        Units { template, id_check }
+    }
+
+    /// The unit at byte `unit_offset` of the request.
+    fn at(&self, unit_offset: u64) -> [u8; UNIT] {
+        let mut u = self.template;
+        // The offset wraps past 4 GiB; requests are far smaller.
+        let off = (unit_offset as u32 ^ OFFSET_MASK).to_le_bytes();
+        u[12..].copy_from_slice(&off);
+        u[3] = off.iter().fold(self.id_check, |c, &b| c ^ b);
+        u
+    }
 }
 
 /// What replaced a canary.
@@ -89,6 +122,10 @@ pub struct Damage {
 /// Compares what is in memory (`found`) with the canary that was stamped
 /// (`expected`); `None` if it is intact.
 pub fn check(expected: &[u8], found: &[u8]) -> Option<Damage> {
+    // The common case, an intact canary, is one comparison of the slices.
+    if expected == found {
+        return None;
+    }
     let mut bytes = 0u64;
     let mut first = None;
     let mut all_zero = true;
@@ -157,6 +194,36 @@ mod tests {
         // A slice starting mid-unit continues the same sequence.
         let whole = canary(42, 0, 100);
         assert_eq!(canary(42, 7, 93), whole[7..].to_vec());
+    }
+
+    /// The canary as the format defines it, one byte at a time.
+    fn canary_by_definition(id: u64, off: u64, len: usize) -> Vec<u8> {
+        (off..off + len as u64)
+            .map(|at| {
+                let unit_offset = at - at % UNIT as u64;
+                let mut u = [0u8; UNIT];
+                u[..3].copy_from_slice(&MAGIC);
+                u[4..12].copy_from_slice(&(id ^ ID_MASK).to_le_bytes());
+                u[12..].copy_from_slice(&(unit_offset as u32 ^ OFFSET_MASK).to_le_bytes());
+                u[3] = check_byte(&u);
+                u[(at - unit_offset) as usize]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fill_matches_the_format_at_any_offset_and_length() {
+        for id in [0, 1, 42, u64::MAX] {
+            for off in [0, 1, 7, 15, 16, 17, 4095, 4096, (1 << 32) - 3] {
+                for len in [0, 1, 5, 15, 16, 17, 31, 32, 33, 100, 4096] {
+                    assert_eq!(
+                        canary(id, off, len),
+                        canary_by_definition(id, off, len),
+                        "id {id} offset {off} len {len}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -112,6 +112,45 @@ pub const TESTS: &[TestSpec] = &[
         timeout: Duration::from_secs(120),
     },
     TestSpec {
+        name: "dio-read-fork-cow-threads",
+        summary: "seven threads read into parts of one page, held across fork; an eighth read \
+                  into the last part completes first: every part must get its data",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "dio-write-fork",
+        summary: "an O_DIRECT write held while the process forks and the child rewrites the page: \
+                  the disk must get the parent's data",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "dio-unmap-exit",
+        summary: "a page under a held O_DIRECT read is unmapped; another process's memory must \
+                  stay intact after the release",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
         name: "dio-pin-accounting",
         summary: "while the device holds a read and then a write, the pin counter says whether \
                   the kernel pins O_DIRECT pages (a property, reported); the pins must be released",

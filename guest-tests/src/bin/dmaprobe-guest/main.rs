@@ -16,6 +16,7 @@
 //! - [`hold`]: a program holds its own read through the mailbox and releases it.
 //! - [`mm`]: anonymous pages, their frames, the pin counters, fork.
 //! - [`cow`]: an O_DIRECT read held across fork: does the parent keep its data?
+//! - [`lifetimes`]: writes across fork, reads from many threads across fork, unmap.
 //! - [`held`]: holding the test's own requests at the device through the mailbox.
 //! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
@@ -32,6 +33,7 @@ mod ext4;
 mod held;
 mod hold;
 mod io;
+mod lifetimes;
 mod mailbox;
 mod mm;
 mod report;
@@ -66,6 +68,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("mailbox-hold", hold::run),
     ("dio-read-fork-cow", cow::parent_writes),
     ("dio-read-fork-cow-child", cow::child_writes),
+    ("dio-read-fork-cow-threads", lifetimes::threads),
+    ("dio-write-fork", lifetimes::write_fork),
+    ("dio-unmap-exit", lifetimes::unmap_exit),
     ("dio-pin-accounting", zero::pin_accounting),
     ("zero-page-write-source", zero::write_source),
     ("zero-page-read-target", zero::read_target),

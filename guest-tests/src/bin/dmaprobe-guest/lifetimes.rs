@@ -1,0 +1,293 @@
+//! More page lifetimes around held O_DIRECT requests.
+//!
+//! - `dio-write-fork`: an O_DIRECT write from a page is held while the process
+//!   forks and the child writes the whole page; the disk must get the parent's
+//!   data, not the child's.
+//! - `dio-read-fork-cow-threads` (the LTP dma_thread pattern): seven threads
+//!   read with O_DIRECT into seven 512-byte parts of one page; the device holds
+//!   them all while the process forks; then an eighth read, into the last part,
+//!   runs to completion (its pinning for write breaks copy-on-write in the
+//!   parent); then the seven are released. Every part must hold its data.
+//! - `dio-unmap-exit`: a page under a held O_DIRECT read is unmapped by its
+//!   owner; a second process fills 64 MiB with a pattern; the read is released.
+//!   The other process's memory must be intact, and the device must see
+//!   nothing wrong: a freed page the device later writes would be someone
+//!   else's memory.
+
+use std::sync::Arc;
+use std::thread;
+
+use guest_tests::protocol::fill_pattern;
+use serde_json::json;
+
+use crate::held::Hold;
+use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
+use crate::mailbox::Mailbox;
+use crate::mm::{fork_and_wait, pfn, AnonPage};
+use crate::{Ctx, OrStop, Stop};
+
+const OFFSET: u64 = 1 << 20;
+const LBA: u64 = OFFSET / 512;
+
+fn hex(p: Option<u64>) -> String {
+    p.map_or("not present".to_owned(), |p| {
+        format!("{:#x}", p * PAGE as u64)
+    })
+}
+
+pub fn write_fork(ctx: &Ctx) -> Result<(), Stop> {
+    let disk = ctx.disk()?;
+    let mailbox = Mailbox::open(disk)?;
+    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let seed = ctx.seed(1);
+    let page = Arc::new(AnonPage::map()?);
+    let mut data = vec![0u8; PAGE];
+    fill_pattern(seed, OFFSET, &mut data);
+    for (i, &b) in data.iter().enumerate() {
+        page.write(i, b);
+    }
+    let hold = Hold::next(&mailbox, "write", LBA)?;
+    let writer = {
+        let (fd, page) = (fd.clone(), page.clone());
+        thread::spawn(move || {
+            // SAFETY: the mapping lives as long as `page`, held by this thread; the
+            // kernel reads it by DMA.
+            let src = unsafe { std::slice::from_raw_parts(page.addr() as *const u8, PAGE) };
+            fd.write_all_at(src, OFFSET)
+        })
+    };
+    let held = hold.wait_held()?;
+    let status = fork_and_wait(|| {
+        for i in 0..PAGE {
+            page.write(i, 0x77);
+        }
+    })?;
+    hold.release()?;
+    writer
+        .join()
+        .map_err(|_| Stop::Error("the writer thread panicked".into()))?
+        .or_fail()?;
+    if status != 0 {
+        return Err(Stop::Error(format!(
+            "the child exited with status {status}"
+        )));
+    }
+    ctx.wrote(OFFSET, PAGE, seed);
+    ctx.note(
+        "device-read-from",
+        held["segments"][0]["gpa"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned(),
+    );
+    let mut back = AlignedBuf::new(PAGE, 0).or_error()?;
+    fd.read_exact_at(back.as_mut_slice(), OFFSET).or_fail()?;
+    ctx.record(
+        "the disk holds the parent's data",
+        check_pattern(seed, OFFSET, back.as_slice())
+            .map(|()| format!("{PAGE} B at byte {OFFSET} are the parent's"))
+            .map_err(|m| {
+                let childs = back.as_slice().iter().filter(|&&b| b == 0x77).count();
+                Stop::Fail(format!(
+                    "the disk does not hold the parent's data ({childs} B are the child's 0x77): {m}"
+                ))
+            }),
+    )
+}
+
+const PARTS: usize = PAGE / 512;
+
+pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
+    let disk = ctx.disk()?;
+    let mailbox = Mailbox::open(disk)?;
+    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let seed = ctx.seed(1);
+    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+    fill_pattern(seed, OFFSET, data.as_mut_slice());
+    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+    ctx.wrote(OFFSET, PAGE, seed);
+
+    let page = Arc::new(AnonPage::map()?);
+    page.fill(0x11);
+    let before = pfn(page.addr())?;
+    let held_parts = PARTS - 1;
+    let last = LBA + held_parts as u64 - 1;
+    let rule = mailbox.call(json!({"cmd": "add-rule",
+        "rule": format!("op=read,lba={LBA}-{last},count={held_parts},action=hold")}))?;
+    let read_part = |part: usize| {
+        let (fd, page) = (fd.clone(), page.clone());
+        thread::spawn(move || {
+            // SAFETY: each thread takes its own 512 B of the mapping, which lives as
+            // long as `page`; the kernel writes it by DMA.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut((page.addr() + part * 512) as *mut u8, 512)
+            };
+            fd.read_exact_at(dst, OFFSET + part as u64 * 512)
+        })
+    };
+    let readers: Vec<_> = (0..held_parts).map(read_part).collect();
+    let held = wait_for_held(&mailbox, held_parts)?;
+    let status = fork_and_wait(|| {})?;
+    // The eighth read is not held: pinning its part for write breaks COW.
+    read_part(held_parts)
+        .join()
+        .map_err(|_| Stop::Error("a reader thread panicked".into()))?
+        .or_fail()?;
+    let after = pfn(page.addr())?;
+    let released = mailbox.call(json!({"cmd": "release", "all": true}))?;
+    let mut failed = Vec::new();
+    for (part, r) in readers.into_iter().enumerate() {
+        r.join()
+            .map_err(|_| Stop::Error("a reader thread panicked".into()))?
+            .or_fail()?;
+        let at = OFFSET + part as u64 * 512;
+        if check_pattern(seed, at, &page.bytes(part * 512, 512)).is_err() {
+            failed.push(part);
+        }
+    }
+    let _ = mailbox.call(json!({"cmd": "remove-rule", "id": rule["id"]}));
+    if status != 0 {
+        return Err(Stop::Error(format!(
+            "the child exited with status {status}"
+        )));
+    }
+    ctx.note("page-before-fork", hex(before));
+    ctx.note("page-after", hex(after));
+    ctx.note("released", released.to_string());
+    ctx.note("device-wrote-at", held.join(" "));
+    ctx.check(
+        "the unheld read's part holds its data",
+        check_pattern(
+            seed,
+            OFFSET + held_parts as u64 * 512,
+            &page.bytes(held_parts * 512, 512),
+        )
+        .is_ok(),
+        "the last 512 B".to_owned(),
+    );
+    let detail =
+        if failed.is_empty() {
+            format!("all {held_parts} held parts hold their data")
+        } else {
+            format!(
+            "parts {failed:?} of {held_parts} kept their old bytes; the device wrote them at {} {}",
+            held.join(" "),
+            if before != after {
+                format!("after the page had left the process (it now maps {})", hex(after))
+            } else {
+                "but the process does not see them".to_owned()
+            }
+        )
+        };
+    ctx.check("every held part holds its data", failed.is_empty(), detail);
+    Ok(())
+}
+
+/// Waits until the device holds `n` reads; returns the guest addresses it
+/// will write.
+fn wait_for_held(mailbox: &Mailbox, n: usize) -> Result<Vec<String>, Stop> {
+    let start = std::time::Instant::now();
+    loop {
+        let held = mailbox.call(json!({"cmd": "held"}))?;
+        let reads: Vec<String> = held
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter(|p| p["held"] == true && p["op"] == "read")
+                    .map(|p| p["segments"][0]["gpa"].as_str().unwrap_or("?").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if reads.len() >= n {
+            return Ok(reads);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            return Err(Stop::Error(format!(
+                "the device held {} of {n} reads: {held}",
+                reads.len()
+            )));
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Bytes of patterned memory the bystander process keeps and checks.
+const BYSTANDER: usize = 64 << 20;
+
+pub fn unmap_exit(ctx: &Ctx) -> Result<(), Stop> {
+    let disk = ctx.disk()?;
+    let mailbox = Mailbox::open(disk)?;
+    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let seed = ctx.seed(1);
+    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+    fill_pattern(seed, OFFSET, data.as_mut_slice());
+    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+
+    let page = AnonPage::map()?;
+    page.fill(0x11);
+    let addr = page.addr();
+    let hold = Hold::next(&mailbox, "read", LBA)?;
+    let reader = {
+        let fd = fd.clone();
+        thread::spawn(move || {
+            // SAFETY: the page is unmapped by the main thread while this read is
+            // in flight: that is the test. The kernel keeps what it needs of it;
+            // this thread never touches the memory itself.
+            let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, 512) };
+            fd.read_exact_at(dst, OFFSET)
+        })
+    };
+    let held = hold.wait_held()?;
+    drop(page); // munmap, with the read in flight
+                // A bystander fills memory with a pattern; it would get the freed page if the
+                // kernel let it go, and then the device's write would land in it.
+    let mut pipe = [0i32; 2];
+    // SAFETY: a valid two-int array for pipe(2).
+    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
+        return Err(Stop::Error("pipe failed".into()));
+    }
+    // SAFETY: the child only touches its own memory, reads a pipe and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut mem = vec![0u8; BYSTANDER];
+        fill_pattern(seed ^ 0xb1, 0, &mut mem);
+        let mut go = [0u8; 1];
+        // SAFETY: reading one byte from our pipe into a local buffer.
+        unsafe { libc::read(pipe[0], go.as_mut_ptr().cast(), 1) };
+        let bad = guest_tests::protocol::pattern_mismatch(seed ^ 0xb1, 0, &mem).is_some();
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(i32::from(bad)) }
+    }
+    thread::sleep(std::time::Duration::from_millis(500));
+    hold.release()?;
+    let read = reader
+        .join()
+        .map_err(|_| Stop::Error("the reader thread panicked".into()))?;
+    // SAFETY: writing one byte to our pipe, then waiting for our child.
+    let status = unsafe {
+        libc::write(pipe[1], [1u8].as_ptr().cast(), 1);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        status
+    };
+    ctx.note(
+        "device-wrote-at",
+        held["segments"][0]["gpa"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned(),
+    );
+    ctx.note(
+        "read-after-unmap",
+        format!("{:?}", read.as_ref().map_err(|e| e.to_string())),
+    );
+    ctx.check(
+        "the other process's memory is intact",
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        format!(
+            "the bystander's {} MiB of pattern: exit status {status}",
+            BYSTANDER >> 20
+        ),
+    );
+    Ok(())
+}

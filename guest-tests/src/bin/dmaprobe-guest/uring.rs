@@ -1,0 +1,599 @@
+//! `io-uring-fixed-fork`: does a read into an io_uring registered (fixed)
+//! buffer reach the program when the process forks and writes to the page
+//! while the read is in flight?
+//!
+//! An anonymous page is registered with the ring as a fixed buffer
+//! (`IORING_REGISTER_BUFFERS`). Registration pins the page for as long as it
+//! stays registered (FOLL_PIN | FOLL_LONGTERM), independently of any I/O. An
+//! `IORING_OP_READ_FIXED` of 512 B from an O_DIRECT descriptor goes into the
+//! start of the page; the device holds it (through the mailbox) while the
+//! process forks (the child exits at once) and the parent writes elsewhere in
+//! the page. Then the read is released and its completion reaped. The
+//! parent's page must hold the data.
+//!
+//! A pinned page is copied for the child at fork, so the parent keeps the page
+//! the device writes. A kernel that shared it copy-on-write instead would give
+//! the parent a fresh copy on its write and the DMA would land in the page the
+//! parent left. The evidence is the page frame before fork and after the
+//! parent's write, and the guest-physical address the device was given.
+//!
+//! Pin notes, each counted from just before the registration: after it
+//! (`pins-after-register`), while the read is held (`pins-while-held`), and
+//! after unregistering (`pins-after-unregister`). A kernel without io_uring,
+//! or with it disabled (`kernel.io_uring_disabled`), skips the test.
+//!
+//! The ring is driven by raw syscalls (`io_uring_setup`, `io_uring_enter`,
+//! `io_uring_register`) and its three shared mappings: the submission ring,
+//! the completion ring and the submission queue entries, with the layouts of
+//! `include/uapi/linux/io_uring.h`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::mem::{align_of, size_of};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use guest_tests::protocol::fill_pattern;
+use thiserror::Error;
+
+use crate::held::Hold;
+use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
+use crate::mailbox::Mailbox;
+use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
+use crate::{one_line, Ctx, OrStop, Stop, DISK};
+
+/// Where the data sits on the disk: byte 1 MiB, LBA 2048 with 512 B blocks.
+const OFFSET: u64 = 1 << 20;
+const LBA: u64 = OFFSET / 512;
+/// The read: the first 512 B of the page.
+const READ_LEN: usize = 512;
+/// What the page holds before the read.
+const OLD: u8 = 0x11;
+/// Where in the page, and what, the parent writes after fork.
+const TOUCH_AT: usize = 2048;
+const TOUCH: u8 = 0x33;
+/// Submission queue entries asked of `io_uring_setup` (the kernel may round up).
+const ENTRIES: u32 = 4;
+/// Tags the read's completion.
+const READ_TAG: u64 = 1;
+/// How long the released read may take to complete.
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
+    let disk = ctx.disk()?;
+    let mailbox = Mailbox::open(disk)?;
+    let seed = ctx.seed(1);
+    {
+        let fd = Fd::open(disk, Cache::Direct).or_error()?;
+        let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+        fill_pattern(seed, OFFSET, data.as_mut_slice());
+        fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+    }
+    ctx.wrote(OFFSET, PAGE, seed);
+
+    let ring = match Ring::setup(ENTRIES) {
+        Ok(ring) => ring,
+        Err(e) if e.unsupported() => {
+            return Err(Stop::Skip(format!("{}{}", one_line(&e), disabled_sysctl())))
+        }
+        Err(e) => return Err(Stop::Error(one_line(&e))),
+    };
+    ctx.note("ring", ring.describe());
+    let reader = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(DISK)
+        .map_err(|e| Stop::Error(format!("cannot open {DISK} with O_DIRECT: {e}")))?;
+
+    let page = AnonPage::map()?;
+    page.fill(OLD);
+    let pfn_before = pfn(page.addr())?;
+    let pins_before = pins().ok();
+    ring.register_buffer(page.addr(), PAGE).or_error()?;
+    let pins_registered = pins().ok();
+
+    let hold = Hold::next(&mailbox, "read", LBA)?;
+    ring.read_fixed(&reader, page.addr(), READ_LEN, OFFSET, 0, READ_TAG)
+        .or_error()?;
+    let held = hold.wait_held()?;
+    let gpa = held["segments"][0]["gpa"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    let pins_during = pins().ok();
+
+    let status = fork_and_wait(|| {})?;
+    page.write(TOUCH_AT, TOUCH);
+    let pfn_after = pfn(page.addr())?;
+
+    hold.release()?;
+    let cqe = ring.wait_completion(COMPLETION_TIMEOUT).or_error()?;
+    if status != 0 {
+        return Err(Stop::Error(format!(
+            "the child exited with status {status}"
+        )));
+    }
+    ring.unregister_buffers().or_error()?;
+    let pins_unregistered = pins().ok();
+
+    let hex = |p: Option<u64>| {
+        p.map_or("not present".to_owned(), |p| {
+            format!("{:#x}", p * PAGE as u64)
+        })
+    };
+    ctx.note("page-before-fork", hex(pfn_before));
+    ctx.note("page-after-write", hex(pfn_after));
+    ctx.note("device-wrote-at", gpa.clone());
+    if let Some(before) = pins_before {
+        let since = |p: Option<i64>| p.map_or("?".to_owned(), |p| (p - before).to_string());
+        ctx.note("pins-after-register", since(pins_registered));
+        ctx.note("pins-while-held", since(pins_during));
+        ctx.note("pins-after-unregister", since(pins_unregistered));
+    }
+
+    ctx.record(
+        "the read completes",
+        if cqe.user_data != READ_TAG {
+            Err(Stop::Error(format!(
+                "the completion is tagged {:#x}, not the read's {READ_TAG:#x}",
+                cqe.user_data
+            )))
+        } else if cqe.res == READ_LEN as i32 {
+            Ok(format!("res = {READ_LEN}"))
+        } else if cqe.res < 0 {
+            Err(Stop::Fail(format!(
+                "res = {} ({})",
+                cqe.res,
+                io::Error::from_raw_os_error(-cqe.res)
+            )))
+        } else {
+            Err(Stop::Fail(format!("res = {}, not {READ_LEN}", cqe.res)))
+        },
+    )?;
+    ctx.check(
+        "the other half of the page kept the write",
+        page.read(TOUCH_AT) == TOUCH,
+        format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
+    );
+    let got = page.bytes(0, READ_LEN);
+    let result = check_pattern(seed, OFFSET, &got)
+        .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
+        .map_err(|m| {
+            let why = if got.iter().all(|&b| b == OLD) {
+                format!(
+                    "the parent's buffer kept its old bytes; the device wrote {READ_LEN} B at GPA {gpa} {}",
+                    if pfn_before != pfn_after {
+                        format!("after the page had left the parent (it now maps {})", hex(pfn_after))
+                    } else {
+                        "but the parent does not see them".to_owned()
+                    }
+                )
+            } else {
+                format!("the parent's buffer is wrong: {m}")
+            };
+            Stop::Fail(why)
+        });
+    ctx.record("the parent sees the data", result)
+}
+
+/// `; kernel.io_uring_disabled = N` if the sysctl exists (Linux 6.6 on).
+fn disabled_sysctl() -> String {
+    fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|v| format!("; kernel.io_uring_disabled = {}", v.trim()))
+        .unwrap_or_default()
+}
+
+// The io_uring ABI, from include/uapi/linux/io_uring.h.
+
+/// `IORING_OP_READ_FIXED`: a read into a registered buffer.
+const IORING_OP_READ_FIXED: u8 = 4;
+/// `io_uring_enter` flag: wait for (and reap into the ring) `min_complete` completions.
+const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+/// `io_uring_register` opcodes.
+const IORING_REGISTER_BUFFERS: libc::c_uint = 0;
+const IORING_UNREGISTER_BUFFERS: libc::c_uint = 1;
+/// `mmap` offsets of the ring fd's three regions.
+const IORING_OFF_SQ_RING: libc::off_t = 0;
+const IORING_OFF_CQ_RING: libc::off_t = 0x800_0000;
+const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+
+/// `struct io_sqring_offsets`: where the submission ring's fields sit in its mapping.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct SqRingOffsets {
+    head: u32,
+    tail: u32,
+    ring_mask: u32,
+    ring_entries: u32,
+    flags: u32,
+    dropped: u32,
+    array: u32,
+    resv1: u32,
+    user_addr: u64,
+}
+
+/// `struct io_cqring_offsets`: where the completion ring's fields sit in its mapping.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct CqRingOffsets {
+    head: u32,
+    tail: u32,
+    ring_mask: u32,
+    ring_entries: u32,
+    overflow: u32,
+    cqes: u32,
+    flags: u32,
+    resv1: u32,
+    user_addr: u64,
+}
+
+/// `struct io_uring_params`: in, the flags; out, the sizes, features and offsets.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct Params {
+    sq_entries: u32,
+    cq_entries: u32,
+    flags: u32,
+    sq_thread_cpu: u32,
+    sq_thread_idle: u32,
+    features: u32,
+    wq_fd: u32,
+    resv: [u32; 3],
+    sq_off: SqRingOffsets,
+    cq_off: CqRingOffsets,
+}
+
+/// `struct io_uring_sqe`, with the fields a fixed-buffer read uses.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct Sqe {
+    opcode: u8,
+    flags: u8,
+    ioprio: u16,
+    fd: i32,
+    /// The file offset.
+    off: u64,
+    /// The user address to read into (inside the registered buffer).
+    addr: u64,
+    len: u32,
+    rw_flags: u32,
+    user_data: u64,
+    /// Which registered buffer `addr` lies in.
+    buf_index: u16,
+    personality: u16,
+    splice_fd_in: i32,
+    addr3: u64,
+    pad: u64,
+}
+
+/// `struct io_uring_cqe`: one completion.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cqe {
+    pub user_data: u64,
+    /// Bytes moved, or a negated errno.
+    pub res: i32,
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<Params>() == 120);
+const _: () = assert!(size_of::<Sqe>() == 64);
+const _: () = assert!(size_of::<Cqe>() == 16);
+
+/// Why a ring operation failed.
+#[derive(Debug, Error)]
+pub enum UringError {
+    #[error("io_uring_setup failed")]
+    Setup(#[source] io::Error),
+    #[error("Cannot map the ring's {what}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("IORING_REGISTER_BUFFERS of {len} B at {addr:#x} failed")]
+    Register {
+        addr: usize,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("IORING_UNREGISTER_BUFFERS failed")]
+    Unregister(#[source] io::Error),
+    #[error("The submission queue is full")]
+    QueueFull,
+    #[error("io_uring_enter failed")]
+    Enter(#[source] io::Error),
+    #[error("io_uring_enter consumed {0} submissions, not 1")]
+    NotConsumed(libc::c_long),
+    #[error("No completion within {} s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+impl UringError {
+    /// The kernel has no io_uring (ENOSYS) or does not allow it here (EPERM).
+    fn unsupported(&self) -> bool {
+        matches!(self, UringError::Setup(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)))
+    }
+}
+
+/// A shared mapping of part of the ring fd, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(
+        fd: &OwnedFd,
+        len: usize,
+        offset: libc::off_t,
+        what: &'static str,
+    ) -> Result<Mapping, UringError> {
+        // SAFETY: a shared mapping of the ring fd at an address of the kernel's
+        // choosing, at one of the offsets io_uring defines; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(UringError::Map {
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(UringError::Map {
+            what,
+            source: io::Error::other("mmap gave null"),
+        })?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// The `u32` the kernel and this program share at byte `offset`.
+    fn atomic(&self, offset: u32) -> &AtomicU32 {
+        let offset = offset as usize;
+        assert!(offset + size_of::<u32>() <= self.len && offset % 4 == 0);
+        // SAFETY: the offset is in bounds and 4-aligned (checked; the mapping is
+        // page-aligned), AtomicU32 has the layout of u32, and the mapping lives as
+        // long as `self`. The kernel accesses these words atomically too.
+        unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() }
+    }
+
+    /// A pointer to the `T` at byte `offset`, checked to lie inside the mapping.
+    fn at<T>(&self, offset: usize) -> *mut T {
+        assert!(offset + size_of::<T>() <= self.len && offset % align_of::<T>() == 0);
+        // SAFETY: the offset is inside the mapping (checked above).
+        unsafe { self.ptr.as_ptr().add(offset).cast::<T>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped by `Mapping::new` with this length, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// An io_uring instance: its fd and the three shared mappings. Single-threaded
+/// use only: one submitter, one reaper.
+#[derive(Debug)]
+pub struct Ring {
+    params: Params,
+    sq: Mapping,
+    cq: Mapping,
+    sqes: Mapping,
+    fd: OwnedFd,
+}
+
+impl Ring {
+    /// `io_uring_setup` with room for `entries` submissions, and the mappings.
+    pub fn setup(entries: u32) -> Result<Ring, UringError> {
+        let mut params = Params::default();
+        // SAFETY: io_uring_setup reads and writes the `Params` it is given, which
+        // has the kernel's layout (its size is checked above) and outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_setup,
+                entries,
+                &mut params as *mut Params,
+            )
+        };
+        if fd < 0 {
+            return Err(UringError::Setup(io::Error::last_os_error()));
+        }
+        // SAFETY: the fd was just returned by io_uring_setup and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let sq_len = params.sq_off.array as usize + params.sq_entries as usize * 4;
+        let cq_len =
+            params.cq_off.cqes as usize + params.cq_entries as usize * size_of::<Cqe>();
+        let sqes_len = params.sq_entries as usize * size_of::<Sqe>();
+        // Mapped separately even when the kernel offers one mapping for both
+        // rings (IORING_FEAT_SINGLE_MMAP): that works on every kernel.
+        let sq = Mapping::new(&fd, sq_len, IORING_OFF_SQ_RING, "submission ring")?;
+        let cq = Mapping::new(&fd, cq_len, IORING_OFF_CQ_RING, "completion ring")?;
+        let sqes = Mapping::new(&fd, sqes_len, IORING_OFF_SQES, "submission entries")?;
+        Ok(Ring {
+            params,
+            sq,
+            cq,
+            sqes,
+            fd,
+        })
+    }
+
+    /// The ring's sizes and the kernel's feature bits, for a note.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} submission and {} completion entries, features {:#x}",
+            self.params.sq_entries, self.params.cq_entries, self.params.features
+        )
+    }
+
+    /// Registers `len` bytes at `addr` as fixed buffer 0. The kernel pins the
+    /// pages until they are unregistered or the ring is closed.
+    pub fn register_buffer(&self, addr: usize, len: usize) -> Result<(), UringError> {
+        let iov = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: the kernel reads one iovec from `iov`, which outlives the call;
+        // the memory it describes is the caller's mapping, which the kernel pins.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.fd.as_raw_fd(),
+                IORING_REGISTER_BUFFERS,
+                &iov as *const libc::iovec,
+                1 as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            return Err(UringError::Register {
+                addr,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops every registered buffer (and its pins).
+    pub fn unregister_buffers(&self) -> Result<(), UringError> {
+        // SAFETY: IORING_UNREGISTER_BUFFERS takes no argument.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.fd.as_raw_fd(),
+                IORING_UNREGISTER_BUFFERS,
+                std::ptr::null::<libc::c_void>(),
+                0 as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            return Err(UringError::Unregister(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Submits `IORING_OP_READ_FIXED`: `len` bytes at `offset` of `file` into
+    /// `addr`, which lies in registered buffer `buf_index`. Returns once the
+    /// kernel has taken the entry; the read completes later.
+    pub fn read_fixed(
+        &self,
+        file: &File,
+        addr: usize,
+        len: usize,
+        offset: u64,
+        buf_index: u16,
+        user_data: u64,
+    ) -> Result<(), UringError> {
+        let head = self.sq.atomic(self.params.sq_off.head).load(Ordering::Acquire);
+        let tail = self.sq.atomic(self.params.sq_off.tail).load(Ordering::Relaxed);
+        if tail.wrapping_sub(head) >= self.params.sq_entries {
+            return Err(UringError::QueueFull);
+        }
+        let mask = self.sq.atomic(self.params.sq_off.ring_mask).load(Ordering::Relaxed);
+        let index = tail & mask;
+        let sqe = Sqe {
+            opcode: IORING_OP_READ_FIXED,
+            fd: file.as_raw_fd(),
+            off: offset,
+            addr: addr as u64,
+            len: len as u32,
+            user_data,
+            buf_index,
+            ..Sqe::default()
+        };
+        let slot = self.sqes.at::<Sqe>(index as usize * size_of::<Sqe>());
+        let array = self
+            .sq
+            .at::<u32>(self.params.sq_off.array as usize + index as usize * 4);
+        // SAFETY: both pointers are inside their mappings (checked by `at`); the
+        // kernel reads this slot and array entry only after it sees the new tail,
+        // which is stored below with Release ordering.
+        unsafe {
+            slot.write(sqe);
+            array.write(index);
+        }
+        self.sq
+            .atomic(self.params.sq_off.tail)
+            .store(tail.wrapping_add(1), Ordering::Release);
+        let consumed = self.enter(1, 0, 0)?;
+        if consumed != 1 {
+            return Err(UringError::NotConsumed(consumed));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for one completion and consumes it.
+    pub fn wait_completion(&self, timeout: Duration) -> Result<Cqe, UringError> {
+        let start = Instant::now();
+        loop {
+            let head = self.cq.atomic(self.params.cq_off.head).load(Ordering::Relaxed);
+            let tail = self.cq.atomic(self.params.cq_off.tail).load(Ordering::Acquire);
+            if head != tail {
+                let mask = self.cq.atomic(self.params.cq_off.ring_mask).load(Ordering::Relaxed);
+                let at = self.params.cq_off.cqes as usize
+                    + (head & mask) as usize * size_of::<Cqe>();
+                // SAFETY: the entry is inside the mapping (checked by `at`) and the
+                // kernel filled it before publishing the tail loaded with Acquire;
+                // it does not reuse the slot until the head moves past it.
+                let cqe = unsafe { self.cq.at::<Cqe>(at).read() };
+                self.cq
+                    .atomic(self.params.cq_off.head)
+                    .store(head.wrapping_add(1), Ordering::Release);
+                return Ok(cqe);
+            }
+            if start.elapsed() > timeout {
+                return Err(UringError::Timeout(timeout));
+            }
+            // Completions may wait as task work for this task to enter the
+            // kernel; GETEVENTS with no minimum runs it without blocking.
+            self.enter(0, 0, IORING_ENTER_GETEVENTS)?;
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `io_uring_enter`; returns the number of submissions consumed.
+    fn enter(
+        &self,
+        to_submit: libc::c_uint,
+        min_complete: libc::c_uint,
+        flags: libc::c_uint,
+    ) -> Result<libc::c_long, UringError> {
+        loop {
+            // SAFETY: no signal mask is passed (null, size 0); the kernel reads
+            // the submission ring this ring owns.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_enter,
+                    self.fd.as_raw_fd(),
+                    to_submit,
+                    min_complete,
+                    flags,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            if r >= 0 {
+                return Ok(r);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(UringError::Enter(e));
+            }
+        }
+    }
+}
