@@ -31,7 +31,7 @@ use crate::blk::{
     self, BlkConfig, RequestType, Status, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SIZE_MAX,
 };
 use crate::counters::{bump, Counters};
-use crate::execute::{self, ExecContext, ExecError, Prepared};
+use crate::execute::{self, ExecContext, ExecError, Prepared, Work};
 use crate::mailbox::{ControlFn, Mailbox};
 use crate::request::{self, Limits, Rejected, Request};
 
@@ -67,7 +67,7 @@ struct Pending {
     q: u16,
     head: u16,
     req: Request,
-    prepared: Prepared,
+    work: Work,
     ticket: Ticket,
     vring: Vring,
 }
@@ -297,7 +297,8 @@ impl BlkDevice {
                 return Some(core.finish(q, mem, Some(req.status), status, written));
             }
         }
-        let mut ticket = core.engine.arrive(mem, prepared.arrival.clone());
+        let Prepared { work, arrival } = prepared;
+        let mut ticket = core.engine.arrive(mem, arrival);
         let mut wait = ticket.wait;
         let mut used = None;
         if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
@@ -311,7 +312,7 @@ impl BlkDevice {
             wait = Wait::Delay(Duration::from_millis(ms));
             ticket.wait = wait;
         } else if wait == Wait::None {
-            let (len, watch) = core.perform_and_finish(q, mem, &req, &prepared, ticket, buf);
+            let (len, watch) = core.perform_and_finish(q, mem, &req, &work, ticket, buf);
             if let Some(w) = watch {
                 self.park(watch_job(w));
             }
@@ -327,7 +328,7 @@ impl BlkDevice {
                 q,
                 head,
                 req,
-                prepared,
+                work,
                 ticket,
                 vring: vring.clone(),
             })),
@@ -345,7 +346,7 @@ fn mailbox_io(
     prepared: &Prepared,
     counters: &Counters,
 ) -> Option<(Status, u32)> {
-    let ranges = prepared.media_ranges();
+    let ranges = prepared.work.media_ranges();
     let &(offset, _) = ranges.iter().find(|(o, l)| mb.touches(*o, *l))?;
     Some(match req.op {
         RequestType::In => {
@@ -424,14 +425,14 @@ impl Core {
                     q,
                     head,
                     req,
-                    prepared,
+                    work,
                     mut ticket,
                     vring,
                 } = *p;
                 let mut buf = Vec::new();
                 if completed_early {
                     let ctx = self.exec_context();
-                    let done = execute::perform(&ctx, &*mem, &prepared, &mut ticket, &mut buf);
+                    let done = execute::perform(&ctx, &*mem, &work, &mut ticket, &mut buf);
                     let outcome = if done.is_ok() {
                         "ok-before-dma"
                     } else {
@@ -439,8 +440,7 @@ impl Core {
                     };
                     return self.engine.complete(ticket, outcome).map(watch_job);
                 }
-                let (len, watch) =
-                    self.perform_and_finish(q, &mem, &req, &prepared, ticket, &mut buf);
+                let (len, watch) = self.perform_and_finish(q, &mem, &req, &work, ticket, &mut buf);
                 self.add_used(q, &vring, head, len);
                 self.signal(q, &vring);
                 watch.map(watch_job)
@@ -454,12 +454,12 @@ impl Core {
         q: u16,
         mem: &GuestMemoryMmap<()>,
         req: &Request,
-        prepared: &Prepared,
+        work: &Work,
         mut ticket: Ticket,
         buf: &mut Vec<u8>,
     ) -> (u32, Option<WatchTask>) {
         let ctx = self.exec_context();
-        let (status, written) = match execute::perform(&ctx, mem, prepared, &mut ticket, buf) {
+        let (status, written) = match execute::perform(&ctx, mem, work, &mut ticket, buf) {
             Ok(written) => (Status::Ok, written),
             Err(e) => (self.count_exec_error(q, req, &e), 0),
         };

@@ -43,16 +43,17 @@ pub struct ExecContext<'a> {
     pub writeback: bool,
 }
 
-/// A request checked at arrival, ready for the engine and then [`perform`].
+/// A request checked at arrival: what the engine sees of it, and the work
+/// [`perform`] does after the engine's wait.
 #[derive(Debug)]
 pub struct Prepared {
-    work: Work,
-    /// What the engine sees of the request.
+    pub work: Work,
     pub arrival: Arrival,
 }
 
+/// What a prepared request does to the media.
 #[derive(Debug)]
-enum Work {
+pub enum Work {
     Read(LbaRange),
     Write(LbaRange),
     Flush,
@@ -126,11 +127,11 @@ pub fn prepare<M: GuestMemoryBackend>(
     })
 }
 
-impl Prepared {
+impl Work {
     /// The media byte ranges (offset, length) the request touches.
     pub fn media_ranges(&self) -> Vec<(u64, u64)> {
         let r = |range: &LbaRange| (range.offset().0, range.len());
-        match &self.work {
+        match self {
             Work::Read(range) | Work::Write(range) => vec![r(range)],
             Work::Zero(ranges) => ranges.iter().map(|(range, _)| r(range)).collect(),
             Work::Flush | Work::GetId(_) => Vec::new(),
@@ -145,7 +146,7 @@ impl Prepared {
 pub fn perform<M: GuestMemoryBackend>(
     ctx: &ExecContext<'_>,
     mem: &M,
-    work: &Prepared,
+    work: &Work,
     ticket: &mut Ticket,
     buf: &mut Vec<u8>,
 ) -> Result<u32, ExecError> {
@@ -159,7 +160,7 @@ pub fn perform<M: GuestMemoryBackend>(
         };
         return Err(ExecError::Injected("error", status));
     }
-    match &work.work {
+    match work {
         Work::Read(range) => {
             buf.resize(len_of(range), 0);
             ns.read(*range, buf).map_err(ExecError::Media)?;
@@ -210,7 +211,7 @@ pub fn perform<M: GuestMemoryBackend>(
         }
         Work::Zero(ranges) => {
             for &(range, unmap) in ranges {
-                let done = if work.arrival.op == Op::Discard || unmap {
+                let done = if ticket.arrival.op == Op::Discard || unmap {
                     ns.deallocate(range)
                 } else {
                     ns.write_zeroes(range)

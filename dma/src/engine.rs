@@ -130,6 +130,8 @@ pub struct Engine {
     inflight: Mutex<HashMap<ReqId, InFlight>>,
     zero: Mutex<ZeroState>,
     tag: Mutex<Option<String>>,
+    /// Whether `tag` is set: the hot path looks here, not in the mutex.
+    tagged: AtomicBool,
     rng: crate::rng::SeededRng,
     next_id: AtomicU64,
     findings: [AtomicU64; FindingKind::ALL.len()],
@@ -156,6 +158,7 @@ impl Engine {
                 suspects: HashMap::new(),
             }),
             tag: Mutex::new(None),
+            tagged: AtomicBool::new(false),
             rng: crate::rng::SeededRng::new(config.seed ^ 0xc0_22e7),
             next_id: AtomicU64::new(1),
             findings: Default::default(),
@@ -194,10 +197,15 @@ impl Engine {
 
     /// The test tag that requests arriving from now on carry.
     pub fn set_tag(&self, tag: Option<String>) {
-        *lock(&self.tag) = tag;
+        let mut t = lock(&self.tag);
+        self.tagged.store(tag.is_some(), Ordering::Release);
+        *t = tag;
     }
 
     pub fn tag(&self) -> Option<String> {
+        if !self.tagged.load(Ordering::Acquire) {
+            return None;
+        }
         lock(&self.tag).clone()
     }
 
