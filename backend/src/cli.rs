@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// Write every result with its evidence as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Save an SVG timeline of every failed test here (KERNEL-TEST.svg): each
+    /// request from arrival to completion with its DMA, findings, guest moments.
+    #[arg(long, value_name = "DIR")]
+    pub timelines: Option<PathBuf>,
     /// Write the results as JUnit XML (a test suite per kernel).
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,

@@ -74,6 +74,10 @@ pub enum Command {
         tag: String,
     },
     End,
+    /// Record a named moment (e.g. "fork") in the ledger, for timelines.
+    Mark {
+        label: String,
+    },
     /// Findings recorded since a ledger cursor (default: all kept).
     Findings {
         since: Option<u64>,
@@ -206,6 +210,7 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             engine.set_tag(None);
             json!({ "ended": tag, "cursor": engine.ledger().since(u64::MAX).1 })
         }
+        Command::Mark { label } => json!({ "at_ns": engine.mark(&label) }),
         Command::Findings { since } => {
             let (entries, next) = engine.ledger().since(since.unwrap_or(0));
             let findings: Vec<_> = entries

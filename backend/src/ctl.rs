@@ -63,6 +63,8 @@ pub enum CtlCommand {
     Begin { tag: String },
     /// Stop tagging requests.
     End,
+    /// Record a named moment in the ledger (shown on timelines).
+    Mark { label: String },
     /// Findings recorded since a ledger cursor.
     Findings {
         #[arg(long, default_value_t = 0)]
@@ -162,6 +164,7 @@ fn request_for(cmd: &CtlCommand) -> String {
         CtlCommand::ZeroPage { gpa } => json!({"cmd": "zero-page", "gpa": gpa}),
         CtlCommand::Begin { tag } => json!({"cmd": "begin", "tag": tag}),
         CtlCommand::End => json!({"cmd": "end"}),
+        CtlCommand::Mark { label } => json!({"cmd": "mark", "label": label}),
         CtlCommand::Findings { since } => json!({"cmd": "findings", "since": since}),
         CtlCommand::Ledger { since, limit } => {
             json!({"cmd": "ledger", "since": since, "limit": limit})

@@ -117,6 +117,7 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         seed: args.seed,
         keep_logs: args.keep_logs,
         timeout_scale: args.timeout_scale,
+        timelines: args.timelines,
         mutant: args
             .mutant
             .as_deref()

@@ -227,6 +227,17 @@ impl Engine {
             .collect()
     }
 
+    /// Records a named moment in the ledger (always, like findings).
+    pub fn mark(&self, label: &str) -> u64 {
+        let at_ns = self.now_ns();
+        self.ledger().push(Entry::Mark(crate::ledger::MarkRecord {
+            label: label.to_owned(),
+            at_ns,
+            tag: self.tag(),
+        }));
+        at_ns
+    }
+
     /// Sets every finding count back to zero (the ledger keeps its entries).
     pub fn reset_finding_counts(&self) {
         for n in &self.findings {

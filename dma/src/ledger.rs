@@ -44,6 +44,17 @@ pub struct RequestRecord {
 pub enum Entry {
     Request(RequestRecord),
     Finding(Finding),
+    /// A moment the guest or the host named (e.g. "fork"), on the device's clock.
+    Mark(MarkRecord),
+}
+
+/// A named moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MarkRecord {
+    pub label: String,
+    pub at_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// A numbered entry.
@@ -95,7 +106,7 @@ impl Ledger {
     pub fn findings(&self) -> impl Iterator<Item = &Finding> {
         self.entries.iter().filter_map(|e| match &e.entry {
             Entry::Finding(f) => Some(f),
-            Entry::Request(_) => None,
+            Entry::Request(_) | Entry::Mark(_) => None,
         })
     }
 

@@ -19,3 +19,4 @@ pub mod protocol;
 pub mod report;
 pub mod run;
 pub mod suite;
+pub mod timeline;

@@ -57,6 +57,9 @@ pub fn table(results: &[TestResult]) -> String {
             for line in &r.console_tail {
                 let _ = writeln!(out, "    | {line}");
             }
+            if let Some(svg) = &r.timeline {
+                let _ = writeln!(out, "    timeline: {}", svg.display());
+            }
         }
     }
     out
@@ -204,6 +207,7 @@ mod tests {
             kernel_log_errors: Vec::new(),
             findings: Vec::new(),
             console_tail: Vec::new(),
+            timeline: None,
             seconds: 1.0,
         }
     }

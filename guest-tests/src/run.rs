@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub timeout_scale: f64,
     /// Run against a deliberately broken device.
     pub mutant: Option<Mutant>,
+    /// Where the SVG timelines of failed tests go.
+    pub timelines: Option<PathBuf>,
 }
 
 /// A deliberately broken device, to show that the suite notices one.
@@ -107,6 +109,8 @@ pub struct TestResult {
     pub findings: Vec<serde_json::Value>,
     /// The end of the console, kept when the guest did not finish.
     pub console_tail: Vec<String>,
+    /// The SVG timeline of a failed test, once saved where the user asked.
+    pub timeline: Option<PathBuf>,
     pub seconds: f64,
 }
 
@@ -152,6 +156,14 @@ pub fn run(
             if let Some(keep) = &config.keep_logs {
                 keep_logs(&dir, &keep.join(&kernel.name).join(test.name));
             }
+            let mut result = result;
+            result.timeline = result.timeline.take().and_then(|svg| {
+                let to = config.timelines.as_ref()?;
+                let dest = to.join(format!("{}-{}.svg", kernel.name, test.name));
+                fs::create_dir_all(to).ok()?;
+                fs::copy(&svg, &dest).ok()?;
+                Some(dest)
+            });
             results.push(result);
         }
     }
@@ -204,8 +216,16 @@ fn run_one(
     } else {
         guest_run(config, kernel, test, initrd, dir, &mut ev);
     }
+    let ledger = std::mem::take(&mut ev.ledger);
     let mut result = judge(test, kernel, ev);
     result.seconds = start.elapsed().as_secs_f64();
+    if result.verdict == Verdict::Fail {
+        let title = format!("{} on {}: {}", test.name, kernel.name, result.reason);
+        let path = dir.join("timeline.svg");
+        if fs::write(&path, crate::timeline::svg(&title, &ledger)).is_ok() {
+            result.timeline = Some(path);
+        }
+    }
     result
 }
 
@@ -614,6 +634,7 @@ fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
         kernel_log_errors,
         findings,
         console_tail,
+        timeline: None,
         seconds: 0.0,
     }
 }
@@ -622,7 +643,13 @@ fn keep_logs(from: &Path, to: &Path) {
     if fs::create_dir_all(to).is_err() {
         return;
     }
-    for name in ["console.log", "events.jsonl", "daemon.log", "ledger.jsonl"] {
+    for name in [
+        "console.log",
+        "events.jsonl",
+        "daemon.log",
+        "ledger.jsonl",
+        "timeline.svg",
+    ] {
         let _ = fs::copy(from.join(name), to.join(name));
     }
 }

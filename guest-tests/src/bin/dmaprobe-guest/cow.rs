@@ -82,6 +82,7 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
         .to_owned();
     let pins_during = pins().ok();
 
+    mailbox.mark("fork");
     let status = fork_and_wait(|| {
         if writer == Writer::Child {
             page.write(TOUCH_AT, TOUCH);
@@ -89,6 +90,9 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
     })?;
     if writer == Writer::Parent {
         page.write(TOUCH_AT, TOUCH);
+        mailbox.mark("parent wrote");
+    } else {
+        mailbox.mark("child wrote and exited");
     }
     let pfn_after = pfn(page.addr())?;
 

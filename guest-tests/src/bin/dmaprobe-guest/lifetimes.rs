@@ -127,6 +127,7 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
     };
     let readers: Vec<_> = (0..held_parts).map(read_part).collect();
     let held = wait_for_held(&mailbox, held_parts)?;
+    mailbox.mark("fork");
     let status = fork_and_wait(|| {})?;
     // The eighth read is not held: pinning its part for write breaks COW.
     read_part(held_parts)
@@ -134,6 +135,7 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
         .map_err(|_| Stop::Error("a reader thread panicked".into()))?
         .or_fail()?;
     let after = pfn(page.addr())?;
+    mailbox.mark("eighth read done");
     let released = mailbox.call(json!({"cmd": "release", "all": true}))?;
     let mut failed = Vec::new();
     for (part, r) in readers.into_iter().enumerate() {

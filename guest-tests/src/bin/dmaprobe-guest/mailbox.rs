@@ -84,6 +84,12 @@ impl Mailbox {
         }
     }
 
+    /// Names this moment in the device's ledger, for the timeline; a failure
+    /// only costs the mark.
+    pub fn mark(&self, label: &str) {
+        let _ = self.call(serde_json::json!({"cmd": "mark", "label": label}));
+    }
+
     fn read_answer(&self, len: usize) -> Result<Vec<u8>, Stop> {
         let len = len.div_ceil(PAGE) * PAGE;
         let mut buf = AlignedBuf::new(len, 0).or_error()?;
