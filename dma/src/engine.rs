@@ -1425,7 +1425,7 @@ mod tests {
             .into_iter()
             .filter_map(|n| match n.entry {
                 Entry::Request(r) => Some(r),
-                Entry::Finding(_) => None,
+                Entry::Finding(_) | Entry::Mark(_) => None,
             })
             .collect()
     }
