@@ -1521,6 +1521,7 @@ mod tests {
             .map(|n| match n.entry {
                 Entry::Finding(f) => ("finding", f.request),
                 Entry::Request(r) => ("request", r.request),
+                Entry::Mark(_) => ("mark", ReqId(0)),
             })
             .collect();
         assert_eq!(
@@ -1553,7 +1554,7 @@ mod tests {
             .iter()
             .map(|n| match &n.entry {
                 Entry::Request(r) => r.request,
-                Entry::Finding(f) => panic!("{f:?}"),
+                other => panic!("{other:?}"),
             })
             .collect();
         assert_eq!(kept_ids, ids[6..]);
