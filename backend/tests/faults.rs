@@ -150,7 +150,7 @@ impl Served {
             .into_iter()
             .filter_map(|e| match e.entry {
                 Entry::Request(r) => Some(r),
-                Entry::Finding(_) => None,
+                Entry::Finding(_) | Entry::Mark(_) => None,
             })
             .collect()
     }
