@@ -209,6 +209,16 @@ impl Engine {
         lock(&self.tag).clone()
     }
 
+    /// The time for a request's record: only the ledger reads it, so with the
+    /// ledger off the clock is not read at all.
+    fn stamp_ns(&self) -> u64 {
+        if self.ledger_on.load(Ordering::Relaxed) {
+            self.now_ns()
+        } else {
+            0
+        }
+    }
+
     /// Nanoseconds since the engine started.
     pub fn now_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -269,7 +279,7 @@ impl Engine {
             watch,
             effect,
             tag,
-            arrived_ns: self.now_ns(),
+            arrived_ns: self.stamp_ns(),
             dma_ns: None,
             canary: None,
             hashes: None,
@@ -323,7 +333,7 @@ impl Engine {
             }
             Some(_) => transfer::to_guest(mem, &t.arrival.segments, data)?,
         }
-        t.dma_ns = Some(self.now_ns());
+        t.dma_ns = Some(self.stamp_ns());
         // A watch compares with what the guest was given; with an effect that
         // changed or moved the data there is nothing true to compare with.
         if t.watch.is_some() && t.effect.is_none() {
@@ -345,7 +355,7 @@ impl Engine {
         } else {
             transfer::from_guest(mem, &t.arrival.segments, buf)?;
         }
-        t.dma_ns = Some(self.now_ns());
+        t.dma_ns = Some(self.stamp_ns());
         // The wrong-page mutant read other memory: its hashes do not apply.
         if let Some(hashes) = t
             .hashes

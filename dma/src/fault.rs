@@ -545,6 +545,8 @@ pub struct Decision {
 #[derive(Debug)]
 pub struct FaultPlan {
     rules: RwLock<Vec<std::sync::Arc<Rule>>>,
+    /// How many rules there are: the hot path looks here, not under the lock.
+    count: std::sync::atomic::AtomicUsize,
     next_id: AtomicU64,
     rng: SeededRng,
 }
@@ -553,6 +555,7 @@ impl FaultPlan {
     pub fn new(seed: u64) -> Self {
         FaultPlan {
             rules: RwLock::new(Vec::new()),
+            count: std::sync::atomic::AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             rng: SeededRng::new(seed),
         }
@@ -569,6 +572,7 @@ impl FaultPlan {
         });
         if let Ok(mut rules) = self.rules.write() {
             rules.push(rule);
+            self.count.store(rules.len(), Ordering::Release);
         }
         id
     }
@@ -580,6 +584,7 @@ impl FaultPlan {
         };
         let before = rules.len();
         rules.retain(|r| r.id != id);
+        self.count.store(rules.len(), Ordering::Release);
         rules.len() != before
     }
 
@@ -588,7 +593,7 @@ impl FaultPlan {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rules.read().map(|r| r.is_empty()).unwrap_or(true)
+        self.count.load(Ordering::Acquire) == 0
     }
 
     /// Applies every rule to a request: the first delay or hold that fires sets
