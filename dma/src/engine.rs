@@ -494,29 +494,19 @@ impl Engine {
                 canary::Overwrite::Canary(id) => Some(id),
                 _ => None,
             };
-            self.record(Finding {
-                finding: FindingKind::BufferReusedDuringDma,
-                info: false,
-                request: t.id,
-                op: t.arrival.op,
-                queue: t.arrival.queue,
-                lba: t.arrival.lba,
-                gpa: Gpa(seg.gpa.0 + d.first),
-                len: u64::from(seg.len),
-                class: Some(d.overwrite.name().into()),
-                bytes: d.bytes,
-                other_request: other,
-                at_ns: self.now_ns(),
-                tag: t.tag.clone(),
-                detail: format!(
-                    "{} of {} B of the read's destination at {} were overwritten ({}) \
-                     before the DMA: the guest reused memory it had handed to the device",
-                    d.bytes,
-                    seg.len,
-                    seg.gpa,
-                    d.overwrite.name()
-                ),
-            });
+            let detail = format!(
+                "{} of {} B of the read's destination at {} were overwritten ({}) \
+                 before the DMA: the guest reused memory it had handed to the device",
+                d.bytes,
+                seg.len,
+                seg.gpa,
+                d.overwrite.name()
+            );
+            let mut f = self.finding(t, FindingKind::BufferReusedDuringDma, *seg, d.bytes, detail);
+            f.gpa = Gpa(seg.gpa.0 + d.first);
+            f.class = Some(d.overwrite.name().into());
+            f.other_request = other;
+            self.record(f);
         }
     }
 
@@ -529,25 +519,12 @@ impl Engine {
             if after == before {
                 continue;
             }
-            self.record(Finding {
-                finding: FindingKind::SourceChangedDuringDma,
-                info: false,
-                request: t.id,
-                op: t.arrival.op,
-                queue: t.arrival.queue,
-                lba: t.arrival.lba,
-                gpa: seg.gpa,
-                len: u64::from(seg.len),
-                class: None,
-                bytes: u64::from(seg.len),
-                other_request: None,
-                at_ns: self.now_ns(),
-                tag: t.tag.clone(),
-                detail: format!(
-                    "the {} B write source at {} changed between arrival and DMA",
-                    seg.len, seg.gpa
-                ),
-            });
+            let detail = format!(
+                "the {} B write source at {} changed between arrival and DMA",
+                seg.len, seg.gpa
+            );
+            let kind = FindingKind::SourceChangedDuringDma;
+            self.record(self.finding(t, kind, *seg, u64::from(seg.len), detail));
         }
     }
 
@@ -557,26 +534,13 @@ impl Engine {
             if !seg.pages(PAGE).contains(&(zp.0 / PAGE)) {
                 continue;
             }
-            self.record(Finding {
-                finding: FindingKind::DmaToZeroPage,
-                info: false,
-                request: t.id,
-                op: t.arrival.op,
-                queue: t.arrival.queue,
-                lba: t.arrival.lba,
-                gpa: seg.gpa,
-                len: u64::from(seg.len),
-                class: None,
-                bytes: u64::from(seg.len),
-                other_request: None,
-                at_ns: self.now_ns(),
-                tag: t.tag.clone(),
-                detail: format!(
-                    "a {} targets the zero page at {zp}: every zero-filled page of the guest \
-                     would change",
-                    t.arrival.op.name()
-                ),
-            });
+            let detail = format!(
+                "a {} targets the zero page at {zp}: every zero-filled page of the guest \
+                 would change",
+                t.arrival.op.name()
+            );
+            let kind = FindingKind::DmaToZeroPage;
+            self.record(self.finding(t, kind, *seg, u64::from(seg.len), detail));
         }
     }
 

@@ -33,6 +33,23 @@ pub struct TestSpec {
 
 const MIB: u64 = 1 << 20;
 
+/// A test on a 64 MiB disk with a mailbox, through which the guest holds and
+/// releases its own requests.
+const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
+    TestSpec {
+        name,
+        summary,
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    }
+}
+
 pub const TESTS: &[TestSpec] = &[
     TestSpec {
         name: "smoke",
@@ -73,122 +90,50 @@ pub const TESTS: &[TestSpec] = &[
         selftest: false,
         timeout: Duration::from_secs(120),
     },
-    TestSpec {
-        name: "mailbox-hold",
-        summary: "a program holds its own O_DIRECT read through the device mailbox: pending \
+    mailbox_test(
+        "mailbox-hold",
+        "a program holds its own O_DIRECT read through the device mailbox: pending \
                   after 2 s, listed as held, released, the data arrives",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-read-fork-cow",
-        summary: "an O_DIRECT read into part of a page is held while the process forks and \
+    ),
+    mailbox_test(
+        "dio-read-fork-cow",
+        "an O_DIRECT read into part of a page is held while the process forks and \
                   the parent writes elsewhere in the page: the parent must get the data",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-read-fork-cow-child",
-        summary: "as dio-read-fork-cow, but the child writes to the page after fork",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-read-fork-cow-threads",
-        summary: "seven threads read into parts of one page, held across fork; an eighth read \
+    ),
+    mailbox_test(
+        "dio-read-fork-cow-child",
+        "as dio-read-fork-cow, but the child writes to the page after fork",
+    ),
+    mailbox_test(
+        "dio-read-fork-cow-threads",
+        "seven threads read into parts of one page, held across fork; an eighth read \
                   into the last part completes first: every part must get its data",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-write-fork",
-        summary: "an O_DIRECT write held while the process forks and the child rewrites the page: \
+    ),
+    mailbox_test(
+        "dio-write-fork",
+        "an O_DIRECT write held while the process forks and the child rewrites the page: \
                   the disk must get the parent's data",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-unmap-exit",
-        summary: "a page under a held O_DIRECT read is unmapped; another process's memory must \
+    ),
+    mailbox_test(
+        "dio-unmap-exit",
+        "a page under a held O_DIRECT read is unmapped; another process's memory must \
                   stay intact after the release",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "dio-pin-accounting",
-        summary: "while the device holds a read and then a write, the pin counter says whether \
+    ),
+    mailbox_test(
+        "dio-pin-accounting",
+        "while the device holds a read and then a write, the pin counter says whether \
                   the kernel pins O_DIRECT pages (a property, reported); the pins must be released",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "zero-page-write-source",
-        summary: "an O_DIRECT write from never-touched memory: the disk holds zeros and the \
+    ),
+    mailbox_test(
+        "zero-page-write-source",
+        "an O_DIRECT write from never-touched memory: the disk holds zeros and the \
                   zero page is not pinned while the device holds the write",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
-    TestSpec {
-        name: "zero-page-read-target",
-        summary: "an O_DIRECT read into read-faulted (zero-page) memory: the device is never \
+    ),
+    mailbox_test(
+        "zero-page-read-target",
+        "an O_DIRECT read into read-faulted (zero-page) memory: the device is never \
                   told to write the zero page, and the program sees the data",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &["--mailbox"],
-        selftest: false,
-        timeout: Duration::from_secs(120),
-    },
+    ),
     TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \

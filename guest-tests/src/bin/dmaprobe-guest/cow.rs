@@ -16,16 +16,11 @@
 use std::sync::Arc;
 use std::thread;
 
-use guest_tests::protocol::fill_pattern;
-
-use crate::held::Hold;
-use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
-use crate::mailbox::Mailbox;
+use crate::held::{Hold, Setup, LBA, OFFSET};
+use crate::io::{check_pattern, PAGE};
 use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
 use crate::{Ctx, OrStop, Stop};
 
-/// Where the data sits on the disk: byte 1 MiB, LBA 2048 with 512 B blocks.
-const OFFSET: u64 = 1 << 20;
 /// The read: the first 512 B of the page.
 const READ_LEN: usize = 512;
 /// What the page holds before the read.
@@ -50,20 +45,13 @@ pub fn child_writes(ctx: &Ctx) -> Result<(), Stop> {
 }
 
 fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
-    let seed = ctx.seed(1);
-    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-    fill_pattern(seed, OFFSET, data.as_mut_slice());
-    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
-    ctx.wrote(OFFSET, PAGE, seed);
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
 
     let page = Arc::new(AnonPage::map()?);
     page.fill(OLD);
     let pfn_before = pfn(page.addr())?;
 
-    let hold = Hold::next(&mailbox, "read", OFFSET / 512)?;
+    let hold = Hold::next(&mailbox, "read", LBA)?;
     let pins_before = pins().ok();
 
     let reader = {

@@ -1,14 +1,48 @@
 //! Holding one of the test's own requests at the device, through the mailbox:
-//! a rule that holds the next request of one op at one LBA, a wait until the
-//! device lists it, and its release.
+//! what the pinning tests start with ([`Setup`]), a rule that holds the next
+//! request of one op at one LBA, a wait until the device lists it, and its
+//! release.
 
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use guest_tests::protocol::fill_pattern;
 use serde_json::{json, Value};
 
+use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
-use crate::Stop;
+use crate::{Ctx, OrStop, Stop};
+
+/// Where the pinning tests keep their data: byte 1 MiB, LBA 2048 with 512 B blocks.
+pub const OFFSET: u64 = 1 << 20;
+pub const LBA: u64 = OFFSET / 512;
+
+/// The disk's mailbox, an O_DIRECT descriptor, and the seed of the page of
+/// pattern written at [`OFFSET`].
+pub struct Setup {
+    pub mailbox: Mailbox,
+    pub fd: Arc<Fd>,
+    pub seed: u64,
+}
+
+impl Setup {
+    /// Opens the disk and writes a page of pattern at [`OFFSET`]; with
+    /// `host_checks`, tells the host to check it is still there at the end.
+    pub fn new(ctx: &Ctx, host_checks: bool) -> Result<Setup, Stop> {
+        let disk = ctx.disk()?;
+        let mailbox = Mailbox::open(disk)?;
+        let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+        let seed = ctx.seed(1);
+        let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+        fill_pattern(seed, OFFSET, data.as_mut_slice());
+        fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+        if host_checks {
+            ctx.wrote(OFFSET, PAGE, seed);
+        }
+        Ok(Setup { mailbox, fd, seed })
+    }
+}
 
 const HELD_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -11,28 +11,18 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
 use serde_json::json;
 
-use crate::io::{check_pattern, AlignedBuf, Cache, Fd, UNTOUCHED};
-use crate::mailbox::Mailbox;
+use crate::held::{Setup, LBA, OFFSET};
+use crate::io::{check_pattern, AlignedBuf, PAGE, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};
 
-const OFFSET: u64 = 1 << 20;
-const LEN: usize = 4096;
+const LEN: usize = PAGE;
 const PENDING_FOR: Duration = Duration::from_secs(2);
 
 pub fn run(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
-    let seed = ctx.seed(1);
-    let mut buf = AlignedBuf::new(LEN, 0).or_error()?;
-    fill_pattern(seed, OFFSET, buf.as_mut_slice());
-    fd.write_all_at(buf.as_slice(), OFFSET).or_fail()?;
-    ctx.wrote(OFFSET, LEN, seed);
-
-    let lba = OFFSET / 512;
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
+    let lba = LBA;
     let rule = format!("op=read,lba={lba},count=1,action=hold");
     let added = mailbox.call(json!({"cmd": "add-rule", "rule": rule}))?;
     ctx.note("rule", format!("{rule} (id {})", added["id"]));

@@ -20,14 +20,11 @@ use std::thread;
 use guest_tests::protocol::fill_pattern;
 use serde_json::json;
 
-use crate::held::Hold;
+use crate::held::{Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, pfn, AnonPage};
 use crate::{Ctx, OrStop, Stop};
-
-const OFFSET: u64 = 1 << 20;
-const LBA: u64 = OFFSET / 512;
 
 fn hex(p: Option<u64>) -> String {
     p.map_or("not present".to_owned(), |p| {
@@ -98,14 +95,7 @@ pub fn write_fork(ctx: &Ctx) -> Result<(), Stop> {
 const PARTS: usize = PAGE / 512;
 
 pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
-    let seed = ctx.seed(1);
-    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-    fill_pattern(seed, OFFSET, data.as_mut_slice());
-    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
-    ctx.wrote(OFFSET, PAGE, seed);
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
 
     let page = Arc::new(AnonPage::map()?);
     page.fill(0x11);
@@ -217,13 +207,7 @@ fn wait_for_held(mailbox: &Mailbox, n: usize) -> Result<Vec<String>, Stop> {
 const BYSTANDER: usize = 64 << 20;
 
 pub fn unmap_exit(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
-    let seed = ctx.seed(1);
-    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-    fill_pattern(seed, OFFSET, data.as_mut_slice());
-    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, false)?;
 
     let page = AnonPage::map()?;
     page.fill(0x11);

@@ -19,26 +19,15 @@
 use std::sync::Arc;
 use std::thread;
 
-use guest_tests::protocol::fill_pattern;
-
-use crate::held::Hold;
+use crate::held::{Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
 use crate::mailbox::Mailbox;
 use crate::mm::{pfn, pins, zero_page_gpa, AnonPage};
 use crate::{Ctx, OrStop, Stop};
 
-const OFFSET: u64 = 1 << 20;
-const LBA: u64 = OFFSET / 512;
-
 pub fn write_source(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
     // Something that is not zeros first, so the write has to change it.
-    let seed = ctx.seed(1);
-    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-    fill_pattern(seed, OFFSET, data.as_mut_slice());
-    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
+    let Setup { mailbox, fd, .. } = Setup::new(ctx, false)?;
 
     let zero = zero_page_gpa()?;
     let page = Arc::new(AnonPage::map()?);
@@ -92,14 +81,7 @@ pub fn write_source(ctx: &Ctx) -> Result<(), Stop> {
 }
 
 pub fn read_target(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
-    let seed = ctx.seed(1);
-    let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-    fill_pattern(seed, OFFSET, data.as_mut_slice());
-    fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
-    ctx.wrote(OFFSET, PAGE, seed);
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
 
     let zero = zero_page_gpa()?;
     let page = Arc::new(AnonPage::map()?);
