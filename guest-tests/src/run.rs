@@ -216,7 +216,8 @@ fn run_one(
     } else {
         guest_run(config, kernel, test, initrd, dir, &mut ev);
     }
-    let ledger = std::mem::take(&mut ev.ledger);
+    // The judge reads the findings in the ledger; the timeline draws all of it.
+    let ledger = ev.ledger.clone();
     let mut result = judge(test, kernel, ev);
     result.seconds = start.elapsed().as_secs_f64();
     if result.verdict == Verdict::Fail {

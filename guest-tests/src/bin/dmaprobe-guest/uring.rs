@@ -37,18 +37,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
 use thiserror::Error;
 
-use crate::held::Hold;
-use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
-use crate::mailbox::Mailbox;
+use crate::held::{Hold, Setup, LBA, OFFSET};
+use crate::io::{check_pattern, PAGE};
 use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
-use crate::{one_line, Ctx, OrStop, Stop, DISK};
+use crate::{one_line, Ctx, OrStop, Stop};
 
-/// Where the data sits on the disk: byte 1 MiB, LBA 2048 with 512 B blocks.
-const OFFSET: u64 = 1 << 20;
-const LBA: u64 = OFFSET / 512;
 /// The read: the first 512 B of the page.
 const READ_LEN: usize = 512;
 /// What the page holds before the read.
@@ -64,16 +59,7 @@ const READ_TAG: u64 = 1;
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let seed = ctx.seed(1);
-    {
-        let fd = Fd::open(disk, Cache::Direct).or_error()?;
-        let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
-        fill_pattern(seed, OFFSET, data.as_mut_slice());
-        fd.write_all_at(data.as_slice(), OFFSET).or_fail()?;
-    }
-    ctx.wrote(OFFSET, PAGE, seed);
+    let Setup { mailbox, seed, .. } = Setup::new(ctx, true)?;
 
     let ring = match Ring::setup(ENTRIES) {
         Ok(ring) => ring,
@@ -83,11 +69,13 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         Err(e) => return Err(Stop::Error(one_line(&e))),
     };
     ctx.note("ring", ring.describe());
+    // The ring takes a raw descriptor, which `Fd` keeps to itself.
+    let disk = ctx.disk()?;
     let reader = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(DISK)
-        .map_err(|e| Stop::Error(format!("cannot open {DISK} with O_DIRECT: {e}")))?;
+        .open(disk)
+        .map_err(|e| Stop::Error(format!("cannot open {disk} with O_DIRECT: {e}")))?;
 
     let page = AnonPage::map()?;
     page.fill(OLD);
@@ -160,17 +148,21 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let got = page.bytes(0, READ_LEN);
+    let parent_page = hex(pfn_after);
     let result = check_pattern(seed, OFFSET, &got)
         .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
         .map_err(|m| {
             let why = if got.iter().all(|&b| b == OLD) {
+                let place = if pfn_before != pfn_after {
+                    format!("which the parent had left (it now maps {parent_page})")
+                } else if gpa == parent_page {
+                    "the parent's own page, yet the data is not there".to_owned()
+                } else {
+                    format!("not the parent's page {parent_page}")
+                };
                 format!(
-                    "the parent's buffer kept its old bytes; the device wrote {READ_LEN} B at GPA {gpa} {}",
-                    if pfn_before != pfn_after {
-                        format!("after the page had left the parent (it now maps {})", hex(pfn_after))
-                    } else {
-                        "but the parent does not see them".to_owned()
-                    }
+                    "the parent's buffer kept its old bytes; the device was given \
+                     GPA {gpa} for the {READ_LEN} B, {place}"
                 )
             } else {
                 format!("the parent's buffer is wrong: {m}")
@@ -361,21 +353,20 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
-    /// The `u32` the kernel and this program share at byte `offset`.
-    fn atomic(&self, offset: u32) -> &AtomicU32 {
-        let offset = offset as usize;
-        assert!(offset + size_of::<u32>() <= self.len && offset % 4 == 0);
-        // SAFETY: the offset is in bounds and 4-aligned (checked; the mapping is
-        // page-aligned), AtomicU32 has the layout of u32, and the mapping lives as
-        // long as `self`. The kernel accesses these words atomically too.
-        unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() }
-    }
-
-    /// A pointer to the `T` at byte `offset`, checked to lie inside the mapping.
+    /// A pointer to the `T` at byte `offset`, checked to lie inside the mapping
+    /// and to be aligned for `T` (the mapping itself is page-aligned).
     fn at<T>(&self, offset: usize) -> *mut T {
-        assert!(offset + size_of::<T>() <= self.len && offset % align_of::<T>() == 0);
+        assert!(offset + size_of::<T>() <= self.len && offset.is_multiple_of(align_of::<T>()));
         // SAFETY: the offset is inside the mapping (checked above).
         unsafe { self.ptr.as_ptr().add(offset).cast::<T>() }
+    }
+
+    /// The `u32` the kernel and this program share at byte `offset`.
+    fn atomic(&self, offset: u32) -> &AtomicU32 {
+        // SAFETY: `at` checks bounds and alignment; AtomicU32 has the layout of
+        // u32; the mapping lives as long as `self`, which the reference borrows.
+        // The kernel accesses these words atomically too.
+        unsafe { &*self.at::<AtomicU32>(offset as usize) }
     }
 }
 
@@ -416,8 +407,7 @@ impl Ring {
         // SAFETY: the fd was just returned by io_uring_setup and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let sq_len = params.sq_off.array as usize + params.sq_entries as usize * 4;
-        let cq_len =
-            params.cq_off.cqes as usize + params.cq_entries as usize * size_of::<Cqe>();
+        let cq_len = params.cq_off.cqes as usize + params.cq_entries as usize * size_of::<Cqe>();
         let sqes_len = params.sq_entries as usize * size_of::<Sqe>();
         // Mapped separately even when the kernel offers one mapping for both
         // rings (IORING_FEAT_SINGLE_MMAP): that works on every kernel.
@@ -499,12 +489,13 @@ impl Ring {
         buf_index: u16,
         user_data: u64,
     ) -> Result<(), UringError> {
-        let head = self.sq.atomic(self.params.sq_off.head).load(Ordering::Acquire);
-        let tail = self.sq.atomic(self.params.sq_off.tail).load(Ordering::Relaxed);
+        let off = &self.params.sq_off;
+        let head = self.sq.atomic(off.head).load(Ordering::Acquire);
+        let tail = self.sq.atomic(off.tail).load(Ordering::Relaxed);
         if tail.wrapping_sub(head) >= self.params.sq_entries {
             return Err(UringError::QueueFull);
         }
-        let mask = self.sq.atomic(self.params.sq_off.ring_mask).load(Ordering::Relaxed);
+        let mask = self.sq.atomic(off.ring_mask).load(Ordering::Relaxed);
         let index = tail & mask;
         let sqe = Sqe {
             opcode: IORING_OP_READ_FIXED,
@@ -517,9 +508,7 @@ impl Ring {
             ..Sqe::default()
         };
         let slot = self.sqes.at::<Sqe>(index as usize * size_of::<Sqe>());
-        let array = self
-            .sq
-            .at::<u32>(self.params.sq_off.array as usize + index as usize * 4);
+        let array = self.sq.at::<u32>(off.array as usize + index as usize * 4);
         // SAFETY: both pointers are inside their mappings (checked by `at`); the
         // kernel reads this slot and array entry only after it sees the new tail,
         // which is stored below with Release ordering.
@@ -528,7 +517,7 @@ impl Ring {
             array.write(index);
         }
         self.sq
-            .atomic(self.params.sq_off.tail)
+            .atomic(off.tail)
             .store(tail.wrapping_add(1), Ordering::Release);
         let consumed = self.enter(1, 0, 0)?;
         if consumed != 1 {
@@ -539,20 +528,20 @@ impl Ring {
 
     /// Waits up to `timeout` for one completion and consumes it.
     pub fn wait_completion(&self, timeout: Duration) -> Result<Cqe, UringError> {
+        let off = &self.params.cq_off;
         let start = Instant::now();
         loop {
-            let head = self.cq.atomic(self.params.cq_off.head).load(Ordering::Relaxed);
-            let tail = self.cq.atomic(self.params.cq_off.tail).load(Ordering::Acquire);
+            let head = self.cq.atomic(off.head).load(Ordering::Relaxed);
+            let tail = self.cq.atomic(off.tail).load(Ordering::Acquire);
             if head != tail {
-                let mask = self.cq.atomic(self.params.cq_off.ring_mask).load(Ordering::Relaxed);
-                let at = self.params.cq_off.cqes as usize
-                    + (head & mask) as usize * size_of::<Cqe>();
+                let mask = self.cq.atomic(off.ring_mask).load(Ordering::Relaxed);
+                let at = off.cqes as usize + (head & mask) as usize * size_of::<Cqe>();
                 // SAFETY: the entry is inside the mapping (checked by `at`) and the
                 // kernel filled it before publishing the tail loaded with Acquire;
                 // it does not reuse the slot until the head moves past it.
                 let cqe = unsafe { self.cq.at::<Cqe>(at).read() };
                 self.cq
-                    .atomic(self.params.cq_off.head)
+                    .atomic(off.head)
                     .store(head.wrapping_add(1), Ordering::Release);
                 return Ok(cqe);
             }
