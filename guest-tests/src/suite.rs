@@ -134,6 +134,11 @@ pub const TESTS: &[TestSpec] = &[
         "an O_DIRECT read into read-faulted (zero-page) memory: the device is never \
                   told to write the zero page, and the program sees the data",
     ),
+    mailbox_test(
+        "io-uring-fixed-fork",
+        "an io_uring READ_FIXED into a registered buffer is held while the process forks \
+         and the parent writes elsewhere in the page: the parent must get the data",
+    ),
     TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \

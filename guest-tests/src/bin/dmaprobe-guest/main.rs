@@ -19,6 +19,7 @@
 //! - [`lifetimes`]: writes across fork, reads from many threads across fork, unmap.
 //! - [`held`]: holding the test's own requests at the device through the mailbox.
 //! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
+//! - [`uring`]: an io_uring read into a registered buffer, held across fork.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -39,6 +40,7 @@ mod mm;
 mod report;
 mod selftest;
 mod smoke;
+mod uring;
 mod zero;
 
 use std::cell::RefCell;
@@ -74,6 +76,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("dio-pin-accounting", zero::pin_accounting),
     ("zero-page-write-source", zero::write_source),
     ("zero-page-read-target", zero::read_target),
+    ("io-uring-fixed-fork", uring::fixed_fork),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];

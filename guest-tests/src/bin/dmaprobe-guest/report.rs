@@ -71,11 +71,16 @@ impl Reporter {
 /// Writes `bytes` to a tty and waits until the UART has sent them.
 fn write_drained(mut file: &File, bytes: &[u8]) -> io::Result<()> {
     file.write_all(bytes)?;
-    // SAFETY: tcdrain only reads the file descriptor, which `file` keeps open.
-    if unsafe { libc::tcdrain(file.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
+    loop {
+        // SAFETY: tcdrain only reads the file descriptor, which `file` keeps open.
+        if unsafe { libc::tcdrain(file.as_raw_fd()) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
-    Ok(())
 }
 
 /// Raw output: no LF to CRLF. (The baud rate is left alone: QEMU's UART does
