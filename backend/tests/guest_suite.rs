@@ -71,6 +71,8 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("dio-read-fork-cow", "debian-6.12", "PASS", true),
     ("dio-read-fork-cow-child", "debian-6.1", "PASS", true),
     ("dio-read-fork-cow-child", "debian-6.12", "PASS", true),
+    ("dio-read-fork-cow-ext4", "debian-6.1", "FAIL", true),
+    ("dio-read-fork-cow-ext4", "debian-6.12", "PASS", true),
     ("dio-read-fork-cow-threads", "debian-6.1", "FAIL", true),
     ("dio-read-fork-cow-threads", "debian-6.12", "PASS", true),
     ("dio-write-fork", "debian-6.1", "PASS", true),

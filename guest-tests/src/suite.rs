@@ -100,6 +100,18 @@ pub const TESTS: &[TestSpec] = &[
         "an O_DIRECT read into part of a page is held while the process forks and \
                   the parent writes elsewhere in the page: the parent must get the data",
     ),
+    TestSpec {
+        name: "dio-read-fork-cow-ext4",
+        summary: "as dio-read-fork-cow, with the O_DIRECT read from a file on ext4",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Ext4),
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
     mailbox_test(
         "dio-read-fork-cow-child",
         "as dio-read-fork-cow, but the child writes to the page after fork",

@@ -16,8 +16,12 @@
 use std::sync::Arc;
 use std::thread;
 
+use guest_tests::protocol::fill_pattern;
+
+use crate::ext4::Mount;
 use crate::held::{Hold, Setup, LBA, OFFSET};
-use crate::io::{check_pattern, PAGE};
+use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
+use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
 use crate::{Ctx, OrStop, Stop};
 
@@ -37,21 +41,98 @@ pub enum Writer {
 }
 
 pub fn parent_writes(ctx: &Ctx) -> Result<(), Stop> {
-    run(ctx, Writer::Parent)
+    run(ctx, Writer::Parent, Source::raw(ctx)?)
 }
 
 pub fn child_writes(ctx: &Ctx) -> Result<(), Stop> {
-    run(ctx, Writer::Child)
+    run(ctx, Writer::Child, Source::raw(ctx)?)
 }
 
-fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
-    let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
+/// `dio-read-fork-cow-ext4`: the read goes through a file on ext4.
+pub fn ext4_file(ctx: &Ctx) -> Result<(), Stop> {
+    let source = Source::ext4_file(ctx)?;
+    run(ctx, Writer::Parent, source)
+}
+
+/// What the held read reads: the raw disk, or a file on ext4.
+struct Source {
+    mailbox: Mailbox,
+    fd: Arc<Fd>,
+    /// Where in `fd` the read starts, and the pattern's offset there.
+    offset: u64,
+    /// The disk block the read reaches, for the hold rule.
+    lba: u64,
+    seed: u64,
+    mount: Option<Mount>,
+}
+
+const FILE: &str = "/cow.bin";
+/// The FIBMAP ioctl (linux/fs.h): a file's block to the file system's block.
+const FIBMAP: libc::Ioctl = 1;
+
+impl Source {
+    fn raw(ctx: &Ctx) -> Result<Source, Stop> {
+        let Setup { mailbox, fd, seed } = Setup::new(ctx, true)?;
+        Ok(Source {
+            mailbox,
+            fd,
+            offset: OFFSET,
+            lba: LBA,
+            seed,
+            mount: None,
+        })
+    }
+
+    /// A page of pattern in a file on the ext4 file system the host made; the
+    /// hold rule names the file's first block on the disk (FIBMAP).
+    fn ext4_file(ctx: &Ctx) -> Result<Source, Stop> {
+        let disk = ctx.disk()?;
+        let mailbox = Mailbox::open(disk)?;
+        let mount = Mount::ext4(disk, "/mnt")?;
+        let path = format!("/mnt{FILE}");
+        let seed = ctx.seed(1);
+        let fd = Fd::create(&path, Cache::Direct).or_error()?;
+        let mut data = AlignedBuf::new(PAGE, 0).or_error()?;
+        fill_pattern(seed, 0, data.as_mut_slice());
+        fd.write_all_at(data.as_slice(), 0).or_fail()?;
+        fd.sync().or_fail()?;
+        let mut block: libc::c_int = 0;
+        // SAFETY: FIBMAP reads and writes one int, which `block` is.
+        if unsafe { libc::ioctl(fd.raw(), FIBMAP, &mut block) } != 0 || block <= 0 {
+            return Err(Stop::Error(format!(
+                "FIBMAP on {path} failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        ctx.file(FILE, PAGE, seed);
+        let fs_block = 4096 / 512;
+        Ok(Source {
+            mailbox,
+            fd: Arc::new(fd),
+            offset: 0,
+            lba: u64::try_from(block).unwrap_or(0) * fs_block,
+            seed,
+            mount: Some(mount),
+        })
+    }
+}
+
+fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
+    let Source {
+        mailbox,
+        fd,
+        offset,
+        lba,
+        seed,
+        mount,
+    } = source;
+    ctx.note("read-lba", lba.to_string());
 
     let page = Arc::new(AnonPage::map()?);
     page.fill(OLD);
     let pfn_before = pfn(page.addr())?;
 
-    let hold = Hold::next(&mailbox, "read", LBA)?;
+    let hold = Hold::next(&mailbox, "read", lba)?;
     let pins_before = pins().ok();
 
     let reader = {
@@ -60,7 +141,7 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
             // SAFETY: the page is mapped for the life of `page`, which this thread
             // holds; the kernel writes it by DMA, no Rust reference aliases it.
             let buf = unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, READ_LEN) };
-            fd.read_exact_at(buf, OFFSET)
+            fd.read_exact_at(buf, offset)
         })
     };
     let held = hold.wait_held()?;
@@ -94,6 +175,10 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
             "the child exited with status {status}"
         )));
     }
+    if let Some(m) = mount {
+        drop(fd);
+        ctx.record("unmount", m.unmount())?;
+    }
 
     let hex = |p: Option<u64>| {
         p.map_or("not present".to_owned(), |p| {
@@ -112,7 +197,7 @@ fn run(ctx: &Ctx, writer: Writer) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let got = page.bytes(0, READ_LEN);
-    let result = check_pattern(seed, OFFSET, &got)
+    let result = check_pattern(seed, offset, &got)
         .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
         .map_err(|m| {
             let moved = pfn_before != pfn_after;

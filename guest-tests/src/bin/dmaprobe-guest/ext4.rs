@@ -195,13 +195,13 @@ fn sync() {
 /// A mounted file system, unmounted on drop if [`Mount::unmount`] was not called
 /// (so a failing test still leaves a clean file system for the host's e2fsck).
 #[derive(Debug)]
-struct Mount {
+pub struct Mount {
     target: CString,
     mounted: bool,
 }
 
 impl Mount {
-    fn ext4(source: &str, target: &str) -> Result<Mount, Stop> {
+    pub fn ext4(source: &str, target: &str) -> Result<Mount, Stop> {
         fs::create_dir_all(target)
             .map_err(|e| Stop::Error(format!("Cannot create {target}: {e}")))?;
         let cstr = |s: &str| CString::new(s).map_err(|_| Stop::Error(format!("NUL in path {s:?}")));
@@ -234,7 +234,7 @@ impl Mount {
 
     /// Syncs and unmounts; a failure is reported (the host's e2fsck would be
     /// checking a file system still in use).
-    fn unmount(mut self) -> Result<String, Stop> {
+    pub fn unmount(mut self) -> Result<String, Stop> {
         self.mounted = false;
         sync();
         // SAFETY: `target` is a NUL-terminated string that outlives the call.

@@ -160,6 +160,11 @@ pub struct Fd {
 }
 
 impl Fd {
+    /// The file descriptor, for ioctls.
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.file)
+    }
+
     /// Opens an existing file or device for reading and writing.
     pub fn open(path: impl AsRef<Path>, cache: Cache) -> Result<Fd, IoError> {
         Self::with(OpenOptions::new().read(true).write(true), path, cache)

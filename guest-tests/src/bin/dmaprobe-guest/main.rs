@@ -70,6 +70,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("mailbox-hold", hold::run),
     ("dio-read-fork-cow", cow::parent_writes),
     ("dio-read-fork-cow-child", cow::child_writes),
+    ("dio-read-fork-cow-ext4", cow::ext4_file),
     ("dio-read-fork-cow-threads", lifetimes::threads),
     ("dio-write-fork", lifetimes::write_fork),
     ("dio-unmap-exit", lifetimes::unmap_exit),
