@@ -276,3 +276,65 @@ fn a_missing_kernel_says_how_to_get_it() {
         show(&out)
     );
 }
+
+#[test]
+fn the_fork_verdicts_repeat_run_after_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let tests = "dio-read-fork-cow,dio-read-fork-cow-threads";
+    let mut seen = Vec::new();
+    for run in 0..3 {
+        let json = dir.path().join(format!("run{run}.json"));
+        let (out, report) = dmaprobe_run(&["--tests", tests], &json);
+        let verdicts: Vec<(String, String, String)> = report["results"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+                (s("test"), s("kernel"), s("verdict"))
+            })
+            .collect();
+        assert_eq!(verdicts.len(), 4, "{}", show(&out));
+        seen.push(verdicts);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    for (test, kernel, verdict) in &seen[0] {
+        let want = if kernel == "debian-6.1" {
+            "FAIL"
+        } else {
+            "PASS"
+        };
+        assert_eq!(verdict, want, "{test} on {kernel}");
+    }
+}
+
+#[test]
+fn each_mutant_turns_the_6_12_suite_red() {
+    for mutant in ["complete-before-dma", "wrong-page"] {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("report.json");
+        // A broken device may also hang the guest: a shorter timeout suffices.
+        let (out, report) = dmaprobe_run(
+            &[
+                "--kernel",
+                "debian-6.12",
+                "--tests",
+                "smoke,delayed-read,dio-read-fork-cow",
+                "--mutant",
+                mutant,
+                "--timeout-scale",
+                "0.5",
+            ],
+            &json,
+        );
+        assert_eq!(out.status.code(), Some(1), "{mutant}: {}", show(&out));
+        let results = report["results"].as_array().cloned().unwrap_or_default();
+        assert_eq!(results.len(), 3, "{mutant}: {}", show(&out));
+        let red = results.iter().filter(|r| r["verdict"] != "PASS").count();
+        assert!(red >= 1, "{mutant} left the suite green: {}", show(&out));
+        // The data check of smoke sees a device that moves data early or astray.
+        let smoke = result(&report, "smoke", "debian-6.12");
+        assert_ne!(smoke["verdict"], "PASS", "{mutant}: {smoke}");
+    }
+}
