@@ -81,6 +81,8 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("dio-unmap-exit", "debian-6.12", "PASS", false),
     ("io-uring-fixed-fork", "debian-6.1", "PASS", true),
     ("io-uring-fixed-fork", "debian-6.12", "PASS", true),
+    ("splice-truncate", "debian-6.1", "PASS", true),
+    ("splice-truncate", "debian-6.12", "PASS", true),
     ("dio-pin-accounting", "debian-6.1", "PASS", false),
     ("dio-pin-accounting", "debian-6.12", "PASS", false),
     ("zero-page-write-source", "debian-6.1", "PASS", false),

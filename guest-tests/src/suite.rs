@@ -152,6 +152,19 @@ pub const TESTS: &[TestSpec] = &[
          and the parent writes elsewhere in the page: the parent must get the data",
     ),
     TestSpec {
+        name: "splice-truncate",
+        summary: "splice from an O_DIRECT file on ext4 races with truncate while the device \
+                  holds the read: what arrives is the file's data, nothing logged or found",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Ext4),
+        },
+        serve_args: &["--mailbox"],
+        selftest: false,
+        timeout: Duration::from_secs(120),
+    },
+    TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
                   a FAIL is reported",

@@ -18,7 +18,7 @@ use std::thread;
 
 use guest_tests::protocol::fill_pattern;
 
-use crate::ext4::Mount;
+use crate::ext4::{first_lba, Mount};
 use crate::held::{Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
@@ -67,8 +67,6 @@ struct Source {
 }
 
 const FILE: &str = "/cow.bin";
-/// The FIBMAP ioctl (linux/fs.h): a file's block to the file system's block.
-const FIBMAP: libc::Ioctl = 1;
 
 impl Source {
     fn raw(ctx: &Ctx) -> Result<Source, Stop> {
@@ -96,21 +94,13 @@ impl Source {
         fill_pattern(seed, 0, data.as_mut_slice());
         fd.write_all_at(data.as_slice(), 0).or_fail()?;
         fd.sync().or_fail()?;
-        let mut block: libc::c_int = 0;
-        // SAFETY: FIBMAP reads and writes one int, which `block` is.
-        if unsafe { libc::ioctl(fd.raw(), FIBMAP, &mut block) } != 0 || block <= 0 {
-            return Err(Stop::Error(format!(
-                "FIBMAP on {path} failed: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
+        let lba = first_lba(&fd, &path)?;
         ctx.file(FILE, PAGE, seed);
-        let fs_block = 4096 / 512;
         Ok(Source {
             mailbox,
             fd: Arc::new(fd),
             offset: 0,
-            lba: u64::try_from(block).unwrap_or(0) * fs_block,
+            lba,
             seed,
             mount: Some(mount),
         })

@@ -192,6 +192,24 @@ fn sync() {
     unsafe { libc::sync() }
 }
 
+/// The FIBMAP ioctl (linux/fs.h): a file's block to the file system's block.
+const FIBMAP: libc::Ioctl = 1;
+
+/// The disk LBA (512-byte units) of the first block of the open file at
+/// `path` on a 4 KiB-block file system: what a hold rule names to catch the
+/// file's first read.
+pub fn first_lba(fd: &Fd, path: &str) -> Result<u64, Stop> {
+    let mut block: libc::c_int = 0;
+    // SAFETY: FIBMAP reads and writes one int, which `block` is.
+    if unsafe { libc::ioctl(fd.raw(), FIBMAP, &mut block) } != 0 || block <= 0 {
+        return Err(Stop::Error(format!(
+            "FIBMAP on {path} failed: {}",
+            stdio::Error::last_os_error()
+        )));
+    }
+    Ok(u64::try_from(block).unwrap_or(0) * (4096 / 512))
+}
+
 /// A mounted file system, unmounted on drop if [`Mount::unmount`] was not called
 /// (so a failing test still leaves a clean file system for the host's e2fsck).
 #[derive(Debug)]

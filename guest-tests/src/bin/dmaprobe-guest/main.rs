@@ -20,6 +20,7 @@
 //! - [`held`]: holding the test's own requests at the device through the mailbox.
 //! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
 //! - [`uring`]: an io_uring read into a registered buffer, held across fork.
+//! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -40,6 +41,7 @@ mod mm;
 mod report;
 mod selftest;
 mod smoke;
+mod splice;
 mod uring;
 mod zero;
 
@@ -78,6 +80,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("zero-page-write-source", zero::write_source),
     ("zero-page-read-target", zero::read_target),
     ("io-uring-fixed-fork", uring::fixed_fork),
+    ("splice-truncate", splice::run),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
