@@ -79,6 +79,8 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("dio-write-fork", "debian-6.12", "PASS", true),
     ("dio-unmap-exit", "debian-6.1", "PASS", false),
     ("dio-unmap-exit", "debian-6.12", "PASS", false),
+    ("dio-exit", "debian-6.1", "PASS", false),
+    ("dio-exit", "debian-6.12", "PASS", false),
     ("io-uring-fixed-fork", "debian-6.1", "PASS", true),
     ("io-uring-fixed-fork", "debian-6.12", "PASS", true),
     ("splice-truncate", "debian-6.1", "PASS", true),

@@ -132,6 +132,11 @@ pub const TESTS: &[TestSpec] = &[
                   stay intact after the release",
     ),
     mailbox_test(
+        "dio-exit",
+        "the process owning a page under a held O_DIRECT read is killed; another \
+         process's memory must stay intact after the release",
+    ),
+    mailbox_test(
         "dio-pin-accounting",
         "while the device holds a read and then a write, the pin counter says whether \
                   the kernel pins O_DIRECT pages (a property, reported); the pins must be released",

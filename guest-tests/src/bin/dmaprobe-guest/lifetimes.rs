@@ -8,11 +8,11 @@
 //!   them all while the process forks; then an eighth read, into the last part,
 //!   runs to completion (its pinning for write breaks copy-on-write in the
 //!   parent); then the seven are released. Every part must hold its data.
-//! - `dio-unmap-exit`: a page under a held O_DIRECT read is unmapped by its
-//!   owner; a second process fills 64 MiB with a pattern; the read is released.
-//!   The other process's memory must be intact, and the device must see
-//!   nothing wrong: a freed page the device later writes would be someone
-//!   else's memory.
+//! - `dio-unmap-exit` / `dio-exit`: the owner of a page under a held O_DIRECT
+//!   read lets it go (unmaps it; or is killed); a second process fills 64 MiB
+//!   with a pattern; the read is released. The other process's memory must be
+//!   intact, and the device must see nothing wrong: a freed page the device
+//!   later writes would be someone else's memory.
 
 use std::sync::Arc;
 use std::thread;
@@ -206,56 +206,80 @@ fn wait_for_held(mailbox: &Mailbox, n: usize) -> Result<Vec<String>, Stop> {
 /// Bytes of patterned memory the bystander process keeps and checks.
 const BYSTANDER: usize = 64 << 20;
 
-pub fn unmap_exit(ctx: &Ctx) -> Result<(), Stop> {
-    let Setup { mailbox, fd, seed } = Setup::new(ctx, false)?;
+/// How the owner of a page under a held read lets it go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LetGo {
+    /// The process unmaps the page.
+    Unmap,
+    /// The process is killed.
+    Exit,
+}
 
-    let page = AnonPage::map()?;
-    page.fill(0x11);
-    let addr = page.addr();
+pub fn unmap(ctx: &Ctx) -> Result<(), Stop> {
+    let_go(ctx, LetGo::Unmap)
+}
+
+pub fn exit(ctx: &Ctx) -> Result<(), Stop> {
+    let_go(ctx, LetGo::Exit)
+}
+
+fn let_go(ctx: &Ctx, how: LetGo) -> Result<(), Stop> {
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, false)?;
     let hold = Hold::next(&mailbox, "read", LBA)?;
-    let reader = {
-        let fd = fd.clone();
-        thread::spawn(move || {
-            // SAFETY: the page is unmapped by the main thread while this read is
-            // in flight: that is the test. The kernel keeps what it needs of it;
-            // this thread never touches the memory itself.
-            let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, 512) };
-            fd.read_exact_at(dst, OFFSET)
-        })
+    // The owner: a thread of this process (unmap), or a process of its own (exit).
+    let read_into = move |fd: &Fd, addr: usize| {
+        // SAFETY: the page is let go while this read is in flight: that is the
+        // test. The kernel keeps what it needs of it; this code never touches
+        // the memory itself.
+        let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, 512) };
+        fd.read_exact_at(dst, OFFSET)
     };
-    let held = hold.wait_held()?;
-    drop(page); // munmap, with the read in flight
-                // A bystander fills memory with a pattern; it would get the freed page if the
-                // kernel let it go, and then the device's write would land in it.
-    let mut pipe = [0i32; 2];
-    // SAFETY: a valid two-int array for pipe(2).
-    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
-        return Err(Stop::Error("pipe failed".into()));
-    }
-    // SAFETY: the child only touches its own memory, reads a pipe and exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let mut mem = vec![0u8; BYSTANDER];
-        fill_pattern(seed ^ 0xb1, 0, &mut mem);
-        let mut go = [0u8; 1];
-        // SAFETY: reading one byte from our pipe into a local buffer.
-        unsafe { libc::read(pipe[0], go.as_mut_ptr().cast(), 1) };
-        let bad = guest_tests::protocol::pattern_mismatch(seed ^ 0xb1, 0, &mem).is_some();
-        // SAFETY: _exit ends the child without running the parent's destructors.
-        unsafe { libc::_exit(i32::from(bad)) }
-    }
+    let (owner_thread, owner_pid, held) = match how {
+        LetGo::Unmap => {
+            let page = AnonPage::map()?;
+            page.fill(0x11);
+            let addr = page.addr();
+            let fd = fd.clone();
+            let t = thread::spawn(move || read_into(&fd, addr));
+            let held = hold.wait_held()?;
+            drop(page); // munmap, with the read in flight
+            (Some(t), None, held)
+        }
+        LetGo::Exit => {
+            let page = AnonPage::map()?;
+            page.fill(0x11);
+            // SAFETY: the child only reads into its page and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let code = i32::from(read_into(&fd, page.addr()).is_err());
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            let held = hold.wait_held()?;
+            // SAFETY: killing our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            (None, Some(pid), held)
+        }
+    };
+    // A bystander fills memory with a pattern: it would get the freed page if
+    // the kernel let it go, and the device's write would then land in it.
+    let bystander = Bystander::start(seed)?;
     thread::sleep(std::time::Duration::from_millis(500));
+    mailbox.mark("release");
     hold.release()?;
-    let read = reader
-        .join()
-        .map_err(|_| Stop::Error("the reader thread panicked".into()))?;
-    // SAFETY: writing one byte to our pipe, then waiting for our child.
-    let status = unsafe {
-        libc::write(pipe[1], [1u8].as_ptr().cast(), 1);
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        status
+    let read = match owner_thread {
+        Some(t) => format!(
+            "{:?}",
+            t.join()
+                .map_err(|_| Stop::Error("the reader thread panicked".into()))?
+                .map_err(|e| e.to_string())
+        ),
+        None => format!(
+            "the owner was killed: wait status {}",
+            wait(owner_pid.unwrap_or(0))
+        ),
     };
+    let status = bystander.finish();
     ctx.note(
         "device-wrote-at",
         held["segments"][0]["gpa"]
@@ -263,10 +287,7 @@ pub fn unmap_exit(ctx: &Ctx) -> Result<(), Stop> {
             .unwrap_or("?")
             .to_owned(),
     );
-    ctx.note(
-        "read-after-unmap",
-        format!("{:?}", read.as_ref().map_err(|e| e.to_string())),
-    );
+    ctx.note("owner", read);
     ctx.check(
         "the other process's memory is intact",
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -276,4 +297,49 @@ pub fn unmap_exit(ctx: &Ctx) -> Result<(), Stop> {
         ),
     );
     Ok(())
+}
+
+/// A process that fills memory with a pattern, waits for a go, and exits 0 if
+/// the pattern is intact.
+struct Bystander {
+    pid: libc::pid_t,
+    go: i32,
+}
+
+impl Bystander {
+    fn start(seed: u64) -> Result<Bystander, Stop> {
+        let mut pipe = [0i32; 2];
+        // SAFETY: a valid two-int array for pipe(2).
+        if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
+            return Err(Stop::Error("pipe failed".into()));
+        }
+        // SAFETY: the child only touches its own memory, reads a pipe and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut mem = vec![0u8; BYSTANDER];
+            fill_pattern(seed ^ 0xb1, 0, &mut mem);
+            let mut go = [0u8; 1];
+            // SAFETY: reading one byte from our pipe into a local buffer.
+            unsafe { libc::read(pipe[0], go.as_mut_ptr().cast(), 1) };
+            let bad = guest_tests::protocol::pattern_mismatch(seed ^ 0xb1, 0, &mem).is_some();
+            // SAFETY: _exit ends the child without running the parent's destructors.
+            unsafe { libc::_exit(i32::from(bad)) }
+        }
+        Ok(Bystander { pid, go: pipe[1] })
+    }
+
+    /// Tells it to check its memory; its wait status.
+    fn finish(self) -> i32 {
+        // SAFETY: writing one byte to our own pipe.
+        unsafe { libc::write(self.go, [1u8].as_ptr().cast(), 1) };
+        wait(self.pid)
+    }
+}
+
+/// Waits for a child; its wait status.
+fn wait(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    status
 }
