@@ -1,7 +1,21 @@
-//! dmaprobe's backend: the front-ends the guest sees, and the command line.
+//! dmaprobe's backend: the device the guest sees, its control plane, and the
+//! command line.
 //!
-//! - `frontend`: a vhost-user-blk *frontend* (the side QEMU plays), used by the
-//!   protocol tests and `dmaprobe bench` to drive any vhost-user-blk backend.
+//! A chain flows: [`device`] (the vhost-user backend, one worker per queue) →
+//! [`request`] (parse the descriptor chain) → [`execute`] (check it against the
+//! namespace, then, after the DMA engine's wait, move the data) → status and
+//! used ring. [`mailbox`] serves the guest's control commands from the disk's
+//! last MiB.
+//!
+//! - [`blk`]: virtio-blk features, request types, statuses, config space.
+//! - [`counters`]: what the device served and refused; rate-limited logging.
+//! - [`serve`]: `dmaprobe serve`: the media, the listen loop, signals.
+//! - [`control`]: the JSON-lines control protocol and its socket; [`ctl`] is
+//!   `dmaprobe ctl`, its client.
+//! - [`config`], [`cli`]: the command line and the checked configuration.
+//! - [`runner`]: `dmaprobe run`, on top of the `guest-tests` runner.
+//! - [`frontend`]: a vhost-user-blk *frontend* (the side QEMU plays), used by
+//!   the tests and benchmarks to drive dmaprobe or qemu-storage-daemon.
 
 pub mod blk;
 pub mod cli;

@@ -4,9 +4,14 @@
 //!   on the guest's second serial port, and the data patterns both sides compute.
 //! - `src/bin/dmaprobe-guest/`: the binary run inside the guest, one module per test.
 //!
-//! The host-side runner (kernels, initramfs, QEMU, verdicts, reports) builds on
-//! the protocol: it reads the events, checks on the host what the guest says it
-//! wrote, and joins that with the kernel log into a verdict.
+//! - [`mailbox`]: the wire format of the device mailbox, shared with the device.
+//!
+//! The host-side runner: [`kernel`] (which kernel to boot), [`modules`] and
+//! [`cpio`] → [`initramfs`] (what the guest boots from), [`suite`] (each test's
+//! disk and device options), [`run`] (a fresh disk and `dmaprobe serve` child
+//! per test, a QEMU boot, the guest's events, the host's checks, a verdict
+//! joined with [`klog`] and the device's findings), [`process`] (children that
+//! never outlive the run), [`report`] and [`timeline`] (table, JSON, JUnit, SVG).
 
 pub mod cpio;
 pub mod initramfs;
