@@ -138,7 +138,7 @@ pub struct ServeArgs {
     /// complete-before-dma (ms), wrong-page.
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
-    /// Fault rules from a TOML file: [[rule]] tables with the same keys
+    /// Fault rules from a TOML file: `[[rule]]` tables with the same keys
     /// (op = "read", lba = "0-7", nth = 2, action = "hold"). A bad rule stops
     /// the daemon before it starts.
     #[arg(long = "faults", value_name = "FILE")]

@@ -2,7 +2,7 @@
 //! loop that pops chains and serves them, and the jobs that the DMA engine's
 //! scheduler runs for requests that wait.
 //!
-//! A chain's life: parse ([`request`](crate::request)) → prepare
+//! A chain's life: parse ([`crate::request`]) → prepare
 //! ([`execute::prepare`]) → the engine's arrival → now, or parked in the
 //! scheduler until its delay passes or it is released → perform
 //! ([`execute::perform`]) → status byte, used ring, notification → the

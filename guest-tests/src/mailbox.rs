@@ -3,7 +3,7 @@
 //! With `dmaprobe serve --mailbox`, the last [`MAILBOX_BYTES`] of the disk are
 //! not storage but a mailbox: the guest learns where it is from the disk's
 //! size. A write at the mailbox's first byte that starts with a valid
-//! [`Header`] carries a control command (the same JSON as the control socket);
+//! header (below) carries a control command (the same JSON as the control socket);
 //! the device runs it and keeps the answer, which any read of the mailbox
 //! returns from its first byte, in the same framing. Anything else written to
 //! the mailbox fails with IOERR and is counted; nothing written there reaches
