@@ -175,8 +175,11 @@ fn build_initramfs(
     kernel: &Kernel,
     out: &Path,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Every module a selected test needs goes into the kernel's one initramfs.
+    let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
+    wanted.extend(config.tests.iter().flat_map(|t| t.modules.iter().copied()));
     let modules = match &kernel.modules {
-        Some(dir) => ModuleIndex::load(dir)?.load_order(&BASE_MODULES)?,
+        Some(dir) => ModuleIndex::load(dir)?.load_order(&wanted)?,
         None => Vec::new(),
     };
     initramfs::build(
@@ -288,13 +291,29 @@ fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
     let f = fs::File::create(disk).map_err(|e| format!("cannot create {}: {e}", disk.display()))?;
     f.set_len(test.disk.size)
         .map_err(|e| format!("cannot size {}: {e}", disk.display()))?;
+    // With a mailbox, the file system leaves the disk's last MiB to it.
+    let fs_bytes = if test.serve_args.contains(&"--mailbox") {
+        test.disk.size - crate::mailbox::MAILBOX_BYTES
+    } else {
+        test.disk.size
+    };
     match test.disk.format {
         None => Ok(()),
         Some(Fs::Ext4) => run_tool(
             Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-b", "4096"])
-                .arg(disk),
+                .arg(disk)
+                .arg(format!("{}k", fs_bytes / 1024)),
             "mkfs.ext4",
+        )
+        .map(drop),
+        Some(Fs::Xfs) => run_tool(
+            Command::new("mkfs.xfs")
+                .args(["-q", "-f", "-b", "size=4096"])
+                .arg("-d")
+                .arg(format!("size={fs_bytes}"))
+                .arg(disk),
+            "mkfs.xfs",
         )
         .map(drop),
     }
@@ -461,15 +480,17 @@ fn host_checks(test: &TestSpec, disk: &Path, ev: &mut Evidence) {
             _ => {}
         }
     }
-    if test.disk.format == Some(Fs::Ext4) {
-        let fsck = run_tool(
-            Command::new("e2fsck").args(["-f", "-n"]).arg(disk),
-            "e2fsck",
-        );
+    let fsck = match test.disk.format {
+        Some(Fs::Ext4) => Some(("host: e2fsck -fn is clean", "e2fsck", &["-f", "-n"][..])),
+        Some(Fs::Xfs) => Some(("host: xfs_repair -n is clean", "xfs_repair", &["-n"][..])),
+        None => None,
+    };
+    if let Some((name, tool, args)) = fsck {
+        let out = run_tool(Command::new(tool).args(args).arg(disk), tool);
         checks.push(CheckRecord {
-            name: "host: e2fsck -fn is clean".into(),
-            ok: fsck.is_ok(),
-            detail: match fsck {
+            name: name.into(),
+            ok: out.is_ok(),
+            detail: match out {
                 Ok(_) => "clean".into(),
                 Err(e) => last_lines(&e, 6),
             },

@@ -7,6 +7,8 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fs {
     Ext4,
+    /// XFS wants at least 300 MB.
+    Xfs,
 }
 
 /// The disk a test gets: a fresh file for every run.
@@ -25,6 +27,8 @@ pub struct TestSpec {
     pub disk: DiskSpec,
     /// Extra `dmaprobe serve` arguments (fault rules, checks) for this test's disk.
     pub serve_args: &'static [&'static str],
+    /// Kernel modules the test needs beyond virtio's (with their dependencies).
+    pub modules: &'static [&'static str],
     /// Run in the default suite. Self-tests run only when named with `--allow-selftests`.
     pub selftest: bool,
     /// How long the whole guest run may take under TCG before it counts as hung.
@@ -45,6 +49,7 @@ const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
             format: None,
         },
         serve_args: &["--mailbox"],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     }
@@ -61,6 +66,7 @@ pub const TESTS: &[TestSpec] = &[
             format: None,
         },
         serve_args: &[],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -74,6 +80,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &[],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -87,6 +94,7 @@ pub const TESTS: &[TestSpec] = &[
             format: None,
         },
         serve_args: &["--fault", "op=read,lba=2048,action=delay,ms=1000"],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -109,6 +117,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
     },
@@ -166,8 +175,36 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
+        modules: &[],
         selftest: false,
         timeout: Duration::from_secs(120),
+    },
+    TestSpec {
+        name: "iomap-zeroing-ext4",
+        summary: "O_DIRECT 512 B writes into holes, unwritten extents and past EOF in 4 KiB \
+                  ext4 blocks: the device sees the zero padding, the files read back, fsck passes",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Ext4),
+        },
+        serve_args: &["--mailbox"],
+        modules: &[],
+        selftest: false,
+        timeout: Duration::from_secs(180),
+    },
+    TestSpec {
+        name: "iomap-zeroing-xfs",
+        summary: "as iomap-zeroing-ext4, on xfs",
+        disk: DiskSpec {
+            size: 512 * MIB,
+            lbs: 512,
+            format: Some(Fs::Xfs),
+        },
+        serve_args: &["--mailbox"],
+        modules: &["xfs"],
+        selftest: false,
+        timeout: Duration::from_secs(180),
     },
     TestSpec {
         name: "selftest-fail",
@@ -179,6 +216,7 @@ pub const TESTS: &[TestSpec] = &[
             format: None,
         },
         serve_args: &[],
+        modules: &[],
         selftest: true,
         timeout: Duration::from_secs(120),
     },
@@ -191,6 +229,7 @@ pub const TESTS: &[TestSpec] = &[
             format: None,
         },
         serve_args: &[],
+        modules: &[],
         selftest: true,
         timeout: Duration::from_secs(45),
     },

@@ -181,7 +181,7 @@ fn read_buffered(file: &TestFile) -> Result<String, Stop> {
 
 /// Writes back dirty data and empties the page cache, so the next buffered
 /// reads come from the device.
-fn drop_caches() -> Result<(), Stop> {
+pub fn drop_caches() -> Result<(), Stop> {
     sync();
     fs::write("/proc/sys/vm/drop_caches", "3")
         .map_err(|e| Stop::Error(format!("Cannot drop caches: {e}")))
@@ -220,10 +220,15 @@ pub struct Mount {
 
 impl Mount {
     pub fn ext4(source: &str, target: &str) -> Result<Mount, Stop> {
+        Self::fs(source, target, "ext4")
+    }
+
+    /// Mounts `source` on `target` as `kind` (ext4, xfs).
+    pub fn fs(source: &str, target: &str, kind: &str) -> Result<Mount, Stop> {
         fs::create_dir_all(target)
             .map_err(|e| Stop::Error(format!("Cannot create {target}: {e}")))?;
         let cstr = |s: &str| CString::new(s).map_err(|_| Stop::Error(format!("NUL in path {s:?}")));
-        let (src, tgt, fstype) = (cstr(source)?, cstr(target)?, cstr("ext4")?);
+        let (src, tgt, fstype) = (cstr(source)?, cstr(target)?, cstr(kind)?);
         // SAFETY: the three pointers are NUL-terminated strings that outlive the
         // call; a null data pointer means no mount options.
         let rc = unsafe {
@@ -238,9 +243,9 @@ impl Mount {
         if rc != 0 {
             let e = stdio::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::ENODEV) => Stop::Skip("kernel has no ext4".to_owned()),
+                Some(libc::ENODEV) => Stop::Skip(format!("kernel has no {kind}")),
                 _ => Stop::Error(format!(
-                    "Cannot mount {source} on {target} as ext4 (is the disk formatted?): {e}"
+                    "Cannot mount {source} on {target} as {kind} (is the disk formatted?): {e}"
                 )),
             });
         }

@@ -21,6 +21,7 @@
 //! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
 //! - [`uring`]: an io_uring read into a registered buffer, held across fork.
 //! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
+//! - [`iomap`]: sub-block O_DIRECT writes into holes and unwritten extents.
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -35,6 +36,7 @@ mod ext4;
 mod held;
 mod hold;
 mod io;
+mod iomap;
 mod lifetimes;
 mod mailbox;
 mod mm;
@@ -82,6 +84,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("zero-page-read-target", zero::read_target),
     ("io-uring-fixed-fork", uring::fixed_fork),
     ("splice-truncate", splice::run),
+    ("iomap-zeroing-ext4", iomap::ext4),
+    ("iomap-zeroing-xfs", iomap::xfs),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
