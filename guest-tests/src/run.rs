@@ -427,7 +427,6 @@ fn boot(
     let console = Arc::new(Mutex::new(Vec::new()));
     let readers = qemu.take_output(console.clone());
     let status = qemu.wait_timeout(timeout);
-    let hung = matches!(status, Ok(None));
     qemu.kill();
     for r in readers {
         let _ = r.join();
@@ -438,11 +437,10 @@ fn boot(
         Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
         Err(e) => Err(format!("waiting for QEMU failed: {e}")),
         Ok(None) if crate::process::interrupted() => Err("interrupted".into()),
-        Ok(None) if hung => Err(format!(
+        Ok(None) => Err(format!(
             "the guest did not finish within {:.0} s and was killed",
             timeout.as_secs_f64()
         )),
-        Ok(None) => Err("QEMU vanished".into()),
     }
 }
 
