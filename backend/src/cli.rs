@@ -43,6 +43,10 @@ pub enum Command {
     /// release held requests, add and remove fault rules, read findings and
     /// the ledger.
     Ctl(crate::ctl::CtlArgs),
+    /// Load any vhost-user-blk backend (dmaprobe, qemu-storage-daemon, ...)
+    /// with requests from one thread per queue, and print IOPS, MB/s and
+    /// latency percentiles per queue and in total.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -250,7 +254,7 @@ mod tests {
     fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         match parse(args).unwrap().command {
             Command::Serve(a) => ServeConfig::try_from(a),
-            Command::Run(_) | Command::Ctl(_) => panic!("not a serve command"),
+            Command::Run(_) | Command::Ctl(_) | Command::Bench(_) => panic!("not a serve command"),
         }
     }
 

@@ -16,7 +16,9 @@
 //! - [`runner`]: `dmaprobe run`, on top of the `guest-tests` runner.
 //! - [`frontend`]: a vhost-user-blk *frontend* (the side QEMU plays), used by
 //!   the tests and benchmarks to drive dmaprobe or qemu-storage-daemon.
+//! - [`bench`]: `dmaprobe bench`, a load generator on top of [`frontend`].
 
+pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod config;

@@ -26,6 +26,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Bench(args) => match backend::bench::run(args) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("dmaprobe bench: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
         Command::Run(args) => match backend::runner::run_suite(args) {
             Ok(true) => Ok(ExitCode::SUCCESS),

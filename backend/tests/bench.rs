@@ -1,0 +1,285 @@
+//! `dmaprobe bench` against an in-process dmaprobe (`backend::serve::Daemon`)
+//! and against qemu-storage-daemon, through `backend::bench::measure` and
+//! through the real command line.
+//!
+//! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
+//! without it.
+
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use backend::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, Rw};
+use backend::cli::{Cli, Command};
+use backend::config::ServeConfig;
+use backend::serve::Daemon;
+use clap::Parser;
+use tempfile::TempDir;
+
+const QSD: &str = "qemu-storage-daemon";
+
+/// A short run: enough requests for the percentiles to mean something.
+fn short(rw: Rw, queues: u16) -> BenchConfig {
+    BenchConfig {
+        rw,
+        queues,
+        seconds: 1.0,
+        warmup: 0.2,
+        ..BenchConfig::default()
+    }
+}
+
+/// A daemon serving in this process, as `dmaprobe serve --socket S --mem 64M
+/// --queues 2 --no-control` would.
+struct Served {
+    _daemon: Daemon,
+    dir: TempDir,
+}
+
+impl Served {
+    fn start() -> Served {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("blk.sock");
+        let argv = [
+            "dmaprobe",
+            "serve",
+            "--socket",
+            socket.to_str().expect("utf-8 temp path"),
+            "--mem",
+            "64M",
+            "--queues",
+            "2",
+            "--no-control",
+        ];
+        let config = match Cli::try_parse_from(argv).expect("arguments parse").command {
+            Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
+            other => panic!("not a serve command: {other:?}"),
+        };
+        let daemon = Daemon::start(&config).expect("the daemon starts");
+        Served {
+            _daemon: daemon,
+            dir,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("blk.sock")
+    }
+}
+
+/// A qemu-storage-daemon child on a raw image in a temp dir; killed and
+/// reaped on drop.
+struct Qsd {
+    child: Child,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Qsd {
+    fn start(num_queues: u16) -> Qsd {
+        match Process::new(QSD).arg("--version").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!("`{QSD} --version` failed: {:?}", out.status),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                panic!("{QSD} is not on PATH; install qemu-utils (Debian)")
+            }
+            Err(e) => panic!("cannot run {QSD}: {e}"),
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("disk.raw");
+        let socket = dir.path().join("blk.sock");
+        File::create(&image)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("create image");
+        let child = Process::new(QSD)
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f,filename={}", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("qsd.log")).expect("log file"))
+            .stderr(File::create(dir.path().join("qsd.err")).expect("log file"))
+            .spawn()
+            .expect("spawn qemu-storage-daemon");
+        let mut qsd = Qsd { child, socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !qsd.socket.exists() {
+            if let Some(status) = qsd.child.try_wait().expect("try_wait") {
+                panic!("{QSD} exited early with {status}:\n{}", qsd.output());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{QSD} did not create its socket:\n{}",
+                qsd.output()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        qsd
+    }
+
+    fn output(&self) -> String {
+        ["qsd.log", "qsd.err"]
+            .iter()
+            .map(|f| fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a user would check of a result on `queues` queues.
+fn assert_sane(r: &BenchResult, queues: u16) {
+    assert_eq!(r.queues.len(), usize::from(queues), "{r:?}");
+    for q in &r.queues {
+        assert!(q.ios > 0, "queue {:?} completed nothing: {r:?}", q.queue);
+        assert!(q.iops > 0.0 && q.mbps > 0.0, "{q:?}");
+        assert!(q.p50_us > 0.0, "{q:?}");
+        assert!(
+            q.p50_us <= q.p99_us && q.p99_us <= q.p999_us && q.p999_us <= q.max_us,
+            "{q:?}"
+        );
+    }
+    let t = &r.total;
+    assert_eq!(t.ios, r.queues.iter().map(|q| q.ios).sum::<u64>());
+    assert_eq!(t.reads, r.queues.iter().map(|q| q.reads).sum::<u64>());
+    assert_eq!(t.writes, r.queues.iter().map(|q| q.writes).sum::<u64>());
+    assert_eq!(t.ios, t.reads + t.writes);
+    assert_eq!(t.bytes, t.ios * r.config.bs);
+    assert!(t.p50_us <= t.p99_us && t.p99_us <= t.p999_us, "{t:?}");
+    let iops_sum: f64 = r.queues.iter().map(|q| q.iops).sum();
+    assert!((t.iops - iops_sum).abs() <= 0.01 * iops_sum, "{t:?}");
+}
+
+#[test]
+fn randread_on_two_queues_of_dmaprobe() {
+    let served = Served::start();
+    let r = bench::measure(&served.socket(), &short(Rw::RandRead, 2)).expect("measure");
+    assert_sane(&r, 2);
+    assert_eq!(r.total.writes, 0);
+    assert_eq!(r.capacity_bytes, 64 << 20);
+    assert_eq!(r.range_bytes, 64 << 20);
+}
+
+#[test]
+fn mix_on_two_queues_of_dmaprobe_reads_about_seventy_percent() {
+    let served = Served::start();
+    let config = BenchConfig {
+        size: Some(8 << 20),
+        ..short(Rw::Mix { read_percent: 70 }, 2)
+    };
+    let r = bench::measure(&served.socket(), &config).expect("measure");
+    assert_sane(&r, 2);
+    assert_eq!(r.range_bytes, 8 << 20);
+    let share = r.total.reads as f64 / r.total.ios as f64;
+    assert!((0.6..0.8).contains(&share), "read share {share}: {r:?}");
+}
+
+#[test]
+fn randwrite_on_two_queues_of_qemu_storage_daemon() {
+    let qsd = Qsd::start(2);
+    let r = bench::measure(&qsd.socket, &short(Rw::RandWrite, 2))
+        .unwrap_or_else(|e| panic!("measure: {e:?}\n{}", qsd.output()));
+    assert_sane(&r, 2);
+    assert_eq!(r.total.reads, 0);
+    assert_eq!(r.capacity_bytes, 64 << 20);
+}
+
+fn args(extra: &[&str]) -> BenchArgs {
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+    let argv = ["bench", "--socket", "/nonexistent"]
+        .into_iter()
+        .chain(extra.iter().copied());
+    Wrap::try_parse_from(argv).expect("arguments parse").args
+}
+
+#[test]
+fn invalid_configurations_are_refused_clearly() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--bs", "1000"],
+            "Block size 1000 is not a multiple of 512",
+        ),
+        (&["--iodepth", "0"], "iodepth 0 is out of range"),
+        (&["--iodepth", "200"], "at most 85 with queue size 256"),
+        (&["--rw", "mix:150"], "Unknown workload \"mix:150\""),
+        (&["--bs", "4q"], "Bad --bs"),
+        (&["--seconds", "0"], "--seconds 0 is out of range"),
+    ];
+    for (extra, message) in cases {
+        let e = BenchConfig::try_from(args(extra)).expect_err("refused");
+        assert!(e.to_string().contains(message), "{extra:?}: {e}");
+    }
+    // measure checks too, before it connects.
+    let bad = BenchConfig {
+        bs: 1000,
+        ..BenchConfig::default()
+    };
+    assert!(matches!(
+        bench::measure(Path::new("/nonexistent"), &bad),
+        Err(BenchError::BlockSize(1000))
+    ));
+    // A valid configuration against no socket fails at setup, naming it.
+    let e = bench::measure(Path::new("/nonexistent"), &short(Rw::Read, 1)).unwrap_err();
+    assert!(matches!(e, BenchError::Setup { .. }), "{e:?}");
+    assert!(e.to_string().contains("/nonexistent"), "{e}");
+}
+
+#[test]
+fn the_cli_prints_json() {
+    let served = Served::start();
+    let socket = served.socket();
+    let out = Process::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .args(["bench", "--socket"])
+        .arg(&socket)
+        .args(["--seconds", "1", "--queues", "2", "--json"])
+        .output()
+        .expect("run dmaprobe bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let num = |v: &serde_json::Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("no number {k} in {v}"))
+    };
+    assert!(num(&v, "iops") > 0.0, "{v}");
+    assert!(num(&v, "mbps") > 0.0, "{v}");
+    assert!(num(&v, "p50_us") <= num(&v, "p99_us"), "{v}");
+    assert!(num(&v, "p99_us") <= num(&v, "p999_us"), "{v}");
+    let queues = v["queues"].as_array().expect("queues array");
+    assert_eq!(queues.len(), 2, "{v}");
+    assert!(queues.iter().all(|q| num(q, "ios") > 0.0), "{v}");
+    assert_eq!(v["config"]["rw"], "randread", "{v}");
+    assert_eq!(v["config"]["bs"], 4096, "{v}");
+    assert_eq!(v["config"]["iodepth"], 32, "{v}");
+
+    // And a refused configuration exits 1 with the reason.
+    let out = Process::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .args(["bench", "--socket"])
+        .arg(&socket)
+        .args(["--bs", "1000"])
+        .output()
+        .expect("run dmaprobe bench");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Block size 1000"), "{stderr}");
+}
