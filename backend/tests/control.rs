@@ -8,6 +8,10 @@
 //! enough, except the checks that a held request has *not* completed, which
 //! can only err towards passing.
 
+mod common;
+
+use common::pattern;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -228,18 +232,6 @@ fn texts(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| {
-            let x = i
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 fn prefilled(fe: &BlkFrontend) -> Buffer {

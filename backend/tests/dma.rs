@@ -8,18 +8,20 @@
 //! probe of a delayed read's buffer while it is in flight, and every such
 //! probe is confirmed afterwards with `Daemon::parked()`.
 
+mod common;
+
+use common::pattern;
+
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
 use backend::frontend::{
     BlkFrontend, BlkRequest, Buffer, ChainId, Completion, FrontendConfig, Queue, RequestType,
     Sector, Segment, Status,
 };
 use backend::serve::Daemon;
-use clap::Parser;
 use dma::fault::Action;
 use dma::ledger::{Entry, RequestRecord};
 use dma::schedule::{ParkedInfo, Release};
@@ -36,16 +38,11 @@ const PREFILL: u8 = 0x5c;
 /// The `ServeConfig` that `dmaprobe serve --socket SOCKET --mem 16M ARGS` gives.
 fn serve_config(socket: &Path, args: &[&str]) -> ServeConfig {
     let socket = socket.to_str().expect("utf-8 temp path");
-    let argv = ["dmaprobe", "serve", "--socket", socket, "--mem", "16M"]
+    let argv: Vec<&str> = ["--socket", socket, "--mem", "16M"]
         .into_iter()
-        .chain(args.iter().copied());
-    match Cli::try_parse_from(argv)
-        .expect("the arguments parse")
-        .command
-    {
-        Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
-        other => panic!("not a serve command: {other:?}"),
-    }
+        .chain(args.iter().copied())
+        .collect();
+    common::serve_config(&argv)
 }
 
 /// A daemon serving in this process, on a socket in its own temp dir.
@@ -147,18 +144,6 @@ impl Served {
             panic!("the daemon stopped: {e}");
         }
     }
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| {
-            let x = i
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 /// Places a one-buffer request in `q`'s avail ring and kicks.

@@ -11,6 +11,10 @@
 //! Timing: lower bounds are exact (a delay is never cut short); upper bounds
 //! are generous, for a loaded 2-core machine; waits poll with a deadline.
 
+mod common;
+
+use common::{pattern, serve_config};
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -18,15 +22,12 @@ use std::process::{Command as Process, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::cli::{Cli, Command};
-use backend::config::ServeConfig;
 use backend::control::{self, Command as Ctl};
 use backend::frontend::{
     BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, FrontendConfig, Queue,
     RequestType, Sector, Segment, Status,
 };
 use backend::serve::Daemon;
-use clap::Parser;
 use dma::ledger::{Entry, RequestRecord};
 use dma::schedule::{ParkedInfo, Release};
 use dma::{Finding, FindingKind, Op, RuleSpec};
@@ -40,20 +41,6 @@ const LEN: usize = 4096;
 const PREFILL: u8 = 0x5c;
 /// The disk file's size.
 const DISK: u64 = 16 << 20;
-
-/// The `ServeConfig` that `dmaprobe serve ARGS` gives.
-fn serve_config(args: &[&str]) -> ServeConfig {
-    let argv = ["dmaprobe", "serve"]
-        .into_iter()
-        .chain(args.iter().copied());
-    match Cli::try_parse_from(argv)
-        .expect("the arguments parse")
-        .command
-    {
-        Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
-        other => panic!("not a serve command: {other:?}"),
-    }
-}
 
 /// A daemon serving in this process on a disk file, with the ledger on.
 struct Served {
@@ -198,18 +185,6 @@ impl Served {
             panic!("the daemon stopped: {e}");
         }
     }
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| {
-            let x = i
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 /// A page-aligned buffer of `len` bytes, every byte `byte`.
