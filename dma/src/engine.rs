@@ -342,6 +342,32 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether a read's data must pass through a host buffer and
+    /// [`Engine::to_guest`]: an effect changes or moves it, or a watch keeps a
+    /// copy. Otherwise the device may move it straight into guest memory and
+    /// tell the engine through [`Engine::deliver`].
+    pub fn read_needs_buffer(&self, t: &Ticket) -> bool {
+        t.effect.is_some() || t.watch.is_some()
+    }
+
+    /// Device-to-memory DMA that the caller carries out: `dma` moves the data
+    /// into the ticket's segments itself (say, straight from the media). Around
+    /// it the engine does what [`Engine::to_guest`] does: canaries are checked
+    /// before, the DMA time is stamped after.
+    pub fn deliver<E>(
+        &self,
+        mem: &impl GuestMemoryBackend,
+        t: &mut Ticket,
+        dma: impl FnOnce(&[Segment]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if let Some(expected) = t.canary.take() {
+            self.check_canary(mem, t, &expected);
+        }
+        dma(&t.arrival.segments)?;
+        t.dma_ns = Some(self.stamp_ns());
+        Ok(())
+    }
+
     /// Memory-to-device DMA: copies the request's segments into `buf`, then
     /// compares them with their arrival hashes and looks for zero sources.
     pub fn from_guest<M: GuestMemoryBackend>(

@@ -159,6 +159,64 @@ impl Backing {
             .map_err(|source| BackingError::Io { offset, source })
     }
 
+    /// Reads the bytes at `offset` straight into the buffers `iov` describes, in
+    /// order, with as few system calls as the kernel allows (one `preadv` for a
+    /// whole request, usually).
+    ///
+    /// # Safety
+    /// Every `iovec` must describe memory that is valid for writes of its length
+    /// for the whole call, and that no Rust reference covers.
+    pub unsafe fn read_vectored_at(
+        &self,
+        offset: u64,
+        iov: &mut [libc::iovec],
+    ) -> Result<(), BackingError> {
+        let fail = |at: u64, source| BackingError::Io { offset: at, source };
+        let mut at = offset;
+        let mut iov = iov;
+        // The kernel takes at most IOV_MAX buffers per call; more are read in turns.
+        const IOV_MAX: usize = 1024;
+        while !iov.is_empty() {
+            let batch = iov.len().min(IOV_MAX);
+            let pos = libc::off_t::try_from(at)
+                .map_err(|_| fail(at, io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+            // SAFETY: the caller vouches for the buffers; `batch` of them exist and
+            // the count fits in a c_int (at most IOV_MAX).
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    batch as libc::c_int,
+                    pos,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(fail(at, e));
+            }
+            if n == 0 {
+                return Err(fail(at, io::ErrorKind::UnexpectedEof.into()));
+            }
+            at += n as u64;
+            // Skip what was filled; a buffer filled in part keeps its rest.
+            let mut left = n as usize;
+            while let Some(first) = iov.first_mut() {
+                if left < first.iov_len {
+                    // SAFETY: `left` is inside the buffer, so the pointer stays in it.
+                    first.iov_base = unsafe { first.iov_base.cast::<u8>().add(left) }.cast();
+                    first.iov_len -= left;
+                    break;
+                }
+                left -= first.iov_len;
+                iov = &mut iov[1..];
+            }
+        }
+        Ok(())
+    }
+
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
         self.file
             .write_all_at(buf, offset)
