@@ -7,14 +7,19 @@
 //! - [`backing`]: where the bytes live — sparse memory (a memfd) or a raw file.
 //! - [`namespace`]: the namespace a front-end talks to: geometry, the one checked
 //!   bounds function, and read, write, flush, deallocate and write-zeroes.
+//! - [`latency`]: how long the media takes: per-command base times, time per
+//!   byte, a queue depth and seeded jitter, with presets (instant, nvme, sata).
 //!
 //! Data flows front-end → [`Namespace`] (bounds checked once, in LBAs) →
-//! [`Backing`] (positioned reads and writes in bytes).
+//! [`Backing`] (positioned reads and writes in bytes). A front-end asks
+//! [`Latency`] how long a command takes and completes it that much later.
 
 pub mod backing;
+pub mod latency;
 pub mod namespace;
 pub mod units;
 
 pub use backing::{Backing, BackingError};
+pub use latency::{Latency, LatencySpec, LatencySpecError, MediaOp};
 pub use namespace::{LbaRange, Namespace, NamespaceError, RangeError};
 pub use units::{ByteOffset, Lba, LbaSize, LbaSizeError};
