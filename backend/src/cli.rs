@@ -180,6 +180,14 @@ pub struct ServeArgs {
     /// rest of the disk).
     #[arg(long)]
     pub mailbox: bool,
+    /// How long the media takes per command: a preset (instant, nvme, sata),
+    /// then key=value fields that override it: read, write, flush, discard
+    /// (base times: 80us, 1.5ms), bw, read-bw, write-bw (bytes/s, decimal:
+    /// 3G, 500M), depth (commands served at once), jitter (±P%, seeded by
+    /// --seed). E.g. 'nvme', 'sata,depth=1',
+    /// 'read=80us,write=20us,bw=3G,depth=64,jitter=10%'.
+    #[arg(long, value_name = "PRESET|SPEC", default_value = "instant")]
+    pub latency: String,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -239,6 +247,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ledger_file: a.ledger,
             control,
             mailbox: a.mailbox,
+            latency: config::parse_latency(&a.latency)?,
         })
     }
 }
@@ -326,5 +335,29 @@ mod tests {
         assert_eq!(c.dma.zero_page, Some(dma::Gpa(0x1000)));
         let plain = serve_config(&["serve", "--socket", "s", "--mem", "64M"]).unwrap();
         assert_eq!(plain.dma.checks, dma::Checks::default());
+    }
+
+    #[test]
+    fn latency() {
+        let base = ["serve", "--socket", "s", "--mem", "64M"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            serve_config(&v)
+        };
+        assert!(with(&[]).unwrap().latency.is_instant());
+        assert_eq!(
+            with(&["--latency", "nvme"]).unwrap().latency,
+            nvme_model::LatencySpec::NVME
+        );
+        let c = with(&["--latency", "sata,depth=1,read=1ms"]).unwrap();
+        assert_eq!(c.latency.read, std::time::Duration::from_millis(1));
+        assert_eq!(c.latency.write, nvme_model::LatencySpec::SATA.write);
+        // A bad spec is refused with the field and the forms it takes.
+        let e = with(&["--latency", "nvme,jitter=10"]).unwrap_err();
+        assert!(matches!(e, ConfigError::Latency(..)), "{e:?}");
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert!(cause.contains("jitter") && cause.contains('%'), "{cause}");
+        assert!(with(&["--latency", "ssd"]).is_err());
     }
 }

@@ -29,6 +29,8 @@ pub enum ConfigError {
     Address(String),
     #[error("Cannot read the fault file {0}: {1}")]
     FaultFile(PathBuf, String),
+    #[error("--latency {0:?}")]
+    Latency(String, #[source] nvme_model::LatencySpecError),
     #[error("{file}: rule {index} ({line}): {error}")]
     FaultFileRule {
         file: PathBuf,
@@ -68,6 +70,8 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// Make the last MiB of the disk the guest's mailbox.
     pub mailbox: bool,
+    /// How long the media takes to serve each command (instant: no time).
+    pub latency: nvme_model::LatencySpec,
 }
 
 /// Reads fault rules from a TOML file: an array of `[[rule]]` tables with the
@@ -122,6 +126,11 @@ pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, Con
             })
         })
         .collect()
+}
+
+/// Parses `--latency`: a preset (instant, nvme, sata) and/or `key=value` fields.
+pub fn parse_latency(text: &str) -> Result<nvme_model::LatencySpec, ConfigError> {
+    nvme_model::LatencySpec::parse(text).map_err(|e| ConfigError::Latency(text.to_owned(), e))
 }
 
 /// Parses a guest-physical address: `0x` hex or decimal.

@@ -22,6 +22,8 @@ pub struct Counters {
     /// Commands the guest sent through the mailbox, and writes to it refused.
     pub mailbox_commands: AtomicU64,
     pub mailbox_refused: AtomicU64,
+    /// Requests the media latency model made wait (`--latency`).
+    pub latency_delayed: AtomicU64,
     malformed: [AtomicU64; Malformed::ALL.len()],
     limiter: RateLimit,
 }
@@ -38,6 +40,7 @@ pub struct CounterSnapshot {
     pub injected: u64,
     pub mailbox_commands: u64,
     pub mailbox_refused: u64,
+    pub latency_delayed: u64,
     pub malformed: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -54,6 +57,7 @@ impl Counters {
             injected: get(&self.injected),
             mailbox_commands: get(&self.mailbox_commands),
             mailbox_refused: get(&self.mailbox_refused),
+            latency_delayed: get(&self.latency_delayed),
             malformed: self.malformed_all().collect(),
         }
     }
@@ -70,6 +74,7 @@ impl Counters {
             &self.injected,
             &self.mailbox_commands,
             &self.mailbox_refused,
+            &self.latency_delayed,
         ]
         .into_iter()
         .chain(&self.malformed)

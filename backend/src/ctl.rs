@@ -236,6 +236,12 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 "waiting: {} held, {} delayed   rules: {}   tag: {}   zero page: {}",
                 r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
             ));
+            if let Some(latency) = r["latency"].as_str().filter(|l| *l != "instant") {
+                line(format!(
+                    "media latency: {latency}   delayed by it: {}",
+                    c["latency_delayed"]
+                ));
+            }
             let on: Vec<&str> = ["canary", "snapshot", "overlap", "ledger"]
                 .into_iter()
                 .filter(|k| r["checks"][*k] == json!(true))

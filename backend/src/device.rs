@@ -11,13 +11,13 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dma::fault::Effect;
 use dma::schedule::{FollowUp, ParkedInfo, Release};
 use dma::{Engine, Scheduler, Ticket, Wait, WatchTask};
 use log::{debug, warn};
-use nvme_model::Namespace;
+use nvme_model::{Latency, MediaOp, Namespace};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -57,6 +57,8 @@ struct Core {
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
     mailbox: Option<Mailbox>,
+    /// The media latency model; `None` when instant (nothing to add).
+    latency: Option<Arc<Latency>>,
 }
 
 /// A request waiting in the scheduler, with what it needs to finish.
@@ -70,6 +72,8 @@ struct Pending {
     work: Work,
     ticket: Ticket,
     vring: Vring,
+    /// Held, with the media's time still to come: it counts from the release.
+    media_due: bool,
 }
 
 /// What the scheduler runs.
@@ -91,13 +95,15 @@ pub struct BlkDevice {
 
 impl BlkDevice {
     /// A device over `ns`; with `control`, the last MiB of the disk is the guest
-    /// mailbox, whose commands `control` answers.
+    /// mailbox, whose commands `control` answers; with `latency`, requests
+    /// complete when the media model says.
     pub fn new(
         ns: Arc<Namespace>,
         engine: Arc<Engine>,
         counters: Arc<Counters>,
         shape: DeviceShape,
         control: Option<ControlFn>,
+        latency: Option<Arc<Latency>>,
     ) -> io::Result<Self> {
         let mut serial = [0u8; ID_BYTES];
         let n = shape.serial.len().min(ID_BYTES);
@@ -116,6 +122,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
+            latency,
         });
         let job_core = core.clone();
         let scheduler = Scheduler::new("dma-scheduler", move |job| job_core.run_job(job))?;
@@ -301,6 +308,10 @@ impl BlkDevice {
         let mut ticket = core.engine.arrive(mem, arrival);
         let mut wait = ticket.wait;
         let mut used = None;
+        let mut media_due = false;
+        if !matches!(ticket.effect, Some(Effect::CompleteBeforeDma { .. })) {
+            (wait, media_due) = core.with_media_time(&work, wait);
+        }
         if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
             // A broken device on purpose: the guest hears "done" now, the data moves later.
             let written = if req.op.device_writes_data() {
@@ -331,6 +342,7 @@ impl BlkDevice {
                 work,
                 ticket,
                 vring: vring.clone(),
+                media_due,
             })),
         ));
         used
@@ -382,6 +394,18 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
     }
 }
 
+/// What the media latency model sees of a request: its kind and the bytes it
+/// moves. GET_ID is answered by the controller, not the media.
+fn media_op(work: &Work) -> Option<(MediaOp, u64)> {
+    match work {
+        Work::Read(r) => Some((MediaOp::Read, r.len())),
+        Work::Write(r) => Some((MediaOp::Write, r.len())),
+        Work::Flush => Some((MediaOp::Flush, 0)),
+        Work::Zero(ranges) => Some((MediaOp::Discard, ranges.iter().map(|(r, _)| r.len()).sum())),
+        Work::GetId(_) => None,
+    }
+}
+
 fn watch_job(w: WatchTask) -> FollowUp<Job> {
     let info = ParkedInfo {
         request: w.id,
@@ -405,6 +429,27 @@ impl Core {
         self.mem.read().ok().and_then(|m| m.clone())
     }
 
+    /// A request's wait with the media's time added (`--latency`), and whether
+    /// media time is still due after it. No wait becomes the media time; a
+    /// delay grows by it (the media sees the request when the delay ends); a
+    /// hold stays a hold, and the media time counts from its release.
+    fn with_media_time(&self, work: &Work, wait: Wait) -> (Wait, bool) {
+        let (Some(latency), Some((op, bytes))) = (&self.latency, media_op(work)) else {
+            return (wait, false);
+        };
+        let (before, at) = match wait {
+            Wait::Hold => return (Wait::Hold, true),
+            Wait::None => (Duration::ZERO, Instant::now()),
+            Wait::Delay(d) => (d, Instant::now() + d),
+        };
+        let media = latency.delay(op, bytes, at);
+        if media.is_zero() {
+            return (wait, false);
+        }
+        bump(&self.counters.latency_delayed);
+        (Wait::Delay(before + media), false)
+    }
+
     /// Runs a job of the scheduler's: a request whose wait is over, or a watch.
     fn run_job(&self, job: Job) -> Option<FollowUp<Job>> {
         let Some(atomic) = self.mem() else {
@@ -419,7 +464,14 @@ impl Core {
                 self.engine.watch(&*mem, &w);
                 None
             }
-            Job::Io(p) => {
+            Job::Io(mut p) => {
+                if p.media_due {
+                    // A released hold: now the media serves it.
+                    p.media_due = false;
+                    if let (wait @ Wait::Delay(_), _) = self.with_media_time(&p.work, Wait::None) {
+                        return Some((parked_info(&p.ticket), wait, Job::Io(p)));
+                    }
+                }
                 let Pending {
                     completed_early,
                     q,
@@ -428,6 +480,7 @@ impl Core {
                     work,
                     mut ticket,
                     vring,
+                    media_due: _,
                 } = *p;
                 let mut buf = Vec::new();
                 if completed_early {
@@ -670,7 +723,11 @@ impl VhostUserBackend for BlkDevice {
                 jobs.len()
             );
         }
-        for job in jobs {
+        for mut job in jobs {
+            // Stopping: what was held completes now, without its media time.
+            if let Job::Io(p) = &mut job {
+                p.media_due = false;
+            }
             if let Some(next) = self.core.run_job(job) {
                 self.park(next);
             }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use dma::schedule::{ParkedInfo, Release};
 use dma::{Engine, RuleSpec};
 use log::{error, info};
-use nvme_model::{Backing, Namespace};
+use nvme_model::{Backing, Latency, Namespace};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -66,6 +66,8 @@ pub struct DaemonState {
     ns: Arc<Namespace>,
     engine: Arc<Engine>,
     counters: Arc<Counters>,
+    /// The media latency model; `None` when instant.
+    latency: Option<Arc<Latency>>,
     /// The device of the connection being served, if any.
     current: Mutex<Option<Arc<BlkDevice>>>,
     /// Whether a frontend is connected (`current` is set a little before).
@@ -127,6 +129,10 @@ impl DaemonState {
             "held": parked.iter().filter(|p| p.held).count(),
             "delayed": parked.iter().filter(|p| !p.held).count(),
             "zero_page": engine.zero_page(),
+            "latency": self
+                .latency
+                .as_ref()
+                .map_or_else(|| "instant".to_owned(), |l| l.spec().to_string()),
             "tag": engine.tag(),
             "ledger": {"entries": ledger.len(), "capacity": ledger.capacity(), "dropped": ledger.dropped()},
         })
@@ -161,10 +167,15 @@ impl Daemon {
             config.queue_size,
             if ns.read_only() { ", read-only" } else { "" }
         );
+        let latency = (!config.latency.is_instant()).then(|| {
+            info!("media latency: {}", config.latency);
+            Arc::new(Latency::new(config.latency, config.dma.seed))
+        });
         let shared = Arc::new(DaemonState {
             ns,
             engine,
             counters: Arc::new(Counters::default()),
+            latency,
             current: Mutex::new(None),
             connected: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
@@ -303,6 +314,7 @@ fn serve_connections(
             shared.counters.clone(),
             shape.clone(),
             control,
+            shared.latency.clone(),
         ) {
             Ok(d) => Arc::new(d),
             Err(e) => return ServeError::Device(e),
