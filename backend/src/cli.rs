@@ -188,6 +188,21 @@ pub struct ServeArgs {
     /// 'read=80us,write=20us,bw=3G,depth=64,jitter=10%'.
     #[arg(long, value_name = "PRESET|SPEC", default_value = "instant")]
     pub latency: String,
+    /// The drive's volatile write cache: writes the guest sent in write-back
+    /// mode are lost on a power cut (`dmaprobe ctl power-cut`) until a flush
+    /// makes them stable; a full cache makes its oldest writes stable. `off`:
+    /// every write is stable at once.
+    #[arg(long, value_name = "SIZE|off", default_value = config::DEFAULT_WRITE_CACHE)]
+    pub write_cache: String,
+    /// What deallocated (discarded) blocks read back as: zeroes, or keep
+    /// (their old data).
+    #[arg(long, value_name = "zeroes|keep", default_value = "zeroes")]
+    pub deallocate: String,
+    /// Bad blocks from the start (repeatable): LBA[+BLOCKS]:read fails reads
+    /// until the blocks are rewritten, LBA[+BLOCKS]:write fails writes until
+    /// cleared with `dmaprobe ctl media-error clear`.
+    #[arg(long = "media-error", value_name = "LBA[+N]:KIND")]
+    pub media_errors: Vec<String>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -248,6 +263,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             control,
             mailbox: a.mailbox,
             latency: config::parse_latency(&a.latency)?,
+            media: config::MediaConfig {
+                write_cache: config::parse_write_cache(&a.write_cache)?,
+                deallocate: config::parse_deallocate(&a.deallocate)?,
+                media_errors: a
+                    .media_errors
+                    .iter()
+                    .map(|m| config::parse_media_error(m))
+                    .collect::<Result<_, _>>()?,
+            },
         })
     }
 }

@@ -29,6 +29,12 @@ pub enum ConfigError {
     Address(String),
     #[error("Cannot read the fault file {0}: {1}")]
     FaultFile(PathBuf, String),
+    #[error("--write-cache {0:?} is not a size or \"off\" (e.g. 32M)")]
+    WriteCache(String),
+    #[error("--deallocate {0:?}: give zeroes (deallocated blocks read as zeros) or keep (they keep their data)")]
+    Deallocate(String),
+    #[error("--media-error {0:?}: {1}; the form is LBA[+BLOCKS]:read|write, e.g. 2048+8:read")]
+    MediaError(String, String),
     #[error("--latency {0:?}")]
     Latency(String, #[source] nvme_model::LatencySpecError),
     #[error("{file}: rule {index} ({line}): {error}")]
@@ -72,6 +78,8 @@ pub struct ServeConfig {
     pub mailbox: bool,
     /// How long the media takes to serve each command (instant: no time).
     pub latency: nvme_model::LatencySpec,
+    /// The drive's behaviour around the bytes.
+    pub media: MediaConfig,
 }
 
 /// Reads fault rules from a TOML file: an array of `[[rule]]` tables with the
@@ -126,6 +134,85 @@ pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, Con
             })
         })
         .collect()
+}
+
+/// Default size of the volatile write cache.
+pub const DEFAULT_WRITE_CACHE: &str = "32M";
+
+/// What the media does besides keeping bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Bytes of volatile write cache; `None`: every write is stable at once.
+    pub write_cache: Option<u64>,
+    pub deallocate: nvme_model::Deallocate,
+    /// Bad blocks from the start: (first LBA, blocks, kind).
+    pub media_errors: Vec<MediaErrorSpec>,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            write_cache: parse_write_cache(DEFAULT_WRITE_CACHE).ok().flatten(),
+            deallocate: nvme_model::Deallocate::Zeroes,
+            media_errors: Vec::new(),
+        }
+    }
+}
+
+/// Bad blocks: `blocks` from `lba`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaErrorSpec {
+    pub lba: u64,
+    pub blocks: u64,
+    pub kind: nvme_model::MediaErrorKind,
+}
+
+/// Parses `--write-cache`: a size, or `off` (0 is off too).
+pub fn parse_write_cache(text: &str) -> Result<Option<u64>, ConfigError> {
+    if matches!(text.trim(), "off" | "none" | "0") {
+        return Ok(None);
+    }
+    parse_size(text)
+        .map(Some)
+        .map_err(|_| ConfigError::WriteCache(text.to_owned()))
+}
+
+pub fn parse_deallocate(text: &str) -> Result<nvme_model::Deallocate, ConfigError> {
+    match text.trim() {
+        "zeroes" | "zeros" | "zero" => Ok(nvme_model::Deallocate::Zeroes),
+        "keep" => Ok(nvme_model::Deallocate::Keep),
+        _ => Err(ConfigError::Deallocate(text.to_owned())),
+    }
+}
+
+/// Parses `LBA[+BLOCKS]:read|write` (LBA in decimal or 0x hex).
+pub fn parse_media_error(text: &str) -> Result<MediaErrorSpec, ConfigError> {
+    let fail = |why: &str| ConfigError::MediaError(text.to_owned(), why.to_owned());
+    let (at, kind) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| fail("no kind given"))?;
+    let kind = kind.parse().map_err(|e: String| fail(&e))?;
+    let (lba, blocks) = match at.split_once('+') {
+        Some((lba, n)) => (
+            lba,
+            parse_number(n).ok_or_else(|| fail("BLOCKS is not a number"))?,
+        ),
+        None => (at, 1),
+    };
+    let lba = parse_number(lba).ok_or_else(|| fail("LBA is not a number"))?;
+    if blocks == 0 {
+        return Err(fail("BLOCKS must be at least 1"));
+    }
+    Ok(MediaErrorSpec { lba, blocks, kind })
+}
+
+fn parse_number(text: &str) -> Option<u64> {
+    let t = text.trim();
+    match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
 }
 
 /// Parses `--latency`: a preset (instant, nvme, sata) and/or `key=value` fields.
@@ -209,6 +296,32 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_options() {
+        assert_eq!(parse_write_cache("off"), Ok(None));
+        assert_eq!(parse_write_cache("0"), Ok(None));
+        assert_eq!(parse_write_cache("8M"), Ok(Some(8 << 20)));
+        assert!(parse_write_cache("lots").is_err());
+        assert_eq!(MediaConfig::default().write_cache, Some(32 << 20));
+        assert_eq!(parse_deallocate("keep"), Ok(nvme_model::Deallocate::Keep));
+        assert!(parse_deallocate("shred").is_err());
+        let read = nvme_model::MediaErrorKind::Read;
+        assert_eq!(
+            parse_media_error("2048+8:read"),
+            Ok(MediaErrorSpec {
+                lba: 2048,
+                blocks: 8,
+                kind: read
+            })
+        );
+        assert_eq!(parse_media_error("0x10:write").unwrap().lba, 16);
+        assert_eq!(parse_media_error("7:read").unwrap().blocks, 1);
+        for bad in ["7", "7:scratch", "x:read", "7+0:read", "7+y:write"] {
+            let e = parse_media_error(bad).unwrap_err().to_string();
+            assert!(e.contains("LBA[+BLOCKS]"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -89,6 +89,21 @@ pub enum Command {
     },
     /// Counters and finding counts back to zero.
     Reset,
+    /// Cut the power: what the write cache held is lost (with `torn`, each
+    /// volatile write keeps a random leading part, drawn from `seed`).
+    PowerCut {
+        #[serde(default)]
+        torn: bool,
+        seed: Option<u64>,
+    },
+    /// Bad blocks: `add` (`lba`, `blocks`, `kind` read|write), `clear` (all,
+    /// or those of `lba`/`blocks`, of `kind` if given) or `list`.
+    MediaError {
+        action: MediaErrorAction,
+        lba: Option<u64>,
+        blocks: Option<u64>,
+        kind: Option<nvme_model::MediaErrorKind>,
+    },
     /// Switch checks on or off; those not given stay as they are.
     Checks {
         canary: Option<bool>,
@@ -96,6 +111,14 @@ pub enum Command {
         overlap: Option<bool>,
         ledger: Option<bool>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MediaErrorAction {
+    Add,
+    Clear,
+    List,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +260,28 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             engine.reset_finding_counts();
             json!({ "reset": true })
         }
+        Command::PowerCut { torn, seed } => {
+            let ns = state.namespace();
+            let seed = torn.then(|| seed.unwrap_or_else(|| ns.power_epoch()));
+            let cut = ns
+                .power_cut(seed)
+                .map_err(|e| format!("power cut failed: {e}"))?;
+            log::info!(
+                "power cut: {} blocks lost, {} kept, of {} volatile writes",
+                cut.lost_blocks,
+                cut.kept_blocks,
+                cut.writes
+            );
+            engine.mark("power-cut");
+            json!({ "lost_blocks": cut.lost_blocks, "kept_blocks": cut.kept_blocks,
+                    "writes": cut.writes, "power_cuts": ns.power_epoch(), "seed": seed })
+        }
+        Command::MediaError {
+            action,
+            lba,
+            blocks,
+            kind,
+        } => media_error(state.namespace(), action, lba, blocks, kind)?,
         Command::Checks {
             canary,
             snapshot,
@@ -254,6 +299,40 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             checks_json(c)
         }
     })
+}
+
+fn media_error(
+    ns: &nvme_model::Namespace,
+    action: MediaErrorAction,
+    lba: Option<u64>,
+    blocks: Option<u64>,
+    kind: Option<nvme_model::MediaErrorKind>,
+) -> Result<Value, String> {
+    let bad = ns.media_errors();
+    let range = match lba {
+        Some(lba) => {
+            let blocks = blocks.unwrap_or(1);
+            let r = ns
+                .check_range(nvme_model::Lba(lba), blocks)
+                .map_err(|e| e.to_string())?;
+            Some((r.start().0, r.blocks()))
+        }
+        None if blocks.is_some() => return Err("blocks needs lba".into()),
+        None => None,
+    };
+    match action {
+        MediaErrorAction::Add => {
+            let (start, blocks) = range.ok_or("add needs lba (and blocks, default 1)")?;
+            let kind = kind.ok_or("add needs kind: read or write")?;
+            bad.add(start, blocks, kind);
+        }
+        MediaErrorAction::Clear => {
+            let cleared = bad.clear(range, kind);
+            return Ok(json!({ "cleared_blocks": cleared, "media_errors": bad.list() }));
+        }
+        MediaErrorAction::List => {}
+    }
+    Ok(json!({ "media_errors": bad.list() }))
 }
 
 pub fn checks_json(c: Checks) -> Value {

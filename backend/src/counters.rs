@@ -16,7 +16,14 @@ pub struct Counters {
     pub unsupp: AtomicU64,
     /// Chains returned with no status byte written (there was nowhere to write it).
     pub no_status: AtomicU64,
+    /// Backing I/O that failed (the host's disk, not a simulated bad block).
     pub media_errors: AtomicU64,
+    /// Reads of bad blocks (`--media-error`, `ctl media-error`).
+    pub unrecovered_reads: AtomicU64,
+    /// Writes to bad blocks.
+    pub write_faults: AtomicU64,
+    /// Requests from before a power cut, failed when they reached the media after it.
+    pub cut_off: AtomicU64,
     /// Requests failed by a fault rule.
     pub injected: AtomicU64,
     /// Commands the guest sent through the mailbox, and writes to it refused.
@@ -37,6 +44,9 @@ pub struct CounterSnapshot {
     pub unsupp: u64,
     pub no_status: u64,
     pub media_errors: u64,
+    pub unrecovered_reads: u64,
+    pub write_faults: u64,
+    pub cut_off: u64,
     pub injected: u64,
     pub mailbox_commands: u64,
     pub mailbox_refused: u64,
@@ -54,6 +64,9 @@ impl Counters {
             unsupp: get(&self.unsupp),
             no_status: get(&self.no_status),
             media_errors: get(&self.media_errors),
+            unrecovered_reads: get(&self.unrecovered_reads),
+            write_faults: get(&self.write_faults),
+            cut_off: get(&self.cut_off),
             injected: get(&self.injected),
             mailbox_commands: get(&self.mailbox_commands),
             mailbox_refused: get(&self.mailbox_refused),
@@ -71,6 +84,9 @@ impl Counters {
             &self.unsupp,
             &self.no_status,
             &self.media_errors,
+            &self.unrecovered_reads,
+            &self.write_faults,
+            &self.cut_off,
             &self.injected,
             &self.mailbox_commands,
             &self.mailbox_refused,

@@ -90,8 +90,50 @@ pub enum CtlCommand {
         #[arg(long, value_name = "on|off", value_parser = on_off)]
         ledger: Option<bool>,
     },
+    /// Cut the power: writes the guest has not flushed are lost; the media
+    /// comes back with what was stable. Requests in flight fail.
+    PowerCut {
+        /// Each volatile write keeps a random leading part of its blocks, as
+        /// on a drive that lost power while writing its cache back.
+        #[arg(long)]
+        torn: bool,
+        /// The seed of the tear points (default: the number of cuts so far).
+        #[arg(long, requires = "torn")]
+        seed: Option<u64>,
+    },
+    /// Bad blocks: add, clear or list them.
+    MediaError {
+        #[command(subcommand)]
+        action: MediaErrorCmd,
+    },
     /// Send one raw JSON request line.
     Raw { request: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MediaErrorCmd {
+    /// Make blocks bad: `read` fails reads until the blocks are rewritten,
+    /// `write` fails writes until cleared.
+    Add {
+        /// The first bad block (logical block address).
+        lba: u64,
+        #[arg(value_parser = ["read", "write"])]
+        kind: String,
+        /// How many blocks from LBA.
+        #[arg(long, default_value_t = 1)]
+        blocks: u64,
+    },
+    /// Make bad blocks good again: all, or those from LBA.
+    Clear {
+        lba: Option<u64>,
+        #[arg(long, requires = "lba")]
+        blocks: Option<u64>,
+        /// Only errors of this kind.
+        #[arg(long, value_parser = ["read", "write"])]
+        kind: Option<String>,
+    },
+    /// List the bad blocks.
+    List,
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -177,6 +219,16 @@ fn request_for(cmd: &CtlCommand) -> String {
             ledger,
         } => json!({"cmd": "checks", "canary": canary, "snapshot": snapshot,
                     "overlap": overlap, "ledger": ledger}),
+        CtlCommand::PowerCut { torn, seed } => {
+            json!({"cmd": "power-cut", "torn": torn, "seed": seed})
+        }
+        CtlCommand::MediaError { action } => match action {
+            MediaErrorCmd::Add { lba, kind, blocks } => json!({"cmd": "media-error",
+                "action": "add", "lba": lba, "blocks": blocks, "kind": kind}),
+            MediaErrorCmd::Clear { lba, blocks, kind } => json!({"cmd": "media-error",
+                "action": "clear", "lba": lba, "blocks": blocks, "kind": kind}),
+            MediaErrorCmd::List => json!({"cmd": "media-error", "action": "list"}),
+        },
         CtlCommand::Raw { request } => return request.clone(),
     };
     let mut v = v;
@@ -236,6 +288,21 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 "waiting: {} held, {} delayed   rules: {}   tag: {}   zero page: {}",
                 r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
             ));
+            if let Some(cache) = r["write_cache"].as_object() {
+                line(format!(
+                    "write cache: {}, {} of {} blocks volatile ({} writes), {} destaged   power cuts: {}",
+                    if cache["enabled"] == json!(true) { "on" } else { "off (writethrough)" },
+                    cache["volatile_blocks"], cache["capacity_blocks"], cache["volatile_writes"],
+                    cache["destaged_blocks"], r["power_cuts"]
+                ));
+            }
+            let bad = r["media_errors"].as_array().map_or(0, Vec::len);
+            if bad > 0 || c["unrecovered_reads"] != json!(0) || c["write_faults"] != json!(0) {
+                line(format!(
+                    "bad block ranges: {bad}   unrecovered reads: {}   write faults: {}   cut off by power: {}",
+                    c["unrecovered_reads"], c["write_faults"], c["cut_off"]
+                ));
+            }
             if let Some(latency) = r["latency"].as_str().filter(|l| *l != "instant") {
                 line(format!(
                     "media latency: {latency}   delayed by it: {}",
@@ -350,6 +417,27 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Release { .. } => line(format!("released {}", r["released"])),
         CtlCommand::AddRule { .. } => line(format!("rule {} added", r["id"])),
         CtlCommand::RemoveRule { .. } => line(format!("rule {} removed", r["removed"])),
+        CtlCommand::PowerCut { .. } => line(format!(
+            "power cut #{}: {} blocks lost, {} kept, of {} volatile writes",
+            r["power_cuts"], r["lost_blocks"], r["kept_blocks"], r["writes"]
+        )),
+        CtlCommand::MediaError { .. } => {
+            if let Some(n) = r["cleared_blocks"].as_u64() {
+                line(format!("{n} blocks cleared"));
+            }
+            let bad = r["media_errors"].as_array().cloned().unwrap_or_default();
+            if bad.is_empty() {
+                line("no bad blocks".into());
+            }
+            for b in bad {
+                line(format!(
+                    "LBA {}+{}: {} errors",
+                    b["start"],
+                    b["blocks"],
+                    b["kind"].as_str().unwrap_or("?")
+                ));
+            }
+        }
         _ => line(r.to_string()),
     }
     out

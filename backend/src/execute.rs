@@ -25,6 +25,24 @@ pub enum ExecError {
     Memory(#[source] dma::TransferError),
     #[error("Fault injected: {0}")]
     Injected(&'static str, crate::blk::Status),
+    #[error("The power was cut after the request arrived")]
+    CutOff,
+}
+
+impl ExecError {
+    /// What the ledger records as the request's outcome, when more is known
+    /// than its status.
+    pub fn outcome(&self) -> Option<&'static str> {
+        match self {
+            ExecError::Media(NamespaceError::UnrecoveredRead { .. }) => {
+                Some("unrecovered-read-error")
+            }
+            ExecError::Media(NamespaceError::WriteFault { .. }) => Some("write-fault"),
+            ExecError::CutOff => Some("cut-off"),
+            ExecError::Injected("power-cut", _) => Some("power-cut"),
+            _ => None,
+        }
+    }
 }
 
 impl From<Malformed> for ExecError {
@@ -50,6 +68,9 @@ pub struct ExecContext<'a> {
 pub struct Prepared {
     pub work: Work,
     pub arrival: Arrival,
+    /// The namespace's power epoch at arrival: after a power cut the request
+    /// no longer reaches the media.
+    pub epoch: u64,
 }
 
 /// What a prepared request does to the media.
@@ -118,6 +139,7 @@ pub fn prepare<M: GuestMemoryBackend>(
     };
     Ok(Prepared {
         work,
+        epoch: ns.power_epoch(),
         arrival: Arrival {
             op,
             queue,
@@ -144,22 +166,39 @@ impl Work {
 /// written into guest memory. `buf` is scratch space, reused across requests.
 /// A fault effect on the ticket shapes what happens (the engine itself corrupts
 /// or misplaces data; here requests fail, or writes reach the media torn).
+/// A request from an earlier power `epoch` than the media's fails.
 pub fn perform<M: GuestMemoryBackend>(
     ctx: &ExecContext<'_>,
     mem: &M,
     work: &Work,
+    epoch: u64,
     ticket: &mut Ticket,
     buf: &mut Vec<u8>,
 ) -> Result<u32, ExecError> {
     let ns = ctx.ns;
     let effect = ticket.effect;
-    if let Some(Effect::Error { unsupp }) = effect {
-        let status = if unsupp {
-            Status::Unsupp
-        } else {
-            Status::IoErr
-        };
-        return Err(ExecError::Injected("error", status));
+    match effect {
+        Some(Effect::Error { unsupp }) => {
+            let status = if unsupp {
+                Status::Unsupp
+            } else {
+                Status::IoErr
+            };
+            return Err(ExecError::Injected("error", status));
+        }
+        Some(Effect::PowerCut) => {
+            let cut = ns.power_cut(None).map_err(ExecError::Media)?;
+            log::info!(
+                "power cut by a fault rule: {} blocks lost ({} volatile writes)",
+                cut.lost_blocks,
+                cut.writes
+            );
+            return Err(ExecError::Injected("power-cut", Status::IoErr));
+        }
+        _ => {}
+    }
+    if epoch != ns.power_epoch() && !matches!(work, Work::GetId(_)) {
+        return Err(ExecError::CutOff);
     }
     match work {
         Work::Read(range) => {

@@ -57,7 +57,21 @@ pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
         BackingConfig::File { path, size } => Backing::file(path, *size, config.read_only),
     }
     .map_err(ServeError::Backing)?;
-    Namespace::new(backing, config.lbs, config.read_only).map_err(ServeError::Media)
+    let media = &config.media;
+    let mut ns = Namespace::new(backing, config.lbs, config.read_only)
+        .map_err(ServeError::Media)?
+        .with_deallocate(media.deallocate);
+    if let Some(bytes) = media.write_cache {
+        ns = ns.with_write_cache(bytes);
+    }
+    for m in &media.media_errors {
+        let range = ns
+            .check_range(nvme_model::Lba(m.lba), m.blocks)
+            .map_err(|e| ServeError::Media(e.into()))?;
+        ns.media_errors()
+            .add(range.start().0, range.blocks(), m.kind);
+    }
+    Ok(ns)
 }
 
 /// What outlives each connection, and what the control plane drives.
@@ -133,6 +147,15 @@ impl DaemonState {
                 .latency
                 .as_ref()
                 .map_or_else(|| "instant".to_owned(), |l| l.spec().to_string()),
+            "write_cache": self.ns.cache_status().map(|c| serde_json::json!({
+                "enabled": self.ns.write_cache_enabled(),
+                "capacity_blocks": c.capacity_blocks,
+                "volatile_blocks": c.volatile_blocks,
+                "volatile_writes": c.volatile_writes,
+                "destaged_blocks": c.destaged_blocks,
+            })),
+            "power_cuts": self.ns.power_epoch(),
+            "media_errors": self.ns.media_errors().list(),
             "tag": engine.tag(),
             "ledger": {"entries": ledger.len(), "capacity": ledger.capacity(), "dropped": ledger.dropped()},
         })

@@ -27,6 +27,8 @@
 //! two deliberately broken devices used to validate a test suite:
 //! `complete-before-dma` (`ms=N`: complete at once, move the data N ms later) and
 //! `wrong-page` (move the data into, or out of, the neighbouring guest page).
+//! And one for the media: `power-cut` (power is lost as the request reaches
+//! the media: what was not stable is gone, and the request fails).
 //!
 //! A request gets the first wait, the first watch and the first effect of the
 //! rules that fire on it.
@@ -91,6 +93,8 @@ pub enum Effect {
     CompleteBeforeDma { ms: u64 },
     /// Move the data into (read) or out of (write) the next guest page.
     WrongPage,
+    /// Cut the power as the request reaches the media; the request fails.
+    PowerCut,
 }
 
 impl Effect {
@@ -102,6 +106,7 @@ impl Effect {
             Effect::Corrupt { .. } => "corrupt",
             Effect::CompleteBeforeDma { .. } => "complete-before-dma",
             Effect::WrongPage => "wrong-page",
+            Effect::PowerCut => "power-cut",
         }
     }
 }
@@ -337,7 +342,7 @@ impl Builder {
     fn action(&self) -> Result<Action, String> {
         let name = self.action.as_deref().ok_or(
             "no action (delay, hold, watch, error, partial, torn, corrupt, \
-             complete-before-dma, wrong-page)",
+             complete-before-dma, wrong-page, power-cut)",
         )?;
         // Each action takes only its own parameters.
         let takes: &[&str] = match name {
@@ -394,10 +399,11 @@ impl Builder {
             }),
             "complete-before-dma" => Action::Effect(Effect::CompleteBeforeDma { ms: one_ms()? }),
             "wrong-page" => Action::Effect(Effect::WrongPage),
+            "power-cut" => Action::Effect(Effect::PowerCut),
             other => {
                 return Err(format!(
                     "unknown action {other:?} (delay, hold, watch, error, partial, torn, \
-                     corrupt, complete-before-dma, wrong-page)"
+                     corrupt, complete-before-dma, wrong-page, power-cut)"
                 ))
             }
         })
@@ -481,6 +487,7 @@ impl fmt::Display for RuleSpec {
                 Effect::Corrupt { bits } => format!("action=corrupt,bits={bits}"),
                 Effect::CompleteBeforeDma { ms } => format!("action=complete-before-dma,ms={ms}"),
                 Effect::WrongPage => "action=wrong-page".into(),
+                Effect::PowerCut => "action=power-cut".into(),
             },
         });
         write!(f, "{}", parts.join(","))
@@ -743,6 +750,7 @@ mod tests {
             "op=get-id,action=error,status=unsupp",
             "action=complete-before-dma,ms=20",
             "action=wrong-page",
+            "action=power-cut",
             "op=read,action=watch,ms=5",
         ] {
             let spec = RuleSpec::parse(line).unwrap();

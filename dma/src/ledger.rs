@@ -32,7 +32,10 @@ pub struct RequestRecord {
     pub completed_ns: u64,
     /// How the request waited: `none`, `delay 1000 ms`, `hold`.
     pub wait: String,
-    /// The status the guest got: `ok`, `ioerr`, `unsupp`, `abandoned`.
+    /// The status the guest got: `ok`, `ioerr`, `unsupp`, `abandoned`; or,
+    /// for an IOERR with a known cause, the cause: `unrecovered-read-error`,
+    /// `write-fault` (bad blocks), `power-cut` (a rule cut the power on it),
+    /// `cut-off` (it arrived before a power cut).
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,

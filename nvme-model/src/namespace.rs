@@ -3,7 +3,11 @@
 //! Every LBA range a command names goes through [`Namespace::check_range`], the one
 //! bounds function; the operations take only the [`LbaRange`] it returns.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use crate::backing::{Backing, BackingError, BackingKind};
+use crate::cache::{CacheStatus, PowerCut, WriteCache};
+use crate::media::{MediaErrorKind, MediaErrors};
 use crate::units::{ByteOffset, Lba, LbaSize};
 
 /// Why a range was refused. A front-end reports either as "LBA out of range".
@@ -25,8 +29,14 @@ pub enum NamespaceError {
     ReadOnly,
     #[error("Buffer of {buf} bytes for a range of {range} bytes")]
     LengthMismatch { buf: usize, range: u64 },
+    #[error("Unrecovered read error at LBA {lba}")]
+    UnrecoveredRead { lba: u64 },
+    #[error("Write fault at LBA {lba}")]
+    WriteFault { lba: u64 },
     #[error("Backing of {size} bytes holds less than one {lbs}-byte block")]
     TooSmall { size: u64, lbs: LbaSize },
+    #[error(transparent)]
+    Range(#[from] RangeError),
     #[error(transparent)]
     Backing(#[from] BackingError),
 }
@@ -64,13 +74,34 @@ impl LbaRange {
     }
 }
 
-/// An NVMe-like namespace: a number of logical blocks over a backing.
+/// What deallocated blocks read back as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Deallocate {
+    /// Zeros (NVMe DLFEAT "read zeroes"); the backing's space is given back.
+    #[default]
+    Zeroes,
+    /// Their old data: deallocation is a hint the drive ignores.
+    Keep,
+}
+
+/// An NVMe-like namespace: a number of logical blocks over a backing, with an
+/// optional volatile write cache, bad blocks, and a deallocation behaviour.
 #[derive(Debug)]
 pub struct Namespace {
     backing: Backing,
     lbs: LbaSize,
     blocks: u64,
     read_only: bool,
+    cache: Option<WriteCache>,
+    /// Whether the host runs the cache (else writes are stable at once).
+    cache_enabled: AtomicBool,
+    media: MediaErrors,
+    deallocate: Deallocate,
+    /// Deallocation works on whole aligned units of this many blocks.
+    discard_granularity: u64,
+    /// Power cuts so far: commands from before a cut must not touch the media
+    /// after it.
+    power_epoch: AtomicU64,
 }
 
 impl Namespace {
@@ -93,7 +124,88 @@ impl Namespace {
             lbs,
             blocks,
             read_only,
+            cache: None,
+            cache_enabled: AtomicBool::new(true),
+            media: MediaErrors::default(),
+            deallocate: Deallocate::Zeroes,
+            discard_granularity: 1,
+            power_epoch: AtomicU64::new(0),
         })
+    }
+
+    /// Adds a volatile write cache of `bytes` (rounded down to whole blocks, at
+    /// least one).
+    pub fn with_write_cache(mut self, bytes: u64) -> Self {
+        let blocks = usize::try_from(bytes >> self.lbs.shift()).unwrap_or(usize::MAX);
+        self.cache = Some(WriteCache::new(self.lbs.bytes() as usize, blocks));
+        self
+    }
+
+    pub fn with_deallocate(mut self, deallocate: Deallocate) -> Self {
+        self.deallocate = deallocate;
+        self
+    }
+
+    /// Deallocation works on whole aligned units of `blocks` blocks.
+    pub fn with_discard_granularity(mut self, blocks: u64) -> Self {
+        self.discard_granularity = blocks.max(1);
+        self
+    }
+
+    /// The unit of deallocation, in blocks.
+    pub fn discard_granularity(&self) -> u64 {
+        self.discard_granularity
+    }
+
+    /// Whether writes may be volatile: a cache exists and the host runs it.
+    pub fn write_cache_enabled(&self) -> bool {
+        self.cache.is_some() && self.cache_enabled.load(Ordering::Acquire)
+    }
+
+    /// The host turns the cache on (write-back) or off (write-through); turning
+    /// it off makes what it holds stable first.
+    pub fn set_write_cache(&self, enabled: bool) -> Result<(), NamespaceError> {
+        if !enabled && self.write_cache_enabled() {
+            self.flush()?;
+        }
+        self.cache_enabled.store(enabled, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn cache_status(&self) -> Option<CacheStatus> {
+        self.cache.as_ref().map(WriteCache::status)
+    }
+
+    /// The namespace's bad blocks.
+    pub fn media_errors(&self) -> &MediaErrors {
+        &self.media
+    }
+
+    /// Power is lost and comes back: whatever was not stable is gone (with
+    /// `tear_seed`, each volatile write keeps a random leading part of its
+    /// blocks). Commands from before the cut fail if they reach the media after.
+    pub fn power_cut(&self, tear_seed: Option<u64>) -> Result<PowerCut, NamespaceError> {
+        let cut = match &self.cache {
+            Some(cache) => {
+                let mut locked = cache.lock();
+                self.power_epoch.fetch_add(1, Ordering::AcqRel);
+                let mut rng = tear_seed.map(SplitMix64);
+                let mut draw = |n: u64| rng.as_mut().map_or(0, |r| r.below(n + 1));
+                let tear: Option<&mut dyn FnMut(u64) -> u64> =
+                    tear_seed.is_some().then_some(&mut draw);
+                locked.power_cut(&self.backing, tear)?
+            }
+            None => {
+                self.power_epoch.fetch_add(1, Ordering::AcqRel);
+                PowerCut::default()
+            }
+        };
+        Ok(cut)
+    }
+
+    /// How many power cuts there have been.
+    pub fn power_epoch(&self) -> u64 {
+        self.power_epoch.load(Ordering::Acquire)
     }
 
     pub fn lba_size(&self) -> LbaSize {
@@ -143,6 +255,7 @@ impl Namespace {
 
     pub fn read(&self, range: LbaRange, buf: &mut [u8]) -> Result<(), NamespaceError> {
         check_len(range, buf.len())?;
+        self.readable(range)?;
         self.backing.read_at(range.offset.0, buf)?;
         Ok(())
     }
@@ -163,6 +276,7 @@ impl Namespace {
             range,
             iov.iter().fold(0usize, |n, v| n.saturating_add(v.iov_len)),
         )?;
+        self.readable(range)?;
         // SAFETY: passed on from the caller.
         unsafe { self.backing.read_vectored_at(range.offset.0, iov) }?;
         Ok(())
@@ -171,28 +285,84 @@ impl Namespace {
     pub fn write(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
         self.writable()?;
         check_len(range, buf.len())?;
-        self.backing.write_at(range.offset.0, buf)?;
-        Ok(())
+        if let Some(lba) = self
+            .media
+            .first_bad(range.start.0, range.blocks, MediaErrorKind::Write)
+        {
+            return Err(NamespaceError::WriteFault { lba });
+        }
+        self.change(range, |b| b.write_at(range.offset.0, buf))
     }
 
     /// Makes every completed write stable.
     pub fn flush(&self) -> Result<(), NamespaceError> {
-        self.backing.flush()?;
+        match &self.cache {
+            Some(cache) => {
+                let mut locked = cache.lock();
+                self.backing.flush()?;
+                locked.flushed();
+            }
+            None => self.backing.flush()?,
+        }
         Ok(())
     }
 
-    /// Deallocates the range: it reads back as zeros.
+    /// Deallocates the whole units of the discard granularity inside the range:
+    /// they read back as zeros, or keep their data (see [`Deallocate`]).
     pub fn deallocate(&self, range: LbaRange) -> Result<(), NamespaceError> {
         self.writable()?;
-        self.backing.zero(range.offset.0, range.len)?;
-        Ok(())
+        if self.deallocate == Deallocate::Keep {
+            return Ok(());
+        }
+        let g = self.discard_granularity;
+        let start = range.start.0.div_ceil(g) * g;
+        let end = (range.start.0 + range.blocks) / g * g;
+        if start >= end {
+            return Ok(());
+        }
+        let units = self.check_range(Lba(start), end - start)?;
+        self.change(units, |b| b.zero(units.offset.0, units.len))
     }
 
     /// Writes zeros over the range.
     pub fn write_zeroes(&self, range: LbaRange) -> Result<(), NamespaceError> {
         self.writable()?;
-        self.backing.zero(range.offset.0, range.len)?;
+        if let Some(lba) = self
+            .media
+            .first_bad(range.start.0, range.blocks, MediaErrorKind::Write)
+        {
+            return Err(NamespaceError::WriteFault { lba });
+        }
+        self.change(range, |b| b.zero(range.offset.0, range.len))
+    }
+
+    /// Changes the blocks of `range` through `apply`: under the write cache when
+    /// it runs; rewritten blocks lose their read errors.
+    fn change(
+        &self,
+        range: LbaRange,
+        apply: impl FnOnce(&Backing) -> Result<(), BackingError>,
+    ) -> Result<(), NamespaceError> {
+        match &self.cache {
+            Some(cache) if self.cache_enabled.load(Ordering::Acquire) => {
+                let mut locked = cache.lock();
+                locked.before_change(&self.backing, range.start.0, range.blocks)?;
+                apply(&self.backing)?;
+            }
+            _ => apply(&self.backing)?,
+        }
+        self.media.rewritten(range.start.0, range.blocks);
         Ok(())
+    }
+
+    fn readable(&self, range: LbaRange) -> Result<(), NamespaceError> {
+        match self
+            .media
+            .first_bad(range.start.0, range.blocks, MediaErrorKind::Read)
+        {
+            Some(lba) => Err(NamespaceError::UnrecoveredRead { lba }),
+            None => Ok(()),
+        }
     }
 
     fn writable(&self) -> Result<(), NamespaceError> {
@@ -201,6 +371,24 @@ impl Namespace {
         } else {
             Ok(())
         }
+    }
+}
+
+/// splitmix64: the tear points of a power cut, reproducible from a seed.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
     }
 }
 
@@ -276,20 +464,143 @@ mod tests {
         }
     }
 
+    /// The drive's behaviours around the bytes: the write cache and power cuts,
+    /// media errors, and deallocation.
+    fn media_conformance(make: &dyn Fn(u64) -> Backing) {
+        let bs = 512usize;
+        let ns = Namespace::new(make(1 << 20), LbaSize::B512, false)
+            .unwrap()
+            .with_write_cache(64 * 512);
+        let r = |lba, n| ns.check_range(Lba(lba), n).unwrap();
+        let read = |lba, n| {
+            let mut buf = vec![0u8; n as usize * bs];
+            ns.read(ns.check_range(Lba(lba), n).unwrap(), &mut buf)
+                .map(|()| buf)
+        };
+        let fill = |byte: u8, n: u64| vec![byte; n as usize * bs];
+
+        // Flushed data survives a power cut; the rest is lost.
+        ns.write(r(0, 4), &fill(1, 4)).unwrap();
+        ns.flush().unwrap();
+        ns.write(r(2, 4), &fill(2, 4)).unwrap();
+        ns.write_zeroes(r(0, 1)).unwrap();
+        let epoch = ns.power_epoch();
+        let cut = ns.power_cut(None).unwrap();
+        assert_eq!(cut.lost_blocks, 5);
+        assert_eq!(ns.power_epoch(), epoch + 1);
+        assert_eq!(read(0, 4).unwrap(), fill(1, 4));
+        assert_eq!(read(4, 2).unwrap(), fill(0, 2));
+
+        // Write-through (the cache off): every write is stable at once.
+        ns.set_write_cache(false).unwrap();
+        assert!(!ns.write_cache_enabled());
+        ns.write(r(8, 2), &fill(3, 2)).unwrap();
+        assert_eq!(ns.power_cut(None).unwrap().lost_blocks, 0);
+        assert_eq!(read(8, 2).unwrap(), fill(3, 2));
+        // Turning the cache off makes what it held stable.
+        ns.set_write_cache(true).unwrap();
+        ns.write(r(10, 1), &fill(4, 1)).unwrap();
+        ns.set_write_cache(false).unwrap();
+        ns.set_write_cache(true).unwrap();
+        ns.power_cut(None).unwrap();
+        assert_eq!(read(10, 1).unwrap(), fill(4, 1));
+
+        // A torn cut keeps a leading part of each write, reproducibly.
+        let torn = |seed| {
+            ns.write(r(16, 8), &fill(0, 8)).unwrap();
+            ns.flush().unwrap();
+            ns.write(r(16, 8), &fill(5, 8)).unwrap();
+            let cut = ns.power_cut(Some(seed)).unwrap();
+            let back = read(16, 8).unwrap();
+            let kept = back.chunks(bs).take_while(|b| b[0] == 5).count();
+            assert!(back
+                .chunks(bs)
+                .skip(kept)
+                .all(|b| b.iter().all(|&x| x == 0)));
+            assert_eq!(kept as u64, cut.kept_blocks);
+            kept
+        };
+        assert_eq!(torn(7), torn(7));
+        assert!(
+            (0..32)
+                .map(torn)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 2
+        );
+
+        // A read error fails reads until the block is rewritten.
+        ns.media_errors().add(20, 2, MediaErrorKind::Read);
+        assert!(matches!(
+            read(19, 4),
+            Err(NamespaceError::UnrecoveredRead { lba: 20 })
+        ));
+        ns.write(r(21, 1), &fill(6, 1)).unwrap();
+        assert!(matches!(
+            read(19, 4),
+            Err(NamespaceError::UnrecoveredRead { lba: 20 })
+        ));
+        assert_eq!(read(21, 1).unwrap(), fill(6, 1));
+        ns.write_zeroes(r(20, 1)).unwrap();
+        assert!(read(19, 4).is_ok());
+        // A write fault fails writes, leaves the data alone, and stays until cleared.
+        ns.media_errors().add(30, 1, MediaErrorKind::Write);
+        assert!(matches!(
+            ns.write(r(29, 2), &fill(7, 2)),
+            Err(NamespaceError::WriteFault { lba: 30 })
+        ));
+        assert_eq!(read(29, 2).unwrap(), fill(0, 2));
+        assert!(read(30, 1).is_ok());
+        assert_eq!(ns.media_errors().clear(None, None), 1);
+        ns.write(r(29, 2), &fill(7, 2)).unwrap();
+        ns.flush().unwrap();
+
+        // Deallocation: whole granules only; or nothing at all with Keep.
+        let ns = Namespace::new(make(1 << 20), LbaSize::B512, false)
+            .unwrap()
+            .with_deallocate(Deallocate::Zeroes)
+            .with_discard_granularity(8);
+        let r = |lba, n| ns.check_range(Lba(lba), n).unwrap();
+        ns.write(r(0, 32), &fill(8, 32)).unwrap();
+        ns.deallocate(r(4, 20)).unwrap();
+        let mut back = vec![0u8; 32 * bs];
+        ns.read(r(0, 32), &mut back).unwrap();
+        let blocks: Vec<u8> = back.chunks(bs).map(|b| b[0]).collect();
+        assert_eq!(blocks[..8], [8; 8]);
+        assert_eq!(blocks[8..24], [0; 16]);
+        assert_eq!(blocks[24..], [8; 8]);
+        let ns = Namespace::new(make(1 << 20), LbaSize::B512, false)
+            .unwrap()
+            .with_deallocate(Deallocate::Keep);
+        let r = |lba, n| ns.check_range(Lba(lba), n).unwrap();
+        ns.write(r(0, 4), &fill(9, 4)).unwrap();
+        ns.deallocate(r(0, 4)).unwrap();
+        let mut back = fill(0, 4);
+        ns.read(r(0, 4), &mut back).unwrap();
+        assert_eq!(back, fill(9, 4));
+        // Write-zeroes always zeroes, whatever deallocation does.
+        ns.write_zeroes(r(0, 4)).unwrap();
+        ns.read(r(0, 4), &mut back).unwrap();
+        assert_eq!(back, fill(0, 4));
+    }
+
     #[test]
     fn memory_conformance() {
         conformance(&|size| Backing::memory(size).unwrap());
+        media_conformance(&|size| Backing::memory(size).unwrap());
     }
 
     #[test]
     fn file_conformance() {
         let dir = tempfile::tempdir().unwrap();
         let n = std::cell::Cell::new(0);
-        conformance(&|size| {
+        let make = |size| {
             n.set(n.get() + 1);
             let path = dir.path().join(format!("disk{}", n.get()));
             Backing::file(&path, Some(size), false).unwrap()
-        });
+        };
+        conformance(&make);
+        media_conformance(&make);
     }
 
     #[test]

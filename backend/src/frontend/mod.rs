@@ -502,6 +502,14 @@ impl BlkFrontend {
         Ok(payload)
     }
 
+    /// Writes config space at `offset`, as a driver does (virtio-blk lets it
+    /// write only the `writeback` byte).
+    pub fn set_config_bytes(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Error> {
+        self.vu
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, bytes)
+            .map_err(protocol("SET_CONFIG"))
+    }
+
     /// The virtio-blk config space (the first [`BlkConfig::SIZE`] bytes),
     /// parsed.
     pub fn get_config(&mut self) -> Result<BlkConfig, Error> {

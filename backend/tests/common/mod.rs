@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
+pub mod child;
+
 use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
 use clap::Parser;

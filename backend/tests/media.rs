@@ -1,0 +1,230 @@
+//! The media model end to end: a real `dmaprobe serve` child on a disk file, a
+//! frontend on its vhost-user socket and `dmaprobe ctl` on its control socket.
+//! What a flush makes stable survives a power cut and a kill -9 of the daemon;
+//! what it does not is lost; bad blocks fail reads and writes with IOERR until
+//! rewritten or cleared, and the ledger says why.
+
+mod common;
+
+use common::child::*;
+use common::pattern;
+
+use backend::frontend::{DiscardRange, Sector, Status};
+use serde_json::Value;
+
+/// Reads `len` bytes at `sector` through queue 0, expecting success.
+fn read_ok(fe: &mut backend::frontend::BlkFrontend, sector: u64, len: usize) -> Vec<u8> {
+    let (status, data) = fe.read(0, Sector(sector), len).expect("read");
+    assert_eq!(status, Status::OK, "read at sector {sector}");
+    data
+}
+
+fn flush_ok(fe: &mut backend::frontend::BlkFrontend) {
+    assert_eq!(fe.flush(0).expect("flush"), Status::OK);
+}
+
+fn counter(s: &Serve, name: &str) -> u64 {
+    s.ctl_json(&["status"])["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+#[test]
+fn a_power_cut_loses_what_no_flush_made_stable() {
+    let s = Serve::start(&["--write-cache", "1M"]);
+    let mut fe = s.connect(1);
+    let (stable, volatile) = (pattern(1, LEN), pattern(2, LEN));
+    write_ok(&mut fe, 0, &stable);
+    write_ok(&mut fe, 8, &stable);
+    flush_ok(&mut fe);
+    write_ok(&mut fe, 8, &volatile);
+    write_ok(&mut fe, 16, &volatile);
+    let st = s.ctl_json(&["status"]);
+    assert_eq!(st["write_cache"]["volatile_blocks"], 16, "{st}");
+
+    let out = s.ctl_ok(&["power-cut"]);
+    assert_eq!(
+        words(&out),
+        words("power cut #1: 16 blocks lost, 0 kept, of 2 volatile writes")
+    );
+    // The guest of the moment reads what a fresh boot would.
+    assert_eq!(read_ok(&mut fe, 0, LEN), stable);
+    assert_eq!(read_ok(&mut fe, 8, LEN), stable);
+    assert_eq!(read_ok(&mut fe, 16, LEN), vec![0; LEN]);
+    assert_eq!(s.disk_at(8, LEN), stable);
+    assert_eq!(s.ctl_json(&["status"])["power_cuts"], 1);
+}
+
+#[test]
+fn writethrough_writes_survive_a_power_cut() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    // The driver turns the cache off (virtio-blk `writeback` = 0).
+    fe.set_config_bytes(32, &[0]).expect("set_config");
+    let data = pattern(3, LEN);
+    write_ok(&mut fe, 40, &data);
+    let cut = s.ctl_json(&["power-cut"]);
+    assert_eq!(cut["lost_blocks"], 0, "{cut}");
+    assert_eq!(read_ok(&mut fe, 40, LEN), data);
+    assert_eq!(s.ctl_json(&["status"])["write_cache"]["enabled"], false);
+}
+
+#[test]
+fn a_torn_power_cut_keeps_a_leading_part_of_each_write() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let data = pattern(4, 16 * 512);
+    write_ok(&mut fe, 64, &data);
+    let cut = s.ctl_json(&["power-cut", "--torn", "--seed", "3"]);
+    let kept = cut["kept_blocks"].as_u64().expect("kept") as usize;
+    assert_eq!(cut["lost_blocks"].as_u64(), Some(16 - kept as u64), "{cut}");
+    let back = read_ok(&mut fe, 64, data.len());
+    assert_eq!(back[..kept * 512], data[..kept * 512]);
+    assert!(back[kept * 512..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn flushed_data_survives_a_kill_9_of_the_daemon() {
+    let mut s = Serve::start(&[]);
+    let data = pattern(5, LEN);
+    {
+        let mut fe = s.connect(1);
+        write_ok(&mut fe, 128, &data);
+        flush_ok(&mut fe);
+    }
+    s.kill_and_restart(&[]);
+    let mut fe = s.connect(1);
+    assert_eq!(read_ok(&mut fe, 128, LEN), data);
+}
+
+#[test]
+fn a_request_held_across_a_power_cut_fails() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    s.ctl_ok(&["add-rule", "op=write,action=hold"]);
+    let buf = fe.ram().alloc_aligned(LEN, 4096).expect("alloc");
+    buf.write_at(0, &pattern(6, LEN)).expect("fill");
+    let q = fe.queue(0).expect("queue 0");
+    let id = submit(q, backend::frontend::RequestType::Out, 200, &buf);
+    s.wait_held(1);
+    s.ctl_ok(&["power-cut"]);
+    s.ctl_ok(&["release", "--all"]);
+    let done = q.wait_for(id, SOON).expect("completion");
+    assert_eq!(status(&done), Status::IOERR);
+    assert_eq!(
+        s.disk_at(200, LEN),
+        vec![0; LEN],
+        "a write from before the cut landed"
+    );
+    assert_eq!(counter(&s, "cut_off"), 1);
+    let outcome: Vec<Value> = s
+        .ledger_requests()
+        .into_iter()
+        .filter(|r| r["status"] == "cut-off")
+        .collect();
+    assert_eq!(outcome.len(), 1, "the ledger names why");
+}
+
+#[test]
+fn a_fault_rule_cuts_the_power() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let data = pattern(7, LEN);
+    write_ok(&mut fe, 300, &data);
+    s.ctl_ok(&["add-rule", "op=flush,nth=1,action=power-cut"]);
+    assert_eq!(fe.flush(0).expect("flush"), Status::IOERR);
+    assert_eq!(read_ok(&mut fe, 300, LEN), vec![0; LEN]);
+    assert_eq!(s.ctl_json(&["status"])["power_cuts"], 1);
+}
+
+#[test]
+fn a_bad_block_fails_reads_until_rewritten() {
+    let s = Serve::start(&["--media-error", "1000+8:read"]);
+    let mut fe = s.connect(1);
+    let (status_, _) = fe.read(0, Sector(996), LEN).expect("read");
+    assert_eq!(status_, Status::IOERR);
+    // Neighbours read fine.
+    read_ok(&mut fe, 1008, LEN);
+    let listed = s.ctl_ok(&["media-error", "list"]);
+    assert_eq!(words(&listed), words("LBA 1000+8: read errors"));
+    // Rewriting the blocks remaps them.
+    let data = pattern(8, LEN);
+    write_ok(&mut fe, 1000, &data);
+    assert_eq!(read_ok(&mut fe, 1000, LEN), data);
+    assert_eq!(s.ctl_ok(&["media-error", "list"]).trim(), "no bad blocks");
+    assert_eq!(counter(&s, "unrecovered_reads"), 1);
+    let why: Vec<Value> = s
+        .ledger_requests()
+        .into_iter()
+        .filter(|r| r["status"] == "unrecovered-read-error")
+        .collect();
+    assert_eq!(why.len(), 1, "the ledger names why");
+}
+
+#[test]
+fn a_write_fault_stays_until_cleared() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    s.ctl_ok(&["media-error", "add", "2000", "write", "--blocks", "2"]);
+    let data = pattern(9, LEN);
+    assert_eq!(
+        fe.write(0, Sector(2000), &data).expect("write"),
+        Status::IOERR
+    );
+    let zero = DiscardRange {
+        sector: Sector(2000),
+        num_sectors: 8,
+        flags: 0,
+    };
+    assert_eq!(
+        fe.write_zeroes(0, &[zero]).expect("write-zeroes"),
+        Status::IOERR
+    );
+    assert_eq!(s.disk_at(2000, LEN), vec![0; LEN]);
+    assert_eq!(counter(&s, "write_faults"), 2);
+    let cleared = s.ctl_json(&["media-error", "clear"]);
+    assert_eq!(cleared["cleared_blocks"], 2);
+    write_ok(&mut fe, 2000, &data);
+    assert_eq!(read_ok(&mut fe, 2000, LEN), data);
+}
+
+#[test]
+fn bad_media_options_stop_the_daemon_with_the_cause() {
+    for (args, why) in [
+        (
+            &["--media-error", "99999999+8:read"][..],
+            "past the capacity",
+        ),
+        (&["--media-error", "7:scratch"][..], "read or write"),
+        (&["--write-cache", "lots"][..], "--write-cache"),
+        (&["--deallocate", "shred"][..], "zeroes"),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("s"))
+            .args(["--mem", "16M"])
+            .args(args)
+            .output()
+            .expect("run dmaprobe serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn deallocated_blocks_keep_their_data_when_asked() {
+    let s = Serve::start(&["--deallocate", "keep"]);
+    let mut fe = s.connect(1);
+    let data = pattern(10, LEN);
+    write_ok(&mut fe, 3000, &data);
+    let range = DiscardRange {
+        sector: Sector(3000),
+        num_sectors: 8,
+        flags: 0,
+    };
+    assert_eq!(fe.discard(0, &[range]).expect("discard"), Status::OK);
+    assert_eq!(read_ok(&mut fe, 3000, LEN), data);
+}
