@@ -289,11 +289,12 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
             ));
             if let Some(cache) = r["write_cache"].as_object() {
+                let kib = |k: &str| cache[k].as_u64().unwrap_or(0) >> 10;
                 line(format!(
-                    "write cache: {}, {} of {} blocks volatile ({} writes), {} destaged   power cuts: {}",
+                    "write cache: {}, {} of {} KiB volatile ({} writes), {} KiB destaged   power cuts: {}",
                     if cache["enabled"] == json!(true) { "on" } else { "off (writethrough)" },
-                    cache["volatile_blocks"], cache["capacity_blocks"], cache["volatile_writes"],
-                    cache["destaged_blocks"], r["power_cuts"]
+                    kib("volatile_bytes"), kib("capacity_bytes"), cache["volatile_writes"],
+                    kib("destaged_bytes"), r["power_cuts"]
                 ));
             }
             let bad = r["media_errors"].as_array().map_or(0, Vec::len);

@@ -149,10 +149,10 @@ impl DaemonState {
                 .map_or_else(|| "instant".to_owned(), |l| l.spec().to_string()),
             "write_cache": self.ns.cache_status().map(|c| serde_json::json!({
                 "enabled": self.ns.write_cache_enabled(),
-                "capacity_blocks": c.capacity_blocks,
-                "volatile_blocks": c.volatile_blocks,
+                "capacity_bytes": c.capacity_bytes,
+                "volatile_bytes": c.volatile_bytes,
                 "volatile_writes": c.volatile_writes,
-                "destaged_blocks": c.destaged_blocks,
+                "destaged_bytes": c.destaged_bytes,
             })),
             "power_cuts": self.ns.power_epoch(),
             "media_errors": self.ns.media_errors().list(),

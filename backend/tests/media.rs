@@ -40,7 +40,13 @@ fn a_power_cut_loses_what_no_flush_made_stable() {
     write_ok(&mut fe, 8, &volatile);
     write_ok(&mut fe, 16, &volatile);
     let st = s.ctl_json(&["status"]);
-    assert_eq!(st["write_cache"]["volatile_blocks"], 16, "{st}");
+    assert_eq!(st["write_cache"]["volatile_bytes"], 2 * LEN, "{st}");
+    assert_eq!(st["write_cache"]["volatile_writes"], 2, "{st}");
+    let human = s.ctl_ok(&["status"]);
+    assert!(
+        human.contains("write cache: on, 8 of 1024 KiB volatile (2 writes)"),
+        "{human}"
+    );
 
     let out = s.ctl_ok(&["power-cut"]);
     assert_eq!(
@@ -53,6 +59,24 @@ fn a_power_cut_loses_what_no_flush_made_stable() {
     assert_eq!(read_ok(&mut fe, 16, LEN), vec![0; LEN]);
     assert_eq!(s.disk_at(8, LEN), stable);
     assert_eq!(s.ctl_json(&["status"])["power_cuts"], 1);
+}
+
+#[test]
+fn a_disconnect_is_not_a_flush() {
+    let s = Serve::start(&["--write-cache", "1M"]);
+    let mut fe = s.connect(1);
+    write_ok(&mut fe, 0, &pattern(1, LEN));
+    drop(fe);
+    // The next guest on the same disk (as between the boots of a test in
+    // `dmaprobe run`): once it is connected, the daemon is done with the
+    // first, and the write is still volatile.
+    let mut fe = s.connect(1);
+    let out = s.ctl_ok(&["power-cut"]);
+    assert_eq!(
+        words(&out),
+        words("power cut #1: 8 blocks lost, 0 kept, of 1 volatile writes")
+    );
+    assert_eq!(read_ok(&mut fe, 0, LEN), vec![0; LEN]);
 }
 
 #[test]

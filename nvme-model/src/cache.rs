@@ -1,23 +1,33 @@
 //! The volatile write cache: what writes changed, until a flush makes it stable.
 //!
 //! The backing always holds the newest data, so reads look nothing up. The
-//! cache keeps the *stable* contents of every block written since it was last
-//! stable, an undo log:
+//! cache keeps the *stable* contents of every 4 KiB unit written since it was
+//! last stable, an undo log:
 //! - a flush forgets them: the new data is stable;
 //! - a power cut writes them back: the new data is lost, and the media holds
 //!   what it held at the last flush. A torn cut keeps, for each write, a random
-//!   leading part of the blocks it changed (sector granularity, the order in a
-//!   write kept), as a drive that lost power while destaging would;
+//!   leading part of its blocks (sector granularity, the newest write deciding
+//!   a block written twice), as a drive that lost power while writing its cache
+//!   back would;
 //! - a full cache destages its oldest writes: they become stable without a
 //!   flush, as on a drive whose cache filled up. A command larger than the
 //!   whole cache goes straight to stable media.
+//!
+//! The stable contents live in one arena of `capacity` units, reserved up
+//! front and touched only as it fills, so a write costs one positioned read of
+//! its units' old contents and no allocation.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::Serialize;
 
 use crate::backing::{Backing, BackingError};
+
+/// The unit the cache keeps stable contents in, in bytes.
+pub const UNIT: u64 = 4096;
+const UNIT_BYTES: usize = UNIT as usize;
 
 /// What a power cut did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -26,37 +36,76 @@ pub struct PowerCut {
     pub lost_blocks: u64,
     /// Blocks of volatile writes that reached the media anyway (torn cuts).
     pub kept_blocks: u64,
-    /// Volatile writes: those that first changed a block since it was stable.
+    /// Writes that were volatile.
     pub writes: u64,
 }
 
 /// What the cache holds, for status reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CacheStatus {
-    pub capacity_blocks: u64,
-    pub volatile_blocks: u64,
+    pub capacity_bytes: u64,
+    /// Bytes whose stable contents differ, or may differ, from the media's.
+    pub volatile_bytes: u64,
     pub volatile_writes: u64,
-    /// Blocks made stable because the cache was full.
-    pub destaged_blocks: u64,
+    /// Bytes made stable because the cache was full.
+    pub destaged_bytes: u64,
 }
 
 #[derive(Debug)]
 pub struct WriteCache {
-    block: usize,
+    block: u64,
+    /// In units.
     capacity: usize,
     state: Mutex<State>,
 }
 
+/// A unit whose stable contents the cache keeps.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    /// The write that first changed it since it was stable.
+    owner: u64,
+    /// Where in the arena its stable contents are.
+    slot: usize,
+}
+
+/// A write since the last flush, in blocks.
+#[derive(Clone, Copy, Debug)]
+struct Write {
+    id: u64,
+    start: u64,
+    blocks: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// The stable contents of each volatile block, with the write that first
-    /// changed it since it was stable.
-    stable: HashMap<u64, (u64, Box<[u8]>)>,
-    /// Volatile writes, oldest first: each with the blocks it first changed, in
-    /// ascending order.
-    writes: VecDeque<(u64, Vec<u64>)>,
+    kept: HashMap<u64, Kept, BuildHasherDefault<UnitHasher>>,
+    /// Stable contents, a unit per slot.
+    arena: Vec<u8>,
+    free: Vec<usize>,
+    /// Writes since the last flush, oldest first.
+    writes: VecDeque<Write>,
     next_write: u64,
     destaged: u64,
+}
+
+/// Unit numbers are well spread already: a multiply mixes them enough.
+#[derive(Debug, Default)]
+struct UnitHasher(u64);
+
+impl Hasher for UnitHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// The cache, locked for one command: its changes to the backing happen under
@@ -68,12 +117,20 @@ pub struct Locked<'a> {
 }
 
 impl WriteCache {
-    /// A cache of `capacity` blocks of `block` bytes.
-    pub fn new(block: usize, capacity: usize) -> Self {
+    /// A cache of `capacity` bytes (whole units, at least one) in front of a
+    /// namespace of `block`-byte blocks.
+    pub fn new(block: u64, capacity: u64) -> Self {
+        let capacity = usize::try_from(capacity / UNIT)
+            .unwrap_or(usize::MAX)
+            .max(1);
         WriteCache {
             block,
-            capacity: capacity.max(1),
-            state: Mutex::new(State::default()),
+            capacity,
+            state: Mutex::new(State {
+                // Reserved, not touched: memory is used as the cache fills.
+                arena: Vec::with_capacity(capacity.saturating_mul(UNIT_BYTES)),
+                ..State::default()
+            }),
         }
     }
 
@@ -87,55 +144,82 @@ impl WriteCache {
     pub fn status(&self) -> CacheStatus {
         let st = self.lock();
         CacheStatus {
-            capacity_blocks: self.capacity as u64,
-            volatile_blocks: st.state.stable.len() as u64,
+            capacity_bytes: self.capacity as u64 * UNIT,
+            volatile_bytes: st.state.kept.len() as u64 * UNIT,
             volatile_writes: st.state.writes.len() as u64,
-            destaged_blocks: st.state.destaged,
+            destaged_bytes: st.state.destaged * UNIT,
         }
+    }
+
+    /// The units that `blocks` blocks from `start` touch.
+    fn units(&self, start: u64, blocks: u64) -> std::ops::Range<u64> {
+        let from = start.saturating_mul(self.block);
+        let to = start.saturating_add(blocks).saturating_mul(self.block);
+        from / UNIT..to.div_ceil(UNIT)
     }
 }
 
 impl Locked<'_> {
     /// Before `blocks` blocks from `start` change: remembers what is stable of
     /// them. A command larger than the cache is stable at once, and so are the
-    /// blocks it covers.
+    /// units it covers.
     pub fn before_change(
         &mut self,
         backing: &Backing,
         start: u64,
         blocks: u64,
     ) -> Result<(), BackingError> {
-        let bs = self.cache.block;
-        let st = &mut *self.state;
-        if blocks > self.cache.capacity as u64 {
-            let end = start.saturating_add(blocks);
-            st.stable.retain(|b, _| !(start..end).contains(b));
+        if blocks == 0 {
             return Ok(());
         }
-        let new: Vec<u64> = (start..start + blocks)
-            .filter(|b| !st.stable.contains_key(b))
-            .collect();
-        let (Some(&lo), Some(&hi)) = (new.first(), new.last()) else {
+        let units = self.cache.units(start, blocks);
+        let capacity = self.cache.capacity;
+        if units.end - units.start > capacity as u64 {
+            let State { kept, free, .. } = &mut *self.state;
+            kept.retain(|u, k| {
+                let covered = units.contains(u);
+                if covered {
+                    free.push(k.slot);
+                }
+                !covered
+            });
             return Ok(());
-        };
-        // One read of the span that holds them (at most the cache's size).
-        let mut old = vec![0u8; (hi - lo + 1) as usize * bs];
-        backing.read_at(lo * bs as u64, &mut old)?;
+        }
+        // Room for every unit first, by destaging the oldest writes.
+        while self.state.kept.len() + (units.end - units.start) as usize > capacity {
+            if !self.destage_oldest() {
+                break;
+            }
+        }
+        let st = &mut *self.state;
         let id = st.next_write;
         st.next_write += 1;
-        for &b in &new {
-            let at = (b - lo) as usize * bs;
-            st.stable.insert(b, (id, old[at..at + bs].into()));
+        let mut new = Vec::new();
+        for u in units.clone() {
+            if !st.kept.contains_key(&u) {
+                let slot = st.alloc();
+                st.kept.insert(u, Kept { owner: id, slot });
+                new.push((u, slot));
+            }
         }
-        st.writes.push_back((id, new));
-        self.destage_overflow();
+        if let Err(e) = st.read_stable(backing, &new) {
+            for (u, slot) in new {
+                st.kept.remove(&u);
+                st.free.push(slot);
+            }
+            return Err(e);
+        }
+        st.writes.push_back(Write { id, start, blocks });
         Ok(())
     }
 
     /// Everything volatile is now stable.
     pub fn flushed(&mut self) {
-        self.state.stable.clear();
-        self.state.writes.clear();
+        let st = &mut *self.state;
+        st.kept.clear();
+        st.writes.clear();
+        st.free.clear();
+        st.arena.clear();
     }
 
     /// Power is lost: volatile blocks go back to their stable contents. With
@@ -147,48 +231,93 @@ impl Locked<'_> {
         backing: &Backing,
         mut tear: Option<&mut dyn FnMut(u64) -> u64>,
     ) -> Result<PowerCut, BackingError> {
-        let bs = self.cache.block as u64;
+        let bs = self.cache.block;
         let st = &mut *self.state;
+        // Whether each written block keeps its new data; the newest write of
+        // a block decides.
+        let mut keep: HashMap<u64, bool, BuildHasherDefault<UnitHasher>> = HashMap::default();
+        for w in &st.writes {
+            let kept = tear.as_mut().map_or(0, |t| t(w.blocks).min(w.blocks));
+            for b in w.start..w.start + w.blocks {
+                keep.insert(b, b - w.start < kept);
+            }
+        }
         let mut cut = PowerCut {
             writes: st.writes.len() as u64,
             ..PowerCut::default()
         };
-        for (id, blocks) in &st.writes {
-            let mine: Vec<u64> = blocks
-                .iter()
-                .copied()
-                .filter(|b| st.stable.get(b).is_some_and(|(w, _)| w == id))
-                .collect();
-            let keep = tear
-                .as_mut()
-                .map_or(0, |t| t(mine.len() as u64).min(mine.len() as u64));
-            for (i, b) in mine.iter().enumerate() {
-                if (i as u64) < keep {
-                    cut.kept_blocks += 1;
-                } else if let Some((_, data)) = st.stable.get(b) {
-                    backing.write_at(b * bs, data)?;
-                    cut.lost_blocks += 1;
+        let size = backing.size();
+        for (&u, k) in &st.kept {
+            let unit = &st.arena[k.slot * UNIT_BYTES..][..UNIT_BYTES];
+            let first = u * UNIT / bs;
+            let last = ((u + 1) * UNIT).min(size) / bs;
+            for b in first..last {
+                match keep.get(&b) {
+                    Some(true) => cut.kept_blocks += 1,
+                    Some(false) => {
+                        let at = (b * bs - u * UNIT) as usize;
+                        backing.write_at(b * bs, &unit[at..at + bs as usize])?;
+                        cut.lost_blocks += 1;
+                    }
+                    // Not written since the unit was kept: as it was.
+                    None => {}
                 }
             }
         }
-        st.stable.clear();
-        st.writes.clear();
+        self.flushed();
         Ok(cut)
     }
+}
 
-    fn destage_overflow(&mut self) {
+impl Locked<'_> {
+    /// Makes the oldest write's units stable; false when there is none.
+    fn destage_oldest(&mut self) -> bool {
+        let Some(w) = self.state.writes.pop_front() else {
+            return false;
+        };
         let st = &mut *self.state;
-        while st.stable.len() > self.cache.capacity {
-            let Some((id, blocks)) = st.writes.pop_front() else {
-                break;
-            };
-            for b in blocks {
-                if st.stable.get(&b).is_some_and(|(w, _)| *w == id) {
-                    st.stable.remove(&b);
-                    st.destaged += 1;
-                }
+        for u in self.cache.units(w.start, w.blocks) {
+            if let Some(k) = st.kept.get(&u).copied().filter(|k| k.owner == w.id) {
+                st.kept.remove(&u);
+                st.free.push(k.slot);
+                st.destaged += 1;
             }
         }
+        true
+    }
+}
+
+impl State {
+    /// A free slot in the arena, growing it (within its reservation) if none.
+    fn alloc(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            let slot = self.arena.len() / UNIT_BYTES;
+            self.arena.resize(self.arena.len() + UNIT_BYTES, 0);
+            slot
+        })
+    }
+
+    /// Reads the media's contents of `units` into their slots: one read per
+    /// run of units that are adjacent on the media and in the arena.
+    fn read_stable(
+        &mut self,
+        backing: &Backing,
+        units: &[(u64, usize)],
+    ) -> Result<(), BackingError> {
+        let size = backing.size();
+        let mut i = 0;
+        while i < units.len() {
+            let (u, slot) = units[i];
+            let mut n = 1;
+            while i + n < units.len() && units[i + n] == (u + n as u64, slot + n) {
+                n += 1;
+            }
+            let from = u * UNIT;
+            let len = (n as u64 * UNIT).min(size - from) as usize;
+            backing.read_at(from, &mut self.arena[slot * UNIT_BYTES..][..len])?;
+            i += n;
+        }
+        Ok(())
     }
 }
 
@@ -196,100 +325,141 @@ impl Locked<'_> {
 mod tests {
     use super::*;
 
-    const BS: usize = 512;
-
-    fn setup() -> (Backing, WriteCache) {
+    /// Blocks of 512 bytes, eight to a unit; a cache of eight units.
+    fn setup(block: u64) -> (Backing, WriteCache) {
         (
-            Backing::memory(64 * BS as u64).unwrap(),
-            WriteCache::new(BS, 8),
+            Backing::memory(64 * UNIT).unwrap(),
+            WriteCache::new(block, 8 * UNIT),
         )
     }
 
     fn write(backing: &Backing, cache: &WriteCache, start: u64, blocks: u64, byte: u8) {
+        let bs = cache.block;
         let mut c = cache.lock();
         c.before_change(backing, start, blocks).unwrap();
         backing
-            .write_at(start * BS as u64, &vec![byte; blocks as usize * BS])
+            .write_at(start * bs, &vec![byte; (blocks * bs) as usize])
             .unwrap();
     }
 
-    fn block(backing: &Backing, b: u64) -> u8 {
-        let mut buf = [0u8; BS];
-        backing.read_at(b * BS as u64, &mut buf).unwrap();
+    fn block(backing: &Backing, bs: u64, b: u64) -> u8 {
+        let mut buf = vec![0u8; bs as usize];
+        backing.read_at(b * bs, &mut buf).unwrap();
         assert!(buf.iter().all(|&x| x == buf[0]), "block {b} is mixed");
         buf[0]
     }
 
     #[test]
     fn a_cut_loses_what_was_not_flushed() {
-        let (backing, cache) = setup();
+        let (backing, cache) = setup(512);
         write(&backing, &cache, 0, 2, 1);
         cache.lock().flushed();
         write(&backing, &cache, 1, 2, 2);
         write(&backing, &cache, 2, 1, 3);
-        assert_eq!(cache.status().volatile_blocks, 2);
+        write(&backing, &cache, 20, 1, 4);
+        let status = cache.status();
+        assert_eq!(
+            (status.volatile_bytes, status.volatile_writes),
+            (2 * UNIT, 3)
+        );
         let cut = cache.lock().power_cut(&backing, None).unwrap();
         assert_eq!(
             cut,
             PowerCut {
-                lost_blocks: 2,
+                lost_blocks: 3,
                 kept_blocks: 0,
-                writes: 1
+                writes: 3
             }
         );
-        assert_eq!([0, 1, 2].map(|b| block(&backing, b)), [1, 1, 0]);
-        assert_eq!(cache.status().volatile_blocks, 0);
+        assert_eq!(
+            [0, 1, 2, 3, 20].map(|b| block(&backing, 512, b)),
+            [1, 1, 0, 0, 0]
+        );
+        assert_eq!(cache.status().volatile_bytes, 0);
     }
 
     #[test]
     fn a_torn_cut_keeps_a_leading_part_of_each_write() {
-        let (backing, cache) = setup();
+        let (backing, cache) = setup(512);
         write(&backing, &cache, 0, 4, 1);
         write(&backing, &cache, 10, 4, 2);
         let mut keep = |n: u64| n / 2;
         let cut = cache.lock().power_cut(&backing, Some(&mut keep)).unwrap();
         assert_eq!((cut.kept_blocks, cut.lost_blocks), (4, 4));
+        let blocks = |from| {
+            (from..from + 4)
+                .map(|b| block(&backing, 512, b))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(blocks(0), [1, 1, 0, 0]);
+        assert_eq!(blocks(10), [2, 2, 0, 0]);
+    }
+
+    #[test]
+    fn the_newest_write_of_a_block_decides_a_torn_cut() {
+        let (backing, cache) = setup(512);
+        write(&backing, &cache, 0, 4, 1);
+        write(&backing, &cache, 2, 1, 2);
+        // The first write keeps all its blocks, the second none.
+        let mut calls = 0;
+        let mut keep = |n: u64| {
+            calls += 1;
+            if calls == 1 {
+                n
+            } else {
+                0
+            }
+        };
+        cache.lock().power_cut(&backing, Some(&mut keep)).unwrap();
         assert_eq!(
-            (0..4).map(|b| block(&backing, b)).collect::<Vec<_>>(),
-            [1, 1, 0, 0]
-        );
-        assert_eq!(
-            (10..14).map(|b| block(&backing, b)).collect::<Vec<_>>(),
-            [2, 2, 0, 0]
+            (0..4).map(|b| block(&backing, 512, b)).collect::<Vec<_>>(),
+            [1, 1, 0, 1]
         );
     }
 
     #[test]
     fn a_full_cache_destages_its_oldest_writes() {
-        let (backing, cache) = setup();
+        let (backing, cache) = setup(4096);
         write(&backing, &cache, 0, 4, 1);
         write(&backing, &cache, 4, 4, 2);
         write(&backing, &cache, 8, 2, 3);
         let status = cache.status();
-        assert_eq!((status.volatile_blocks, status.destaged_blocks), (6, 4));
+        assert_eq!(
+            (status.volatile_bytes, status.destaged_bytes),
+            (6 * UNIT, 4 * UNIT)
+        );
         cache.lock().power_cut(&backing, None).unwrap();
-        assert_eq!([0, 4, 8].map(|b| block(&backing, b)), [1, 0, 0]);
+        assert_eq!([0, 4, 8].map(|b| block(&backing, 4096, b)), [1, 0, 0]);
     }
 
     #[test]
     fn a_command_larger_than_the_cache_is_stable_at_once() {
-        let (backing, cache) = setup();
+        let (backing, cache) = setup(4096);
         write(&backing, &cache, 3, 1, 1);
         write(&backing, &cache, 0, 16, 2);
-        assert_eq!(cache.status().volatile_blocks, 0);
+        assert_eq!(cache.status().volatile_bytes, 0);
         cache.lock().power_cut(&backing, None).unwrap();
-        assert_eq!(block(&backing, 3), 2);
+        assert_eq!(block(&backing, 4096, 3), 2);
     }
 
     #[test]
     fn rewrites_keep_the_first_stable_contents() {
-        let (backing, cache) = setup();
+        let (backing, cache) = setup(512);
         write(&backing, &cache, 5, 1, 1);
         cache.lock().flushed();
         write(&backing, &cache, 5, 1, 2);
         write(&backing, &cache, 5, 1, 3);
-        assert_eq!(cache.status().volatile_writes, 1);
         cache.lock().power_cut(&backing, None).unwrap();
-        assert_eq!(block(&backing, 5), 1);
+        assert_eq!(block(&backing, 512, 5), 1);
+    }
+
+    #[test]
+    fn slots_are_reused_after_a_flush() {
+        let (backing, cache) = setup(4096);
+        for round in 0..5 {
+            write(&backing, &cache, round, 8, round as u8);
+            cache.lock().flushed();
+        }
+        assert!(cache.lock().state.arena.capacity() <= 8 * UNIT_BYTES);
     }
 }

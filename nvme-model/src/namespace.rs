@@ -133,11 +133,10 @@ impl Namespace {
         })
     }
 
-    /// Adds a volatile write cache of `bytes` (rounded down to whole blocks, at
-    /// least one).
+    /// Adds a volatile write cache of `bytes` (rounded down to whole 4 KiB
+    /// units, at least one).
     pub fn with_write_cache(mut self, bytes: u64) -> Self {
-        let blocks = usize::try_from(bytes >> self.lbs.shift()).unwrap_or(usize::MAX);
-        self.cache = Some(WriteCache::new(self.lbs.bytes() as usize, blocks));
+        self.cache = Some(WriteCache::new(self.lbs.bytes(), bytes));
         self
     }
 
