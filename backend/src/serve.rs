@@ -386,9 +386,14 @@ fn serve_connections(
             *current = None;
         }
         device.shut_down();
-        // The media stays: the next frontend sees what this one wrote.
-        if let Err(e) = shared.ns.flush() {
-            error!("flush after disconnect failed: {e}");
+        // The media stays: the next frontend sees what this one wrote. A
+        // frontend that goes away has not flushed, so what the write cache
+        // holds stays volatile (a power cut between guests loses it);
+        // without a running cache the backing is made stable.
+        if !shared.ns.write_cache_enabled() {
+            if let Err(e) = shared.ns.flush() {
+                error!("flush after disconnect failed: {e}");
+            }
         }
     }
 }
