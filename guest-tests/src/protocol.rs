@@ -84,7 +84,7 @@ impl Event {
 }
 
 /// What the guest is told on the kernel command line, as `dmaprobe.KEY=VALUE`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestParams {
     /// Tests to run, in order (`dmaprobe.tests=smoke,ext4`).
     pub tests: Vec<String>,
@@ -96,6 +96,22 @@ pub struct GuestParams {
     pub seed: u64,
     /// The disk has a mailbox (`dmaprobe.mailbox=1`).
     pub mailbox: bool,
+    /// Which boot of the test this is, from 1 (`dmaprobe.boot`): a test of
+    /// several boots against one disk does its next part in each.
+    pub boot: u8,
+}
+
+impl Default for GuestParams {
+    fn default() -> Self {
+        GuestParams {
+            tests: Vec::new(),
+            disk_size: None,
+            lbs: None,
+            seed: 0,
+            mailbox: false,
+            boot: 1,
+        }
+    }
 }
 
 impl GuestParams {
@@ -121,6 +137,7 @@ impl GuestParams {
                 "lbs" => p.lbs = value.parse().ok(),
                 "seed" => p.seed = value.parse().unwrap_or(0),
                 "mailbox" => p.mailbox = value == "1",
+                "boot" => p.boot = value.parse().unwrap_or(1),
                 _ => {}
             }
         }
@@ -139,6 +156,9 @@ impl GuestParams {
         words.push(format!("dmaprobe.seed={}", self.seed));
         if self.mailbox {
             words.push("dmaprobe.mailbox=1".into());
+        }
+        if self.boot != 1 {
+            words.push(format!("dmaprobe.boot={}", self.boot));
         }
         words.join(" ")
     }
@@ -238,9 +258,19 @@ mod tests {
             lbs: Some(4096),
             seed: 42,
             mailbox: true,
+            boot: 2,
         };
         let cmdline = format!("console=ttyS0 panic=-1 {} quiet", p.to_cmdline());
+        assert!(cmdline.contains(" dmaprobe.boot=2 "), "{cmdline}");
         assert_eq!(GuestParams::from_cmdline(&cmdline), p);
+        // The first boot is the default, and is not spelled out.
+        let first = GuestParams {
+            boot: 1,
+            ..p.clone()
+        };
+        assert!(!first.to_cmdline().contains("boot"));
+        assert_eq!(GuestParams::from_cmdline(&first.to_cmdline()), first);
+        assert_eq!(GuestParams::from_cmdline("quiet").boot, 1);
     }
 
     #[test]
