@@ -225,21 +225,29 @@ impl Mount {
 
     /// Mounts `source` on `target` as `kind` (ext4, xfs).
     pub fn fs(source: &str, target: &str, kind: &str) -> Result<Mount, Stop> {
+        Self::with_options(source, target, kind, "")
+    }
+
+    /// Mounts `source` on `target` as `kind` with file-system `options`
+    /// (`commit=600`; empty for none).
+    pub fn with_options(
+        source: &str,
+        target: &str,
+        kind: &str,
+        options: &str,
+    ) -> Result<Mount, Stop> {
         fs::create_dir_all(target)
             .map_err(|e| Stop::Error(format!("Cannot create {target}: {e}")))?;
         let cstr = |s: &str| CString::new(s).map_err(|_| Stop::Error(format!("NUL in path {s:?}")));
-        let (src, tgt, fstype) = (cstr(source)?, cstr(target)?, cstr(kind)?);
-        // SAFETY: the three pointers are NUL-terminated strings that outlive the
-        // call; a null data pointer means no mount options.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                tgt.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
+        let (src, tgt, fstype, data) = (cstr(source)?, cstr(target)?, cstr(kind)?, cstr(options)?);
+        let data_ptr = if options.is_empty() {
+            std::ptr::null()
+        } else {
+            data.as_ptr().cast::<libc::c_void>()
         };
+        // SAFETY: the pointers are NUL-terminated strings that outlive the
+        // call; a null data pointer means no mount options.
+        let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fstype.as_ptr(), 0, data_ptr) };
         if rc != 0 {
             let e = stdio::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -253,6 +261,11 @@ impl Mount {
             target: tgt,
             mounted: true,
         })
+    }
+
+    /// Leaves the file system mounted, unsynced, for a power cut to find.
+    pub fn leave_mounted(mut self) {
+        self.mounted = false;
     }
 
     /// Syncs and unmounts; a failure is reported (the host's e2fsck would be
