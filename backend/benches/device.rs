@@ -76,7 +76,7 @@ fn serve_config(socket: &Path, args: &[&str]) -> ServeConfig {
         .expect("the arguments parse")
         .command
     {
-        Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
+        Command::Serve(a) => ServeConfig::try_from(*a).expect("a valid configuration"),
         other => panic!("not a serve command: {other:?}"),
     }
 }

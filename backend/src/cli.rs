@@ -32,7 +32,7 @@ pub enum Command {
     /// When the frontend disconnects, dmaprobe listens again and serves the next
     /// one with the same data.
     #[command(verbatim_doc_comment)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Boot guest kernels under QEMU with dmaprobe attached, run the guest test
     /// suite, and print the verdicts (tests × kernels).
     ///
@@ -203,6 +203,30 @@ pub struct ServeArgs {
     /// cleared with `dmaprobe ctl media-error clear`.
     #[arg(long = "media-error", value_name = "LBA[+N]:KIND")]
     pub media_errors: Vec<String>,
+    /// The largest read or write the guest may send (the drive's MDTS): the
+    /// guest is told segments of 4 KiB and as many as make it. Default: as
+    /// much as a queue carries.
+    #[arg(long, value_name = "SIZE", help_heading = "Geometry")]
+    pub max_transfer: Option<String>,
+    /// The transfer size the drive prefers (virtio-blk opt_io_size).
+    #[arg(long, value_name = "SIZE", help_heading = "Geometry")]
+    pub optimal_transfer: Option<String>,
+    /// Discards deallocate whole aligned units of this size only (default:
+    /// one block).
+    #[arg(long, value_name = "SIZE", help_heading = "Geometry")]
+    pub discard_granularity: Option<String>,
+    /// The most one discard range may cover (default 2G).
+    #[arg(long, value_name = "SIZE", help_heading = "Geometry")]
+    pub max_discard: Option<String>,
+    /// The most ranges in one discard (default 32, at most 256).
+    #[arg(long, value_name = "N", help_heading = "Geometry")]
+    pub max_discard_segments: Option<u32>,
+    /// The most one write-zeroes range may cover (default 2G).
+    #[arg(long, value_name = "SIZE", help_heading = "Geometry")]
+    pub max_write_zeroes: Option<String>,
+    /// The most ranges in one write-zeroes (default 32, at most 256).
+    #[arg(long, value_name = "N", help_heading = "Geometry")]
+    pub max_write_zeroes_segments: Option<u32>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -263,6 +287,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
             control,
             mailbox: a.mailbox,
             latency: config::parse_latency(&a.latency)?,
+            geometry: config::geometry(
+                &config::GeometryArgs {
+                    max_transfer: a.max_transfer,
+                    optimal_transfer: a.optimal_transfer,
+                    discard_granularity: a.discard_granularity,
+                    max_discard: a.max_discard,
+                    max_discard_segments: a.max_discard_segments,
+                    max_write_zeroes: a.max_write_zeroes,
+                    max_write_zeroes_segments: a.max_write_zeroes_segments,
+                },
+                lbs,
+                a.queue_size,
+            )?,
             media: config::MediaConfig {
                 write_cache: config::parse_write_cache(&a.write_cache)?,
                 deallocate: config::parse_deallocate(&a.deallocate)?,
@@ -286,7 +323,7 @@ mod tests {
 
     fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         match parse(args).unwrap().command {
-            Command::Serve(a) => ServeConfig::try_from(a),
+            Command::Serve(a) => ServeConfig::try_from(*a),
             Command::Run(_) | Command::Ctl(_) | Command::Bench(_) => panic!("not a serve command"),
         }
     }

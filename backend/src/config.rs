@@ -35,6 +35,19 @@ pub enum ConfigError {
     Deallocate(String),
     #[error("--media-error {0:?}: {1}; the form is LBA[+BLOCKS]:read|write, e.g. 2048+8:read")]
     MediaError(String, String),
+    #[error(transparent)]
+    Geometry(#[from] nvme_model::GeometryError),
+    #[error(
+        "--max-transfer {max} takes {pages} segments of 4 KiB, more than a queue of \
+         {queue_size} descriptors carries: give --queue-size {need} or more, or a smaller \
+         --max-transfer"
+    )]
+    TransferPastQueue {
+        max: u64,
+        pages: u64,
+        queue_size: u16,
+        need: u64,
+    },
     #[error("--latency {0:?}")]
     Latency(String, #[source] nvme_model::LatencySpecError),
     #[error("{file}: rule {index} ({line}): {error}")]
@@ -80,6 +93,8 @@ pub struct ServeConfig {
     pub latency: nvme_model::LatencySpec,
     /// The drive's behaviour around the bytes.
     pub media: MediaConfig,
+    /// Transfer sizes and discard / write-zeroes limits, checked.
+    pub geometry: nvme_model::Geometry,
 }
 
 /// Reads fault rules from a TOML file: an array of `[[rule]]` tables with the
@@ -134,6 +149,54 @@ pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, Con
             })
         })
         .collect()
+}
+
+/// The sizes and counts `--max-transfer` and friends give, unchecked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GeometryArgs {
+    pub max_transfer: Option<String>,
+    pub optimal_transfer: Option<String>,
+    pub discard_granularity: Option<String>,
+    pub max_discard: Option<String>,
+    pub max_discard_segments: Option<u32>,
+    pub max_write_zeroes: Option<String>,
+    pub max_write_zeroes_segments: Option<u32>,
+}
+
+/// The geometry the options ask for, over the defaults for `lbs`, checked
+/// against the block size and the queue size.
+pub fn geometry(
+    a: &GeometryArgs,
+    lbs: LbaSize,
+    queue_size: u16,
+) -> Result<nvme_model::Geometry, ConfigError> {
+    let size = |s: &Option<String>| s.as_deref().map(parse_size).transpose();
+    let base = nvme_model::Geometry::default_for(lbs);
+    let g = nvme_model::Geometry {
+        max_transfer: size(&a.max_transfer)?,
+        optimal_transfer: size(&a.optimal_transfer)?,
+        discard_granularity: size(&a.discard_granularity)?.unwrap_or(base.discard_granularity),
+        max_discard: size(&a.max_discard)?.unwrap_or(base.max_discard),
+        max_discard_segments: a.max_discard_segments.unwrap_or(base.max_discard_segments),
+        max_write_zeroes: size(&a.max_write_zeroes)?.unwrap_or(base.max_write_zeroes),
+        max_write_zeroes_segments: a
+            .max_write_zeroes_segments
+            .unwrap_or(base.max_write_zeroes_segments),
+    };
+    g.check(lbs)?;
+    if let Some(max) = g.max_transfer {
+        let pages = max / nvme_model::geometry::PAGE;
+        // Header and status take a descriptor each.
+        if pages + 2 > u64::from(queue_size) {
+            return Err(ConfigError::TransferPastQueue {
+                max,
+                pages,
+                queue_size,
+                need: (pages + 2).next_power_of_two(),
+            });
+        }
+    }
+    Ok(g)
 }
 
 /// Default size of the volatile write cache.
@@ -296,6 +359,37 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geometry_options() {
+        let lbs = LbaSize::B4096;
+        let g = geometry(&GeometryArgs::default(), lbs, 256).unwrap();
+        assert_eq!(g, nvme_model::Geometry::default_for(lbs));
+        let args = GeometryArgs {
+            max_transfer: Some("128K".into()),
+            optimal_transfer: Some("64K".into()),
+            discard_granularity: Some("1M".into()),
+            max_discard_segments: Some(8),
+            ..GeometryArgs::default()
+        };
+        let g = geometry(&args, lbs, 256).unwrap();
+        assert_eq!(g.max_transfer, Some(128 << 10));
+        assert_eq!(g.discard_granularity, 1 << 20);
+        // 1 MiB is 256 pages: more than a queue of 256 carries with its header and status.
+        let big = GeometryArgs {
+            max_transfer: Some("1M".into()),
+            ..GeometryArgs::default()
+        };
+        let e = geometry(&big, lbs, 256).unwrap_err().to_string();
+        assert!(e.contains("--queue-size 512"), "{e}");
+        assert!(geometry(&big, lbs, 512).is_ok());
+        let odd = GeometryArgs {
+            discard_granularity: Some("6K".into()),
+            ..GeometryArgs::default()
+        };
+        let e = geometry(&odd, lbs, 256).unwrap_err().to_string();
+        assert!(e.contains("--discard-granularity"), "{e}");
+    }
 
     #[test]
     fn media_options() {

@@ -17,6 +17,7 @@ use dma::fault::Effect;
 use dma::schedule::{FollowUp, ParkedInfo, Release};
 use dma::{Engine, Scheduler, Ticket, Wait, WatchTask};
 use log::{debug, warn};
+use nvme_model::geometry::PAGE;
 use nvme_model::{Latency, MediaOp, Namespace, NamespaceError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -183,23 +184,32 @@ impl BlkDevice {
         self.with_scheduler(|s| s.park(info, wait, job));
     }
 
+    /// What the guest may send: with a maximum transfer, segments of a page
+    /// and as many as make it (so no request can be larger); otherwise as many
+    /// as the queue holds besides header and status, each up to `SIZE_MAX`.
     fn limits(&self) -> Limits {
-        Limits {
-            seg_max: self.seg_max(),
-            size_max: SIZE_MAX,
+        let descriptors = u32::from(self.shape.queue_size).saturating_sub(2).max(1);
+        match self.core.ns.geometry().max_transfer {
+            Some(max) => Limits {
+                seg_max: u32::try_from(max / PAGE)
+                    .unwrap_or(u32::MAX)
+                    .min(descriptors),
+                size_max: PAGE as u32,
+            },
+            None => Limits {
+                seg_max: descriptors,
+                size_max: SIZE_MAX,
+            },
         }
-    }
-
-    /// Data segments per request: the queue size less header and status.
-    fn seg_max(&self) -> u32 {
-        u32::from(self.shape.queue_size).saturating_sub(2).max(1)
     }
 
     fn config(&self) -> BlkConfig {
         BlkConfig {
             capacity_sectors: self.core.ns.capacity_bytes() >> blk::SECTOR_SHIFT,
             lbs: self.core.ns.lba_size(),
-            seg_max: self.seg_max(),
+            size_max: self.limits().size_max,
+            seg_max: self.limits().seg_max,
+            geometry: *self.core.ns.geometry(),
             num_queues: self.shape.queues,
             writeback: self.core.writeback.load(Ordering::Relaxed),
         }

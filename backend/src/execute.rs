@@ -9,9 +9,7 @@ use nvme_model::{LbaRange, Namespace, NamespaceError};
 use vm_memory::bitmap::{BitmapSlice, MS};
 use vm_memory::{GuestMemoryBackend, VolatileSlice};
 
-use crate::blk::{
-    RequestType, Status, DWZ_SEGMENT_LEN, ID_BYTES, MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS,
-};
+use crate::blk::{RequestType, Status, DWZ_SEGMENT_LEN, ID_BYTES};
 use crate::request::{sector_offset, Malformed, Request};
 
 /// Why a well-formed chain still failed.
@@ -347,8 +345,13 @@ fn dwz_ranges<M: GuestMemoryBackend>(
     req: &Request,
     buf: &mut Vec<u8>,
 ) -> Result<Vec<(LbaRange, bool)>, ExecError> {
+    let g = ns.geometry();
+    let (max_segments, max_bytes) = match req.op {
+        RequestType::Discard => (g.max_discard_segments, g.max_discard),
+        _ => (g.max_write_zeroes_segments, g.max_write_zeroes),
+    };
     let n = req.data_len / DWZ_SEGMENT_LEN;
-    if req.data_len == 0 || !req.data_len.is_multiple_of(DWZ_SEGMENT_LEN) || n > MAX_DWZ_SEGMENTS {
+    if req.data_len == 0 || !req.data_len.is_multiple_of(DWZ_SEGMENT_LEN) || n > max_segments {
         return Err(Malformed::BadSegmentList.into());
     }
     buf.resize(req.data_len as usize, 0);
@@ -365,10 +368,12 @@ fn dwz_ranges<M: GuestMemoryBackend>(
             if flags & !allowed_flags != 0 {
                 return Err(Malformed::BadFlags.into());
             }
-            if sectors > MAX_DWZ_SECTORS {
+            let bytes = u64::from(sectors) << 9;
+            if bytes > max_bytes {
                 return Err(Malformed::BadSegmentList.into());
             }
-            let bytes = sectors.checked_mul(512).ok_or(Malformed::BadSegmentList)?;
+            // Within the limits, which fit the u32 lba_range takes.
+            let bytes = u32::try_from(bytes).map_err(|_| Malformed::BadSegmentList)?;
             Ok((lba_range(ns, sector, bytes)?, flags & allowed_flags != 0))
         })
         .collect()

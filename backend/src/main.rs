@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
-        Command::Serve(args) => ServeConfig::try_from(args)
+        Command::Serve(args) => ServeConfig::try_from(*args)
             .map_err(Into::into)
             .and_then(|config| backend::serve::run(config).map_err(Into::into))
             .map(|()| ExitCode::SUCCESS),

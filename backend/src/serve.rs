@@ -33,6 +33,8 @@ pub enum ServeError {
     Media(#[source] nvme_model::NamespaceError),
     #[error("Cannot open the media")]
     Backing(#[source] nvme_model::BackingError),
+    #[error("Bad geometry")]
+    Geometry(#[source] nvme_model::GeometryError),
     #[error("Cannot listen on {0}")]
     Listen(PathBuf, #[source] vhost::vhost_user::Error),
     #[error("Cannot create the device")]
@@ -60,7 +62,9 @@ pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
     let media = &config.media;
     let mut ns = Namespace::new(backing, config.lbs, config.read_only)
         .map_err(ServeError::Media)?
-        .with_deallocate(media.deallocate);
+        .with_deallocate(media.deallocate)
+        .with_geometry(config.geometry)
+        .map_err(ServeError::Geometry)?;
     if let Some(bytes) = media.write_cache {
         ns = ns.with_write_cache(bytes);
     }

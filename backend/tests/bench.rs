@@ -55,7 +55,7 @@ impl Served {
             "--no-control",
         ];
         let config = match Cli::try_parse_from(argv).expect("arguments parse").command {
-            Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
+            Command::Serve(a) => ServeConfig::try_from(*a).expect("a valid configuration"),
             other => panic!("not a serve command: {other:?}"),
         };
         let daemon = Daemon::start(&config).expect("the daemon starts");

@@ -23,6 +23,22 @@ fn flush_ok(fe: &mut backend::frontend::BlkFrontend) {
     assert_eq!(fe.flush(0).expect("flush"), Status::OK);
 }
 
+/// Runs `dmaprobe serve --mem 16M ARGS`, expects it to refuse to start, and
+/// returns what it said.
+fn refused(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .args(["--mem", "16M"])
+        .args(args)
+        .output()
+        .expect("run dmaprobe serve");
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn counter(s: &Serve, name: &str) -> u64 {
     s.ctl_json(&["status"])["counters"][name]
         .as_u64()
@@ -223,17 +239,7 @@ fn bad_media_options_stop_the_daemon_with_the_cause() {
         (&["--write-cache", "lots"][..], "--write-cache"),
         (&["--deallocate", "shred"][..], "zeroes"),
     ] {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(dir.path().join("s"))
-            .args(["--mem", "16M"])
-            .args(args)
-            .output()
-            .expect("run dmaprobe serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = refused(args);
         assert!(stderr.contains(why), "{args:?}: {stderr}");
     }
 }
@@ -251,4 +257,82 @@ fn deallocated_blocks_keep_their_data_when_asked() {
     };
     assert_eq!(fe.discard(0, &[range]).expect("discard"), Status::OK);
     assert_eq!(read_ok(&mut fe, 3000, LEN), data);
+}
+
+#[test]
+fn the_geometry_asked_for_is_what_the_guest_is_told_and_held_to() {
+    let s = Serve::start(&[
+        "--lbs",
+        "4096",
+        "--max-transfer",
+        "64K",
+        "--optimal-transfer",
+        "32K",
+        "--discard-granularity",
+        "16K",
+        "--max-discard-segments",
+        "2",
+        "--max-write-zeroes",
+        "1M",
+    ]);
+    let mut fe = s.connect(1);
+    let c = fe.get_config().expect("config");
+    assert_eq!((c.seg_max, c.size_max), (16, 4096), "64 KiB in pages");
+    assert_eq!(c.opt_io_size, 8, "32 KiB in 4 KiB blocks");
+    assert_eq!(c.discard_sector_alignment, 32, "16 KiB in sectors");
+    assert_eq!(c.max_discard_seg, 2);
+    assert_eq!(c.max_write_zeroes_sectors, 2048);
+
+    // Up to the maximum transfer, and not past it.
+    let data = pattern(11, 64 << 10);
+    write_ok(&mut fe, 0, &data);
+    let (status_, _) = fe.read(0, Sector(0), 128 << 10).expect("read");
+    assert_eq!(status_, Status::IOERR);
+    assert_eq!(read_ok(&mut fe, 0, 64 << 10), data);
+
+    // A discard of 48 KiB from 8 KiB deallocates the one whole 16 KiB granule
+    // inside it (16-32 KiB) and leaves the rest.
+    let range = |from_kib: u64, kib: u32| DiscardRange {
+        sector: Sector(from_kib * 2),
+        num_sectors: kib * 2,
+        flags: 0,
+    };
+    assert_eq!(fe.discard(0, &[range(8, 24)]).expect("discard"), Status::OK);
+    let back = read_ok(&mut fe, 0, 64 << 10);
+    let kib = |k: usize| &back[k << 10..(k + 4) << 10];
+    assert_eq!(kib(8), &data[8 << 10..12 << 10]);
+    assert_eq!(kib(16), vec![0; 4096].as_slice());
+    assert_eq!(kib(28), vec![0; 4096].as_slice());
+    assert_eq!(kib(32), &data[32 << 10..36 << 10]);
+    // More ranges than allowed, or a write-zeroes range past its limit: IOERR.
+    let three = [range(0, 4), range(8, 4), range(16, 4)];
+    assert_eq!(fe.discard(0, &three).expect("discard"), Status::IOERR);
+    assert_eq!(
+        fe.write_zeroes(0, &[range(0, 2048)]).expect("wz"),
+        Status::IOERR
+    );
+    assert_eq!(
+        fe.write_zeroes(0, &[range(0, 1024)]).expect("wz"),
+        Status::OK
+    );
+}
+
+#[test]
+fn a_bad_geometry_stops_the_daemon_with_the_cause() {
+    for (args, why) in [
+        (&["--max-transfer", "6K"][..], "multiple of 4096"),
+        (&["--max-transfer", "2M"][..], "--queue-size 1024"),
+        (
+            &["--lbs", "4096", "--discard-granularity", "512"][..],
+            "4096-byte blocks",
+        ),
+        (
+            &["--optimal-transfer", "1M", "--max-transfer", "64K"][..],
+            "larger than --max-transfer",
+        ),
+        (&["--max-discard-segments", "1000"][..], "1 to 256"),
+    ] {
+        let stderr = refused(args);
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
 }

@@ -8,6 +8,8 @@
 //! - [`backing`]: where the bytes live — sparse memory (a memfd) or a raw file.
 //! - [`namespace`]: the namespace a front-end talks to: geometry, the one checked
 //!   bounds function, and read, write, flush, deallocate and write-zeroes.
+//! - [`geometry`]: transfer sizes and deallocate / write-zeroes limits, checked
+//!   once.
 //! - [`cache`]: the volatile write cache — what a flush makes stable and a power
 //!   cut takes away.
 //! - [`media`]: bad blocks — unrecovered read errors and write faults.
@@ -20,6 +22,7 @@
 
 pub mod backing;
 pub mod cache;
+pub mod geometry;
 pub mod latency;
 pub mod media;
 pub mod namespace;
@@ -27,6 +30,7 @@ pub mod units;
 
 pub use backing::{Backing, BackingError};
 pub use cache::{CacheStatus, PowerCut};
+pub use geometry::{Geometry, GeometryError};
 pub use latency::{Latency, LatencySpec, LatencySpecError, MediaOp};
 pub use media::{BadRange, MediaErrorKind, MediaErrors};
 pub use namespace::{Deallocate, LbaRange, Namespace, NamespaceError, RangeError};

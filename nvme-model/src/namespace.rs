@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::backing::{Backing, BackingError, BackingKind};
 use crate::cache::{CacheStatus, PowerCut, WriteCache};
+use crate::geometry::{Geometry, GeometryError};
 use crate::media::{MediaErrorKind, MediaErrors};
 use crate::units::{ByteOffset, Lba, LbaSize};
 
@@ -97,8 +98,7 @@ pub struct Namespace {
     cache_enabled: AtomicBool,
     media: MediaErrors,
     deallocate: Deallocate,
-    /// Deallocation works on whole aligned units of this many blocks.
-    discard_granularity: u64,
+    geometry: Geometry,
     /// Power cuts so far: commands from before a cut must not touch the media
     /// after it.
     power_epoch: AtomicU64,
@@ -128,7 +128,7 @@ impl Namespace {
             cache_enabled: AtomicBool::new(true),
             media: MediaErrors::default(),
             deallocate: Deallocate::Zeroes,
-            discard_granularity: 1,
+            geometry: Geometry::default_for(lbs),
             power_epoch: AtomicU64::new(0),
         })
     }
@@ -145,15 +145,15 @@ impl Namespace {
         self
     }
 
-    /// Deallocation works on whole aligned units of `blocks` blocks.
-    pub fn with_discard_granularity(mut self, blocks: u64) -> Self {
-        self.discard_granularity = blocks.max(1);
-        self
+    /// Sets the transfer and deallocation limits, after checking them.
+    pub fn with_geometry(mut self, geometry: Geometry) -> Result<Self, GeometryError> {
+        geometry.check(self.lbs)?;
+        self.geometry = geometry;
+        Ok(self)
     }
 
-    /// The unit of deallocation, in blocks.
-    pub fn discard_granularity(&self) -> u64 {
-        self.discard_granularity
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
 
     /// Whether writes may be volatile: a cache exists and the host runs it.
@@ -313,7 +313,7 @@ impl Namespace {
         if self.deallocate == Deallocate::Keep {
             return Ok(());
         }
-        let g = self.discard_granularity;
+        let g = self.geometry.discard_granularity >> self.lbs.shift();
         let start = range.start.0.div_ceil(g) * g;
         let end = (range.start.0 + range.blocks) / g * g;
         if start >= end {
@@ -558,7 +558,11 @@ mod tests {
         let ns = Namespace::new(make(1 << 20), LbaSize::B512, false)
             .unwrap()
             .with_deallocate(Deallocate::Zeroes)
-            .with_discard_granularity(8);
+            .with_geometry(Geometry {
+                discard_granularity: 8 * 512,
+                ..Geometry::default_for(LbaSize::B512)
+            })
+            .unwrap();
         let r = |lba, n| ns.check_range(Lba(lba), n).unwrap();
         ns.write(r(0, 32), &fill(8, 32)).unwrap();
         ns.deallocate(r(4, 20)).unwrap();

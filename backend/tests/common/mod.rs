@@ -17,7 +17,7 @@ pub fn serve_config(args: &[&str]) -> ServeConfig {
         .expect("the arguments parse")
         .command
     {
-        Command::Serve(a) => ServeConfig::try_from(a).expect("a valid configuration"),
+        Command::Serve(a) => ServeConfig::try_from(*a).expect("a valid configuration"),
         other => panic!("not a serve command: {other:?}"),
     }
 }
