@@ -22,6 +22,8 @@
 //! - [`uring`]: an io_uring read into a registered buffer, held across fork.
 //! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
 //! - [`iomap`]: sub-block O_DIRECT writes into holes and unwritten extents.
+//! - [`latency`]: QD1 O_DIRECT read latency against the device's media latency
+//!   model, with mailbox reads as the baseline (opt-in).
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -37,6 +39,7 @@ mod held;
 mod hold;
 mod io;
 mod iomap;
+mod latency;
 mod lifetimes;
 mod mailbox;
 mod mm;
@@ -86,6 +89,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("splice-truncate", splice::run),
     ("iomap-zeroing-ext4", iomap::ext4),
     ("iomap-zeroing-xfs", iomap::xfs),
+    ("latency-instant", latency::instant),
+    ("latency-nvme", latency::nvme),
+    ("latency-sata", latency::sata),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
