@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// complete-before-dma or wrong-page.
     #[arg(long, value_name = "NAME", value_parser = ["complete-before-dma", "wrong-page"])]
     pub mutant: Option<String>,
+    /// The backend that serves the guest's disk: dmaprobe, or QEMU's own
+    /// qemu-storage-daemon on the same disk file and queues (to tell a kernel's
+    /// fault from dmaprobe's; tests that need dmaprobe's features are refused).
+    #[arg(long, value_name = "NAME", default_value = "dmaprobe",
+          value_parser = ["dmaprobe", "qemu-storage-daemon"])]
+    pub daemon: String,
     /// Keep each run's console, guest events and daemon log under DIR/KERNEL/TEST/.
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,

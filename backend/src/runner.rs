@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use guest_tests::kernel::{Kernel, DEFAULT_KERNELS};
-use guest_tests::run::{run, Mutant, RunConfig};
+use guest_tests::run::{run, Daemon, Mutant, RunConfig, QSD};
+use guest_tests::suite::{Selection, TestSpec};
 use guest_tests::{initramfs, report, suite};
 
 use crate::cli::RunArgs;
@@ -15,6 +16,26 @@ pub enum RunnerError {
     UnknownTest(String),
     #[error("{0} is a self-test: it fails on purpose and runs only with --allow-selftests")]
     Selftest(String),
+    #[error(
+        "{test} needs dmaprobe's own features ({features}), which {daemon} lacks; \
+         run it with --daemon dmaprobe"
+    )]
+    NeedsDmaprobe {
+        test: &'static str,
+        features: String,
+        daemon: &'static str,
+    },
+    #[error("--mutant breaks dmaprobe on purpose: it needs --daemon dmaprobe")]
+    MutantNeedsDmaprobe,
+    #[error("{QSD} not found on PATH: run scripts/setup (it installs qemu-utils)")]
+    NoQsd,
+    #[error(
+        "{program} not found on PATH (the {test} test runs it in the guest): run scripts/setup"
+    )]
+    NoProgram {
+        program: &'static str,
+        test: &'static str,
+    },
     #[error(transparent)]
     Kernel(#[from] guest_tests::kernel::KernelError),
     #[error(transparent)]
@@ -38,7 +59,7 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     if args.list {
         for t in suite::TESTS
             .iter()
-            .filter(|t| !t.selftest || args.allow_selftests)
+            .filter(|t| t.selection != Selection::Selftest || args.allow_selftests)
         {
             println!(
                 "{:14} {}",
@@ -52,9 +73,13 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     let junit = args.junit.clone();
     let config = run_config(args)?;
     eprintln!(
-        "dmaprobe run: {} test(s) on {} kernel(s)",
+        "dmaprobe run: {} test(s) on {} kernel(s){}",
         config.tests.len(),
-        config.kernels.len()
+        config.kernels.len(),
+        match config.daemon {
+            Daemon::Dmaprobe => String::new(),
+            other => format!(", the disk served by {}", other.name()),
+        }
     );
     guest_tests::process::catch_interrupts();
     let results = run(&config, &mut |line| eprintln!("{line}"))?;
@@ -73,20 +98,42 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
 
 /// The run's configuration from its arguments, checked before anything starts.
 fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
+    let daemon = Daemon::ALL
+        .into_iter()
+        .find(|d| d.name() == args.daemon)
+        .unwrap_or(Daemon::Dmaprobe);
     let tests = if args.tests.is_empty() {
-        suite::default_tests()
+        default_tests(daemon)
     } else {
         args.tests
             .iter()
             .map(|name| match suite::find(name) {
                 None => Err(RunnerError::UnknownTest(name.clone())),
-                Some(t) if t.selftest && !args.allow_selftests => {
+                Some(t) if t.selection == Selection::Selftest && !args.allow_selftests => {
                     Err(RunnerError::Selftest(name.clone()))
                 }
-                Some(t) => Ok(t),
+                Some(t) => match t.dmaprobe_features() {
+                    Some(features) if daemon != Daemon::Dmaprobe => {
+                        Err(RunnerError::NeedsDmaprobe {
+                            test: t.name,
+                            features,
+                            daemon: daemon.name(),
+                        })
+                    }
+                    _ => Ok(t),
+                },
             })
             .collect::<Result<_, _>>()?
     };
+    if daemon != Daemon::Dmaprobe {
+        if args.mutant.is_some() {
+            return Err(RunnerError::MutantNeedsDmaprobe);
+        }
+        if initramfs::find_on_path(QSD).is_none() {
+            return Err(RunnerError::NoQsd);
+        }
+    }
+    let programs = programs(&tests)?;
     let specs: Vec<String> = if args.kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
     } else {
@@ -110,7 +157,9 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         kernels,
         tests,
         dmaprobe: exe,
+        daemon,
         guest_bin,
+        programs,
         busybox: PathBuf::from(initramfs::BUSYBOX),
         qemu: args.qemu,
         queues: check_queues(args.queues)?,
@@ -123,4 +172,38 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
             .as_deref()
             .and_then(|m| Mutant::ALL.into_iter().find(|x| x.name() == m)),
     })
+}
+
+/// The default suite; against another backend, the tests that need dmaprobe's
+/// own features are left out, and the user is told which.
+fn default_tests(daemon: Daemon) -> Vec<&'static TestSpec> {
+    let (runnable, left_out): (Vec<&TestSpec>, Vec<&TestSpec>) = suite::default_tests()
+        .into_iter()
+        .partition(|t| daemon == Daemon::Dmaprobe || t.dmaprobe_features().is_none());
+    if !left_out.is_empty() {
+        let names: Vec<&str> = left_out.iter().map(|t| t.name).collect();
+        eprintln!(
+            "dmaprobe run: {} lacks dmaprobe's features; left out: {}",
+            daemon.name(),
+            names.join(", ")
+        );
+    }
+    runnable
+}
+
+/// The host programs the tests run in the guest, found on PATH, each once.
+fn programs(tests: &[&'static TestSpec]) -> Result<Vec<PathBuf>, RunnerError> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    for t in tests {
+        for &program in t.programs {
+            let path = initramfs::find_on_path(program).ok_or(RunnerError::NoProgram {
+                program,
+                test: t.name,
+            })?;
+            if !found.contains(&path) {
+                found.push(path);
+            }
+        }
+    }
+    Ok(found)
 }

@@ -242,6 +242,57 @@ fn self_tests_need_their_flag() {
 }
 
 #[test]
+fn qemu_storage_daemon_refuses_tests_that_need_dmaprobe() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    for (tests, needs) in [
+        ("smoke,delayed-read", "--fault op=read"),
+        ("mailbox-hold", "--mailbox"),
+    ] {
+        let (out, _) = dmaprobe_run(
+            &["--daemon", "qemu-storage-daemon", "--tests", tests],
+            &json,
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("needs dmaprobe's own features") && stderr.contains(needs),
+            "{}",
+            show(&out)
+        );
+        // Refused before anything booted: no report.
+        assert!(!json.exists());
+    }
+}
+
+#[test]
+fn smoke_passes_against_qemu_storage_daemon_with_the_hosts_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(
+        &[
+            "--kernel",
+            "debian-6.12",
+            "--tests",
+            "smoke",
+            "--daemon",
+            "qemu-storage-daemon",
+        ],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let r = result(&report, "smoke", "debian-6.12");
+    assert_eq!(r["verdict"], "PASS", "{r}");
+    assert_eq!(r["daemon"], "qemu-storage-daemon", "{r}");
+    let checks = r["checks"].as_array().cloned().unwrap_or_default();
+    let host = |c: &&Value| c["name"].as_str().unwrap_or("").starts_with("host:");
+    assert!(checks.iter().filter(host).count() > 1, "{r}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+    // qemu-storage-daemon keeps no ledger.
+    assert_eq!(r["findings"], Value::Array(Vec::new()), "{r}");
+}
+
+#[test]
 fn a_guest_that_does_not_finish_is_an_error_with_its_console() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");

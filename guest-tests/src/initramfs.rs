@@ -1,8 +1,11 @@
-//! The initramfs each guest boots: busybox, the guest binary with its shared
-//! libraries, the kernel's own modules, and an `/init` that runs the tests.
+//! The initramfs each guest boots: busybox, the guest binary and the host
+//! programs the tests run (fio), each with its shared libraries, the kernel's
+//! own modules, and an `/init` that runs the tests.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::BufWriter;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -40,6 +43,8 @@ pub enum InitramfsError {
     Decompress(PathBuf, String),
     #[error("{0} not found: run scripts/setup (busybox-static)")]
     NoBusybox(PathBuf),
+    #[error("Program {0} has no file name")]
+    ProgramName(PathBuf),
 }
 
 /// What goes into one initramfs.
@@ -47,6 +52,8 @@ pub enum InitramfsError {
 pub struct Contents<'a> {
     pub guest_bin: &'a Path,
     pub busybox: &'a Path,
+    /// Host programs the tests run, each packed as `/bin/NAME`.
+    pub programs: &'a [PathBuf],
     /// Module files in load order.
     pub modules: &'a [PathBuf],
 }
@@ -70,21 +77,32 @@ pub fn build(c: &Contents<'_>, out: &Path) -> Result<(), InitramfsError> {
         .map_err(werr)?;
     w.file("/bin/dmaprobe-guest", 0o755, &read(c.guest_bin)?)
         .map_err(werr)?;
+    for p in c.programs {
+        let name = p
+            .file_name()
+            .ok_or_else(|| InitramfsError::ProgramName(p.clone()))?;
+        let target = format!("/bin/{}", name.to_string_lossy());
+        w.file(&target, 0o755, &read(p)?).map_err(werr)?;
+    }
 
-    let mut dirs = std::collections::BTreeSet::new();
-    for lib in shared_libraries(c.guest_bin)? {
-        let target = lib.to_string_lossy().into_owned();
-        for parent in lib.ancestors().skip(1) {
-            let p = parent.to_string_lossy().into_owned();
-            if p.len() > 1 && !["/lib", "/lib64"].contains(&p.as_str()) {
-                dirs.insert(p);
-            }
-        }
-        for d in &dirs {
-            w.dir(d).map_err(werr)?;
-        }
-        dirs.clear();
-        w.file(&target, 0o755, &read(&lib)?).map_err(werr)?;
+    // Every library once, whichever binaries need it, after its directories
+    // (a parent before its children: the set is ordered).
+    let mut libs = BTreeSet::new();
+    for bin in std::iter::once(c.guest_bin).chain(c.programs.iter().map(PathBuf::as_path)) {
+        libs.extend(shared_libraries(bin)?);
+    }
+    let dirs: BTreeSet<String> = libs
+        .iter()
+        .flat_map(|lib| lib.ancestors().skip(1))
+        .map(|d| d.to_string_lossy().into_owned())
+        .filter(|d| d.len() > 1 && !["/lib", "/lib64"].contains(&d.as_str()))
+        .collect();
+    for d in &dirs {
+        w.dir(d).map_err(werr)?;
+    }
+    for lib in &libs {
+        w.file(&lib.to_string_lossy(), 0o755, &read(lib)?)
+            .map_err(werr)?;
     }
 
     let mut order = String::new();
@@ -103,6 +121,14 @@ pub fn build(c: &Contents<'_>, out: &Path) -> Result<(), InitramfsError> {
         .map_err(werr)?;
     w.finish().map_err(werr)?;
     Ok(())
+}
+
+/// The executable `name` in the directories of `PATH`, as a shell would find it.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, InitramfsError> {
@@ -186,6 +212,13 @@ mod tests {
             ]
         );
         assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn programs_are_found_on_path() {
+        let sh = find_on_path("sh").expect("sh on PATH");
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(find_on_path("no-such-program-dmaprobe"), None);
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! The host-side runner: [`kernel`] (which kernel to boot), [`modules`] and
 //! [`cpio`] → [`initramfs`] (what the guest boots from), [`suite`] (each test's
 //! disk and device options), [`run`] (a fresh disk and `dmaprobe serve` child
-//! per test, a QEMU boot, the guest's events, the host's checks, a verdict
-//! joined with [`klog`] and the device's findings), [`process`] (children that
-//! never outlive the run), [`report`] and [`timeline`] (table, JSON, JUnit, SVG).
+//! per test, or qemu-storage-daemon to compare, a QEMU boot, the guest's
+//! events, the host's checks, a verdict joined with [`klog`] and the device's
+//! findings), [`process`] (children that never outlive the run), [`report`]
+//! and [`timeline`] (table, JSON, JUnit, SVG).
 
 pub mod cpio;
 pub mod initramfs;

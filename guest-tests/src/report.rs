@@ -200,6 +200,7 @@ mod tests {
             test: test.into(),
             kernel: kernel.into(),
             kernel_release: None,
+            daemon: crate::run::Daemon::Dmaprobe,
             verdict,
             reason: reason.into(),
             checks: Vec::new(),

@@ -1,6 +1,7 @@
 //! Running the suite: for each kernel, an initramfs; for each test, a fresh disk,
-//! a `dmaprobe serve` child, a QEMU boot, the guest's events, the host's checks,
-//! and a verdict that joins them with the kernel log.
+//! a `dmaprobe serve` child (or, with [`Daemon::QemuStorageDaemon`], QEMU's own
+//! backend), a QEMU boot, the guest's events, the host's checks, and a verdict
+//! that joins them with the kernel log.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -41,7 +42,11 @@ pub struct RunConfig {
     pub tests: Vec<&'static TestSpec>,
     /// The `dmaprobe` executable that serves the disk.
     pub dmaprobe: PathBuf,
+    /// Which backend serves the disk.
+    pub daemon: Daemon,
     pub guest_bin: PathBuf,
+    /// Host programs the selected tests run in the guest (packed into the initramfs).
+    pub programs: Vec<PathBuf>,
     pub busybox: PathBuf,
     pub qemu: PathBuf,
     pub queues: u16,
@@ -55,6 +60,42 @@ pub struct RunConfig {
     /// Where the SVG timelines of failed tests go.
     pub timelines: Option<PathBuf>,
 }
+
+/// The vhost-user-blk backend that serves each test's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Daemon {
+    /// `dmaprobe serve` with the test's options and a ledger.
+    Dmaprobe,
+    /// QEMU's reference backend on the same disk file with the same queue
+    /// count and block size: the same guest on an ordinary device, which tells
+    /// a kernel's fault from dmaprobe's. It has none of dmaprobe's features
+    /// (fault rules, the mailbox, the ledger), so no findings either.
+    QemuStorageDaemon,
+}
+
+impl Daemon {
+    pub const ALL: [Daemon; 2] = [Daemon::Dmaprobe, Daemon::QemuStorageDaemon];
+
+    /// The name `--daemon` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Daemon::Dmaprobe => "dmaprobe",
+            Daemon::QemuStorageDaemon => QSD,
+        }
+    }
+
+    /// What the process is called in messages.
+    fn label(self) -> &'static str {
+        match self {
+            Daemon::Dmaprobe => "dmaprobe serve",
+            Daemon::QemuStorageDaemon => QSD,
+        }
+    }
+}
+
+/// qemu-storage-daemon's executable (Debian: qemu-utils), found on `PATH`.
+pub const QSD: &str = "qemu-storage-daemon";
 
 /// A deliberately broken device, to show that the suite notices one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -99,6 +140,8 @@ pub struct TestResult {
     pub test: String,
     pub kernel: String,
     pub kernel_release: Option<String>,
+    /// The backend that served the disk.
+    pub daemon: Daemon,
     pub verdict: Verdict,
     /// One line naming the evidence, unless it passed.
     pub reason: String,
@@ -186,6 +229,7 @@ fn build_initramfs(
         &Contents {
             guest_bin: &config.guest_bin,
             busybox: &config.busybox,
+            programs: &config.programs,
             modules: &modules,
         },
         out,
@@ -221,9 +265,10 @@ fn run_one(
     }
     // The judge reads the findings in the ledger; the timeline draws all of it.
     let ledger = ev.ledger.clone();
-    let mut result = judge(test, kernel, ev);
+    let mut result = judge(test, kernel, config.daemon, ev);
     result.seconds = start.elapsed().as_secs_f64();
-    if result.verdict == Verdict::Fail {
+    // Only dmaprobe keeps a ledger to draw.
+    if result.verdict == Verdict::Fail && config.daemon == Daemon::Dmaprobe {
         let title = format!("{} on {}: {}", test.name, kernel.name, result.reason);
         let path = dir.join("timeline.svg");
         if fs::write(&path, crate::timeline::svg(&title, &ledger)).is_ok() {
@@ -261,6 +306,7 @@ fn guest_run(
         lbs: Some(test.disk.lbs),
         seed: config.seed,
         mailbox: test.serve_args.contains(&"--mailbox"),
+        boot: 1,
     };
     let timeout = Duration::from_secs_f64(test.timeout.as_secs_f64() * config.timeout_scale);
     let outcome = boot(
@@ -337,6 +383,66 @@ fn run_tool(cmd: &mut Command, name: &str) -> Result<String, String> {
     }
 }
 
+/// The command that serves `disk` on `socket` for `test`; the ledger, if
+/// any, goes beside `log`.
+fn daemon_command(
+    config: &RunConfig,
+    test: &TestSpec,
+    disk: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Command, String> {
+    match config.daemon {
+        Daemon::Dmaprobe => {
+            let mut cmd = Command::new(&config.dmaprobe);
+            cmd.arg("serve")
+                .arg("--socket")
+                .arg(socket)
+                .arg("--disk")
+                .arg(disk)
+                .args(["--lbs", &test.disk.lbs.to_string()])
+                .args(["--queues", &config.queues.to_string()])
+                .arg("--ledger")
+                .arg(log.with_file_name("ledger.jsonl"))
+                .args(test.serve_args);
+            if let Some(m) = config.mutant {
+                cmd.args(["--fault", m.rule()]);
+            }
+            Ok(cmd)
+        }
+        Daemon::QemuStorageDaemon => {
+            if let Some(features) = test.dmaprobe_features() {
+                return Err(format!("{} needs dmaprobe ({features})", test.name));
+            }
+            if let Some(m) = config.mutant {
+                return Err(format!("the {} mutant needs dmaprobe", m.name()));
+            }
+            // As scripts/bench starts it: a file through the host's page cache,
+            // as dmaprobe reads and writes it.
+            let mut cmd = Command::new(QSD);
+            cmd.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=disk,filename={},cache.direct=off",
+                    qemu_opt(disk)
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},\
+                     writable=on,num-queues={},logical-block-size={}",
+                    qemu_opt(socket),
+                    config.queues,
+                    test.disk.lbs
+                ));
+            Ok(cmd)
+        }
+    }
+}
+
+/// A path as the value of a QEMU option: a comma is doubled.
+fn qemu_opt(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
 fn start_daemon(
     config: &RunConfig,
     test: &TestSpec,
@@ -344,37 +450,27 @@ fn start_daemon(
     socket: &Path,
     log: &Path,
 ) -> Result<Child, String> {
+    let mut cmd = daemon_command(config, test, disk, socket, log)?;
     let log_file =
         fs::File::create(log).map_err(|e| format!("cannot create the daemon log: {e}"))?;
-    let mut cmd = Command::new(&config.dmaprobe);
-    cmd.arg("serve")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--disk")
-        .arg(disk)
-        .args(["--lbs", &test.disk.lbs.to_string()])
-        .args(["--queues", &config.queues.to_string()])
-        .arg("--ledger")
-        .arg(log.with_file_name("ledger.jsonl"))
-        .args(test.serve_args)
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
-    if let Some(m) = config.mutant {
-        cmd.args(["--fault", m.rule()]);
-    }
-    let mut child = Child::spawn("dmaprobe serve", cmd)
-        .map_err(|e| format!("cannot start {}: {e}", config.dmaprobe.display()))?;
+    let label = config.daemon.label();
+    let mut child = Child::spawn(label, cmd).map_err(|e| {
+        let program = match config.daemon {
+            Daemon::Dmaprobe => config.dmaprobe.display().to_string(),
+            Daemon::QemuStorageDaemon => format!("{QSD} (run scripts/setup)"),
+        };
+        format!("cannot start {program}: {e}")
+    })?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "dmaprobe serve exited ({status}): {}",
-                tail(log, 5)
-            ));
+            return Err(format!("{label} exited ({status}): {}", tail(log, 5)));
         }
         if Instant::now() > deadline {
-            return Err("dmaprobe serve did not create its socket in 10 s".into());
+            return Err(format!("{label} did not create its socket in 10 s"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -565,7 +661,7 @@ fn pattern_check(
 }
 
 /// Joins the guest's verdict, the host's checks and the kernel log.
-fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
+fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> TestResult {
     let mut checks: Vec<CheckRecord> = Vec::new();
     let mut notes = Vec::new();
     let mut guest_end = None;
@@ -647,6 +743,7 @@ fn judge(test: &TestSpec, kernel: &Kernel, ev: Evidence) -> TestResult {
         test: test.name.to_owned(),
         kernel: kernel.name.clone(),
         kernel_release: kernel.release.clone(),
+        daemon,
         verdict,
         reason,
         checks,
@@ -682,4 +779,92 @@ fn tail(path: &Path, n: usize) -> String {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(daemon: Daemon) -> RunConfig {
+        RunConfig {
+            kernels: Vec::new(),
+            tests: Vec::new(),
+            dmaprobe: PathBuf::from("/x/dmaprobe"),
+            daemon,
+            guest_bin: PathBuf::from("/x/dmaprobe-guest"),
+            programs: Vec::new(),
+            busybox: PathBuf::from(initramfs::BUSYBOX),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            queues: 3,
+            seed: 1,
+            keep_logs: None,
+            timeout_scale: 1.0,
+            mutant: None,
+            timelines: None,
+        }
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn command(config: &RunConfig, test: &str) -> Result<Command, String> {
+        let test = crate::suite::find(test).unwrap();
+        let dir = Path::new("/tmp/run,1");
+        daemon_command(
+            config,
+            test,
+            &dir.join("disk.img"),
+            &dir.join("vhost.sock"),
+            &dir.join("daemon.log"),
+        )
+    }
+
+    #[test]
+    fn qemu_storage_daemon_serves_the_same_disk_socket_and_queues() {
+        let cmd = command(&config(Daemon::QemuStorageDaemon), "smoke").unwrap();
+        assert_eq!(cmd.get_program(), QSD);
+        let a = args(&cmd);
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert_eq!(
+            a[1],
+            "driver=file,node-name=disk,filename=/tmp/run,,1/disk.img,cache.direct=off"
+        );
+        assert_eq!(
+            a[3],
+            "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,\
+             addr.path=/tmp/run,,1/vhost.sock,writable=on,num-queues=3,logical-block-size=512"
+        );
+    }
+
+    #[test]
+    fn qemu_storage_daemon_refuses_what_needs_dmaprobe() {
+        let qsd = config(Daemon::QemuStorageDaemon);
+        let err = command(&qsd, "delayed-read").unwrap_err();
+        assert!(err.contains("needs dmaprobe (--fault op=read"), "{err}");
+        let err = command(&qsd, "mailbox-hold").unwrap_err();
+        assert!(err.contains("(--mailbox)"), "{err}");
+        let mutant = RunConfig {
+            mutant: Some(Mutant::WrongPage),
+            ..qsd
+        };
+        assert!(command(&mutant, "smoke")
+            .unwrap_err()
+            .contains("wrong-page"));
+    }
+
+    #[test]
+    fn dmaprobe_gets_the_tests_options_and_a_ledger() {
+        let cmd = command(&config(Daemon::Dmaprobe), "delayed-read").unwrap();
+        assert_eq!(cmd.get_program(), "/x/dmaprobe");
+        let a = args(&cmd).join(" ");
+        assert!(a.contains("--queues 3"), "{a}");
+        assert!(a.contains("--ledger /tmp/run,1/ledger.jsonl"), "{a}");
+        assert!(
+            a.ends_with("--fault op=read,lba=2048,action=delay,ms=1000"),
+            "{a}"
+        );
+    }
 }

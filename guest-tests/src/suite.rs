@@ -19,6 +19,17 @@ pub struct DiskSpec {
     pub format: Option<Fs>,
 }
 
+/// When a test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// In the default suite.
+    Default,
+    /// Only when named: a measurement, not a verdict on the kernel.
+    Named,
+    /// Only when named with `--allow-selftests`: it fails or hangs on purpose.
+    Selftest,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TestSpec {
     pub name: &'static str,
@@ -29,8 +40,12 @@ pub struct TestSpec {
     pub serve_args: &'static [&'static str],
     /// Kernel modules the test needs beyond virtio's (with their dependencies).
     pub modules: &'static [&'static str],
-    /// Run in the default suite. Self-tests run only when named with `--allow-selftests`.
-    pub selftest: bool,
+    /// Host programs the guest runs (found on `PATH`), packed into the
+    /// initramfs at `/bin/NAME` with their libraries only when a selected test
+    /// needs them.
+    pub programs: &'static [&'static str],
+    /// Whether the test runs when none are named.
+    pub selection: Selection,
     /// How long the whole guest run may take under TCG before it counts as hung.
     pub timeout: Duration,
 }
@@ -50,7 +65,8 @@ const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
         },
         serve_args: &["--mailbox"],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     }
 }
@@ -67,7 +83,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &[],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     },
     TestSpec {
@@ -81,7 +98,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &[],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     },
     TestSpec {
@@ -95,7 +113,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--fault", "op=read,lba=2048,action=delay,ms=1000"],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     },
     mailbox_test(
@@ -118,7 +137,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     },
     mailbox_test(
@@ -176,7 +196,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(120),
     },
     TestSpec {
@@ -190,7 +211,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &[],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
         timeout: Duration::from_secs(180),
     },
     TestSpec {
@@ -203,7 +225,23 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &["xfs"],
-        selftest: false,
+        programs: &[],
+        selection: Selection::Default,
+        timeout: Duration::from_secs(180),
+    },
+    TestSpec {
+        name: "fio-randread",
+        summary: "fio's 4k random read at QD32 on the raw disk for 10 s: IOPS and latency \
+                  percentiles as notes, for comparing devices (runs only when named)",
+        disk: DiskSpec {
+            size: 256 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args: &[],
+        modules: &[],
+        programs: &["fio"],
+        selection: Selection::Named,
         timeout: Duration::from_secs(180),
     },
     TestSpec {
@@ -217,7 +255,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &[],
         modules: &[],
-        selftest: true,
+        programs: &[],
+        selection: Selection::Selftest,
         timeout: Duration::from_secs(120),
     },
     TestSpec {
@@ -230,10 +269,20 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &[],
         modules: &[],
-        selftest: true,
+        programs: &[],
+        selection: Selection::Selftest,
         timeout: Duration::from_secs(45),
     },
 ];
+
+impl TestSpec {
+    /// What the test needs of dmaprobe itself, which another vhost-user-blk
+    /// backend (qemu-storage-daemon) lacks: its `dmaprobe serve` options
+    /// (fault rules, the mailbox), or `None` when any backend will do.
+    pub fn dmaprobe_features(&self) -> Option<String> {
+        (!self.serve_args.is_empty()).then(|| self.serve_args.join(" "))
+    }
+}
 
 pub fn find(name: &str) -> Option<&'static TestSpec> {
     TESTS.iter().find(|t| t.name == name)
@@ -241,5 +290,47 @@ pub fn find(name: &str) -> Option<&'static TestSpec> {
 
 /// The tests `dmaprobe run` runs when none are named.
 pub fn default_tests() -> Vec<&'static TestSpec> {
-    TESTS.iter().filter(|t| !t.selftest).collect()
+    TESTS
+        .iter()
+        .filter(|t| t.selection == Selection::Default)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_runs_only_when_named_and_default_runs_do_not_pack_it() {
+        let fio = find("fio-randread").unwrap();
+        assert_eq!(fio.programs, ["fio"]);
+        assert_eq!(fio.dmaprobe_features(), None);
+        let defaults = default_tests();
+        assert!(!defaults.iter().any(|t| t.name == fio.name));
+        assert!(defaults.iter().all(|t| t.programs.is_empty()));
+        assert!(!defaults.iter().any(|t| t.name.starts_with("selftest")));
+    }
+
+    #[test]
+    fn tests_that_need_dmaprobe_say_what_for() {
+        assert_eq!(find("smoke").unwrap().dmaprobe_features(), None);
+        assert_eq!(find("ext4").unwrap().dmaprobe_features(), None);
+        assert_eq!(
+            find("mailbox-hold").unwrap().dmaprobe_features().as_deref(),
+            Some("--mailbox")
+        );
+        let delayed = find("delayed-read").unwrap().dmaprobe_features().unwrap();
+        assert!(delayed.starts_with("--fault op=read"), "{delayed}");
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, t) in TESTS.iter().enumerate() {
+            assert!(
+                TESTS[i + 1..].iter().all(|u| u.name != t.name),
+                "{}",
+                t.name
+            );
+        }
+    }
 }

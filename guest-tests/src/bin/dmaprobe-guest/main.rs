@@ -22,6 +22,7 @@
 //! - [`uring`]: an io_uring read into a registered buffer, held across fork.
 //! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
 //! - [`iomap`]: sub-block O_DIRECT writes into holes and unwritten extents.
+//! - [`fio`]: fio's 4k random read at QD32, IOPS and latency as notes (opt-in).
 //! - [`latency`]: QD1 O_DIRECT read latency against the device's media latency
 //!   model, with mailbox reads as the baseline (opt-in).
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
@@ -35,6 +36,7 @@
 mod cow;
 mod delay;
 mod ext4;
+mod fio;
 mod held;
 mod hold;
 mod io;
@@ -89,6 +91,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("splice-truncate", splice::run),
     ("iomap-zeroing-ext4", iomap::ext4),
     ("iomap-zeroing-xfs", iomap::xfs),
+    ("fio-randread", fio::randread),
     ("latency-instant", latency::instant),
     ("latency-nvme", latency::nvme),
     ("latency-sata", latency::sata),
