@@ -71,6 +71,30 @@ const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
     }
 }
 
+/// A `latency-*` test: the guest times its reads against the media latency
+/// preset named in `serve_args` and in the test's name, with mailbox reads
+/// (never delayed by the model) as the baseline.
+const fn latency_test(
+    name: &'static str,
+    summary: &'static str,
+    serve_args: &'static [&'static str],
+) -> TestSpec {
+    TestSpec {
+        name,
+        summary,
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: None,
+        },
+        serve_args,
+        modules: &[],
+        programs: &[],
+        selection: Selection::Named,
+        timeout: Duration::from_secs(120),
+    }
+}
+
 pub const TESTS: &[TestSpec] = &[
     TestSpec {
         name: "smoke",
@@ -244,6 +268,23 @@ pub const TESTS: &[TestSpec] = &[
         selection: Selection::Named,
         timeout: Duration::from_secs(180),
     },
+    latency_test(
+        "latency-instant",
+        "O_DIRECT 4k random and 128k sequential reads at QD1 with no media latency: \
+         p50/p99/mean as notes, the baseline of the other latency tests (runs only when named)",
+        &["--mailbox", "--latency", "instant"],
+    ),
+    latency_test(
+        "latency-nvme",
+        "as latency-instant against the nvme latency preset: the reads take at least what \
+         the model says, and the time is the device's (runs only when named)",
+        &["--mailbox", "--latency", "nvme"],
+    ),
+    latency_test(
+        "latency-sata",
+        "as latency-nvme, against the sata latency preset (runs only when named)",
+        &["--mailbox", "--latency", "sata"],
+    ),
     TestSpec {
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
@@ -321,6 +362,17 @@ mod tests {
         );
         let delayed = find("delayed-read").unwrap().dmaprobe_features().unwrap();
         assert!(delayed.starts_with("--fault op=read"), "{delayed}");
+    }
+
+    #[test]
+    fn latency_tests_run_only_when_named_against_the_preset_they_name() {
+        for preset in ["instant", "nvme", "sata"] {
+            let t = find(&format!("latency-{preset}")).unwrap();
+            assert_eq!(t.selection, Selection::Named);
+            assert!(t.serve_args.ends_with(&["--latency", preset]), "{t:?}");
+            assert!(t.serve_args.contains(&"--mailbox"), "{t:?}");
+            assert!(nvme_model::LatencySpec::preset(preset).is_some());
+        }
     }
 
     #[test]
