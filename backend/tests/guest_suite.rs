@@ -95,6 +95,8 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("zero-page-write-source", "debian-6.12", "PASS", false),
     ("zero-page-read-target", "debian-6.1", "PASS", true),
     ("zero-page-read-target", "debian-6.12", "PASS", true),
+    ("bad-block-ext4", "debian-6.1", "PASS", true),
+    ("bad-block-ext4", "debian-6.12", "PASS", true),
 ];
 
 #[test]
@@ -290,6 +292,36 @@ fn smoke_passes_against_qemu_storage_daemon_with_the_hosts_checks() {
     assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
     // qemu-storage-daemon keeps no ledger.
     assert_eq!(r["findings"], Value::Array(Vec::new()), "{r}");
+}
+
+#[test]
+fn a_power_cut_between_two_boots_keeps_the_fsynced_file_on_both_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(&["--tests", "power-cut-ext4"], &json);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for kernel in ["debian-6.1", "debian-6.12"] {
+        let r = result(&report, "power-cut-ext4", kernel);
+        assert_eq!(r["verdict"], "PASS", "{r}");
+        let checks = r["checks"].as_array().cloned().unwrap_or_default();
+        assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+        for name in [
+            "boot 1 left the file system unclean (needs_recovery)",
+            "/synced.bin intact after the power cut",
+            "host: /synced.bin holds its 2097152 B",
+            "host: e2fsck -fn is clean",
+        ] {
+            assert!(checks.iter().any(|c| c["name"] == name), "{name}: {r}");
+        }
+        // The cut lost the O_DIRECT writes no flush made stable.
+        let notes = r["notes"].as_array().cloned().unwrap_or_default();
+        let cut = notes
+            .iter()
+            .find(|n| n[0].as_str().unwrap_or("").contains("power-cut"))
+            .and_then(|n| serde_json::from_str::<Value>(n[1].as_str()?).ok())
+            .unwrap_or_default();
+        assert!(cut["lost_blocks"].as_u64() > Some(0), "{r}");
+    }
 }
 
 #[test]

@@ -300,7 +300,7 @@ fn guest_run(
         }
     };
     let results = dir.join("events.jsonl");
-    let params = GuestParams {
+    let mut params = GuestParams {
         tests: vec![test.name.to_owned()],
         disk_size: Some(test.disk.size),
         lbs: Some(test.disk.lbs),
@@ -309,9 +309,42 @@ fn guest_run(
         boot: 1,
     };
     let timeout = Duration::from_secs_f64(test.timeout.as_secs_f64() * config.timeout_scale);
-    let outcome = boot(
-        config, kernel, initrd, &socket, &results, &params, timeout, ev,
-    );
+    let mut outcome = Ok(());
+    let mut console = Vec::new();
+    for n in 1..=test.boots.max(1) {
+        params.boot = n;
+        // A later boot's events go to a file of their own (QEMU truncates
+        // its serial file) and are appended to the first boot's.
+        let events = match n {
+            1 => results.clone(),
+            _ => dir.join(format!("events.boot{n}.jsonl")),
+        };
+        if n > 1 {
+            console.push(format!(
+                "----- dmaprobe run: boot {n} of {} -----",
+                test.boots
+            ));
+        }
+        outcome = boot(
+            config, kernel, initrd, &socket, &events, &params, timeout, ev,
+        );
+        console.append(&mut ev.console);
+        if n > 1 {
+            if let Err(e) = append_file(&events, &results) {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        if outcome.is_err() || n == test.boots {
+            break;
+        }
+        if let Some(request) = test.between_boots {
+            outcome = between_boots(&socket, request, n, &results);
+            if outcome.is_err() {
+                break;
+            }
+        }
+    }
+    ev.console = console;
     let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
     let stopped = daemon.terminate(Duration::from_secs(10));
     ev.events = read_events(&results);
@@ -331,6 +364,64 @@ fn guest_run(
         }
     }
     host_checks(test, &disk, ev);
+}
+
+/// Sends `request` to the daemon's control socket after boot `n`; its answer
+/// goes into the events as a note (`between-boots`), so the report shows what
+/// it did (how many blocks a power cut lost). A refused request is an error.
+fn between_boots(socket: &Path, request: &str, n: u8, events: &Path) -> Result<(), String> {
+    let control = {
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".ctl");
+        PathBuf::from(name)
+    };
+    let answer = control_request(&control, request)?;
+    if answer["ok"] != true {
+        return Err(format!(
+            "the daemon refused {request} after boot {n}: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        ));
+    }
+    let note = Event::Note {
+        test: String::new(),
+        key: format!("after boot {n}: {request}"),
+        value: answer["result"].to_string(),
+    };
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(events)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, note.to_line().as_bytes()))
+        .map_err(|e| format!("cannot write to {}: {e}", events.display()))
+}
+
+/// One request line to a control socket, one answer line back.
+fn control_request(control: &Path, request: &str) -> Result<serde_json::Value, String> {
+    use std::io::Write;
+    let talk = || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(control)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(format!("{}\n", request.trim()).as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    };
+    let line = talk().map_err(|e| format!("control socket {}: {e}", control.display()))?;
+    serde_json::from_str(&line)
+        .map_err(|e| format!("control answer {:?} is not JSON: {e}", line.trim()))
+}
+
+/// Appends the file `from` to `to`.
+fn append_file(from: &Path, to: &Path) -> Result<(), String> {
+    let mut src =
+        fs::File::open(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(to)
+        .and_then(|mut dst| std::io::copy(&mut src, &mut dst))
+        .map(drop)
+        .map_err(|e| format!("cannot append to {}: {e}", to.display()))
 }
 
 fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
@@ -664,7 +755,10 @@ fn pattern_check(
 fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> TestResult {
     let mut checks: Vec<CheckRecord> = Vec::new();
     let mut notes = Vec::new();
-    let mut guest_end = None;
+    // A test of several boots ends once in each: the worst of them counts,
+    // and a boot that never reported its end leaves the test unjudged.
+    let mut guest_end: Option<(Verdict, String)> = None;
+    let mut ends = 0;
     for e in &ev.events {
         match e {
             Event::Check {
@@ -679,7 +773,20 @@ fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> Test
                 test: t,
                 verdict,
                 reason,
-            } if t == test.name => guest_end = Some((*verdict, reason.clone())),
+            } if t == test.name => {
+                ends += 1;
+                let reason = match test.boots {
+                    _ if reason.is_empty() => String::new(),
+                    1 => reason.clone(),
+                    _ => format!("boot {ends}: {reason}"),
+                };
+                if guest_end
+                    .as_ref()
+                    .is_none_or(|(worst, _)| severity(*verdict) > severity(*worst))
+                {
+                    guest_end = Some((*verdict, reason));
+                }
+            }
             _ => {}
         }
     }
@@ -710,6 +817,13 @@ fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> Test
             None => (
                 Verdict::Error,
                 "the guest never reported the end of the test".into(),
+            ),
+            Some(_) if ends < test.boots => (
+                Verdict::Error,
+                format!(
+                    "the guest reported the end of the test in {ends} of {} boots",
+                    test.boots
+                ),
             ),
             Some((Verdict::Pass, _)) if failed_host_check.is_some() => {
                 let c = failed_host_check.map(|c| format!("{}: {}", c.name, c.detail));
@@ -753,6 +867,16 @@ fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> Test
         console_tail,
         timeline: None,
         seconds: 0.0,
+    }
+}
+
+/// How bad a guest's verdict is, for joining the verdicts of several boots.
+fn severity(v: Verdict) -> u8 {
+    match v {
+        Verdict::Pass => 0,
+        Verdict::Skip => 1,
+        Verdict::Fail => 2,
+        Verdict::Error => 3,
     }
 }
 
@@ -853,6 +977,49 @@ mod tests {
         assert!(command(&mutant, "smoke")
             .unwrap_err()
             .contains("wrong-page"));
+    }
+
+    fn end(verdict: Verdict, reason: &str) -> Event {
+        Event::End {
+            test: "power-cut-ext4".into(),
+            verdict,
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn a_test_of_two_boots_is_judged_by_its_worse_boot() {
+        let test = crate::suite::find("power-cut-ext4").unwrap();
+        let kernel = Kernel {
+            name: "k".into(),
+            image: PathBuf::from("/k"),
+            modules: None,
+            release: None,
+        };
+        let judged = |events: Vec<Event>| {
+            let ev = Evidence {
+                events,
+                ..Evidence::default()
+            };
+            let r = judge(test, &kernel, Daemon::Dmaprobe, ev);
+            (r.verdict, r.reason)
+        };
+        let pass = end(Verdict::Pass, "");
+        assert_eq!(
+            judged(vec![pass.clone(), pass.clone()]),
+            (Verdict::Pass, String::new())
+        );
+        assert_eq!(
+            judged(vec![pass.clone(), end(Verdict::Fail, "lost")]),
+            (Verdict::Fail, "boot 2: lost".into())
+        );
+        assert_eq!(
+            judged(vec![end(Verdict::Skip, "no ext4"), pass.clone()]),
+            (Verdict::Skip, "boot 1: no ext4".into())
+        );
+        let (verdict, reason) = judged(vec![pass]);
+        assert_eq!(verdict, Verdict::Error);
+        assert!(reason.contains("in 1 of 2 boots"), "{reason}");
     }
 
     #[test]

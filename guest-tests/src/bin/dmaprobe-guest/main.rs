@@ -23,6 +23,8 @@
 //! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
 //! - [`iomap`]: sub-block O_DIRECT writes into holes and unwritten extents.
 //! - [`fio`]: fio's 4k random read at QD32, IOPS and latency as notes (opt-in).
+//! - [`powercut`]: files on ext4 with and without fsync across a power cut
+//!   (two boots); a media error under a file fails its read until rewritten.
 //! - [`latency`]: QD1 O_DIRECT read latency against the device's media latency
 //!   model, with mailbox reads as the baseline (opt-in).
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
@@ -45,6 +47,7 @@ mod latency;
 mod lifetimes;
 mod mailbox;
 mod mm;
+mod powercut;
 mod report;
 mod selftest;
 mod smoke;
@@ -56,6 +59,7 @@ use std::cell::RefCell;
 use std::error::Error as StdError;
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use guest_tests::protocol::{Event, GuestParams, Verdict};
@@ -92,12 +96,19 @@ const TESTS: &[(&str, TestFn)] = &[
     ("iomap-zeroing-ext4", iomap::ext4),
     ("iomap-zeroing-xfs", iomap::xfs),
     ("fio-randread", fio::randread),
+    ("power-cut-ext4", powercut::power_cut),
+    ("bad-block-ext4", powercut::bad_block),
     ("latency-instant", latency::instant),
     ("latency-nvme", latency::nvme),
     ("latency-sata", latency::sata),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];
+
+/// Set by a test that leaves its file system for a power cut: after `done`
+/// the guest powers off at once, without the sync that `/init`'s
+/// `poweroff -f` does.
+static POWER_OFF_UNSYNCED: AtomicBool = AtomicBool::new(false);
 
 /// Why a test stopped before its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +244,12 @@ impl Ctx<'_> {
         });
     }
 
+    /// Asks for the guest to power off without a sync once every test has
+    /// ended and `done` is out (a power cut as the kernel sees it).
+    pub fn power_off_unsynced(&self) {
+        POWER_OFF_UNSYNCED.store(true, Ordering::Relaxed);
+    }
+
     /// Reports a property of the kernel, not a pass or fail by itself.
     pub fn note(&self, key: &str, value: impl Into<String>) {
         self.out.emit(&Event::Note {
@@ -282,6 +299,17 @@ fn main() {
         run_test(&params, &out, name);
     }
     out.emit(&Event::Done);
+    if POWER_OFF_UNSYNCED.load(Ordering::Relaxed) {
+        // Every event is drained to the UART by now (Reporter::emit).
+        report::kmsg("dmaprobe: power off without sync");
+        // SAFETY: reboot(2) takes no pointers; with POWER_OFF it returns only
+        // on failure.
+        unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF) };
+        eprintln!(
+            "dmaprobe-guest: power off failed ({}); /init powers off with a sync",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Tells the device where the zero page is, so that it can see DMA into it and
