@@ -102,8 +102,17 @@ pub struct ServeConfig {
 /// `action = "hold"`). Every rule is checked as the line form is; the first bad
 /// one is named with its number (from 1) and its line form.
 pub fn load_fault_file(path: &std::path::Path) -> Result<Vec<dma::RuleSpec>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::FaultFile(path.to_owned(), e.to_string()))?;
+    parse_fault_toml(&text, path)
+}
+
+/// The rules of a fault file's `text`; errors name `path`.
+pub fn parse_fault_toml(
+    text: &str,
+    path: &std::path::Path,
+) -> Result<Vec<dma::RuleSpec>, ConfigError> {
     let fail = |why: String| ConfigError::FaultFile(path.to_owned(), why);
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| fail(e.to_string()))?;

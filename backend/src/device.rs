@@ -143,18 +143,61 @@ impl BlkDevice {
         for (_, notifier) in &self.exits {
             let _ = notifier.notify();
         }
-        let leftovers = self
-            .scheduler
-            .lock()
-            .ok()
-            .and_then(|mut s| s.take())
-            .map(|mut s| s.shutdown())
-            .unwrap_or_default();
-        for job in leftovers {
+        for job in self.take_waiting() {
             if let Job::Io(p) = job {
                 self.core.engine.complete(p.ticket, "abandoned");
             }
         }
+    }
+
+    /// The daemon is stopping with this frontend still connected: every
+    /// request still waiting (delayed or held) fails with IOERR now, so the
+    /// guest is told rather than left waiting for a device that is gone.
+    /// Returns how many were failed.
+    pub fn fail_waiting(&self) -> usize {
+        let mem = self.core.mem();
+        let mut failed = 0;
+        for job in self.take_waiting() {
+            let Job::Io(p) = job else { continue };
+            let Pending {
+                completed_early,
+                q,
+                head,
+                req,
+                ticket,
+                vring,
+                ..
+            } = *p;
+            match &mem {
+                // Completed already (the complete-before-dma mutant): nothing to tell.
+                Some(_) if completed_early => {
+                    self.core.engine.complete(ticket, "abandoned");
+                }
+                Some(atomic) => {
+                    let len =
+                        self.core
+                            .finish(q, &atomic.memory(), Some(req.status), Status::IoErr, 0);
+                    self.core.add_used(q, &vring, head, len);
+                    self.core.signal(q, &vring);
+                    self.core.engine.complete(ticket, "failed-at-stop");
+                    failed += 1;
+                }
+                None => {
+                    self.core.engine.complete(ticket, "abandoned");
+                }
+            }
+        }
+        failed
+    }
+
+    /// Stops the scheduler and takes every job it still held.
+    fn take_waiting(&self) -> Vec<Job> {
+        self.scheduler
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .map(|mut s| s.shutdown())
+            .unwrap_or_default()
     }
 
     /// Releases held requests; returns how many.

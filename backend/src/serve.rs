@@ -106,6 +106,12 @@ impl DaemonState {
         &self.counters
     }
 
+    /// Fails every request still waiting on the connected frontend (the
+    /// daemon is stopping); returns how many.
+    pub fn fail_waiting(&self) -> usize {
+        self.current().map_or(0, |d| d.fail_waiting())
+    }
+
     fn current(&self) -> Option<Arc<BlkDevice>> {
         self.current.lock().ok()?.clone()
     }
@@ -299,6 +305,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     let result = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200)) {
             info!("received {sig}: flushing the media and stopping");
+            let failed = daemon.state().fail_waiting();
+            if failed > 0 {
+                info!("{failed} waiting requests failed with IOERR");
+            }
             break Ok(());
         }
         if let Some(err) = daemon.failure() {

@@ -35,7 +35,8 @@ pub struct RequestRecord {
     /// The status the guest got: `ok`, `ioerr`, `unsupp`, `abandoned`; or,
     /// for an IOERR with a known cause, the cause: `unrecovered-read-error`,
     /// `write-fault` (bad blocks), `power-cut` (a rule cut the power on it),
-    /// `cut-off` (it arrived before a power cut).
+    /// `cut-off` (it arrived before a power cut), `failed-at-stop` (it was
+    /// still waiting when the daemon was told to stop).
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,

@@ -179,3 +179,31 @@ proptest! {
         prop_assert!(failure.is_none(), "{:?}", failure);
     }
 }
+
+proptest! {
+    #[test]
+    fn the_bounds_check_admits_exactly_the_ranges_inside(
+        size_blocks in 1u64..4096,
+        start in prop_oneof![0u64..5000, Just(u64::MAX), (u64::MAX - 5000)..=u64::MAX],
+        blocks in prop_oneof![0u64..5000, Just(u64::MAX), (u64::MAX - 5000)..=u64::MAX],
+        big in any::<bool>(),
+    ) {
+        let lbs = if big { LbaSize::B4096 } else { LbaSize::B512 };
+        let ns = Namespace::new(
+            Backing::memory(size_blocks * lbs.bytes()).unwrap(),
+            lbs,
+            false,
+        )
+        .unwrap();
+        let inside = start.checked_add(blocks).is_some_and(|end| end <= size_blocks);
+        match ns.check_range(Lba(start), blocks) {
+            Ok(r) => {
+                prop_assert!(inside);
+                prop_assert_eq!(r.offset().0, start * lbs.bytes());
+                prop_assert_eq!(r.len(), blocks * lbs.bytes());
+                prop_assert!(r.offset().0 + r.len() <= ns.capacity_bytes());
+            }
+            Err(_) => prop_assert!(!inside),
+        }
+    }
+}
