@@ -29,6 +29,8 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::rng::SplitMix64;
+
 /// A command as the latency model sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MediaOp {
@@ -438,27 +440,6 @@ impl fmt::Display for ShowBandwidth {
             .find(|(per, _)| n % per == 0)
             .unwrap_or((1, ""));
         write!(f, "{}{unit}", n / per)
-    }
-}
-
-/// splitmix64: small, seeded, and the same sequence for the same seed.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let x = self.0;
-        let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-
-    /// A value in `-span..=span`.
-    fn within(&mut self, span: i64) -> i64 {
-        let width = span.unsigned_abs() * 2 + 1;
-        let offset = i64::try_from(self.next_u64() % width).unwrap_or(0);
-        offset - span.abs()
     }
 }
 

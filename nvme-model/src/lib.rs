@@ -26,6 +26,7 @@ pub mod geometry;
 pub mod latency;
 pub mod media;
 pub mod namespace;
+mod rng;
 pub mod units;
 
 pub use backing::{Backing, BackingError};

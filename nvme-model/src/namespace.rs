@@ -9,6 +9,7 @@ use crate::backing::{Backing, BackingError, BackingKind};
 use crate::cache::{CacheStatus, PowerCut, WriteCache};
 use crate::geometry::{Geometry, GeometryError};
 use crate::media::{MediaErrorKind, MediaErrors};
+use crate::rng::SplitMix64;
 use crate::units::{ByteOffset, Lba, LbaSize};
 
 /// Why a range was refused. A front-end reports either as "LBA out of range".
@@ -370,24 +371,6 @@ impl Namespace {
         } else {
             Ok(())
         }
-    }
-}
-
-/// splitmix64: the tear points of a power cut, reproducible from a seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n` > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
