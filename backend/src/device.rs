@@ -33,11 +33,18 @@ use crate::blk::{
 };
 use crate::counters::{bump, Counters};
 use crate::execute::{self, ExecContext, ExecError, Prepared, Work};
+use crate::iopool::IoPool;
 use crate::mailbox::{ControlFn, Mailbox};
 use crate::request::{self, Limits, Rejected, Request};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type Vring = VringRwLock<Mem>;
+
+/// Reads of at least this many bytes are served by the I/O pool, off their
+/// queue's thread.
+const POOL_READ_BYTES: u64 = 64 << 10;
+/// The most threads in the I/O pool.
+const POOL_THREADS: usize = 4;
 
 /// The device's fixed shape, from the configuration.
 #[derive(Debug, Clone)]
@@ -94,6 +101,11 @@ pub struct BlkDevice {
     scheduler: Mutex<Option<Scheduler<Job>>>,
     /// One exit event per worker thread (one thread per queue).
     exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Serves large reads off the queues' threads; none on a single CPU.
+    pool: Option<IoPool>,
+    /// Held by a queue's thread from popping a chain until it is completed or
+    /// handed on (parked, pooled): stopping the queue waits for it.
+    serving: Vec<Mutex<()>>,
 }
 
 impl BlkDevice {
@@ -129,11 +141,20 @@ impl BlkDevice {
         });
         let job_core = core.clone();
         let scheduler = Scheduler::new("dma-scheduler", move |job| job_core.run_job(job))?;
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let pool = if cpus > 1 {
+            Some(IoPool::new(cpus.min(POOL_THREADS))?)
+        } else {
+            None
+        };
+        let serving = (0..shape.queues).map(|_| Mutex::new(())).collect();
         Ok(BlkDevice {
             core,
             shape,
             scheduler: Mutex::new(Some(scheduler)),
             exits,
+            pool,
+            serving,
         })
     }
 
@@ -276,6 +297,7 @@ impl BlkDevice {
             let mut used = 0usize;
             let mut popped = 0usize;
             loop {
+                let _serving = self.serving.get(usize::from(q)).map(Mutex::lock);
                 let Some(chain) = vring
                     .get_mut()
                     .get_queue_mut()
@@ -382,6 +404,34 @@ impl BlkDevice {
             wait = Wait::Delay(Duration::from_millis(ms));
             ticket.wait = wait;
         } else if wait == Wait::None {
+            // A large read that only moves data goes to the pool; the queue's
+            // thread goes on popping.
+            let pooled = match (&self.pool, &work) {
+                (Some(pool), Work::Read(range))
+                    if range.len() >= POOL_READ_BYTES
+                        && !core.engine.read_needs_buffer(&ticket) =>
+                {
+                    core.mem().map(|atomic| (pool, atomic))
+                }
+                _ => None,
+            };
+            if let Some((pool, atomic)) = pooled {
+                let core = core.clone();
+                let vring = vring.clone();
+                let task: crate::iopool::Task = Box::new(move || {
+                    let mem = atomic.memory();
+                    let mut buf = Vec::new();
+                    // No watch follows: a watched read keeps its buffer, never pooled.
+                    let (len, _) =
+                        core.perform_and_finish(&mem, &req, &work, epoch, ticket, &mut buf);
+                    core.add_used(q, &vring, head, len);
+                    core.signal(q, &vring);
+                });
+                if let Err(task) = pool.submit(q, task) {
+                    task();
+                }
+                return None;
+            }
             let (len, watch) = core.perform_and_finish(mem, &req, &work, epoch, ticket, buf);
             if let Some(w) = watch {
                 self.park(watch_job(w));
@@ -795,6 +845,13 @@ impl VhostUserBackend for BlkDevice {
         let Ok(q) = u16::try_from(queue_index) else {
             return Ok(());
         };
+        // The ring is no longer ready, so nothing more is popped; the chain
+        // being served finishes or is handed on, and the reads in the pool
+        // complete, before the frontend reads the ring.
+        drop(self.serving.get(usize::from(q)).map(Mutex::lock));
+        if let Some(pool) = &self.pool {
+            pool.wait_idle(q);
+        }
         let jobs = self
             .with_scheduler(|s| s.drain_queue(q))
             .unwrap_or_default();

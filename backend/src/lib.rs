@@ -5,7 +5,7 @@
 //! [`request`] (parse the descriptor chain) → [`execute`] (check it against the
 //! namespace, then, after the DMA engine's wait, move the data) → status and
 //! used ring. [`mailbox`] serves the guest's control commands from the disk's
-//! last MiB.
+//! last MiB. Large reads are served off their queue's thread by [`iopool`].
 //!
 //! - [`blk`]: virtio-blk features, request types, statuses, config space.
 //! - [`counters`]: what the device served and refused; rate-limited logging.
@@ -28,6 +28,7 @@ pub mod ctl;
 pub mod device;
 pub mod execute;
 pub mod frontend;
+pub mod iopool;
 pub mod mailbox;
 pub mod request;
 pub mod runner;

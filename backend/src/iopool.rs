@@ -1,0 +1,157 @@
+//! Large reads served off their queue's thread.
+//!
+//! A queue's thread parses, prepares and serves its requests one after the
+//! other. For a large read the serving is a copy bound by one core's memory
+//! bandwidth, so one queue could not use the other cores (a thread-pool
+//! backend such as qemu-storage-daemon can). The queue's thread hands such a
+//! read to this pool and goes on popping; a pool thread moves the data and
+//! completes it — out of order, which virtio allows. A queue that stops waits
+//! for its reads in the pool first ([`IoPool::wait_idle`]), so nothing
+//! completes on a stopped ring.
+
+use std::io;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+/// Work for a pool thread.
+pub type Task = Box<dyn FnOnce() + Send>;
+
+/// Requests in the pool, per queue.
+#[derive(Debug, Default)]
+struct Inflight {
+    counts: Mutex<Vec<usize>>,
+    idle: Condvar,
+}
+
+impl Inflight {
+    fn add(&self, q: u16, n: isize) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let q = usize::from(q);
+        if counts.len() <= q {
+            counts.resize(q + 1, 0);
+        }
+        counts[q] = counts[q].saturating_add_signed(n);
+        if counts[q] == 0 {
+            self.idle.notify_all();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct IoPool {
+    tx: Option<Sender<(u16, Task)>>,
+    threads: Vec<JoinHandle<()>>,
+    inflight: Arc<Inflight>,
+}
+
+impl IoPool {
+    /// A pool of `threads` threads.
+    pub fn new(threads: usize) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<(u16, Task)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let inflight = Arc::new(Inflight::default());
+        let threads = (0..threads.max(1))
+            .map(|i| {
+                let rx = rx.clone();
+                let inflight = inflight.clone();
+                thread::Builder::new()
+                    .name(format!("io-pool-{i}"))
+                    .spawn(move || serve(&rx, &inflight))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(IoPool {
+            tx: Some(tx),
+            threads,
+            inflight,
+        })
+    }
+
+    /// Runs `task` for queue `q` on a pool thread; hands it back if the pool
+    /// is gone (the caller runs it itself).
+    pub fn submit(&self, q: u16, task: Task) -> Result<(), Task> {
+        let Some(tx) = &self.tx else {
+            return Err(task);
+        };
+        self.inflight.add(q, 1);
+        tx.send((q, task)).map_err(|mpsc::SendError((q, task))| {
+            self.inflight.add(q, -1);
+            task
+        })
+    }
+
+    /// Returns when queue `q` has nothing left in the pool.
+    pub fn wait_idle(&self, q: u16) {
+        let mut counts = self
+            .inflight
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while counts.get(usize::from(q)).is_some_and(|&n| n > 0) {
+            counts = self
+                .inflight
+                .idle
+                .wait(counts)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+fn serve(rx: &Mutex<Receiver<(u16, Task)>>, inflight: &Inflight) {
+    loop {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok((q, task)) = next else {
+            return;
+        };
+        task();
+        inflight.add(q, -1);
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        // Closing the channel ends each thread after the tasks already sent.
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn tasks_run_and_a_queue_waits_for_its_own() {
+        let pool = IoPool::new(2).unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        for q in [0u16, 0, 1] {
+            let done = done.clone();
+            pool.submit(
+                q,
+                Box::new(move || {
+                    thread::sleep(Duration::from_millis(if q == 0 { 50 } else { 1 }));
+                    done.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap_or_else(|_| panic!("the pool is open"));
+        }
+        pool.wait_idle(0);
+        assert!(done.load(Ordering::SeqCst) >= 2, "queue 0's two tasks ran");
+        drop(pool);
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            3,
+            "dropping runs what was sent"
+        );
+    }
+
+    #[test]
+    fn waiting_on_a_queue_never_used_returns() {
+        let pool = IoPool::new(1).unwrap();
+        pool.wait_idle(7);
+    }
+}
