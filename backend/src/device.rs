@@ -101,7 +101,8 @@ pub struct BlkDevice {
     scheduler: Mutex<Option<Scheduler<Job>>>,
     /// One exit event per worker thread (one thread per queue).
     exits: Vec<(EventConsumer, EventNotifier)>,
-    /// Serves large reads off the queues' threads; none on a single CPU.
+    /// Serves large reads off the queues' threads; none when the queues'
+    /// threads have a CPU each already.
     pool: Option<IoPool>,
     /// Held by a queue's thread from popping a chain until it is completed or
     /// handed on (parked, pooled): stopping the queue waits for it.
@@ -141,9 +142,13 @@ impl BlkDevice {
         });
         let job_core = core.clone();
         let scheduler = Scheduler::new("dma-scheduler", move |job| job_core.run_job(job))?;
+        // The pool uses the CPUs the queues' threads leave idle.
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        let pool = if cpus > 1 {
-            Some(IoPool::new(cpus.min(POOL_THREADS))?)
+        let spare = cpus
+            .saturating_sub(usize::from(shape.queues))
+            .min(POOL_THREADS);
+        let pool = if spare > 0 {
+            Some(IoPool::new(spare)?)
         } else {
             None
         };

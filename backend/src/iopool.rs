@@ -4,12 +4,14 @@
 //! other. For a large read the serving is a copy bound by one core's memory
 //! bandwidth, so one queue could not use the other cores (a thread-pool
 //! backend such as qemu-storage-daemon can). The queue's thread hands such a
-//! read to this pool and goes on popping; a pool thread moves the data and
-//! completes it — out of order, which virtio allows. A queue that stops waits
-//! for its reads in the pool first ([`IoPool::wait_idle`]), so nothing
-//! completes on a stopped ring.
+//! read to this pool when a pool thread is free, and serves it itself when
+//! none is, so the two share the copying; a pool thread moves the data and
+//! completes the request — out of order, which virtio allows. A queue that
+//! stops waits for its reads in the pool first ([`IoPool::wait_idle`]), so
+//! nothing completes on a stopped ring.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -22,6 +24,8 @@ pub type Task = Box<dyn FnOnce() + Send>;
 struct Inflight {
     counts: Mutex<Vec<usize>>,
     idle: Condvar,
+    /// Tasks sent and not finished, all queues together.
+    busy: AtomicUsize,
 }
 
 impl Inflight {
@@ -67,14 +71,25 @@ impl IoPool {
         })
     }
 
-    /// Runs `task` for queue `q` on a pool thread; hands it back if the pool
-    /// is gone (the caller runs it itself).
+    /// Runs `task` for queue `q` on a pool thread if one is free; otherwise
+    /// (or if the pool is gone) hands it back for the caller to run.
     pub fn submit(&self, q: u16, task: Task) -> Result<(), Task> {
         let Some(tx) = &self.tx else {
             return Err(task);
         };
+        let threads = self.threads.len();
+        let free = self
+            .inflight
+            .busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < threads).then_some(n + 1)
+            });
+        if free.is_err() {
+            return Err(task);
+        }
         self.inflight.add(q, 1);
         tx.send((q, task)).map_err(|mpsc::SendError((q, task))| {
+            self.inflight.busy.fetch_sub(1, Ordering::AcqRel);
             self.inflight.add(q, -1);
             task
         })
@@ -104,6 +119,7 @@ fn serve(rx: &Mutex<Receiver<(u16, Task)>>, inflight: &Inflight) {
             return;
         };
         task();
+        inflight.busy.fetch_sub(1, Ordering::AcqRel);
         inflight.add(q, -1);
     }
 }
@@ -121,32 +137,36 @@ impl Drop for IoPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     #[test]
-    fn tasks_run_and_a_queue_waits_for_its_own() {
+    fn a_busy_pool_hands_work_back_and_a_queue_waits_for_its_own() {
         let pool = IoPool::new(2).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
-        for q in [0u16, 0, 1] {
+        let task = |done: &Arc<AtomicUsize>| -> Task {
             let done = done.clone();
-            pool.submit(
-                q,
-                Box::new(move || {
-                    thread::sleep(Duration::from_millis(if q == 0 { 50 } else { 1 }));
-                    done.fetch_add(1, Ordering::SeqCst);
-                }),
-            )
-            .unwrap_or_else(|_| panic!("the pool is open"));
-        }
+            Box::new(move || {
+                thread::sleep(Duration::from_millis(50));
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        assert!(pool.submit(0, task(&done)).is_ok());
+        assert!(pool.submit(1, task(&done)).is_ok());
+        // Both threads are busy: the third comes back to be run by the caller.
+        let back = pool.submit(0, task(&done)).expect_err("no thread is free");
+        back();
         pool.wait_idle(0);
-        assert!(done.load(Ordering::SeqCst) >= 2, "queue 0's two tasks ran");
+        assert!(done.load(Ordering::SeqCst) >= 2, "queue 0's tasks ran");
         drop(pool);
         assert_eq!(
             done.load(Ordering::SeqCst),
             3,
             "dropping runs what was sent"
         );
+        let pool = IoPool::new(1).unwrap();
+        assert!(pool.submit(0, task(&done)).is_ok());
+        pool.wait_idle(0);
+        assert!(pool.submit(0, task(&done)).is_ok(), "free again once done");
     }
 
     #[test]
