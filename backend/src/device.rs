@@ -409,8 +409,9 @@ impl BlkDevice {
             wait = Wait::Delay(Duration::from_millis(ms));
             ticket.wait = wait;
         } else if wait == Wait::None {
-            // A large read that only moves data goes to the pool; the queue's
-            // thread goes on popping.
+            // A large read that only moves data goes to the pool if a thread
+            // there is free (the queue's thread goes on popping), else it is
+            // served here all the same.
             let pooled = match (&self.pool, &work) {
                 (Some(pool), Work::Read(range))
                     if range.len() >= POOL_READ_BYTES
