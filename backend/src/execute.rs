@@ -255,8 +255,11 @@ pub fn perform<M: GuestMemoryBackend>(
             Ok(u32::try_from(*n).unwrap_or(0))
         }
         Work::Zero(ranges) => {
-            for &(range, unmap) in ranges {
-                let done = if ticket.arrival.op == Op::Discard || unmap {
+            // Write-zeroes reads back as zeros whatever deallocation does; with
+            // or without UNMAP it gives the space back where the backing can
+            // (a punched hole). Only discard follows `--deallocate`.
+            for &(range, _unmap) in ranges {
+                let done = if ticket.arrival.op == Op::Discard {
                     ns.deallocate(range)
                 } else {
                     ns.write_zeroes(range)

@@ -257,6 +257,16 @@ fn deallocated_blocks_keep_their_data_when_asked() {
     };
     assert_eq!(fe.discard(0, &[range]).expect("discard"), Status::OK);
     assert_eq!(read_ok(&mut fe, 3000, LEN), data);
+    // Write-zeroes zeroes, with UNMAP too, whatever discard does.
+    let unmap = DiscardRange {
+        flags: DiscardRange::UNMAP,
+        ..range
+    };
+    assert_eq!(
+        fe.write_zeroes(0, &[unmap]).expect("write-zeroes"),
+        Status::OK
+    );
+    assert_eq!(read_ok(&mut fe, 3000, LEN), vec![0; LEN]);
 }
 
 #[test]
