@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::child::submit;
+
 use common::pattern;
 
 use std::path::Path;
@@ -18,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use backend::config::ServeConfig;
 use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, FrontendConfig, Queue, RequestType,
-    Sector, Segment, Status,
+    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Status,
 };
 use backend::serve::Daemon;
 use dma::fault::Action;
@@ -144,20 +145,6 @@ impl Served {
             panic!("the daemon stopped: {e}");
         }
     }
-}
-
-/// Places a one-buffer request in `q`'s avail ring and kicks.
-fn submit(q: &mut Queue, kind: RequestType, sector: u64, buf: &Buffer) -> ChainId {
-    let seg = [Segment::of(buf).expect("buffer fits a descriptor")];
-    let id = q
-        .submit(&BlkRequest {
-            kind,
-            sector: Sector(sector),
-            data: &seg,
-        })
-        .expect("submit");
-    q.kick().expect("kick");
-    id
 }
 
 /// A fresh destination of [`LEN`] bytes filled with [`PREFILL`].
