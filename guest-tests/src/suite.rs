@@ -59,24 +59,33 @@ pub struct TestSpec {
 
 const MIB: u64 = 1 << 20;
 
+/// What a test gets unless its entry says otherwise: a raw 64 MiB disk of
+/// 512 B blocks, no options, in the default suite, one boot of up to 120 s.
+const BASE: TestSpec = TestSpec {
+    name: "",
+    summary: "",
+    disk: DiskSpec {
+        size: 64 * MIB,
+        lbs: 512,
+        format: None,
+    },
+    serve_args: &[],
+    modules: &[],
+    programs: &[],
+    selection: Selection::Default,
+    timeout: Duration::from_secs(120),
+    boots: 1,
+    between_boots: None,
+};
+
 /// A test on a 64 MiB disk with a mailbox, through which the guest holds and
 /// releases its own requests.
 const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
     TestSpec {
         name,
         summary,
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
         serve_args: &["--mailbox"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     }
 }
 
@@ -91,18 +100,9 @@ const fn latency_test(
     TestSpec {
         name,
         summary,
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
         serve_args,
-        modules: &[],
-        programs: &[],
         selection: Selection::Named,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     }
 }
 
@@ -116,13 +116,7 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: None,
         },
-        serve_args: &[],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "ext4",
@@ -133,30 +127,14 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: Some(Fs::Ext4),
         },
-        serve_args: &[],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "delayed-read",
         summary: "the device delays an O_DIRECT read by 1 s: the buffer keeps the program's \
                   bytes while the read is in flight, and holds the data after it",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
         serve_args: &["--fault", "op=read,lba=2048,action=delay,ms=1000"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     mailbox_test(
         "mailbox-hold",
@@ -177,12 +155,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     mailbox_test(
         "dio-read-fork-cow-child",
@@ -238,12 +211,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "iomap-zeroing-ext4",
@@ -255,12 +223,8 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
         timeout: Duration::from_secs(180),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "iomap-zeroing-xfs",
@@ -272,11 +236,8 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &["xfs"],
-        programs: &[],
-        selection: Selection::Default,
         timeout: Duration::from_secs(180),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "power-cut-ext4",
@@ -289,13 +250,11 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--write-cache", "32M"],
-        modules: &[],
-        programs: &[],
         // Two boots: 15 s on 6.12, 25 s on 6.1 under TCG.
         selection: Selection::Named,
-        timeout: Duration::from_secs(120),
         boots: 2,
         between_boots: Some(r#"{"v":1,"cmd":"power-cut"}"#),
+        ..BASE
     },
     TestSpec {
         name: "bad-block-ext4",
@@ -323,13 +282,10 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: None,
         },
-        serve_args: &[],
-        modules: &[],
         programs: &["fio"],
         selection: Selection::Named,
         timeout: Duration::from_secs(180),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     latency_test(
         "latency-instant",
@@ -352,34 +308,15 @@ pub const TESTS: &[TestSpec] = &[
         name: "selftest-fail",
         summary: "fails on purpose (checks the pattern against the wrong seed), to show how \
                   a FAIL is reported",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &[],
-        modules: &[],
-        programs: &[],
         selection: Selection::Selftest,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
     TestSpec {
         name: "selftest-hang",
         summary: "never finishes, to show how a hung guest is reported",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: None,
-        },
-        serve_args: &[],
-        modules: &[],
-        programs: &[],
         selection: Selection::Selftest,
         timeout: Duration::from_secs(45),
-        boots: 1,
-        between_boots: None,
+        ..BASE
     },
 ];
 
