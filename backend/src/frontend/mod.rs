@@ -259,6 +259,11 @@ pub struct FrontendConfig {
     /// Negotiate REPLY_ACK (when offered) and ask for an ack on every request,
     /// so a failing request shows up where it happened.
     pub reply_ack: bool,
+    /// Negotiate CONFIGURE_MEM_SLOTS (required of the backend when set), so
+    /// that regions can be added and removed after the memory table
+    /// (`vhost().add_mem_region`, `remove_mem_region`), as a guest's memory
+    /// hot-plug and unplug does.
+    pub mem_slots: bool,
     /// Timeout of the blocking helpers.
     pub timeout: Duration,
 }
@@ -272,6 +277,7 @@ impl Default for FrontendConfig {
             event_idx: true,
             features: features::DEFAULT,
             reply_ack: true,
+            mem_slots: false,
             timeout: Duration::from_secs(10),
         }
     }
@@ -379,6 +385,14 @@ impl BlkFrontend {
         let mut protocol_wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
         if config.reply_ack {
             protocol_wanted |= VhostUserProtocolFeatures::REPLY_ACK;
+        }
+        if config.mem_slots {
+            if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+                return Err(Error::MissingFeature {
+                    name: "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS",
+                });
+            }
+            protocol_wanted |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
         let protocol_acked = protocol_offered & protocol_wanted;
         vu.set_protocol_features(protocol_acked)
