@@ -107,6 +107,12 @@ pub struct BlkDevice {
     /// Held by a queue's thread from popping a chain until it is completed or
     /// handed on (parked, pooled): stopping the queue waits for it.
     serving: Vec<Mutex<()>>,
+    /// Set while a queue has not signalled the guest since it was started.
+    /// A daemon that died (or a queue stopped) may have put completions in
+    /// the used ring without the interrupt reaching the guest, and with
+    /// EVENT_IDX the next completion may not ask for one: the first pass
+    /// over a started queue signals the guest whatever the ring says.
+    unsignalled: Vec<AtomicBool>,
 }
 
 impl BlkDevice {
@@ -153,6 +159,7 @@ impl BlkDevice {
             None
         };
         let serving = (0..shape.queues).map(|_| Mutex::new(())).collect();
+        let unsignalled = (0..shape.queues).map(|_| AtomicBool::new(true)).collect();
         Ok(BlkDevice {
             core,
             shape,
@@ -160,6 +167,7 @@ impl BlkDevice {
             exits,
             pool,
             serving,
+            unsignalled,
         })
     }
 
@@ -341,6 +349,17 @@ impl BlkDevice {
                         .guest_error(q, format_args!("cannot enable notifications: {e}"));
                     break;
                 }
+            }
+        }
+        // The first pass since the queue started: whatever the used ring
+        // holds, the guest hears of it.
+        let first = self
+            .unsignalled
+            .get(usize::from(q))
+            .is_some_and(|f| f.swap(false, Ordering::Relaxed));
+        if first {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("q={q} cannot signal the guest: {e}");
             }
         }
     }
@@ -855,6 +874,9 @@ impl VhostUserBackend for BlkDevice {
         // being served finishes or is handed on, and the reads in the pool
         // complete, before the frontend reads the ring.
         drop(self.serving.get(usize::from(q)).map(Mutex::lock));
+        if let Some(flag) = self.unsignalled.get(usize::from(q)) {
+            flag.store(true, Ordering::Relaxed);
+        }
         if let Some(pool) = &self.pool {
             pool.wait_idle(q);
         }

@@ -325,6 +325,43 @@ fn a_power_cut_between_two_boots_keeps_the_fsynced_file_on_both_kernels() {
 }
 
 #[test]
+fn a_daemon_killed_and_restarted_under_writes_loses_nothing_flushed_on_both_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(&["--tests", "daemon-restart"], &json);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for kernel in ["debian-6.1", "debian-6.12"] {
+        let r = result(&report, "daemon-restart", kernel);
+        assert_eq!(r["verdict"], "PASS", "{r}");
+        let checks = r["checks"].as_array().cloned().unwrap_or_default();
+        assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+        let named = |name: &str| checks.iter().filter(|c| c["name"] == name).count();
+        // Four kills, each followed by a daemon serving again.
+        assert_eq!(
+            named("host: the daemon killed with SIGKILL and started again"),
+            4,
+            "{r}"
+        );
+        assert_eq!(
+            named("the guest saw 4 new daemons and wrote on through each"),
+            1,
+            "{r}"
+        );
+        assert_eq!(named("every record written reads back"), 1, "{r}");
+        // The host read back every record the flushes covered.
+        let host = checks
+            .iter()
+            .find(|c| {
+                c["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("host: backing holds the "))
+            })
+            .unwrap_or_else(|| panic!("no host check of the records: {r}"));
+        assert_eq!(host["detail"], "matches", "{r}");
+    }
+}
+
+#[test]
 fn a_guest_that_does_not_finish_is_an_error_with_its_console() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");

@@ -63,8 +63,20 @@ pub enum Event {
         verdict: Verdict,
         reason: String,
     },
+    /// The guest asks the host to do something to the device now; the runner
+    /// does it while the guest carries on.
+    Host { test: String, action: HostAction },
     /// Every test has run; the guest powers off next.
     Done,
+}
+
+/// What a guest may ask of the host while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostAction {
+    /// Kill the daemon with SIGKILL and start it again with the same
+    /// arguments, on the same disk and socket; QEMU reconnects to it.
+    RestartDaemon,
 }
 
 impl Event {
@@ -238,6 +250,10 @@ mod tests {
                 test: "smoke".into(),
                 verdict: Verdict::Fail,
                 reason: "mismatch at byte 3".into(),
+            },
+            Event::Host {
+                test: "daemon-restart".into(),
+                action: HostAction::RestartDaemon,
             },
             Event::Done,
         ];

@@ -17,8 +17,14 @@ use crate::kernel::Kernel;
 use crate::klog;
 use crate::modules::ModuleIndex;
 use crate::process::Child;
-use crate::protocol::{pattern_mismatch, Event, GuestParams, Verdict};
+use crate::protocol::{pattern_mismatch, Event, GuestParams, HostAction, Verdict};
 use crate::suite::{Fs, TestSpec};
+
+/// How often the runner looks for requests from the guest while it runs.
+const EVENT_POLL: Duration = Duration::from_millis(20);
+
+/// How soon QEMU tries again to reach a daemon that went away.
+const RECONNECT: Duration = Duration::from_millis(200);
 
 /// How many console lines a report keeps of a guest that failed to finish.
 const CONSOLE_TAIL: usize = 25;
@@ -292,7 +298,7 @@ fn guest_run(
         return;
     }
     let socket = dir.join("vhost.sock");
-    let mut daemon = match start_daemon(config, test, &disk, &socket, &dir.join("daemon.log")) {
+    let mut daemon = match DaemonRun::start(config, test, &disk, &socket, dir) {
         Ok(d) => d,
         Err(e) => {
             ev.error = Some(e);
@@ -325,8 +331,25 @@ fn guest_run(
                 test.boots
             ));
         }
+        let mut host_action = |action: HostAction| match action {
+            HostAction::RestartDaemon if test.daemon_restarts => daemon.restart(),
+            HostAction::RestartDaemon => CheckRecord {
+                name: "host: the guest's request to restart the daemon".into(),
+                ok: false,
+                detail: format!("{} does not allow it (daemon_restarts is off)", test.name),
+            },
+        };
         outcome = boot(
-            config, kernel, initrd, &socket, &events, &params, timeout, ev,
+            config,
+            kernel,
+            initrd,
+            &socket,
+            &events,
+            &params,
+            timeout,
+            test.daemon_restarts,
+            &mut host_action,
+            ev,
         );
         console.append(&mut ev.console);
         if n > 1 {
@@ -346,9 +369,14 @@ fn guest_run(
     }
     ev.console = console;
     let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
-    let stopped = daemon.terminate(Duration::from_secs(10));
+    let stopped = daemon.child.terminate(Duration::from_secs(10));
     ev.events = read_events(&results);
-    ev.ledger = read_json_lines(&dir.join("ledger.jsonl"));
+    ev.ledger = daemon
+        .ledgers()
+        .iter()
+        .flat_map(|l| read_json_lines(l))
+        .collect();
+    ev.checks.append(&mut daemon.host_checks);
     if let Err(e) = outcome {
         ev.error = Some(e);
         return;
@@ -364,6 +392,97 @@ fn guest_run(
         }
     }
     host_checks(test, &disk, ev);
+}
+
+/// The daemon of one test, which the guest may have killed and started again.
+struct DaemonRun<'a> {
+    config: &'a RunConfig,
+    test: &'a TestSpec,
+    disk: &'a Path,
+    socket: &'a Path,
+    dir: &'a Path,
+    child: Child,
+    /// How many times it was killed and started again.
+    restarts: u32,
+    /// What each restart did, as host checks.
+    host_checks: Vec<CheckRecord>,
+}
+
+impl<'a> DaemonRun<'a> {
+    fn start(
+        config: &'a RunConfig,
+        test: &'a TestSpec,
+        disk: &'a Path,
+        socket: &'a Path,
+        dir: &'a Path,
+    ) -> Result<Self, String> {
+        let child = start_daemon(config, test, disk, socket, dir, 0)?;
+        Ok(DaemonRun {
+            config,
+            test,
+            disk,
+            socket,
+            dir,
+            child,
+            restarts: 0,
+            host_checks: Vec::new(),
+        })
+    }
+
+    /// Kills the daemon with SIGKILL and starts it again with the same
+    /// arguments; the check says how it went.
+    fn restart(&mut self) -> CheckRecord {
+        let name = "host: the daemon killed with SIGKILL and started again".to_owned();
+        let old = self.child.id();
+        let start = Instant::now();
+        self.child.kill();
+        self.restarts += 1;
+        let record = match start_daemon(
+            self.config,
+            self.test,
+            self.disk,
+            self.socket,
+            self.dir,
+            self.restarts,
+        ) {
+            Ok(child) => {
+                let detail = format!(
+                    "pid {} -> {}, serving again {} ms after the kill",
+                    old.unwrap_or(0),
+                    child.id().unwrap_or(0),
+                    start.elapsed().as_millis()
+                );
+                self.child = child;
+                CheckRecord {
+                    name,
+                    ok: true,
+                    detail,
+                }
+            }
+            Err(e) => CheckRecord {
+                name,
+                ok: false,
+                detail: e,
+            },
+        };
+        self.host_checks.push(record.clone());
+        record
+    }
+
+    /// The ledger of each daemon that served the test, in order.
+    fn ledgers(&self) -> Vec<PathBuf> {
+        (0..=self.restarts)
+            .map(|n| ledger_path(self.dir, n))
+            .collect()
+    }
+}
+
+/// Where the `n`th daemon of a test (0 unless it was restarted) keeps its ledger.
+fn ledger_path(dir: &Path, n: u32) -> PathBuf {
+    match n {
+        0 => dir.join("ledger.jsonl"),
+        n => dir.join(format!("ledger.restart{n}.jsonl")),
+    }
 }
 
 /// Sends `request` to the daemon's control socket after boot `n`; its answer
@@ -396,7 +515,7 @@ fn between_boots(socket: &Path, request: &str, n: u8, events: &Path) -> Result<(
 }
 
 /// One request line to a control socket, one answer line back.
-fn control_request(control: &Path, request: &str) -> Result<serde_json::Value, String> {
+pub(crate) fn control_request(control: &Path, request: &str) -> Result<serde_json::Value, String> {
     use std::io::Write;
     let talk = || -> std::io::Result<String> {
         let mut stream = std::os::unix::net::UnixStream::connect(control)?;
@@ -474,14 +593,14 @@ fn run_tool(cmd: &mut Command, name: &str) -> Result<String, String> {
     }
 }
 
-/// The command that serves `disk` on `socket` for `test`; the ledger, if
-/// any, goes beside `log`.
+/// The command that serves `disk` on `socket` for `test`, keeping its ledger
+/// (if it has one) in `ledger`.
 fn daemon_command(
     config: &RunConfig,
     test: &TestSpec,
     disk: &Path,
     socket: &Path,
-    log: &Path,
+    ledger: &Path,
 ) -> Result<Command, String> {
     match config.daemon {
         Daemon::Dmaprobe => {
@@ -494,7 +613,7 @@ fn daemon_command(
                 .args(["--lbs", &test.disk.lbs.to_string()])
                 .args(["--queues", &config.queues.to_string()])
                 .arg("--ledger")
-                .arg(log.with_file_name("ledger.jsonl"))
+                .arg(ledger)
                 .args(test.serve_args);
             if let Some(m) = config.mutant {
                 cmd.args(["--fault", m.rule()]);
@@ -534,16 +653,27 @@ fn qemu_opt(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// Starts the `n`th daemon of a test in `dir` (0 first, then one for each
+/// restart) and waits for its socket; all of them log to `daemon.log`.
 fn start_daemon(
     config: &RunConfig,
     test: &TestSpec,
     disk: &Path,
     socket: &Path,
-    log: &Path,
+    dir: &Path,
+    n: u32,
 ) -> Result<Child, String> {
-    let mut cmd = daemon_command(config, test, disk, socket, log)?;
-    let log_file =
-        fs::File::create(log).map_err(|e| format!("cannot create the daemon log: {e}"))?;
+    let log = &dir.join("daemon.log");
+    // A killed daemon leaves its socket behind; the wait below must see the new one.
+    let _ = fs::remove_file(socket);
+    let mut cmd = daemon_command(config, test, disk, socket, &ledger_path(dir, n))?;
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(n > 0)
+        .truncate(n == 0)
+        .open(log)
+        .map_err(|e| format!("cannot create the daemon log: {e}"))?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
@@ -577,6 +707,8 @@ fn boot(
     results: &Path,
     params: &GuestParams,
     timeout: Duration,
+    reconnect: bool,
+    host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
     ev: &mut Evidence,
 ) -> Result<(), String> {
     let append = format!(
@@ -597,7 +729,15 @@ fn boot(
         .arg("-serial")
         .arg(format!("file:{}", results.display()))
         .arg("-chardev")
-        .arg(format!("socket,id=vu,path={}", socket.display()))
+        .arg(format!(
+            "socket,id=vu,path={}{}",
+            qemu_opt(socket),
+            if reconnect {
+                format!(",reconnect-ms={}", RECONNECT.as_millis())
+            } else {
+                String::new()
+            }
+        ))
         .args([
             "-device",
             &format!("vhost-user-blk-pci,chardev=vu,num-queues={}", config.queues),
@@ -613,7 +753,25 @@ fn boot(
     })?;
     let console = Arc::new(Mutex::new(Vec::new()));
     let readers = qemu.take_output(console.clone());
-    let status = qemu.wait_timeout(timeout);
+    // While the guest runs, the runner does what it asks of the host.
+    let mut asks = EventTail::new(results);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match qemu.wait_timeout(left.min(EVENT_POLL)) {
+            Ok(None) if !left.is_zero() && !crate::process::interrupted() => {
+                for event in asks.poll() {
+                    if let Event::Host { action, .. } = event {
+                        let done = host_action(action);
+                        if let Ok(mut c) = console.lock() {
+                            c.push(format!("dmaprobe run: {}: {}", done.name, done.detail));
+                        }
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
     qemu.kill();
     for r in readers {
         let _ = r.join();
@@ -628,6 +786,45 @@ fn boot(
             "the guest did not finish within {:.0} s and was killed",
             timeout.as_secs_f64()
         )),
+    }
+}
+
+/// The events a guest has written so far, read as QEMU appends them.
+struct EventTail {
+    path: PathBuf,
+    offset: u64,
+    /// The start of a line not yet complete.
+    partial: Vec<u8>,
+}
+
+impl EventTail {
+    fn new(path: &Path) -> Self {
+        EventTail {
+            path: path.to_owned(),
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The events of the lines completed since the last call.
+    fn poll(&mut self) -> Vec<Event> {
+        let Ok(mut f) = fs::File::open(&self.path) else {
+            return Vec::new();
+        };
+        let mut fresh = Vec::new();
+        if f.seek(SeekFrom::Start(self.offset)).is_err() || f.read_to_end(&mut fresh).is_err() {
+            return Vec::new();
+        }
+        self.offset += fresh.len() as u64;
+        self.partial.extend_from_slice(&fresh);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Vec::new();
+        };
+        let lines: Vec<u8> = self.partial.drain(..=end).collect();
+        String::from_utf8_lossy(&lines)
+            .lines()
+            .filter_map(Event::from_line)
+            .collect()
     }
 }
 
@@ -884,14 +1081,15 @@ fn keep_logs(from: &Path, to: &Path) {
     if fs::create_dir_all(to).is_err() {
         return;
     }
-    for name in [
-        "console.log",
-        "events.jsonl",
-        "daemon.log",
-        "ledger.jsonl",
-        "timeline.svg",
-    ] {
-        let _ = fs::copy(from.join(name), to.join(name));
+    let ledgers = fs::read_dir(from)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ledger.") && n.ends_with(".jsonl"));
+    let logs = ["console.log", "events.jsonl", "daemon.log", "timeline.svg"];
+    for name in logs.into_iter().map(str::to_owned).chain(ledgers) {
+        let _ = fs::copy(from.join(&name), to.join(&name));
     }
 }
 
@@ -942,7 +1140,7 @@ mod tests {
             test,
             &dir.join("disk.img"),
             &dir.join("vhost.sock"),
-            &dir.join("daemon.log"),
+            &ledger_path(dir, 0),
         )
     }
 
@@ -1020,6 +1218,29 @@ mod tests {
         let (verdict, reason) = judged(vec![pass]);
         assert_eq!(verdict, Verdict::Error);
         assert!(reason.contains("in 1 of 2 boots"), "{reason}");
+    }
+
+    #[test]
+    fn the_event_tail_yields_each_complete_line_once() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut tail = EventTail::new(&path);
+        assert!(tail.poll().is_empty(), "no file yet");
+        let host = Event::Host {
+            test: "daemon-restart".into(),
+            action: HostAction::RestartDaemon,
+        };
+        let line = host.to_line();
+        let (first, rest) = line.split_at(10);
+        let mut f = fs::File::create(&path).unwrap();
+        write!(f, "console noise\n{first}").unwrap();
+        assert!(tail.poll().is_empty(), "half a line is not an event");
+        write!(f, "{rest}").unwrap();
+        assert_eq!(tail.poll(), vec![host.clone()]);
+        assert!(tail.poll().is_empty(), "each event comes once");
+        write!(f, "{line}{}", Event::Done.to_line()).unwrap();
+        assert_eq!(tail.poll(), vec![host, Event::Done]);
     }
 
     #[test]

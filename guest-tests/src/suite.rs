@@ -55,6 +55,9 @@ pub struct TestSpec {
     /// A control request (one JSON line) the runner sends to the daemon's
     /// control socket after each boot but the last, e.g. a power cut.
     pub between_boots: Option<&'static str>,
+    /// The guest may ask the runner to kill the daemon with SIGKILL and start
+    /// it again mid-boot (QEMU is told to reconnect to its socket).
+    pub daemon_restarts: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -76,6 +79,7 @@ const BASE: TestSpec = TestSpec {
     timeout: Duration::from_secs(120),
     boots: 1,
     between_boots: None,
+    daemon_restarts: false,
 };
 
 /// A test on a 64 MiB disk with a mailbox, through which the guest holds and
@@ -266,12 +270,18 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
-        modules: &[],
-        programs: &[],
-        selection: Selection::Default,
-        timeout: Duration::from_secs(120),
-        boots: 1,
-        between_boots: None,
+        ..BASE
+    },
+    TestSpec {
+        name: "daemon-restart",
+        summary: "O_DIRECT writes with fsync while the host kills the daemon with SIGKILL and \
+                  starts it again; QEMU reconnects, the guest writes on, and every record \
+                  flushed is in the backing file (runs only when named)",
+        serve_args: &["--mailbox"],
+        // A check of the device and QEMU, not a verdict on the kernel.
+        selection: Selection::Named,
+        daemon_restarts: true,
+        ..BASE
     },
     TestSpec {
         name: "fio-randread",

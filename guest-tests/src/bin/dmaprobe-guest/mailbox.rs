@@ -40,6 +40,11 @@ impl Mailbox {
         })
     }
 
+    /// The mailbox's byte offset on the disk: the disk's data ends there.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Sends a command (a JSON object without `v`) and returns its `result`;
     /// an error answer is the harness's trouble.
     pub fn call(&self, mut request: Value) -> Result<Value, Stop> {

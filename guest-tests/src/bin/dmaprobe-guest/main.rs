@@ -25,6 +25,8 @@
 //! - [`fio`]: fio's 4k random read at QD32, IOPS and latency as notes (opt-in).
 //! - [`powercut`]: files on ext4 with and without fsync across a power cut
 //!   (two boots); a media error under a file fails its read until rewritten.
+//! - [`restart`]: O_DIRECT writes and fsyncs while the host kills the daemon
+//!   with SIGKILL and starts it again: nothing flushed is lost.
 //! - [`latency`]: QD1 O_DIRECT read latency against the device's media latency
 //!   model, with mailbox reads as the baseline (opt-in).
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
@@ -49,6 +51,7 @@ mod mailbox;
 mod mm;
 mod powercut;
 mod report;
+mod restart;
 mod selftest;
 mod smoke;
 mod splice;
@@ -62,7 +65,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::{Event, GuestParams, Verdict};
+use guest_tests::protocol::{Event, GuestParams, HostAction, Verdict};
 
 use report::Reporter;
 
@@ -98,6 +101,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("fio-randread", fio::randread),
     ("power-cut-ext4", powercut::power_cut),
     ("bad-block-ext4", powercut::bad_block),
+    ("daemon-restart", restart::run),
     ("latency-instant", latency::instant),
     ("latency-nvme", latency::nvme),
     ("latency-sata", latency::sata),
@@ -248,6 +252,15 @@ impl Ctx<'_> {
     /// ended and `done` is out (a power cut as the kernel sees it).
     pub fn power_off_unsynced(&self) {
         POWER_OFF_UNSYNCED.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the host to act on the device now (see [`HostAction`]); the
+    /// guest carries on at once and must notice the effect itself.
+    pub fn host(&self, action: HostAction) {
+        self.out.emit(&Event::Host {
+            test: self.test.to_owned(),
+            action,
+        });
     }
 
     /// Reports a property of the kernel, not a pass or fail by itself.
