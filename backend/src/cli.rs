@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Multiply every guest timeout by this (for slow machines).
     #[arg(long, value_name = "F", default_value_t = 1.0)]
     pub timeout_scale: f64,
+    /// How long the soak test's workload runs, in seconds (its timeout
+    /// grows by as much).
+    #[arg(long, value_name = "N", default_value_t = guest_tests::soak::DEFAULT_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub soak_seconds: u64,
     /// The guest binary (default: dmaprobe-guest beside this executable).
     #[arg(long, value_name = "PATH")]
     pub guest_bin: Option<PathBuf>,
@@ -402,6 +407,25 @@ mod tests {
         assert_eq!(c.dma.zero_page, Some(dma::Gpa(0x1000)));
         let plain = serve_config(&["serve", "--socket", "s", "--mem", "64M"]).unwrap();
         assert_eq!(plain.dma.checks, dma::Checks::default());
+    }
+
+    #[test]
+    fn soak_seconds() {
+        let run = |extra: &[&str]| {
+            let mut v = vec!["run"];
+            v.extend_from_slice(extra);
+            parse(&v).map(|c| match c.command {
+                Command::Run(a) => a.soak_seconds,
+                _ => panic!("not a run command"),
+            })
+        };
+        assert_eq!(run(&[]).unwrap(), guest_tests::soak::DEFAULT_SECONDS);
+        assert_eq!(
+            run(&["--tests", "soak", "--soak-seconds", "60"]).unwrap(),
+            60
+        );
+        assert!(run(&["--soak-seconds", "0"]).is_err());
+        assert!(run(&["--soak-seconds", "3m"]).is_err());
     }
 
     #[test]

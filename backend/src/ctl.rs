@@ -324,6 +324,9 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 r["ledger"]["entries"],
                 r["ledger"]["dropped"]
             ));
+            if let Some(p) = r["process"].as_object() {
+                line(process_line(p));
+            }
             if let Some(f) = r["findings"].as_object() {
                 let seen: Vec<String> = f
                     .iter()
@@ -442,4 +445,53 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         _ => line(r.to_string()),
     }
     out
+}
+
+/// The daemon's own figures from `status`, a `?` for any /proc could not tell.
+fn process_line(p: &serde_json::Map<String, Value>) -> String {
+    let figure = |key: &str| p.get(key).and_then(Value::as_u64);
+    let or_unknown = |n: Option<String>| n.unwrap_or_else(|| "?".into());
+    let mib = |key: &str| figure(key).map(|b| format!("{:.1}", b as f64 / f64::from(1 << 20)));
+    format!(
+        "process: rss {} MiB ({} MiB anonymous, {} MiB of guest memory)   open fds {}   threads {}",
+        or_unknown(mib("rss_bytes")),
+        or_unknown(mib("rss_anon_bytes")),
+        or_unknown(mib("rss_shmem_bytes")),
+        or_unknown(figure("open_fds").map(|n| n.to_string())),
+        or_unknown(figure("threads").map(|n| n.to_string())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_daemons_own_figures() {
+        let status = json!({
+            "counters": {}, "checks": {}, "ledger": {},
+            "process": {"rss_bytes": 12_582_912, "rss_anon_bytes": 4_194_304,
+                "rss_shmem_bytes": 6_291_456, "open_fds": 23, "threads": 9},
+        });
+        let out = human(&CtlCommand::Status, &status);
+        assert!(
+            out.contains(
+                "process: rss 12.0 MiB (4.0 MiB anonymous, 6.0 MiB of guest memory)   \
+                 open fds 23   threads 9\n"
+            ),
+            "{out}"
+        );
+        let unknown = json!({"counters": {}, "checks": {}, "ledger": {},
+            "process": {"rss_bytes": null, "open_fds": null, "threads": null}});
+        let out = human(&CtlCommand::Status, &unknown);
+        assert!(
+            out.contains(
+                "process: rss ? MiB (? MiB anonymous, ? MiB of guest memory)   open fds ?"
+            ),
+            "{out}"
+        );
+        // A daemon too old to say leaves the line out.
+        let old = json!({"counters": {}, "checks": {}, "ledger": {}});
+        assert!(!human(&CtlCommand::Status, &old).contains("process:"));
+    }
 }

@@ -9,6 +9,8 @@
 //!
 //! - [`blk`]: virtio-blk features, request types, statuses, config space.
 //! - [`counters`]: what the device served and refused; rate-limited logging.
+//! - [`process`]: the daemon's own memory, open descriptors and threads, for
+//!   `status`.
 //! - [`serve`]: `dmaprobe serve`: the media, the listen loop, signals.
 //! - [`control`]: the JSON-lines control protocol and its socket; [`ctl`] is
 //!   `dmaprobe ctl`, its client.
@@ -30,6 +32,7 @@ pub mod execute;
 pub mod frontend;
 pub mod iopool;
 pub mod mailbox;
+pub mod process;
 pub mod request;
 pub mod runner;
 pub mod serve;

@@ -167,6 +167,7 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         keep_logs: args.keep_logs,
         timeout_scale: args.timeout_scale,
         timelines: args.timelines,
+        soak_seconds: args.soak_seconds,
         mutant: args
             .mutant
             .as_deref()

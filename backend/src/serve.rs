@@ -168,6 +168,7 @@ impl DaemonState {
             "media_errors": self.ns.media_errors().list(),
             "tag": engine.tag(),
             "ledger": {"entries": ledger.len(), "capacity": ledger.capacity(), "dropped": ledger.dropped()},
+            "process": crate::process::ProcessFigures::now(),
         })
     }
 }

@@ -482,6 +482,65 @@ fn status_shows_the_counters_and_reset_clears_them() {
 }
 
 #[test]
+fn status_shows_the_daemons_own_memory_descriptors_and_threads() {
+    let s = Serve::start(&[]);
+    let idle = s.ctl_json(&["status"])["process"].clone();
+    let fds = |p: &Value| p["open_fds"].as_u64().expect("open fds");
+    assert!(idle["rss_bytes"].as_u64().unwrap() > 0, "{idle}");
+    assert!(idle["rss_anon_bytes"].as_u64().unwrap() <= idle["rss_bytes"].as_u64().unwrap());
+    assert!(idle["threads"].as_u64().unwrap() >= 2, "{idle}");
+    // The figures are the daemon's, not ctl's: about what /proc shows of
+    // the child (the asking client's connection, two descriptors, is among
+    // them; the connections of earlier ctl runs may still be closing).
+    let listed = fs::read_dir(format!("/proc/{}/fd", s.child.id()))
+        .unwrap()
+        .count() as u64;
+    assert!(
+        fds(&idle).abs_diff(listed) <= 3,
+        "{idle}: /proc lists {listed}"
+    );
+    let human = s.ctl_ok(&["status"]);
+    assert!(
+        human.contains("process: rss ") && human.contains("open fds "),
+        "{human}"
+    );
+
+    // A frontend brings its socket, guest memory (shared: counted in RSS
+    // once touched) and its queue's kick and call eventfds.
+    let mut fe = s.connect(1);
+    write_ok(&mut fe, 8, &pattern(3, LEN));
+    let busy = s.ctl_json(&["status"])["process"].clone();
+    assert!(fds(&busy) >= fds(&idle) + 3, "{idle} -> {busy}");
+    assert!(busy["rss_shmem_bytes"].as_u64().unwrap() > 0, "{busy}");
+}
+
+/// Known leak: each frontend that comes and goes leaves one eventfd open in
+/// the daemon (17 descriptors idle, 18 after one frontend, 21 after four).
+/// A soak does not see it (one frontend for the whole run); a daemon serving
+/// many guests one after another would run out of descriptors.
+#[test]
+#[ignore = "the daemon keeps one eventfd per frontend that has come and gone"]
+fn frontends_that_come_and_go_leave_no_descriptors() {
+    let s = Serve::start(&[]);
+    let fds = |s: &Serve| s.ctl_json(&["status"])["process"]["open_fds"].as_u64();
+    let idle = fds(&s);
+    for round in 0..3 {
+        let mut fe = s.connect(1);
+        write_ok(&mut fe, 8, &pattern(3, LEN));
+        drop(fe);
+        let deadline = Instant::now() + SOON;
+        while s.ctl_json(&["status"])["connected"] != json!(false) || fds(&s) != idle {
+            assert!(
+                Instant::now() < deadline,
+                "after frontend {round}: {:?} open fds, {idle:?} before any",
+                fds(&s)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
 fn checks_switch_the_canary_on_and_off_at_run_time() {
     let s = Serve::start(&[]);
     let mut fe = s.connect(1);

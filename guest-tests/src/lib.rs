@@ -12,7 +12,9 @@
 //! per test, or qemu-storage-daemon to compare, a QEMU boot, the guest's
 //! events, the host's checks, a verdict joined with [`klog`] and the device's
 //! findings), [`process`] (children that never outlive the run), [`report`]
-//! and [`timeline`] (table, JSON, JUnit, SVG).
+//! and [`timeline`] (table, JSON, JUnit, SVG). [`soak`]: the soak's fault
+//! plan, drawn from the seed, and the sampler of the daemon's memory and
+//! descriptors while it runs.
 
 pub mod cpio;
 pub mod initramfs;
@@ -24,5 +26,6 @@ pub mod process;
 pub mod protocol;
 pub mod report;
 pub mod run;
+pub mod soak;
 pub mod suite;
 pub mod timeline;

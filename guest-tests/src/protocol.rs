@@ -111,6 +111,9 @@ pub struct GuestParams {
     /// Which boot of the test this is, from 1 (`dmaprobe.boot`): a test of
     /// several boots against one disk does its next part in each.
     pub boot: u8,
+    /// How long a timed test (the soak) runs its workload, in seconds
+    /// (`dmaprobe.duration`); `None` leaves it to the test.
+    pub duration: Option<u64>,
 }
 
 impl Default for GuestParams {
@@ -122,6 +125,7 @@ impl Default for GuestParams {
             seed: 0,
             mailbox: false,
             boot: 1,
+            duration: None,
         }
     }
 }
@@ -150,6 +154,7 @@ impl GuestParams {
                 "seed" => p.seed = value.parse().unwrap_or(0),
                 "mailbox" => p.mailbox = value == "1",
                 "boot" => p.boot = value.parse().unwrap_or(1),
+                "duration" => p.duration = value.parse().ok(),
                 _ => {}
             }
         }
@@ -171,6 +176,9 @@ impl GuestParams {
         }
         if self.boot != 1 {
             words.push(format!("dmaprobe.boot={}", self.boot));
+        }
+        if let Some(seconds) = self.duration {
+            words.push(format!("dmaprobe.duration={seconds}"));
         }
         words.join(" ")
     }
@@ -275,6 +283,7 @@ mod tests {
             seed: 42,
             mailbox: true,
             boot: 2,
+            duration: None,
         };
         let cmdline = format!("console=ttyS0 panic=-1 {} quiet", p.to_cmdline());
         assert!(cmdline.contains(" dmaprobe.boot=2 "), "{cmdline}");
@@ -287,6 +296,28 @@ mod tests {
         assert!(!first.to_cmdline().contains("boot"));
         assert_eq!(GuestParams::from_cmdline(&first.to_cmdline()), first);
         assert_eq!(GuestParams::from_cmdline("quiet").boot, 1);
+    }
+
+    #[test]
+    fn a_timed_tests_duration_rides_on_the_command_line() {
+        let soak = GuestParams {
+            tests: vec!["soak".into()],
+            duration: Some(180),
+            ..GuestParams::default()
+        };
+        let cmdline = format!("console=ttyS0 {} quiet", soak.to_cmdline());
+        assert!(cmdline.contains(" dmaprobe.duration=180 "), "{cmdline}");
+        assert_eq!(GuestParams::from_cmdline(&cmdline), soak);
+        // Untimed tests say nothing of it; a bad value is no duration.
+        let smoke = GuestParams {
+            tests: vec!["smoke".into()],
+            ..GuestParams::default()
+        };
+        assert!(!smoke.to_cmdline().contains("duration"));
+        assert_eq!(
+            GuestParams::from_cmdline("dmaprobe.duration=3m").duration,
+            None
+        );
     }
 
     #[test]

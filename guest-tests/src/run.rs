@@ -65,6 +65,8 @@ pub struct RunConfig {
     pub mutant: Option<Mutant>,
     /// Where the SVG timelines of failed tests go.
     pub timelines: Option<PathBuf>,
+    /// How long a soak test's workload runs.
+    pub soak_seconds: u64,
 }
 
 /// The vhost-user-blk backend that serves each test's disk.
@@ -313,8 +315,12 @@ fn guest_run(
         seed: config.seed,
         mailbox: test.serve_args.contains(&"--mailbox"),
         boot: 1,
+        duration: test.soak.then_some(config.soak_seconds),
     };
-    let timeout = Duration::from_secs_f64(test.timeout.as_secs_f64() * config.timeout_scale);
+    let timeout = test.boot_timeout(config.timeout_scale, config.soak_seconds);
+    let sampler = test
+        .soak
+        .then(|| crate::soak::Sampler::start(&socket, dir.join("samples.jsonl")));
     let mut outcome = Ok(());
     let mut console = Vec::new();
     for n in 1..=test.boots.max(1) {
@@ -366,6 +372,10 @@ fn guest_run(
                 break;
             }
         }
+    }
+    if let Some(sampler) = sampler {
+        let plan = crate::soak::fault_plan(config.seed);
+        ev.checks.extend(sampler.finish(&plan, &results));
     }
     ev.console = console;
     let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
@@ -617,6 +627,9 @@ fn daemon_command(
                 .args(test.serve_args);
             if let Some(m) = config.mutant {
                 cmd.args(["--fault", m.rule()]);
+            }
+            if test.soak {
+                cmd.args(crate::soak::fault_plan(config.seed).serve_args());
             }
             Ok(cmd)
         }
@@ -1087,7 +1100,13 @@ fn keep_logs(from: &Path, to: &Path) {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("ledger.") && n.ends_with(".jsonl"));
-    let logs = ["console.log", "events.jsonl", "daemon.log", "timeline.svg"];
+    let logs = [
+        "console.log",
+        "events.jsonl",
+        "daemon.log",
+        "timeline.svg",
+        "samples.jsonl",
+    ];
     for name in logs.into_iter().map(str::to_owned).chain(ledgers) {
         let _ = fs::copy(from.join(&name), to.join(&name));
     }
@@ -1123,6 +1142,7 @@ mod tests {
             timeout_scale: 1.0,
             mutant: None,
             timelines: None,
+            soak_seconds: 60,
         }
     }
 
@@ -1254,5 +1274,20 @@ mod tests {
             a.ends_with("--fault op=read,lba=2048,action=delay,ms=1000"),
             "{a}"
         );
+    }
+    #[test]
+    fn the_soak_gets_the_fault_plan_of_the_runs_seed_and_no_other_test_does() {
+        let cfg = config(Daemon::Dmaprobe);
+        let a = args(&command(&cfg, "soak").unwrap());
+        let plan = crate::soak::fault_plan(cfg.seed);
+        assert!(a.ends_with(&plan.serve_args()), "{a:?}");
+        assert!(a.contains(&"--canary".to_owned()) && a.contains(&"--snapshot".to_owned()));
+        let smoke = args(&command(&cfg, "smoke").unwrap());
+        assert!(
+            !smoke.iter().any(|a| a == "--fault" || a == "--seed"),
+            "{smoke:?}"
+        );
+        let err = command(&config(Daemon::QemuStorageDaemon), "soak").unwrap_err();
+        assert!(err.contains("needs dmaprobe"), "{err}");
     }
 }

@@ -58,6 +58,11 @@ pub struct TestSpec {
     /// The guest may ask the runner to kill the daemon with SIGKILL and start
     /// it again mid-boot (QEMU is told to reconnect to its socket).
     pub daemon_restarts: bool,
+    /// A soak: the guest's workload runs for `--soak-seconds` (told to it as
+    /// `dmaprobe.duration`, and added to the timeout), the daemon gets the
+    /// fault plan of the run's seed (`soak::fault_plan`), and the runner
+    /// samples the daemon's memory and descriptors while it runs.
+    pub soak: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -80,6 +85,7 @@ const BASE: TestSpec = TestSpec {
     boots: 1,
     between_boots: None,
     daemon_restarts: false,
+    soak: false,
 };
 
 /// A test on a 64 MiB disk with a mailbox, through which the guest holds and
@@ -297,6 +303,35 @@ pub const TESTS: &[TestSpec] = &[
         timeout: Duration::from_secs(180),
         ..BASE
     },
+    TestSpec {
+        name: "soak",
+        summary: "fio's verified random reads and writes, O_DIRECT and buffered writers with \
+                  fsync, and O_DIRECT and io_uring reads across fork, all at once on ext4 for \
+                  --soak-seconds under fault rules from the seed; the daemon's memory and fds \
+                  sampled (runs only when named)",
+        disk: DiskSpec {
+            size: 512 * MIB,
+            lbs: 512,
+            format: Some(Fs::Ext4),
+        },
+        // The fault plan and --seed come from soak::fault_plan. The ledger
+        // ring is small enough to fill early in the soak (about 40 s at the
+        // 200 requests/s of TCG), so that the daemon's memory can level off;
+        // the sampler counts findings the ring drops.
+        serve_args: &[
+            "--mailbox",
+            "--canary",
+            "--snapshot",
+            "--ledger-capacity",
+            "8192",
+        ],
+        programs: &["fio"],
+        selection: Selection::Named,
+        // Boot, fio's file, unmount and power-off; the workload's time is added.
+        timeout: Duration::from_secs(180),
+        soak: true,
+        ..BASE
+    },
     latency_test(
         "latency-instant",
         "O_DIRECT 4k random and 128k sequential reads at QD1 with no media latency: \
@@ -331,6 +366,13 @@ pub const TESTS: &[TestSpec] = &[
 ];
 
 impl TestSpec {
+    /// How long each boot may take: the timeout, times `scale` on a slow
+    /// machine, plus the workload's `soak_seconds` for a soak.
+    pub fn boot_timeout(&self, scale: f64, soak_seconds: u64) -> Duration {
+        let soak = if self.soak { soak_seconds } else { 0 };
+        Duration::from_secs_f64(self.timeout.as_secs_f64() * scale) + Duration::from_secs(soak)
+    }
+
     /// What the test needs of dmaprobe itself, which another vhost-user-blk
     /// backend (qemu-storage-daemon) lacks: its `dmaprobe serve` options
     /// (fault rules, the mailbox), or `None` when any backend will do.
@@ -408,6 +450,33 @@ mod tests {
         assert_eq!(request["cmd"], "power-cut");
         let features = cut.dmaprobe_features().unwrap();
         assert!(features.contains("between boots: "), "{features}");
+    }
+
+    #[test]
+    fn only_the_soak_is_timed_and_its_timeout_grows_with_it() {
+        let soak = find("soak").unwrap();
+        assert!(soak.soak && soak.selection == Selection::Named);
+        assert_eq!(soak.programs, ["fio"]);
+        for check in ["--canary", "--snapshot", "--mailbox"] {
+            assert!(soak.serve_args.contains(&check), "{check}");
+        }
+        assert_eq!(
+            soak.boot_timeout(1.0, 600),
+            soak.timeout + Duration::from_secs(600)
+        );
+        assert_eq!(
+            soak.boot_timeout(2.0, 60),
+            soak.timeout * 2 + Duration::from_secs(60)
+        );
+        for t in TESTS.iter().filter(|t| t.name != "soak") {
+            assert!(!t.soak, "{}", t.name);
+            assert_eq!(
+                t.boot_timeout(1.5, 600),
+                t.timeout.mul_f64(1.5),
+                "{}",
+                t.name
+            );
+        }
     }
 
     #[test]

@@ -199,11 +199,17 @@ const FIBMAP: libc::Ioctl = 1;
 /// `path` on a 4 KiB-block file system: what a hold rule names to catch the
 /// file's first read.
 pub fn first_lba(fd: &Fd, path: &str) -> Result<u64, Stop> {
-    let mut block: libc::c_int = 0;
+    block_lba(fd, path, 0)
+}
+
+/// The disk LBA (512-byte units) of the file's 4 KiB block `index` (FIBMAP).
+pub fn block_lba(fd: &Fd, path: &str, index: u64) -> Result<u64, Stop> {
+    let mut block = libc::c_int::try_from(index)
+        .map_err(|_| Stop::Error(format!("block {index} of {path} is past FIBMAP's reach")))?;
     // SAFETY: FIBMAP reads and writes one int, which `block` is.
     if unsafe { libc::ioctl(fd.raw(), FIBMAP, &mut block) } != 0 || block <= 0 {
         return Err(Stop::Error(format!(
-            "FIBMAP on {path} failed: {}",
+            "FIBMAP of block {index} of {path} failed: {}",
             stdio::Error::last_os_error()
         )));
     }

@@ -139,19 +139,25 @@ fn micros(ns: f64) -> String {
     format!("{:.1}", ns / 1000.0)
 }
 
-/// Reads fio's `--output-format=json` output (one job). Anything fio printed
-/// before the JSON object, or after it, is skipped.
-pub fn parse(output: &str) -> Result<ReadStats, FioError> {
+/// The JSON object in fio's `--output-format=json` output. Anything fio
+/// printed before it, or after it, is skipped.
+pub fn json(output: &str) -> Result<Value, FioError> {
     let start = if output.starts_with('{') {
         0
     } else {
         output.find("\n{").ok_or(FioError::NoJson)? + 1
     };
-    let json: Value = serde_json::Deserializer::from_str(&output[start..])
+    serde_json::Deserializer::from_str(&output[start..])
         .into_iter()
         .next()
         .ok_or(FioError::NoJson)?
-        .map_err(FioError::Json)?;
+        .map_err(FioError::Json)
+}
+
+/// Reads fio's `--output-format=json` output (one job). Anything fio printed
+/// before the JSON object, or after it, is skipped.
+pub fn parse(output: &str) -> Result<ReadStats, FioError> {
+    let json = json(output)?;
     let at = |pointer: &'static str| json.pointer(pointer).ok_or(FioError::Missing(pointer));
     let uint = |pointer: &'static str| at(pointer)?.as_u64().ok_or(FioError::Missing(pointer));
     let float = |pointer: &'static str| at(pointer)?.as_f64().ok_or(FioError::Missing(pointer));

@@ -29,6 +29,8 @@
 //!   with SIGKILL and starts it again: nothing flushed is lost.
 //! - [`latency`]: QD1 O_DIRECT read latency against the device's media latency
 //!   model, with mailbox reads as the baseline (opt-in).
+//! - [`soak`]: fio, writers and the pinning patterns at once for a configured
+//!   time, under the fault plan of the seed (opt-in).
 //! - [`selftest`]: tests that fail or hang on purpose, to check the reports.
 //!
 //! For each test the host sees `begin`, the test's `check` (and `wrote`, `file`,
@@ -54,6 +56,7 @@ mod report;
 mod restart;
 mod selftest;
 mod smoke;
+mod soak;
 mod splice;
 mod uring;
 mod zero;
@@ -105,6 +108,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("latency-instant", latency::instant),
     ("latency-nvme", latency::nvme),
     ("latency-sata", latency::sata),
+    ("soak", soak::run),
     ("selftest-fail", selftest::fail),
     ("selftest-hang", selftest::hang),
 ];

@@ -308,7 +308,7 @@ pub enum UringError {
 
 impl UringError {
     /// The kernel has no io_uring (ENOSYS) or does not allow it here (EPERM).
-    fn unsupported(&self) -> bool {
+    pub fn unsupported(&self) -> bool {
         matches!(self, UringError::Setup(e)
             if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)))
     }
