@@ -32,6 +32,7 @@ pub mod execute;
 pub mod frontend;
 pub mod iopool;
 pub mod mailbox;
+pub mod pipeline;
 pub mod process;
 pub mod request;
 pub mod runner;
