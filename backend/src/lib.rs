@@ -3,9 +3,10 @@
 //!
 //! A chain flows: [`device`] (the vhost-user backend, one worker per queue) →
 //! [`request`] (parse the descriptor chain) → [`execute`] (check it against the
-//! namespace, then, after the DMA engine's wait, move the data) → status and
-//! used ring. [`mailbox`] serves the guest's control commands from the disk's
-//! last MiB. Large reads are served off their queue's thread by [`iopool`].
+//! namespace) → [`pipeline`] (the mailbox, the DMA engine's wait, then the data
+//! moved by [`execute`]) → status and used ring. [`mailbox`] serves the guest's
+//! control commands from the disk's last MiB. Large reads are served off their
+//! queue's thread by [`iopool`].
 //!
 //! - [`blk`]: virtio-blk features, request types, statuses, config space.
 //! - [`counters`]: what the device served and refused; rate-limited logging.
