@@ -10,6 +10,7 @@
 //! once or through a [`ChainReply`] later.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +66,11 @@ pub struct BlkDevice {
     /// EVENT_IDX the next completion may not ask for one: the first pass
     /// over a started queue signals the guest whatever the ring says.
     unsignalled: Vec<AtomicBool>,
+    /// The exit events' consumers handed to vhost-user-backend, by worker.
+    /// It turns each into a raw descriptor for its epoll and never closes it,
+    /// one descriptor lost per connection and queue, so
+    /// [`BlkDevice::close_handed_out`] closes them once the daemon is gone.
+    handed_out: Mutex<Vec<(RawFd, usize)>>,
 }
 
 /// The reply of a chain that waited: its status byte, its used ring entry and
@@ -124,6 +130,7 @@ impl BlkDevice {
             exits,
             serving,
             unsignalled,
+            handed_out: Mutex::new(Vec::new()),
         })
     }
 
@@ -138,6 +145,30 @@ impl BlkDevice {
             let _ = notifier.notify();
         }
         self.pipeline.abandon();
+    }
+
+    /// Closes the exit events' descriptors that vhost-user-backend kept open;
+    /// call it once the `VhostUserDaemon` that asked for them is dropped. A
+    /// descriptor is closed only while it is still the very file this device
+    /// handed out (`kcmp`), so a library that closed it itself, and a number
+    /// reused since, are left alone.
+    pub fn close_handed_out(&self) {
+        let handed_out = match self.handed_out.lock() {
+            Ok(mut h) => std::mem::take(&mut *h),
+            Err(_) => return,
+        };
+        for (fd, thread) in handed_out {
+            let Some((ours, _)) = self.exits.get(thread) else {
+                continue;
+            };
+            if same_open_file(fd, ours.as_raw_fd()) {
+                // SAFETY: `fd` is open and is a duplicate of our own exit
+                // event's consumer that nothing else owns: vhost-user-backend
+                // took it with `into_raw_fd` and dropped everything that used
+                // it with the daemon.
+                unsafe { libc::close(fd) };
+            }
+        }
     }
 
     /// The daemon is stopping with this frontend still connected: every
@@ -329,6 +360,27 @@ impl BlkDevice {
     }
 }
 
+/// Whether two descriptors of this process name one open file; `false` when
+/// the kernel cannot say.
+fn same_open_file(a: RawFd, b: RawFd) -> bool {
+    /// `kcmp`'s comparison of two file descriptors.
+    const KCMP_FILE: libc::c_long = 0;
+    let pid = libc::c_long::from(std::process::id() as libc::pid_t);
+    // SAFETY: kcmp only compares kernel objects of the given process; it reads
+    // and writes no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a),
+            libc::c_long::from(b),
+        )
+    };
+    r == 0
+}
+
 /// Writes a request's status byte for `outcome`; returns the used length to
 /// report and the ledger's word for what the guest was told.
 fn tell(
@@ -447,7 +499,11 @@ impl VhostUserBackend for BlkDevice {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        let (consumer, notifier) = (consumer.try_clone().ok()?, notifier.try_clone().ok()?);
+        if let Ok(mut handed_out) = self.handed_out.lock() {
+            handed_out.push((consumer.as_raw_fd(), thread_index));
+        }
+        Some((consumer, notifier))
     }
 
     /// GET_VRING_BASE: every request of this queue still waiting completes now

@@ -372,6 +372,8 @@ fn serve_connections(
                 *current = None;
             }
             device.shut_down();
+            drop(daemon);
+            device.close_handed_out();
             // A connection that fails before it is set up harms nothing; a listener
             // that keeps failing is broken.
             failures += 1;
@@ -401,6 +403,8 @@ fn serve_connections(
             *current = None;
         }
         device.shut_down();
+        drop(daemon);
+        device.close_handed_out();
         // The media stays: the next frontend sees what this one wrote. A
         // frontend that goes away has not flushed, so what the write cache
         // holds stays volatile (a power cut between guests loses it);
