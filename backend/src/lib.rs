@@ -38,3 +38,4 @@ pub mod process;
 pub mod request;
 pub mod runner;
 pub mod serve;
+pub mod vfio_user;
