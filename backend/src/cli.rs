@@ -92,7 +92,7 @@ pub struct RunArgs {
     /// Virtqueues of the device (and of QEMU's vhost-user-blk-pci).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub queues: u16,
-    /// Seed of the data patterns the guest writes.
+    /// Seed of the data patterns the guest writes, and of the soak's fault plan.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
     /// Multiply every guest timeout by this (for slow machines).
