@@ -33,6 +33,7 @@ pub mod execute;
 pub mod frontend;
 pub mod iopool;
 pub mod mailbox;
+pub mod nvme;
 pub mod pipeline;
 pub mod process;
 pub mod request;
