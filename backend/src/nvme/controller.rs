@@ -1230,4 +1230,35 @@ mod tests {
         );
         assert_eq!(host.irqs.take(), vec![1]);
     }
+
+    #[test]
+    fn completions_come_from_any_thread() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Controller>();
+        let mut host = Host::probed(identity(LbaSize::B4096), 1, 64);
+        host.handler.immediate.store(false, Relaxed);
+        for cid in 0..32 {
+            host.place(1, read(cid, 0, 1, DATA, 0));
+        }
+        host.ring_sq(1);
+        let tags = host.held();
+        let threads: Vec<_> = tags
+            .chunks(8)
+            .map(|chunk| {
+                let ctrl = host.ctrl.clone();
+                let chunk = chunk.to_vec();
+                std::thread::spawn(move || {
+                    for t in chunk {
+                        ctrl.complete(t, NvmeStatus::Success, 0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut cids: Vec<u16> = host.reap(1).iter().map(|c| c.cid).collect();
+        cids.sort_unstable();
+        assert_eq!(cids, (0..32).collect::<Vec<_>>());
+    }
 }
