@@ -117,9 +117,16 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("media").required(true).args(["mem", "disk"]))]
 pub struct ServeArgs {
-    /// The vhost-user socket to listen on (replaced if it exists).
+    /// The socket to listen on (replaced if it exists): vhost-user, or
+    /// vfio-user with --nvme.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Present an NVMe controller over vfio-user instead of a vhost-user-blk
+    /// device: the guest's own nvme driver drives it (QEMU 10.1 or later,
+    /// `-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":PATH}}'`;
+    /// scripts/setup provides one). In progress: see the README.
+    #[arg(long)]
+    pub nvme: bool,
     /// Keep the media in sparse memory of this size (e.g. 64M, 1G).
     #[arg(long, value_name = "SIZE", conflicts_with = "size")]
     pub mem: Option<String>,
@@ -297,6 +304,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ledger_file: a.ledger,
             control,
             mailbox: a.mailbox,
+            nvme: a.nvme,
             latency: config::parse_latency(&a.latency)?,
             geometry: config::geometry(
                 &config::GeometryArgs {

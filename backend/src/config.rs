@@ -89,6 +89,8 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// Make the last MiB of the disk the guest's mailbox.
     pub mailbox: bool,
+    /// Present an NVMe controller over vfio-user, not a vhost-user-blk device.
+    pub nvme: bool,
     /// How long the media takes to serve each command (instant: no time).
     pub latency: nvme_model::LatencySpec,
     /// The drive's behaviour around the bytes.

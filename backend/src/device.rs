@@ -14,7 +14,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dma::schedule::{ParkedInfo, Release};
 use dma::Engine;
 use log::{debug, warn};
 use nvme_model::geometry::PAGE;
@@ -51,7 +50,7 @@ pub struct DeviceShape {
 /// engine and counters outlive it and are handed to the device for the next one.
 #[derive(Debug)]
 pub struct BlkDevice {
-    pipeline: Pipeline,
+    pipeline: Arc<Pipeline>,
     shape: DeviceShape,
     /// Whether the driver negotiated VIRTIO_RING_F_EVENT_IDX.
     event_idx: Arc<AtomicBool>,
@@ -112,7 +111,7 @@ impl BlkDevice {
         let exits = (0..shape.queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
-        let pipeline = Pipeline::new(
+        let pipeline = Arc::new(Pipeline::new(
             ns,
             engine,
             counters,
@@ -120,7 +119,7 @@ impl BlkDevice {
             shape.queues,
             control,
             latency,
-        )?;
+        )?);
         let serving = (0..shape.queues).map(|_| Mutex::new(())).collect();
         let unsignalled = (0..shape.queues).map(|_| AtomicBool::new(true)).collect();
         Ok(BlkDevice {
@@ -171,28 +170,10 @@ impl BlkDevice {
         }
     }
 
-    /// The daemon is stopping with this frontend still connected: every
-    /// request still waiting (delayed or held) fails with IOERR now, so the
-    /// guest is told rather than left waiting for a device that is gone.
-    /// Returns how many were failed.
-    pub fn fail_waiting(&self) -> usize {
-        self.pipeline.fail_waiting()
-    }
-
-    /// Releases held requests; returns how many.
-    pub fn release(&self, which: Release) -> usize {
-        self.pipeline.release(which)
-    }
-
-    /// Releases the held requests that `pick` chooses; returns how many.
-    pub fn release_where(&self, pick: impl Fn(&ParkedInfo) -> bool) -> usize {
-        self.pipeline.release_where(pick)
-    }
-
-    /// Requests waiting for their delay or for a release (not the watches
-    /// parked after completion).
-    pub fn parked(&self) -> Vec<ParkedInfo> {
-        self.pipeline.parked()
+    /// The request pipeline: what the control plane drives (holds,
+    /// releases, the requests waiting).
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
     }
 
     /// What the guest may send: with a maximum transfer, segments of a page

@@ -127,15 +127,32 @@ pub fn prepare<M: GuestMemoryBackend>(
         }
         RequestType::Unsupported(_) => return Err(Malformed::Unsupported.into()),
     };
-    // Discard and write-zeroes name their blocks in their ranges, not the header.
+    let mut p = prepared(ns, queue, op, work, segments);
+    if !matches!(p.work, Work::Zero(_) | Work::Read(_) | Work::Write(_)) {
+        p.arrival.lba = lba;
+    }
+    Ok(p)
+}
+
+/// A request of `op` from `queue` that does `work` with the guest memory of
+/// `segments`, as it arrives now: the engine sees its first block and its
+/// length (for discard and write-zeroes those of its ranges).
+pub fn prepared(
+    ns: &Namespace,
+    queue: u16,
+    op: Op,
+    work: Work,
+    segments: Vec<Segment>,
+) -> Prepared {
     let (lba, len) = match &work {
         Work::Zero(ranges) => (
             ranges.first().map_or(0, |(r, _)| r.start().0),
             ranges.iter().map(|(r, _)| r.len()).sum(),
         ),
-        _ => (lba, dma::segment::total_len(&segments)),
+        Work::Read(r) | Work::Write(r) => (r.start().0, dma::segment::total_len(&segments)),
+        _ => (0, dma::segment::total_len(&segments)),
     };
-    Ok(Prepared {
+    Prepared {
         work,
         epoch: ns.power_epoch(),
         arrival: Arrival {
@@ -145,7 +162,7 @@ pub fn prepare<M: GuestMemoryBackend>(
             len,
             segments,
         },
-    })
+    }
 }
 
 impl Work {

@@ -110,6 +110,22 @@ impl IoPool {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
+
+    /// Waits until no queue has a read in the pool.
+    pub fn wait_all_idle(&self) {
+        let mut counts = self
+            .inflight
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while counts.iter().any(|&n| n > 0) {
+            counts = self
+                .inflight
+                .idle
+                .wait(counts)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 fn serve(rx: &Mutex<Receiver<(u16, Task)>>, inflight: &Inflight) {

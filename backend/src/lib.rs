@@ -34,6 +34,7 @@ pub mod frontend;
 pub mod iopool;
 pub mod mailbox;
 pub mod nvme;
+pub mod nvme_device;
 pub mod pipeline;
 pub mod process;
 pub mod request;

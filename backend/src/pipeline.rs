@@ -396,6 +396,22 @@ impl Pipeline {
         }
     }
 
+    /// The device was reset: what is still waiting is abandoned (its guest
+    /// is not told: the reset voided it), and the pipeline goes on.
+    pub fn abandon_waiting(&self) {
+        for job in self
+            .with_scheduler(Scheduler::drain_all)
+            .unwrap_or_default()
+        {
+            if let Job::Io(p) = job {
+                self.core.engine.complete(p.ticket, "abandoned");
+            }
+        }
+        if let Some(pool) = &self.pool {
+            pool.wait_all_idle();
+        }
+    }
+
     /// The frontend has gone: what is still waiting is abandoned, nothing can
     /// complete.
     pub fn abandon(&self) {

@@ -26,6 +26,9 @@ use crate::config::{BackingConfig, ServeConfig};
 use crate::counters::Counters;
 use crate::device::{BlkDevice, DeviceShape};
 use crate::mailbox::ControlFn;
+use crate::nvme_device::NvmeDevice;
+use crate::pipeline::Pipeline;
+use crate::vfio_user::{VfioUserOptions, VfioUserServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -50,6 +53,8 @@ pub enum ServeError {
     Ledger(PathBuf, #[source] io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("NVMe over vfio-user")]
+    Nvme(#[source] crate::vfio_user::VfioUserError),
 }
 
 /// Opens the namespace the configuration describes.
@@ -86,8 +91,8 @@ pub struct DaemonState {
     counters: Arc<Counters>,
     /// The media latency model; `None` when instant.
     latency: Option<Arc<Latency>>,
-    /// The device of the connection being served, if any.
-    current: Mutex<Option<Arc<BlkDevice>>>,
+    /// The request pipeline of the connection being served, if any.
+    current: Mutex<Option<Arc<Pipeline>>>,
     /// Whether a frontend is connected (`current` is set a little before).
     connected: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
@@ -112,7 +117,7 @@ impl DaemonState {
         self.current().map_or(0, |d| d.fail_waiting())
     }
 
-    fn current(&self) -> Option<Arc<BlkDevice>> {
+    fn current(&self) -> Option<Arc<Pipeline>> {
         self.current.lock().ok()?.clone()
     }
 
@@ -189,18 +194,31 @@ impl Daemon {
         for rule in &config.faults {
             engine.faults().add(rule.clone());
         }
-        let listener = Listener::new(&config.socket, true)
-            .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
-        info!(
-            "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
-            ns.capacity_bytes(),
-            ns.blocks(),
-            ns.lba_size(),
-            config.socket.display(),
-            config.queues,
-            config.queue_size,
-            if ns.read_only() { ", read-only" } else { "" }
-        );
+        let listener = if config.nvme {
+            info!(
+                "serving {} bytes ({} blocks of {}) as an NVMe controller over vfio-user on {}{}",
+                ns.capacity_bytes(),
+                ns.blocks(),
+                ns.lba_size(),
+                config.socket.display(),
+                if ns.read_only() { ", read-only" } else { "" }
+            );
+            None
+        } else {
+            let listener = Listener::new(&config.socket, true)
+                .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
+            info!(
+                "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
+                ns.capacity_bytes(),
+                ns.blocks(),
+                ns.lba_size(),
+                config.socket.display(),
+                config.queues,
+                config.queue_size,
+                if ns.read_only() { ", read-only" } else { "" }
+            );
+            Some(listener)
+        };
         let latency = (!config.latency.is_instant()).then(|| {
             info!("media latency: {}", config.latency);
             Arc::new(Latency::new(config.latency, config.dma.seed))
@@ -231,13 +249,25 @@ impl Daemon {
                 None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
             }
         }
-        thread::Builder::new()
-            .name("vhost-user".into())
-            .spawn(move || {
-                let err = serve_connections(listener, &loop_shared, shape, mailbox);
-                let _ = failed_tx.send(err);
-            })
-            .map_err(ServeError::Device)?;
+        match listener {
+            Some(listener) => thread::Builder::new()
+                .name("vhost-user".into())
+                .spawn(move || {
+                    let err = serve_connections(listener, &loop_shared, shape, mailbox);
+                    let _ = failed_tx.send(err);
+                })
+                .map_err(ServeError::Device)?,
+            None => {
+                let server = nvme_server(config, &shared)?;
+                thread::Builder::new()
+                    .name("vfio-user".into())
+                    .spawn(move || {
+                        let err = serve_nvme(server);
+                        let _ = failed_tx.send(err);
+                    })
+                    .map_err(ServeError::Device)?
+            }
+        };
         Ok(Daemon {
             shared,
             failed,
@@ -328,6 +358,57 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     result.and(flushed).and(ledger)
 }
 
+/// The control commands the guest's mailbox answers, if it has one.
+fn mailbox_control(shared: &Arc<DaemonState>, mailbox: bool) -> Option<ControlFn> {
+    mailbox.then(|| {
+        let state = Arc::downgrade(shared);
+        let f: ControlFn = Arc::new(move |line: &str| match state.upgrade() {
+            Some(s) => crate::control::handle_line(&s, line),
+            None => r#"{"v":1,"ok":false,"error":"the daemon is stopping"}"#.to_owned(),
+        });
+        f
+    })
+}
+
+/// The NVMe controller over vfio-user, listening: one controller and one
+/// request pipeline for the daemon's life (a client that leaves resets the
+/// controller).
+fn nvme_server(
+    config: &ServeConfig,
+    shared: &Arc<DaemonState>,
+) -> Result<VfioUserServer, ServeError> {
+    // Commands are served on the vfio-user thread: one queue's worth of CPU.
+    let pipeline = Arc::new(
+        Pipeline::new(
+            shared.ns.clone(),
+            shared.engine.clone(),
+            shared.counters.clone(),
+            &config.serial,
+            1,
+            mailbox_control(shared, config.mailbox),
+            shared.latency.clone(),
+        )
+        .map_err(ServeError::Device)?,
+    );
+    let device = NvmeDevice::new(pipeline.clone(), &config.serial, config.media.deallocate);
+    let server = VfioUserServer::new(&config.socket, device, VfioUserOptions::default())
+        .map_err(ServeError::Nvme)?;
+    if let Ok(mut current) = shared.current.lock() {
+        *current = Some(pipeline);
+    }
+    Ok(server)
+}
+
+/// Serves one vfio-user client after another; returns only on a fatal error.
+/// (`status` does not say yet whether a vfio-user client is connected.)
+fn serve_nvme(mut server: VfioUserServer) -> ServeError {
+    loop {
+        if let Err(e) = server.serve_connection() {
+            return ServeError::Nvme(e);
+        }
+    }
+}
+
 /// Serves one frontend after another; returns only on a fatal error.
 fn serve_connections(
     mut listener: Listener,
@@ -338,14 +419,7 @@ fn serve_connections(
     const MAX_ACCEPT_FAILURES: u32 = 50;
     let mut failures = 0;
     loop {
-        let control = mailbox.then(|| {
-            let state = Arc::downgrade(shared);
-            let f: ControlFn = Arc::new(move |line: &str| match state.upgrade() {
-                Some(s) => crate::control::handle_line(&s, line),
-                None => r#"{"v":1,"ok":false,"error":"the daemon is stopping"}"#.to_owned(),
-            });
-            f
-        });
+        let control = mailbox_control(shared, mailbox);
         let device = match BlkDevice::new(
             shared.ns.clone(),
             shared.engine.clone(),
@@ -365,7 +439,7 @@ fn serve_connections(
         // The device is current before the frontend can send anything, so a
         // release from the control plane never misses a request parked early.
         if let Ok(mut current) = shared.current.lock() {
-            *current = Some(device.clone());
+            *current = Some(device.pipeline().clone());
         }
         if let Err(e) = daemon.start(&mut listener) {
             if let Ok(mut current) = shared.current.lock() {

@@ -240,12 +240,22 @@ impl<J: Send + 'static> Scheduler<J> {
     /// Takes back every job parked for `queue`, after any job that is running
     /// finishes. The caller runs or fails them.
     pub fn drain_queue(&self, queue: u16) -> Vec<J> {
+        self.drain(|info| info.queue == queue)
+    }
+
+    /// Takes back every job parked, after any job that is running finishes;
+    /// the scheduler goes on (a device reset, not a shutdown).
+    pub fn drain_all(&self) -> Vec<J> {
+        self.drain(|_| true)
+    }
+
+    fn drain(&self, pick: impl Fn(&ParkedInfo) -> bool) -> Vec<J> {
         let _running = lock(&self.shared.running);
         let mut st = lock(&self.shared.state);
         let keys: Vec<u64> = st
             .slots
             .iter()
-            .filter(|(_, s)| s.info.queue == queue)
+            .filter(|(_, s)| pick(&s.info))
             .map(|(&k, _)| k)
             .collect();
         let mut jobs: Vec<(ReqId, J)> = keys

@@ -1,0 +1,286 @@
+//! The NVMe front-end's device: the [`Controller`] behind the vfio-user
+//! transport, with its NVM commands taken through the request [`Pipeline`]
+//! (the same engine, fault rules, holds, canaries, mailbox and ledger as
+//! virtio-blk) and their outcomes posted back as completion queue entries.
+//!
+//! A command's life: SQ doorbell → the controller fetches, decodes and checks
+//! it and walks its PRPs → [`IoHandler::submit`] here: the command becomes a
+//! [`Prepared`] request → [`Pipeline::submit`] → its outcome, now or through a
+//! [`CqeReply`] later, becomes an NVMe status → [`Controller::complete`].
+
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use dma::Op;
+use log::warn;
+use nvme_model::{Deallocate, LbaRange, Namespace};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::execute::{Prepared, Work};
+use crate::nvme::{self, CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
+use crate::pipeline::{Core, Failure, Label, Outcome, Pipeline, Reply, Submitted};
+use crate::request::Malformed;
+use crate::vfio_user::{self, PciFunction};
+
+/// An NVMe controller whose NVM commands go through the request pipeline.
+#[derive(Debug)]
+pub struct NvmeDevice {
+    controller: Arc<Controller>,
+    pipeline: Arc<Pipeline>,
+}
+
+impl NvmeDevice {
+    /// A controller over the pipeline's namespace; `serial` names it in
+    /// Identify, `deallocate` says what deallocated blocks read as.
+    pub fn new(pipeline: Arc<Pipeline>, serial: &str, deallocate: Deallocate) -> Arc<Self> {
+        let identity = Identity::for_namespace(&pipeline.core().ns, serial, deallocate);
+        let handler = Arc::new(ToPipeline {
+            pipeline: pipeline.clone(),
+            controller: OnceLock::new(),
+            buf: Mutex::new(Vec::new()),
+        });
+        let controller = Arc::new(Controller::new(identity, handler.clone()));
+        let _ = handler.controller.set(Arc::downgrade(&controller));
+        Arc::new(NvmeDevice {
+            controller,
+            pipeline,
+        })
+    }
+
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+}
+
+impl PciFunction for NvmeDevice {
+    fn bar0_size(&self) -> u64 {
+        nvme::BAR0_SIZE
+    }
+
+    fn bar0_read(&self, offset: u64, data: &mut [u8]) {
+        self.controller.bar0_read(offset, data);
+    }
+
+    fn bar0_write(&self, offset: u64, data: &[u8]) {
+        self.controller.bar0_write(offset, data);
+    }
+
+    fn attach(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+        irqs: Arc<dyn vfio_user::Interrupts>,
+    ) {
+        if let Err(e) = self.pipeline.set_memory(mem.clone()) {
+            warn!("nvme: cannot hand guest memory to the pipeline: {e}");
+        }
+        self.controller.attach(mem, Arc::new(Vectors(irqs)));
+    }
+
+    fn reset(&self) {
+        self.controller.reset();
+    }
+}
+
+/// The transport's MSI-X vectors as the controller raises them.
+struct Vectors(Arc<dyn vfio_user::Interrupts>);
+
+impl nvme::Interrupts for Vectors {
+    fn signal(&self, vector: u16) {
+        self.0.signal(vector);
+    }
+}
+
+/// Takes the controller's NVM commands through the pipeline.
+struct ToPipeline {
+    pipeline: Arc<Pipeline>,
+    /// Set once, right after the controller is made.
+    controller: OnceLock<Weak<Controller>>,
+    /// Scratch space for the data of commands served at once.
+    buf: Mutex<Vec<u8>>,
+}
+
+impl ToPipeline {
+    fn controller(&self) -> Option<Arc<Controller>> {
+        self.controller.get().and_then(Weak::upgrade)
+    }
+}
+
+impl IoHandler for ToPipeline {
+    fn submit(&self, cmd: IoCommand) {
+        let Some(controller) = self.controller() else {
+            return;
+        };
+        let core = self.pipeline.core();
+        let tag = cmd.tag;
+        let Some(atomic) = core.mem() else {
+            controller.complete(tag, NvmeStatus::DataTransferError, 0);
+            return;
+        };
+        let mem = atomic.memory();
+        let label = label(&core.ns, &cmd);
+        let prepared = match prepare(&core.ns, cmd) {
+            Ok(p) => p,
+            Err(m) => {
+                core.counters.count_malformed(m);
+                controller.complete(
+                    tag,
+                    nvme_status(Outcome::Failed(Failure::Malformed(m))).0,
+                    0,
+                );
+                return;
+            }
+        };
+        let reply = || -> Box<dyn Reply> {
+            Box::new(CqeReply {
+                controller: Arc::downgrade(&controller),
+                tag,
+            })
+        };
+        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.pipeline.submit(&mem, label, prepared, reply, &mut buf) {
+            Submitted::Now(outcome, finish) => {
+                let (status, told) = nvme_status(outcome);
+                controller.complete(tag, status, 0);
+                self.pipeline.finish(finish, told);
+            }
+            Submitted::Later => {}
+        }
+    }
+
+    fn set_write_cache(&self, enabled: bool) -> Result<(), NvmeStatus> {
+        let core = self.pipeline.core();
+        core.writeback
+            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+        core.ns.set_write_cache(enabled).map_err(|e| {
+            warn!(
+                "nvme: cannot switch the write cache {}: {e}",
+                on_off(enabled)
+            );
+            NvmeStatus::InternalError
+        })
+    }
+
+    fn shutdown(&self) {
+        if let Err(e) = self.pipeline.core().ns.flush() {
+            warn!("nvme: flush at shutdown failed: {e}");
+        }
+    }
+
+    fn reset(&self) {
+        self.pipeline.abandon_waiting();
+    }
+}
+
+fn on_off(enabled: bool) -> &'static str {
+    if enabled {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// The completion of a command that waited.
+struct CqeReply {
+    controller: Weak<Controller>,
+    tag: CommandTag,
+}
+
+impl Reply for CqeReply {
+    fn send(
+        self: Box<Self>,
+        _core: &Core,
+        _mem: &GuestMemoryMmap<()>,
+        outcome: Outcome,
+    ) -> &'static str {
+        let (status, told) = nvme_status(outcome);
+        match self.controller.upgrade() {
+            Some(c) => c.complete(self.tag, status, 0),
+            None => return "no-status",
+        }
+        told
+    }
+}
+
+/// A checked NVM command as the pipeline takes it. The controller has
+/// checked the blocks against the namespace; they are checked again here,
+/// where the ranges are made.
+fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Malformed> {
+    let range = |start, blocks: u32| {
+        ns.check_range(start, u64::from(blocks))
+            .map_err(|_| Malformed::OutOfRange)
+    };
+    let writable = || {
+        if ns.read_only() {
+            Err(Malformed::ReadOnly)
+        } else {
+            Ok(())
+        }
+    };
+    let (op, work) = match cmd.op {
+        IoOp::Read => (Op::Read, Work::Read(range(cmd.slba, cmd.nlb)?)),
+        IoOp::Write => {
+            writable()?;
+            (Op::Write, Work::Write(range(cmd.slba, cmd.nlb)?))
+        }
+        IoOp::Flush => (Op::Flush, Work::Flush),
+        IoOp::WriteZeroes { deallocate } => {
+            writable()?;
+            (
+                Op::WriteZeroes,
+                Work::Zero(vec![(range(cmd.slba, cmd.nlb)?, deallocate)]),
+            )
+        }
+        IoOp::Deallocate(ranges) => {
+            writable()?;
+            let ranges = ranges
+                .iter()
+                .map(|r| Ok((range(r.start, r.blocks)?, true)))
+                .collect::<Result<Vec<(LbaRange, bool)>, Malformed>>()?;
+            (Op::Discard, Work::Zero(ranges))
+        }
+    };
+    Ok(crate::execute::prepared(
+        ns,
+        cmd.tag.qid,
+        op,
+        work,
+        cmd.segments,
+    ))
+}
+
+/// A command as the log names it, in 512-byte sectors as virtio-blk's are.
+fn label(ns: &Namespace, cmd: &IoCommand) -> Label {
+    let lbs = ns.lba_size();
+    Label {
+        op: cmd.op.name(),
+        sector: cmd.slba.0.saturating_mul(lbs.bytes()) >> 9,
+        len: u32::try_from(u64::from(cmd.nlb).saturating_mul(lbs.bytes())).unwrap_or(u32::MAX),
+    }
+}
+
+/// The NVMe status for an outcome, and the ledger's word for it.
+fn nvme_status(outcome: Outcome) -> (NvmeStatus, &'static str) {
+    use NvmeStatus as S;
+    let Outcome::Failed(failure) = outcome else {
+        return (S::Success, "ok");
+    };
+    match failure {
+        Failure::Malformed(Malformed::OutOfRange) => (S::LbaOutOfRange, "lba-out-of-range"),
+        Failure::Malformed(Malformed::ReadOnly) => (S::NamespaceWriteProtected, "write-protected"),
+        Failure::Malformed(Malformed::OutsideMemory) => {
+            (S::DataTransferError, "data-transfer-error")
+        }
+        Failure::Malformed(Malformed::Unsupported)
+        | Failure::Injected(crate::blk::Status::Unsupp) => (S::InvalidOpcode, "invalid-opcode"),
+        Failure::Malformed(_) => (S::InvalidField, "invalid-field"),
+        Failure::UnrecoveredRead => (S::UnrecoveredReadError, "unrecovered-read-error"),
+        Failure::WriteFault => (S::WriteFault, "write-fault"),
+        Failure::Stopped => (S::AbortRequested, "aborted"),
+        Failure::CutOff | Failure::Media | Failure::Injected(_) | Failure::Mailbox => {
+            (S::InternalError, "internal-error")
+        }
+    }
+}
