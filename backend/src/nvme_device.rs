@@ -37,6 +37,7 @@ impl NvmeDevice {
             pipeline: pipeline.clone(),
             controller: OnceLock::new(),
             buf: Mutex::new(Vec::new()),
+            write_cache_at_reset: identity.write_cache,
         });
         let controller = Arc::new(Controller::new(identity, handler.clone()));
         let _ = handler.controller.set(Arc::downgrade(&controller));
@@ -100,6 +101,9 @@ struct ToPipeline {
     controller: OnceLock<Weak<Controller>>,
     /// Scratch space for the data of commands served at once.
     buf: Mutex<Vec<u8>>,
+    /// The volatile write cache at power-on (`None`: there is none). A reset
+    /// returns the Volatile Write Cache feature to it, and the media with it.
+    write_cache_at_reset: Option<bool>,
 }
 
 impl ToPipeline {
@@ -171,6 +175,10 @@ impl IoHandler for ToPipeline {
 
     fn reset(&self) {
         self.pipeline.abandon_waiting();
+        if let Some(enabled) = self.write_cache_at_reset {
+            // A failure is logged; the feature reads its default all the same.
+            let _ = self.set_write_cache(enabled);
+        }
     }
 }
 
