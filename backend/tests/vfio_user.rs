@@ -9,9 +9,10 @@
 //! stub NVMe controller, and checks that Linux's nvme driver probes it and
 //! gets one admin command back through guest memory and an MSI-X interrupt.
 
-use std::fs::File;
+mod common;
+
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use backend::vfio_user::{
     GuestMemory, Interrupts, PciFunction, VfioUserOptions, VfioUserServer, VfioUserStats,
 };
+use common::vfio::{eventfd, memfd, take_count};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX,
@@ -128,34 +130,6 @@ fn serve(function: Arc<dyn PciFunction>) -> Fixture {
         socket,
         stats,
     }
-}
-
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create reads the NUL-terminated name; the descriptor it
-    // returns is new and becomes the File's alone.
-    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: as above.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    file
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd takes no pointers; the descriptor is new and the File's alone.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: as above.
-    unsafe { File::from_raw_fd(fd) }
-}
-
-/// The eventfd's count, or None if it was not signalled.
-fn take_count(efd: &File) -> Option<u64> {
-    let mut b = [0; 8];
-    (&*efd)
-        .read_exact(&mut b)
-        .ok()
-        .map(|()| u64::from_ne_bytes(b))
 }
 
 fn config(client: &mut Client, offset: u64, len: usize) -> Vec<u8> {

@@ -177,6 +177,34 @@ impl Serve {
             .cloned()
             .collect()
     }
+
+    /// Stops the daemon with SIGTERM (it flushes and writes its ledger) and
+    /// waits for it to exit; returns how it exited.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) touches no memory of ours; the daemon is our child and
+        // has not been reaped, so its pid cannot have been reused.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill");
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Request entries of the ledger file (`--ledger`), written at exit.
+    pub fn ledger_file_requests(&self) -> Vec<Value> {
+        let path = self.dir.path().join("ledger.jsonl");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+            .filter(|e| e["kind"] == "request")
+            .collect()
+    }
 }
 
 impl Drop for Serve {
