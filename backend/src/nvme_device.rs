@@ -287,8 +287,10 @@ fn nvme_status(outcome: Outcome) -> (NvmeStatus, &'static str) {
         Failure::UnrecoveredRead => (S::UnrecoveredReadError, "unrecovered-read-error"),
         Failure::WriteFault => (S::WriteFault, "write-fault"),
         Failure::Stopped => (S::AbortRequested, "aborted"),
-        Failure::CutOff | Failure::Media | Failure::Injected(_) | Failure::Mailbox => {
-            (S::InternalError, "internal-error")
-        }
+        // A fault rule's error is the test's: Do Not Retry, so the guest's
+        // driver passes it up as virtio-blk's IOERR is, not retries it away.
+        Failure::Injected(_) => (S::DataTransferError, "data-transfer-error"),
+        Failure::Mailbox => (S::InvalidField, "invalid-field"),
+        Failure::CutOff | Failure::Media => (S::InternalError, "internal-error"),
     }
 }

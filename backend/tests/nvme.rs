@@ -1125,6 +1125,20 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
 // ---------------------------------------------------------------------------
 // Media errors
 
+/// A fault rule's error reaches the guest's driver as one it does not retry
+/// (Do Not Retry), so the one-shot error a test injects is the error the
+/// kernel sees, as over virtio-blk.
+#[test]
+fn an_injected_error_completes_once_with_do_not_retry() {
+    let s = Serve::start(&["--nvme", "--fault", "op=read,lba=64,count=1,action=error"]);
+    let mut nvme = Nvme::connect(&s);
+    nvme.probe();
+    let (c, _) = nvme.read(64, LBS, LBS);
+    assert_eq!(c.code(), DATA_TRANSFER_ERROR, "{c:?}");
+    assert!(c.dnr(), "an injected error must not be retried away: {c:?}");
+    nvme.read_ok(64, LBS, LBS);
+}
+
 #[test]
 fn media_errors_complete_with_the_media_statuses() {
     let s = Serve::start(&[
