@@ -38,7 +38,7 @@ pub enum Command {
     ///
     /// Exits 0 when every test passed or was skipped, 1 when any failed or
     /// errored, 2 when the run itself could not be set up.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Drive a running `dmaprobe serve` over its control socket: list and
     /// release held requests, add and remove fault rules, read findings and
     /// the ledger.
@@ -106,9 +106,19 @@ pub struct RunArgs {
     /// The guest binary (default: dmaprobe-guest beside this executable).
     #[arg(long, value_name = "PATH")]
     pub guest_bin: Option<PathBuf>,
+    /// How the guest reaches the disk: virtio-blk (vhost-user), nvme (the
+    /// guest's nvme driver, dmaprobe's NVMe controller over vfio-user), or
+    /// both, one pass each (NVMe in progress: see the README).
+    #[arg(long, value_name = "NAME", default_value = "virtio-blk",
+          value_parser = ["virtio-blk", "nvme", "both"])]
+    pub transport: String,
     /// The QEMU to run.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// The QEMU with vfio-user-pci (10.1 or later) for --transport nvme
+    /// (default: the one scripts/setup unpacks into the cache).
+    #[arg(long, value_name = "PATH")]
+    pub qemu_nvme: Option<PathBuf>,
     /// Also accept the harness's self-tests (tests that fail on purpose).
     #[arg(long, hide = true)]
     pub allow_selftests: bool,

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             }
         },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
-        Command::Run(args) => match backend::runner::run_suite(args) {
+        Command::Run(args) => match backend::runner::run_suite(*args) {
             Ok(true) => Ok(ExitCode::SUCCESS),
             Ok(false) => Ok(ExitCode::from(1)),
             Err(e) => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use guest_tests::kernel::{Kernel, DEFAULT_KERNELS};
-use guest_tests::run::{run, Daemon, Mutant, RunConfig, QSD};
+use guest_tests::run::{run, Daemon, Mutant, RunConfig, Transport, QSD};
 use guest_tests::suite::{Selection, TestSpec};
 use guest_tests::{initramfs, report, suite};
 
@@ -27,6 +27,10 @@ pub enum RunnerError {
     },
     #[error("--mutant breaks dmaprobe on purpose: it needs --daemon dmaprobe")]
     MutantNeedsDmaprobe,
+    #[error("--transport nvme needs --daemon dmaprobe: qemu-storage-daemon has no NVMe front-end")]
+    NvmeNeedsDmaprobe,
+    #[error("{0} not found: --transport nvme needs a QEMU with vfio-user-pci (10.1 or later); run scripts/setup, or give --qemu-nvme")]
+    NoQemuNvme(PathBuf),
     #[error("{QSD} not found on PATH: run scripts/setup (it installs qemu-utils)")]
     NoQsd,
     #[error(
@@ -133,6 +137,22 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
             return Err(RunnerError::NoQsd);
         }
     }
+    let transports = match args.transport.as_str() {
+        "nvme" => vec![Transport::Nvme],
+        "both" => Transport::ALL.to_vec(),
+        _ => vec![Transport::VirtioBlk],
+    };
+    let qemu_nvme = args.qemu_nvme.unwrap_or_else(|| {
+        guest_tests::kernel::cache_dir().join("qemu-vfio-user/bin/qemu-system-x86_64")
+    });
+    if transports.contains(&Transport::Nvme) {
+        if daemon != Daemon::Dmaprobe {
+            return Err(RunnerError::NvmeNeedsDmaprobe);
+        }
+        if !qemu_nvme.is_file() {
+            return Err(RunnerError::NoQemuNvme(qemu_nvme));
+        }
+    }
     let programs = programs(&tests)?;
     let specs: Vec<String> = if args.kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
@@ -162,6 +182,8 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         programs,
         busybox: PathBuf::from(initramfs::BUSYBOX),
         qemu: args.qemu,
+        qemu_nvme,
+        transports,
         queues: check_queues(args.queues)?,
         seed: args.seed,
         keep_logs: args.keep_logs,

@@ -114,6 +114,9 @@ pub struct GuestParams {
     /// How long a timed test (the soak) runs its workload, in seconds
     /// (`dmaprobe.duration`); `None` leaves it to the test.
     pub duration: Option<u64>,
+    /// The disk under test as the guest names it (`dmaprobe.disk`); `None`
+    /// is virtio-blk's `/dev/vda`.
+    pub disk: Option<String>,
 }
 
 impl Default for GuestParams {
@@ -126,6 +129,7 @@ impl Default for GuestParams {
             mailbox: false,
             boot: 1,
             duration: None,
+            disk: None,
         }
     }
 }
@@ -155,6 +159,7 @@ impl GuestParams {
                 "mailbox" => p.mailbox = value == "1",
                 "boot" => p.boot = value.parse().unwrap_or(1),
                 "duration" => p.duration = value.parse().ok(),
+                "disk" => p.disk = Some(value.to_owned()).filter(|d| d.starts_with("/dev/")),
                 _ => {}
             }
         }
@@ -179,6 +184,9 @@ impl GuestParams {
         }
         if let Some(seconds) = self.duration {
             words.push(format!("dmaprobe.duration={seconds}"));
+        }
+        if let Some(disk) = &self.disk {
+            words.push(format!("dmaprobe.disk={disk}"));
         }
         words.join(" ")
     }
@@ -284,6 +292,7 @@ mod tests {
             mailbox: true,
             boot: 2,
             duration: None,
+            disk: None,
         };
         let cmdline = format!("console=ttyS0 panic=-1 {} quiet", p.to_cmdline());
         assert!(cmdline.contains(" dmaprobe.boot=2 "), "{cmdline}");
@@ -296,6 +305,23 @@ mod tests {
         assert!(!first.to_cmdline().contains("boot"));
         assert_eq!(GuestParams::from_cmdline(&first.to_cmdline()), first);
         assert_eq!(GuestParams::from_cmdline("quiet").boot, 1);
+    }
+
+    #[test]
+    fn the_disk_rides_on_the_command_line_and_only_a_dev_path_is_taken() {
+        let nvme = GuestParams {
+            tests: vec!["smoke".into()],
+            disk: Some("/dev/nvme0n1".into()),
+            ..GuestParams::default()
+        };
+        let cmdline = format!("console=ttyS0 {} quiet", nvme.to_cmdline());
+        assert!(
+            cmdline.contains(" dmaprobe.disk=/dev/nvme0n1 "),
+            "{cmdline}"
+        );
+        assert_eq!(GuestParams::from_cmdline(&cmdline), nvme);
+        assert!(!GuestParams::default().to_cmdline().contains("disk="));
+        assert_eq!(GuestParams::from_cmdline("dmaprobe.disk=vda").disk, None);
     }
 
     #[test]

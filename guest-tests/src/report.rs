@@ -201,6 +201,7 @@ mod tests {
             kernel: kernel.into(),
             kernel_release: None,
             daemon: crate::run::Daemon::Dmaprobe,
+            transport: crate::run::Transport::VirtioBlk,
             verdict,
             reason: reason.into(),
             checks: Vec::new(),

@@ -55,6 +55,10 @@ pub struct RunConfig {
     pub programs: Vec<PathBuf>,
     pub busybox: PathBuf,
     pub qemu: PathBuf,
+    /// A QEMU with `vfio-user-pci` (10.1 or later), for the NVMe transport.
+    pub qemu_nvme: PathBuf,
+    /// The transports to run the tests over, one pass each.
+    pub transports: Vec<Transport>,
     pub queues: u16,
     pub seed: u64,
     /// Keep each run's console, events and daemon log here.
@@ -67,6 +71,44 @@ pub struct RunConfig {
     pub timelines: Option<PathBuf>,
     /// How long a soak test's workload runs.
     pub soak_seconds: u64,
+}
+
+/// How the guest reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// virtio-blk over vhost-user: `/dev/vda`.
+    VirtioBlk,
+    /// The guest's nvme driver, dmaprobe's NVMe controller over vfio-user:
+    /// `/dev/nvme0n1`.
+    Nvme,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::VirtioBlk, Transport::Nvme];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::VirtioBlk => "virtio-blk",
+            Transport::Nvme => "nvme",
+        }
+    }
+
+    /// The disk as the guest names it.
+    pub fn guest_disk(self) -> &'static str {
+        match self {
+            Transport::VirtioBlk => "/dev/vda",
+            Transport::Nvme => "/dev/nvme0n1",
+        }
+    }
+
+    /// A kernel's column in the reports: the NVMe runs have their own.
+    fn column(self, kernel: &str) -> String {
+        match self {
+            Transport::VirtioBlk => kernel.to_owned(),
+            Transport::Nvme => format!("{kernel} nvme"),
+        }
+    }
 }
 
 /// The vhost-user-blk backend that serves each test's disk.
@@ -150,6 +192,8 @@ pub struct TestResult {
     pub kernel_release: Option<String>,
     /// The backend that served the disk.
     pub daemon: Daemon,
+    /// How the guest reached it.
+    pub transport: Transport,
     pub verdict: Verdict,
     /// One line naming the evidence, unless it passed.
     pub reason: String,
@@ -184,17 +228,21 @@ pub fn run(
             kernel: kernel.name.clone(),
             source,
         })?;
-        for test in &config.tests {
+        for (transport, test) in config
+            .transports
+            .iter()
+            .flat_map(|&t| config.tests.iter().map(move |test| (t, test)))
+        {
             if crate::process::interrupted() {
                 progress("interrupted: stopping");
                 return Ok(results);
             }
-            progress(&format!("[{}] {}: booting", kernel.name, test.name));
+            let column = transport.column(&kernel.name);
+            progress(&format!("[{column}] {}: booting", test.name));
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
-            let result = run_one(config, kernel, test, &initrd, &dir);
+            let result = run_one(config, kernel, transport, test, &initrd, &dir);
             progress(&format!(
-                "[{}] {}: {} ({:.1} s){}",
-                kernel.name,
+                "[{column}] {}: {} ({:.1} s){}",
                 test.name,
                 crate::report::verdict_word(result.verdict),
                 result.seconds,
@@ -205,12 +253,12 @@ pub fn run(
                 }
             ));
             if let Some(keep) = &config.keep_logs {
-                keep_logs(&dir, &keep.join(&kernel.name).join(test.name));
+                keep_logs(&dir, &keep.join(&column).join(test.name));
             }
             let mut result = result;
             result.timeline = result.timeline.take().and_then(|svg| {
                 let to = config.timelines.as_ref()?;
-                let dest = to.join(format!("{}-{}.svg", kernel.name, test.name));
+                let dest = to.join(format!("{}-{}.svg", column.replace(' ', "-"), test.name));
                 fs::create_dir_all(to).ok()?;
                 fs::copy(&svg, &dest).ok()?;
                 Some(dest)
@@ -260,6 +308,7 @@ struct Evidence {
 fn run_one(
     config: &RunConfig,
     kernel: &Kernel,
+    transport: Transport,
     test: &TestSpec,
     initrd: &Path,
     dir: &Path,
@@ -269,11 +318,13 @@ fn run_one(
     if let Err(e) = fs::create_dir_all(dir) {
         ev.error = Some(format!("cannot create {}: {e}", dir.display()));
     } else {
-        guest_run(config, kernel, test, initrd, dir, &mut ev);
+        guest_run(config, kernel, transport, test, initrd, dir, &mut ev);
     }
     // The judge reads the findings in the ledger; the timeline draws all of it.
     let ledger = ev.ledger.clone();
     let mut result = judge(test, kernel, config.daemon, ev);
+    result.transport = transport;
+    result.kernel = transport.column(&kernel.name);
     result.seconds = start.elapsed().as_secs_f64();
     // Only dmaprobe keeps a ledger to draw.
     if result.verdict == Verdict::Fail && config.daemon == Daemon::Dmaprobe {
@@ -289,6 +340,7 @@ fn run_one(
 fn guest_run(
     config: &RunConfig,
     kernel: &Kernel,
+    transport: Transport,
     test: &TestSpec,
     initrd: &Path,
     dir: &Path,
@@ -300,7 +352,7 @@ fn guest_run(
         return;
     }
     let socket = dir.join("vhost.sock");
-    let mut daemon = match DaemonRun::start(config, test, &disk, &socket, dir) {
+    let mut daemon = match DaemonRun::start(config, transport, test, &disk, &socket, dir) {
         Ok(d) => d,
         Err(e) => {
             ev.error = Some(e);
@@ -316,6 +368,7 @@ fn guest_run(
         mailbox: test.serve_args.contains(&"--mailbox"),
         boot: 1,
         duration: test.soak.then_some(config.soak_seconds),
+        disk: (transport != Transport::VirtioBlk).then(|| transport.guest_disk().to_owned()),
     };
     let timeout = test.boot_timeout(config.timeout_scale, config.soak_seconds);
     let sampler = test
@@ -348,6 +401,7 @@ fn guest_run(
         outcome = boot(
             config,
             kernel,
+            transport,
             initrd,
             &socket,
             &events,
@@ -407,6 +461,7 @@ fn guest_run(
 /// The daemon of one test, which the guest may have killed and started again.
 struct DaemonRun<'a> {
     config: &'a RunConfig,
+    transport: Transport,
     test: &'a TestSpec,
     disk: &'a Path,
     socket: &'a Path,
@@ -421,14 +476,16 @@ struct DaemonRun<'a> {
 impl<'a> DaemonRun<'a> {
     fn start(
         config: &'a RunConfig,
+        transport: Transport,
         test: &'a TestSpec,
         disk: &'a Path,
         socket: &'a Path,
         dir: &'a Path,
     ) -> Result<Self, String> {
-        let child = start_daemon(config, test, disk, socket, dir, 0)?;
+        let child = start_daemon(config, transport, test, disk, socket, dir, 0)?;
         Ok(DaemonRun {
             config,
+            transport,
             test,
             disk,
             socket,
@@ -449,6 +506,7 @@ impl<'a> DaemonRun<'a> {
         self.restarts += 1;
         let record = match start_daemon(
             self.config,
+            self.transport,
             self.test,
             self.disk,
             self.socket,
@@ -607,6 +665,7 @@ fn run_tool(cmd: &mut Command, name: &str) -> Result<String, String> {
 /// (if it has one) in `ledger`.
 fn daemon_command(
     config: &RunConfig,
+    transport: Transport,
     test: &TestSpec,
     disk: &Path,
     socket: &Path,
@@ -628,6 +687,9 @@ fn daemon_command(
             if let Some(m) = config.mutant {
                 cmd.args(["--fault", m.rule()]);
             }
+            if transport == Transport::Nvme {
+                cmd.arg("--nvme");
+            }
             if test.soak {
                 cmd.args(crate::soak::fault_plan(config.seed).serve_args());
             }
@@ -639,6 +701,11 @@ fn daemon_command(
             }
             if let Some(m) = config.mutant {
                 return Err(format!("the {} mutant needs dmaprobe", m.name()));
+            }
+            if transport == Transport::Nvme {
+                return Err(
+                    "qemu-storage-daemon has no NVMe front-end: use --daemon dmaprobe".into(),
+                );
             }
             // As scripts/bench starts it: a file through the host's page cache,
             // as dmaprobe reads and writes it.
@@ -661,6 +728,34 @@ fn daemon_command(
     }
 }
 
+/// QEMU's arguments for the disk on `socket`.
+fn disk_device(transport: Transport, socket: &Path, queues: u16, reconnect: bool) -> Vec<String> {
+    match transport {
+        Transport::VirtioBlk => {
+            let reconnect = if reconnect {
+                format!(",reconnect-ms={}", RECONNECT.as_millis())
+            } else {
+                String::new()
+            };
+            vec![
+                "-chardev".into(),
+                format!("socket,id=vu,path={}{reconnect}", qemu_opt(socket)),
+                "-device".into(),
+                format!("vhost-user-blk-pci,chardev=vu,num-queues={queues}"),
+            ]
+        }
+        // vfio-user-pci takes its socket only in the JSON form.
+        Transport::Nvme => vec![
+            "-device".into(),
+            serde_json::json!({
+                "driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": socket.to_string_lossy()},
+            })
+            .to_string(),
+        ],
+    }
+}
+
 /// A path as the value of a QEMU option: a comma is doubled.
 fn qemu_opt(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -668,8 +763,10 @@ fn qemu_opt(p: &Path) -> String {
 
 /// Starts the `n`th daemon of a test in `dir` (0 first, then one for each
 /// restart) and waits for its socket; all of them log to `daemon.log`.
+#[allow(clippy::too_many_arguments)]
 fn start_daemon(
     config: &RunConfig,
+    transport: Transport,
     test: &TestSpec,
     disk: &Path,
     socket: &Path,
@@ -679,7 +776,7 @@ fn start_daemon(
     let log = &dir.join("daemon.log");
     // A killed daemon leaves its socket behind; the wait below must see the new one.
     let _ = fs::remove_file(socket);
-    let mut cmd = daemon_command(config, test, disk, socket, &ledger_path(dir, n))?;
+    let mut cmd = daemon_command(config, transport, test, disk, socket, &ledger_path(dir, n))?;
     let log_file = fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -715,6 +812,7 @@ fn start_daemon(
 fn boot(
     config: &RunConfig,
     kernel: &Kernel,
+    transport: Transport,
     initrd: &Path,
     socket: &Path,
     results: &Path,
@@ -728,7 +826,11 @@ fn boot(
         "console=ttyS0 panic=-1 init_on_free=1 {}",
         params.to_cmdline()
     );
-    let mut cmd = Command::new(&config.qemu);
+    let qemu = match transport {
+        Transport::VirtioBlk => &config.qemu,
+        Transport::Nvme => &config.qemu_nvme,
+    };
+    let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
         .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
         .args(["-machine", "q35,memory-backend=mem"])
@@ -741,20 +843,7 @@ fn boot(
         .args(["-serial", "stdio"])
         .arg("-serial")
         .arg(format!("file:{}", results.display()))
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=vu,path={}{}",
-            qemu_opt(socket),
-            if reconnect {
-                format!(",reconnect-ms={}", RECONNECT.as_millis())
-            } else {
-                String::new()
-            }
-        ))
-        .args([
-            "-device",
-            &format!("vhost-user-blk-pci,chardev=vu,num-queues={}", config.queues),
-        ])
+        .args(disk_device(transport, socket, config.queues, reconnect))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1068,6 +1157,7 @@ fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Evidence) -> Test
         kernel: kernel.name.clone(),
         kernel_release: kernel.release.clone(),
         daemon,
+        transport: Transport::VirtioBlk,
         verdict,
         reason,
         checks,
@@ -1136,6 +1226,8 @@ mod tests {
             programs: Vec::new(),
             busybox: PathBuf::from(initramfs::BUSYBOX),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu_nvme: PathBuf::from("/x/qemu-11"),
+            transports: vec![Transport::VirtioBlk],
             queues: 3,
             seed: 1,
             keep_logs: None,
@@ -1157,11 +1249,48 @@ mod tests {
         let dir = Path::new("/tmp/run,1");
         daemon_command(
             config,
+            Transport::VirtioBlk,
             test,
             &dir.join("disk.img"),
             &dir.join("vhost.sock"),
             &ledger_path(dir, 0),
         )
+    }
+
+    #[test]
+    fn over_nvme_dmaprobe_serves_vfio_user_and_qemu_gets_the_json_device() {
+        let test = crate::suite::find("smoke").unwrap();
+        let dir = Path::new("/tmp/run,1");
+        let cmd = daemon_command(
+            &config(Daemon::Dmaprobe),
+            Transport::Nvme,
+            test,
+            &dir.join("disk.img"),
+            &dir.join("vfu.sock"),
+            &ledger_path(dir, 0),
+        )
+        .unwrap();
+        assert!(args(&cmd).contains(&"--nvme".to_owned()));
+        let qsd = daemon_command(
+            &config(Daemon::QemuStorageDaemon),
+            Transport::Nvme,
+            test,
+            &dir.join("disk.img"),
+            &dir.join("vfu.sock"),
+            &ledger_path(dir, 0),
+        );
+        assert!(qsd.unwrap_err().contains("NVMe"));
+        let device = disk_device(Transport::Nvme, &dir.join("vfu.sock"), 2, false);
+        assert_eq!(device[0], "-device");
+        let json: serde_json::Value = serde_json::from_str(&device[1]).unwrap();
+        assert_eq!(json["driver"], "vfio-user-pci");
+        assert_eq!(json["socket"]["path"], "/tmp/run,1/vfu.sock");
+        let virtio = disk_device(Transport::VirtioBlk, &dir.join("v.sock"), 2, true);
+        assert!(
+            virtio[1].contains("path=/tmp/run,,1/v.sock,reconnect-ms="),
+            "{virtio:?}"
+        );
+        assert_eq!(Transport::Nvme.column("debian-6.12"), "debian-6.12 nvme");
     }
 
     #[test]

@@ -213,7 +213,7 @@ mod tests {
         let json: Value = serde_json::from_str(FIXTURE).unwrap();
         let options = &json["jobs"][0]["job options"];
         let mut compared = 0;
-        for arg in fio_args("/dev/vda") {
+        for arg in fio_args(crate::disk_path()) {
             // fio lists neither flags nor its output format among the options;
             // the fixture read a file, for a shorter time.
             let Some((key, value)) = arg.trim_start_matches("--").split_once('=') else {

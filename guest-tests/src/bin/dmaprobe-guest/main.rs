@@ -66,16 +66,25 @@ use std::error::Error as StdError;
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use guest_tests::protocol::{Event, GuestParams, HostAction, Verdict};
 
 use report::Reporter;
 
-/// The disk under test.
-pub const DISK: &str = "/dev/vda";
+/// The disk under test when the command line names none: virtio-blk's.
+const VIRTIO_DISK: &str = "/dev/vda";
 
-/// How long to wait for [`DISK`] to appear.
+/// The disk under test (`dmaprobe.disk`, set once at start).
+static DISK: OnceLock<String> = OnceLock::new();
+
+/// The disk under test: `/dev/vda` over virtio-blk, `/dev/nvme0n1` over NVMe.
+pub fn disk_path() -> &'static str {
+    DISK.get().map_or(VIRTIO_DISK, String::as_str)
+}
+
+/// How long to wait for the disk to appear.
 const DISK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A test body. `Ok` means it ran to the end; it passes if none of its checks failed.
@@ -186,13 +195,14 @@ impl Ctx<'_> {
         self.params.seed.wrapping_add(k << 32)
     }
 
-    /// Waits for [`DISK`]; its absence is the harness's fault.
+    /// Waits for the disk under test; its absence is the harness's fault.
     pub fn disk(&self) -> Result<&'static str, Stop> {
-        if io::wait_for(DISK, DISK_TIMEOUT) {
-            Ok(DISK)
+        let disk = disk_path();
+        if io::wait_for(disk, DISK_TIMEOUT) {
+            Ok(disk)
         } else {
             Err(Stop::Error(format!(
-                "{DISK} missing after {} s (virtio_blk not loaded?)",
+                "{disk} missing after {} s (its driver not loaded?)",
                 DISK_TIMEOUT.as_secs()
             )))
         }
@@ -301,6 +311,9 @@ fn main() {
         String::new()
     });
     let params = GuestParams::from_cmdline(&cmdline);
+    if let Some(disk) = &params.disk {
+        let _ = DISK.set(disk.clone());
+    }
     let out = Reporter::open();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -340,9 +353,9 @@ fn register_zero_page(out: &Reporter) {
             value,
         })
     };
-    io::wait_for(DISK, DISK_TIMEOUT);
+    io::wait_for(disk_path(), DISK_TIMEOUT);
     let registered = mm::zero_page_gpa().and_then(|gpa| {
-        let mailbox = mailbox::Mailbox::open(DISK)?;
+        let mailbox = mailbox::Mailbox::open(disk_path())?;
         mailbox.call(serde_json::json!({"cmd": "zero-page", "gpa": format!("{gpa:#x}")}))?;
         Ok(gpa)
     });

@@ -2,7 +2,7 @@
 //! comes back, with O_DIRECT and through the page cache.
 //!
 //! Steps, each reported as a check:
-//! 1. `geometry`: `/sys/block/vda` size and logical block size match the
+//! 1. `geometry`: the disk's `/sys/block/NAME` size and logical block size match the
 //!    parameters (when given). The queue limits that shape DMA are notes.
 //! 2. O_DIRECT round trips at three places (the start of the disk, the middle at
 //!    one block past a MiB boundary, the last blocks), of 512 B (when the block
@@ -29,7 +29,14 @@ use guest_tests::protocol::fill_pattern;
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};
 
-const SYS: &str = "/sys/block/vda";
+/// The disk's directory in sysfs (`/sys/block/vda`, `/sys/block/nvme0n1`).
+fn sys() -> String {
+    format!(
+        "/sys/block/{}",
+        crate::disk_path().trim_start_matches("/dev/")
+    )
+}
+
 const MIB: u64 = 1 << 20;
 
 /// Transfer sizes, with their labels.
@@ -80,7 +87,7 @@ fn geometry(ctx: &Ctx) -> Result<(u64, usize), Stop> {
     let lbs = read_sys("queue/logical_block_size")?;
     let size = sectors
         .checked_mul(512)
-        .ok_or_else(|| Stop::Error(format!("{SYS}/size of {sectors} sectors overflows")))?;
+        .ok_or_else(|| Stop::Error(format!("{}/size of {sectors} sectors overflows", sys())))?;
     let lbs_usize = usize::try_from(lbs)
         .ok()
         .filter(|&l| l.is_power_of_two() && (512..=PAGE).contains(&l))
@@ -97,12 +104,12 @@ fn geometry(ctx: &Ctx) -> Result<(u64, usize), Stop> {
     let detail = if wrong.is_empty() {
         format!("size {size} B, logical block size {lbs} B")
     } else {
-        format!("{SYS}: {}", wrong.join("; "))
+        format!("{}: {}", sys(), wrong.join("; "))
     };
     ctx.check("geometry", wrong.is_empty(), detail);
 
     for attr in QUEUE_NOTES {
-        if let Ok(value) = fs::read_to_string(format!("{SYS}/queue/{attr}")) {
+        if let Ok(value) = fs::read_to_string(format!("{}/queue/{attr}", sys())) {
             ctx.note(&format!("queue/{attr}"), value.trim());
         }
     }
@@ -110,7 +117,7 @@ fn geometry(ctx: &Ctx) -> Result<(u64, usize), Stop> {
 }
 
 fn read_sys(attr: &str) -> Result<u64, Stop> {
-    let path = format!("{SYS}/{attr}");
+    let path = format!("{}/{attr}", sys());
     let text = fs::read_to_string(&path).map_err(|e| Stop::Error(format!("{path}: {e}")))?;
     text.trim()
         .parse()

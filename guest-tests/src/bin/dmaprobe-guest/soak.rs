@@ -591,7 +591,7 @@ fn dio_fork_loop(
 ) -> Outcome {
     let mut out = Outcome::default();
     let name = "O_DIRECT reads across fork: every read reached the parent's page";
-    let mailbox = match Mailbox::open(crate::DISK) {
+    let mailbox = match Mailbox::open(crate::disk_path()) {
         Ok(m) => m,
         Err(e) => {
             out.check(name, false, e.reason().to_owned());
