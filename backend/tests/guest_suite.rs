@@ -405,6 +405,28 @@ fn a_guest_that_does_not_finish_is_an_error_with_its_console() {
     );
 }
 
+/// Over NVMe (the guest's own nvme driver, dmaprobe's controller over
+/// vfio-user) the pinning verdicts are those of virtio-blk: 6.1 loses the
+/// O_DIRECT read across fork, 6.12 does not; smoke passes on both.
+#[test]
+fn over_nvme_the_verdicts_are_those_of_virtio_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let (out, report) = dmaprobe_run(
+        &["--transport", "nvme", "--tests", "smoke,dio-read-fork-cow"],
+        &json,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    for (kernel, cow) in [("debian-6.1", "FAIL"), ("debian-6.12", "PASS")] {
+        let column = format!("{kernel} nvme");
+        let smoke = result(&report, "smoke", &column);
+        assert_eq!(smoke["verdict"], "PASS", "{smoke}");
+        assert_eq!(smoke["transport"], "nvme", "{smoke}");
+        let r = result(&report, "dio-read-fork-cow", &column);
+        assert_eq!(r["verdict"], cow, "{r}");
+    }
+}
+
 #[test]
 fn a_missing_kernel_says_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -268,8 +268,9 @@ pub const TESTS: &[TestSpec] = &[
     },
     TestSpec {
         name: "bad-block-ext4",
-        summary: "a media error under a file on ext4: its O_DIRECT read fails with EIO, a \
-                  rewrite of the block clears it, the data reads back, fsck clean",
+        summary: "a media error under a file on ext4: its O_DIRECT read fails with EIO \
+                  (ENODATA over NVMe), a rewrite of the block clears it, the data reads \
+                  back, fsck clean",
         disk: DiskSpec {
             size: 64 * MIB,
             lbs: 512,

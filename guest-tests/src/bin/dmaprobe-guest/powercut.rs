@@ -15,7 +15,8 @@
 //!
 //! `bad-block-ext4`: a 64 KiB file written with O_DIRECT and fsync'd; the
 //! device is told through the mailbox that the 4 KiB block under the file's
-//! start fails reads. An O_DIRECT read of the file must fail with EIO; an
+//! start fails reads. An O_DIRECT read of the file must fail with EIO (ENODATA
+//! over NVMe, whose unrecovered read error is a medium error); an
 //! O_DIRECT rewrite of that block must succeed, and the file then reads back
 //! whole. The host checks the file and runs e2fsck.
 
@@ -226,14 +227,21 @@ pub fn bad_block(ctx: &Ctx) -> Result<(), Stop> {
 
     buf.as_mut_slice().fill(UNTOUCHED);
     let read = fd.read_at(buf.as_mut_slice(), 0);
+    // The kernel's errno for a medium error: virtio-blk reports only an I/O
+    // error; NVMe's Unrecovered Read Error is BLK_STS_MEDIUM, ENODATA.
+    let (errno, name) = if disk.starts_with("/dev/nvme") {
+        (libc::ENODATA, "ENODATA")
+    } else {
+        (libc::EIO, "EIO")
+    };
     ctx.record(
-        "O_DIRECT read over the bad block fails with EIO",
+        &format!("O_DIRECT read over the bad block fails with {name}"),
         match read {
-            Err(IoError::Read { ref source, .. }) if source.raw_os_error() == Some(libc::EIO) => {
-                Ok("EIO".into())
+            Err(IoError::Read { ref source, .. }) if source.raw_os_error() == Some(errno) => {
+                Ok(name.into())
             }
             Err(e) => Err(Stop::Fail(format!(
-                "failed, but not with EIO: {}",
+                "failed, but not with {name}: {}",
                 crate::one_line(&e)
             ))),
             Ok(n) => Err(Stop::Fail(format!("read {n} B without an error"))),
