@@ -75,7 +75,12 @@ pub struct Prepared {
 #[derive(Debug)]
 pub enum Work {
     Read(LbaRange),
-    Write(LbaRange),
+    /// With `fua` (NVMe's Force Unit Access) the blocks are stable when the
+    /// write completes, whatever the write cache holds of others.
+    Write {
+        range: LbaRange,
+        fua: bool,
+    },
     Flush,
     GetId(usize),
     /// Ranges, each with its unmap flag.
@@ -106,7 +111,10 @@ pub fn prepare<M: GuestMemoryBackend>(
             segments.clone_from(&req.data);
             (
                 Op::Write,
-                Work::Write(lba_range(ns, req.sector, req.data_len)?),
+                Work::Write {
+                    range: lba_range(ns, req.sector, req.data_len)?,
+                    fua: false,
+                },
             )
         }
         RequestType::Flush => (Op::Flush, Work::Flush),
@@ -128,7 +136,7 @@ pub fn prepare<M: GuestMemoryBackend>(
         RequestType::Unsupported(_) => return Err(Malformed::Unsupported.into()),
     };
     let mut p = prepared(ns, queue, op, work, segments);
-    if !matches!(p.work, Work::Zero(_) | Work::Read(_) | Work::Write(_)) {
+    if !matches!(p.work, Work::Zero(_) | Work::Read(_) | Work::Write { .. }) {
         p.arrival.lba = lba;
     }
     Ok(p)
@@ -149,7 +157,9 @@ pub fn prepared(
             ranges.first().map_or(0, |(r, _)| r.start().0),
             ranges.iter().map(|(r, _)| r.len()).sum(),
         ),
-        Work::Read(r) | Work::Write(r) => (r.start().0, dma::segment::total_len(&segments)),
+        Work::Read(r) | Work::Write { range: r, .. } => {
+            (r.start().0, dma::segment::total_len(&segments))
+        }
         _ => (0, dma::segment::total_len(&segments)),
     };
     Prepared {
@@ -170,7 +180,7 @@ impl Work {
     pub fn media_ranges(&self) -> Vec<(u64, u64)> {
         let r = |range: &LbaRange| (range.offset().0, range.len());
         match self {
-            Work::Read(range) | Work::Write(range) => vec![r(range)],
+            Work::Read(range) | Work::Write { range, .. } => vec![r(range)],
             Work::Zero(ranges) => ranges.iter().map(|(range, _)| r(range)).collect(),
             Work::Flush | Work::GetId(_) => Vec::new(),
         }
@@ -234,7 +244,7 @@ pub fn perform<M: GuestMemoryBackend>(
             }
             Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
         }
-        Work::Write(range) => {
+        Work::Write { range, fua } => {
             buf.resize(len_of(range), 0);
             ctx.engine
                 .from_guest(mem, ticket, buf)
@@ -250,8 +260,13 @@ pub fn perform<M: GuestMemoryBackend>(
                 let part = ns
                     .check_range(range.start(), blocks)
                     .map_err(|_| ExecError::Malformed(Malformed::OutOfRange))?;
-                ns.write(part, &buf[..len_of(&part)])
-                    .map_err(ExecError::Media)?;
+                let data = &buf[..len_of(&part)];
+                if *fua {
+                    ns.write_stable(part, data)
+                } else {
+                    ns.write(part, data)
+                }
+                .map_err(ExecError::Media)?;
             }
             if !ctx.writeback {
                 ns.flush().map_err(ExecError::Media)?;

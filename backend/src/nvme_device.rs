@@ -231,7 +231,14 @@ fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Malformed> {
         IoOp::Read => (Op::Read, Work::Read(range(cmd.slba, cmd.nlb)?)),
         IoOp::Write => {
             writable()?;
-            (Op::Write, Work::Write(range(cmd.slba, cmd.nlb)?))
+            let range = range(cmd.slba, cmd.nlb)?;
+            (
+                Op::Write,
+                Work::Write {
+                    range,
+                    fua: cmd.fua,
+                },
+            )
         }
         IoOp::Flush => (Op::Flush, Work::Flush),
         IoOp::WriteZeroes { deallocate } => {

@@ -666,7 +666,7 @@ fn mailbox_io(
     let data = &prepared.arrival.segments;
     let status = match prepared.work {
         Work::Read(_) => mb.read(mem, offset, data),
-        Work::Write(_) => mb.write(mem, offset, data, counters),
+        Work::Write { .. } => mb.write(mem, offset, data, counters),
         _ => {
             bump(&counters.mailbox_refused);
             Status::IoErr
@@ -702,7 +702,7 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
 fn media_op(work: &Work) -> Option<(MediaOp, u64)> {
     match work {
         Work::Read(r) => Some((MediaOp::Read, r.len())),
-        Work::Write(r) => Some((MediaOp::Write, r.len())),
+        Work::Write { range, .. } => Some((MediaOp::Write, range.len())),
         Work::Flush => Some((MediaOp::Flush, 0)),
         Work::Zero(ranges) => Some((MediaOp::Discard, ranges.iter().map(|(r, _)| r.len()).sum())),
         Work::GetId(_) => None,

@@ -1626,7 +1626,6 @@ fn a_power_cut_loses_unflushed_writes_unless_the_host_turned_the_write_cache_off
 }
 
 #[test]
-#[ignore = "bug: nvme_device.rs prepare() drops IoCommand::fua; a FUA write is as volatile as any other"]
 fn a_fua_write_is_stable_when_it_completes() {
     let s = Serve::start(&["--nvme"]);
     let mut nvme = Nvme::connect(&s);
@@ -1636,11 +1635,27 @@ fn a_fua_write_is_stable_when_it_completes() {
     prp.write(&nvme.ram, &data);
     let c = nvme.io(rw(io_op::WRITE, 700, 8, &prp).cdw(12, 7 | FUA));
     assert_eq!(c.code(), SUCCESS, "{c:?}");
+    // A write without FUA right after it, in the same 4 KiB unit of the cache
+    // and beyond: still volatile (FUA is no flush).
+    let other = Prp::new(&nvme.ram, DATA + 0x10_0000, &[], 4096, 0);
+    other.write(&nvme.ram, &pattern(26, 4096));
+    let c = nvme.io(rw(io_op::WRITE, 708, 8, &other));
+    assert_eq!(c.code(), SUCCESS, "{c:?}");
+    same(
+        &nvme.read_ok(708, LBS, 4096),
+        &pattern(26, 4096),
+        format_args!("the write without FUA reached the media"),
+    );
     s.ctl_ok(&["power-cut"]);
     same(
         &nvme.read_ok(700, LBS, 4096),
         &data,
         format_args!("a FUA write survives a power cut"),
+    );
+    same(
+        &nvme.read_ok(708, LBS, 4096),
+        &[0; 4096],
+        format_args!("the write without FUA after it is lost"),
     );
 }
 

@@ -74,6 +74,8 @@ struct Write {
     id: u64,
     start: u64,
     blocks: u64,
+    /// Stable when it completed (Force Unit Access): a power cut keeps it.
+    stable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -209,7 +211,47 @@ impl Locked<'_> {
             }
             return Err(e);
         }
-        st.writes.push_back(Write { id, start, blocks });
+        st.writes.push_back(Write {
+            id,
+            start,
+            blocks,
+            stable: false,
+        });
+        Ok(())
+    }
+
+    /// The blocks `before_change` was just told of hold their new contents
+    /// and are stable (a write with Force Unit Access): the write is kept
+    /// whole by a power cut, and the stable copies of its units take those
+    /// blocks' new contents, so a later volatile write of them goes back to
+    /// these. (A command larger than the cache was stable at once.)
+    pub fn made_stable(
+        &mut self,
+        backing: &Backing,
+        start: u64,
+        blocks: u64,
+    ) -> Result<(), BackingError> {
+        let bs = self.cache.block;
+        let st = &mut *self.state;
+        let Some(w) = st
+            .writes
+            .back_mut()
+            .filter(|w| w.id + 1 == st.next_write && w.start == start && w.blocks == blocks)
+        else {
+            return Ok(());
+        };
+        w.stable = true;
+        for u in self.cache.units(start, blocks) {
+            let Some(k) = st.kept.get(&u).copied() else {
+                continue;
+            };
+            let first = (u * UNIT / bs).max(start);
+            let last = ((u + 1) * UNIT / bs).min(start + blocks);
+            for b in first..last {
+                let at = k.slot * UNIT_BYTES + (b * bs - u * UNIT) as usize;
+                backing.read_at(b * bs, &mut st.arena[at..at + bs as usize])?;
+            }
+        }
         Ok(())
     }
 
@@ -237,7 +279,11 @@ impl Locked<'_> {
         // a block decides.
         let mut keep: HashMap<u64, bool, BuildHasherDefault<UnitHasher>> = HashMap::default();
         for w in &st.writes {
-            let kept = tear.as_mut().map_or(0, |t| t(w.blocks).min(w.blocks));
+            let kept = if w.stable {
+                w.blocks
+            } else {
+                tear.as_mut().map_or(0, |t| t(w.blocks).min(w.blocks))
+            };
             for b in w.start..w.start + w.blocks {
                 keep.insert(b, b - w.start < kept);
             }
@@ -347,6 +393,32 @@ mod tests {
         backing.read_at(b * bs, &mut buf).unwrap();
         assert!(buf.iter().all(|&x| x == buf[0]), "block {b} is mixed");
         buf[0]
+    }
+
+    /// A write with Force Unit Access survives a cut, whole even when the
+    /// cut tears writes; the volatile blocks around it in its unit, and a
+    /// volatile rewrite of it, go back: the rewrite to the stable write's data.
+    #[test]
+    fn a_stable_write_survives_a_cut_and_its_neighbours_do_not() {
+        let (backing, cache) = setup(512);
+        write(&backing, &cache, 0, 8, 1);
+        cache.lock().flushed();
+        write(&backing, &cache, 0, 2, 2);
+        {
+            let mut c = cache.lock();
+            c.before_change(&backing, 2, 2).unwrap();
+            backing.write_at(2 * 512, &[3; 1024]).unwrap();
+            c.made_stable(&backing, 2, 2).unwrap();
+        }
+        write(&backing, &cache, 3, 1, 4);
+        write(&backing, &cache, 4, 1, 5);
+        let mut tear_all = |_| 0;
+        cache
+            .lock()
+            .power_cut(&backing, Some(&mut tear_all))
+            .unwrap();
+        let blocks: Vec<u8> = (0..6).map(|b| block(&backing, 512, b)).collect();
+        assert_eq!(blocks, [1, 1, 3, 3, 1, 1]);
     }
 
     #[test]

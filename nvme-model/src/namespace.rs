@@ -291,7 +291,22 @@ impl Namespace {
         {
             return Err(NamespaceError::WriteFault { lba });
         }
-        self.change(range, |b| b.write_at(range.offset.0, buf))
+        self.change(range, false, |b| b.write_at(range.offset.0, buf))
+    }
+
+    /// Writes `buf` and makes those blocks stable before returning (a write
+    /// with Force Unit Access): a power cut keeps them, while what the write
+    /// cache holds of other blocks stays volatile.
+    pub fn write_stable(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
+        self.writable()?;
+        check_len(range, buf.len())?;
+        if let Some(lba) = self
+            .media
+            .first_bad(range.start.0, range.blocks, MediaErrorKind::Write)
+        {
+            return Err(NamespaceError::WriteFault { lba });
+        }
+        self.change(range, true, |b| b.write_at(range.offset.0, buf))
     }
 
     /// Makes every completed write stable.
@@ -321,7 +336,7 @@ impl Namespace {
             return Ok(());
         }
         let units = self.check_range(Lba(start), end - start)?;
-        self.change(units, |b| b.zero(units.offset.0, units.len))
+        self.change(units, false, |b| b.zero(units.offset.0, units.len))
     }
 
     /// Writes zeros over the range.
@@ -333,14 +348,17 @@ impl Namespace {
         {
             return Err(NamespaceError::WriteFault { lba });
         }
-        self.change(range, |b| b.zero(range.offset.0, range.len))
+        self.change(range, false, |b| b.zero(range.offset.0, range.len))
     }
 
     /// Changes the blocks of `range` through `apply`: under the write cache when
     /// it runs; rewritten blocks lose their read errors.
+    /// Changes `range` through `apply`, behind the write cache; with
+    /// `stable`, the change is stable when this returns.
     fn change(
         &self,
         range: LbaRange,
+        stable: bool,
         apply: impl FnOnce(&Backing) -> Result<(), BackingError>,
     ) -> Result<(), NamespaceError> {
         match &self.cache {
@@ -348,6 +366,9 @@ impl Namespace {
                 let mut locked = cache.lock();
                 locked.before_change(&self.backing, range.start.0, range.blocks)?;
                 apply(&self.backing)?;
+                if stable {
+                    locked.made_stable(&self.backing, range.start.0, range.blocks)?;
+                }
             }
             _ => apply(&self.backing)?,
         }
