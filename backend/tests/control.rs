@@ -809,9 +809,12 @@ fn clients_that_leave_mid_request_harm_nothing() {
         } else {
             br#"{"v":1,"cmd":"status""#
         };
-        c.write_all(half).unwrap();
+        // Past the places the daemon serves at once, it may refuse and close
+        // before the half line is sent: the write then meets a closed socket
+        // (EPIPE), which is that refusal, not a failure.
+        let _ = c.write_all(half);
         if i % 3 == 0 {
-            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let _ = c.shutdown(std::net::Shutdown::Write);
         }
         drop(c);
     }
