@@ -1,7 +1,8 @@
 //! dmaprobe-guest: the test program inside the guest.
 //!
 //! A busybox `/init` starts it after loading virtio-blk; the disk under test is
-//! `/dev/vda`, served by dmaprobe. It reads [`GuestParams`] from `/proc/cmdline`,
+//! `/dev/vda`, served by dmaprobe, or the one `dmaprobe.disk` names
+//! (`/dev/nvme0n1` over NVMe). It reads [`GuestParams`] from `/proc/cmdline`,
 //! runs the tests named there in order, reports every step as an [`Event`], and
 //! exits 0 so that `/init` can power off.
 //!
