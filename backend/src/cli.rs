@@ -108,7 +108,7 @@ pub struct RunArgs {
     pub guest_bin: Option<PathBuf>,
     /// How the guest reaches the disk: virtio-blk (vhost-user), nvme (the
     /// guest's nvme driver, dmaprobe's NVMe controller over vfio-user), or
-    /// both, one pass each (NVMe in progress: see the README).
+    /// both, one pass each.
     #[arg(long, value_name = "NAME", default_value = "virtio-blk",
           value_parser = ["virtio-blk", "nvme", "both"])]
     pub transport: String,
@@ -134,7 +134,7 @@ pub struct ServeArgs {
     /// Present an NVMe controller over vfio-user instead of a vhost-user-blk
     /// device: the guest's own nvme driver drives it (QEMU 10.1 or later,
     /// `-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":PATH}}'`;
-    /// scripts/setup provides one). In progress: see the README.
+    /// scripts/setup provides one).
     #[arg(long)]
     pub nvme: bool,
     /// Keep the media in sparse memory of this size (e.g. 64M, 1G).
