@@ -283,21 +283,17 @@ impl Namespace {
     }
 
     pub fn write(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
-        self.writable()?;
-        check_len(range, buf.len())?;
-        if let Some(lba) = self
-            .media
-            .first_bad(range.start.0, range.blocks, MediaErrorKind::Write)
-        {
-            return Err(NamespaceError::WriteFault { lba });
-        }
-        self.change(range, false, |b| b.write_at(range.offset.0, buf))
+        self.write_as(range, buf, false)
     }
 
     /// Writes `buf` and makes those blocks stable before returning (a write
     /// with Force Unit Access): a power cut keeps them, while what the write
     /// cache holds of other blocks stays volatile.
     pub fn write_stable(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
+        self.write_as(range, buf, true)
+    }
+
+    fn write_as(&self, range: LbaRange, buf: &[u8], stable: bool) -> Result<(), NamespaceError> {
         self.writable()?;
         check_len(range, buf.len())?;
         if let Some(lba) = self
@@ -306,7 +302,7 @@ impl Namespace {
         {
             return Err(NamespaceError::WriteFault { lba });
         }
-        self.change(range, true, |b| b.write_at(range.offset.0, buf))
+        self.change(range, stable, |b| b.write_at(range.offset.0, buf))
     }
 
     /// Makes every completed write stable.
