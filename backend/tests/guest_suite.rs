@@ -73,10 +73,14 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("dio-read-fork-cow-child", "debian-6.12", "PASS", true),
     ("dio-read-fork-cow-ext4", "debian-6.1", "FAIL", true),
     ("dio-read-fork-cow-ext4", "debian-6.12", "PASS", true),
+    ("dio-read-fork-cow-vfat", "debian-6.1", "FAIL", true),
+    ("dio-read-fork-cow-vfat", "debian-6.12", "PASS", true),
     ("dio-read-fork-cow-threads", "debian-6.1", "FAIL", true),
     ("dio-read-fork-cow-threads", "debian-6.12", "PASS", true),
     ("dio-write-fork", "debian-6.1", "PASS", true),
     ("dio-write-fork", "debian-6.12", "PASS", true),
+    ("dio-write-fork-vfat", "debian-6.1", "PASS", true),
+    ("dio-write-fork-vfat", "debian-6.12", "PASS", true),
     ("dio-unmap-exit", "debian-6.1", "PASS", false),
     ("dio-unmap-exit", "debian-6.12", "PASS", false),
     ("dio-exit", "debian-6.1", "PASS", false),
@@ -87,6 +91,8 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("iomap-zeroing-ext4", "debian-6.12", "PASS", true),
     ("iomap-zeroing-xfs", "debian-6.1", "PASS", true),
     ("iomap-zeroing-xfs", "debian-6.12", "PASS", true),
+    ("dio-zeroing-udf", "debian-6.1", "PASS", true),
+    ("dio-zeroing-udf", "debian-6.12", "PASS", true),
     ("splice-truncate", "debian-6.1", "PASS", true),
     ("splice-truncate", "debian-6.12", "PASS", true),
     ("dio-pin-accounting", "debian-6.1", "PASS", false),
@@ -97,6 +103,25 @@ const EXPECTED: &[(&str, &str, &str, bool)] = &[
     ("zero-page-read-target", "debian-6.12", "PASS", true),
     ("bad-block-ext4", "debian-6.1", "PASS", true),
     ("bad-block-ext4", "debian-6.12", "PASS", true),
+    // Over virtio-blk there is no passthrough: run with --transport nvme.
+    ("passthru-read-fork-cow", "debian-6.1", "SKIP", false),
+    ("passthru-read-fork-cow", "debian-6.12", "SKIP", false),
+    ("passthru-write-fork", "debian-6.1", "SKIP", false),
+    ("passthru-write-fork", "debian-6.12", "SKIP", false),
+    (
+        "passthru-zero-page-write-source",
+        "debian-6.1",
+        "SKIP",
+        false,
+    ),
+    (
+        "passthru-zero-page-write-source",
+        "debian-6.12",
+        "SKIP",
+        false,
+    ),
+    ("passthru-uring-read-fork-cow", "debian-6.1", "SKIP", false),
+    ("passthru-uring-read-fork-cow", "debian-6.12", "SKIP", false),
 ];
 
 #[test]
@@ -116,6 +141,11 @@ fn the_default_suite_gives_the_documented_verdicts_on_both_debian_kernels() {
             "{test} on {kernel}: {r}\n{}",
             show(&out)
         );
+        if verdict == "SKIP" {
+            let reason = r["reason"].as_str().unwrap_or("");
+            assert!(reason.contains("--transport nvme"), "{r}");
+            continue;
+        }
         let checks = r["checks"].as_array().cloned().unwrap_or_default();
         let named =
             |c: &Value, host: bool| c["name"].as_str().unwrap_or("").starts_with("host:") == host;
@@ -191,17 +221,66 @@ fn the_default_suite_gives_the_documented_verdicts_on_both_debian_kernels() {
     }
     // The 6.1 failure names its evidence: where the device wrote, and that the
     // page had left the parent.
-    let cow = result(&report, "dio-read-fork-cow", "debian-6.1");
-    let reason = cow["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains("kept its old bytes") && reason.contains("at GPA 0x"),
-        "{cow}"
-    );
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("FAIL dio-read-fork-cow on debian-6.1: "),
-        "{table}"
-    );
+    // Each read lost on 6.1, through the block device and through the
+    // legacy direct-I/O code, names the page the device wrote and the one
+    // the parent maps now, on one line under the table.
+    for test in ["dio-read-fork-cow", "dio-read-fork-cow-vfat"] {
+        let cow = result(&report, test, "debian-6.1");
+        let reason = cow["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.contains("kept its old bytes")
+                && reason.contains("at GPA 0x")
+                && reason.contains("now maps 0x"),
+            "{cow}"
+        );
+        assert!(
+            table.contains(&format!("FAIL {test} on debian-6.1: ")),
+            "{table}"
+        );
+    }
+    // The legacy code pads a sub-block write with the zero page on both
+    // kernels, and the pin counter moves for the padded write exactly as for
+    // one without padding; the host checks the vfat and UDF volumes.
+    for kernel in ["debian-6.1", "debian-6.12"] {
+        let r = result(&report, "dio-zeroing-udf", kernel);
+        assert!(
+            r["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["finding"] == "zero-page-source"),
+            "{r}"
+        );
+        let cases = r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["ok"] == true
+                    && c["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("3584 B from the zero page"))
+            })
+            .count();
+        assert_eq!(cases, 3, "{r}");
+        for (test, check) in [
+            (
+                "dio-zeroing-udf",
+                "host: udfinfo reads the volume, integrity closed",
+            ),
+            ("dio-read-fork-cow-vfat", "host: fsck.vfat -n is clean"),
+            ("dio-write-fork-vfat", "host: fsck.vfat -n is clean"),
+        ] {
+            let r = result(&report, test, kernel);
+            let found = r["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == check && c["ok"] == true);
+            assert!(found, "{test} on {kernel}: no {check}: {r}");
+        }
+    }
 }
 
 #[test]
@@ -408,22 +487,85 @@ fn a_guest_that_does_not_finish_is_an_error_with_its_console() {
 /// Over NVMe (the guest's own nvme driver, dmaprobe's controller over
 /// vfio-user) the pinning verdicts are those of virtio-blk: 6.1 loses the
 /// O_DIRECT read across fork, 6.12 does not; smoke passes on both.
+/// Over NVMe: the block layer's passthrough path (`bio_map_user_iov`),
+/// by ioctl and by io_uring, loses a read held across fork on 6.1 and keeps
+/// it on 6.12, as the block-device and legacy direct-I/O paths do; writes
+/// and the zero page pass on both.
+const EXPECTED_NVME: &[(&str, &str, &str)] = &[
+    ("smoke", "PASS", "PASS"),
+    ("dio-read-fork-cow", "FAIL", "PASS"),
+    ("dio-read-fork-cow-vfat", "FAIL", "PASS"),
+    ("dio-write-fork-vfat", "PASS", "PASS"),
+    ("dio-zeroing-udf", "PASS", "PASS"),
+    ("passthru-read-fork-cow", "FAIL", "PASS"),
+    ("passthru-uring-read-fork-cow", "FAIL", "PASS"),
+    ("passthru-write-fork", "PASS", "PASS"),
+    ("passthru-zero-page-write-source", "PASS", "PASS"),
+];
+
 #[test]
-fn over_nvme_the_verdicts_are_those_of_virtio_blk() {
+fn over_nvme_the_verdicts_are_those_of_virtio_blk_and_passthrough_pins_from_6_5() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let (out, report) = dmaprobe_run(
-        &["--transport", "nvme", "--tests", "smoke,dio-read-fork-cow"],
-        &json,
-    );
+    let tests: Vec<&str> = EXPECTED_NVME.iter().map(|e| e.0).collect();
+    let (out, report) = dmaprobe_run(&["--transport", "nvme", "--tests", &tests.join(",")], &json);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
-    for (kernel, cow) in [("debian-6.1", "FAIL"), ("debian-6.12", "PASS")] {
+    let table = String::from_utf8_lossy(&out.stdout);
+    for &(test, on_61, on_612) in EXPECTED_NVME {
+        for (kernel, verdict) in [("debian-6.1", on_61), ("debian-6.12", on_612)] {
+            let column = format!("{kernel} nvme");
+            let r = result(&report, test, &column);
+            assert_eq!(
+                r["verdict"],
+                verdict,
+                "{test} on {column}: {r}\n{}",
+                show(&out)
+            );
+            assert_eq!(r["transport"], "nvme", "{r}");
+            let checks = r["checks"].as_array().cloned().unwrap_or_default();
+            if verdict == "PASS" {
+                assert!(
+                    !checks.is_empty() && checks.iter().all(|c| c["ok"] == true),
+                    "{r}"
+                );
+            } else {
+                // One line naming the page the device wrote and the page the
+                // parent maps now.
+                let reason = r["reason"].as_str().unwrap_or("");
+                assert!(
+                    reason.contains("kept its old bytes")
+                        && reason.contains("at GPA 0x")
+                        && reason.contains("now maps 0x"),
+                    "{r}"
+                );
+                assert!(
+                    table.contains(&format!("FAIL {test} on {column}: ")),
+                    "{table}"
+                );
+            }
+        }
+    }
+    let note = |r: &Value, key: &str| {
+        r["notes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n[0] == key))
+            .and_then(|n| n[1].as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    for kernel in ["debian-6.1", "debian-6.12"] {
         let column = format!("{kernel} nvme");
-        let smoke = result(&report, "smoke", &column);
-        assert_eq!(smoke["verdict"], "PASS", "{smoke}");
-        assert_eq!(smoke["transport"], "nvme", "{smoke}");
-        let r = result(&report, "dio-read-fork-cow", &column);
-        assert_eq!(r["verdict"], cow, "{r}");
+        // The passthrough write's source is the zero page, which is not pinned.
+        let z = result(&report, "passthru-zero-page-write-source", &column);
+        assert_eq!(note(z, "source-is-zero-page"), "true", "{z}");
+        // The device moved the passthrough read's data to and from the
+        // program's own page: the kernel mapped the buffer, not a bounce buffer.
+        let r = result(&report, "passthru-read-fork-cow", &column);
+        assert_eq!(
+            note(r, "device-wrote-at"),
+            note(r, "page-before-fork"),
+            "{r}"
+        );
     }
 }
 

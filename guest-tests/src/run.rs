@@ -640,6 +640,23 @@ fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
             "mkfs.xfs",
         )
         .map(drop),
+        // 4 KiB clusters: a page of a file is one cluster, one extent.
+        Some(Fs::Vfat) => run_tool(
+            Command::new("mkfs.vfat")
+                .args(["-S", "512", "-s", "8"])
+                .arg(disk)
+                .arg((fs_bytes / 1024).to_string()),
+            "mkfs.vfat",
+        )
+        .map(drop),
+        Some(Fs::Udf) => run_tool(
+            Command::new("mkudffs")
+                .args(["--blocksize=4096", "--media-type=hd"])
+                .arg(disk)
+                .arg((fs_bytes / 4096).to_string()),
+            "mkudffs",
+        )
+        .map(drop),
     }
 }
 
@@ -960,13 +977,18 @@ fn host_checks(test: &TestSpec, disk: &Path, ev: &mut Evidence) {
             } => checks.push(check_range(disk, *offset, *len, *seed)),
             Event::File {
                 path, len, seed, ..
-            } => checks.push(check_file(disk, path, *len, *seed)),
+            } => checks.push(check_file(disk, test.disk.format, path, *len, *seed)),
             _ => {}
         }
     }
     let fsck = match test.disk.format {
         Some(Fs::Ext4) => Some(("host: e2fsck -fn is clean", "e2fsck", &["-f", "-n"][..])),
         Some(Fs::Xfs) => Some(("host: xfs_repair -n is clean", "xfs_repair", &["-n"][..])),
+        Some(Fs::Vfat) => Some(("host: fsck.vfat -n is clean", "fsck.vfat", &["-n"][..])),
+        Some(Fs::Udf) => {
+            checks.push(check_udf(disk));
+            None
+        }
         None => None,
     };
     if let Some((name, tool, args)) = fsck {
@@ -983,6 +1005,37 @@ fn host_checks(test: &TestSpec, disk: &Path, ev: &mut Evidence) {
     ev.checks.extend(checks);
 }
 
+/// UDF has no fsck in Debian's udftools: `udfinfo` reads the volume's
+/// descriptors, and a volume unmounted cleanly has its integrity closed.
+fn check_udf(disk: &Path) -> CheckRecord {
+    let name = "host: udfinfo reads the volume, integrity closed".to_owned();
+    match run_tool(Command::new("udfinfo").arg(disk), "udfinfo") {
+        Err(e) => CheckRecord {
+            name,
+            ok: false,
+            detail: last_lines(&e, 6),
+        },
+        Ok(out) => {
+            let field = |key: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let integrity = field("integrity");
+            CheckRecord {
+                name,
+                ok: integrity == "closed",
+                detail: format!(
+                    "integrity={integrity}, numfiles={}, usedblocks={}",
+                    field("numfiles"),
+                    field("usedblocks")
+                ),
+            }
+        }
+    }
+}
+
 fn check_range(disk: &Path, offset: u64, len: u64, seed: u64) -> CheckRecord {
     let name = format!("host: backing holds the {len} B written at byte {offset}");
     let read = || -> std::io::Result<Vec<u8>> {
@@ -995,18 +1048,35 @@ fn check_range(disk: &Path, offset: u64, len: u64, seed: u64) -> CheckRecord {
     pattern_check(name, read(), offset, seed)
 }
 
-fn check_file(disk: &Path, path: &str, len: u64, seed: u64) -> CheckRecord {
+/// Reads the file `path` (from the file system's root) out of the disk image
+/// with the host's own tools, debugfs for ext4 and mtools for FAT, and checks
+/// it holds the pattern.
+fn check_file(disk: &Path, format: Option<Fs>, path: &str, len: u64, seed: u64) -> CheckRecord {
     let name = format!("host: {path} holds its {len} B");
     let out = disk.with_extension("dump");
-    let dumped = run_tool(
-        Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("dump -p {path} {}", out.display()))
-            .arg(disk),
-        "debugfs",
-    )
-    .map_err(std::io::Error::other)
-    .and_then(|_| fs::read(&out));
+    let extract = match format {
+        Some(Fs::Vfat) => run_tool(
+            Command::new("mcopy")
+                .args(["-n", "-o", "-i"])
+                .arg(disk)
+                .arg(format!("::{path}"))
+                .arg(&out),
+            "mcopy",
+        ),
+        Some(Fs::Ext4) => run_tool(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump -p {path} {}", out.display()))
+                .arg(disk),
+            "debugfs",
+        ),
+        other => Err(format!(
+            "the host cannot read files on {other:?}: no checker for it"
+        )),
+    };
+    let dumped = extract
+        .map_err(std::io::Error::other)
+        .and_then(|_| fs::read(&out));
     let _ = fs::remove_file(&out);
     match dumped {
         Ok(data) if data.len() as u64 != len => CheckRecord {

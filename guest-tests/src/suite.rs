@@ -9,6 +9,12 @@ pub enum Fs {
     Ext4,
     /// XFS wants at least 300 MB.
     Xfs,
+    /// FAT (vfat) with 512-byte sectors and 4 KiB clusters: a file system
+    /// whose direct I/O is the legacy code of fs/direct-io.c.
+    Vfat,
+    /// UDF with 4 KiB blocks over the 512-byte-sector disk: legacy direct I/O
+    /// that allocates blocks, so a sub-block write is padded with zeros.
+    Udf,
 }
 
 /// The disk a test gets: a fresh file for every run.
@@ -116,6 +122,10 @@ const fn latency_test(
     }
 }
 
+/// vfat and the code page and character set it loads at mount (437 and
+/// ascii on Debian's kernels; `modules.builtin` drops those built in).
+const FAT_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_ascii"];
+
 pub const TESTS: &[TestSpec] = &[
     TestSpec {
         name: "smoke",
@@ -167,6 +177,19 @@ pub const TESTS: &[TestSpec] = &[
         serve_args: &["--mailbox"],
         ..BASE
     },
+    TestSpec {
+        name: "dio-read-fork-cow-vfat",
+        summary: "as dio-read-fork-cow, with the O_DIRECT read from a file on vfat: the legacy \
+                  direct-I/O code of fs/direct-io.c (fat_direct_IO)",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Vfat),
+        },
+        serve_args: &["--mailbox"],
+        modules: FAT_MODULES,
+        ..BASE
+    },
     mailbox_test(
         "dio-read-fork-cow-child",
         "as dio-read-fork-cow, but the child writes to the page after fork",
@@ -181,6 +204,18 @@ pub const TESTS: &[TestSpec] = &[
         "an O_DIRECT write held while the process forks and the child rewrites the page: \
                   the disk must get the parent's data",
     ),
+    TestSpec {
+        name: "dio-write-fork-vfat",
+        summary: "as dio-write-fork, with the O_DIRECT write to a file on vfat (legacy direct I/O)",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Vfat),
+        },
+        serve_args: &["--mailbox"],
+        modules: FAT_MODULES,
+        ..BASE
+    },
     mailbox_test(
         "dio-unmap-exit",
         "a page under a held O_DIRECT read is unmapped; another process's memory must \
@@ -210,6 +245,26 @@ pub const TESTS: &[TestSpec] = &[
         "io-uring-fixed-fork",
         "an io_uring READ_FIXED into a registered buffer is held while the process forks \
          and the parent writes elsewhere in the page: the parent must get the data",
+    ),
+    mailbox_test(
+        "passthru-read-fork-cow",
+        "as dio-read-fork-cow, with an NVMe passthrough Read (NVME_IOCTL_IO_CMD); needs \
+         --transport nvme",
+    ),
+    mailbox_test(
+        "passthru-write-fork",
+        "as dio-write-fork, with an NVMe passthrough Write (NVME_IOCTL_IO_CMD); needs \
+         --transport nvme",
+    ),
+    mailbox_test(
+        "passthru-zero-page-write-source",
+        "as zero-page-write-source, with an NVMe passthrough Write (NVME_IOCTL_IO_CMD); \
+         needs --transport nvme",
+    ),
+    mailbox_test(
+        "passthru-uring-read-fork-cow",
+        "as passthru-read-fork-cow, through io_uring (IORING_OP_URING_CMD on /dev/ngXnY); \
+         needs --transport nvme",
     ),
     TestSpec {
         name: "splice-truncate",
@@ -246,6 +301,21 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         modules: &["xfs"],
+        timeout: Duration::from_secs(180),
+        ..BASE
+    },
+    TestSpec {
+        name: "dio-zeroing-udf",
+        summary: "O_DIRECT 512 B writes past EOF into new 4 KiB UDF blocks (legacy direct I/O): \
+                  the padding comes from the zero page, which is not pinned while the device \
+                  holds it; the files read back; the host's udfinfo finds the volume closed",
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Udf),
+        },
+        serve_args: &["--mailbox"],
+        modules: &["udf"],
         timeout: Duration::from_secs(180),
         ..BASE
     },

@@ -19,10 +19,10 @@ use std::thread;
 use guest_tests::protocol::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
-use crate::held::{Hold, Setup, LBA, OFFSET};
-use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
+use crate::held::{first_gpa, ForkedRead, Hold, Setup, LBA, OFFSET};
+use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
-use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
+use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{Ctx, OrStop, Stop};
 
 /// The read: the first 512 B of the page.
@@ -48,9 +48,20 @@ pub fn child_writes(ctx: &Ctx) -> Result<(), Stop> {
     run(ctx, Writer::Child, Source::raw(ctx)?)
 }
 
-/// `dio-read-fork-cow-ext4`: the read goes through a file on ext4.
+/// `dio-read-fork-cow-ext4`: the read goes through a file on ext4 (iomap's
+/// direct I/O, which maps the buffer with `bio_iov_iter_get_pages()`).
 pub fn ext4_file(ctx: &Ctx) -> Result<(), Stop> {
-    let source = Source::ext4_file(ctx)?;
+    let source = Source::file(ctx, "ext4")?;
+    run(ctx, Writer::Parent, source)
+}
+
+/// `dio-read-fork-cow-vfat`: the read goes through a file on vfat, whose
+/// direct I/O is the legacy code of fs/direct-io.c: `fat_direct_IO` calls
+/// `blockdev_direct_IO`, which takes the buffer's pages with
+/// `iov_iter_get_pages2()` (references) on 6.1 and with
+/// `iov_iter_extract_pages()` (pins, `BIO_PAGE_PINNED`) from 6.5 on.
+pub fn vfat_file(ctx: &Ctx) -> Result<(), Stop> {
+    let source = Source::file(ctx, "vfat")?;
     run(ctx, Writer::Parent, source)
 }
 
@@ -81,12 +92,13 @@ impl Source {
         })
     }
 
-    /// A page of pattern in a file on the ext4 file system the host made; the
-    /// hold rule names the file's first block on the disk (FIBMAP).
-    fn ext4_file(ctx: &Ctx) -> Result<Source, Stop> {
+    /// A page of pattern in a file on the file system (`kind`: ext4, vfat)
+    /// the host made; the hold rule names the file's first block on the disk
+    /// (FIBMAP).
+    fn file(ctx: &Ctx, kind: &str) -> Result<Source, Stop> {
         let disk = ctx.disk()?;
         let mailbox = Mailbox::open(disk)?;
-        let mount = Mount::ext4(disk, "/mnt")?;
+        let mount = Mount::fs(disk, "/mnt", kind)?;
         let path = format!("/mnt{FILE}");
         let seed = ctx.seed(1);
         let fd = Fd::create(&path, Cache::Direct).or_error()?;
@@ -135,10 +147,7 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         })
     };
     let held = hold.wait_held()?;
-    let gpa = held["segments"][0]["gpa"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
     mailbox.mark("fork");
@@ -170,13 +179,8 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         ctx.record("unmount", m.unmount())?;
     }
 
-    let hex = |p: Option<u64>| {
-        p.map_or("not present".to_owned(), |p| {
-            format!("{:#x}", p * PAGE as u64)
-        })
-    };
-    ctx.note("page-before-fork", hex(pfn_before));
-    ctx.note("page-after-write", hex(pfn_after));
+    ctx.note("page-before-fork", frame_gpa(pfn_before));
+    ctx.note("page-after-write", frame_gpa(pfn_after));
     ctx.note("device-wrote-at", gpa.clone());
     if let (Some(before), Some(during)) = (pins_before, pins_during) {
         ctx.note("pins-while-held", (during - before).to_string());
@@ -186,24 +190,13 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         page.read(TOUCH_AT) == if writer == Writer::Parent { TOUCH } else { OLD },
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
-    let got = page.bytes(0, READ_LEN);
-    let result = check_pattern(seed, offset, &got)
-        .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
-        .map_err(|m| {
-            let moved = pfn_before != pfn_after;
-            let why = if got.iter().all(|&b| b == OLD) {
-                format!(
-                    "the parent's buffer kept its old bytes; the device wrote {READ_LEN} B at GPA {gpa} {}",
-                    if moved {
-                        format!("after the page had left the parent (it now maps {})", hex(pfn_after))
-                    } else {
-                        "but the parent does not see them".to_owned()
-                    }
-                )
-            } else {
-                format!("the parent's buffer is wrong: {m}")
-            };
-            Stop::Fail(why)
-        });
+    let evidence = ForkedRead {
+        len: READ_LEN,
+        old: OLD,
+        gpa: &gpa,
+        before: pfn_before,
+        after: pfn_after,
+    };
+    let result = evidence.judge(seed, offset, &page.bytes(0, READ_LEN));
     ctx.record("the parent sees the data", result)
 }

@@ -194,16 +194,34 @@ fn sync() {
 
 /// The FIBMAP ioctl (linux/fs.h): a file's block to the file system's block.
 const FIBMAP: libc::Ioctl = 1;
+/// The FIGETBSZ ioctl (linux/fs.h): the file system's block size, the unit
+/// of FIBMAP's answer.
+const FIGETBSZ: libc::Ioctl = 2;
 
 /// The disk LBA (512-byte units) of the first block of the open file at
-/// `path` on a 4 KiB-block file system: what a hold rule names to catch the
-/// file's first read.
+/// `path`: what a hold rule names to catch the file's first read.
 pub fn first_lba(fd: &Fd, path: &str) -> Result<u64, Stop> {
     block_lba(fd, path, 0)
 }
 
-/// The disk LBA (512-byte units) of the file's 4 KiB block `index` (FIBMAP).
+/// The file system's block size for the open file at `path` (FIGETBSZ):
+/// 4096 on the suite's ext4 and xfs, 512 on its vfat, 4096 on its UDF.
+pub fn block_size(fd: &Fd, path: &str) -> Result<u64, Stop> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: FIGETBSZ writes one int, which `size` is.
+    if unsafe { libc::ioctl(fd.raw(), FIGETBSZ, &mut size) } != 0 || size < 512 {
+        return Err(Stop::Error(format!(
+            "FIGETBSZ of {path} failed ({size}): {}",
+            stdio::Error::last_os_error()
+        )));
+    }
+    Ok(u64::try_from(size).unwrap_or(0))
+}
+
+/// The disk LBA (512-byte units) of the file's file-system block `index`
+/// (FIBMAP, in units of [`block_size`]).
 pub fn block_lba(fd: &Fd, path: &str, index: u64) -> Result<u64, Stop> {
+    let size = block_size(fd, path)?;
     let mut block = libc::c_int::try_from(index)
         .map_err(|_| Stop::Error(format!("block {index} of {path} is past FIBMAP's reach")))?;
     // SAFETY: FIBMAP reads and writes one int, which `block` is.
@@ -213,7 +231,7 @@ pub fn block_lba(fd: &Fd, path: &str, index: u64) -> Result<u64, Stop> {
             stdio::Error::last_os_error()
         )));
     }
-    Ok(u64::try_from(block).unwrap_or(0) * (4096 / 512))
+    Ok(u64::try_from(block).unwrap_or(0) * (size / 512))
 }
 
 /// A mounted file system, unmounted on drop if [`Mount::unmount`] was not called

@@ -1,7 +1,9 @@
 //! Holding one of the test's own requests at the device, through the mailbox:
 //! what the pinning tests start with ([`Setup`]), a rule that holds the next
 //! request of one op at one LBA, a wait until the device lists it, and its
-//! release.
+//! release. And the evidence such a request leaves when the process forks
+//! while it is held: [`ForkedRead`] for a read, [`disk_holds_parents`] for a
+//! write.
 
 use std::sync::Arc;
 use std::thread;
@@ -10,8 +12,9 @@ use std::time::{Duration, Instant};
 use guest_tests::protocol::fill_pattern;
 use serde_json::{json, Value};
 
-use crate::io::{AlignedBuf, Cache, Fd, PAGE};
+use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
+use crate::mm::frame_gpa;
 use crate::{Ctx, OrStop, Stop};
 
 /// Where the pinning tests keep their data: byte 1 MiB, LBA 2048 with 512 B blocks.
@@ -108,4 +111,71 @@ impl Drop for Hold<'_> {
             .mailbox
             .call(json!({"cmd": "remove-rule", "id": self.rule["id"]}));
     }
+}
+
+/// The guest-physical address of a held request's first segment, from the
+/// device's listing ("?" if it lists none).
+pub fn first_gpa(held: &Value) -> String {
+    held["segments"][0]["gpa"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// A read into the start of a page, held while the process forked and then
+/// released: where the device put the data, and the page the parent mapped
+/// before fork and after its write.
+#[derive(Debug)]
+pub struct ForkedRead<'a> {
+    /// Bytes read.
+    pub len: usize,
+    /// What the page held before the read.
+    pub old: u8,
+    /// Where the device was told to write (its listing of the held read).
+    pub gpa: &'a str,
+    /// The page's frame before fork and after the write that followed it.
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+}
+
+impl ForkedRead<'_> {
+    /// Whether `got`, the parent's first `len` bytes, hold
+    /// `fill_pattern(seed, offset)`; if not, one line saying where the data went.
+    pub fn judge(&self, seed: u64, offset: u64, got: &[u8]) -> Result<String, Stop> {
+        let len = self.len;
+        check_pattern(seed, offset, got)
+            .map(|()| format!("the parent's {len} B hold the data read"))
+            .map_err(|m| {
+                Stop::Fail(if got.iter().all(|&b| b == self.old) {
+                    format!(
+                        "the parent's buffer kept its old bytes; the device wrote {len} B at GPA {} {}",
+                        self.gpa,
+                        if self.before != self.after {
+                            format!(
+                                "after the page had left the parent (it now maps {})",
+                                frame_gpa(self.after)
+                            )
+                        } else {
+                            "but the parent does not see them".to_owned()
+                        }
+                    )
+                } else {
+                    format!("the parent's buffer is wrong: {m}")
+                })
+            })
+    }
+}
+
+/// Whether `back`, read from byte `offset` after a write held across fork
+/// whose child then filled its page with `child`, holds the parent's
+/// `fill_pattern(seed, offset)`; if not, one line counting the child's bytes.
+pub fn disk_holds_parents(seed: u64, offset: u64, back: &[u8], child: u8) -> Result<String, Stop> {
+    check_pattern(seed, offset, back)
+        .map(|()| format!("{} B at byte {offset} are the parent's", back.len()))
+        .map_err(|m| {
+            let childs = back.iter().filter(|&&b| b == child).count();
+            Stop::Fail(format!(
+                "the disk does not hold the parent's data ({childs} B are the child's {child:#04x}): {m}"
+            ))
+        })
 }

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use guest_tests::protocol::{fill_pattern, pattern_mismatch};
 use serde_json::json;
 
-use crate::ext4::{drop_caches, first_lba, Mount};
+use crate::ext4::{block_lba, drop_caches, Mount};
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::{Ctx, OrStop, Stop};
@@ -103,23 +103,27 @@ fn one_case(mailbox: &Mailbox, space: Space, pos: u64, seed: u64, k: u64) -> Res
             "the device saw only sectors {seen:?} of the block's 8 (LBA {lba}): the padding was not written"
         )));
     }
+    reads_back(&path, seed, at, matches!(space, Space::PastEof))?;
+    Ok(format!(
+        "512 B at byte {at}; the device wrote all 8 sectors of the block (LBA {lba}); the file reads back exactly"
+    ))
+}
 
-    // The file reads back: the data, zeros around it, and past EOF the first
-    // block's own data.
-    let size = std::fs::metadata(&path).map(|m| m.len()).or_error()?;
+/// Checks, with the page cache dropped first, that the file at `path` reads
+/// back (O_DIRECT and buffered) as a 512 B write of `fill_pattern(seed, at)`
+/// at byte `at` left it: the data, zeros around it, and with `first_block`
+/// its first 4 KiB holding `fill_pattern(seed ^ 1, 0)`.
+pub fn reads_back(path: &str, seed: u64, at: u64, first_block: bool) -> Result<(), Stop> {
+    let size = std::fs::metadata(path).map(|m| m.len()).or_error()?;
     drop_caches()?;
     let (at_us, end) = (
         usize::try_from(at).unwrap_or(0),
         usize::try_from(at).unwrap_or(0) + LEN,
     );
-    let start = if matches!(space, Space::PastEof) {
-        PAGE
-    } else {
-        0
-    };
+    let start = if first_block { PAGE } else { 0 };
     for (how, bytes) in [
-        ("O_DIRECT", read_direct(&path, size)?),
-        ("buffered", std::fs::read(&path).or_error()?),
+        ("O_DIRECT", read_direct(path, size)?),
+        ("buffered", std::fs::read(path).or_error()?),
     ] {
         if bytes.len() < end {
             return Err(Stop::Fail(format!(
@@ -146,29 +150,12 @@ fn one_case(mailbox: &Mailbox, space: Space, pos: u64, seed: u64, k: u64) -> Res
             )));
         }
     }
-    Ok(format!(
-        "512 B at byte {at}; the device wrote all 8 sectors of the block (LBA {lba}); the file reads back exactly"
-    ))
-}
-
-/// The disk LBA of `block` of the file (FIBMAP works block by block).
-fn block_lba(fd: &Fd, path: &str, block: u64) -> Result<u64, Stop> {
-    if block == 0 {
-        return first_lba(fd, path);
-    }
-    let mut b: libc::c_int = libc::c_int::try_from(block).unwrap_or(0);
-    // SAFETY: FIBMAP reads and writes one int, which `b` is.
-    if unsafe { libc::ioctl(fd.raw(), 1, &mut b) } != 0 || b <= 0 {
-        return Err(Stop::Error(format!(
-            "FIBMAP of block {block} of {path} failed"
-        )));
-    }
-    Ok(u64::try_from(b).unwrap_or(0) * (BLOCK / 512))
+    Ok(())
 }
 
 /// The sectors of the block at `lba` that write requests arriving after
 /// `since_ns` covered, from the device's ledger.
-fn written_sectors(mailbox: &Mailbox, since_ns: u64, lba: u64) -> Result<BTreeSet<u64>, Stop> {
+pub fn written_sectors(mailbox: &Mailbox, since_ns: u64, lba: u64) -> Result<BTreeSet<u64>, Stop> {
     let page = mailbox.call(json!({"cmd": "ledger", "since": 0, "limit": 100000}))?;
     let mut seen = BTreeSet::new();
     for e in page["entries"].as_array().map(Vec::as_slice).unwrap_or(&[]) {

@@ -2,7 +2,8 @@
 //!
 //! - `dio-write-fork`: an O_DIRECT write from a page is held while the process
 //!   forks and the child writes the whole page; the disk must get the parent's
-//!   data, not the child's.
+//!   data, not the child's. `dio-write-fork-vfat` writes to a file on vfat
+//!   instead, through the legacy direct-I/O code (fs/direct-io.c).
 //! - `dio-read-fork-cow-threads` (the LTP dma_thread pattern): seven threads
 //!   read with O_DIRECT into seven 512-byte parts of one page; the device holds
 //!   them all while the process forks; then an eighth read, into the last part,
@@ -20,45 +21,101 @@ use std::thread;
 use guest_tests::protocol::fill_pattern;
 use serde_json::json;
 
-use crate::held::{Hold, Setup, LBA, OFFSET};
+use crate::ext4::{first_lba, Mount};
+use crate::held::{disk_holds_parents, first_gpa, Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
-use crate::mm::{fork_and_wait, pfn, AnonPage};
+use crate::mm::{fork_and_wait, frame_gpa, pfn, AnonPage};
 use crate::{Ctx, OrStop, Stop};
 
-fn hex(p: Option<u64>) -> String {
-    p.map_or("not present".to_owned(), |p| {
-        format!("{:#x}", p * PAGE as u64)
-    })
+/// What the child of `dio-write-fork` fills its page with.
+const CHILD: u8 = 0x77;
+
+/// Where `dio-write-fork` writes: the raw disk at [`OFFSET`], or a file.
+struct WriteTarget {
+    mailbox: Mailbox,
+    fd: Arc<Fd>,
+    /// Where in `fd` the write goes; the pattern is keyed to it.
+    offset: u64,
+    /// The disk block the write reaches, for the hold rule.
+    lba: u64,
+    /// The file (from the file system's root) and its mount, for a file.
+    file: Option<(&'static str, Mount)>,
 }
 
 pub fn write_fork(ctx: &Ctx) -> Result<(), Stop> {
     let disk = ctx.disk()?;
+    let target = WriteTarget {
+        mailbox: Mailbox::open(disk)?,
+        fd: Arc::new(Fd::open(disk, Cache::Direct).or_error()?),
+        offset: OFFSET,
+        lba: LBA,
+        file: None,
+    };
+    write_fork_into(ctx, target)
+}
+
+/// `dio-write-fork-vfat`: the write goes to a file on vfat, through the
+/// legacy direct-I/O code (`fat_direct_IO`, `blockdev_direct_IO`). The file
+/// already holds a page of other bytes, written and synced: FAT does a direct
+/// write only over clusters it has allocated and initialised (past them,
+/// `fat_direct_IO` returns 0 and the write goes through the page cache).
+pub fn write_fork_vfat(ctx: &Ctx) -> Result<(), Stop> {
+    const FILE: &str = "/fork.bin";
+    let disk = ctx.disk()?;
     let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let mount = Mount::fs(disk, "/mnt", "vfat")?;
+    let path = format!("/mnt{FILE}");
+    let fd = Fd::create(&path, Cache::Direct).or_error()?;
+    let mut before = AlignedBuf::new(PAGE, 0).or_error()?;
+    before.as_mut_slice().fill(0x55);
+    fd.write_all_at(before.as_slice(), 0).or_fail()?;
+    fd.sync().or_fail()?;
+    let lba = first_lba(&fd, &path)?;
+    ctx.note("write-lba", lba.to_string());
+    let target = WriteTarget {
+        mailbox,
+        fd: Arc::new(fd),
+        offset: 0,
+        lba,
+        file: Some((FILE, mount)),
+    };
+    write_fork_into(ctx, target)
+}
+
+fn write_fork_into(ctx: &Ctx, target: WriteTarget) -> Result<(), Stop> {
+    let WriteTarget {
+        mailbox,
+        fd,
+        offset,
+        lba,
+        file,
+    } = target;
     let seed = ctx.seed(1);
     let page = Arc::new(AnonPage::map()?);
     let mut data = vec![0u8; PAGE];
-    fill_pattern(seed, OFFSET, &mut data);
+    fill_pattern(seed, offset, &mut data);
     for (i, &b) in data.iter().enumerate() {
         page.write(i, b);
     }
-    let hold = Hold::next(&mailbox, "write", LBA)?;
+    let hold = Hold::next(&mailbox, "write", lba)?;
     let writer = {
         let (fd, page) = (fd.clone(), page.clone());
         thread::spawn(move || {
             // SAFETY: the mapping lives as long as `page`, held by this thread; the
             // kernel reads it by DMA.
             let src = unsafe { std::slice::from_raw_parts(page.addr() as *const u8, PAGE) };
-            fd.write_all_at(src, OFFSET)
+            fd.write_all_at(src, offset)
         })
     };
     let held = hold.wait_held()?;
+    mailbox.mark("fork");
     let status = fork_and_wait(|| {
         for i in 0..PAGE {
-            page.write(i, 0x77);
+            page.write(i, CHILD);
         }
     })?;
+    mailbox.mark("child wrote and exited");
     hold.release()?;
     writer
         .join()
@@ -69,26 +126,20 @@ pub fn write_fork(ctx: &Ctx) -> Result<(), Stop> {
             "the child exited with status {status}"
         )));
     }
-    ctx.wrote(OFFSET, PAGE, seed);
-    ctx.note(
-        "device-read-from",
-        held["segments"][0]["gpa"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned(),
-    );
+    ctx.note("device-read-from", first_gpa(&held));
     let mut back = AlignedBuf::new(PAGE, 0).or_error()?;
-    fd.read_exact_at(back.as_mut_slice(), OFFSET).or_fail()?;
+    fd.read_exact_at(back.as_mut_slice(), offset).or_fail()?;
+    match file {
+        None => ctx.wrote(offset, PAGE, seed),
+        Some((name, mount)) => {
+            ctx.file(name, PAGE, seed);
+            drop(fd);
+            ctx.record("unmount", mount.unmount())?;
+        }
+    }
     ctx.record(
         "the disk holds the parent's data",
-        check_pattern(seed, OFFSET, back.as_slice())
-            .map(|()| format!("{PAGE} B at byte {OFFSET} are the parent's"))
-            .map_err(|m| {
-                let childs = back.as_slice().iter().filter(|&&b| b == 0x77).count();
-                Stop::Fail(format!(
-                    "the disk does not hold the parent's data ({childs} B are the child's 0x77): {m}"
-                ))
-            }),
+        disk_holds_parents(seed, offset, back.as_slice(), CHILD),
     )
 }
 
@@ -143,8 +194,8 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
             "the child exited with status {status}"
         )));
     }
-    ctx.note("page-before-fork", hex(before));
-    ctx.note("page-after", hex(after));
+    ctx.note("page-before-fork", frame_gpa(before));
+    ctx.note("page-after", frame_gpa(after));
     ctx.note("released", released.to_string());
     ctx.note("device-wrote-at", held.join(" "));
     ctx.check(
@@ -165,7 +216,7 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
             "parts {failed:?} of {held_parts} kept their old bytes; the device wrote them at {} {}",
             held.join(" "),
             if before != after {
-                format!("after the page had left the process (it now maps {})", hex(after))
+                format!("after the page had left the process (it now maps {})", frame_gpa(after))
             } else {
                 "but the process does not see them".to_owned()
             }
@@ -280,13 +331,7 @@ fn let_go(ctx: &Ctx, how: LetGo) -> Result<(), Stop> {
         ),
     };
     let status = bystander.finish();
-    ctx.note(
-        "device-wrote-at",
-        held["segments"][0]["gpa"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned(),
-    );
+    ctx.note("device-wrote-at", first_gpa(&held));
     ctx.note("owner", read);
     ctx.check(
         "the other process's memory is intact",

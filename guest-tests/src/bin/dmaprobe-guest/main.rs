@@ -17,12 +17,17 @@
 //! - [`hold`]: a program holds its own read through the mailbox and releases it.
 //! - [`mm`]: anonymous pages, their frames, the pin counters, fork.
 //! - [`cow`]: an O_DIRECT read held across fork: does the parent keep its data?
+//!   From the raw disk, a file on ext4 (iomap) or on vfat (fs/direct-io.c).
 //! - [`lifetimes`]: writes across fork, reads from many threads across fork, unmap.
 //! - [`held`]: holding the test's own requests at the device through the mailbox.
 //! - [`zero`]: the zero page as an O_DIRECT source and target; the pin counter.
 //! - [`uring`]: an io_uring read into a registered buffer, held across fork.
+//! - [`passthru`]: NVMe passthrough reads and writes (ioctl, io_uring
+//!   command) held across fork, and from the zero page (`--transport nvme`).
 //! - [`splice`]: splice from an O_DIRECT file racing with truncate, the read held.
 //! - [`iomap`]: sub-block O_DIRECT writes into holes and unwritten extents.
+//! - [`dio_zeroing`]: the legacy direct-I/O code's zero padding (UDF), from
+//!   the zero page, which must not be pinned.
 //! - [`fio`]: fio's 4k random read at QD32, IOPS and latency as notes (opt-in).
 //! - [`powercut`]: files on ext4 with and without fsync across a power cut
 //!   (two boots); a media error under a file fails its read until rewritten.
@@ -42,6 +47,7 @@
 
 mod cow;
 mod delay;
+mod dio_zeroing;
 mod ext4;
 mod fio;
 mod held;
@@ -52,6 +58,7 @@ mod latency;
 mod lifetimes;
 mod mailbox;
 mod mm;
+mod passthru;
 mod powercut;
 mod report;
 mod restart;
@@ -100,17 +107,30 @@ const TESTS: &[(&str, TestFn)] = &[
     ("dio-read-fork-cow", cow::parent_writes),
     ("dio-read-fork-cow-child", cow::child_writes),
     ("dio-read-fork-cow-ext4", cow::ext4_file),
+    ("dio-read-fork-cow-vfat", cow::vfat_file),
     ("dio-read-fork-cow-threads", lifetimes::threads),
     ("dio-write-fork", lifetimes::write_fork),
+    ("dio-write-fork-vfat", lifetimes::write_fork_vfat),
     ("dio-unmap-exit", lifetimes::unmap),
     ("dio-exit", lifetimes::exit),
     ("dio-pin-accounting", zero::pin_accounting),
     ("zero-page-write-source", zero::write_source),
     ("zero-page-read-target", zero::read_target),
     ("io-uring-fixed-fork", uring::fixed_fork),
+    ("passthru-read-fork-cow", passthru::read_fork_cow),
+    ("passthru-write-fork", passthru::write_fork),
+    (
+        "passthru-zero-page-write-source",
+        passthru::zero_page_write_source,
+    ),
+    (
+        "passthru-uring-read-fork-cow",
+        passthru::uring_read_fork_cow,
+    ),
     ("splice-truncate", splice::run),
     ("iomap-zeroing-ext4", iomap::ext4),
     ("iomap-zeroing-xfs", iomap::xfs),
+    ("dio-zeroing-udf", dio_zeroing::udf),
     ("fio-randread", fio::randread),
     ("power-cut-ext4", powercut::power_cut),
     ("bad-block-ext4", powercut::bad_block),

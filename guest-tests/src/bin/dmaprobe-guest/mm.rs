@@ -102,6 +102,14 @@ pub fn pfn(addr: usize) -> Result<Option<u64>, Stop> {
         .map_err(|e| Stop::Error(format!("cannot read /proc/self/pagemap: {e}")))
 }
 
+/// A page frame (from [`pfn`]) as the guest-physical address of its first
+/// byte, the way the device lists addresses; "not present" for none.
+pub fn frame_gpa(pfn: Option<u64>) -> String {
+    pfn.map_or("not present".to_owned(), |p| {
+        format!("{:#x}", p * PAGE as u64)
+    })
+}
+
 /// The guest-physical address of the zero page: the frame behind a page that
 /// was only ever read (a read fault maps the shared zero page).
 pub fn zero_page_gpa() -> Result<u64, Stop> {

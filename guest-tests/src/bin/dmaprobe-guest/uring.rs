@@ -25,7 +25,9 @@
 //! The ring is driven by raw syscalls (`io_uring_setup`, `io_uring_enter`,
 //! `io_uring_register`) and its three shared mappings: the submission ring,
 //! the completion ring and the submission queue entries, with the layouts of
-//! `include/uapi/linux/io_uring.h`.
+//! `include/uapi/linux/io_uring.h`. [`Ring`] also serves the NVMe passthrough
+//! tests (`passthru`): set up with 128-byte submission and 32-byte completion
+//! entries, it carries `IORING_OP_URING_CMD`, a command for the file's driver.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -39,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::held::{Hold, Setup, LBA, OFFSET};
+use crate::held::{first_gpa, Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, PAGE};
-use crate::mm::{fork_and_wait, pfn, pins, AnonPage};
+use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{one_line, Ctx, OrStop, Stop};
 
 /// The read: the first 512 B of the page.
@@ -88,10 +90,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
     ring.read_fixed(&reader, page.addr(), READ_LEN, OFFSET, 0, READ_TAG)
         .or_error()?;
     let held = hold.wait_held()?;
-    let gpa = held["segments"][0]["gpa"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
     let status = fork_and_wait(|| {})?;
@@ -108,13 +107,8 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
     ring.unregister_buffers().or_error()?;
     let pins_unregistered = pins().ok();
 
-    let hex = |p: Option<u64>| {
-        p.map_or("not present".to_owned(), |p| {
-            format!("{:#x}", p * PAGE as u64)
-        })
-    };
-    ctx.note("page-before-fork", hex(pfn_before));
-    ctx.note("page-after-write", hex(pfn_after));
+    ctx.note("page-before-fork", frame_gpa(pfn_before));
+    ctx.note("page-after-write", frame_gpa(pfn_after));
     ctx.note("device-wrote-at", gpa.clone());
     if let Some(before) = pins_before {
         let since = |p: Option<i64>| p.map_or("?".to_owned(), |p| (p - before).to_string());
@@ -148,7 +142,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let got = page.bytes(0, READ_LEN);
-    let parent_page = hex(pfn_after);
+    let parent_page = frame_gpa(pfn_after);
     let result = check_pattern(seed, OFFSET, &got)
         .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
         .map_err(|m| {
@@ -173,7 +167,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
 }
 
 /// `; kernel.io_uring_disabled = N` if the sysctl exists (Linux 6.6 on).
-fn disabled_sysctl() -> String {
+pub fn disabled_sysctl() -> String {
     fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|v| format!("; kernel.io_uring_disabled = {}", v.trim()))
         .unwrap_or_default()
@@ -183,6 +177,19 @@ fn disabled_sysctl() -> String {
 
 /// `IORING_OP_READ_FIXED`: a read into a registered buffer.
 const IORING_OP_READ_FIXED: u8 = 4;
+/// `IORING_OP_URING_CMD`: a command for the file's driver (`file_operations.uring_cmd`);
+/// 46 on Linux 5.19 to 6.12 at least (`enum io_uring_op`).
+const IORING_OP_URING_CMD: u8 = 46;
+/// `io_uring_setup` flags: 128-byte submission entries (an 80-byte command area
+/// for `IORING_OP_URING_CMD`), 32-byte completion entries (16 bytes more for
+/// the driver's result).
+pub const IORING_SETUP_SQE128: u32 = 1 << 10;
+pub const IORING_SETUP_CQE32: u32 = 1 << 11;
+/// Bytes of a submission entry and a completion entry, without those flags.
+const SQE_SIZE: usize = 64;
+const CQE_SIZE: usize = 16;
+/// Bytes of command data in a 128-byte submission entry, from `addr3` on.
+const CMD_AREA: usize = 80;
 /// `io_uring_enter` flag: wait for (and reap into the ring) `min_complete` completions.
 const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
 /// `io_uring_register` opcodes.
@@ -262,7 +269,48 @@ struct Sqe {
     pad: u64,
 }
 
-/// `struct io_uring_cqe`: one completion.
+/// `struct io_uring_sqe` as `IORING_OP_URING_CMD` uses it in a ring of
+/// 128-byte entries: `cmd_op` where `off` was, and the driver's command `C` in
+/// the [`CMD_AREA`] bytes that begin at `addr3`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CmdSqe<C: Copy> {
+    opcode: u8,
+    flags: u8,
+    ioprio: u16,
+    fd: i32,
+    /// Which command of the driver's (e.g. `NVME_URING_CMD_IO`).
+    cmd_op: u32,
+    pad1: u32,
+    addr: u64,
+    len: u32,
+    uring_cmd_flags: u32,
+    user_data: u64,
+    buf_index: u16,
+    personality: u16,
+    splice_fd_in: i32,
+    cmd: CmdArea<C>,
+}
+
+/// The command area: the driver's command, the rest zeros.
+#[repr(C)]
+#[derive(Clone, Copy)]
+union CmdArea<C: Copy> {
+    cmd: C,
+    bytes: [u8; CMD_AREA],
+}
+
+impl<C: Copy> CmdArea<C> {
+    fn new(cmd: C) -> Self {
+        let mut area = CmdArea {
+            bytes: [0; CMD_AREA],
+        };
+        area.cmd = cmd;
+        area
+    }
+}
+
+/// `struct io_uring_cqe`: one completion (the first 16 bytes of a 32-byte one).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cqe {
@@ -273,8 +321,9 @@ pub struct Cqe {
 }
 
 const _: () = assert!(size_of::<Params>() == 120);
-const _: () = assert!(size_of::<Sqe>() == 64);
-const _: () = assert!(size_of::<Cqe>() == 16);
+const _: () = assert!(size_of::<Sqe>() == SQE_SIZE);
+const _: () = assert!(size_of::<CmdSqe<[u64; CMD_AREA / 8]>>() == 2 * SQE_SIZE);
+const _: () = assert!(size_of::<Cqe>() == CQE_SIZE);
 
 /// Why a ring operation failed.
 #[derive(Debug, Error)]
@@ -298,6 +347,8 @@ pub enum UringError {
     Unregister(#[source] io::Error),
     #[error("The submission queue is full")]
     QueueFull,
+    #[error("A {entry}-byte submission entry does not fit a ring of {ring}-byte entries")]
+    EntrySize { entry: usize, ring: usize },
     #[error("io_uring_enter failed")]
     Enter(#[source] io::Error),
     #[error("io_uring_enter consumed {0} submissions, not 1")]
@@ -311,6 +362,13 @@ impl UringError {
     pub fn unsupported(&self) -> bool {
         matches!(self, UringError::Setup(e)
             if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)))
+    }
+
+    /// As [`unsupported`](Self::unsupported), or the kernel refused the setup
+    /// flags asked of it (EINVAL: it does not know one).
+    pub fn unsupported_with_flags(&self) -> bool {
+        self.unsupported()
+            || matches!(self, UringError::Setup(e) if e.raw_os_error() == Some(libc::EINVAL))
     }
 }
 
@@ -382,6 +440,9 @@ impl Drop for Mapping {
 #[derive(Debug)]
 pub struct Ring {
     params: Params,
+    /// Bytes of one submission and one completion entry (the setup flags say).
+    sqe_size: usize,
+    cqe_size: usize,
     sq: Mapping,
     cq: Mapping,
     sqes: Mapping,
@@ -391,7 +452,17 @@ pub struct Ring {
 impl Ring {
     /// `io_uring_setup` with room for `entries` submissions, and the mappings.
     pub fn setup(entries: u32) -> Result<Ring, UringError> {
-        let mut params = Params::default();
+        Self::setup_with(entries, 0)
+    }
+
+    /// As [`Ring::setup`], with `flags` (`IORING_SETUP_*`; of the ones that
+    /// change the entries' sizes, [`IORING_SETUP_SQE128`] and
+    /// [`IORING_SETUP_CQE32`]).
+    pub fn setup_with(entries: u32, flags: u32) -> Result<Ring, UringError> {
+        let mut params = Params {
+            flags,
+            ..Params::default()
+        };
         // SAFETY: io_uring_setup reads and writes the `Params` it is given, which
         // has the kernel's layout (its size is checked above) and outlives the call.
         let fd = unsafe {
@@ -406,9 +477,19 @@ impl Ring {
         }
         // SAFETY: the fd was just returned by io_uring_setup and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let sqe_size = if flags & IORING_SETUP_SQE128 != 0 {
+            2 * SQE_SIZE
+        } else {
+            SQE_SIZE
+        };
+        let cqe_size = if flags & IORING_SETUP_CQE32 != 0 {
+            2 * CQE_SIZE
+        } else {
+            CQE_SIZE
+        };
         let sq_len = params.sq_off.array as usize + params.sq_entries as usize * 4;
-        let cq_len = params.cq_off.cqes as usize + params.cq_entries as usize * size_of::<Cqe>();
-        let sqes_len = params.sq_entries as usize * size_of::<Sqe>();
+        let cq_len = params.cq_off.cqes as usize + params.cq_entries as usize * cqe_size;
+        let sqes_len = params.sq_entries as usize * sqe_size;
         // Mapped separately even when the kernel offers one mapping for both
         // rings (IORING_FEAT_SINGLE_MMAP): that works on every kernel.
         let sq = Mapping::new(&fd, sq_len, IORING_OFF_SQ_RING, "submission ring")?;
@@ -416,6 +497,8 @@ impl Ring {
         let sqes = Mapping::new(&fd, sqes_len, IORING_OFF_SQES, "submission entries")?;
         Ok(Ring {
             params,
+            sqe_size,
+            cqe_size,
             sq,
             cq,
             sqes,
@@ -426,8 +509,12 @@ impl Ring {
     /// The ring's sizes and the kernel's feature bits, for a note.
     pub fn describe(&self) -> String {
         format!(
-            "{} submission and {} completion entries, features {:#x}",
-            self.params.sq_entries, self.params.cq_entries, self.params.features
+            "{} submission entries of {} B and {} completion entries of {} B, features {:#x}",
+            self.params.sq_entries,
+            self.sqe_size,
+            self.params.cq_entries,
+            self.cqe_size,
+            self.params.features
         )
     }
 
@@ -489,15 +576,7 @@ impl Ring {
         buf_index: u16,
         user_data: u64,
     ) -> Result<(), UringError> {
-        let off = &self.params.sq_off;
-        let head = self.sq.atomic(off.head).load(Ordering::Acquire);
-        let tail = self.sq.atomic(off.tail).load(Ordering::Relaxed);
-        if tail.wrapping_sub(head) >= self.params.sq_entries {
-            return Err(UringError::QueueFull);
-        }
-        let mask = self.sq.atomic(off.ring_mask).load(Ordering::Relaxed);
-        let index = tail & mask;
-        let sqe = Sqe {
+        self.submit(Sqe {
             opcode: IORING_OP_READ_FIXED,
             fd: file.as_raw_fd(),
             off: offset,
@@ -506,14 +585,63 @@ impl Ring {
             user_data,
             buf_index,
             ..Sqe::default()
-        };
-        let slot = self.sqes.at::<Sqe>(index as usize * size_of::<Sqe>());
+        })
+    }
+
+    /// Submits `IORING_OP_URING_CMD`: command `cmd_op` of `file`'s driver,
+    /// with `cmd` (e.g. `struct nvme_uring_cmd`) in the entry's command area.
+    /// The ring must have been set up with [`IORING_SETUP_SQE128`]. Returns
+    /// once the kernel has taken the entry; the command completes later.
+    pub fn uring_cmd<C: Copy>(
+        &self,
+        file: &File,
+        cmd_op: u32,
+        cmd: C,
+        user_data: u64,
+    ) -> Result<(), UringError> {
+        const { assert!(size_of::<C>() <= CMD_AREA) };
+        self.submit(CmdSqe {
+            opcode: IORING_OP_URING_CMD,
+            flags: 0,
+            ioprio: 0,
+            fd: file.as_raw_fd(),
+            cmd_op,
+            pad1: 0,
+            addr: 0,
+            len: 0,
+            uring_cmd_flags: 0,
+            user_data,
+            buf_index: 0,
+            personality: 0,
+            splice_fd_in: 0,
+            cmd: CmdArea::new(cmd),
+        })
+    }
+
+    /// Puts `entry` (a submission entry of the ring's size) on the
+    /// submission queue and has the kernel take it.
+    fn submit<E: Copy>(&self, entry: E) -> Result<(), UringError> {
+        if size_of::<E>() != self.sqe_size {
+            return Err(UringError::EntrySize {
+                entry: size_of::<E>(),
+                ring: self.sqe_size,
+            });
+        }
+        let off = &self.params.sq_off;
+        let head = self.sq.atomic(off.head).load(Ordering::Acquire);
+        let tail = self.sq.atomic(off.tail).load(Ordering::Relaxed);
+        if tail.wrapping_sub(head) >= self.params.sq_entries {
+            return Err(UringError::QueueFull);
+        }
+        let mask = self.sq.atomic(off.ring_mask).load(Ordering::Relaxed);
+        let index = tail & mask;
+        let slot = self.sqes.at::<E>(index as usize * self.sqe_size);
         let array = self.sq.at::<u32>(off.array as usize + index as usize * 4);
         // SAFETY: both pointers are inside their mappings (checked by `at`); the
         // kernel reads this slot and array entry only after it sees the new tail,
         // which is stored below with Release ordering.
         unsafe {
-            slot.write(sqe);
+            slot.write(entry);
             array.write(index);
         }
         self.sq
@@ -528,31 +656,50 @@ impl Ring {
 
     /// Waits up to `timeout` for one completion and consumes it.
     pub fn wait_completion(&self, timeout: Duration) -> Result<Cqe, UringError> {
-        let off = &self.params.cq_off;
         let start = Instant::now();
         loop {
-            let head = self.cq.atomic(off.head).load(Ordering::Relaxed);
-            let tail = self.cq.atomic(off.tail).load(Ordering::Acquire);
-            if head != tail {
-                let mask = self.cq.atomic(off.ring_mask).load(Ordering::Relaxed);
-                let at = off.cqes as usize + (head & mask) as usize * size_of::<Cqe>();
-                // SAFETY: the entry is inside the mapping (checked by `at`) and the
-                // kernel filled it before publishing the tail loaded with Acquire;
-                // it does not reuse the slot until the head moves past it.
-                let cqe = unsafe { self.cq.at::<Cqe>(at).read() };
-                self.cq
-                    .atomic(off.head)
-                    .store(head.wrapping_add(1), Ordering::Release);
+            if let Some(cqe) = self.reap() {
                 return Ok(cqe);
             }
             if start.elapsed() > timeout {
                 return Err(UringError::Timeout(timeout));
             }
-            // Completions may wait as task work for this task to enter the
-            // kernel; GETEVENTS with no minimum runs it without blocking.
-            self.enter(0, 0, IORING_ENTER_GETEVENTS)?;
+            self.run_completions()?;
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// One completion if there is one now, consumed; does not wait.
+    pub fn try_completion(&self) -> Result<Option<Cqe>, UringError> {
+        self.run_completions()?;
+        Ok(self.reap())
+    }
+
+    /// Completions may wait as task work for this task to enter the kernel;
+    /// GETEVENTS with no minimum runs it without blocking.
+    fn run_completions(&self) -> Result<(), UringError> {
+        self.enter(0, 0, IORING_ENTER_GETEVENTS).map(drop)
+    }
+
+    /// Consumes the completion at the head of the ring, if any (the first 16
+    /// bytes of it in a ring of 32-byte entries).
+    fn reap(&self) -> Option<Cqe> {
+        let off = &self.params.cq_off;
+        let head = self.cq.atomic(off.head).load(Ordering::Relaxed);
+        let tail = self.cq.atomic(off.tail).load(Ordering::Acquire);
+        if head == tail {
+            return None;
+        }
+        let mask = self.cq.atomic(off.ring_mask).load(Ordering::Relaxed);
+        let at = off.cqes as usize + (head & mask) as usize * self.cqe_size;
+        // SAFETY: the entry is inside the mapping (checked by `at`) and the
+        // kernel filled it before publishing the tail loaded with Acquire;
+        // it does not reuse the slot until the head moves past it.
+        let cqe = unsafe { self.cq.at::<Cqe>(at).read() };
+        self.cq
+            .atomic(off.head)
+            .store(head.wrapping_add(1), Ordering::Release);
+        Some(cqe)
     }
 
     /// `io_uring_enter`; returns the number of submissions consumed.

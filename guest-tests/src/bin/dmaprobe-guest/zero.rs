@@ -6,6 +6,8 @@
 //!   hold zeros, and while the device holds the write the pin counter must not
 //!   count the zero page. The device's view (a zero-page source, or not) is a
 //!   note; a non-zero byte from the zero page would be its finding.
+//!   [`write_source_by`] is that test with the write issued another way
+//!   (`passthru-zero-page-write-source`: an NVMe passthrough Write).
 //! - `zero-page-read-target`: an O_DIRECT read into anonymous memory that was
 //!   only read (so mapped to the zero page). The kernel must give the read a
 //!   page of its own: the device must never be told to write into the zero
@@ -19,7 +21,7 @@
 use std::sync::Arc;
 use std::thread;
 
-use crate::held::{Hold, Setup, LBA, OFFSET};
+use crate::held::{first_gpa, Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
 use crate::mailbox::Mailbox;
 use crate::mm::{pfn, pins, zero_page_gpa, AnonPage};
@@ -28,32 +30,40 @@ use crate::{Ctx, OrStop, Stop};
 pub fn write_source(ctx: &Ctx) -> Result<(), Stop> {
     // Something that is not zeros first, so the write has to change it.
     let Setup { mailbox, fd, .. } = Setup::new(ctx, false)?;
+    let writer = fd.clone();
+    write_source_by(ctx, &mailbox, &fd, move |page| {
+        // SAFETY: the mapping lives as long as `page`, borrowed for this call;
+        // the kernel only reads it.
+        let src = unsafe { std::slice::from_raw_parts(page.addr() as *const u8, PAGE) };
+        writer.write_all_at(src, OFFSET).or_fail()
+    })
+}
 
+/// The body of the zero-page write-source tests: `write` writes the whole
+/// never-touched page to byte [`OFFSET`] of the disk (from a thread of its
+/// own: it returns when the write completes); `fd` (O_DIRECT) reads it back.
+pub fn write_source_by(
+    ctx: &Ctx,
+    mailbox: &Mailbox,
+    fd: &Fd,
+    write: impl FnOnce(&AnonPage) -> Result<(), Stop> + Send + 'static,
+) -> Result<(), Stop> {
     let zero = zero_page_gpa()?;
     let page = Arc::new(AnonPage::map()?);
-    let hold = Hold::next(&mailbox, "write", LBA)?;
+    let hold = Hold::next(mailbox, "write", LBA)?;
     let pins_before = pins()?;
     let writer = {
-        let (fd, page) = (fd.clone(), page.clone());
-        thread::spawn(move || {
-            // SAFETY: the mapping lives as long as `page`, held by this thread; the
-            // kernel only reads it.
-            let src = unsafe { std::slice::from_raw_parts(page.addr() as *const u8, PAGE) };
-            fd.write_all_at(src, OFFSET)
-        })
+        let page = page.clone();
+        thread::spawn(move || write(&page))
     };
     let held = hold.wait_held()?;
     let pins_during = pins()?;
     hold.release()?;
     writer
         .join()
-        .map_err(|_| Stop::Error("the writer thread panicked".into()))?
-        .or_fail()?;
+        .map_err(|_| Stop::Error("the writer thread panicked".into()))??;
 
-    let source = held["segments"][0]["gpa"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let source = first_gpa(&held);
     ctx.note("zero-page", format!("{zero:#x}"));
     ctx.note("device-read-from", source.clone());
     ctx.note(
@@ -107,10 +117,7 @@ pub fn read_target(ctx: &Ctx) -> Result<(), Stop> {
         .join()
         .map_err(|_| Stop::Error("the reader thread panicked".into()))?
         .or_fail()?;
-    let target = held["segments"][0]["gpa"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let target = first_gpa(&held);
     ctx.note("device-wrote-at", target.clone());
     ctx.check(
         "the device was not told to write the zero page",
