@@ -276,12 +276,17 @@ impl Pipeline {
         let q = arrival.queue;
         let mut ticket = core.engine.arrive(mem, arrival);
         if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
-            // A broken device on purpose: the guest hears "done" now, the data moves later.
+            // A broken device on purpose: the guest hears "done" now, the data
+            // moves later: at the release of a hold that also matched (so a
+            // test can act while the completed request's DMA is pending),
+            // else `ms` from now.
             let written = match work {
                 Work::Read(_) | Work::GetId(_) => label.len,
                 _ => 0,
             };
-            ticket.wait = Wait::Delay(Duration::from_millis(ms));
+            if ticket.wait != Wait::Hold {
+                ticket.wait = Wait::Delay(Duration::from_millis(ms));
+            }
             self.park((
                 parked_info(&ticket),
                 ticket.wait,

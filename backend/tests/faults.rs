@@ -1185,6 +1185,32 @@ fn complete_before_dma_completes_at_once_and_moves_the_data_later() {
 }
 
 #[test]
+fn complete_before_dma_under_a_hold_moves_the_data_at_the_release() {
+    let s = Served::start(&[]);
+    let mut fe = s.connect(1);
+    let data = pattern(19, LEN);
+    s.put_disk(40, &data);
+    s.rule("lba=40,action=hold");
+    s.rule("action=complete-before-dma,ms=100");
+
+    // The guest hears "done" at once; the device still lists the read as held.
+    let buf = filled(&fe, LEN, PREFILL);
+    let c = run(fe.queue(0).unwrap(), RequestType::In, 40, &[seg(&buf)]);
+    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    let p = s.wait_parked(1).remove(0);
+    assert_eq!((p.op, p.lba, p.held), (Op::Read, 40, true));
+    // Past the mutant's own delay, the data has not moved: the hold keeps it.
+    thread::sleep(Duration::from_millis(300));
+    assert!(buf.read().unwrap().iter().all(|&b| b == PREFILL));
+    assert_eq!(s.daemon.release(Release::All), 1);
+    let deadline = Instant::now() + SOON;
+    while buf.read().unwrap() != data {
+        assert!(Instant::now() < deadline, "the data never landed");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
 fn wrong_page_moves_the_data_one_page_off() {
     let s = Served::start(&[]);
     let mut fe = s.connect(1);

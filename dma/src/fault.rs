@@ -25,7 +25,8 @@
 //! stores only its first N bytes, rounded down to whole blocks, and reports
 //! `status=ok|ioerr`), `corrupt` (`bits=N`: flip N bits of the data moved), and
 //! two deliberately broken devices used to validate a test suite:
-//! `complete-before-dma` (`ms=N`: complete at once, move the data N ms later) and
+//! `complete-before-dma` (`ms=N`: complete at once, move the data N ms later,
+//! or at the release when a hold matched too) and
 //! `wrong-page` (move the data into, or out of, the neighbouring guest page).
 //! And one for the media: `power-cut` (power is lost as the request reaches
 //! the media: what was not stable is gone, and the request fails).
