@@ -19,19 +19,13 @@ use std::thread;
 use guest_tests::protocol::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
-use crate::held::{first_gpa, ForkedRead, Hold, Setup, LBA, OFFSET};
+use crate::held::{
+    first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
+};
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{Ctx, OrStop, Stop};
-
-/// The read: the first 512 B of the page.
-const READ_LEN: usize = 512;
-/// What the page holds before the read.
-const OLD: u8 = 0x11;
-/// Where in the page, and what, the writer after fork writes.
-const TOUCH_AT: usize = 2048;
-const TOUCH: u8 = 0x33;
 
 /// Who writes to the page after fork.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -142,7 +136,8 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         thread::spawn(move || {
             // SAFETY: the page is mapped for the life of `page`, which this thread
             // holds; the kernel writes it by DMA, no Rust reference aliases it.
-            let buf = unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, READ_LEN) };
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, FORK_READ_LEN) };
             fd.read_exact_at(buf, offset)
         })
     };
@@ -182,21 +177,19 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     ctx.note("page-before-fork", frame_gpa(pfn_before));
     ctx.note("page-after-write", frame_gpa(pfn_after));
     ctx.note("device-wrote-at", gpa.clone());
-    if let (Some(before), Some(during)) = (pins_before, pins_during) {
-        ctx.note("pins-while-held", (during - before).to_string());
-    }
+    note_pins(ctx, pins_before, pins_during);
     ctx.check(
         "the other half of the page kept the write",
         page.read(TOUCH_AT) == if writer == Writer::Parent { TOUCH } else { OLD },
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let evidence = ForkedRead {
-        len: READ_LEN,
+        len: FORK_READ_LEN,
         old: OLD,
         gpa: &gpa,
         before: pfn_before,
         after: pfn_after,
     };
-    let result = evidence.judge(seed, offset, &page.bytes(0, READ_LEN));
+    let result = evidence.judge(seed, offset, &page.bytes(0, FORK_READ_LEN));
     ctx.record("the parent sees the data", result)
 }

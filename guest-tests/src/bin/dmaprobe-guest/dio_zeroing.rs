@@ -12,9 +12,10 @@
 //!
 //! Of the file systems Debian's cloud kernels build, FAT, exFAT and UDF use
 //! this code. FAT never lets it allocate (`fat_direct_IO` sends a write past
-//! the initialised size to the page cache) and exFAT did the same until 6.8;
-//! UDF does allocate (`udf_get_block` sets `buffer_new` on 6.1 and 6.12), with
-//! blocks of up to 4 KiB over a 512-byte-sector disk. `blockdev_direct_IO`
+//! the initialised size to the page cache), nor does exFAT on 6.1
+//! (`i_size_aligned`; 6.12's exFAT does, by another rule). UDF allocates on
+//! both (`udf_get_block` sets `buffer_new`), with blocks of up to 4 KiB over
+//! a 512-byte-sector disk. `blockdev_direct_IO`
 //! passes `DIO_SKIP_HOLES`, so a block inside the file is never allocated by
 //! a direct write (it falls back to the page cache): the write must be past
 //! the end of the file.

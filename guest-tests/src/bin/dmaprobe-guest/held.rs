@@ -122,6 +122,24 @@ pub fn first_gpa(held: &Value) -> String {
         .to_owned()
 }
 
+/// The shape of every read held across fork: [`FORK_READ_LEN`] bytes into the
+/// start of an anonymous page that held [`OLD`], while the parent (or child)
+/// writes [`TOUCH`] at [`TOUCH_AT`].
+pub const FORK_READ_LEN: usize = 512;
+/// What the page holds before the read.
+pub const OLD: u8 = 0x11;
+/// Where in the page, and what, the writer after fork writes.
+pub const TOUCH_AT: usize = 2048;
+pub const TOUCH: u8 = 0x33;
+
+/// `pins-while-held`: how far the pin counter rose while the device held
+/// the request (nothing if the counter could not be read).
+pub fn note_pins(ctx: &Ctx, before: Option<i64>, during: Option<i64>) {
+    if let (Some(before), Some(during)) = (before, during) {
+        ctx.note("pins-while-held", (during - before).to_string());
+    }
+}
+
 /// A read into the start of a page, held while the process forked and then
 /// released: where the device put the data, and the page the parent mapped
 /// before fork and after its write.

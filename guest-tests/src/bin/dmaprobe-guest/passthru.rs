@@ -72,7 +72,10 @@ use std::time::Duration;
 use guest_tests::protocol::fill_pattern;
 use thiserror::Error;
 
-use crate::held::{disk_holds_parents, first_gpa, ForkedRead, Hold, Setup, LBA, OFFSET};
+use crate::held::{
+    disk_holds_parents, first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET,
+    OLD, TOUCH, TOUCH_AT,
+};
 use crate::io::{wait_for, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
@@ -81,13 +84,6 @@ use crate::{one_line, zero, Ctx, OrStop, Stop};
 
 /// The disk's block size the tests address ([`LBA`] is in these).
 const BLOCK: usize = 512;
-/// The read: the first block of the page.
-const READ_LEN: usize = BLOCK;
-/// What the page holds before the read.
-const OLD: u8 = 0x11;
-/// Where in the page, and what, the parent writes after fork.
-const TOUCH_AT: usize = 2048;
-const TOUCH: u8 = 0x33;
 /// What the child of `passthru-write-fork` fills its page with.
 const CHILD: u8 = 0x77;
 /// Submission entries asked of `io_uring_setup`.
@@ -216,7 +212,7 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let evidence = ForkedRead {
-        len: READ_LEN,
+        len: FORK_READ_LEN,
         old: OLD,
         gpa: &gpa,
         before: pfn_before,
@@ -224,16 +220,8 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
     };
     ctx.record(
         "the parent sees the data",
-        evidence.judge(seed, OFFSET, &page.bytes(0, READ_LEN)),
+        evidence.judge(seed, OFFSET, &page.bytes(0, FORK_READ_LEN)),
     )
-}
-
-/// `pins-while-held`: how far the pin counter rose while the device held
-/// the command.
-fn note_pins(ctx: &Ctx, before: Option<i64>, during: Option<i64>) {
-    if let (Some(before), Some(during)) = (before, during) {
-        ctx.note("pins-while-held", (during - before).to_string());
-    }
 }
 
 /// The disk under test, if it is an NVMe namespace.
@@ -393,17 +381,17 @@ enum Via<'a> {
 }
 
 impl<'a> Via<'a> {
-    /// Starts the NVMe Read of [`READ_LEN`] B at [`LBA`] into the start of `page`.
+    /// Starts the NVMe Read of [`FORK_READ_LEN`] B at [`LBA`] into the start of `page`.
     fn read(&self, page: &Arc<AnonPage>) -> Result<InFlight<'a>, Stop> {
         match self {
             Via::Ioctl(ns) => {
                 let (ns, page) = (ns.clone(), page.clone());
                 Ok(InFlight::Thread(thread::spawn(move || {
-                    ns.io(Op::Read, page.addr(), READ_LEN, LBA)
+                    ns.io(Op::Read, page.addr(), FORK_READ_LEN, LBA)
                 })))
             }
             Via::Uring(u) => {
-                let cmd = NvmeCmd::data(Op::Read, u.nsid, page.addr(), READ_LEN, LBA);
+                let cmd = NvmeCmd::data(Op::Read, u.nsid, page.addr(), FORK_READ_LEN, LBA);
                 u.ring
                     .uring_cmd(&u.dev, NVME_URING_CMD_IO, cmd, READ_TAG)
                     .or_error()?;

@@ -41,18 +41,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::held::{first_gpa, Hold, Setup, LBA, OFFSET};
+use crate::held::{first_gpa, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT};
 use crate::io::{check_pattern, PAGE};
 use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{one_line, Ctx, OrStop, Stop};
 
-/// The read: the first 512 B of the page.
-const READ_LEN: usize = 512;
-/// What the page holds before the read.
-const OLD: u8 = 0x11;
-/// Where in the page, and what, the parent writes after fork.
-const TOUCH_AT: usize = 2048;
-const TOUCH: u8 = 0x33;
 /// Submission queue entries asked of `io_uring_setup` (the kernel may round up).
 const ENTRIES: u32 = 4;
 /// Tags the read's completion.
@@ -87,7 +80,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
     let pins_registered = pins().ok();
 
     let hold = Hold::next(&mailbox, "read", LBA)?;
-    ring.read_fixed(&reader, page.addr(), READ_LEN, OFFSET, 0, READ_TAG)
+    ring.read_fixed(&reader, page.addr(), FORK_READ_LEN, OFFSET, 0, READ_TAG)
         .or_error()?;
     let held = hold.wait_held()?;
     let gpa = first_gpa(&held);
@@ -124,8 +117,8 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
                 "the completion is tagged {:#x}, not the read's {READ_TAG:#x}",
                 cqe.user_data
             )))
-        } else if cqe.res == READ_LEN as i32 {
-            Ok(format!("res = {READ_LEN}"))
+        } else if cqe.res == FORK_READ_LEN as i32 {
+            Ok(format!("res = {FORK_READ_LEN}"))
         } else if cqe.res < 0 {
             Err(Stop::Fail(format!(
                 "res = {} ({})",
@@ -133,7 +126,10 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
                 io::Error::from_raw_os_error(-cqe.res)
             )))
         } else {
-            Err(Stop::Fail(format!("res = {}, not {READ_LEN}", cqe.res)))
+            Err(Stop::Fail(format!(
+                "res = {}, not {FORK_READ_LEN}",
+                cqe.res
+            )))
         },
     )?;
     ctx.check(
@@ -141,10 +137,10 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         page.read(TOUCH_AT) == TOUCH,
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
-    let got = page.bytes(0, READ_LEN);
+    let got = page.bytes(0, FORK_READ_LEN);
     let parent_page = frame_gpa(pfn_after);
     let result = check_pattern(seed, OFFSET, &got)
-        .map(|()| format!("the parent's {READ_LEN} B hold the data read"))
+        .map(|()| format!("the parent's {FORK_READ_LEN} B hold the data read"))
         .map_err(|m| {
             let why = if got.iter().all(|&b| b == OLD) {
                 let place = if pfn_before != pfn_after {
@@ -156,7 +152,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
                 };
                 format!(
                     "the parent's buffer kept its old bytes; the device was given \
-                     GPA {gpa} for the {READ_LEN} B, {place}"
+                     GPA {gpa} for the {FORK_READ_LEN} B, {place}"
                 )
             } else {
                 format!("the parent's buffer is wrong: {m}")
