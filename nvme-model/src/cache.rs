@@ -16,8 +16,15 @@
 //! The stable contents live in one arena of `capacity` units, reserved up
 //! front and touched only as it fills, so a write costs one positioned read of
 //! its units' old contents and no allocation.
+//!
+//! The log of writes (what a torn cut tears, the newest write of a block
+//! deciding it) keeps only writes that are still the newest of some block: a
+//! rewrite of cached blocks drops the writes it supersedes, as a drive's cache
+//! overwrites an entry in place. So the log, like the arena, is bounded by
+//! the blocks the cache holds, not by the number of writes, however a guest
+//! rewrites without flushing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -56,6 +63,9 @@ pub struct WriteCache {
     block: u64,
     /// In units.
     capacity: usize,
+    /// The most blocks the log may have a newest write for: twice the
+    /// capacity in blocks (a backstop; the units bound it first).
+    log_blocks: u64,
     state: Mutex<State>,
 }
 
@@ -76,6 +86,8 @@ struct Write {
     blocks: u64,
     /// Stable when it completed (Force Unit Access): a power cut keeps it.
     stable: bool,
+    /// Of its blocks, how many it is still the newest write of.
+    live: u64,
 }
 
 #[derive(Debug, Default)]
@@ -84,8 +96,12 @@ struct State {
     /// Stable contents, a unit per slot.
     arena: Vec<u8>,
     free: Vec<usize>,
-    /// Writes since the last flush, oldest first.
-    writes: VecDeque<Write>,
+    /// Writes since the last flush that are the newest write of some block,
+    /// by id: oldest first.
+    writes: BTreeMap<u64, Write>,
+    /// The newest write of each block written since the last flush (and not
+    /// destaged since).
+    newest: HashMap<u64, u64, BuildHasherDefault<UnitHasher>>,
     next_write: u64,
     destaged: u64,
 }
@@ -128,6 +144,7 @@ impl WriteCache {
         WriteCache {
             block,
             capacity,
+            log_blocks: (capacity as u64).saturating_mul(UNIT).saturating_mul(2) / block.max(1),
             state: Mutex::new(State {
                 // Reserved, not touched: memory is used as the cache fills.
                 arena: Vec::with_capacity(capacity.saturating_mul(UNIT_BYTES)),
@@ -187,8 +204,12 @@ impl Locked<'_> {
             });
             return Ok(());
         }
-        // Room for every unit first, by destaging the oldest writes.
-        while self.state.kept.len() + (units.end - units.start) as usize > capacity {
+        // Room for every unit (and in the log for its blocks) first, by
+        // destaging the oldest writes.
+        let log_blocks = self.cache.log_blocks;
+        while self.state.kept.len() + (units.end - units.start) as usize > capacity
+            || (self.state.newest.len() as u64).saturating_add(blocks) > log_blocks
+        {
             if !self.destage_oldest() {
                 break;
             }
@@ -211,12 +232,16 @@ impl Locked<'_> {
             }
             return Err(e);
         }
-        st.writes.push_back(Write {
-            id,
-            start,
-            blocks,
-            stable: false,
-        });
+        st.log(
+            Write {
+                id,
+                start,
+                blocks,
+                stable: false,
+                live: blocks,
+            },
+            |s, b| self.cache.units(s, b),
+        );
         Ok(())
     }
 
@@ -235,7 +260,8 @@ impl Locked<'_> {
         let st = &mut *self.state;
         let Some(w) = st
             .writes
-            .back_mut()
+            .values_mut()
+            .next_back()
             .filter(|w| w.id + 1 == st.next_write && w.start == start && w.blocks == blocks)
         else {
             return Ok(());
@@ -260,6 +286,7 @@ impl Locked<'_> {
         let st = &mut *self.state;
         st.kept.clear();
         st.writes.clear();
+        st.newest.clear();
         st.free.clear();
         st.arena.clear();
     }
@@ -275,19 +302,25 @@ impl Locked<'_> {
     ) -> Result<PowerCut, BackingError> {
         let bs = self.cache.block;
         let st = &mut *self.state;
-        // Whether each written block keeps its new data; the newest write of
-        // a block decides.
-        let mut keep: HashMap<u64, bool, BuildHasherDefault<UnitHasher>> = HashMap::default();
-        for w in &st.writes {
-            let kept = if w.stable {
-                w.blocks
-            } else {
-                tear.as_mut().map_or(0, |t| t(w.blocks).min(w.blocks))
-            };
-            for b in w.start..w.start + w.blocks {
-                keep.insert(b, b - w.start < kept);
-            }
-        }
+        // How many leading blocks each write keeps; the newest write of a
+        // block decides whether it keeps its new data.
+        let kept_len: HashMap<u64, u64, BuildHasherDefault<UnitHasher>> = st
+            .writes
+            .values()
+            .map(|w| {
+                let kept = if w.stable {
+                    w.blocks
+                } else {
+                    tear.as_mut().map_or(0, |t| t(w.blocks).min(w.blocks))
+                };
+                (w.id, kept)
+            })
+            .collect();
+        let keep = |b: u64| {
+            let id = *st.newest.get(&b)?;
+            let w = st.writes.get(&id)?;
+            Some(b - w.start < kept_len.get(&id).copied().unwrap_or(0))
+        };
         let mut cut = PowerCut {
             writes: st.writes.len() as u64,
             ..PowerCut::default()
@@ -298,7 +331,7 @@ impl Locked<'_> {
             let first = u * UNIT / bs;
             let last = ((u + 1) * UNIT).min(size) / bs;
             for b in first..last {
-                match keep.get(&b) {
+                match keep(b) {
                     Some(true) => cut.kept_blocks += 1,
                     Some(false) => {
                         let at = (b * bs - u * UNIT) as usize;
@@ -318,10 +351,15 @@ impl Locked<'_> {
 impl Locked<'_> {
     /// Makes the oldest write's units stable; false when there is none.
     fn destage_oldest(&mut self) -> bool {
-        let Some(w) = self.state.writes.pop_front() else {
+        let Some((_, w)) = self.state.writes.pop_first() else {
             return false;
         };
         let st = &mut *self.state;
+        for b in w.start..w.start + w.blocks {
+            if st.newest.get(&b) == Some(&w.id) {
+                st.newest.remove(&b);
+            }
+        }
         for u in self.cache.units(w.start, w.blocks) {
             if let Some(k) = st.kept.get(&u).copied().filter(|k| k.owner == w.id) {
                 st.kept.remove(&u);
@@ -334,6 +372,47 @@ impl Locked<'_> {
 }
 
 impl State {
+    /// Logs a write as the newest of its blocks. A write left the newest of
+    /// none leaves the log ([`State::drop_superseded`]). (`units` maps blocks
+    /// to the units they touch.)
+    fn log(&mut self, w: Write, units: impl Fn(u64, u64) -> std::ops::Range<u64>) {
+        self.writes.insert(w.id, w);
+        for b in w.start..w.start + w.blocks {
+            let Some(old) = self.newest.insert(b, w.id) else {
+                continue;
+            };
+            let Some(o) = self.writes.get_mut(&old) else {
+                continue;
+            };
+            o.live -= 1;
+            if o.live == 0 {
+                let o = *o;
+                self.drop_superseded(o, &units);
+            }
+        }
+    }
+
+    /// Takes `o`, the newest write of no block any more, out of the log. The
+    /// units it was the first to change pass to the newest writer of its
+    /// blocks in each (newer than `o`, so still in the log), so that
+    /// destaging that one makes them stable.
+    fn drop_superseded(&mut self, o: Write, units: impl Fn(u64, u64) -> std::ops::Range<u64>) {
+        self.writes.remove(&o.id);
+        let mut heirs: HashMap<u64, u64, BuildHasherDefault<UnitHasher>> = HashMap::default();
+        for b in o.start..o.start + o.blocks {
+            if let Some(&id) = self.newest.get(&b) {
+                let u = units(b, 1).start;
+                let heir = heirs.entry(u).or_insert(id);
+                *heir = (*heir).max(id);
+            }
+        }
+        for (u, heir) in heirs {
+            if let Some(k) = self.kept.get_mut(&u).filter(|k| k.owner == o.id) {
+                k.owner = heir;
+            }
+        }
+    }
+
     /// A free slot in the arena, growing it (within its reservation) if none.
     fn alloc(&mut self) -> usize {
         self.free.pop().unwrap_or_else(|| {
@@ -523,6 +602,53 @@ mod tests {
         write(&backing, &cache, 5, 1, 3);
         cache.lock().power_cut(&backing, None).unwrap();
         assert_eq!(block(&backing, 512, 5), 1);
+    }
+
+    /// A guest that rewrites cached blocks without ever flushing: the log
+    /// keeps only the newest write of each block (it used to grow by one
+    /// entry per write, without bound), nothing is destaged, and a cut still
+    /// puts every block back to its contents at the flush.
+    #[test]
+    fn rewrites_without_a_flush_keep_the_log_within_the_blocks_cached() {
+        let (backing, cache) = setup(512);
+        write(&backing, &cache, 0, 8, 1);
+        cache.lock().flushed();
+        for i in 0..100_000u64 {
+            write(&backing, &cache, i % 16, 1 + i % 3, 2 + (i % 200) as u8);
+        }
+        let status = cache.status();
+        assert!(status.volatile_writes <= 18, "{status:?}");
+        assert_eq!(
+            (status.volatile_bytes, status.destaged_bytes),
+            (3 * UNIT, 0),
+            "{status:?}"
+        );
+        assert!(cache.lock().state.newest.len() <= 18);
+        let cut = cache.lock().power_cut(&backing, None).unwrap();
+        assert_eq!(cut.lost_blocks, 18, "{cut:?}");
+        let blocks: Vec<u8> = (0..18).map(|b| block(&backing, 512, b)).collect();
+        assert_eq!(blocks, [[1; 8].as_slice(), &[0; 10]].concat());
+    }
+
+    /// Units pass from a superseded write to the write that superseded it, so
+    /// a full cache still destages them: the arena never outgrows the cache.
+    #[test]
+    fn superseded_writes_hand_their_units_on_and_a_full_cache_still_destages() {
+        let (backing, cache) = setup(512);
+        // Units 0-3, rewritten whole: the first write leaves the log.
+        write(&backing, &cache, 0, 32, 1);
+        write(&backing, &cache, 0, 32, 2);
+        write(&backing, &cache, 32, 32, 3);
+        assert_eq!(cache.status().volatile_writes, 2);
+        // Eight new units: everything before must make room.
+        write(&backing, &cache, 64, 64, 4);
+        let status = cache.status();
+        assert_eq!(
+            (status.volatile_bytes, status.destaged_bytes),
+            (8 * UNIT, 8 * UNIT),
+            "{status:?}"
+        );
+        assert!(cache.lock().state.arena.capacity() <= 8 * UNIT_BYTES);
     }
 
     #[test]
