@@ -25,6 +25,8 @@ pub enum ConfigError {
     Empty,
     #[error("--fault {0:?}: {1}")]
     Fault(String, #[source] dma::fault::RuleError),
+    #[error("--control {0} is the --socket path: give the control socket a path of its own")]
+    ControlIsSocket(PathBuf),
     #[error("--zero-page {0:?} is not an address (give hex like 0x1f2c000, or decimal)")]
     Address(String),
     #[error("Cannot read the fault file {0}: {1}")]
@@ -83,7 +85,7 @@ pub struct ServeConfig {
     pub dma: dma::EngineConfig,
     /// Fault rules in force from the start.
     pub faults: Vec<dma::RuleSpec>,
-    /// Where to write the ledger on exit.
+    /// Where to write the ledger on exit (the file is created at start).
     pub ledger_file: Option<PathBuf>,
     /// The control socket, if any.
     pub control: Option<PathBuf>,
@@ -137,7 +139,7 @@ pub fn parse_fault_toml(
             let table = rule
                 .as_table()
                 .ok_or_else(|| fail(format!("rule {index} is not a table")))?;
-            let mut parts = Vec::new();
+            let mut pairs = Vec::new();
             for (k, v) in table {
                 let v = match v {
                     toml::Value::String(s) => s.clone(),
@@ -149,15 +151,24 @@ pub fn parse_fault_toml(
                         )))
                     }
                 };
-                parts.push(format!("{k}={v}"));
+                pairs.push((k.as_str(), v));
             }
-            let line = parts.join(",");
-            dma::RuleSpec::parse(&line).map_err(|error| ConfigError::FaultFileRule {
-                file: path.to_owned(),
-                index,
-                line: line.clone(),
-                error,
-            })
+            // Built from the table's keys and values, not re-parsed from a
+            // joined line: `tag = "x,nth=1"` is refused, not a second key.
+            // The line is only for the message.
+            let line = pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            dma::RuleSpec::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str()))).map_err(
+                |error| ConfigError::FaultFileRule {
+                    file: path.to_owned(),
+                    index,
+                    line: line.clone(),
+                    error,
+                },
+            )
         })
         .collect()
 }
@@ -481,6 +492,19 @@ mod tests {
             .to_string()
             .contains("rules"));
         assert!(load_fault_file(&dir.path().join("missing.toml")).is_err());
+
+        // A value cannot carry a second key into the rule.
+        let injected = dir.path().join("injected.toml");
+        std::fs::write(
+            &injected,
+            "[[rule]]\ntag = \"x,nth=1\"\naction = \"hold\"\n",
+        )
+        .unwrap();
+        let e = load_fault_file(&injected).unwrap_err().to_string();
+        assert!(
+            e.contains("rule 1") && e.contains("tag") && e.contains("','"),
+            "{e}"
+        );
     }
 
     #[test]

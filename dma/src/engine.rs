@@ -11,8 +11,13 @@
 //!
 //! Every check is a switch ([`Checks`]); with all off, arrival costs an id, a
 //! look at an empty fault plan and a clock read.
+//!
+//! What a guest can grow or drive is bounded: the zero-buffer suspects by
+//! [`MAX_ZERO_SUSPECTS`] pages, the bits a `corrupt` effect flips by the
+//! request's own bits and [`MAX_CORRUPT_BITS`].
+//! The zero page may be any page, the last of the address space too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use crate::canary;
-use crate::fault::{Decision, Effect, FaultPlan, Wait};
+use crate::fault::{Decision, Effect, FaultPlan, Wait, MAX_CORRUPT_BITS};
 use crate::finding::{Finding, FindingKind};
 use crate::ledger::{Entry, Ledger, RequestRecord};
 use crate::request::{Arrival, Op, ReqId};
@@ -32,6 +37,13 @@ pub const PAGE: u64 = 4096;
 
 /// All-zero write sources from one page this many times make it a suspected zero buffer.
 const ZERO_SUSPECT_THRESHOLD: u64 = 3;
+
+/// The most pages whose all-zero write sources the engine counts, looking for a
+/// zero buffer: 65,536 (256 MiB of guest pages; about 2 MiB of host memory).
+/// Past it the page first seen is forgotten, so a guest writing zeros from
+/// ever-new pages cannot grow the count, and a zero buffer is still found when
+/// it is used three times within the last 65,536 distinct all-zero source pages.
+pub const MAX_ZERO_SUSPECTS: usize = 65_536;
 
 /// Which checks run. Each can be switched while the device runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,9 +125,37 @@ struct InFlight {
 
 #[derive(Debug, Default)]
 struct ZeroState {
+    /// Page-aligned ([`page_start`]).
     page: Option<Gpa>,
-    /// Page number → how often an all-zero write came from it.
+    /// Page number → how often an all-zero write came from it; at most
+    /// [`MAX_ZERO_SUSPECTS`] pages.
     suspects: HashMap<u64, u64>,
+    /// The pages in `suspects`, first seen first: the next to forget.
+    seen: VecDeque<u64>,
+}
+
+impl ZeroState {
+    /// Counts an all-zero write sourced from page number `page`: how many
+    /// there have been since the page was last forgotten.
+    fn suspect(&mut self, page: u64) -> u64 {
+        if let Some(n) = self.suspects.get_mut(&page) {
+            *n = n.saturating_add(1);
+            return *n;
+        }
+        if self.seen.len() >= MAX_ZERO_SUSPECTS {
+            if let Some(oldest) = self.seen.pop_front() {
+                self.suspects.remove(&oldest);
+            }
+        }
+        self.seen.push_back(page);
+        self.suspects.insert(page, 1);
+        1
+    }
+}
+
+/// The start of the page holding `gpa`.
+fn page_start(gpa: Gpa) -> Gpa {
+    Gpa(gpa.0 - gpa.0 % PAGE)
 }
 
 /// The DMA engine. One per device, shared by every queue and connection.
@@ -154,8 +194,8 @@ impl Engine {
             ledger: Mutex::new(Ledger::new(config.ledger_capacity)),
             inflight: Mutex::new(HashMap::new()),
             zero: Mutex::new(ZeroState {
-                page: config.zero_page,
-                suspects: HashMap::new(),
+                page: config.zero_page.map(page_start),
+                ..ZeroState::default()
             }),
             tag: Mutex::new(None),
             tagged: AtomicBool::new(false),
@@ -186,9 +226,11 @@ impl Engine {
         self.ledger_on.store(c.ledger, Ordering::Relaxed);
     }
 
-    /// Registers the guest's zero page (page-aligned down).
+    /// Registers the guest's zero page (page-aligned down, as
+    /// [`EngineConfig::zero_page`] is). Any page will do, the last of the
+    /// address space too.
     pub fn set_zero_page(&self, gpa: Option<Gpa>) {
-        lock(&self.zero).page = gpa.map(|g| Gpa(g.0 - g.0 % PAGE));
+        lock(&self.zero).page = gpa.map(page_start);
     }
 
     pub fn zero_page(&self) -> Option<Gpa> {
@@ -397,15 +439,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Flips `bits` bits of `data`, at places the seeded generator picks.
+    /// Flips `bits` distinct bits of `data`, at places the seeded generator
+    /// picks; all of them when `data` has fewer. The work is one draw per flip,
+    /// never more than the data's bits nor [`MAX_CORRUPT_BITS`], whatever the rule.
     fn flip_bits(&self, data: &mut [u8], bits: u32) {
-        let total = data.len() as u64 * 8;
-        if total == 0 {
-            return;
-        }
-        for _ in 0..bits {
-            let bit = self.rng.in_range(0, total - 1);
-            data[(bit / 8) as usize] ^= 1 << (bit % 8);
+        let total = u64::try_from(data.len())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(8);
+        let k = u64::from(bits.min(MAX_CORRUPT_BITS)).min(total);
+        // Floyd's sampling: k distinct bits out of `total`, in k draws.
+        let mut flipped = HashSet::new();
+        for j in total - k..total {
+            let t = self.rng.in_range(0, j);
+            let bit = if flipped.insert(t) {
+                t
+            } else {
+                flipped.insert(j);
+                j
+            };
+            if let Ok(byte) = usize::try_from(bit / 8) {
+                data[byte] ^= 1 << (bit % 8);
+            }
         }
     }
 
@@ -583,12 +637,18 @@ impl Engine {
             at += n;
             // The bytes of this segment that lie on the zero page, if any: a
             // merged segment may run from a page of data into it.
+            // Ends are inclusive (last bytes): the last page of the address
+            // space ends at u64::MAX, one short of what `start + len` says.
             let on_zero_page = zp.and_then(|z| {
+                let seg_last = seg.gpa.0.saturating_add(u64::from(seg.len).checked_sub(1)?);
+                // `z` is page-aligned, so this is its page's last byte.
+                let zero_last = z.0.saturating_add(PAGE - 1);
                 let start = seg.gpa.0.max(z.0);
-                let end = (seg.gpa.0 + u64::from(seg.len)).min(z.0 + PAGE);
-                (start < end).then(|| {
+                let last = seg_last.min(zero_last);
+                (start <= last).then(|| {
+                    // Both within the segment: `last - gpa` < `len` <= u32::MAX.
                     let from = usize::try_from(start - seg.gpa.0).unwrap_or(0);
-                    let to = usize::try_from(end - seg.gpa.0).unwrap_or(0);
+                    let to = usize::try_from(last - seg.gpa.0).unwrap_or(0) + 1;
                     &data[from..to]
                 })
             });
@@ -612,12 +672,7 @@ impl Engine {
                 self.record(self.finding(t, kind, *seg, nonzero, detail));
             } else if data.iter().all(|&b| b == 0) {
                 let page = seg.gpa.0 / PAGE;
-                let n = {
-                    let mut z = lock(&self.zero);
-                    let n = z.suspects.entry(page).or_insert(0);
-                    *n += 1;
-                    *n
-                };
+                let n = lock(&self.zero).suspect(page);
                 if n == ZERO_SUSPECT_THRESHOLD {
                     let detail = format!(
                         "all-zero write sources came from the page at {:#x} {n} times: \
@@ -762,7 +817,7 @@ mod tests {
 
     use super::*;
     use crate::canary::FREE_POISON;
-    use crate::fault::RuleSpec;
+    use crate::fault::{Action, RuleSpec, MAX_CORRUPT_BITS};
 
     type Mem = GuestMemoryMmap<()>;
     /// Segments as (gpa, len).
@@ -1192,7 +1247,72 @@ mod tests {
         assert_eq!(count(&e, FindingKind::ZeroPageSource), 1);
     }
 
+    /// The zero page may be anywhere, the last page of the address space too:
+    /// nothing overflows, and it is still found there.
+    #[test]
+    fn a_zero_page_at_the_top_of_the_address_space_does_not_overflow() {
+        const TOP: u64 = u64::MAX - 4095;
+        let mem = mem();
+        for zp in [TOP, u64::MAX] {
+            let e = Engine::new(EngineConfig {
+                checks: snapshot_on(),
+                zero_page: Some(Gpa(zp)),
+                ..EngineConfig::default()
+            });
+            assert_eq!(e.zero_page(), Some(Gpa(TOP)), "configured as {zp:#x}");
+            e.set_zero_page(Some(Gpa(zp)));
+            assert_eq!(e.zero_page(), Some(Gpa(TOP)), "set to {zp:#x}");
+            // Writes from ordinary memory are compared with it.
+            write_from(&e, &mem, &[(SRC, LEN)]);
+            assert_no_findings(&e);
+            // A read into the top page is a DMA to the zero page.
+            let _r = e.arrive(&mem, read(TOP, LEN));
+            assert_eq!(count(&e, FindingKind::DmaToZeroPage), 1, "{zp:#x}");
+            // Write sources up there (no guest memory is: the bytes are given)
+            // reaching into it, and ending at the very top.
+            for (gpa, n) in [(TOP - 2048, 1), (TOP, 2)] {
+                let t = e.arrive(&mem, arrival(Op::Write, &[(gpa, LEN)]));
+                e.check_zero_sources(&t, &[0; N]);
+                assert_eq!(count(&e, FindingKind::ZeroPageSource), n, "{gpa:#x}");
+            }
+        }
+    }
+
     // suspected-zero-buffer
+
+    /// A guest writing zeros from ever-new pages does not grow the suspect
+    /// map past its bound; the oldest page is forgotten, and found again when
+    /// it is used three more times.
+    #[test]
+    fn zero_buffer_suspects_are_bounded() {
+        let pages = MAX_ZERO_SUSPECTS as u64;
+        let zb = pages * PAGE;
+        let size = usize::try_from(zb + PAGE).unwrap();
+        let mem = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let e = engine(snapshot_on());
+        write_from(&e, &mem, &[(zb, 512)]);
+        write_from(&e, &mem, &[(zb, 512)]);
+        for page in 0..pages {
+            write_from(&e, &mem, &[(page * PAGE, 512)]);
+        }
+        let remembered = lock(&e.zero).suspects.len();
+        assert!(
+            remembered <= MAX_ZERO_SUSPECTS,
+            "{remembered} pages remembered, more than {MAX_ZERO_SUSPECTS}"
+        );
+        assert_no_findings(&e);
+        write_from(&e, &mem, &[(zb, 512)]);
+        write_from(&e, &mem, &[(zb, 512)]);
+        assert_no_findings(&e);
+        let (id, _) = write_from(&e, &mem, &[(zb, 512)]);
+        let f = the_finding(&e);
+        assert_eq!(
+            (f.finding, f.request),
+            (FindingKind::SuspectedZeroBuffer, id)
+        );
+        assert_eq!(f.gpa, Gpa(zb));
+        assert!(lock(&e.zero).suspects.len() <= MAX_ZERO_SUSPECTS);
+    }
 
     #[test]
     fn third_all_zero_write_from_one_page_is_a_suspected_zero_buffer() {
@@ -1257,6 +1377,43 @@ mod tests {
             write_from(&e, &mem, &[(DST, LEN)]);
         }
         assert_no_findings(&e);
+    }
+
+    // fault effects
+
+    /// A read of `len` bytes at DST under a `corrupt` rule of `bits` (built
+    /// without the parser, as a caller of the library may): how many bits of
+    /// the data differ in guest memory.
+    fn corrupted_read(bits: u32, len: u32) -> u32 {
+        let (e, mem) = (engine(Checks::default()), mem());
+        let mut spec = RuleSpec::parse("op=read,action=corrupt").unwrap();
+        spec.action = Action::Effect(Effect::Corrupt { bits });
+        e.faults().add(spec);
+        let mut t = e.arrive(&mem, read(DST, len));
+        let d = data(len as usize);
+        e.to_guest(&mem, &mut t, &d).unwrap();
+        peek(&mem, DST, len as usize)
+            .iter()
+            .zip(&d)
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum()
+    }
+
+    #[test]
+    fn corrupt_flips_n_bits_and_never_more_than_the_request_has() {
+        assert_eq!(corrupted_read(1, LEN), 1);
+        assert_eq!(corrupted_read(5, LEN), 5);
+        assert_eq!(corrupted_read(MAX_CORRUPT_BITS, LEN), MAX_CORRUPT_BITS);
+        // A 2-byte read has 16 bits: all of them flip, and no more work is done.
+        assert_eq!(corrupted_read(MAX_CORRUPT_BITS, 2), 16);
+        let start = Instant::now();
+        assert_eq!(corrupted_read(u32::MAX, 2), 16);
+        assert_eq!(corrupted_read(u32::MAX, LEN), MAX_CORRUPT_BITS);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?} to corrupt 2 bytes",
+            start.elapsed()
+        );
     }
 
     // overlapping-in-flight-dma

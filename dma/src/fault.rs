@@ -33,6 +33,27 @@
 //!
 //! A request gets the first wait, the first watch and the first effect of the
 //! rules that fire on it.
+//!
+//! # Limits
+//!
+//! A guest can add rules through its mailbox, so every value is bounded as the
+//! rule is parsed, and a value past its bound is refused with the key, the
+//! value and the limit (at the key's column):
+//!
+//! | key | allowed | why |
+//! |---|---|---|
+//! | `bits` | 1 to [`MAX_CORRUPT_BITS`] (4096); at most the request's own bits are flipped | each flip is work on the queue's thread |
+//! | `ms` | 0 to [`MAX_MS`] (600000, 10 min), `MIN <= MAX` | past every guest I/O timeout; keeps a request from parking for days |
+//! | `bytes` | 0 to [`MAX_BYTES`] (1 GiB); past the request's length, the whole request | larger says nothing more |
+//! | `nth`, `every`, `count` | 1 to 2^64−1 | 0 would never fire; a large value costs nothing (a counter compare) |
+//! | `prob` | 0 to 1 | a probability |
+//! | `lba`, `size` | `N` or `N-M`, `N <= M`, 0 to 2^64−1 | a compare |
+//! | `queue` | 0 to 65535 | a queue index |
+//!
+//! No value (nor key) may hold `,` or `=`: a rule given as separate keys and
+//! values ([`RuleSpec::from_pairs`], a TOML fault file's table) must not be
+//! able to carry a second key inside a value, and every rule prints back as a
+//! line that parses to it.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +64,26 @@ use serde::Serialize;
 
 use crate::request::{Arrival, Op};
 use crate::rng::SeededRng;
+
+/// The most bits one `corrupt` rule may flip in a request (`bits=N`): 4096,
+/// a whole 512-byte block's worth, far past what any checksum needs to see.
+/// Each flip is a draw of the generator on the queue's thread while the request
+/// is served, so this bounds the work per request; a request with fewer bits
+/// has every one of them flipped, no more ([`MAX_CORRUPT_BITS`] is the most
+/// the engine does, whatever the rule).
+pub const MAX_CORRUPT_BITS: u32 = 4096;
+
+/// The longest `ms` of `delay`, `watch` and `complete-before-dma`: 600000
+/// (10 min). It is longer than the guest's own I/O timeouts (Linux: 30 s for
+/// virtio-blk and NVMe by default), so every timeout and abort path can be
+/// reached, and short enough that a forgotten rule lets its request go within
+/// minutes. A request that must wait longer is what `hold` is for.
+pub const MAX_MS: u64 = 600_000;
+
+/// The largest `bytes` of `partial` and `torn`: 1 GiB, more than any one
+/// request moves. Past a request's length the whole request moves (or is
+/// stored), so a larger value would say nothing more.
+pub const MAX_BYTES: u64 = 1 << 30;
 
 /// A rule that did not parse: what and where (a byte column, from 1).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -147,27 +188,66 @@ pub struct RuleSpec {
 impl RuleSpec {
     /// Parses the line form.
     pub fn parse(line: &str) -> Result<RuleSpec, RuleError> {
-        let mut b = Builder::default();
+        let mut parts = Vec::new();
         let mut column = 1;
-        let mut action_column = 1;
         for part in line.split(',') {
             let here = column;
             column += part.len() + 1;
-            let err = |message: String| RuleError {
-                column: here,
-                message,
-            };
             let part = part.trim();
             if part.is_empty() {
                 continue;
             }
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| err(format!("{part:?} is not key=value")))?;
-            if key.trim() == "action" {
-                action_column = here;
+            let (key, value) = part.split_once('=').ok_or_else(|| RuleError {
+                column: here,
+                message: format!("{part:?} is not key=value"),
+            })?;
+            parts.push((here, key, value));
+        }
+        RuleSpec::build(parts)
+    }
+
+    /// Builds a rule from keys and values given apart, as a TOML fault file's
+    /// table gives them: the rule their line form `key=value,...` gives, and
+    /// errors at their column in that line. Nothing is re-parsed from text, and
+    /// a key or value holding `,` or `=` is refused: `tag = "x,nth=1"` must not
+    /// become a tag and a selector.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<RuleSpec, RuleError> {
+        let mut column = 1;
+        let parts: Vec<_> = pairs
+            .into_iter()
+            .map(|(key, value)| {
+                let here = column;
+                column += key.len() + value.len() + 2;
+                (here, key, value)
+            })
+            .collect();
+        RuleSpec::build(parts)
+    }
+
+    /// The rule of `(column, key, value)` parts.
+    fn build<'a>(parts: Vec<(usize, &'a str, &'a str)>) -> Result<RuleSpec, RuleError> {
+        let mut b = Builder::default();
+        let mut action_column = 1;
+        for (column, key, value) in parts {
+            let err = |message: String| RuleError { column, message };
+            let (key, value) = (key.trim(), value.trim());
+            let separator = |text: &str| text.chars().find(|&c| c == ',' || c == '=');
+            if let Some(c) = separator(key) {
+                return Err(err(format!(
+                    "key {key:?} holds {c:?}: a key cannot hold ',' or '='"
+                )));
             }
-            b.set(key.trim(), value.trim()).map_err(err)?;
+            if let Some(c) = separator(value) {
+                return Err(err(format!(
+                    "{key} value {value:?} holds {c:?}: a value cannot hold ',' or '='"
+                )));
+            }
+            if key == "action" {
+                action_column = column;
+            }
+            b.set(key, value).map_err(err)?;
         }
         // What is left to find wrong concerns the action and its parameters.
         b.build().map_err(|message| RuleError {
@@ -248,19 +328,16 @@ impl Builder {
             }
             "lba" => {
                 dup(self.lba.is_some())?;
-                self.lba = Some(range(key, value)?);
+                self.lba = Some(range(key, value, u64::MAX)?);
             }
             "size" => {
                 dup(self.size.is_some())?;
-                self.size = Some(range(key, value)?);
+                self.size = Some(range(key, value, u64::MAX)?);
             }
             "queue" => {
                 dup(self.queue.is_some())?;
-                self.queue = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("queue {value:?} is not a number"))?,
-                );
+                let n = number(key, value, 0, u16::MAX.into())?;
+                self.queue = Some(u16::try_from(n).map_err(|_| format!("queue {n} is too large"))?);
             }
             "tag" => {
                 dup(self.tag.is_some())?;
@@ -268,10 +345,7 @@ impl Builder {
             }
             "nth" | "every" => {
                 dup(self.select.is_some())?;
-                let n = number(key, value)?;
-                if n == 0 {
-                    return Err(format!("{key} counts from 1"));
-                }
+                let n = number(key, value, 1, u64::MAX)?;
                 self.select = Some(if key == "nth" {
                     Selector::Nth(n)
                 } else {
@@ -283,14 +357,15 @@ impl Builder {
                 let p: f64 = value
                     .parse()
                     .map_err(|_| format!("prob {value:?} is not a number"))?;
+                // NaN is in no range, and refused here.
                 if !(0.0..=1.0).contains(&p) {
-                    return Err(format!("prob {p} is not between 0 and 1"));
+                    return Err(format!("prob {value} is not between 0 and 1"));
                 }
                 self.select = Some(Selector::Prob(p));
             }
             "count" => {
                 dup(self.count.is_some())?;
-                self.count = Some(number(key, value)?);
+                self.count = Some(number(key, value, 1, u64::MAX)?);
             }
             "action" => {
                 dup(self.action.is_some())?;
@@ -298,15 +373,15 @@ impl Builder {
             }
             "ms" => {
                 dup(self.ms.is_some())?;
-                self.ms = Some(range(key, value)?);
+                self.ms = Some(range(key, value, MAX_MS)?);
             }
             "bytes" => {
                 dup(self.bytes.is_some())?;
-                self.bytes = Some(number(key, value)?);
+                self.bytes = Some(number(key, value, 0, MAX_BYTES)?);
             }
             "bits" => {
                 dup(self.bits.is_some())?;
-                let n = number(key, value)?;
+                let n = number(key, value, 1, MAX_CORRUPT_BITS.into())?;
                 self.bits = Some(u32::try_from(n).map_err(|_| format!("bits {n} is too many"))?);
             }
             "status" => {
@@ -396,7 +471,7 @@ impl Builder {
                 },
             }),
             "corrupt" => Action::Effect(Effect::Corrupt {
-                bits: self.bits.unwrap_or(1).max(1),
+                bits: self.bits.unwrap_or(1),
             }),
             "complete-before-dma" => Action::Effect(Effect::CompleteBeforeDma { ms: one_ms()? }),
             "wrong-page" => Action::Effect(Effect::WrongPage),
@@ -411,18 +486,35 @@ impl Builder {
     }
 }
 
-fn number(key: &str, value: &str) -> Result<u64, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{key} {value:?} is not a number"))
+/// A whole number in `min..=max`; the refusal names the key, the value and the bound.
+fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    let over = || format!("{key} {value} is over the limit of {max}");
+    let n: u64 = match value.parse() {
+        Ok(n) => n,
+        // Digits that do not fit in 64 bits are past any limit.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(over())
+        }
+        Err(_) => return Err(format!("{key} {value:?} is not a number")),
+    };
+    if n < min {
+        return Err(format!("{key} {n} is below the minimum of {min}"));
+    }
+    if n > max {
+        return Err(over());
+    }
+    Ok(n)
 }
 
-/// `N` or `N-M` (inclusive, N <= M).
-fn range(key: &str, value: &str) -> Result<(u64, u64), String> {
+/// `N` or `N-M` (inclusive, N <= M), each at most `max`.
+fn range(key: &str, value: &str, max: u64) -> Result<(u64, u64), String> {
     match value.split_once('-') {
-        None => number(key, value).map(|n| (n, n)),
+        None => number(key, value, 0, max).map(|n| (n, n)),
         Some((lo, hi)) => {
-            let (lo, hi) = (number(key, lo.trim())?, number(key, hi.trim())?);
+            let (lo, hi) = (
+                number(key, lo.trim(), 0, max)?,
+                number(key, hi.trim(), 0, max)?,
+            );
             if lo > hi {
                 Err(format!("{key} range {lo}-{hi} is backwards"))
             } else {
@@ -697,6 +789,154 @@ mod tests {
         assert!(RuleSpec::parse("action=hold,colour=red").is_err());
         assert!(RuleSpec::parse("action=hold,prob=1.5").is_err());
         assert_eq!(RuleSpec::parse("action=hold,op").unwrap_err().column, 13);
+    }
+
+    /// Every numeric parameter has a bound, checked as the rule is parsed: the
+    /// refusal names the key, the value and the limit, at the key's column.
+    #[test]
+    fn parameters_past_their_limits_are_refused_naming_the_limit() {
+        let (bits, ms, bytes) = (
+            MAX_CORRUPT_BITS.to_string(),
+            MAX_MS.to_string(),
+            MAX_BYTES.to_string(),
+        );
+        // (line, column, what the message names)
+        let cases: Vec<(String, usize, Vec<&str>)> = vec![
+            (
+                "action=corrupt,bits=4294967295".into(),
+                16,
+                vec!["bits", "4294967295", &bits],
+            ),
+            (
+                format!("action=corrupt,bits={}", MAX_CORRUPT_BITS + 1),
+                16,
+                vec!["bits", &bits],
+            ),
+            (
+                "action=corrupt,bits=99999999999999999999999".into(),
+                16,
+                vec!["bits", "99999999999999999999999", &bits],
+            ),
+            ("action=corrupt,bits=0".into(), 16, vec!["bits", "0", "1"]),
+            (
+                format!("action=delay,ms={}", MAX_MS + 1),
+                14,
+                vec!["ms", &ms],
+            ),
+            (
+                "op=read,action=delay,ms=5-18446744073709551615".into(),
+                22,
+                vec!["ms", "18446744073709551615", &ms],
+            ),
+            (
+                format!("action=watch,ms={}", MAX_MS + 1),
+                14,
+                vec!["ms", &ms],
+            ),
+            (
+                "action=complete-before-dma,ms=86400000".into(),
+                28,
+                vec!["ms", "86400000", &ms],
+            ),
+            (
+                format!("action=partial,bytes={}", MAX_BYTES + 1),
+                16,
+                vec!["bytes", &bytes],
+            ),
+            (
+                "action=torn,bytes=18446744073709551615".into(),
+                13,
+                vec!["bytes", "18446744073709551615", &bytes],
+            ),
+            ("count=0,action=hold".into(), 1, vec!["count", "0", "1"]),
+            ("nth=0,action=hold".into(), 1, vec!["nth", "0", "1"]),
+            ("every=0,action=hold".into(), 1, vec!["every", "0", "1"]),
+            (
+                "queue=65536,action=hold".into(),
+                1,
+                vec!["queue", "65536", "65535"],
+            ),
+            (
+                "prob=NaN,action=hold".into(),
+                1,
+                vec!["prob", "NaN", "0", "1"],
+            ),
+            ("prob=inf,action=hold".into(), 1, vec!["prob", "inf"]),
+            ("prob=-0.5,action=hold".into(), 1, vec!["prob", "-0.5"]),
+            ("lba=9-3,action=hold".into(), 1, vec!["lba", "9-3"]),
+            (
+                "size=4096-512,action=hold".into(),
+                1,
+                vec!["size", "4096-512"],
+            ),
+            ("action=delay,ms=20-10".into(), 14, vec!["ms", "20-10"]),
+        ];
+        for (line, column, names) in cases {
+            let e = match RuleSpec::parse(&line) {
+                Ok(spec) => panic!("{line} was accepted: {spec}"),
+                Err(e) => e,
+            };
+            assert_eq!(e.column, column, "{line}: {e}");
+            for n in names {
+                assert!(e.message.contains(n), "{line}: {e:?} does not name {n}");
+            }
+        }
+        // The limits themselves are allowed.
+        for line in [
+            format!("action=corrupt,bits={MAX_CORRUPT_BITS}"),
+            format!("action=delay,ms=0-{MAX_MS}"),
+            format!("action=watch,ms={MAX_MS}"),
+            format!("action=complete-before-dma,ms={MAX_MS}"),
+            format!("action=partial,bytes={MAX_BYTES}"),
+            "action=torn,bytes=0".into(),
+            "count=1,nth=18446744073709551615,action=hold".into(),
+            "every=18446744073709551615,action=hold".into(),
+            "prob=0,action=hold".into(),
+            "prob=1,action=hold".into(),
+            "queue=65535,lba=18446744073709551615,action=hold".into(),
+        ] {
+            RuleSpec::parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    /// A TOML fault file gives keys and values apart: a value must not carry
+    /// another key into the rule.
+    #[test]
+    fn values_given_apart_cannot_inject_keys() {
+        let injected = RuleSpec::from_pairs([("tag", "x,nth=1"), ("action", "hold")]);
+        let e = injected.expect_err("a tag holding ',' is refused");
+        assert_eq!(e.column, 1);
+        assert!(
+            e.message.contains("tag") && e.message.contains("','"),
+            "{e}"
+        );
+        let e = RuleSpec::from_pairs([("op", "read"), ("tag", "a=b"), ("action", "hold")])
+            .expect_err("a tag holding '=' is refused");
+        assert_eq!(e.column, 9, "{e}");
+        assert!(e.message.contains("'='"), "{e}");
+        // A key cannot carry one either.
+        let e = RuleSpec::from_pairs([("op=read,nth", "1"), ("action", "hold")])
+            .expect_err("a key holding separators is refused");
+        assert_eq!(e.column, 1);
+        // The line form refuses '=' in a value as well.
+        assert!(RuleSpec::parse("tag=a=b,action=hold").is_err());
+        // Pairs that are fine give the rule their line gives, and errors the
+        // same column in that line.
+        let pairs = [
+            ("op", "read"),
+            ("lba", "0-7"),
+            ("nth", "2"),
+            ("action", "hold"),
+        ];
+        assert_eq!(
+            RuleSpec::from_pairs(pairs).unwrap(),
+            RuleSpec::parse("op=read,lba=0-7,nth=2,action=hold").unwrap()
+        );
+        let e = RuleSpec::from_pairs([("op", "read"), ("action", "delay"), ("ms", "abc")]);
+        assert_eq!(
+            e,
+            Err(RuleSpec::parse("op=read,action=delay,ms=abc").unwrap_err())
+        );
     }
 
     #[test]
