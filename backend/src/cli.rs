@@ -127,8 +127,8 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("media").required(true).args(["mem", "disk"]))]
 pub struct ServeArgs {
-    /// The socket to listen on (replaced if it exists): vhost-user, or
-    /// vfio-user with --nvme.
+    /// The socket to listen on: vhost-user, or vfio-user with --nvme. Mode
+    /// 0600; a stale socket there is replaced, anything else is refused.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
     /// Present an NVMe controller over vfio-user instead of a vhost-user-blk
@@ -141,7 +141,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", conflicts_with = "size")]
     pub mem: Option<String>,
     /// Keep the media in a raw file: created with --size if missing, used at its
-    /// own size if present (never resized).
+    /// own size if present (never resized). Locked while served: a second
+    /// daemon on the same file is refused (--read-only ones may share it).
     #[arg(long, value_name = "FILE")]
     pub disk: Option<PathBuf>,
     /// The size of a --disk file to create (e.g. 1G).
@@ -187,7 +188,9 @@ pub struct ServeArgs {
     /// The guest-physical address of the guest's zero page (hex or decimal).
     #[arg(long, value_name = "GPA")]
     pub zero_page: Option<String>,
-    /// Record every request in the ledger and write it here, as JSON lines, on exit.
+    /// Record every request in the ledger and write it here, as JSON lines, on
+    /// exit. The file is created at start: a path that cannot be written stops
+    /// the daemon before it serves.
     #[arg(long, value_name = "FILE")]
     pub ledger: Option<PathBuf>,
     /// Entries the ledger keeps (the oldest are dropped and counted).
@@ -284,6 +287,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     .unwrap_or_else(|| crate::control::default_path(&a.socket)),
             )
         };
+        // Each would replace the other as a stale socket.
+        if let Some(path) = control.as_ref().filter(|&c| *c == a.socket) {
+            return Err(ConfigError::ControlIsSocket(path.clone()));
+        }
         Ok(ServeConfig {
             socket: a.socket,
             backing,
@@ -399,6 +406,10 @@ mod tests {
         let e = with(&["--fault", "op=read,action=delay,ms=x"]).unwrap_err();
         assert!(e.to_string().contains("column"), "{e}");
         assert!(with(&["--zero-page", "nope"]).is_err());
+        assert!(matches!(
+            with(&["--control", "s"]),
+            Err(ConfigError::ControlIsSocket(_))
+        ));
     }
 
     #[test]

@@ -6,8 +6,19 @@
 //! handle that reaches the engine and the current connection's waiting
 //! requests; [`run`] is the command: start, wait for a signal, flush, write the
 //! ledger.
+//!
+//! The files the daemon makes or takes are checked before anything starts: a
+//! socket path that holds anything but a stale socket is refused, the ledger
+//! file is created at once, and the disk file is locked (`nvme_model::Backing`).
+//! Sockets are bound mode 0600 ([`bind_socket`]) and removed at exit only if
+//! they are still the ones bound ([`SocketFile`]).
 
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -38,8 +49,8 @@ pub enum ServeError {
     Backing(#[source] nvme_model::BackingError),
     #[error("Bad geometry")]
     Geometry(#[source] nvme_model::GeometryError),
-    #[error("Cannot listen on {0}")]
-    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("Cannot create the device")]
     Device(#[source] io::Error),
     // vhost_user_backend::Error has no std::error::Error impl to chain as a source.
@@ -49,12 +60,213 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     #[error("Cannot flush the media on exit")]
     Flush(#[source] nvme_model::NamespaceError),
+    #[error("Cannot create the --ledger file {0}")]
+    LedgerOpen(PathBuf, #[source] io::Error),
     #[error("Cannot write the ledger to {0}")]
     Ledger(PathBuf, #[source] io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("NVMe over vfio-user")]
     Nvme(#[source] crate::vfio_user::VfioUserError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(
+        "{0} exists and is not a socket: give --socket another path \
+         (only a stale socket there is replaced)"
+    )]
+    NotASocket(PathBuf),
+    #[error("Cannot remove the stale socket {0}")]
+    RemoveStale(PathBuf, #[source] io::Error),
+    #[error("Cannot listen on {0}")]
+    Bind(PathBuf, #[source] io::Error),
+}
+
+/// Whether a socket is at `path` (a stale one, to be replaced); anything
+/// else there is refused.
+pub fn check_socket_path(path: &Path) -> Result<bool, SocketError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(true),
+        Ok(_) => Err(SocketError::NotASocket(path.to_owned())),
+        // Nothing there, or nothing we may look at: bind says which.
+        Err(_) => Ok(false),
+    }
+}
+
+/// Listens on a UNIX socket at `path` that only its owner may connect to. A
+/// stale socket there is replaced; anything else is refused.
+///
+/// `socket`, `bind`, `chmod 0600`, note the inode, `listen`. Nobody can
+/// connect before the socket listens (connect is refused), so nobody connects
+/// through the mode bind gave it, and the inode is known before anyone could
+/// have talked to the daemon through it. A umask around bind would do as well
+/// for the mode but is the whole process's: another thread creating a file
+/// meanwhile (the control thread, tests that start daemons side by side) would
+/// get it, and two such swaps that overlap leave the wrong one behind.
+pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+    let fail = |e| SocketError::Bind(path.to_owned(), e);
+    if check_socket_path(path)? {
+        fs::remove_file(path).map_err(|e| SocketError::RemoveStale(path.to_owned(), e))?;
+    }
+    let fd = bind_unix(path).map_err(fail)?;
+    let listening = || -> io::Result<SocketFile> {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        let file = SocketFile::of(path)?;
+        // SAFETY: listen takes no pointers; `fd` is a bound socket of ours.
+        match unsafe { libc::listen(fd.as_raw_fd(), libc::SOMAXCONN) } {
+            0 => Ok(file),
+            // Dropping `file` removes the socket.
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
+    match listening() {
+        Ok(file) => Ok((UnixListener::from(fd), file)),
+        Err(e) => {
+            if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = fs::remove_file(path);
+            }
+            Err(fail(e))
+        }
+    }
+}
+
+/// A stream socket bound at `path`, not yet listening.
+fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all zeros is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a UNIX socket path is 1 to {} bytes, without NUL",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, &from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = from as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    let len = libc::socklen_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: socket takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call and
+    // `len` is within it.
+    let bound = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A socket the daemon bound, known by its inode and change time: dropping it
+/// removes the path only if the path still names that socket, so nothing that
+/// someone put there since (another daemon's socket, a file) is removed. In
+/// doubt it is left: a stale socket is replaced by the next daemon.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64, i64, i64),
+}
+
+impl SocketFile {
+    /// The socket now at `path`.
+    pub fn of(path: &Path) -> io::Result<SocketFile> {
+        let m = fs::symlink_metadata(path)?;
+        if !m.file_type().is_socket() {
+            return Err(io::Error::other("not a socket"));
+        }
+        Ok(SocketFile {
+            path: path.to_owned(),
+            id: Self::identity(&m),
+        })
+    }
+
+    fn identity(m: &fs::Metadata) -> (u64, u64, i64, i64) {
+        (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the path still names the socket bound.
+    pub fn is_ours(&self) -> bool {
+        fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && Self::identity(&m) == self.id)
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The `--ledger` file: opened (created if missing, its old content kept) when
+/// the daemon starts, so that a path it cannot write stops it at once; written
+/// whole at exit. One it created and never wrote is removed when dropped (the
+/// daemon did not start).
+#[derive(Debug)]
+struct LedgerFile {
+    path: PathBuf,
+    file: File,
+    created: bool,
+    kept: bool,
+}
+
+impl LedgerFile {
+    fn open(path: &Path) -> Result<LedgerFile, ServeError> {
+        let fail = |e| ServeError::LedgerOpen(path.to_owned(), e);
+        let (file, created) = match OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (
+                OpenOptions::new().write(true).open(path).map_err(fail)?,
+                false,
+            ),
+            Err(e) => return Err(fail(e)),
+        };
+        Ok(LedgerFile {
+            path: path.to_owned(),
+            file,
+            created,
+            kept: false,
+        })
+    }
+
+    /// Replaces what the file holds with `ledger` as JSON lines.
+    fn write(&mut self, ledger: &dma::ledger::Ledger) -> Result<(), ServeError> {
+        self.kept = true;
+        let mut write = || -> io::Result<()> {
+            // A regular file is rewritten; a pipe or a device is written to.
+            if self.file.metadata()?.is_file() {
+                self.file.set_len(0)?;
+                self.file.rewind()?;
+            }
+            let mut out = io::BufWriter::new(&self.file);
+            ledger.write_json_lines(&mut out)?;
+            out.flush()
+        };
+        write().map_err(|e| ServeError::Ledger(self.path.clone(), e))
+    }
+}
+
+impl Drop for LedgerFile {
+    fn drop(&mut self) {
+        if self.created && !self.kept {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Opens the namespace the configuration describes.
@@ -184,41 +396,36 @@ pub struct Daemon {
     shared: Arc<DaemonState>,
     failed: mpsc::Receiver<ServeError>,
     socket: PathBuf,
+    /// The ledger file, opened at start and written by [`Daemon::write_ledger`].
+    ledger: Option<LedgerFile>,
+    /// The sockets bound, removed when the daemon is dropped if still there.
+    _sockets: Vec<SocketFile>,
 }
 
 impl Daemon {
     /// Opens the media, binds the socket and starts serving on a thread of its own.
+    ///
+    /// What could be refused is refused first, before anything is made: a
+    /// socket or control path that holds something other than a socket. Then
+    /// the ledger file is created and the media opened (a disk file locked);
+    /// whatever was made is removed again if a later step fails.
     pub fn start(config: &ServeConfig) -> Result<Daemon, ServeError> {
+        check_socket_path(&config.socket)?;
+        if let Some(control) = &config.control {
+            if let Err(SocketError::NotASocket(path)) = check_socket_path(control) {
+                return Err(crate::control::ControlError::NotASocket(path).into());
+            }
+        }
+        let ledger = config
+            .ledger_file
+            .as_deref()
+            .map(LedgerFile::open)
+            .transpose()?;
         let ns = Arc::new(open_namespace(config)?);
         let engine = Arc::new(Engine::new(config.dma.clone()));
         for rule in &config.faults {
             engine.faults().add(rule.clone());
         }
-        let listener = if config.nvme {
-            info!(
-                "serving {} bytes ({} blocks of {}) as an NVMe controller over vfio-user on {}{}",
-                ns.capacity_bytes(),
-                ns.blocks(),
-                ns.lba_size(),
-                config.socket.display(),
-                if ns.read_only() { ", read-only" } else { "" }
-            );
-            None
-        } else {
-            let listener = Listener::new(&config.socket, true)
-                .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
-            info!(
-                "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{}",
-                ns.capacity_bytes(),
-                ns.blocks(),
-                ns.lba_size(),
-                config.socket.display(),
-                config.queues,
-                config.queue_size,
-                if ns.read_only() { ", read-only" } else { "" }
-            );
-            Some(listener)
-        };
         let latency = (!config.latency.is_instant()).then(|| {
             info!("media latency: {}", config.latency);
             Arc::new(Latency::new(config.latency, config.dma.seed))
@@ -232,8 +439,38 @@ impl Daemon {
             connected: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
         });
+        // The control socket first: by the time the device's socket answers,
+        // ctl can reach the daemon.
+        let mut sockets = Vec::new();
         if let Some(path) = &config.control {
             crate::control::serve(path, shared.clone()).map_err(ServeError::Control)?;
+            // Known from now on, so that exit removes it only if it is still there.
+            if let Ok(file) = SocketFile::of(path) {
+                sockets.push(file);
+            }
+        }
+        let (listener, socket_file) = bind_socket(&config.socket)?;
+        sockets.push(socket_file);
+        let ns = &shared.ns;
+        let read_only = if ns.read_only() { ", read-only" } else { "" };
+        if config.nvme {
+            info!(
+                "serving {} bytes ({} blocks of {}) as an NVMe controller over vfio-user on {}{read_only}",
+                ns.capacity_bytes(),
+                ns.blocks(),
+                ns.lba_size(),
+                config.socket.display(),
+            );
+        } else {
+            info!(
+                "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{read_only}",
+                ns.capacity_bytes(),
+                ns.blocks(),
+                ns.lba_size(),
+                config.socket.display(),
+                config.queues,
+                config.queue_size,
+            );
         }
         let shape = DeviceShape {
             queues: config.queues,
@@ -249,29 +486,32 @@ impl Daemon {
                 None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
             }
         }
-        match listener {
-            Some(listener) => thread::Builder::new()
+        if config.nvme {
+            let server = nvme_server(config, &shared, listener)?;
+            thread::Builder::new()
+                .name("vfio-user".into())
+                .spawn(move || {
+                    let err = serve_nvme(server);
+                    let _ = failed_tx.send(err);
+                })
+                .map_err(ServeError::Device)?
+        } else {
+            // Made from a bound listener, vhost's Listener never unlinks the path.
+            let listener = Listener::from(listener);
+            thread::Builder::new()
                 .name("vhost-user".into())
                 .spawn(move || {
                     let err = serve_connections(listener, &loop_shared, shape, mailbox);
                     let _ = failed_tx.send(err);
                 })
-                .map_err(ServeError::Device)?,
-            None => {
-                let server = nvme_server(config, &shared)?;
-                thread::Builder::new()
-                    .name("vfio-user".into())
-                    .spawn(move || {
-                        let err = serve_nvme(server);
-                        let _ = failed_tx.send(err);
-                    })
-                    .map_err(ServeError::Device)?
-            }
+                .map_err(ServeError::Device)?
         };
         Ok(Daemon {
             shared,
             failed,
             socket: config.socket.clone(),
+            ledger,
+            _sockets: sockets,
         })
     }
 
@@ -316,14 +556,13 @@ impl Daemon {
         }
     }
 
-    /// Writes the ledger as JSON lines.
-    pub fn write_ledger(&self, path: &Path) -> Result<(), ServeError> {
-        let write = || -> io::Result<()> {
-            let mut out = io::BufWriter::new(std::fs::File::create(path)?);
-            self.shared.engine.ledger().write_json_lines(&mut out)?;
-            io::Write::flush(&mut out)
-        };
-        write().map_err(|e| ServeError::Ledger(path.to_owned(), e))
+    /// Writes the ledger as JSON lines to the `--ledger` file (if one was
+    /// given), replacing what it held.
+    pub fn write_ledger(&mut self) -> Result<(), ServeError> {
+        match &mut self.ledger {
+            Some(file) => file.write(&self.shared.engine.ledger()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -332,7 +571,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     // Block the stop signals before any thread exists, so every thread inherits the
     // mask and this thread alone takes them, synchronously.
     let signals = StopSignals::block().map_err(ServeError::Signals)?;
-    let daemon = Daemon::start(&config)?;
+    let mut daemon = Daemon::start(&config)?;
     let result = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200)) {
             info!("received {sig}: flushing the media and stopping");
@@ -347,14 +586,9 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         }
     };
     let flushed = daemon.namespace().flush().map_err(ServeError::Flush);
-    let ledger = match &config.ledger_file {
-        Some(path) => daemon.write_ledger(path),
-        None => Ok(()),
-    };
-    let _ = std::fs::remove_file(&config.socket);
-    if let Some(control) = &config.control {
-        let _ = std::fs::remove_file(control);
-    }
+    let ledger = daemon.write_ledger();
+    // Removes the sockets it bound, if they are still the ones it bound.
+    drop(daemon);
     result.and(flushed).and(ledger)
 }
 
@@ -376,6 +610,7 @@ fn mailbox_control(shared: &Arc<DaemonState>, mailbox: bool) -> Option<ControlFn
 fn nvme_server(
     config: &ServeConfig,
     shared: &Arc<DaemonState>,
+    listener: UnixListener,
 ) -> Result<VfioUserServer, ServeError> {
     // Commands are served on the vfio-user thread: one queue's worth of CPU.
     let pipeline = Arc::new(
@@ -391,8 +626,9 @@ fn nvme_server(
         .map_err(ServeError::Device)?,
     );
     let device = NvmeDevice::new(pipeline.clone(), &config.serial, config.media.deallocate);
-    let server = VfioUserServer::new(&config.socket, device, VfioUserOptions::default())
-        .map_err(ServeError::Nvme)?;
+    let server =
+        VfioUserServer::with_listener(listener, &config.socket, device, VfioUserOptions::default())
+            .map_err(ServeError::Nvme)?;
     if let Ok(mut current) = shared.current.lock() {
         *current = Some(pipeline);
     }

@@ -43,10 +43,10 @@
 //! - Its `DmaUnmapFlags` names differ from the protocol's bits; the bits are read
 //!   as QEMU sends them (1: dirty bitmap, 2: unmap all).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +67,7 @@ use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::counters::{bump, RateLimit};
+use crate::serve::{bind_socket, SocketError, SocketFile};
 
 /// The guest memory the function reads and writes.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -144,12 +145,8 @@ pub enum VfioUserError {
     Vectors(u16),
     #[error("The function's BAR0 size {0:#x} is zero or too large")]
     Bar0Size(u64),
-    #[error("{0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    #[error("Cannot remove the stale socket {0}")]
-    RemoveStale(PathBuf, #[source] io::Error),
-    #[error("Cannot listen on {0}")]
-    Listen(PathBuf, #[source] vfio_user::Error),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("Cannot accept a vfio-user connection")]
     Accept(#[source] io::Error),
 }
@@ -222,6 +219,8 @@ pub struct VfioUserServer {
     server: Server,
     transport: Transport,
     socket: PathBuf,
+    /// The socket [`VfioUserServer::new`] bound, removed with the server.
+    _socket_file: Option<SocketFile>,
 }
 
 impl std::fmt::Debug for VfioUserServer {
@@ -234,20 +233,38 @@ impl std::fmt::Debug for VfioUserServer {
 }
 
 impl VfioUserServer {
-    /// Listens on `socket` (a stale socket there is replaced) and attaches the
-    /// function to the (still empty) guest memory and the MSI-X vectors.
+    /// Listens on `socket` (mode 0600; a stale socket there is replaced,
+    /// anything else refused) and attaches the function to the (still empty)
+    /// guest memory and the MSI-X vectors. The socket goes with the server.
     pub fn new(
         socket: &Path,
         function: Arc<dyn PciFunction>,
         options: VfioUserOptions,
     ) -> Result<VfioUserServer, VfioUserError> {
-        if !(1..=MAX_VECTORS).contains(&options.msix_vectors) {
-            return Err(VfioUserError::Vectors(options.msix_vectors));
-        }
-        let function_bar0 = function.bar0_size();
-        let bar0_size = bar_size(function_bar0).ok_or(VfioUserError::Bar0Size(function_bar0))?;
+        check_options(function.as_ref(), &options)?;
+        let (listener, file) = bind_socket(socket)?;
+        Self::serve_on(listener, socket, Some(file), function, options)
+    }
+
+    /// Serves on `listener`, bound at `socket` by the caller, who removes it.
+    pub fn with_listener(
+        listener: UnixListener,
+        socket: &Path,
+        function: Arc<dyn PciFunction>,
+        options: VfioUserOptions,
+    ) -> Result<VfioUserServer, VfioUserError> {
+        Self::serve_on(listener, socket, None, function, options)
+    }
+
+    fn serve_on(
+        listener: UnixListener,
+        socket: &Path,
+        socket_file: Option<SocketFile>,
+        function: Arc<dyn PciFunction>,
+        options: VfioUserOptions,
+    ) -> Result<VfioUserServer, VfioUserError> {
+        let (bar0_size, function_bar0) = check_options(function.as_ref(), &options)?;
         let layout = MsixLayout::new(options.msix_vectors);
-        remove_stale_socket(socket)?;
 
         let region_size = |index| match index {
             VFIO_PCI_BAR0_REGION_INDEX => bar0_size,
@@ -296,8 +313,8 @@ impl VfioUserServer {
                 }
             })
             .collect();
-        let server = Server::new(socket, true, irqs, regions)
-            .map_err(|e| VfioUserError::Listen(socket.to_owned(), e))?;
+        // From a descriptor, the crate's server never unlinks the path.
+        let server = Server::from_owned_fd(OwnedFd::from(listener), true, irqs, regions);
 
         let stats = Arc::new(VfioUserStats::default());
         let msix = Arc::new(Msix::new(options.msix_vectors, stats.clone()));
@@ -326,6 +343,7 @@ impl VfioUserServer {
                 connected: false,
             },
             socket: socket.to_owned(),
+            _socket_file: socket_file,
         })
     }
 
@@ -368,14 +386,17 @@ impl VfioUserServer {
     }
 }
 
-fn remove_stale_socket(socket: &Path) -> Result<(), VfioUserError> {
-    match fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => {
-            fs::remove_file(socket).map_err(|e| VfioUserError::RemoveStale(socket.to_owned(), e))
-        }
-        Ok(_) => Err(VfioUserError::NotASocket(socket.to_owned())),
-        Err(_) => Ok(()),
+/// The vector count checked, and BAR0's size as mapped and as the function gave it.
+fn check_options(
+    function: &dyn PciFunction,
+    options: &VfioUserOptions,
+) -> Result<(u64, u64), VfioUserError> {
+    if !(1..=MAX_VECTORS).contains(&options.msix_vectors) {
+        return Err(VfioUserError::Vectors(options.msix_vectors));
     }
+    let function_bar0 = function.bar0_size();
+    let bar0_size = bar_size(function_bar0).ok_or(VfioUserError::Bar0Size(function_bar0))?;
+    Ok((bar0_size, function_bar0))
 }
 
 /// A memory BAR's size for `size` bytes: a power of two, at least a page.

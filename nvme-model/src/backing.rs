@@ -5,7 +5,11 @@
 //! - memory: an anonymous memfd. It is sparse — untouched blocks cost no memory —
 //!   and deallocating punches a hole that gives the memory back.
 //! - a raw file (or block device): created at the requested size if missing, its
-//!   own size used if present, never truncated.
+//!   own size used if present, never truncated. It is locked while open
+//!   (`flock`: exclusive, shared when read-only), so a second process that
+//!   locks it too is refused rather than writing under the first; the kernel
+//!   drops the lock when the file is closed or its process dies, `kill -9`
+//!   included.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -43,6 +47,11 @@ pub enum BackingError {
     },
     #[error("{path} does not exist; give --size to create it")]
     NoSize { path: PathBuf },
+    #[error(
+        "{path} is in use: another process holds a lock on it (another daemon serving it?); \
+         stop that process or give another --disk"
+    )]
+    Locked { path: PathBuf },
     #[error("A backing of 0 bytes holds no block")]
     Empty,
     #[error("I/O on the backing at byte {offset} failed")]
@@ -51,6 +60,32 @@ pub enum BackingError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Takes `file`'s advisory lock without waiting: exclusive, or shared when
+/// `read_only` (read-only users may share a file; nobody shares with a
+/// writer). A file system that cannot lock is warned about and used unlocked.
+fn lock(file: &File, read_only: bool) -> io::Result<()> {
+    let how = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    loop {
+        // SAFETY: flock takes no pointers; the descriptor is owned by `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
+                log::warn!("the backing file cannot be locked ({e}): used without a lock");
+                return Ok(());
+            }
+            _ => return Err(e),
+        }
+    }
 }
 
 /// What holds the bytes.
@@ -116,6 +151,22 @@ impl Backing {
         } else {
             meta.len()
         };
+        if let (true, Some(requested)) = (exists, size) {
+            if requested != actual {
+                return Err(BackingError::SizeMismatch {
+                    path: path.to_owned(),
+                    actual,
+                    requested,
+                });
+            }
+        }
+        // Locked before anything is written to it (a new file's size included).
+        lock(&file, read_only).map_err(|source| match source.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => BackingError::Locked {
+                path: path.to_owned(),
+            },
+            _ => open_err(source),
+        })?;
         let size = match (exists, size) {
             (false, Some(size)) => {
                 if size == 0 {
@@ -124,13 +175,6 @@ impl Backing {
                 file.set_len(size)
                     .map_err(|source| BackingError::SetSize { size, source })?;
                 size
-            }
-            (true, Some(requested)) if requested != actual => {
-                return Err(BackingError::SizeMismatch {
-                    path: path.to_owned(),
-                    actual,
-                    requested,
-                })
             }
             _ => actual,
         };
@@ -278,5 +322,47 @@ impl Backing {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_in_use_is_refused_until_it_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let first = Backing::file(&path, Some(8192), false).unwrap();
+        // Another open of the same file, as a second process would.
+        for read_only in [false, true] {
+            match Backing::file(&path, None, read_only) {
+                Err(BackingError::Locked { path: p }) => assert_eq!(p, path),
+                other => panic!("read_only {read_only}: {other:?}"),
+            }
+        }
+        let e = Backing::file(&path, None, false).unwrap_err().to_string();
+        assert!(
+            e.contains(path.to_str().unwrap()) && e.contains("another process"),
+            "{e}"
+        );
+        drop(first);
+        let again = Backing::file(&path, None, false).unwrap();
+        assert_eq!(again.size(), 8192);
+    }
+
+    #[test]
+    fn read_only_users_share_a_file_and_a_writer_waits_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        drop(Backing::file(&path, Some(4096), false).unwrap());
+        let a = Backing::file(&path, None, true).unwrap();
+        let b = Backing::file(&path, None, true).unwrap();
+        assert!(matches!(
+            Backing::file(&path, None, false),
+            Err(BackingError::Locked { .. })
+        ));
+        drop((a, b));
+        assert!(Backing::file(&path, None, false).is_ok());
     }
 }
