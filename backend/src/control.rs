@@ -38,6 +38,9 @@ const MAX_LINE: usize = 1 << 20;
 const MAX_CLIENTS: usize = 32;
 /// Ledger entries returned by one `ledger` command unless `limit` says otherwise.
 const DEFAULT_LEDGER_LIMIT: usize = 1000;
+/// The most of a client's own text (a rule, a match) an error quotes back: an
+/// answer stays short however long the request was.
+const MAX_QUOTED: usize = 80;
 
 /// A command, as it arrives.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -178,8 +181,8 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
                 (None, true, None, None) => state.release(dma::schedule::Release::All),
                 (None, false, Some(q), None) => state.release(dma::schedule::Release::Queue(q)),
                 (None, false, None, Some(m)) => {
-                    let spec =
-                        RuleSpec::parse_match(&m).map_err(|e| format!("match {m:?}: {e}"))?;
+                    let spec = RuleSpec::parse_match(&m)
+                        .map_err(|e| format!("match {}: {e}", quoted(&m)))?;
                     state.release_where(|p| {
                         spec.matches_fields(p.op, p.lba, p.queue, p.len, p.tag.as_deref())
                     })
@@ -201,7 +204,8 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             }))
             .collect::<Vec<_>>()),
         Command::AddRule { rule } => {
-            let spec = RuleSpec::parse(&rule).map_err(|e| format!("rule {rule:?}: {e}"))?;
+            let spec =
+                RuleSpec::parse(&rule).map_err(|e| format!("rule {}: {e}", quoted(&rule)))?;
             json!({ "id": engine.faults().add(spec) })
         }
         Command::RemoveRule { id } => {
@@ -224,22 +228,26 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             engine.set_zero_page(gpa);
             json!({ "zero_page": engine.zero_page() })
         }
+        // A tag or label past its cap (256 bytes) is refused with its length:
+        // the guest sends these, and each would be copied into every record.
         Command::Begin { tag } => {
-            engine.set_tag(Some(tag.clone()));
-            json!({ "tag": tag, "cursor": engine.ledger().since(u64::MAX).1 })
+            engine
+                .set_tag(Some(tag.clone()))
+                .map_err(|e| e.to_string())?;
+            json!({ "tag": tag, "cursor": engine.ledger().next_seq() })
         }
         Command::End => {
             let tag = engine.tag();
-            engine.set_tag(None);
-            json!({ "ended": tag, "cursor": engine.ledger().since(u64::MAX).1 })
+            engine.set_tag(None).map_err(|e| e.to_string())?;
+            json!({ "ended": tag, "cursor": engine.ledger().next_seq() })
         }
-        Command::Mark { label } => json!({ "at_ns": engine.mark(&label) }),
+        Command::Mark { label } => {
+            json!({ "at_ns": engine.mark(&label).map_err(|e| e.to_string())? })
+        }
+        // Only what is answered is copied under the ledger's lock (which every
+        // completion takes); the JSON is built after it is released.
         Command::Findings { since } => {
-            let (entries, next) = engine.ledger().since(since.unwrap_or(0));
-            let findings: Vec<_> = entries
-                .into_iter()
-                .filter(|e| matches!(e.entry, dma::ledger::Entry::Finding(_)))
-                .collect();
+            let (findings, next) = engine.ledger().findings_since(since.unwrap_or(0));
             json!({ "findings": findings, "next": next })
         }
         Command::Ledger { since, limit } => {
@@ -247,13 +255,11 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             if limit == 0 {
                 return Err("limit must be at least 1".into());
             }
-            let ledger = engine.ledger();
-            let (mut entries, next) = ledger.since(since.unwrap_or(0));
-            let more = entries.len() > limit;
-            // The next page starts at the first entry left out.
-            let next = entries.get(limit).map_or(next, |e| e.seq);
-            entries.truncate(limit);
-            json!({ "entries": entries, "next": next, "more": more, "dropped": ledger.dropped() })
+            let (page, dropped) = {
+                let ledger = engine.ledger();
+                (ledger.page(since.unwrap_or(0), limit), ledger.dropped())
+            };
+            json!({ "entries": page.entries, "next": page.next, "more": page.more, "dropped": dropped })
         }
         Command::Reset => {
             state.counters().reset();
@@ -272,7 +278,8 @@ pub fn execute(state: &DaemonState, cmd: Command) -> Result<Value, String> {
                 cut.kept_blocks,
                 cut.writes
             );
-            engine.mark("power-cut");
+            // A fixed label, well under the cap.
+            let _ = engine.mark("power-cut");
             json!({ "lost_blocks": cut.lost_blocks, "kept_blocks": cut.kept_blocks,
                     "writes": cut.writes, "power_cuts": ns.power_epoch(), "seed": seed })
         }
@@ -333,6 +340,15 @@ fn media_error(
         MediaErrorAction::List => {}
     }
     Ok(json!({ "media_errors": bad.list() }))
+}
+
+/// `text` quoted for an error message, cut after [`MAX_QUOTED`] characters
+/// with its length said.
+fn quoted(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &text[..end], text.len()),
+    }
 }
 
 pub fn checks_json(c: Checks) -> Value {

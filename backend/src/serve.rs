@@ -384,7 +384,13 @@ impl DaemonState {
             "power_cuts": self.ns.power_epoch(),
             "media_errors": self.ns.media_errors().list(),
             "tag": engine.tag(),
-            "ledger": {"entries": ledger.len(), "capacity": ledger.capacity(), "dropped": ledger.dropped()},
+            "ledger": {
+                "entries": ledger.len(),
+                "capacity": ledger.capacity(),
+                "bytes": ledger.bytes(),
+                "byte_budget": ledger.byte_budget(),
+                "dropped": ledger.dropped(),
+            },
             "process": crate::process::ProcessFigures::now(),
         })
     }

@@ -660,6 +660,60 @@ fn begin_and_end_tag_the_requests_between_them() {
     );
 }
 
+/// A guest drives `begin`, `mark` and `add-rule` through its mailbox, so a tag
+/// or label is guest text: one past the cap (256 bytes) is refused with the
+/// field, its length and the cap, and nothing of it reaches a record.
+#[test]
+fn an_overlong_tag_or_label_is_refused_naming_the_field_and_the_cap() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    let mut c = Client::connect(&s.control);
+    // As long as a control line (or a mailbox frame) can carry.
+    let long = "t".repeat(MAX_LINE - 100);
+    let len = long.len().to_string();
+    let brief = |a: &Value| a.to_string().chars().take(160).collect::<String>();
+    let cases = [
+        (json!({"v": 1, "cmd": "begin", "tag": long}), "tag"),
+        (json!({"v": 1, "cmd": "mark", "label": long}), "label"),
+        (
+            json!({"v": 1, "cmd": "add-rule", "rule": format!("tag={long},action=hold")}),
+            "tag",
+        ),
+    ];
+    for (request, field) in cases {
+        let a = c.ask(&request.to_string());
+        assert_eq!(
+            a["ok"],
+            json!(false),
+            "a {field} of {len} bytes was accepted: {}",
+            brief(&a)
+        );
+        let error = a["error"].as_str().expect("an error message");
+        assert!(
+            error.len() < 400,
+            "the answer quotes it all back: {}",
+            brief(&a)
+        );
+        for n in [field, len.as_str(), "256"] {
+            assert!(error.contains(n), "{error:?} does not name {n}");
+        }
+        c.assert_works("after the refusal");
+    }
+    assert_eq!(s.ctl_json(&["status"])["tag"], Value::Null);
+    assert_eq!(s.ctl_json(&["rules"]), json!([]));
+
+    // At the cap is fine, and is what the next request carries.
+    let at_cap = "t".repeat(256);
+    assert_eq!(s.ctl_json(&["begin", &at_cap])["tag"], json!(at_cap));
+    write_ok(&mut fe, 0, &[1; 512]);
+    let tags: Vec<Value> = s
+        .ledger_requests()
+        .into_iter()
+        .map(|r| r["tag"].clone())
+        .collect();
+    assert_eq!(tags, vec![json!(at_cap)]);
+}
+
 // ---------------------------------------------------------------------------
 // The protocol over a raw stream
 // ---------------------------------------------------------------------------

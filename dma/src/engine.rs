@@ -14,7 +14,11 @@
 //!
 //! What a guest can grow or drive is bounded: the zero-buffer suspects by
 //! [`MAX_ZERO_SUSPECTS`] pages, the bits a `corrupt` effect flips by the
-//! request's own bits and [`MAX_CORRUPT_BITS`].
+//! request's own bits and [`MAX_CORRUPT_BITS`], a test tag by [`MAX_TAG_BYTES`]
+//! and a mark's label by [`MAX_LABEL_BYTES`] (longer ones are refused, so
+//! nothing a guest names is copied into records past that), a finding's detail
+//! by [`MAX_DETAIL_BYTES`], and the ledger by its count and bytes
+//! ([`crate::ledger`]).
 //! The zero page may be any page, the last of the address space too.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -44,6 +48,48 @@ const ZERO_SUSPECT_THRESHOLD: u64 = 3;
 /// ever-new pages cannot grow the count, and a zero buffer is still found when
 /// it is used three times within the last 65,536 distinct all-zero source pages.
 pub const MAX_ZERO_SUSPECTS: usize = 65_536;
+
+/// The longest test tag (`begin TAG`, a fault rule's `tag=`): 256 bytes.
+///
+/// A guest sets tags through its mailbox, and the tag in force is copied into
+/// every request's ticket, record and finding, so a longer one is refused
+/// ([`TextTooLong`]) rather than cut: a cut tag would match no rule written for
+/// it. 256 bytes is a test name with room to spare.
+pub const MAX_TAG_BYTES: usize = 256;
+
+/// The longest mark label (`mark LABEL`): 256 bytes, as for tags and for the
+/// same reason; a longer one is refused.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// The longest finding detail kept: 256 bytes. Details are the engine's own
+/// sentences (numbers, addresses, names; about 150 bytes at most), never guest
+/// text; a longer one is cut at a character boundary, so an entry's size in
+/// the ledger stays bounded whatever a later change writes there.
+pub const MAX_DETAIL_BYTES: usize = 256;
+
+/// A tag or label past its cap: the field, its length and the cap.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} is {len} bytes, longer than the limit of {max}")]
+pub struct TextTooLong {
+    /// `tag` or `label`.
+    pub field: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
+impl TextTooLong {
+    /// `Err` if `text` is longer than `max` bytes.
+    pub fn check(field: &'static str, text: &str, max: usize) -> Result<(), TextTooLong> {
+        if text.len() > max {
+            return Err(TextTooLong {
+                field,
+                len: text.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Which checks run. Each can be switched while the device runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -237,11 +283,16 @@ impl Engine {
         lock(&self.zero).page
     }
 
-    /// The test tag that requests arriving from now on carry.
-    pub fn set_tag(&self, tag: Option<String>) {
+    /// The test tag that requests arriving from now on carry. A tag longer
+    /// than [`MAX_TAG_BYTES`] is refused and the one in force stays.
+    pub fn set_tag(&self, tag: Option<String>) -> Result<(), TextTooLong> {
+        if let Some(t) = &tag {
+            TextTooLong::check("tag", t, MAX_TAG_BYTES)?;
+        }
         let mut t = lock(&self.tag);
         self.tagged.store(tag.is_some(), Ordering::Release);
         *t = tag;
+        Ok(())
     }
 
     pub fn tag(&self) -> Option<String> {
@@ -279,15 +330,17 @@ impl Engine {
             .collect()
     }
 
-    /// Records a named moment in the ledger (always, like findings).
-    pub fn mark(&self, label: &str) -> u64 {
+    /// Records a named moment in the ledger (always, like findings) and
+    /// returns its time. A label longer than [`MAX_LABEL_BYTES`] is refused.
+    pub fn mark(&self, label: &str) -> Result<u64, TextTooLong> {
+        TextTooLong::check("label", label, MAX_LABEL_BYTES)?;
         let at_ns = self.now_ns();
         self.ledger().push(Entry::Mark(crate::ledger::MarkRecord {
             label: label.to_owned(),
             at_ns,
             tag: self.tag(),
         }));
-        at_ns
+        Ok(at_ns)
     }
 
     /// Sets every finding count back to zero (the ledger keeps its entries).
@@ -760,12 +813,24 @@ impl Engine {
         }
     }
 
-    fn record(&self, f: Finding) {
+    fn record(&self, mut f: Finding) {
+        truncate_at_char(&mut f.detail, MAX_DETAIL_BYTES);
         if let Some(i) = FindingKind::ALL.iter().position(|&k| k == f.finding) {
             self.findings[i].fetch_add(1, Ordering::Relaxed);
         }
         log::debug!("finding {}: {}", f.finding.name(), f.detail);
         self.ledger().push(Entry::Finding(f));
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
     }
 }
 
@@ -1597,7 +1662,7 @@ mod tests {
             .add(RuleSpec::parse("op=read,action=delay,ms=5").unwrap());
         e.faults()
             .add(RuleSpec::parse("op=write,action=hold").unwrap());
-        e.set_tag(Some("t1".into()));
+        e.set_tag(Some("t1".into())).unwrap();
         let mem = mem();
         let mut r = e.arrive(&mem, read(DST, LEN));
         assert_eq!(r.wait, Wait::Delay(Duration::from_millis(5)));
@@ -1610,7 +1675,7 @@ mod tests {
         e.from_guest(&mem, &mut w, &mut [0u8; N]).unwrap();
         let wid = w.id;
         e.complete(w, "ioerr");
-        e.set_tag(None);
+        e.set_tag(None).unwrap();
         let f = e.arrive(&mem, arrival(Op::Flush, &[]));
         assert_eq!(f.wait, Wait::None);
         let fid = f.id;
@@ -1685,6 +1750,84 @@ mod tests {
             kinds,
             vec![("finding", id), ("finding", id2), ("request", id2)]
         );
+    }
+
+    /// A guest names tags and marks through its mailbox: one past the cap is
+    /// refused, so it is never copied into the records that follow.
+    #[test]
+    fn tags_and_labels_past_their_cap_are_refused_and_never_recorded() {
+        let e = engine(Checks {
+            ledger: true,
+            ..Checks::default()
+        });
+        let mem = mem();
+        e.set_tag(Some("t1".into())).unwrap();
+        let long = "x".repeat(1 << 20);
+        let too_long = |field| TextTooLong {
+            field,
+            len: 1 << 20,
+            max: 256,
+        };
+        assert_eq!(e.set_tag(Some(long.clone())), Err(too_long("tag")));
+        assert_eq!(e.mark(&long), Err(too_long("label")));
+        assert_eq!(
+            too_long("tag").to_string(),
+            "tag is 1048576 bytes, longer than the limit of 256"
+        );
+        assert_eq!((MAX_TAG_BYTES, MAX_LABEL_BYTES), (256, 256));
+        read_to(&e, &mem, &[(DST, 512)]);
+        for n in e.ledger().since(0).0 {
+            let (what, tag, label) = match &n.entry {
+                Entry::Request(r) => ("request", r.tag.as_deref(), None),
+                Entry::Finding(f) => ("finding", f.tag.as_deref(), None),
+                Entry::Mark(m) => ("mark", m.tag.as_deref(), Some(m.label.as_str())),
+            };
+            let tag_len = tag.map_or(0, str::len);
+            let label_len = label.map_or(0, str::len);
+            assert!(
+                tag_len <= 256 && label_len <= 256,
+                "a {what} holds a {tag_len}-byte tag and a {label_len}-byte label"
+            );
+        }
+        assert_eq!(
+            e.tag().as_deref(),
+            Some("t1"),
+            "a refused tag leaves the one in force"
+        );
+        // At the cap is allowed.
+        e.set_tag(Some("y".repeat(MAX_TAG_BYTES))).unwrap();
+        e.mark(&"z".repeat(MAX_LABEL_BYTES)).unwrap();
+        assert_eq!(e.tag().map(|t| t.len()), Some(256));
+        let marks: Vec<_> = e
+            .ledger()
+            .since(0)
+            .0
+            .into_iter()
+            .filter_map(|n| match n.entry {
+                Entry::Mark(m) => Some((m.label.len(), m.tag.map_or(0, |t| t.len()))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(marks, vec![(256, 256)]);
+    }
+
+    /// A finding's detail is the engine's own text, but it is kept in the
+    /// ledger: whatever built it, what is recorded is at most the cap.
+    #[test]
+    fn finding_details_are_bounded() {
+        let (e, mem) = (engine(canary_on()), mem());
+        let t = e.arrive(&mem, read(DST, LEN));
+        let seg = Segment::new(Gpa(DST), LEN);
+        let detail = format!("{}é", "d".repeat(255));
+        e.record(e.finding(&t, FindingKind::BufferReusedDuringDma, seg, 1, detail));
+        let f = the_finding(&e);
+        assert!(
+            f.detail.len() <= MAX_DETAIL_BYTES,
+            "a finding's detail of {} bytes was recorded",
+            f.detail.len()
+        );
+        assert!(f.detail.starts_with(&"d".repeat(255)), "{}", f.detail);
+        e.complete(t, "ok");
     }
 
     #[test]

@@ -49,6 +49,7 @@
 //! | `prob` | 0 to 1 | a probability |
 //! | `lba`, `size` | `N` or `N-M`, `N <= M`, 0 to 2^64−1 | a compare |
 //! | `queue` | 0 to 65535 | a queue index |
+//! | `tag` | at most [`MAX_TAG_BYTES`] (256) bytes, the cap on test tags | a longer tag could never be in force; the rule keeps its text |
 //!
 //! No value (nor key) may hold `,` or `=`: a rule given as separate keys and
 //! values ([`RuleSpec::from_pairs`], a TOML fault file's table) must not be
@@ -62,6 +63,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::engine::{TextTooLong, MAX_TAG_BYTES};
 use crate::request::{Arrival, Op};
 use crate::rng::SeededRng;
 
@@ -341,6 +343,7 @@ impl Builder {
             }
             "tag" => {
                 dup(self.tag.is_some())?;
+                TextTooLong::check("tag", value, MAX_TAG_BYTES).map_err(|e| e.to_string())?;
                 self.tag = Some(value.to_owned());
             }
             "nth" | "every" => {
@@ -897,6 +900,33 @@ mod tests {
         ] {
             RuleSpec::parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
         }
+    }
+
+    /// A rule's `tag=` is guest text (rules come through the mailbox too): past
+    /// the cap on tags it is refused, with its length and the cap, at its column.
+    #[test]
+    fn a_tag_past_its_cap_is_refused_at_its_column() {
+        let line = format!("op=read,tag={},action=hold", "t".repeat(257));
+        let e = match RuleSpec::parse(&line) {
+            Ok(spec) => panic!(
+                "a rule with a {}-byte tag was accepted",
+                spec.tag.unwrap().len()
+            ),
+            Err(e) => e,
+        };
+        assert_eq!(e.column, 9, "{e}");
+        for n in ["tag", "257", "256"] {
+            assert!(e.message.contains(n), "{e:?} does not name {n}");
+        }
+        let long = "t".repeat(1 << 20);
+        let e = RuleSpec::from_pairs([("tag", long.as_str()), ("action", "hold")])
+            .expect_err("a 1 MiB tag is refused");
+        assert!(e.message.contains("1048576"), "{e}");
+        let at_cap = format!("tag={},action=hold", "t".repeat(256));
+        assert_eq!(
+            RuleSpec::parse(&at_cap).unwrap().tag.map(|t| t.len()),
+            Some(256)
+        );
     }
 
     /// A TOML fault file gives keys and values apart: a value must not carry

@@ -3,6 +3,15 @@
 //! Entries are numbered from 1 in the order they were recorded; a reader keeps
 //! the number after the last one it saw as its cursor. When the ring is full the
 //! oldest entries are dropped and counted.
+//!
+//! The ring is bounded twice: by its capacity in entries, and by
+//! `capacity × `[`ENTRY_BYTES`] bytes of them ([`Numbered::footprint`]). The
+//! text an entry holds is capped where it comes from (tags and labels at 256
+//! bytes, refused past that; a finding's detail at 256), so an entry without
+//! segments always fits in [`ENTRY_BYTES`]; a request's segments are not
+//! capped (a scattered 256 MiB NVMe read has 65,537), so records of many
+//! segments count what they hold, and the ring keeps fewer of them. Either way
+//! the oldest go first, counted in [`Ledger::dropped`].
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -15,6 +24,22 @@ use crate::segment::Segment;
 
 /// The default number of entries kept.
 pub const DEFAULT_CAPACITY: usize = 65_536;
+
+/// The bytes budgeted per entry: a ledger of capacity N holds at most
+/// N × 1 KiB of entries (64 MiB at [`DEFAULT_CAPACITY`]), so `--ledger-capacity`
+/// raises the byte budget with the count, and no second option is needed.
+///
+/// The worst case of an entry without segments, from the caps on its text: a
+/// mark with a 256-byte label and a 256-byte tag, or a finding with a
+/// 256-byte detail, a 256-byte tag and its class, is `size_of::<Numbered>()`
+/// (under 200 bytes) plus at most 530 bytes of text: under 750 bytes (tested).
+/// A request record adds 16 bytes per segment, so one with a full tag and up
+/// to 16 segments fits too; one with more takes the room of more entries.
+/// Past the budget the oldest entries are dropped, but never the newest, so
+/// the most a ledger holds is its budget plus one entry (a request's segments
+/// are bounded by the front-end: a virtio chain's `seg_max`, an NVMe transfer's
+/// pages).
+pub const ENTRY_BYTES: usize = 1024;
 
 /// The life of one request, recorded when it completes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -69,42 +94,133 @@ pub struct Numbered {
     pub entry: Entry,
 }
 
+impl Numbered {
+    /// The bytes the entry takes in the ledger: itself and what it owns.
+    pub fn footprint(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let owned = match &self.entry {
+            Entry::Request(r) => {
+                r.segments.capacity() * std::mem::size_of::<Segment>()
+                    + r.wait.capacity()
+                    + r.status.capacity()
+                    + text(&r.tag)
+            }
+            Entry::Finding(f) => f.detail.capacity() + text(&f.class) + text(&f.tag),
+            Entry::Mark(m) => m.label.capacity() + text(&m.tag),
+        };
+        std::mem::size_of::<Numbered>() + owned
+    }
+}
+
+/// One page of entries ([`Ledger::page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<Numbered>,
+    /// The cursor for the next page: the first entry left out, or the next to
+    /// be recorded.
+    pub next: u64,
+    /// Whether entries were left out.
+    pub more: bool,
+}
+
 #[derive(Debug)]
 pub struct Ledger {
     entries: VecDeque<Numbered>,
     capacity: usize,
+    /// The most bytes of entries kept (but the newest is always kept).
+    byte_budget: usize,
+    /// The bytes of the entries kept ([`Numbered::footprint`]).
+    bytes: usize,
     next_seq: u64,
     dropped: u64,
 }
 
 impl Ledger {
+    /// A ledger of at most `capacity` entries (at least 1) and
+    /// `capacity × `[`ENTRY_BYTES`] bytes of them.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Ledger {
             entries: VecDeque::with_capacity(capacity.min(4096)),
-            capacity: capacity.max(1),
+            capacity,
+            byte_budget: capacity.saturating_mul(ENTRY_BYTES),
+            bytes: 0,
             next_seq: 1,
             dropped: 0,
         }
     }
 
     pub fn push(&mut self, entry: Entry) {
-        if self.entries.len() == self.capacity {
-            self.entries.pop_front();
-            self.dropped += 1;
-        }
-        self.entries.push_back(Numbered {
+        let e = Numbered {
             seq: self.next_seq,
             entry,
-        });
+        };
+        self.bytes += e.footprint();
+        self.entries.push_back(e);
         self.next_seq += 1;
+        while self.entries.len() > 1
+            && (self.entries.len() > self.capacity || self.bytes > self.byte_budget)
+        {
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.footprint();
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// The kept entries numbered `cursor` or later.
+    fn tail(&self, cursor: u64) -> std::collections::vec_deque::Iter<'_, Numbered> {
+        let first = self.entries.front().map_or(self.next_seq, |e| e.seq);
+        let skip = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
+        self.entries.range(skip.min(self.entries.len())..)
     }
 
     /// Entries numbered `cursor` or later, and the cursor for the next call.
     pub fn since(&self, cursor: u64) -> (Vec<Numbered>, u64) {
-        let first = self.entries.front().map_or(self.next_seq, |e| e.seq);
-        let skip = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
-        let out = self.entries.iter().skip(skip).cloned().collect();
-        (out, self.next_seq)
+        (self.tail(cursor).cloned().collect(), self.next_seq)
+    }
+
+    /// At most `limit` entries numbered `cursor` or later: only those are
+    /// copied, so a reader holds the lock (that every completion needs) for
+    /// the page, not for the whole tail.
+    pub fn page(&self, cursor: u64, limit: usize) -> Page {
+        let mut tail = self.tail(cursor);
+        let entries = tail.by_ref().take(limit).cloned().collect();
+        let (next, more) = tail
+            .next()
+            .map_or((self.next_seq, false), |e| (e.seq, true));
+        Page {
+            entries,
+            next,
+            more,
+        }
+    }
+
+    /// The findings numbered `cursor` or later (only they are copied), and the
+    /// cursor for the next call.
+    pub fn findings_since(&self, cursor: u64) -> (Vec<Numbered>, u64) {
+        let found = self
+            .tail(cursor)
+            .filter(|e| matches!(e.entry, Entry::Finding(_)))
+            .cloned()
+            .collect();
+        (found, self.next_seq)
+    }
+
+    /// The number the next entry will get: a cursor past everything recorded.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The bytes of the entries kept ([`Numbered::footprint`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The most bytes of entries kept: capacity × [`ENTRY_BYTES`] (the newest
+    /// entry is kept even past it).
+    pub fn byte_budget(&self) -> usize {
+        self.byte_budget
     }
 
     pub fn findings(&self) -> impl Iterator<Item = &Finding> {
@@ -126,7 +242,7 @@ impl Ledger {
         self.capacity
     }
 
-    /// Entries dropped because the ring was full.
+    /// Entries dropped because the ring was full (of entries or of bytes).
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -176,6 +292,135 @@ mod tests {
         let (tail, _) = l.since(5);
         assert_eq!(tail.len(), 1);
         assert!(l.since(6).0.is_empty());
+    }
+
+    /// The heap and inline bytes an entry holds, counted from outside.
+    fn held_bytes(e: &Numbered) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        std::mem::size_of::<Numbered>()
+            + match &e.entry {
+                Entry::Request(r) => {
+                    r.segments.len() * std::mem::size_of::<Segment>()
+                        + r.wait.len()
+                        + r.status.len()
+                        + text(&r.tag)
+                }
+                Entry::Finding(f) => f.detail.len() + text(&f.class) + text(&f.tag),
+                Entry::Mark(m) => m.label.len() + text(&m.tag),
+            }
+    }
+
+    /// A request of many segments (as an NVMe PRP list of scattered pages
+    /// gives one) costs bytes in proportion: the ring keeps fewer of them,
+    /// never more than its byte budget, and counts what it dropped.
+    #[test]
+    fn ring_is_bounded_in_bytes_whatever_the_entries_hold() {
+        let capacity = 256;
+        let mut l = Ledger::new(capacity);
+        let big = |id: u64| {
+            let Entry::Request(mut r) = record(id) else {
+                unreachable!()
+            };
+            r.segments = (0..4096u64)
+                .map(|i| Segment::new(crate::Gpa(i * 0x2000), 4096))
+                .collect();
+            Entry::Request(r)
+        };
+        for i in 0..capacity as u64 {
+            l.push(big(i));
+        }
+        let (kept, _) = l.since(0);
+        let bytes: usize = kept.iter().map(held_bytes).sum();
+        let budget = capacity * ENTRY_BYTES;
+        assert_eq!(l.byte_budget(), budget);
+        assert!(l.bytes() <= budget, "{} B counted", l.bytes());
+        assert_eq!(
+            l.bytes(),
+            kept.iter().map(Numbered::footprint).sum::<usize>()
+        );
+        assert!(
+            bytes <= budget,
+            "{} entries of 4096 segments hold {bytes} B, past the budget of {budget} B",
+            kept.len()
+        );
+        assert!(!kept.is_empty(), "the newest entry is kept");
+        assert_eq!(
+            l.dropped(),
+            capacity as u64 - kept.len() as u64,
+            "what was dropped is counted"
+        );
+        // Small entries still fill the ring to its count.
+        for i in 0..capacity as u64 {
+            l.push(record(i));
+        }
+        assert_eq!(l.len(), capacity);
+    }
+
+    /// The per-entry worst case [`ENTRY_BYTES`] states: an entry with every
+    /// text at its cap, and a request with a full tag and 16 segments, fit.
+    #[test]
+    fn an_entry_at_every_cap_fits_its_share_of_the_budget() {
+        use crate::engine::{MAX_DETAIL_BYTES, MAX_LABEL_BYTES, MAX_TAG_BYTES};
+        let tag = Some("t".repeat(MAX_TAG_BYTES));
+        let mark = Entry::Mark(MarkRecord {
+            label: "l".repeat(MAX_LABEL_BYTES),
+            at_ns: u64::MAX,
+            tag: tag.clone(),
+        });
+        let finding = Entry::Finding(Finding {
+            finding: crate::FindingKind::BufferReusedDuringDma,
+            info: false,
+            request: ReqId(u64::MAX),
+            op: Op::Read,
+            queue: u16::MAX,
+            lba: u64::MAX,
+            gpa: crate::Gpa(u64::MAX),
+            len: u64::MAX,
+            class: Some("other-canary".into()),
+            bytes: u64::MAX,
+            other_request: Some(ReqId(u64::MAX)),
+            at_ns: u64::MAX,
+            tag: tag.clone(),
+            detail: "d".repeat(MAX_DETAIL_BYTES),
+        });
+        let Entry::Request(mut r) = record(1) else {
+            unreachable!()
+        };
+        r.segments = vec![Segment::new(crate::Gpa(0), 512); 16];
+        r.wait = crate::Wait::Delay(std::time::Duration::from_millis(600_000)).to_string();
+        r.status = "unrecovered-read-error".into();
+        r.tag = tag;
+        for entry in [mark, finding, Entry::Request(r)] {
+            let n = Numbered { seq: 1, entry };
+            assert!(n.footprint() <= ENTRY_BYTES, "{} B: {n:?}", n.footprint());
+            // Text-only entries stay under the 750 bytes the doc states.
+            if !matches!(n.entry, Entry::Request(_)) {
+                assert!(n.footprint() < 750, "{} B", n.footprint());
+            }
+        }
+    }
+
+    /// A page copies at most `limit` entries and says where the next starts.
+    #[test]
+    fn a_page_takes_at_most_limit_entries_from_the_cursor() {
+        let mut l = Ledger::new(10);
+        for i in 0..14 {
+            l.push(record(i));
+        }
+        // Kept: 5..=14.
+        let seqs = |p: &Page| p.entries.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let p = l.page(0, 3);
+        assert_eq!((seqs(&p), p.next, p.more), (vec![5, 6, 7], 8, true));
+        let p = l.page(12, 3);
+        assert_eq!((seqs(&p), p.next, p.more), (vec![12, 13, 14], 15, false));
+        let p = l.page(13, 1000);
+        assert_eq!((seqs(&p), p.next, p.more), (vec![13, 14], 15, false));
+        let p = l.page(u64::MAX, 3);
+        assert_eq!((seqs(&p), p.next, p.more), (vec![], 15, false));
+        let p = l.page(6, 0);
+        assert_eq!((seqs(&p), p.next, p.more), (vec![], 6, true));
+        assert_eq!(l.next_seq(), 15);
+        assert!(l.findings_since(0).0.is_empty());
     }
 
     #[test]

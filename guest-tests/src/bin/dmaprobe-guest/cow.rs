@@ -142,6 +142,13 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         })
     };
     let held = hold.wait_held()?;
+    // A read that returned while the device still holds it was completed
+    // before its data moved (a device that completes before its DMA).
+    ctx.check(
+        "the read waits for the device",
+        !reader.is_finished(),
+        "the read returned while the device held it",
+    );
     let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 

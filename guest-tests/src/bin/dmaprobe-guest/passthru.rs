@@ -184,6 +184,15 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
         Ok(held) => held,
         Err(stop) => return Err(read.never_held(stop)),
     };
+    // A command that returned while the device still holds it was completed
+    // before its data moved (a device that completes before its DMA).
+    if let InFlight::Thread(t) = &read {
+        ctx.check(
+            "the read waits for the device",
+            !t.is_finished(),
+            "the ioctl returned while the device held the read",
+        );
+    }
     let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
