@@ -126,6 +126,22 @@ const fn latency_test(
 /// ascii on Debian's kernels; `modules.builtin` drops those built in).
 const FAT_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_ascii"];
 
+/// A test on a 64 MiB vfat disk with a mailbox: the legacy direct-I/O path.
+const fn vfat_test(name: &'static str, summary: &'static str) -> TestSpec {
+    TestSpec {
+        name,
+        summary,
+        disk: DiskSpec {
+            size: 64 * MIB,
+            lbs: 512,
+            format: Some(Fs::Vfat),
+        },
+        serve_args: &["--mailbox"],
+        modules: FAT_MODULES,
+        ..BASE
+    }
+}
+
 pub const TESTS: &[TestSpec] = &[
     TestSpec {
         name: "smoke",
@@ -177,19 +193,11 @@ pub const TESTS: &[TestSpec] = &[
         serve_args: &["--mailbox"],
         ..BASE
     },
-    TestSpec {
-        name: "dio-read-fork-cow-vfat",
-        summary: "as dio-read-fork-cow, with the O_DIRECT read from a file on vfat: the legacy \
+    vfat_test(
+        "dio-read-fork-cow-vfat",
+        "as dio-read-fork-cow, with the O_DIRECT read from a file on vfat: the legacy \
                   direct-I/O code of fs/direct-io.c (fat_direct_IO)",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: Some(Fs::Vfat),
-        },
-        serve_args: &["--mailbox"],
-        modules: FAT_MODULES,
-        ..BASE
-    },
+    ),
     mailbox_test(
         "dio-read-fork-cow-child",
         "as dio-read-fork-cow, but the child writes to the page after fork",
@@ -204,18 +212,10 @@ pub const TESTS: &[TestSpec] = &[
         "an O_DIRECT write held while the process forks and the child rewrites the page: \
                   the disk must get the parent's data",
     ),
-    TestSpec {
-        name: "dio-write-fork-vfat",
-        summary: "as dio-write-fork, with the O_DIRECT write to a file on vfat (legacy direct I/O)",
-        disk: DiskSpec {
-            size: 64 * MIB,
-            lbs: 512,
-            format: Some(Fs::Vfat),
-        },
-        serve_args: &["--mailbox"],
-        modules: FAT_MODULES,
-        ..BASE
-    },
+    vfat_test(
+        "dio-write-fork-vfat",
+        "as dio-write-fork, with the O_DIRECT write to a file on vfat (legacy direct I/O)",
+    ),
     mailbox_test(
         "dio-unmap-exit",
         "a page under a held O_DIRECT read is unmapped; another process's memory must \

@@ -20,7 +20,8 @@ use guest_tests::protocol::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
 use crate::held::{
-    first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
+    check_read_waits, first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET,
+    OLD, TOUCH, TOUCH_AT,
 };
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
@@ -142,11 +143,9 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         })
     };
     let held = hold.wait_held()?;
-    // A read that returned while the device still holds it was completed
-    // before its data moved (a device that completes before its DMA).
-    ctx.check(
-        "the read waits for the device",
-        !reader.is_finished(),
+    check_read_waits(
+        ctx,
+        reader.is_finished(),
         "the read returned while the device held it",
     );
     let gpa = first_gpa(&held);
@@ -191,8 +190,6 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let evidence = ForkedRead {
-        len: FORK_READ_LEN,
-        old: OLD,
         gpa: &gpa,
         before: pfn_before,
         after: pfn_after,

@@ -140,15 +140,18 @@ pub fn note_pins(ctx: &Ctx, before: Option<i64>, during: Option<i64>) {
     }
 }
 
+/// Checks that a read held across fork is still pending while the device
+/// holds it: one that `returned` was completed before its data moved (a
+/// device that completes before its DMA).
+pub fn check_read_waits(ctx: &Ctx, returned: bool, detail: &str) {
+    ctx.check("the read waits for the device", !returned, detail);
+}
+
 /// A read into the start of a page, held while the process forked and then
 /// released: where the device put the data, and the page the parent mapped
 /// before fork and after its write.
 #[derive(Debug)]
 pub struct ForkedRead<'a> {
-    /// Bytes read.
-    pub len: usize,
-    /// What the page held before the read.
-    pub old: u8,
     /// Where the device was told to write (its listing of the held read).
     pub gpa: &'a str,
     /// The page's frame before fork and after the write that followed it.
@@ -157,14 +160,14 @@ pub struct ForkedRead<'a> {
 }
 
 impl ForkedRead<'_> {
-    /// Whether `got`, the parent's first `len` bytes, hold
+    /// Whether `got`, the parent's first [`FORK_READ_LEN`] bytes, hold
     /// `fill_pattern(seed, offset)`; if not, one line saying where the data went.
     pub fn judge(&self, seed: u64, offset: u64, got: &[u8]) -> Result<String, Stop> {
-        let len = self.len;
+        let len = FORK_READ_LEN;
         check_pattern(seed, offset, got)
             .map(|()| format!("the parent's {len} B hold the data read"))
             .map_err(|m| {
-                Stop::Fail(if got.iter().all(|&b| b == self.old) {
+                Stop::Fail(if got.iter().all(|&b| b == OLD) {
                     format!(
                         "the parent's buffer kept its old bytes; the device wrote {len} B at GPA {} {}",
                         self.gpa,

@@ -73,8 +73,8 @@ use guest_tests::protocol::fill_pattern;
 use thiserror::Error;
 
 use crate::held::{
-    disk_holds_parents, first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET,
-    OLD, TOUCH, TOUCH_AT,
+    check_read_waits, disk_holds_parents, first_gpa, note_pins, ForkedRead, Hold, Setup,
+    FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
 };
 use crate::io::{wait_for, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
@@ -184,12 +184,10 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
         Ok(held) => held,
         Err(stop) => return Err(read.never_held(stop)),
     };
-    // A command that returned while the device still holds it was completed
-    // before its data moved (a device that completes before its DMA).
     if let InFlight::Thread(t) = &read {
-        ctx.check(
-            "the read waits for the device",
-            !t.is_finished(),
+        check_read_waits(
+            ctx,
+            t.is_finished(),
             "the ioctl returned while the device held the read",
         );
     }
@@ -221,8 +219,6 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
         format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
     );
     let evidence = ForkedRead {
-        len: FORK_READ_LEN,
-        old: OLD,
         gpa: &gpa,
         before: pfn_before,
         after: pfn_after,
