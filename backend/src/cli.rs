@@ -206,6 +206,10 @@ pub struct ServeArgs {
     /// Serve no control socket.
     #[arg(long, conflicts_with = "control")]
     pub no_control: bool,
+    /// Close a control client that sends no whole request line for this many
+    /// seconds (0: never), so idle clients cannot hold all 32 places.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub control_idle_timeout: u64,
     /// Make the last MiB of the disk a mailbox through which programs in the
     /// guest send control commands (no storage there: give a file system the
     /// rest of the disk).
@@ -320,6 +324,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             ledger_file: a.ledger,
             control,
+            control_idle: (a.control_idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(a.control_idle_timeout)),
             mailbox: a.mailbox,
             nvme: a.nvme,
             latency: config::parse_latency(&a.latency)?,

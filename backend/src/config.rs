@@ -89,6 +89,9 @@ pub struct ServeConfig {
     pub ledger_file: Option<PathBuf>,
     /// The control socket, if any.
     pub control: Option<PathBuf>,
+    /// How long a control client may sit without sending a whole request
+    /// (`None`: for ever).
+    pub control_idle: Option<std::time::Duration>,
     /// Make the last MiB of the disk the guest's mailbox.
     pub mailbox: bool,
     /// Present an NVMe controller over vfio-user, not a vhost-user-blk device.

@@ -20,9 +20,10 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use dma::{Checks, RuleSpec};
 use serde::Deserialize;
@@ -370,9 +371,34 @@ pub enum ControlError {
     NotASocket(PathBuf),
 }
 
+/// Control clients the socket turned away or closed (`control` in `status`).
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    /// Told "too many control clients" and closed.
+    refused_busy: AtomicU64,
+    /// Closed after the idle timeout without a whole request line.
+    closed_idle: AtomicU64,
+}
+
+impl ClientCounters {
+    pub fn snapshot(&self) -> Value {
+        json!({
+            "max_clients": MAX_CLIENTS,
+            "refused_busy": self.refused_busy.load(Ordering::Relaxed),
+            "closed_idle": self.closed_idle.load(Ordering::Relaxed),
+        })
+    }
+}
+
 /// Serves the control socket on its own thread, each client on a thread of its
-/// own, until the process ends.
-pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
+/// own, until the process ends. A client that sends no whole request line for
+/// `idle` is closed, so that clients that connect and wait cannot hold every
+/// place.
+pub fn serve(
+    path: &Path,
+    state: Arc<DaemonState>,
+    idle: Option<Duration>,
+) -> Result<(), ControlError> {
     let listen_err = |e| ControlError::Listen(path.to_owned(), e);
     // Replace a stale socket, never anything else.
     match std::fs::symlink_metadata(path) {
@@ -397,6 +423,10 @@ pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
                 let Ok(mut stream) = stream else { continue };
                 if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::SeqCst);
+                    state
+                        .control_clients()
+                        .refused_busy
+                        .fetch_add(1, Ordering::Relaxed);
                     let busy = json!({"v": PROTOCOL_VERSION, "ok": false, "error": "too many control clients"});
                     let _ = writeln!(stream, "{busy}");
                     continue;
@@ -405,7 +435,7 @@ pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
                 let spawned = thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
-                        serve_client(stream, &state);
+                        serve_client(stream, &state, idle);
                         clients.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -417,21 +447,42 @@ pub fn serve(path: &Path, state: Arc<DaemonState>) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// Answers a client's lines until it goes away. A client that vanishes
-/// mid-request harms nothing: the answer has nowhere to go, and that is all.
-fn serve_client(stream: UnixStream, state: &DaemonState) {
+/// Answers a client's lines until it goes away, or sends no whole line for
+/// `idle`. A client that vanishes mid-request harms nothing: the answer has
+/// nowhere to go, and that is all.
+fn serve_client(stream: UnixStream, state: &DaemonState, idle: Option<Duration>) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    // A client that does not read its answers is as idle as one that does
+    // not write.
+    if out.set_write_timeout(idle).is_err() {
+        return;
+    }
+    let mut reader = BufReader::new(Deadline {
+        stream,
+        idle,
+        until: None,
+    });
     let mut line = Vec::new();
     loop {
         line.clear();
+        reader.get_mut().start();
         match (&mut reader)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line)
         {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    state
+                        .control_clients()
+                        .closed_idle
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::debug!("control client closed: idle for {idle:?}");
+                }
+                return;
+            }
             Ok(_) => {}
         }
         let response = if line.len() > MAX_LINE {
@@ -453,6 +504,38 @@ fn serve_client(stream: UnixStream, state: &DaemonState) {
         if writeln!(out, "{response}").is_err() {
             return;
         }
+    }
+}
+
+/// A client's stream with a deadline for each request line: every read waits
+/// at most until it, however the client trickles its bytes.
+struct Deadline {
+    stream: UnixStream,
+    idle: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl Deadline {
+    /// A new line starts: it has `idle` from now.
+    fn start(&mut self) {
+        self.until = self.idle.and_then(|idle| Instant::now().checked_add(idle));
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf).map_err(|e| match e.kind() {
+            // What a read timeout gives on Linux.
+            io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut.into(),
+            _ => e,
+        })
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use guest_tests::mailbox::{decode, encode, mailbox_offset, MAILBOX_BYTES};
+use guest_tests::mailbox::{decode, encode, mailbox_offset, MAX_PAYLOAD};
 use vm_memory::GuestMemoryBackend;
 
 use crate::blk::Status;
@@ -80,25 +80,43 @@ impl Mailbox {
         };
         bump(&counters.mailbox_commands);
         let request = String::from_utf8_lossy(payload);
-        let answer = (self.control)(&request);
+        let mut answer = (self.control)(&request);
         log::debug!("mailbox seq={seq}: {request} -> {answer}");
-        let mut framed = encode(seq, answer.as_bytes(), self.block);
-        framed.truncate(usize::try_from(MAILBOX_BYTES).unwrap_or(usize::MAX));
+        if answer.len() > MAX_PAYLOAD {
+            // Cut, the frame would lie about its length; the command has run,
+            // only its answer is too long to read back here.
+            bump(&counters.mailbox_refused);
+            answer = too_long(answer.len());
+        }
+        let framed = encode(seq, answer.as_bytes(), self.block);
         if let Ok(mut slot) = self.answer.lock() {
             *slot = framed;
         }
         Status::Ok
     }
 
-    /// A read of the mailbox: the last answer, zero beyond it.
+    /// A read of the mailbox: the last answer, zero beyond it. A read that
+    /// starts before the mailbox is refused: its first bytes would be the
+    /// media's, and the mailbox never reaches the media.
     pub fn read<M: GuestMemoryBackend>(
         &self,
         mem: &M,
         offset: u64,
         data: &[dma::Segment],
+        counters: &Counters,
     ) -> Status {
+        let Some(from) = offset.checked_sub(self.offset) else {
+            bump(&counters.mailbox_refused);
+            if counters.may_log() {
+                log::warn!(
+                    "mailbox read refused: it starts {} bytes before the mailbox",
+                    self.offset - offset
+                );
+            }
+            return Status::IoErr;
+        };
         let len = usize::try_from(dma::segment::total_len(data)).unwrap_or(0);
-        let from = usize::try_from(offset.saturating_sub(self.offset)).unwrap_or(usize::MAX);
+        let from = usize::try_from(from).unwrap_or(usize::MAX);
         let mut out = vec![0u8; len];
         if let Ok(answer) = self.answer.lock() {
             if let Some(src) = answer.get(from.min(answer.len())..) {
@@ -111,6 +129,19 @@ impl Mailbox {
             Err(_) => Status::IoErr,
         }
     }
+}
+
+/// The answer in place of one longer than the mailbox holds.
+fn too_long(len: usize) -> String {
+    serde_json::json!({
+        "v": crate::control::PROTOCOL_VERSION,
+        "ok": false,
+        "error": format!(
+            "the answer ({len} bytes) is longer than the mailbox holds ({MAX_PAYLOAD} bytes): \
+             ask for less (ledger: a smaller limit) or use the control socket"
+        ),
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -133,7 +164,7 @@ mod tests {
         let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
         assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
         let out = [dma::Segment::new(dma::Gpa(0x2000), 1024)];
-        assert_eq!(mb.read(&mem, mb.offset(), &out), Status::Ok);
+        assert_eq!(mb.read(&mem, mb.offset(), &out, &counters), Status::Ok);
         let mut back = vec![0u8; 1024];
         mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
         let (seq, payload) = decode(&back).unwrap();
@@ -160,5 +191,54 @@ mod tests {
         assert_eq!(counters.snapshot().mailbox_commands, 0);
         assert!(mb.touches(mb.offset() - 512, 1024));
         assert!(!mb.touches(mb.offset() - 512, 512));
+    }
+
+    /// An answer longer than the mailbox reads back as a whole frame that
+    /// says so, not as a frame cut short under a header claiming it all.
+    #[test]
+    fn an_answer_too_long_for_the_mailbox_is_replaced_by_a_refusal() {
+        let long: ControlFn = Arc::new(|_: &str| "x".repeat(2 << 20));
+        let mb = Mailbox::new(64 << 20, 512, long).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let counters = Counters::default();
+        mem.write_slice(&encode(3, br#"{"cmd":"ledger"}"#, 512), GuestAddress(0))
+            .unwrap();
+        let seg = [dma::Segment::new(dma::Gpa(0), 512)];
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
+        let whole = [dma::Segment::new(dma::Gpa(0x10_0000), 1 << 20)];
+        assert_eq!(mb.read(&mem, mb.offset(), &whole, &counters), Status::Ok);
+        let mut back = vec![0u8; 1 << 20];
+        mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
+        let (seq, payload) = decode(&back).expect("a whole frame");
+        assert_eq!(seq, 3);
+        let answer: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(answer["ok"], false);
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("2097152 bytes"), "{error}");
+        assert_eq!(counters.snapshot().mailbox_commands, 1);
+        assert_eq!(counters.snapshot().mailbox_refused, 1);
+    }
+
+    /// A read from before the mailbox into it is refused whole: answer bytes
+    /// at the wrong offset of the buffer were what it got before.
+    #[test]
+    fn a_read_that_crosses_into_the_mailbox_is_refused() {
+        let mb = mailbox();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let counters = Counters::default();
+        mem.write_slice(&encode(1, br#"{"cmd":"held"}"#, 512), GuestAddress(0x1000))
+            .unwrap();
+        let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
+        mem.write_slice(&[0x5a; 1024], GuestAddress(0x2000)).unwrap();
+        let out = [dma::Segment::new(dma::Gpa(0x2000), 1024)];
+        assert_eq!(
+            mb.read(&mem, mb.offset() - 512, &out, &counters),
+            Status::IoErr
+        );
+        let mut back = vec![0u8; 1024];
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a), "guest memory untouched");
+        assert_eq!(counters.snapshot().mailbox_refused, 1);
     }
 }

@@ -670,7 +670,7 @@ fn mailbox_io(
     let &(offset, _) = ranges.iter().find(|(o, l)| mb.touches(*o, *l))?;
     let data = &prepared.arrival.segments;
     let status = match prepared.work {
-        Work::Read(_) => mb.read(mem, offset, data),
+        Work::Read(_) => mb.read(mem, offset, data, counters),
         Work::Write { .. } => mb.write(mem, offset, data, counters),
         _ => {
             bump(&counters.mailbox_refused);

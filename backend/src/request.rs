@@ -202,8 +202,12 @@ pub fn parse<M: GuestMemoryBackend>(
     ]);
     let reject_op = |reason| reject(reason, Some(op), Some(status_at));
 
-    let writable_len = total(&writable);
-    let (data_in, _status) = split_at(&writable, u32::try_from(writable_len - 1).unwrap_or(0));
+    // Everything writable but the status byte is data; more than a request's
+    // length can say is refused, not cut to nothing.
+    let Ok(data_in_len) = u32::try_from(total(&writable).saturating_sub(1)) else {
+        return Err(reject_op(Malformed::TooLarge));
+    };
+    let (data_in, _status) = split_at(&writable, data_in_len);
 
     let data = match op {
         RequestType::In | RequestType::GetId => {
@@ -402,6 +406,19 @@ mod tests {
         descs.push((0x3000, 1, W));
         let err = parse(&m, chain(&descs).into_iter(), LIMITS).unwrap_err();
         assert_eq!(err.reason, Malformed::TooLarge);
+    }
+
+    /// Device-writable descriptors of more than 4 GiB (aliasing one MiB of
+    /// memory) are refused as too large, not taken for a read of 0 bytes.
+    #[test]
+    fn writable_bytes_past_4_gib_are_too_large() {
+        let m = mem();
+        header(&m, 0x1000, 0, 0);
+        let mut descs = vec![(0x1000, 16, 0)];
+        descs.extend((0..4097).map(|_| (0, 0x10_0000, W)));
+        let err = parse(&m, chain(&descs).into_iter(), LIMITS).unwrap_err();
+        assert_eq!(err.reason, Malformed::TooLarge);
+        assert!(err.status_at.is_some());
     }
 
     #[test]

@@ -308,6 +308,8 @@ pub struct DaemonState {
     /// Whether a frontend is connected (`current` is set a little before).
     connected: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
+    /// Control clients turned away or closed.
+    control_clients: crate::control::ClientCounters,
 }
 
 impl DaemonState {
@@ -321,6 +323,10 @@ impl DaemonState {
 
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    pub fn control_clients(&self) -> &crate::control::ClientCounters {
+        &self.control_clients
     }
 
     /// Fails every request still waiting on the connected frontend (the
@@ -391,6 +397,7 @@ impl DaemonState {
                 "byte_budget": ledger.byte_budget(),
                 "dropped": ledger.dropped(),
             },
+            "control": self.control_clients.snapshot(),
             "process": crate::process::ProcessFigures::now(),
         })
     }
@@ -444,12 +451,14 @@ impl Daemon {
             current: Mutex::new(None),
             connected: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
+            control_clients: Default::default(),
         });
         // The control socket first: by the time the device's socket answers,
         // ctl can reach the daemon.
         let mut sockets = Vec::new();
         if let Some(path) = &config.control {
-            crate::control::serve(path, shared.clone()).map_err(ServeError::Control)?;
+            crate::control::serve(path, shared.clone(), config.control_idle)
+                .map_err(ServeError::Control)?;
             // Known from now on, so that exit removes it only if it is still there.
             if let Ok(file) = SocketFile::of(path) {
                 sockets.push(file);

@@ -891,6 +891,62 @@ fn clients_that_leave_mid_request_harm_nothing() {
     assert!(s.ctl_ok(&["status"]).contains("requests 2"));
 }
 
+/// Clients that connect and say nothing, or trickle a line a byte at a time,
+/// are closed after `--control-idle-timeout`, so they cannot keep every
+/// place; a client that keeps asking stays; both are counted in `status`.
+#[test]
+fn idle_control_clients_are_closed_and_give_their_places_back() {
+    let mut s = Serve::start(&["--control-idle-timeout", "1"]);
+    let mut busy = Client::connect(&s.control);
+    let mut idle: Vec<UnixStream> = (0..31)
+        .map(|_| UnixStream::connect(&s.control).expect("connect"))
+        .collect();
+    busy.assert_works("the 32nd client");
+    // All 32 places are taken (wait for the daemon to count the last).
+    let deadline = Instant::now() + SOON;
+    loop {
+        let a = Client::connect(&s.control).ask(r#"{"v":1,"cmd":"status"}"#);
+        if a["ok"] == json!(false) {
+            assert_refused(&a, "too many");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a 33rd client was never refused");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // One trickles a byte every 200 ms: each read is short, the line is not.
+    let mut trickler = idle.pop().unwrap();
+    let start = Instant::now();
+    let mut closed = false;
+    while start.elapsed() < SOON {
+        if trickler.write_all(b" ").is_err() {
+            closed = true;
+            break;
+        }
+        // The client that asks stays: each line starts its second afresh.
+        busy.assert_works("a client that keeps asking");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed, "a client trickling one line was never closed");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed before its second was up: {:?}",
+        start.elapsed()
+    );
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.set_read_timeout(Some(SOON)).unwrap();
+        let mut byte = [0u8; 1];
+        let n = std::io::Read::read(c, &mut byte)
+            .unwrap_or_else(|e| panic!("idle client {i} was not closed: {e}"));
+        assert_eq!(n, 0, "idle client {i} got an answer it did not ask for");
+    }
+    let status = busy.ask(r#"{"v":1,"cmd":"status"}"#);
+    let control = &status["result"]["control"];
+    assert_eq!(control["closed_idle"], json!(31), "{control}");
+    assert!(control["refused_busy"].as_u64().unwrap() >= 1, "{control}");
+    assert_eq!(control["max_clients"], json!(32), "{control}");
+    s.assert_alive();
+}
+
 #[test]
 fn the_control_socket_is_for_its_owner_only() {
     let s = Serve::start(&[]);
