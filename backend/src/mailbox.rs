@@ -230,7 +230,8 @@ mod tests {
             .unwrap();
         let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
         assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
-        mem.write_slice(&[0x5a; 1024], GuestAddress(0x2000)).unwrap();
+        mem.write_slice(&[0x5a; 1024], GuestAddress(0x2000))
+            .unwrap();
         let out = [dma::Segment::new(dma::Gpa(0x2000), 1024)];
         assert_eq!(
             mb.read(&mem, mb.offset() - 512, &out, &counters),
