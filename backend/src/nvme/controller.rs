@@ -104,6 +104,10 @@ pub struct NvmeCounters {
     /// Register and doorbell writes ignored: bad size, a disabled or fatal
     /// controller, a queue being deleted, CC fields changed while enabled.
     pub ignored_writes: AtomicU64,
+    /// Times a submission queue with commands in it stopped fetching: its
+    /// completion queue had no room left for another completion until the
+    /// host consumed some.
+    pub sq_stalls: AtomicU64,
     pub resets: AtomicU64,
     // What the SMART / health log reports.
     pub read_commands: AtomicU64,
@@ -175,6 +179,25 @@ impl State {
 
     pub fn cq_mut(&mut self, qid: u16) -> Option<&mut CompQueue> {
         self.cqs.get_mut(usize::from(qid)).and_then(Option::as_mut)
+    }
+
+    /// Whether completion queue `cqid` has room for the completion of one
+    /// more command, counting what it holds (posted and not consumed, or
+    /// waiting) and what the commands in flight to it will post. See
+    /// [`Controller::run_sq`] for the bound this keeps.
+    pub fn cq_has_room(&self, cqid: u16) -> bool {
+        let Some(cq) = self.cq(cqid) else {
+            return false;
+        };
+        let in_flight: usize = self
+            .sqs
+            .iter()
+            .flatten()
+            .filter(|sq| sq.cqid == cqid)
+            .map(|sq| sq.in_flight.len())
+            .sum();
+        let owed = usize::from(cq.posted()) + cq.waiting.len() + in_flight;
+        owed < usize::from(cq.entries - 1)
     }
 
     pub fn io_queues_exist(&self) -> bool {
@@ -538,7 +561,10 @@ impl Controller {
                     .map(|posted| cq.vector.filter(|_| posted)),
             };
             match result {
-                Ok(vector) => fx.vectors.extend(vector),
+                Ok(vector) => {
+                    fx.vectors.extend(vector);
+                    self.resume(st, &mem, qid, fx);
+                }
                 Err(e) => self.fatal(st, e.into()),
             }
         } else {
@@ -558,13 +584,46 @@ impl Controller {
         }
     }
 
-    /// Fetches and runs every command between the queue's head and tail.
+    /// Fetches and runs the commands between the queue's head and tail, as
+    /// long as its completion queue has room for their completions; a queue
+    /// being deleted fetches nothing. What stays in the queue is fetched when
+    /// the host consumes completions ([`Controller::resume`]).
+    ///
+    /// The bound. For a completion queue of `entries` slots, call *owed* the
+    /// entries posted there and not yet consumed, plus the completions
+    /// waiting, plus the commands in flight on every submission queue
+    /// completing there. A command is fetched only while owed < `entries - 1`
+    /// ([`State::cq_has_room`]), and the fetch adds one: the command goes in
+    /// flight, or its Command ID Conflict is posted at once. Completing a
+    /// command moves one from in flight to posted (or waiting; or drops it,
+    /// on a fatal controller); the head doorbell only takes away; a queue is
+    /// created with nothing in flight and deleted once it has none; a reset
+    /// drops them all. So owed ≤ `entries - 1` at all times: `waiting.len()`
+    /// and each submission queue's `in_flight.len()` stay below the
+    /// completion queue's `entries`, whatever the host does. (A completion
+    /// even finds posted + waiting ≤ `entries - 2`, so none ever waits.) The
+    /// cost falls on a host with more commands outstanding than its
+    /// completion queue holds: it waits for its own head doorbell, as on
+    /// hardware. Linux never gets there: its queues come in pairs of one
+    /// size, with at most `entries - 1` commands outstanding.
     fn run_sq(&self, st: &mut State, mem: &Mem, qid: u16, fx: &mut Effects) {
         loop {
             if st.fatal() {
                 return;
             }
-            let Some(sq) = st.sq_mut(qid).filter(|sq| sq.deleting.is_none()) else {
+            let Some(sq) = st.sq(qid).filter(|sq| sq.deleting.is_none()) else {
+                return;
+            };
+            if sq.is_empty() {
+                return;
+            }
+            let cqid = sq.cqid;
+            if !st.cq_has_room(cqid) {
+                bump(&self.counters.sq_stalls);
+                debug!("nvme: q={qid} stops fetching: completion queue {cqid} has no room");
+                return;
+            }
+            let Some(sq) = st.sq_mut(qid) else {
                 return;
             };
             let sqe = match sq.fetch(mem) {
@@ -591,6 +650,16 @@ impl Controller {
                 Outcome::Done(status, dw0) => self.finish(st, mem, tag, status, dw0, fx),
                 Outcome::Io(cmd) => fx.io.push(cmd),
                 Outcome::Held => {}
+            }
+        }
+    }
+
+    /// The host consumed completions of queue `cqid`: the submission queues
+    /// completing to it fetch what they left for want of room.
+    fn resume(&self, st: &mut State, mem: &Mem, cqid: u16, fx: &mut Effects) {
+        for sqid in 0..u16::try_from(st.sqs.len()).unwrap_or(u16::MAX) {
+            if st.sq(sqid).is_some_and(|sq| sq.cqid == cqid) {
+                self.run_sq(st, mem, sqid, fx);
             }
         }
     }
@@ -967,29 +1036,159 @@ mod tests {
         assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 1);
     }
 
+    /// The cids, and the SQ heads they report, of completions.
+    fn cids_and_heads(got: &[Completion]) -> (Vec<u16>, Vec<u16>) {
+        got.iter().map(|c| (c.cid, c.sq_head)).unzip()
+    }
+
     #[test]
-    fn a_full_completion_queue_holds_completions_until_the_host_makes_room() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 1, 4);
+    fn a_full_completion_queue_stops_fetching_until_the_host_makes_room() {
+        let mut host = Host::probed(identity(LbaSize::B4096), 1, 8);
         host.handler.immediate.store(false, Relaxed);
-        for cid in 0..3 {
-            host.place(1, read(cid, 0, 1, DATA, 0));
+        // Eight slots, one kept empty: room for seven completions, so seven
+        // commands are fetched and the next seven stay in the SQ.
+        for cid in 0..7 {
+            host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
         }
         host.ring_sq(1);
-        for cid in 3..5 {
-            host.place(1, read(cid, 0, 1, DATA, 0));
+        let first = host.held();
+        assert_eq!(first.len(), 7);
+        for cid in 7..14 {
+            host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
         }
         host.ring_sq(1);
-        let tags = host.held();
-        assert_eq!(tags.len(), 5);
-        for t in &tags {
+        assert!(host.held().is_empty(), "no room: nothing fetched");
+        // Completing makes no room; only the host consuming does.
+        for t in &first {
             host.ctrl.complete(*t, NvmeStatus::Success, 0);
         }
-        // Three fit (one slot stays empty); reaping frees room for the rest.
-        let first = host.reap(1);
-        assert_eq!(first.len(), 3);
-        let rest = host.reap(1);
-        assert_eq!(rest.iter().map(|c| c.cid).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(host.held().is_empty());
+        let (cids, heads) = cids_and_heads(&host.reap(1));
+        assert_eq!(cids, (0..7).collect::<Vec<_>>());
+        assert_eq!(heads, vec![7; 7], "the SQ head stopped at 7");
+        // The head doorbell resumed the queue: the rest, in order.
+        let second = host.held();
+        assert_eq!(
+            second.iter().map(|t| t.cid).collect::<Vec<_>>(),
+            (7..14).collect::<Vec<_>>()
+        );
+        for t in &second {
+            host.ctrl.complete(*t, NvmeStatus::Success, 0);
+        }
+        let (cids, heads) = cids_and_heads(&host.reap(1));
+        assert_eq!(cids, (7..14).collect::<Vec<_>>());
+        assert_eq!(heads, vec![6; 7], "14 entries on a ring of 8");
         assert_eq!(host.ctrl.counters().fatal.load(Relaxed), 0);
+    }
+
+    /// Submission queues completing to one completion queue share its room;
+    /// consuming completions resumes the one that stopped.
+    #[test]
+    fn queues_sharing_a_completion_queue_share_its_room() {
+        let mut host = Host::new(identity(LbaSize::B4096));
+        host.enable();
+        let c = host.admin(
+            Sqe::new(admin_op::SET_FEATURES, 0)
+                .with_cdw(10, 7)
+                .with_cdw(11, 1 | 1 << 16),
+        );
+        assert_eq!(c.status(), NvmeStatus::Success);
+        host.track_cq(1, 8);
+        let c = host.admin(
+            Sqe::new(admin_op::CREATE_CQ, 0)
+                .with_prps(cq_base(1), 0)
+                .with_cdw(10, 7 << 16 | 1)
+                .with_cdw(11, 1 << 16 | 0b11),
+        );
+        assert_eq!(c.status(), NvmeStatus::Success);
+        for sqid in [1u16, 2] {
+            let c = host.admin(
+                Sqe::new(admin_op::CREATE_SQ, 0)
+                    .with_prps(sq_base(sqid), 0)
+                    .with_cdw(10, 7 << 16 | u32::from(sqid))
+                    .with_cdw(11, 1 << 16 | 1),
+            );
+            assert_eq!(c.status(), NvmeStatus::Success);
+            host.track_sq(sqid, 8);
+        }
+        for cid in 0..5 {
+            host.place(1, read(cid, 0, 1, DATA, 0));
+            host.place(2, read(10 + cid, 0, 1, DATA, 0));
+        }
+        host.ring_sq(1);
+        host.ring_sq(2);
+        assert_eq!(
+            host.handler.take().len(),
+            7,
+            "five from SQ 1, two from SQ 2"
+        );
+        let got = host.reap(1);
+        let from: Vec<(u16, u16)> = got.iter().map(|c| (c.sqid, c.cid)).collect();
+        let want: Vec<(u16, u16)> = (0..5)
+            .map(|cid| (1, cid))
+            .chain([(2, 10), (2, 11)])
+            .collect();
+        assert_eq!(from, want);
+        // Consumed: SQ 2 goes on where it stopped.
+        assert_eq!(host.handler.take().len(), 3);
+        let got = host.reap(1);
+        let from: Vec<(u16, u16, u16)> = got.iter().map(|c| (c.sqid, c.cid, c.sq_head)).collect();
+        assert_eq!(from, vec![(2, 12, 5), (2, 13, 5), (2, 14, 5)]);
+    }
+
+    /// A host that rings the tail doorbell over and over and never consumes a
+    /// completion, reusing command identifiers: the controller stops fetching
+    /// once the completion queue has no room left for another completion, on
+    /// the admin queue too, and whether the handler completes at once or holds
+    /// the commands (then every command after the first four is a Command ID
+    /// Conflict, whose completion needs room too).
+    #[test]
+    fn a_host_that_never_consumes_completions_is_no_longer_fetched_from() {
+        for (qid, holding) in [(0u16, false), (1, false), (1, true)] {
+            let what = format!("q={qid} holding={holding}");
+            let mut host = Host::probed(identity(LbaSize::B4096), 1, 8);
+            host.handler.immediate.store(!holding, Relaxed);
+            let entries = if qid == 0 { ADMIN_ENTRIES } else { 8 };
+            let head = host.ctrl.lock().sq(qid).unwrap().head;
+            for i in 0..100_000u32 {
+                let cid = (i % 4) as u16;
+                let sqe = match qid {
+                    0 => Sqe::new(admin_op::GET_FEATURES, cid).with_cdw(10, 7),
+                    _ => read(cid, 0, 1, DATA, 0),
+                };
+                host.submit(qid, sqe);
+            }
+            {
+                let st = host.ctrl.lock();
+                let (sq, cq) = (st.sq(qid).unwrap(), st.cq(qid).unwrap());
+                let owed = usize::from(cq.posted()) + cq.waiting.len() + sq.in_flight.len();
+                assert_eq!(owed, usize::from(entries - 1), "{what}");
+                assert!(cq.waiting.len() < usize::from(entries), "{what}");
+                assert!(sq.in_flight.len() < usize::from(entries), "{what}");
+            }
+            let reached = host.handler.take().len();
+            let want = match (qid, holding) {
+                (0, _) => 0,
+                (_, false) => 7,
+                (_, true) => 4,
+            };
+            assert_eq!(
+                reached, want,
+                "{what}: the handler got only what can complete"
+            );
+            // The host sees the SQ head stop where the room ran out.
+            let got = host.reap(qid);
+            let completions = entries - 1 - if holding { 4 } else { 0 };
+            let conflicts = got
+                .iter()
+                .filter(|c| c.status() == NvmeStatus::CommandIdConflict)
+                .count();
+            assert_eq!(got.len(), usize::from(completions), "{what}");
+            assert_eq!(conflicts, if holding { 3 } else { 0 }, "{what}");
+            let last = (head + entries - 1) % entries;
+            assert_eq!(got.last().unwrap().sq_head, last, "{what}");
+            assert_eq!(host.csts() & csts::CFS, 0, "{what}");
+        }
     }
 
     #[test]

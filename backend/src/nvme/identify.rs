@@ -153,21 +153,60 @@ impl Identity {
     /// The I/O command set specific Identify Controller data structure for
     /// the NVM command set (CNS 06h, CSI 00h): the deallocate and write
     /// zeroes limits from the geometry. Linux asks for it from NVMe 1.2 on.
+    /// What it says is what the NVM commands are held to: the fields come
+    /// from [`Identity::wzsl`], [`Identity::dmrl`] and [`Identity::dmrsl`],
+    /// the enforced limits from the same.
     pub fn nvm_controller(&self) -> Vec<u8> {
         let mut d = vec![0u8; IDENTIFY_LEN];
-        let g = &self.geometry;
-        // WZSL: 2^n pages, n from 1 (0 means no limit).
         if self.write_zeroes {
-            d[1] = log2_floor((g.max_write_zeroes / PAGE).max(2));
+            d[1] = self.wzsl();
         }
         if self.dsm {
-            // DMRL: ranges per command (0: no limit beyond 256).
-            d[3] = u8::try_from(g.max_discard_segments).unwrap_or(0);
-            // DMRSL: blocks per range.
-            let per_range = u32::try_from(g.max_discard >> self.lbs.shift()).unwrap_or(0);
-            put(&mut d, 4, &per_range.to_le_bytes());
+            d[3] = self.dmrl();
+            put(&mut d, 4, &self.dmrsl().to_le_bytes());
         }
         d
+    }
+
+    /// WZSL: the largest Write Zeroes as 2^n pages of 4 KiB (CAP.MPSMIN),
+    /// the geometry's limit rounded down; n is at least 1, as 0 would say
+    /// there is no limit.
+    pub fn wzsl(&self) -> u8 {
+        log2_floor((self.geometry.max_write_zeroes / PAGE).max(2))
+    }
+
+    /// The most blocks one Write Zeroes may name: what WZSL says, which is
+    /// less than the geometry's limit when that is not a power of two.
+    pub fn max_write_zeroes_blocks(&self) -> u64 {
+        (PAGE << self.wzsl()) >> self.lbs.shift()
+    }
+
+    /// DMRL: the most ranges of one Dataset Management command; 0 when that
+    /// is 256, the most a command can carry.
+    pub fn dmrl(&self) -> u8 {
+        u8::try_from(self.geometry.max_discard_segments).unwrap_or(0)
+    }
+
+    /// The most ranges of one Dataset Management command: what DMRL says.
+    pub fn max_dsm_ranges(&self) -> usize {
+        match self.dmrl() {
+            0 => 256,
+            n => usize::from(n),
+        }
+    }
+
+    /// DMRSL: the most blocks of one Dataset Management range; 0 (no limit)
+    /// only if the geometry's limit does not fit.
+    pub fn dmrsl(&self) -> u32 {
+        u32::try_from(self.geometry.max_discard >> self.lbs.shift()).unwrap_or(0)
+    }
+
+    /// The most blocks of one Dataset Management range: what DMRSL says.
+    pub fn max_dsm_range_blocks(&self) -> u32 {
+        match self.dmrsl() {
+            0 => u32::MAX,
+            n => n,
+        }
     }
 
     /// The Identify Namespace data structure (CNS 00h).
@@ -431,6 +470,22 @@ mod tests {
         assert_eq!(u32_at(&d, 4), 2048, "DMRSL in blocks");
         id.geometry.max_discard_segments = 256;
         assert_eq!(id.nvm_controller()[3], 0, "256 ranges: no limit");
+        assert_eq!(id.max_dsm_ranges(), 256);
+        // Not powers of two: WZSL rounds down and the limit with it.
+        id.geometry.max_write_zeroes = 24 << 10;
+        id.geometry.max_discard = 12 << 10;
+        let d = id.nvm_controller();
+        assert_eq!(d[1], 2, "WZSL: 4 pages of the 6");
+        assert_eq!(
+            id.max_write_zeroes_blocks(),
+            32,
+            "16 KiB of 512-byte blocks"
+        );
+        assert_eq!(u32_at(&d, 4), 24, "DMRSL");
+        assert_eq!(id.max_dsm_range_blocks(), 24);
+        // Below two pages WZSL still says two (0 would be no limit).
+        id.geometry.max_write_zeroes = 4096;
+        assert_eq!((id.wzsl(), id.max_write_zeroes_blocks()), (1, 16));
     }
 
     #[test]

@@ -25,6 +25,46 @@ const AD: u32 = 1 << 2;
 /// A dataset management range: context attributes, length, starting LBA.
 const RANGE_LEN: usize = 16;
 
+/// A command that fails before it reaches the handler: its status, and the
+/// advertised limit it went past if that is why.
+#[derive(Debug, PartialEq, Eq)]
+struct Refused {
+    status: NvmeStatus,
+    limit: Option<PastLimit>,
+}
+
+impl From<NvmeStatus> for Refused {
+    fn from(status: NvmeStatus) -> Self {
+        Refused {
+            status,
+            limit: None,
+        }
+    }
+}
+
+/// A limit of Identify CNS 06h a command went past. Each fails with Invalid
+/// Field in Command: a field of the command (NLB, NR, a range's length) is
+/// past what the controller said it takes; for WZSL it is also the status
+/// the NVM Command Set specification names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum PastLimit {
+    #[error("{blocks} blocks, past WZSL's {limit}")]
+    WriteZeroes { blocks: u32, limit: u64 },
+    #[error("{ranges} ranges, past DMRL's {limit}")]
+    Ranges { ranges: usize, limit: usize },
+    #[error("a range of {blocks} blocks, past DMRSL's {limit}")]
+    RangeBlocks { blocks: u32, limit: u32 },
+}
+
+impl From<PastLimit> for Refused {
+    fn from(limit: PastLimit) -> Self {
+        Refused {
+            status: NvmeStatus::InvalidField,
+            limit: Some(limit),
+        }
+    }
+}
+
 impl Controller {
     pub(super) fn io(&self, mem: &Mem, sqe: &Sqe, tag: CommandTag) -> Outcome {
         match self.decode(mem, sqe, tag) {
@@ -33,15 +73,17 @@ impl Controller {
                 Outcome::Io(cmd)
             }
             Ok(None) => NvmeStatus::Success.into(),
-            Err(status) => {
-                self.guest_error(format_args!(
-                    "q={} cid={} op={:#04x} lba={} nlb={}: {status}",
-                    tag.qid,
-                    tag.cid,
-                    sqe.opcode(),
-                    slba(sqe).0,
-                    nlb(sqe)
-                ));
+            Err(Refused { status, limit }) => {
+                let (q, cid, op) = (tag.qid, tag.cid, sqe.opcode());
+                let (lba, nlb) = (slba(sqe).0, nlb(sqe));
+                match limit {
+                    Some(limit) => self.guest_error(format_args!(
+                        "q={q} cid={cid} op={op:#04x}: {status}: {limit}"
+                    )),
+                    None => self.guest_error(format_args!(
+                        "q={q} cid={cid} op={op:#04x} lba={lba} nlb={nlb}: {status}"
+                    )),
+                }
                 status.into()
             }
         }
@@ -50,14 +92,9 @@ impl Controller {
     /// The command for the handler, or `None` for a command with nothing to
     /// do (dataset management without the deallocate attribute, or only
     /// empty ranges).
-    fn decode(
-        &self,
-        mem: &Mem,
-        sqe: &Sqe,
-        tag: CommandTag,
-    ) -> Result<Option<IoCommand>, NvmeStatus> {
+    fn decode(&self, mem: &Mem, sqe: &Sqe, tag: CommandTag) -> Result<Option<IoCommand>, Refused> {
         if sqe.fuse() != 0 || sqe.psdt() != 0 {
-            return Err(NvmeStatus::InvalidField);
+            return Err(NvmeStatus::InvalidField.into());
         }
         let id = &self.identity;
         let mut cmd = IoCommand {
@@ -78,7 +115,7 @@ impl Controller {
                 let (slba, nlb) = (slba(sqe), nlb(sqe));
                 let len = u64::from(nlb) << id.lbs.shift();
                 if len > self.max_transfer {
-                    return Err(NvmeStatus::InvalidField);
+                    return Err(NvmeStatus::InvalidField.into());
                 }
                 self.check_range(slba, u64::from(nlb))?;
                 cmd.segments = prp::segments(mem, sqe.prp1(), sqe.prp2(), len, self.max_transfer)
@@ -95,6 +132,10 @@ impl Controller {
                 namespace(sqe, false)?;
                 self.writable()?;
                 let (slba, nlb) = (slba(sqe), nlb(sqe));
+                let limit = id.max_write_zeroes_blocks();
+                if u64::from(nlb) > limit {
+                    return Err(PastLimit::WriteZeroes { blocks: nlb, limit }.into());
+                }
                 self.check_range(slba, u64::from(nlb))?;
                 cmd.op = IoOp::WriteZeroes {
                     deallocate: sqe.cdw(12) & DEAC != 0,
@@ -104,6 +145,10 @@ impl Controller {
             }
             io_op::DATASET_MANAGEMENT if id.dsm => {
                 namespace(sqe, false)?;
+                let (ranges, limit) = (range_count(sqe), id.max_dsm_ranges());
+                if ranges > limit {
+                    return Err(PastLimit::Ranges { ranges, limit }.into());
+                }
                 if sqe.cdw(11) & AD == 0 {
                     // Only hints (integral dataset for read / write): nothing to do.
                     return Ok(None);
@@ -117,7 +162,7 @@ impl Controller {
                 cmd.fua = false;
                 cmd.op = IoOp::Deallocate(ranges);
             }
-            _ => return Err(NvmeStatus::InvalidOpcode),
+            _ => return Err(NvmeStatus::InvalidOpcode.into()),
         }
         Ok(Some(cmd))
     }
@@ -139,10 +184,11 @@ impl Controller {
         }
     }
 
-    /// Reads and checks a dataset management command's ranges (NR + 1 of
-    /// them, up to 256, through PRP1 / PRP2); empty ranges are dropped.
-    fn ranges(&self, mem: &Mem, sqe: &Sqe) -> Result<Vec<BlockRange>, NvmeStatus> {
-        let count = usize::from(sqe.cdw(10).to_le_bytes()[0]) + 1;
+    /// Reads and checks a dataset management command's ranges (through PRP1
+    /// / PRP2); empty ranges are dropped.
+    fn ranges(&self, mem: &Mem, sqe: &Sqe) -> Result<Vec<BlockRange>, Refused> {
+        let count = range_count(sqe);
+        let limit = self.identity.max_dsm_range_blocks();
         let mut buf = vec![0u8; count * RANGE_LEN];
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
         let segments =
@@ -156,6 +202,9 @@ impl Controller {
             let start = Lba(u64::from_le_bytes(start));
             if blocks == 0 {
                 continue;
+            }
+            if blocks > limit {
+                return Err(PastLimit::RangeBlocks { blocks, limit }.into());
             }
             self.check_range(start, u64::from(blocks))?;
             ranges.push(BlockRange { start, blocks });
@@ -196,6 +245,12 @@ fn slba(sqe: &Sqe) -> Lba {
     Lba(u64::from(sqe.cdw(10)) | u64::from(sqe.cdw(11)) << 32)
 }
 
+/// Number of ranges of dataset management as a count, 1 to 256: dword 10
+/// bits 7:0 hold it zero-based.
+fn range_count(sqe: &Sqe) -> usize {
+    usize::from(sqe.cdw(10).to_le_bytes()[0]) + 1
+}
+
 /// Number of logical blocks as a count: dword 12 bits 15:0 hold it zero-based.
 fn nlb(sqe: &Sqe) -> u32 {
     bits(sqe.cdw(12), 0, 15) + 1
@@ -207,6 +262,7 @@ mod tests {
     use nvme_model::LbaSize;
 
     use super::*;
+    use crate::nvme::command::admin_op;
     use crate::nvme::test_utils::*;
 
     const BLOCKS_512: u64 = (64 << 20) / 512;
@@ -381,7 +437,9 @@ mod tests {
 
     #[test]
     fn dataset_management_reads_its_ranges() {
-        let mut host = Host::probed(identity(LbaSize::B512), 1, 16);
+        let mut id = identity(LbaSize::B512);
+        id.geometry.max_discard_segments = 256;
+        let mut host = Host::probed(id, 1, 16);
         let mut list = Vec::new();
         list.extend(range(8, 100));
         list.extend(range(0, 5)); // empty: dropped
@@ -443,6 +501,81 @@ mod tests {
         id.dsm = false;
         let mut host = Host::probed(id, 1, 16);
         assert_eq!(run(&mut host, dsm(1, AD)).0, NvmeStatus::InvalidOpcode);
+    }
+
+    /// WZSL, DMRL and DMRSL as the host reads them: Identify CNS 06h.
+    fn nvm_limits(host: &mut Host) -> (u8, u8, u32) {
+        let c = host.admin(
+            Sqe::new(admin_op::IDENTIFY, 0)
+                .with_prps(ADMIN_BUF, 0)
+                .with_cdw(10, 6),
+        );
+        assert_eq!(c.status(), NvmeStatus::Success);
+        let d = host.read_mem(ADMIN_BUF, 8);
+        (d[1], d[3], u32::from_le_bytes([d[4], d[5], d[6], d[7]]))
+    }
+
+    /// Each limit of Identify CNS 06h holds at the limit and fails one past
+    /// it, with limits that are not powers of two (WZSL rounds down).
+    #[test]
+    fn the_advertised_limits_are_enforced_at_the_limit_and_one_past() {
+        for lbs in [LbaSize::B512, LbaSize::B4096] {
+            let mut id = identity(lbs);
+            id.geometry.max_write_zeroes = 24 << 10;
+            id.geometry.max_discard_segments = 5;
+            id.geometry.max_discard = 12 << 10;
+            let mut host = Host::probed(id, 1, 16);
+            let (wzsl, dmrl, dmrsl) = nvm_limits(&mut host);
+            let block = lbs.bytes();
+            assert_eq!((wzsl, dmrl), (2, 5), "24 KiB: 2^2 pages");
+            assert_eq!(u64::from(dmrsl), (12 << 10) / block);
+
+            // WZSL: 2^n pages of 4 KiB (CAP.MPSMIN).
+            let most = u32::try_from((PAGE << wzsl) / block).unwrap();
+            let wz = |blocks: u32| {
+                Sqe::new(io_op::WRITE_ZEROES, 1)
+                    .with_nsid(NSID)
+                    .with_cdw(12, blocks - 1)
+            };
+            let (status, cmds) = run(&mut host, wz(most));
+            assert_eq!(
+                (status, cmds[0].nlb),
+                (NvmeStatus::Success, most),
+                "{lbs:?}"
+            );
+            assert_eq!(
+                run(&mut host, wz(most + 1)),
+                (NvmeStatus::InvalidField, vec![]),
+                "{lbs:?}"
+            );
+
+            // DMRL: ranges per command, with or without the deallocate attribute.
+            let list: Vec<u8> = (0..6).flat_map(|i| range(1, i)).collect();
+            host.write_mem(DATA, &list);
+            let dmrl = u32::from(dmrl);
+            let (status, cmds) = run(&mut host, dsm(dmrl, AD));
+            assert_eq!(status, NvmeStatus::Success, "{lbs:?}");
+            assert!(matches!(&cmds[0].op, IoOp::Deallocate(r) if r.len() == 5));
+            for attributes in [AD, 0b11] {
+                assert_eq!(
+                    run(&mut host, dsm(dmrl + 1, attributes)),
+                    (NvmeStatus::InvalidField, vec![]),
+                    "{lbs:?}"
+                );
+            }
+
+            // DMRSL: blocks per range, the last of several ranges too.
+            host.write_mem(DATA + 16, &range(dmrsl, 100));
+            let (status, cmds) = run(&mut host, dsm(2, AD));
+            assert_eq!(status, NvmeStatus::Success, "{lbs:?}");
+            assert!(matches!(&cmds[0].op, IoOp::Deallocate(r) if r[1].blocks == dmrsl));
+            host.write_mem(DATA + 16, &range(dmrsl + 1, 100));
+            assert_eq!(
+                run(&mut host, dsm(2, AD)),
+                (NvmeStatus::InvalidField, vec![]),
+                "{lbs:?}"
+            );
+        }
     }
 
     #[test]

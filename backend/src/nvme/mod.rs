@@ -29,7 +29,10 @@
 //! A command flows: SQ tail doorbell → fetch the entry from guest memory →
 //! admin: run, post the completion; NVM: decode, check, walk the PRPs →
 //! [`IoHandler::submit`] → [`Controller::complete`] → completion entry in the
-//! CQ, interrupt on its vector.
+//! CQ, interrupt on its vector. A submission queue stops fetching while its
+//! completion queue has no room left for another completion, and goes on at
+//! that CQ's head doorbell: what a host leaves unconsumed bounds what the
+//! controller holds.
 //!
 //! Whatever the guest gets wrong is a completion status (a malformed command)
 //! or the controller fatal status CSTS.CFS (a malformed doorbell write or a

@@ -7,7 +7,9 @@
 //! wrap); the host consumes and announces its head with the head doorbell.
 //! A completion queue keeps one slot empty: with `entries - 1` unconsumed
 //! entries it is full, and further completions wait here until the host makes
-//! room.
+//! room. The controller fetches no command whose completion would have to
+//! wait (see `Controller::run_sq`), so what waits stays below the queue's
+//! size.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{fence, Ordering};
@@ -95,10 +97,15 @@ impl SubQueue {
         }
     }
 
+    /// Whether the host has submitted nothing past the head.
+    pub fn is_empty(&self) -> bool {
+        self.head == self.tail
+    }
+
     /// Reads the entry at the head and consumes it; `None` when the queue is
     /// empty.
     pub fn fetch<M: GuestMemoryBackend>(&mut self, mem: &M) -> Option<Result<Sqe, QueueError>> {
-        if self.head == self.tail {
+        if self.is_empty() {
             return None;
         }
         let gpa = slot(self.base, self.head, Sqe::SIZE);
@@ -132,7 +139,9 @@ pub struct CompQueue {
     pub vector: Option<u16>,
     /// Submission queues completing here.
     pub sqs: u16,
-    /// Completions waiting for room.
+    /// Completions waiting for room. The controller fetches a command only
+    /// if its completion will find room (`Controller::run_sq`), which keeps
+    /// this empty, and below `entries` in any case.
     pub waiting: VecDeque<Cqe>,
 }
 
