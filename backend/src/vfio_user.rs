@@ -16,10 +16,18 @@
 //!   each window is mapped shared at its IOVA, which is the guest-physical
 //!   address for vfio-user-pci without a vIOMMU, into one [`GuestMemoryAtomic`]
 //!   the function gets at attach and that is republished on every map and unmap
-//!   ([`DmaMemory`]).
+//!   ([`DmaMemory`]). A window must lie inside its file, and the file must not
+//!   shrink under it ([`shrink_seal`]).
 //! - **Interrupts** ([`Msix`], the function's [`Interrupts`]): `signal(v)` writes
 //!   vector v's eventfd; a vector with no eventfd drops the interrupt, a masked
 //!   one sets its pending bit; each is counted.
+//!
+//! Trust: the guest is untrusted; the frontend (QEMU, which owns guest memory)
+//! is trusted as the VMM is. A device access past the end of a mapped file is a
+//! SIGBUS in the daemon, so a memfd must be sealed with F_SEAL_SHRINK (QEMU's
+//! memory-backend-memfd seal=on, the default) or its window is refused. A file
+//! the kernel cannot seal (memory-backend-file on tmpfs or hugetlbfs) is taken
+//! with a warning: a frontend that truncates it can still kill the daemon.
 //!
 //! A message flows: `Server::run` (the crate: framing, VERSION, DEVICE_GET_INFO,
 //! region and IRQ info) → [`Transport`] (this module's `ServerBackend`: bounds,
@@ -46,6 +54,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -165,6 +174,9 @@ pub struct VfioUserStats {
     /// DMA windows accepted but unreachable: no fd (the client would need
     /// DMA_READ/WRITE) or read-only.
     pub dma_unreachable: AtomicU64,
+    /// DMA windows mapped from a file that cannot be sealed against
+    /// shrinking: the frontend is trusted not to truncate it.
+    pub dma_unsealed: AtomicU64,
     /// Vectors given an eventfd by SET_IRQS.
     pub eventfds_set: AtomicU64,
     pub irqs_delivered: AtomicU64,
@@ -186,6 +198,7 @@ pub struct VfioUserStatsSnapshot {
     pub dma_maps: u64,
     pub dma_unmaps: u64,
     pub dma_unreachable: u64,
+    pub dma_unsealed: u64,
     pub eventfds_set: u64,
     pub irqs_delivered: u64,
     pub irqs_dropped: u64,
@@ -204,6 +217,7 @@ impl VfioUserStats {
             dma_maps: get(&self.dma_maps),
             dma_unmaps: get(&self.dma_unmaps),
             dma_unreachable: get(&self.dma_unreachable),
+            dma_unsealed: get(&self.dma_unsealed),
             eventfds_set: get(&self.eventfds_set),
             irqs_delivered: get(&self.irqs_delivered),
             irqs_dropped: get(&self.irqs_dropped),
@@ -341,6 +355,7 @@ impl VfioUserServer {
                 stats,
                 limiter: RateLimit::default(),
                 connected: false,
+                warned_unsealed: false,
             },
             socket: socket.to_owned(),
             _socket_file: socket_file,
@@ -788,13 +803,15 @@ impl DmaMemory {
         self.atomic.clone()
     }
 
+    /// Maps `size` bytes of `file` from `offset` at `address`; returns whether
+    /// the file's size is sealed or only trusted.
     fn map(
         &mut self,
         offset: u64,
         address: u64,
         size: u64,
         file: File,
-    ) -> Result<(), RequestError> {
+    ) -> Result<Shrink, RequestError> {
         let bad_range = || RequestError::DmaRange { address, size };
         let end = address
             .checked_add(size)
@@ -806,8 +823,10 @@ impl DmaMemory {
         if self.mappings.len() >= MAX_DMA_MAPPINGS {
             return Err(RequestError::DmaTooMany);
         }
-        // The window must be inside the file: a device access past its end
-        // would be a SIGBUS in the daemon.
+        // The window must be inside the file, for good: a device access past
+        // its end would be a SIGBUS in the daemon. The seals first, so the size
+        // read next cannot shrink after it is checked.
+        let shrink = shrink_seal(&file)?;
         let meta = file.metadata().map_err(RequestError::DmaFile)?;
         let file_end = offset.checked_add(size).ok_or_else(bad_range)?;
         if !meta.is_file() || meta.len() < file_end {
@@ -840,7 +859,7 @@ impl DmaMemory {
             },
         );
         self.publish();
-        Ok(())
+        Ok(shrink)
     }
 
     /// Removes the windows inside `address..address + size`; one that is only
@@ -883,6 +902,50 @@ impl DmaMemory {
     }
 }
 
+/// Whether a DMA window's file can shrink under its mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shrink {
+    /// Sealed with F_SEAL_SHRINK, which cannot be undone: the size checked at
+    /// map time is final.
+    Sealed,
+    /// A file the kernel cannot seal: only the frontend keeps it whole.
+    Trusted,
+}
+
+/// Refuses a memfd that is not sealed against shrinking.
+///
+/// F_GET_SEALS answers for memfds and for files on tmpfs and hugetlbfs, and
+/// fails with EINVAL on other filesystems. A tmpfs or hugetlbfs file (QEMU's
+/// memory-backend-file) can never be sealed and reads as F_SEAL_SEAL alone, as
+/// does a memfd made without MFD_ALLOW_SEALING (memory-backend-memfd with
+/// seal=off); the name the kernel gives memfds tells the two apart.
+fn shrink_seal(file: &File) -> Result<Shrink, RequestError> {
+    // SAFETY: fcntl on a descriptor we own; F_GET_SEALS touches no memory.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(Shrink::Trusted),
+            _ => Err(RequestError::DmaSeals(e)),
+        };
+    }
+    if seals & libc::F_SEAL_SHRINK != 0 {
+        Ok(Shrink::Sealed)
+    } else if seals & libc::F_SEAL_SEAL == 0 || is_memfd(file) {
+        // Only memfd_create makes a file that can still take seals.
+        Err(RequestError::DmaUnsealed { seals })
+    } else {
+        Ok(Shrink::Trusted)
+    }
+}
+
+/// Whether `file` is a memfd: the kernel names them `/memfd:NAME (deleted)`.
+/// Without /proc, an unsealable memfd passes for a tmpfs file.
+fn is_memfd(file: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .is_ok_and(|path| path.as_os_str().as_bytes().starts_with(b"/memfd:"))
+}
+
 // ---------------------------------------------------------------------------
 // The vfio_user ServerBackend
 
@@ -906,6 +969,10 @@ enum RequestError {
     DmaTooMany,
     #[error("Cannot stat the DMA window's fd")]
     DmaFile(#[source] io::Error),
+    #[error("Cannot read the DMA window's file seals")]
+    DmaSeals(#[source] io::Error),
+    #[error("The DMA window's memfd can shrink (seals {seals:#x}, no F_SEAL_SHRINK): use memory-backend-memfd with seal=on, QEMU's default")]
+    DmaUnsealed { seals: libc::c_int },
     #[error("DMA window {offset:#x}+{size:#x} is past the end of its file (size {file_size:?}; not a regular file if none)")]
     DmaPastFile {
         offset: u64,
@@ -953,6 +1020,8 @@ struct Transport {
     limiter: RateLimit,
     /// Whether the current client has sent anything to the backend yet.
     connected: bool,
+    /// Whether the current client was warned that its memory can shrink.
+    warned_unsealed: bool,
 }
 
 impl std::fmt::Debug for Transport {
@@ -1119,7 +1188,17 @@ impl Transport {
             );
             return Ok(());
         };
-        self.dma.map(offset, address, size, file)?;
+        if self.dma.map(offset, address, size, file)? == Shrink::Trusted {
+            bump(&self.stats.dma_unsealed);
+            if !std::mem::replace(&mut self.warned_unsealed, true) {
+                warn!(
+                    "vfio-user: guest memory at gpa={address:#x} is a file that cannot be sealed \
+                     against shrinking (memory-backend-file?): the frontend is trusted not to \
+                     truncate it, which would kill the daemon with SIGBUS; \
+                     memory-backend-memfd is sealed"
+                );
+            }
+        }
         bump(&self.stats.dma_maps);
         debug!("vfio-user: DMA map gpa={address:#x} len={size:#x} offset={offset:#x}");
         Ok(())
@@ -1159,6 +1238,7 @@ impl Transport {
     fn disconnect(&mut self) {
         bump(&self.stats.connections);
         self.connected = false;
+        self.warned_unsealed = false;
         self.function.reset();
         self.config.reset();
         self.msix.clear();

@@ -1,7 +1,13 @@
 //! The vfio-user transport over a real socket: the `vfio_user` crate's `Client`
 //! drives a server whose function keeps its BAR0 as plain memory and records
 //! every call; raw messages stand in where the Client cannot (it cannot read an
-//! error reply, and cannot send a broken message). Guest memory is a memfd.
+//! error reply, and cannot send a broken message). Guest memory is a memfd
+//! sealed as QEMU's memory-backend-memfd seals it.
+//!
+//! Guest memory that could shrink under the daemon is tested against
+//! `dmaprobe serve --nvme` as a child process, whose controller fetches
+//! commands from guest memory when a doorbell rings: a SIGBUS there kills the
+//! daemon, not the test.
 //!
 //! `qemu_guest_nvme_driver_probes_the_function` (ignored: run with
 //! `--ignored`) boots the Debian 6.12 kernel under the QEMU that
@@ -11,7 +17,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -23,7 +30,8 @@ use std::time::{Duration, Instant};
 use backend::vfio_user::{
     GuestMemory, Interrupts, PciFunction, VfioUserOptions, VfioUserServer, VfioUserStats,
 };
-use common::vfio::{eventfd, memfd, take_count};
+use common::child::{Serve, SOON};
+use common::vfio::{eventfd, memfd, memfd_with, take_count};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR1_REGION_INDEX,
@@ -437,8 +445,19 @@ impl Reply {
 }
 
 impl Raw {
+    /// Connects, retrying while the server is not yet listening (a daemon
+    /// child binds its socket a little after it starts).
     fn connect(path: &Path) -> Raw {
-        let stream = UnixStream::connect(path).unwrap();
+        let deadline = Instant::now() + SOON;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "connect {}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -461,19 +480,24 @@ impl Raw {
     }
 
     fn reply(&mut self) -> Reply {
+        self.try_reply().expect("a reply")
+    }
+
+    /// The reply, or why none came (the server closed the connection or died).
+    fn try_reply(&mut self) -> io::Result<Reply> {
         let mut h = [0u8; 16];
-        self.stream.read_exact(&mut h).expect("a reply");
+        self.stream.read_exact(&mut h)?;
         let le16 = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         let le32 = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
         assert_eq!(le16(0), self.id, "reply to the last message");
         let mut body = vec![0; le32(4) as usize - 16];
-        self.stream.read_exact(&mut body).unwrap();
-        Reply {
+        self.stream.read_exact(&mut body)?;
+        Ok(Reply {
             command: le16(2),
             flags: le32(8),
             error: le32(12),
             body,
-        }
+        })
     }
 
     fn request(&mut self, command: u16, body: &[u8], fds: &[RawFd]) -> Reply {
@@ -672,6 +696,212 @@ fn a_message_the_crate_panics_on_drops_that_connection_only() {
     let mut raw_after = Raw::connect(&fx.socket);
     drop(client);
     raw_after.assert_in_step();
+}
+
+// ---------------------------------------------------------------------------
+// Guest memory that cannot shrink
+//
+// The daemon maps each DMA window of the client's file shared. Were the file
+// truncated under the mapping, the device's next access to it (the SQ fetch of
+// a doorbell) would be a SIGBUS that kills the daemon. So a memfd must be
+// sealed against shrinking, as QEMU's memory-backend-memfd seals it by default.
+
+#[test]
+fn dma_map_refuses_a_memfd_that_can_shrink_and_trusts_a_file_that_cannot_be_sealed() {
+    let f = TestFunction::new(0x2000);
+    let fx = serve(f.clone());
+    let mut raw = Raw::connect(&fx.socket);
+    let size = 1 << 20;
+    let file_in = |dir: &Path| {
+        let file = tempfile::tempfile_in(dir).expect("a file");
+        file.set_len(size).expect("size the file");
+        file
+    };
+    let cases = [
+        (
+            "a memfd that cannot be sealed (seal=off)",
+            memfd_with(size, None),
+            false,
+        ),
+        ("a memfd with no seals", memfd_with(size, Some(0)), false),
+        (
+            "a memfd sealed against growing only",
+            memfd_with(size, Some(libc::F_SEAL_GROW | libc::F_SEAL_SEAL)),
+            false,
+        ),
+        (
+            "a memfd sealed against shrinking only",
+            memfd_with(size, Some(libc::F_SEAL_SHRINK)),
+            true,
+        ),
+        ("a memfd sealed as QEMU seals it", memfd(size), true),
+        // memory-backend-file: the kernel cannot seal these, the frontend is
+        // trusted not to truncate them.
+        ("a tmpfs file", file_in(Path::new("/dev/shm")), true),
+        (
+            "a file on the build's filesystem",
+            file_in(Path::new(env!("CARGO_TARGET_TMPDIR"))),
+            true,
+        ),
+    ];
+    let mut at = 0;
+    for (what, file, accepted) in &cases {
+        let reply = raw.dma_map(0, at, size, &[file.as_raw_fd()]);
+        assert_eq!(!reply.is_error(), *accepted, "{what}: {reply:?}");
+        raw.assert_in_step();
+        at += size;
+    }
+    assert_eq!(f.memory().memory().num_regions(), 4);
+    let s = fx.stats.snapshot();
+    assert_eq!((s.dma_maps, s.dma_unsealed, s.refused), (4, 2, 3), "{s:?}");
+}
+
+/// Guest memory of the tests against the daemon: 1 MiB at IOVA 0, the admin
+/// submission queue in its first page, the completion queue in the second.
+const RAM: u64 = 1 << 20;
+const ASQ: u64 = 0;
+const ACQ: u64 = 0x1000;
+
+/// Writes a register of BAR0, which must be accepted.
+fn bar0_write(raw: &mut Raw, offset: u64, data: &[u8]) {
+    let reply = raw.region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, data);
+    assert!(!reply.is_error(), "BAR0 write at {offset:#x}: {reply:?}");
+}
+
+fn csts(raw: &mut Raw) -> u32 {
+    let reply = raw.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x1c, 4);
+    assert!(!reply.is_error(), "CSTS: {reply:?}");
+    u32::from_le_bytes(reply.body[16..20].try_into().unwrap())
+}
+
+/// Memory space and bus mastering on, then the controller reset and enabled
+/// with two-entry admin queues at ASQ and ACQ. Whether it became ready is for
+/// the caller to check.
+fn enable_admin(raw: &mut Raw) {
+    let reply = raw.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &[0x06, 0x00]);
+    assert!(!reply.is_error(), "command register: {reply:?}");
+    bar0_write(raw, 0x14, &0u32.to_le_bytes());
+    wait_for_csts(raw, 0);
+    bar0_write(raw, 0x24, &(1u32 << 16 | 1).to_le_bytes());
+    bar0_write(raw, 0x28, &ASQ.to_le_bytes());
+    bar0_write(raw, 0x30, &ACQ.to_le_bytes());
+    // EN, 64-byte SQ entries, 16-byte CQ entries, 4 KiB pages.
+    bar0_write(raw, 0x14, &(6u32 << 16 | 4 << 20 | 1).to_le_bytes());
+}
+
+/// Polls CSTS until its RDY bit (and everything else) reads `want`.
+fn wait_for_csts(raw: &mut Raw, want: u32) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let got = csts(raw);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CSTS {got:#x}, not {want:#x}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The SQ 0 tail doorbell write that submits the admin queue's first entry.
+fn ring_admin_doorbell(raw: &mut Raw) -> io::Result<Reply> {
+    let mut body = region_access(VFIO_PCI_BAR0_REGION_INDEX, SQ0TDBL, 4);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    raw.send(REGION_WRITE, &body, &[]);
+    raw.try_reply()
+}
+
+/// Get Features (Number of Queues) as the first entry of a freshly enabled
+/// admin queue in `ram`; returns the status of its completion once the
+/// controller posts it there (phase tag stripped, 0 is success).
+fn get_features_status(raw: &mut Raw, ram: &File) -> u16 {
+    let cid: u16 = 0x77;
+    let mut sqe = [0u8; 64];
+    sqe[0] = 0x0a;
+    sqe[2..4].copy_from_slice(&cid.to_le_bytes());
+    sqe[40..44].copy_from_slice(&7u32.to_le_bytes());
+    ram.write_all_at(&sqe, ASQ).unwrap();
+    ram.write_all_at(&[0; 16], ACQ).unwrap();
+    let reply = ring_admin_doorbell(raw).expect("a reply to the doorbell");
+    assert!(!reply.is_error(), "doorbell: {reply:?}");
+    let deadline = Instant::now() + SOON;
+    let mut cqe = [0u8; 16];
+    loop {
+        ram.read_exact_at(&mut cqe, ACQ).unwrap();
+        if cqe[14] & 1 == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no completion in guest memory");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(u16::from_le_bytes([cqe[12], cqe[13]]), cid, "{cqe:?}");
+    u16::from_le_bytes([cqe[14], cqe[15]]) >> 1
+}
+
+/// `answered` is the daemon's reply to the last request: none, and the
+/// daemon has died — panics with how it did.
+fn assert_lives(s: &mut Serve, answered: io::Result<Reply>, what: &str) {
+    if let Err(e) = answered {
+        let deadline = Instant::now() + SOON;
+        while Instant::now() < deadline {
+            if let Some(status) = s.child.try_wait().expect("try_wait") {
+                panic!("{what} killed dmaprobe serve ({status}); the client saw {e}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no reply to {what} ({e}), though dmaprobe serve lives");
+    }
+    s.assert_alive();
+}
+
+#[test]
+fn a_memfd_that_can_shrink_is_refused_so_truncating_it_cannot_kill_the_daemon() {
+    let mut s = Serve::start(&["--nvme"]);
+    let mut raw = Raw::connect(&s.socket);
+    let ram = memfd_with(RAM, None);
+    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
+    // The client shrinks its memory to nothing and rings a doorbell: were the
+    // memfd mapped, the SQ fetch would read past its end.
+    enable_admin(&mut raw);
+    ram.set_len(0).expect("an unsealed memfd can be truncated");
+    let answered = ring_admin_doorbell(&mut raw);
+    assert_lives(&mut s, answered, "the doorbell after the truncation");
+    assert!(map.is_error(), "an unsealed memfd was mapped: {map:?}");
+    let log = std::fs::read_to_string(s.dir.path().join("serve.err")).unwrap();
+    assert!(
+        log.contains("refused DMA map") && log.contains("seal=on"),
+        "the log names neither the refusal nor its remedy:\n{log}"
+    );
+
+    // The daemon serves the next client, whose memory is sealed.
+    drop(raw);
+    let mut raw = Raw::connect(&s.socket);
+    let ram = memfd(RAM);
+    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
+    assert!(!map.is_error(), "{map:?}");
+    enable_admin(&mut raw);
+    wait_for_csts(&mut raw, 1);
+    assert_eq!(get_features_status(&mut raw, &ram), 0);
+    s.assert_alive();
+}
+
+#[test]
+fn sealed_guest_memory_cannot_be_truncated_and_the_doorbell_after_the_attempt_is_served() {
+    let mut s = Serve::start(&["--nvme"]);
+    let mut raw = Raw::connect(&s.socket);
+    let ram = memfd(RAM);
+    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
+    assert!(!map.is_error(), "{map:?}");
+    enable_admin(&mut raw);
+    wait_for_csts(&mut raw, 1);
+    let truncated = ram.set_len(0);
+    assert_eq!(
+        truncated.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "truncating a memfd sealed against shrinking"
+    );
+    assert_eq!(ram.metadata().unwrap().len(), RAM);
+    assert_eq!(get_features_status(&mut raw, &ram), 0);
+    s.assert_alive();
 }
 
 // ---------------------------------------------------------------------------

@@ -17,15 +17,34 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::Client;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
-/// A new memfd of `size` bytes.
+/// The seals QEMU's memory-backend-memfd adds (seal=on, its default).
+const QEMU_SEALS: libc::c_int = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+
+/// A memfd of `size` bytes as QEMU's memory-backend-memfd makes it.
 pub fn memfd(size: u64) -> File {
+    memfd_with(size, Some(QEMU_SEALS))
+}
+
+/// A memfd of `size` bytes with `seals` added after sizing it; with None, one
+/// created without MFD_ALLOW_SEALING (memory-backend-memfd with seal=off).
+pub fn memfd_with(size: u64, seals: Option<libc::c_int>) -> File {
+    let allow = if seals.is_some() {
+        libc::MFD_ALLOW_SEALING
+    } else {
+        0
+    };
     // SAFETY: memfd_create reads the NUL-terminated name; the descriptor it
     // returns is new and becomes the File's alone.
-    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), libc::MFD_CLOEXEC | allow) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: as above.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).expect("size the memfd");
+    if let Some(seals) = seals.filter(|&s| s != 0) {
+        // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS touches no memory.
+        let added = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(added, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    }
     file
 }
 
