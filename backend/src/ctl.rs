@@ -297,6 +297,12 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                     kib("destaged_bytes"), r["power_cuts"]
                 ));
             }
+            if let Some(backing) = r["backing"].as_object() {
+                line(match backing["kind"].as_str() {
+                    Some("file") => format!("backing: file, synced {} times", backing["syncs"]),
+                    kind => format!("backing: {}", kind.unwrap_or("?")),
+                });
+            }
             let bad = r["media_errors"].as_array().map_or(0, Vec::len);
             if bad > 0 || c["unrecovered_reads"] != json!(0) || c["write_faults"] != json!(0) {
                 line(format!(
@@ -493,5 +499,21 @@ mod tests {
         // A daemon too old to say leaves the line out.
         let old = json!({"counters": {}, "checks": {}, "ledger": {}});
         assert!(!human(&CtlCommand::Status, &old).contains("process:"));
+    }
+
+    #[test]
+    fn status_says_how_often_the_backing_file_was_synced() {
+        let status =
+            |backing| json!({"counters": {}, "checks": {}, "ledger": {}, "backing": backing});
+        let out = human(
+            &CtlCommand::Status,
+            &status(json!({"kind": "file", "syncs": 3})),
+        );
+        assert!(out.contains("backing: file, synced 3 times\n"), "{out}");
+        let out = human(
+            &CtlCommand::Status,
+            &status(json!({"kind": "memory", "syncs": 0})),
+        );
+        assert!(out.contains("backing: memory\n"), "{out}");
     }
 }

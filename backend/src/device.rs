@@ -203,7 +203,10 @@ impl BlkDevice {
             seg_max: self.limits().seg_max,
             geometry: *self.core().ns.geometry(),
             num_queues: self.shape.queues,
-            writeback: self.core().writeback.load(Ordering::Relaxed),
+            // Writeback only while the media's cache runs: with none
+            // (`--write-cache off`) the guest is told writethrough and never
+            // flushes, and every write is synced before it completes.
+            writeback: self.core().ns.write_cache_enabled(),
         }
     }
 
@@ -430,6 +433,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn acked_features(&self, features: u64) {
+        // Not a place to learn the driver's: QEMU acks the features it
+        // knows (without VIRTIO_BLK_F_FLUSH) when it connects, before any
+        // driver has negotiated.
         debug!("features acked: {features:#x}");
     }
 
@@ -451,14 +457,16 @@ impl VhostUserBackend for BlkDevice {
         // Only the writeback byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
         match (offset, buf) {
             (CONFIG_WRITEBACK_OFFSET, &[wce]) => {
-                self.core().writeback.store(wce != 0, Ordering::Relaxed);
-                // Write-through: the drive's cache is off, what it held made stable.
-                if let Err(e) = self.core().ns.set_write_cache(wce != 0) {
+                // Write-through: the drive's cache is off, what it held made
+                // stable. Without a cache writeback cannot be had, and the
+                // byte reads 0 again.
+                let ns = &self.core().ns;
+                if let Err(e) = ns.set_write_cache(wce != 0) {
                     warn!("cannot flush the write cache on switching to writethrough: {e}");
                 }
                 log::info!(
                     "cache mode: {}",
-                    if wce != 0 {
+                    if ns.write_cache_enabled() {
                         "writeback"
                     } else {
                         "writethrough"

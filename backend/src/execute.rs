@@ -55,9 +55,6 @@ pub struct ExecContext<'a> {
     pub ns: &'a Namespace,
     pub engine: &'a Engine,
     pub serial: &'a [u8; ID_BYTES],
-    /// Whether the guest runs the cache in writeback mode; in writethrough mode
-    /// every write is made stable before it completes.
-    pub writeback: bool,
 }
 
 /// A request checked at arrival: what the engine sees of it, and the work
@@ -189,6 +186,8 @@ impl Work {
 
 /// Moves the data of a prepared request; returns the number of data bytes
 /// written into guest memory. `buf` is scratch space, reused across requests.
+/// What must be stable when the request completes (a write with `fua`, or
+/// any change with the write cache off) the namespace syncs itself.
 /// A fault effect on the ticket shapes what happens (the engine itself corrupts
 /// or misplaces data; here requests fail, or writes reach the media torn).
 /// A request from an earlier power `epoch` than the media's fails.
@@ -268,9 +267,6 @@ pub fn perform<M: GuestMemoryBackend>(
                 }
                 .map_err(ExecError::Media)?;
             }
-            if !ctx.writeback {
-                ns.flush().map_err(ExecError::Media)?;
-            }
             match failure {
                 Some(what) => Err(ExecError::Injected(what, Status::IoErr)),
                 None => Ok(0),
@@ -297,9 +293,6 @@ pub fn perform<M: GuestMemoryBackend>(
                     ns.write_zeroes(range)
                 };
                 done.map_err(ExecError::Media)?;
-            }
-            if !ctx.writeback {
-                ns.flush().map_err(ExecError::Media)?;
             }
             Ok(0)
         }

@@ -1,14 +1,17 @@
-//! Large reads served off their queue's thread.
+//! Large reads and long zero-fills served off their queue's thread.
 //!
 //! A queue's thread parses, prepares and serves its requests one after the
 //! other. For a large read the serving is a copy bound by one core's memory
 //! bandwidth, so one queue could not use the other cores (a thread-pool
 //! backend such as qemu-storage-daemon can). The queue's thread hands such a
-//! read to this pool when a pool thread is free, and serves it itself when
-//! none is, so the two share the copying; a pool thread moves the data and
-//! completes the request — out of order, which virtio allows. A queue that
-//! stops waits for its reads in the pool first ([`IoPool::wait_idle`]), so
-//! nothing completes on a stopped ring.
+//! read to this pool when a pool thread is free ([`IoPool::submit`]), and
+//! serves it itself when none is, so the two share the copying. A long
+//! zero-fill (gigabytes of zeros written where no hole can be punched) would
+//! stall the queue's thread for its whole length, so it is always handed
+//! over, to wait for a thread if none is free ([`IoPool::queue`]). A pool
+//! thread moves the data and completes the request — out of order, which
+//! virtio and NVMe allow. A queue that stops waits for its work in the pool
+//! first ([`IoPool::wait_idle`]), so nothing completes on a stopped ring.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +21,10 @@ use std::thread::{self, JoinHandle};
 
 /// Work for a pool thread.
 pub type Task = Box<dyn FnOnce() + Send>;
+
+/// A way to hand a queue's task over: [`IoPool::submit`] (if a thread is
+/// free) or [`IoPool::queue`]; a task handed back is the caller's to run.
+pub type Handover = fn(&IoPool, u16, Task) -> Result<(), Task>;
 
 /// Requests in the pool, per queue.
 #[derive(Debug, Default)]
@@ -74,9 +81,6 @@ impl IoPool {
     /// Runs `task` for queue `q` on a pool thread if one is free; otherwise
     /// (or if the pool is gone) hands it back for the caller to run.
     pub fn submit(&self, q: u16, task: Task) -> Result<(), Task> {
-        let Some(tx) = &self.tx else {
-            return Err(task);
-        };
         let threads = self.threads.len();
         let free = self
             .inflight
@@ -87,6 +91,24 @@ impl IoPool {
         if free.is_err() {
             return Err(task);
         }
+        self.send(q, task)
+    }
+
+    /// Runs `task` for queue `q` on a pool thread, after the work sent
+    /// before it if every thread is busy; hands it back only if the pool is
+    /// gone. Queued work counts as busy, so [`IoPool::submit`] hands reads
+    /// back rather than queue them behind it.
+    pub fn queue(&self, q: u16, task: Task) -> Result<(), Task> {
+        self.inflight.busy.fetch_add(1, Ordering::AcqRel);
+        self.send(q, task)
+    }
+
+    /// Sends a task counted busy already.
+    fn send(&self, q: u16, task: Task) -> Result<(), Task> {
+        let Some(tx) = &self.tx else {
+            self.inflight.busy.fetch_sub(1, Ordering::AcqRel);
+            return Err(task);
+        };
         self.inflight.add(q, 1);
         tx.send((q, task)).map_err(|mpsc::SendError((q, task))| {
             self.inflight.busy.fetch_sub(1, Ordering::AcqRel);
@@ -111,7 +133,7 @@ impl IoPool {
         }
     }
 
-    /// Waits until no queue has a read in the pool.
+    /// Waits until no queue has work in the pool.
     pub fn wait_all_idle(&self) {
         let mut counts = self
             .inflight
@@ -183,6 +205,35 @@ mod tests {
         assert!(pool.submit(0, task(&done)).is_ok());
         pool.wait_idle(0);
         assert!(pool.submit(0, task(&done)).is_ok(), "free again once done");
+    }
+
+    #[test]
+    fn queued_work_waits_for_a_thread_and_a_queue_waits_for_it() {
+        let pool = IoPool::new(1).unwrap();
+        let (go, gate) = mpsc::channel::<()>();
+        let done = Arc::new(AtomicUsize::new(0));
+        let blocked: Task = Box::new(move || {
+            let _ = gate.recv();
+        });
+        assert!(pool.queue(0, blocked).is_ok());
+        // The one thread is busy: queued work waits for it, a read does not.
+        let d = done.clone();
+        let queued: Task = Box::new(move || {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(pool.queue(1, queued).is_ok(), "queued behind the first");
+        let back = pool.submit(1, Box::new(|| {}));
+        assert!(back.is_err(), "no thread is free for a read");
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        go.send(()).unwrap();
+        pool.wait_idle(1);
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "queue 1 waited for its work"
+        );
+        pool.wait_all_idle();
+        assert!(pool.submit(0, Box::new(|| {})).is_ok(), "free again");
     }
 
     #[test]

@@ -154,10 +154,10 @@ impl IoHandler for ToPipeline {
         }
     }
 
+    /// The host turns the cache off (every write is then synced before it
+    /// completes) or on.
     fn set_write_cache(&self, enabled: bool) -> Result<(), NvmeStatus> {
         let core = self.pipeline.core();
-        core.writeback
-            .store(enabled, std::sync::atomic::Ordering::Relaxed);
         core.ns.set_write_cache(enabled).map_err(|e| {
             warn!(
                 "nvme: cannot switch the write cache {}: {e}",

@@ -1,9 +1,10 @@
 //! The life of a request once a front-end has decoded and prepared it, the
 //! same whichever front-end the guest talks to (virtio-blk today, NVMe next):
 //! the guest mailbox, the engine's arrival, the wait (a delay, a hold, the
-//! media's time) in the scheduler, the I/O pool for large reads, the data's
-//! move ([`execute::perform`]), and the reply through the front-end's
-//! [`Reply`]: a status byte and a used ring entry, or a completion queue entry.
+//! media's time) in the scheduler, the I/O pool for large reads and long
+//! zero-fills, the data's move ([`execute::perform`]), and the reply through
+//! the front-end's [`Reply`]: a status byte and a used ring entry, or a
+//! completion queue entry.
 //!
 //! A front-end calls [`Pipeline::submit`]. What completes at once comes back
 //! as an [`Outcome`] for the front-end to tell the guest itself (so a queue's
@@ -11,7 +12,6 @@
 //! [`Reply`] along and tells the guest when it is done.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::blk::{Status, ID_BYTES};
 use crate::counters::{bump, Counters};
 use crate::execute::{self, ExecContext, ExecError, Prepared, Work};
-use crate::iopool::IoPool;
+use crate::iopool::{Handover, IoPool, Task};
 use crate::mailbox::{ControlFn, Mailbox};
 use crate::request::Malformed;
 
@@ -35,6 +35,10 @@ pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// Reads of at least this many bytes are served by the I/O pool, off their
 /// queue's thread.
 const POOL_READ_BYTES: u64 = 64 << 10;
+/// Discards and write-zeroes of at least this many bytes are too: where the
+/// backing cannot punch a hole, every zero is written (up to the 2 GiB a
+/// command may ask for by default).
+const POOL_ZERO_BYTES: u64 = 1 << 20;
 /// The most threads in the I/O pool.
 const POOL_THREADS: usize = 4;
 
@@ -151,8 +155,6 @@ pub struct Core {
     pub counters: Arc<Counters>,
     /// What GET_ID answers.
     pub serial: [u8; ID_BYTES],
-    /// Whether the guest runs the media's cache in writeback mode.
-    pub writeback: AtomicBool,
     mem: RwLock<Option<Mem>>,
     mailbox: Option<Mailbox>,
     /// The media latency model; `None` when instant (nothing to add).
@@ -185,9 +187,12 @@ enum Job {
 pub struct Pipeline {
     core: Arc<Core>,
     scheduler: Mutex<Option<Scheduler<Job>>>,
-    /// Serves large reads off the queues' threads; none when the queues'
-    /// threads have a CPU each already.
-    pool: Option<IoPool>,
+    /// Serves long zero-fills, and large reads when `pool_reads`, off the
+    /// queues' threads.
+    pool: IoPool,
+    /// Whether large reads go to the pool: only when the queues' threads
+    /// leave a CPU idle for it.
+    pool_reads: bool,
 }
 
 impl Pipeline {
@@ -215,24 +220,20 @@ impl Pipeline {
             engine,
             counters,
             serial: id,
-            writeback: AtomicBool::new(true),
             mem: RwLock::new(None),
             latency,
         });
         let job_core = core.clone();
         let scheduler = Scheduler::new("dma-scheduler", move |job| job_core.run_job(job))?;
-        // The pool uses the CPUs the queues' threads leave idle.
+        // The pool uses the CPUs the queues' threads leave idle; with none
+        // idle it still has a thread, for zero-fills alone.
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let spare = cpus.saturating_sub(usize::from(queues)).min(POOL_THREADS);
-        let pool = if spare > 0 {
-            Some(IoPool::new(spare)?)
-        } else {
-            None
-        };
         Ok(Pipeline {
             core,
             scheduler: Mutex::new(Some(scheduler)),
-            pool,
+            pool: IoPool::new(spare.max(1))?,
+            pool_reads: spare > 0,
         })
     }
 
@@ -303,31 +304,47 @@ impl Pipeline {
         }
         let (wait, media_due) = core.with_media_time(&work, ticket.wait);
         if wait == Wait::None {
-            // A large read that only moves data goes to the pool if a thread
-            // there is free (the queue's thread goes on), else it is served
-            // here all the same.
-            let pooled = match (&self.pool, &work) {
-                (Some(pool), Work::Read(range))
-                    if range.len() >= POOL_READ_BYTES
+            // How the request goes to the pool, if it does.
+            let to_pool: Option<Handover> = match &work {
+                // A large read that only moves data goes to the pool if a
+                // thread there is free (the queue's thread goes on), else it
+                // is served here all the same.
+                Work::Read(range)
+                    if self.pool_reads
+                        && range.len() >= POOL_READ_BYTES
                         && !core.engine.read_needs_buffer(&ticket) =>
                 {
-                    core.mem().map(|atomic| (pool, atomic))
+                    Some(IoPool::submit)
+                }
+                // A long zero-fill always goes, queued behind the pool's work
+                // if need be: the queue's thread (NVMe's one transport
+                // thread) would stall for as long as it writes zeros. It
+                // completes when done; a flush that arrives meanwhile may
+                // complete first, as both protocols allow: a flush covers
+                // the writes completed before it (virtio 1.2 5.2.6.2, NVMe
+                // 1.4 6.8), and commands in flight together are not ordered.
+                Work::Zero(ranges)
+                    if ranges.iter().map(|(r, _)| r.len()).sum::<u64>() >= POOL_ZERO_BYTES =>
+                {
+                    Some(IoPool::queue)
                 }
                 _ => None,
             };
-            if let Some((pool, atomic)) = pooled {
+            let pooled = to_pool.and_then(|send| core.mem().map(|atomic| (send, atomic)));
+            if let Some((send, atomic)) = pooled {
                 let core = core.clone();
                 let reply = reply();
-                let task: crate::iopool::Task = Box::new(move || {
+                let task: Task = Box::new(move || {
                     let mem = atomic.memory();
                     let mut buf = Vec::new();
                     let (outcome, why) =
                         core.perform(&mem, label, &work, epoch, &mut ticket, &mut buf);
                     let told = reply.send(&core, &mem, outcome);
-                    // No watch follows: a watched read keeps its buffer, never pooled.
+                    // No watch follows: a watched read keeps its buffer, never
+                    // pooled; a zero-fill moves no data into guest memory.
                     let _ = core.engine.complete(ticket, ledger_word(why, told));
                 });
-                if let Err(task) = pool.submit(q, task) {
+                if let Err(task) = send(&self.pool, q, task) {
                     task();
                 }
                 return Submitted::Later;
@@ -377,11 +394,9 @@ impl Pipeline {
     }
 
     /// Every request of queue `q` still waiting completes now, without its
-    /// media time, and the queue's reads in the pool finish: the queue stops.
+    /// media time, and the queue's work in the pool finishes: the queue stops.
     pub fn drain_queue(&self, q: u16) {
-        if let Some(pool) = &self.pool {
-            pool.wait_idle(q);
-        }
+        self.pool.wait_idle(q);
         let jobs = self
             .with_scheduler(|s| s.drain_queue(q))
             .unwrap_or_default();
@@ -412,9 +427,7 @@ impl Pipeline {
                 self.core.engine.complete(p.ticket, "abandoned");
             }
         }
-        if let Some(pool) = &self.pool {
-            pool.wait_all_idle();
-        }
+        self.pool.wait_all_idle();
     }
 
     /// The frontend has gone: what is still waiting is abandoned, nothing can
@@ -599,7 +612,6 @@ impl Core {
             ns: &self.ns,
             engine: &self.engine,
             serial: &self.serial,
-            writeback: self.writeback.load(Ordering::Relaxed),
         }
     }
 

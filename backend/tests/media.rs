@@ -2,7 +2,9 @@
 //! frontend on its vhost-user socket and `dmaprobe ctl` on its control socket.
 //! What a flush makes stable survives a power cut and a kill -9 of the daemon;
 //! what it does not is lost; bad blocks fail reads and writes with IOERR until
-//! rewritten or cleared, and the ledger says why.
+//! rewritten or cleared, and the ledger says why. A write the guest is told
+//! is stable (the cache off, or a driver that cannot flush) is synced to the
+//! disk file before it completes, and `status` counts the syncs.
 
 mod common;
 
@@ -107,6 +109,66 @@ fn writethrough_writes_survive_a_power_cut() {
     assert_eq!(cut["lost_blocks"], 0, "{cut}");
     assert_eq!(read_ok(&mut fe, 40, LEN), data);
     assert_eq!(s.ctl_json(&["status"])["write_cache"]["enabled"], false);
+}
+
+/// One range of `sectors` 512-byte sectors from `sector`, for discard and
+/// write-zeroes.
+fn sectors(sector: u64, sectors: u32) -> [DiscardRange; 1] {
+    [DiscardRange {
+        sector: Sector(sector),
+        num_sectors: sectors,
+        flags: 0,
+    }]
+}
+
+#[test]
+fn without_a_write_cache_every_change_is_synced_before_it_completes() {
+    let s = Serve::start(&["--write-cache", "off"]);
+    let mut fe = s.connect(1);
+    // The guest is told writethrough, so it will never flush: each write,
+    // write-zeroes and discard must be on the disk when it completes.
+    assert_eq!(fe.get_config().expect("config").writeback, 0);
+    let before = s.syncs();
+    write_ok(&mut fe, 48, &pattern(12, LEN));
+    assert_eq!(s.syncs(), before + 1, "a write");
+    let zeroes = fe.write_zeroes(0, &sectors(48, 8)).expect("write-zeroes");
+    assert_eq!(zeroes, Status::OK);
+    assert_eq!(s.syncs(), before + 2, "a write-zeroes");
+    assert_eq!(fe.discard(0, &sectors(48, 8)).expect("discard"), Status::OK);
+    assert_eq!(s.syncs(), before + 3, "a discard");
+    // Asking for writeback changes nothing: there is no cache to run.
+    fe.set_config_bytes(32, &[1]).expect("set_config");
+    assert_eq!(fe.get_config().expect("config").writeback, 0);
+    write_ok(&mut fe, 56, &pattern(13, LEN));
+    assert_eq!(s.syncs(), before + 4, "a write after asking for writeback");
+    assert!(
+        s.ctl_ok(&["status"])
+            .contains(&format!("backing: file, synced {} times", before + 4)),
+        "{}",
+        s.ctl_ok(&["status"])
+    );
+}
+
+#[test]
+fn the_guest_turning_the_cache_off_makes_each_write_sync() {
+    let s = Serve::start(&[]);
+    let mut fe = s.connect(1);
+    assert_eq!(fe.get_config().expect("config").writeback, 1);
+    let before = s.syncs();
+    // Writeback: a write is not synced, a flush is.
+    write_ok(&mut fe, 64, &pattern(14, LEN));
+    assert_eq!(s.syncs(), before, "a write behind the cache");
+    flush_ok(&mut fe);
+    assert_eq!(s.syncs(), before + 1, "a flush");
+    // Writethrough: switching flushes, then every write is synced.
+    fe.set_config_bytes(32, &[0]).expect("set_config");
+    assert_eq!(fe.get_config().expect("config").writeback, 0);
+    assert_eq!(s.syncs(), before + 2, "the switch");
+    write_ok(&mut fe, 72, &pattern(15, LEN));
+    assert_eq!(s.syncs(), before + 3, "a writethrough write");
+    let zeroes = fe.write_zeroes(0, &sectors(72, 8)).expect("write-zeroes");
+    assert_eq!(zeroes, Status::OK);
+    assert_eq!(s.syncs(), before + 4, "a writethrough write-zeroes");
 }
 
 #[test]

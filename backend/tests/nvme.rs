@@ -13,6 +13,7 @@ mod common;
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::ops::Range;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -608,11 +609,39 @@ impl Nvme {
 
     /// Writes `data` at `lba` from one contiguous buffer at `DATA`; asserts success.
     fn write_ok(&mut self, lba: u64, lbs: usize, data: &[u8]) {
+        self.write_flags_ok(lba, lbs, data, 0);
+    }
+
+    /// The same with Force Unit Access.
+    fn write_fua_ok(&mut self, lba: u64, lbs: usize, data: &[u8]) {
+        self.write_flags_ok(lba, lbs, data, FUA);
+    }
+
+    /// A write with `flags` in the upper half of dword 12.
+    fn write_flags_ok(&mut self, lba: u64, lbs: usize, data: &[u8], flags: u32) {
         let prp = Prp::contiguous(&self.ram, DATA, data.len(), LISTS);
         prp.write(&self.ram, data);
         let blocks = (data.len() / lbs) as u32;
-        let c = self.io(rw(io_op::WRITE, lba, blocks, &prp));
+        let c = self.io(rw(io_op::WRITE, lba, blocks, &prp).cdw(12, (blocks - 1) | flags));
         assert_eq!(c.code(), SUCCESS, "write of lba {lba}: {c:?}");
+    }
+
+    /// Write Zeroes of `blocks` from `lba`; asserts success.
+    fn write_zeroes_ok(&mut self, lba: u64, blocks: u32) {
+        let (lo, hi) = split(lba);
+        let sqe = Sqe::new(io_op::WRITE_ZEROES)
+            .nsid(NSID)
+            .cdw(10, lo)
+            .cdw(11, hi)
+            .cdw(12, blocks - 1);
+        let c = self.io(sqe);
+        assert_eq!(c.code(), SUCCESS, "write zeroes of lba {lba}: {c:?}");
+    }
+
+    /// Flush of the namespace; asserts success.
+    fn flush_ok(&mut self) {
+        let c = self.io(Sqe::new(io_op::FLUSH).nsid(NSID));
+        assert_eq!(c.code(), SUCCESS, "flush: {c:?}");
     }
 
     /// Reads `len` bytes at `lba` into one contiguous buffer at `DATA`
@@ -1072,7 +1101,7 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
 
     // A write and a flush, for the ledger.
     nvme.write_ok(128, LBS, &pattern(5, 8192));
-    assert_eq!(nvme.io(Sqe::new(io_op::FLUSH).nsid(NSID)).code(), SUCCESS);
+    nvme.flush_ok();
 
     let check = |entries: &[Value], whence: &str| {
         let find = |op: &str, lba: u64| -> Vec<&Value> {
@@ -1329,6 +1358,87 @@ fn malformed_commands_complete_with_the_specs_statuses() {
     );
 }
 
+/// A dataset management range: its first LBA and how many blocks.
+type DsmRange = (u64, u32);
+
+/// What Identify CNS 06h tells the host (WZSL, DMRL, DMRSL) is what the
+/// controller holds commands to, with limits that are not powers of two: at
+/// each limit a command succeeds, one past it fails with Invalid Field in
+/// Command and leaves the disk as it was.
+#[test]
+fn the_write_zeroes_and_deallocate_limits_the_host_is_told_are_enforced() {
+    let s = Serve::start(&[
+        "--nvme",
+        "--max-write-zeroes",
+        "24K",
+        "--max-discard-segments",
+        "5",
+        "--max-discard",
+        "12K",
+    ]);
+    let mut want = pattern(12, 128 * LBS);
+    s.put_disk(0, &want);
+    let mut nvme = Nvme::connect(&s);
+    nvme.probe();
+    let nvm = nvme.identify(0x06, 0);
+    let (wzsl, dmrl, dmrsl) = (nvm[1], u32::from(nvm[3]), le32(&nvm, 4));
+    assert_eq!(
+        (wzsl, dmrl, dmrsl),
+        (2, 5, 24),
+        "WZSL: 24 KiB down to 2^2 pages"
+    );
+
+    let check = |nvme: &mut Nvme, what: &str, sqe: Sqe, zeroed: Range<usize>, want: &mut [u8]| {
+        let c = nvme.io(sqe);
+        let code = if zeroed.is_empty() {
+            INVALID_FIELD
+        } else {
+            SUCCESS
+        };
+        assert_eq!(c.code(), code, "{what}: {c:?}");
+        want[zeroed.start * LBS..zeroed.end * LBS].fill(0);
+        same(
+            &s.disk_at(0, want.len()),
+            want,
+            format_args!("{what}: the disk file"),
+        );
+    };
+
+    // WZSL: 2^n pages of 4 KiB, from LBA 0.
+    let most = ((PAGE << wzsl) / LBS as u64) as u32;
+    for (what, blocks, zeroed) in [
+        ("write zeroes one block past WZSL", most + 1, 0..0),
+        ("write zeroes at WZSL", most, 0..most as usize),
+    ] {
+        let sqe = Sqe::new(io_op::WRITE_ZEROES).nsid(NSID).cdw(12, blocks - 1);
+        check(&mut nvme, what, sqe, zeroed, &mut want);
+    }
+
+    // DMRL ranges of one block from LBA 64; a DMRSL range at LBA 96.
+    let ranges: Vec<DsmRange> = (64..).map(|lba| (lba, 1)).take(dmrl as usize + 1).collect();
+    let cases: [(&str, &[DsmRange], Range<usize>); 4] = [
+        ("a range past DMRL", &ranges, 0..0),
+        ("ranges at DMRL", &ranges[..dmrl as usize], 64..69),
+        ("a range one block past DMRSL", &[(96, dmrsl + 1)], 0..0),
+        ("a range at DMRSL", &[(96, dmrsl)], 96..120),
+    ];
+    for (what, ranges, zeroed) in cases {
+        let mut list = Vec::new();
+        for &(lba, n) in ranges {
+            list.extend_from_slice(&[0; 4]);
+            list.extend_from_slice(&n.to_le_bytes());
+            list.extend_from_slice(&lba.to_le_bytes());
+        }
+        nvme.ram.write(RANGES, &list);
+        let sqe = Sqe::new(io_op::DATASET_MANAGEMENT)
+            .nsid(NSID)
+            .prps(RANGES, 0)
+            .cdw(10, ranges.len() as u32 - 1)
+            .cdw(11, AD);
+        check(&mut nvme, what, sqe, zeroed, &mut want);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Hostile doorbells and resets
 
@@ -1581,7 +1691,7 @@ fn a_power_cut_loses_unflushed_writes_unless_the_host_turned_the_write_cache_off
     );
 
     nvme.write_ok(300, LBS, &a);
-    assert_eq!(nvme.io(Sqe::new(io_op::FLUSH).nsid(NSID)).code(), SUCCESS);
+    nvme.flush_ok();
     nvme.write_ok(400, LBS, &b);
     s.ctl_ok(&["power-cut"]);
     same(
@@ -1657,6 +1767,55 @@ fn a_fua_write_is_stable_when_it_completes() {
         &[0; 4096],
         format_args!("the write without FUA after it is lost"),
     );
+}
+
+// What the host is told is stable is synced to the disk file before its
+// command completes, counted by `ctl status` as the backing's syncs: with the
+// cache on, only a Flush or a write with Force Unit Access; with no cache, or
+// the host turned it off, every write and write zeroes.
+
+#[test]
+fn without_a_write_cache_a_write_is_synced_before_it_completes() {
+    let s = Serve::start(&["--nvme", "--write-cache", "off"]);
+    let mut nvme = Nvme::connect(&s);
+    nvme.probe();
+    let before = s.syncs();
+    nvme.write_ok(8, LBS, &pattern(1, 4096));
+    assert_eq!(s.syncs(), before + 1, "a write");
+    nvme.write_zeroes_ok(8, 8);
+    assert_eq!(s.syncs(), before + 2, "a write zeroes");
+    assert_eq!(s.disk_at(8, 4096), vec![0; 4096]);
+}
+
+#[test]
+fn with_the_write_cache_on_only_fua_writes_and_flushes_sync() {
+    let s = Serve::start(&["--nvme"]);
+    let mut nvme = Nvme::connect(&s);
+    nvme.probe();
+    let before = s.syncs();
+    nvme.write_ok(16, LBS, &pattern(2, 4096));
+    nvme.write_zeroes_ok(16, 8);
+    assert_eq!(
+        s.syncs(),
+        before,
+        "a plain write and write zeroes stay in the cache"
+    );
+    nvme.write_fua_ok(24, LBS, &pattern(3, 4096));
+    assert_eq!(s.syncs(), before + 1, "a write with Force Unit Access");
+    nvme.flush_ok();
+    assert_eq!(s.syncs(), before + 2, "a flush");
+
+    // The host turns the cache off: what it held is synced, and from then
+    // on every write is.
+    nvme.set_write_cache(false);
+    assert!(!nvme.write_cache(), "the feature reads back");
+    assert_eq!(s.syncs(), before + 3, "turning the cache off");
+    nvme.write_ok(32, LBS, &pattern(4, 4096));
+    assert_eq!(s.syncs(), before + 4, "a write through");
+    nvme.set_write_cache(true);
+    assert!(nvme.write_cache(), "the feature reads back");
+    nvme.write_ok(40, LBS, &pattern(5, 4096));
+    assert_eq!(s.syncs(), before + 4, "the cache on again");
 }
 
 // ---------------------------------------------------------------------------

@@ -10,12 +10,16 @@
 //!   locks it too is refused rather than writing under the first; the kernel
 //!   drops the lock when the file is closed or its process dies, `kill -9`
 //!   included.
+//!
+//! [`Backing::flush`] makes a file's data durable (`fdatasync`) and counts it,
+//! so a user can see that what the guest was told is stable was synced.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Zeros are written in pieces of this size where a hole cannot be punched.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -95,12 +99,24 @@ pub enum BackingKind {
     File,
 }
 
+impl BackingKind {
+    /// Its name in `status`: "memory" or "file".
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingKind::Memory => "memory",
+            BackingKind::File => "file",
+        }
+    }
+}
+
 /// The bytes of a namespace.
 #[derive(Debug)]
 pub struct Backing {
     file: File,
     kind: BackingKind,
     size: u64,
+    /// Successful `fdatasync`s of a file backing.
+    syncs: AtomicU64,
 }
 
 impl Backing {
@@ -123,6 +139,7 @@ impl Backing {
             file,
             kind: BackingKind::Memory,
             size,
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -185,6 +202,7 @@ impl Backing {
             file,
             kind: BackingKind::File,
             size,
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -267,15 +285,24 @@ impl Backing {
             .map_err(|source| BackingError::Io { offset, source })
     }
 
-    /// Makes everything written so far stable.
+    /// Makes everything written so far stable: `fdatasync` for a file;
+    /// nothing to do for memory, which a crash of the host loses anyway.
     pub fn flush(&self) -> Result<(), BackingError> {
         match self.kind {
             BackingKind::Memory => Ok(()),
-            BackingKind::File => self
-                .file
-                .sync_data()
-                .map_err(|source| BackingError::Io { offset: 0, source }),
+            BackingKind::File => {
+                self.file
+                    .sync_data()
+                    .map_err(|source| BackingError::Io { offset: 0, source })?;
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
         }
+    }
+
+    /// How many times [`Backing::flush`] synced a file backing (0 for memory).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Makes `len` bytes at `offset` read back as zeros, giving their space back

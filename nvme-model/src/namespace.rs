@@ -163,7 +163,8 @@ impl Namespace {
     }
 
     /// The host turns the cache on (write-back) or off (write-through); turning
-    /// it off makes what it holds stable first.
+    /// it off makes what it holds stable first. Write-through, every change
+    /// syncs the backing before it returns.
     pub fn set_write_cache(&self, enabled: bool) -> Result<(), NamespaceError> {
         if !enabled && self.write_cache_enabled() {
             self.flush()?;
@@ -230,6 +231,13 @@ impl Namespace {
         self.backing.kind()
     }
 
+    /// How many times the backing file was synced (`fdatasync`): by a flush,
+    /// and by every write made stable before it completed (Force Unit Access,
+    /// or the write cache off). Always 0 for a memory backing.
+    pub fn syncs(&self) -> u64 {
+        self.backing.syncs()
+    }
+
     /// The one bounds check for every command: `blocks` blocks from `start` must lie
     /// inside the namespace. An empty range is valid anywhere up to the capacity.
     pub fn check_range(&self, start: Lba, blocks: u64) -> Result<LbaRange, RangeError> {
@@ -282,13 +290,15 @@ impl Namespace {
         Ok(())
     }
 
+    /// Writes `buf`: volatile behind a running write cache; without one
+    /// (write-through) stable, and the backing synced, before returning.
     pub fn write(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
         self.write_as(range, buf, false)
     }
 
     /// Writes `buf` and makes those blocks stable before returning (a write
     /// with Force Unit Access): a power cut keeps them, while what the write
-    /// cache holds of other blocks stays volatile.
+    /// cache holds of other blocks stays volatile. The backing is synced.
     pub fn write_stable(&self, range: LbaRange, buf: &[u8]) -> Result<(), NamespaceError> {
         self.write_as(range, buf, true)
     }
@@ -347,17 +357,19 @@ impl Namespace {
         self.change(range, false, |b| b.zero(range.offset.0, range.len))
     }
 
-    /// Changes the blocks of `range` through `apply`: under the write cache when
-    /// it runs; rewritten blocks lose their read errors.
-    /// Changes `range` through `apply`, behind the write cache; with
-    /// `stable`, the change is stable when this returns.
+    /// Changes the blocks of `range` through `apply`; rewritten blocks lose
+    /// their read errors. Behind the write cache when it runs, the change is
+    /// volatile unless `stable` (Force Unit Access). A stable change — with
+    /// `stable`, or with no cache running (write-through) — is synced to the
+    /// backing before this returns: the front-end completes it once it
+    /// returns, and the guest counts on it surviving a crash of the host.
     fn change(
         &self,
         range: LbaRange,
         stable: bool,
         apply: impl FnOnce(&Backing) -> Result<(), BackingError>,
     ) -> Result<(), NamespaceError> {
-        match &self.cache {
+        let sync = match &self.cache {
             Some(cache) if self.cache_enabled.load(Ordering::Acquire) => {
                 let mut locked = cache.lock();
                 locked.before_change(&self.backing, range.start.0, range.blocks)?;
@@ -365,10 +377,18 @@ impl Namespace {
                 if stable {
                     locked.made_stable(&self.backing, range.start.0, range.blocks)?;
                 }
+                stable
             }
-            _ => apply(&self.backing)?,
-        }
+            _ => {
+                apply(&self.backing)?;
+                true
+            }
+        };
         self.media.rewritten(range.start.0, range.blocks);
+        if sync {
+            // Outside the cache's lock: other commands go on meanwhile.
+            self.backing.flush()?;
+        }
         Ok(())
     }
 
@@ -604,6 +624,54 @@ mod tests {
         };
         conformance(&make);
         media_conformance(&make);
+    }
+
+    #[test]
+    fn stable_changes_sync_a_file_backing_before_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            |name: &str| Backing::file(&dir.path().join(name), Some(1 << 20), false).unwrap();
+        let data = [7u8; 8 * 512];
+        let changes = |ns: &Namespace| {
+            let r = ns.check_range(Lba(0), 8).unwrap();
+            ns.write(r, &data).unwrap();
+            ns.write_zeroes(r).unwrap();
+            ns.deallocate(r).unwrap();
+        };
+
+        // Behind a running cache only a write with Force Unit Access and a
+        // flush sync the file.
+        let ns = Namespace::new(file("cached"), LbaSize::B512, false)
+            .unwrap()
+            .with_write_cache(64 * 512);
+        changes(&ns);
+        assert_eq!(ns.syncs(), 0);
+        ns.write_stable(ns.check_range(Lba(8), 8).unwrap(), &data)
+            .unwrap();
+        assert_eq!(ns.syncs(), 1);
+        ns.flush().unwrap();
+        assert_eq!(ns.syncs(), 2);
+        // Write-through: turning the cache off syncs, then every change does.
+        ns.set_write_cache(false).unwrap();
+        assert_eq!(ns.syncs(), 3);
+        changes(&ns);
+        assert_eq!(ns.syncs(), 6);
+
+        // No cache at all: every change.
+        let ns = Namespace::new(file("uncached"), LbaSize::B512, false).unwrap();
+        changes(&ns);
+        assert_eq!(ns.syncs(), 3);
+
+        // Memory has nothing to sync, and counts nothing.
+        let ns = Namespace::new(Backing::memory(1 << 20).unwrap(), LbaSize::B512, false)
+            .unwrap()
+            .with_write_cache(64 * 512);
+        ns.write_stable(ns.check_range(Lba(0), 8).unwrap(), &data)
+            .unwrap();
+        ns.flush().unwrap();
+        ns.set_write_cache(false).unwrap();
+        changes(&ns);
+        assert_eq!(ns.syncs(), 0);
     }
 
     #[test]

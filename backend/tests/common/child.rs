@@ -178,6 +178,16 @@ impl Serve {
             .collect()
     }
 
+    /// How many times the daemon synced its disk file (`fdatasync`), from
+    /// `ctl status`.
+    pub fn syncs(&self) -> u64 {
+        let st = self.ctl_json(&["status"]);
+        assert_eq!(st["backing"]["kind"], "file", "{st}");
+        st["backing"]["syncs"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no backing.syncs in {st}"))
+    }
+
     /// Stops the daemon with SIGTERM (it flushes and writes its ledger) and
     /// waits for it to exit; returns how it exited.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
