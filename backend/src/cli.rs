@@ -196,6 +196,13 @@ pub struct ServeArgs {
     /// Entries the ledger keeps (the oldest are dropped and counted).
     #[arg(long, value_name = "N", default_value_t = dma::ledger::DEFAULT_CAPACITY)]
     pub ledger_capacity: usize,
+    /// Watches (fault rules' `action=watch`) pending at once; a read past this
+    /// or `--max-watched` is served unwatched and counted.
+    #[arg(long, value_name = "N", default_value_t = dma::WatchLimits::default().watches)]
+    pub max_watches: usize,
+    /// Guest memory the pending watches may cover in all (default 1G).
+    #[arg(long, value_name = "SIZE")]
+    pub max_watched: Option<String>,
     /// Seed of the generator behind random delays and probabilities.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
@@ -313,6 +320,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ledger_capacity: a.ledger_capacity,
                 zero_page: a.zero_page.as_deref().map(config::parse_gpa).transpose()?,
                 seed: a.seed,
+                watch_limits: dma::WatchLimits {
+                    watches: a.max_watches,
+                    bytes: match &a.max_watched {
+                        Some(size) => config::parse_size(size)?,
+                        None => dma::WatchLimits::default().bytes,
+                    },
+                },
             },
             faults: {
                 let mut rules = match &a.fault_file {

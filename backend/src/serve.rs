@@ -372,6 +372,7 @@ impl DaemonState {
                 .map(|(k, n)| (k.name(), n))
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "checks": crate::control::checks_json(engine.checks()),
+            "watches": engine.watch_figures(),
             "rules": engine.faults().rules().len(),
             "held": parked.iter().filter(|p| p.held).count(),
             "delayed": parked.iter().filter(|p| !p.held).count(),
@@ -388,6 +389,10 @@ impl DaemonState {
                 "destaged_bytes": c.destaged_bytes,
             })),
             "power_cuts": self.ns.power_epoch(),
+            "backing": {
+                "kind": self.ns.backing_kind().name(),
+                "syncs": self.ns.syncs(),
+            },
             "media_errors": self.ns.media_errors().list(),
             "tag": engine.tag(),
             "ledger": {

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use backend::config::ServeConfig;
 use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Status,
+    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Segment,
+    Status,
 };
 use backend::serve::Daemon;
 use dma::fault::Action;
@@ -629,4 +630,56 @@ fn with_the_ledger_on_every_request_is_recorded_in_order_of_its_steps() {
         assert_eq!(r.segments.len(), usize::from(len > 0));
     }
     assert_eq!(s.findings(), Vec::new());
+}
+
+/// A rule watches every read for ten minutes. A read whose eight descriptors
+/// all name one 4 KiB buffer is served (the last descriptor's data stays) and
+/// its pending watch covers that buffer once; with room for one pending
+/// watch, the next read is served unwatched and counted. `ctl status` shows
+/// both under `watches`.
+#[test]
+fn pending_watches_are_limited_and_shown_in_the_status() {
+    let s = Served::start(&["--max-watches", "1", "--max-watched", "1G"]);
+    let mut fe = s.connect(1);
+    s.hold_or_delay("op=read,action=watch,ms=600000");
+    let watches = || s.daemon.state().status()["watches"].clone();
+    let figures = |pending: u64, refused: u64| {
+        serde_json::json!({
+            "pending": pending,
+            "pending_bytes": pending * LEN as u64,
+            "refused": refused,
+            "limits": {"watches": 1, "bytes": 1u64 << 30},
+        })
+    };
+    assert_eq!(watches(), figures(0, 0));
+    let data = pattern(30, 8 * LEN);
+    write_ok(&mut fe, 0, 0, &data);
+
+    let aliased = prefilled(&fe);
+    let eight = [Segment::of(&aliased).expect("a descriptor"); 8];
+    let q = fe.queue(0).unwrap();
+    let request = BlkRequest {
+        kind: RequestType::In,
+        sector: Sector(0),
+        data: &eight,
+    };
+    let id = q.submit(&request).expect("submit");
+    q.kick().expect("kick");
+    let c = q.wait_for(id, SOON).expect("the aliased read");
+    assert_eq!((status(&c), c.len), (Status::OK, 8 * LEN as u32 + 1));
+    assert!(aliased.read().unwrap() == data[7 * LEN..]);
+    assert_eq!(watches(), figures(1, 0), "one buffer watched, once");
+
+    let other = prefilled(&fe);
+    let id = submit(fe.queue(0).unwrap(), RequestType::In, 0, &other);
+    let c = fe
+        .queue(0)
+        .unwrap()
+        .wait_for(id, SOON)
+        .expect("the next read");
+    assert_eq!(status(&c), Status::OK);
+    assert!(other.read().unwrap() == data[..LEN], "served all the same");
+    assert_eq!(watches(), figures(1, 1));
+    assert_eq!(s.findings(), Vec::new());
+    s.assert_alive();
 }

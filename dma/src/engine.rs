@@ -12,21 +12,39 @@
 //! Every check is a switch ([`Checks`]); with all off, arrival costs an id, a
 //! look at an empty fault plan and a clock read.
 //!
+//! A ticket keeps no copy of the request's data, so what a waiting request
+//! costs grows with its segments (which the front-ends bound by count), not
+//! with the bytes they name, however often they name the same memory:
+//! - the canary is not kept: it is a function of the request id and the
+//!   offset ([`canary::fill`]), so the check at DMA time makes it again, 4 KiB
+//!   at a time ([`canary::check_stamped`]);
+//! - a write source is kept as one hash per segment;
+//! - for a watch, what the device wrote is kept as one mark (8 bytes: a
+//!   hash and the zero and free-poison bytes counted) per 512-byte block of
+//!   each distinct segment; segments that name the same memory again are
+//!   marked once, with what the device wrote there last;
+//! - the overlap check keeps each request's distinct pages, as 64-page chunks
+//!   with a bit per page, in one index by chunk: an arrival looks up its own
+//!   chunks, not every other request's segments.
+//!
 //! What a guest can grow or drive is bounded: the zero-buffer suspects by
 //! [`MAX_ZERO_SUSPECTS`] pages, the bits a `corrupt` effect flips by the
 //! request's own bits and [`MAX_CORRUPT_BITS`], a test tag by [`MAX_TAG_BYTES`]
 //! and a mark's label by [`MAX_LABEL_BYTES`] (longer ones are refused, so
 //! nothing a guest names is copied into records past that), a finding's detail
-//! by [`MAX_DETAIL_BYTES`], and the ledger by its count and bytes
-//! ([`crate::ledger`]).
+//! by [`MAX_DETAIL_BYTES`], the ledger by its count and bytes
+//! ([`crate::ledger`]), and the reads waiting for their watch by
+//! [`WatchLimits`] (4096 of them and 1 GiB of guest memory watched, by
+//! default); a read past them is not watched, and counted
+//! ([`WatchFigures::refused`]).
 //! The zero page may be any page, the last of the address space too.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::canary;
 use crate::fault::{Decision, Effect, FaultPlan, Wait, MAX_CORRUPT_BITS};
@@ -111,6 +129,8 @@ pub struct EngineConfig {
     pub ledger_capacity: usize,
     pub zero_page: Option<Gpa>,
     pub seed: u64,
+    /// How many watches may be pending, over how much guest memory.
+    pub watch_limits: WatchLimits,
 }
 
 impl Default for EngineConfig {
@@ -120,11 +140,14 @@ impl Default for EngineConfig {
             ledger_capacity: crate::ledger::DEFAULT_CAPACITY,
             zero_page: None,
             seed: 0,
+            watch_limits: WatchLimits::default(),
         }
     }
 }
 
 /// A request between arrival and completion.
+///
+/// It keeps no copy of the request's data: see the module's docs.
 #[derive(Debug)]
 pub struct Ticket {
     pub id: ReqId,
@@ -136,12 +159,13 @@ pub struct Ticket {
     tag: Option<String>,
     arrived_ns: u64,
     dma_ns: Option<u64>,
-    /// The canary stamped into each destination segment, back to back.
-    canary: Option<Vec<u8>>,
+    /// Whether the canary was stamped into every destination segment; it is
+    /// made again to be checked.
+    stamped: bool,
     /// The hash of each source segment at arrival.
     hashes: Option<Vec<u64>>,
-    /// What the device wrote into guest memory, kept for a watch.
-    written: Option<Vec<u8>>,
+    /// What the device wrote into guest memory, marked for a watch.
+    written: Option<Written>,
     tracked: bool,
 }
 
@@ -150,6 +174,20 @@ impl Ticket {
     pub fn tag(&self) -> Option<&str> {
         self.tag.as_deref()
     }
+
+    /// The heap memory the ticket holds: its segments, tag, source hashes and
+    /// marks, each in proportion to the request's segments.
+    pub fn retained_bytes(&self) -> usize {
+        vec_bytes(&self.arrival.segments)
+            + self.tag.as_ref().map_or(0, String::capacity)
+            + self.hashes.as_ref().map_or(0, vec_bytes)
+            + self.written.as_ref().map_or(0, Written::retained_bytes)
+    }
+}
+
+/// The heap memory a vector holds.
+fn vec_bytes<T>(v: &Vec<T>) -> usize {
+    v.capacity() * std::mem::size_of::<T>()
 }
 
 /// A post-completion check to run later.
@@ -157,16 +195,246 @@ impl Ticket {
 pub struct WatchTask {
     pub id: ReqId,
     pub due: Duration,
-    arrival: Arrival,
+    op: Op,
+    queue: u16,
+    lba: u64,
     tag: Option<String>,
-    written: Vec<u8>,
+    written: Written,
 }
 
-/// A request in flight, for the overlap check.
+impl WatchTask {
+    /// The heap memory the watch holds: its tag, distinct segments and marks.
+    pub fn retained_bytes(&self) -> usize {
+        self.tag.as_ref().map_or(0, String::capacity) + self.written.retained_bytes()
+    }
+}
+
+/// The bytes a [`Mark`] stands for: 512-byte blocks of guest memory.
+const BLOCK: u64 = 512;
+
+/// A block's worth of what the device wrote, in 8 bytes: a 44-bit hash of its
+/// bytes, and how many of them were zero and free-poison (10 bits each: a
+/// block has at most 512 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mark(u64);
+
+impl Mark {
+    const COUNT_BITS: u32 = 10;
+    const COUNTS: u64 = (1 << (2 * Self::COUNT_BITS)) - 1;
+
+    /// The mark of `bytes`, at most a block of them.
+    fn of(bytes: &[u8]) -> Mark {
+        let count = |v: u8| bytes.iter().filter(|&&b| b == v).count() as u64;
+        let hash = xxhash_rust::xxh3::xxh3_64(bytes) & !Self::COUNTS;
+        Mark(hash | (count(0) << Self::COUNT_BITS) | count(canary::FREE_POISON))
+    }
+
+    /// Whether `bytes` are, as far as a 44-bit hash tells, the ones marked.
+    fn matches(self, bytes: &[u8]) -> bool {
+        (xxhash_rust::xxh3::xxh3_64(bytes) ^ self.0) & !Self::COUNTS == 0
+    }
+
+    fn zeros(self) -> u64 {
+        (self.0 >> Self::COUNT_BITS) & ((1 << Self::COUNT_BITS) - 1)
+    }
+
+    fn poison(self) -> u64 {
+        self.0 & ((1 << Self::COUNT_BITS) - 1)
+    }
+}
+
+/// The blocks of `seg` (cut at 512-byte boundaries of guest memory): each
+/// one's offset in the segment and length.
+fn blocks(seg: Segment) -> impl Iterator<Item = (u64, usize)> {
+    let (start, len) = (seg.gpa.0, u64::from(seg.len));
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        // Up to the next block boundary; the address is in guest memory, so
+        // the sum does not wrap.
+        let to_boundary = BLOCK - start.wrapping_add(at) % BLOCK;
+        let n = to_boundary.min(len - at);
+        let block = (at, n as usize);
+        at += n;
+        Some(block)
+    })
+}
+
+/// How many blocks `seg` covers.
+fn block_count(seg: Segment) -> usize {
+    blocks(seg).count()
+}
+
+/// What a read's DMA wrote into guest memory, kept for its watch: the
+/// distinct destination segments, in the order they first appear, and each
+/// one's marks, one per block. A segment named again (two descriptors for
+/// one buffer) is marked once, with what the device wrote there last, which
+/// is what memory held when the DMA ended.
 #[derive(Debug)]
+struct Written {
+    segments: Vec<Segment>,
+    marks: Vec<Mark>,
+    /// Its place among the pending watches, given back when it is dropped.
+    _slot: WatchSlot,
+}
+
+impl Written {
+    /// The distinct segments of `segments`, and for each one where its data
+    /// starts in the request's data the last time it is named.
+    fn distinct(segments: &[Segment]) -> Vec<(Segment, usize)> {
+        let mut index: HashMap<Segment, usize> = HashMap::new();
+        let mut distinct: Vec<(Segment, usize)> = Vec::new();
+        let mut at = 0usize;
+        for &seg in segments {
+            match index.get(&seg) {
+                Some(&i) => distinct[i].1 = at,
+                None => {
+                    index.insert(seg, distinct.len());
+                    distinct.push((seg, at));
+                }
+            }
+            at += seg.len_usize();
+        }
+        distinct
+    }
+
+    /// Marks what `data` put into each of the `distinct` segments.
+    fn mark(distinct: &[(Segment, usize)], data: &[u8], slot: WatchSlot) -> Written {
+        let mut marks = Vec::with_capacity(slot.blocks);
+        for &(seg, from) in distinct {
+            for (at, n) in blocks(seg) {
+                let at = from + at as usize;
+                marks.push(Mark::of(&data[at..at + n]));
+            }
+        }
+        Written {
+            segments: distinct.iter().map(|&(seg, _)| seg).collect(),
+            marks,
+            _slot: slot,
+        }
+    }
+
+    fn retained_bytes(&self) -> usize {
+        vec_bytes(&self.segments) + vec_bytes(&self.marks)
+    }
+}
+
+/// How many completed reads may wait for their watch at once, and how much
+/// guest memory they may watch together (counted in whole 512-byte blocks,
+/// each one's mark 8 bytes). A read past either is not watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WatchLimits {
+    pub watches: usize,
+    pub bytes: u64,
+}
+
+impl Default for WatchLimits {
+    /// 4096 watches, 1 GiB of guest memory (16 MiB of marks).
+    fn default() -> Self {
+        WatchLimits {
+            watches: 4096,
+            bytes: 1 << 30,
+        }
+    }
+}
+
+/// The pending watches at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WatchFigures {
+    /// Reads whose watch is pending (from their DMA until the watch ran or
+    /// was dropped).
+    pub pending: usize,
+    /// The guest memory they watch, in whole 512-byte blocks.
+    pub pending_bytes: u64,
+    /// Reads that a rule asked to watch but were not, past the limits.
+    pub refused: u64,
+    pub limits: WatchLimits,
+}
+
+/// The pending watches, counted against their limits.
+#[derive(Debug, Default)]
+struct WatchBudget {
+    limits: WatchLimits,
+    watches: usize,
+    blocks: u64,
+}
+
+/// A pending watch's share of the [`WatchBudget`], given back when dropped,
+/// whether the watch ran or was dropped unrun (a queue stopped, a frontend
+/// left).
+#[derive(Debug)]
+struct WatchSlot {
+    budget: Arc<Mutex<WatchBudget>>,
+    blocks: usize,
+}
+
+impl WatchSlot {
+    /// A slot for a watch of `blocks` blocks, if the limits leave room.
+    fn take(budget: &Arc<Mutex<WatchBudget>>, blocks: usize) -> Option<WatchSlot> {
+        let mut b = lock(budget);
+        let wanted = b.blocks.saturating_add(blocks as u64);
+        if b.watches >= b.limits.watches || wanted.saturating_mul(BLOCK) > b.limits.bytes {
+            return None;
+        }
+        b.watches += 1;
+        b.blocks = wanted;
+        Some(WatchSlot {
+            budget: Arc::clone(budget),
+            blocks,
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut b = lock(&self.budget);
+        b.watches -= 1;
+        b.blocks -= self.blocks as u64;
+    }
+}
+
+/// Guest pages per chunk of the overlap index: a bit each in a `u64`.
+const CHUNK_PAGES: u64 = 64;
+
+/// The requests in flight, for the overlap check: each request's distinct
+/// pages as 64-page chunks with a bit per page, indexed by chunk. An arrival
+/// looks up its own chunks; a completion takes out exactly what its arrival
+/// put in.
+#[derive(Debug, Default)]
 struct InFlight {
-    pages: Vec<std::ops::Range<u64>>,
+    /// (chunk, request) → the chunk's pages the request touches.
+    chunks: BTreeMap<(u64, ReqId), Pages>,
+    /// Each request's chunks, to take it out again.
+    requests: HashMap<ReqId, Vec<u64>>,
+}
+
+/// A request's pages within one chunk.
+#[derive(Clone, Copy, Debug)]
+struct Pages {
+    /// Bit `i`: page `chunk * 64 + i`.
+    mask: u64,
     writes_memory: bool,
+}
+
+/// The distinct pages of `segments`, as (chunk, mask) in chunk order.
+fn page_chunks(segments: &[Segment]) -> Vec<(u64, u64)> {
+    let mut chunks: Vec<(u64, u64)> = Vec::new();
+    for r in crate::segment::distinct_pages(segments, PAGE) {
+        let mut page = r.start;
+        while page < r.end {
+            let (chunk, bit) = (page / CHUNK_PAGES, page % CHUNK_PAGES);
+            let n = (CHUNK_PAGES - bit).min(r.end - page);
+            let mask = (u64::MAX >> (CHUNK_PAGES - n)) << bit;
+            match chunks.last_mut() {
+                Some((c, m)) if *c == chunk => *m |= mask,
+                _ => chunks.push((chunk, mask)),
+            }
+            page += n;
+        }
+    }
+    chunks
 }
 
 #[derive(Debug, Default)]
@@ -213,7 +481,9 @@ pub struct Engine {
     ledger_on: AtomicBool,
     faults: FaultPlan,
     ledger: Mutex<Ledger>,
-    inflight: Mutex<HashMap<ReqId, InFlight>>,
+    inflight: Mutex<InFlight>,
+    watches: Arc<Mutex<WatchBudget>>,
+    watches_refused: AtomicU64,
     zero: Mutex<ZeroState>,
     tag: Mutex<Option<String>>,
     /// Whether `tag` is set: the hot path looks here, not in the mutex.
@@ -238,7 +508,12 @@ impl Engine {
             ledger_on: AtomicBool::new(config.checks.ledger),
             faults: FaultPlan::new(config.seed),
             ledger: Mutex::new(Ledger::new(config.ledger_capacity)),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(InFlight::default()),
+            watches: Arc::new(Mutex::new(WatchBudget {
+                limits: config.watch_limits,
+                ..WatchBudget::default()
+            })),
+            watches_refused: AtomicU64::new(0),
             zero: Mutex::new(ZeroState {
                 page: config.zero_page.map(page_start),
                 ..ZeroState::default()
@@ -281,6 +556,27 @@ impl Engine {
 
     pub fn zero_page(&self) -> Option<Gpa> {
         lock(&self.zero).page
+    }
+
+    /// Sets how many reads may wait for their watch, and how much guest
+    /// memory they may watch together (the watches pending stay).
+    pub fn set_watch_limits(&self, limits: WatchLimits) {
+        lock(&self.watches).limits = limits;
+    }
+
+    pub fn watch_limits(&self) -> WatchLimits {
+        lock(&self.watches).limits
+    }
+
+    /// The watches pending, and the reads not watched for want of room.
+    pub fn watch_figures(&self) -> WatchFigures {
+        let b = lock(&self.watches);
+        WatchFigures {
+            pending: b.watches,
+            pending_bytes: b.blocks.saturating_mul(BLOCK),
+            refused: self.watches_refused.load(Ordering::Relaxed),
+            limits: b.limits,
+        }
     }
 
     /// The test tag that requests arriving from now on carry. A tag longer
@@ -376,7 +672,7 @@ impl Engine {
             tag,
             arrived_ns: self.stamp_ns(),
             dma_ns: None,
-            canary: None,
+            stamped: false,
             hashes: None,
             written: None,
             tracked: false,
@@ -387,7 +683,7 @@ impl Engine {
         if t.arrival.op.writes_memory() {
             self.check_zero_page_target(&t);
             if self.canary.load(Ordering::Relaxed) {
-                t.canary = self.stamp(mem, &t);
+                t.stamped = self.stamp(mem, &t);
             }
         }
         if t.arrival.op.reads_memory() && self.snapshot.load(Ordering::Relaxed) {
@@ -408,8 +704,8 @@ impl Engine {
         t: &mut Ticket,
         data: &[u8],
     ) -> Result<(), TransferError> {
-        if let Some(expected) = t.canary.take() {
-            self.check_canary(mem, t, &expected);
+        if std::mem::take(&mut t.stamped) {
+            self.check_canary(mem, t);
         }
         match t.effect {
             None => transfer::to_guest(mem, &t.arrival.segments, data)?,
@@ -432,14 +728,22 @@ impl Engine {
         // A watch compares with what the guest was given; with an effect that
         // changed or moved the data there is nothing true to compare with.
         if t.watch.is_some() && t.effect.is_none() {
-            t.written = Some(data.to_vec());
+            let distinct = Written::distinct(&t.arrival.segments);
+            let blocks = distinct.iter().map(|&(seg, _)| block_count(seg)).sum();
+            match WatchSlot::take(&self.watches, blocks) {
+                Some(slot) => t.written = Some(Written::mark(&distinct, data, slot)),
+                None => {
+                    self.watches_refused.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("req={} not watched: too many watches pending", t.id);
+                }
+            }
         }
         Ok(())
     }
 
     /// Whether a read's data must pass through a host buffer and
-    /// [`Engine::to_guest`]: an effect changes or moves it, or a watch keeps a
-    /// copy. Otherwise the device may move it straight into guest memory and
+    /// [`Engine::to_guest`]: an effect changes or moves it, or a watch marks
+    /// it. Otherwise the device may move it straight into guest memory and
     /// tell the engine through [`Engine::deliver`].
     pub fn read_needs_buffer(&self, t: &Ticket) -> bool {
         t.effect.is_some() || t.watch.is_some()
@@ -455,8 +759,8 @@ impl Engine {
         t: &mut Ticket,
         dma: impl FnOnce(&[Segment]) -> Result<(), E>,
     ) -> Result<(), E> {
-        if let Some(expected) = t.canary.take() {
-            self.check_canary(mem, t, &expected);
+        if std::mem::take(&mut t.stamped) {
+            self.check_canary(mem, t);
         }
         dma(&t.arrival.segments)?;
         t.dma_ns = Some(self.stamp_ns());
@@ -519,7 +823,10 @@ impl Engine {
     /// The request completed with `status`: record it; hand back its watch, if any.
     pub fn complete(&self, mut t: Ticket, status: &str) -> Option<WatchTask> {
         if t.tracked {
-            lock(&self.inflight).remove(&t.id);
+            let mut inflight = lock(&self.inflight);
+            for chunk in inflight.requests.remove(&t.id).unwrap_or_default() {
+                inflight.chunks.remove(&(chunk, t.id));
+            }
         }
         if self.ledger_on.load(Ordering::Relaxed) {
             let record = RequestRecord {
@@ -543,7 +850,9 @@ impl Engine {
         Some(WatchTask {
             id: t.id,
             due,
-            arrival: t.arrival,
+            op: t.arrival.op,
+            queue: t.arrival.queue,
+            lba: t.arrival.lba,
             tag: t.tag,
             written,
         })
@@ -552,45 +861,54 @@ impl Engine {
     /// Re-reads a completed read's destination: if what the device wrote has
     /// been replaced by zeros or free-poison, the data went to a page nobody owned.
     pub fn watch<M: GuestMemoryBackend>(&self, mem: &M, w: &WatchTask) {
-        let mut now = vec![0u8; w.written.len()];
-        if transfer::from_guest(mem, &w.arrival.segments, &mut now).is_err() {
+        let written = &w.written;
+        // As when the whole destination was read back at once: all or nothing.
+        if !written.segments.iter().all(|s| s.is_in(mem)) {
             return;
         }
-        let mut at = 0usize;
-        for seg in &w.arrival.segments {
-            let n = seg.len_usize();
-            let (was, is) = (&w.written[at..at + n], &now[at..at + n]);
-            at += n;
-            // Only bytes that changed tell what happened: all zeros or all
-            // free-poison means the page was freed; anything else is the guest
-            // using its memory again, as it may once the read completed.
-            let changed: Vec<u8> = was
-                .iter()
-                .zip(is)
-                .filter(|(a, b)| a != b)
-                .map(|(_, &b)| b)
-                .collect();
-            let class = if changed.is_empty() {
-                continue;
-            } else if changed.iter().all(|&b| b == 0) {
-                "zeros"
-            } else if changed.iter().all(|&b| b == canary::FREE_POISON) {
-                "free-poison"
-            } else {
-                continue;
+        let mut marks = written.marks.iter();
+        let mut now = [0u8; BLOCK as usize];
+        for seg in &written.segments {
+            // Only blocks that changed tell what happened: blocks now all
+            // zeros or all free-poison mean the page was freed; a block with
+            // anything else is the guest using its memory again, as it may
+            // once the read completed. What changed in a block that is all
+            // zeros now is every byte the device had not written as zero.
+            let (mut zeros, mut poison, mut other) = (0u64, 0u64, false);
+            for (at, n) in blocks(*seg) {
+                let Some(&was) = marks.next() else { return };
+                let now = &mut now[..n];
+                if mem.read_slice(now, GuestAddress(seg.gpa.0 + at)).is_err() {
+                    return;
+                }
+                if was.matches(now) {
+                    continue;
+                }
+                // A block that changed into all zeros had fewer than `n`.
+                if now.iter().all(|&b| b == 0) {
+                    zeros += (n as u64).saturating_sub(was.zeros());
+                } else if now.iter().all(|&b| b == canary::FREE_POISON) {
+                    poison += (n as u64).saturating_sub(was.poison());
+                } else {
+                    other = true;
+                }
+            }
+            let (class, gone) = match (other, zeros, poison) {
+                (false, gone, 0) if gone > 0 => ("zeros", gone),
+                (false, 0, gone) if gone > 0 => ("free-poison", gone),
+                _ => continue,
             };
-            let gone = changed.len();
             self.record(Finding {
                 finding: FindingKind::DataVanishedAfterCompletion,
                 info: false,
                 request: w.id,
-                op: w.arrival.op,
-                queue: w.arrival.queue,
-                lba: w.arrival.lba,
+                op: w.op,
+                queue: w.queue,
+                lba: w.lba,
                 gpa: seg.gpa,
                 len: u64::from(seg.len),
                 class: Some(class.into()),
-                bytes: gone as u64,
+                bytes: gone,
                 other_request: None,
                 at_ns: self.now_ns(),
                 tag: w.tag.clone(),
@@ -604,25 +922,38 @@ impl Engine {
         }
     }
 
-    fn stamp<M: GuestMemoryBackend>(&self, mem: &M, t: &Ticket) -> Option<Vec<u8>> {
-        let len = usize::try_from(crate::segment::total_len(&t.arrival.segments)).ok()?;
-        let mut c = vec![0u8; len];
-        canary::fill(t.id, 0, &mut c);
-        transfer::to_guest(mem, &t.arrival.segments, &c).ok()?;
-        Some(c)
+    /// Stamps the canary into every destination segment; whether it all went in.
+    fn stamp<M: GuestMemoryBackend>(&self, mem: &M, t: &Ticket) -> bool {
+        let mut req_offset = 0u64;
+        for seg in &t.arrival.segments {
+            let len = u64::from(seg.len);
+            let put = |at: u64, bytes: &[u8]| mem.write_slice(bytes, GuestAddress(seg.gpa.0 + at));
+            if !seg.is_in(mem) || canary::stamp(t.id, req_offset, len, put).is_err() {
+                return false;
+            }
+            req_offset += len;
+        }
+        true
     }
 
-    fn check_canary<M: GuestMemoryBackend>(&self, mem: &M, t: &Ticket, expected: &[u8]) {
-        let mut found = vec![0u8; expected.len()];
-        if transfer::from_guest(mem, &t.arrival.segments, &mut found).is_err() {
+    /// Checks each destination segment's canary, made again from the
+    /// request's id and the segment's offset in it.
+    fn check_canary<M: GuestMemoryBackend>(&self, mem: &M, t: &Ticket) {
+        // As when the whole destination was read back at once: all or nothing.
+        if !t.arrival.segments.iter().all(|s| s.is_in(mem)) {
             return;
         }
-        let mut at = 0usize;
+        let mut req_offset = 0u64;
         for seg in &t.arrival.segments {
-            let n = seg.len_usize();
-            let damage = canary::check(&expected[at..at + n], &found[at..at + n]);
-            at += n;
-            let Some(d) = damage else { continue };
+            let len = u64::from(seg.len);
+            let found = |at: u64, buf: &mut [u8]| mem.read_slice(buf, GuestAddress(seg.gpa.0 + at));
+            let damage = canary::check_stamped(t.id, req_offset, len, found);
+            req_offset += len;
+            let d = match damage {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(_) => return,
+            };
             let other = match d.overwrite {
                 canary::Overwrite::Canary(id) => Some(id),
                 _ => None,
@@ -764,34 +1095,35 @@ impl Engine {
         }
     }
 
+    /// Indexes the request's distinct pages and reports each request in
+    /// flight that shares one with it (when either writes memory), on the
+    /// lowest page they share. Under the lock an arrival costs a look-up per
+    /// 64-page chunk of its own pages, however many segments name them.
     fn track(&self, t: &mut Ticket) {
-        let pages: Vec<_> = t.arrival.segments.iter().map(|s| s.pages(PAGE)).collect();
+        let chunks = page_chunks(&t.arrival.segments);
         let writes_memory = t.arrival.op.writes_memory();
+        let mut clashes: Vec<(ReqId, u64)> = Vec::new();
+        let mut seen = HashSet::new();
         let mut inflight = lock(&self.inflight);
-        let mut clashes = Vec::new();
-        for (other, f) in inflight.iter() {
-            if !(writes_memory || f.writes_memory) {
-                continue;
+        for &(chunk, mask) in &chunks {
+            let holders = inflight
+                .chunks
+                .range((chunk, ReqId(0))..=(chunk, ReqId(u64::MAX)));
+            for (&(_, other), p) in holders {
+                let shared = mask & p.mask;
+                if shared != 0 && (writes_memory || p.writes_memory) && seen.insert(other) {
+                    let page = chunk * CHUNK_PAGES + u64::from(shared.trailing_zeros());
+                    clashes.push((other, page));
+                }
             }
-            let shared = pages
-                .iter()
-                .flat_map(|p| {
-                    f.pages
-                        .iter()
-                        .map(move |q| p.start.max(q.start)..p.end.min(q.end))
-                })
-                .find(|r| !r.is_empty());
-            if let Some(r) = shared {
-                clashes.push((*other, r.start));
-            }
-        }
-        inflight.insert(
-            t.id,
-            InFlight {
-                pages,
+            let pages = Pages {
+                mask,
                 writes_memory,
-            },
-        );
+            };
+            inflight.chunks.insert((chunk, t.id), pages);
+        }
+        let chunks = chunks.into_iter().map(|(chunk, _)| chunk).collect();
+        inflight.requests.insert(t.id, chunks);
         drop(inflight);
         t.tracked = true;
         for (other, page) in clashes {
@@ -811,6 +1143,16 @@ impl Engine {
             f.other_request = Some(other);
             self.record(f);
         }
+    }
+
+    /// Guest pages the overlap check holds, summed over the requests in
+    /// flight: each request's distinct pages, once.
+    pub fn in_flight_pages(&self) -> usize {
+        lock(&self.inflight)
+            .chunks
+            .values()
+            .map(|p| p.mask.count_ones() as usize)
+            .sum()
     }
 
     fn record(&self, mut f: Finding) {
@@ -1902,5 +2244,268 @@ mod tests {
         e.complete(w, "ok");
         assert_no_findings(&e);
         assert_eq!(requests(&e).len(), 2);
+    }
+
+    // What a waiting or watched request keeps.
+
+    /// Segments of the aliasing request: a virtio indirect table's worth.
+    const ALIASES: usize = 254;
+    /// Each segment is the whole of one 64 KiB buffer.
+    const ALIASED: u32 = 64 << 10;
+    const BUF: u64 = 0x8_0000;
+
+    /// A read whose 254 segments are one 64 KiB buffer, with canaries on and
+    /// watched: at arrival, after its DMA and while watched, what the engine
+    /// keeps of it grows with its segments, not with the 15.9 MiB they name.
+    #[test]
+    fn a_request_of_aliased_segments_keeps_no_copy_of_its_data() {
+        let (e, mem) = (engine(canary_on()), mem());
+        e.faults()
+            .add(RuleSpec::parse("op=read,action=watch,ms=10").unwrap());
+        let mut t = e.arrive(&mem, arrival(Op::Read, &[(BUF, ALIASED); ALIASES]));
+        assert_eq!(t.arrival.len, ALIASES as u64 * u64::from(ALIASED));
+        let bound = 64 * ALIASES;
+        assert!(
+            t.retained_bytes() <= bound,
+            "a waiting ticket keeps {} B for {ALIASES} segments",
+            t.retained_bytes()
+        );
+        let len = usize::try_from(t.arrival.len).unwrap();
+        e.to_guest(&mem, &mut t, &data(len)).unwrap();
+        assert!(
+            t.retained_bytes() <= bound,
+            "after its DMA the ticket keeps {} B",
+            t.retained_bytes()
+        );
+        let w = e.complete(t, "ok").expect("the read is watched");
+        assert!(
+            w.retained_bytes() <= bound,
+            "its watch keeps {} B",
+            w.retained_bytes()
+        );
+        e.watch(&mem, &w);
+    }
+
+    /// An NVMe PRP list alternating between two pages names 65,536 segments:
+    /// with 300 other requests in flight, the overlap check holds its two
+    /// distinct pages, finds the one request that shares a page with it, and
+    /// lets go of both pages at completion.
+    #[test]
+    fn a_request_of_many_segments_over_two_pages_holds_only_those_pages() {
+        const ENTRIES: usize = 65_536;
+        let (e, mem) = (engine(overlap_on()), mem());
+        let page_b = DST + 2 * PAGE;
+        // 299 reads each on a page of its own, far from both, and one on the
+        // first of the two pages.
+        let mut others: Vec<Ticket> = (0..299u64)
+            .map(|i| e.arrive(&mem, read(0x100_0000 + 2 * i * PAGE, LEN)))
+            .collect();
+        let sharer = e.arrive(&mem, read(DST + 512, 512));
+        let sharer_id = sharer.id;
+        others.push(sharer);
+        assert_no_findings(&e);
+        assert_eq!(e.in_flight_pages(), 300);
+
+        let segments: Vec<(u64, u32)> = (0..ENTRIES)
+            .map(|i| (if i % 2 == 0 { DST } else { page_b }, LEN))
+            .collect();
+        let prp = e.arrive(&mem, arrival(Op::Read, &segments));
+        assert_eq!(prp.arrival.segments.len(), ENTRIES);
+        assert_eq!(
+            e.in_flight_pages(),
+            302,
+            "its two distinct pages, once each"
+        );
+        assert_overlap(&e, prp.id, sharer_id, DST);
+
+        e.complete(prp, "ok");
+        assert_eq!(e.in_flight_pages(), 300);
+        for t in others {
+            e.complete(t, "ok");
+        }
+        assert_eq!(e.in_flight_pages(), 0);
+        let inflight = lock(&e.inflight);
+        assert!(inflight.chunks.is_empty() && inflight.requests.is_empty());
+    }
+
+    /// Every request in flight that shares a page with an arrival, when
+    /// either writes memory, and the lowest page they share: worked out pair
+    /// by pair, segment by segment, as the check once did it.
+    fn overlaps_pair_by_pair(arriving: &Ticket, in_flight: &[Ticket]) -> Vec<(ReqId, Gpa)> {
+        let mut want: Vec<(ReqId, Gpa)> = in_flight
+            .iter()
+            .filter(|o| arriving.arrival.op.writes_memory() || o.arrival.op.writes_memory())
+            .filter_map(|o| {
+                let lowest = arriving
+                    .arrival
+                    .segments
+                    .iter()
+                    .flat_map(|s| {
+                        o.arrival.segments.iter().map(|q| {
+                            let (p, q) = (s.pages(PAGE), q.pages(PAGE));
+                            p.start.max(q.start)..p.end.min(q.end)
+                        })
+                    })
+                    .filter(|r| !r.is_empty())
+                    .map(|r| r.start)
+                    .min()?;
+                Some((o.id, Gpa(lowest * PAGE)))
+            })
+            .collect();
+        want.sort();
+        want
+    }
+
+    /// Random reads and writes of up to four segments over 200 pages (three
+    /// 64-page chunks and a part), arriving and completing in random order:
+    /// each arrival's findings are exactly the pairs worked out one by one,
+    /// the index holds each live request's distinct pages, and nothing once
+    /// all have completed.
+    #[test]
+    fn overlap_findings_are_the_pairs_that_share_a_page() {
+        let rng = crate::rng::SeededRng::new(16);
+        let mem = mem();
+        let mut overlaps = 0;
+        for _ in 0..150 {
+            let e = engine(overlap_on());
+            let mut live: Vec<Ticket> = Vec::new();
+            for _ in 0..12 {
+                if !live.is_empty() && rng.chance(0.3) {
+                    let i = rng.in_range(0, live.len() as u64 - 1) as usize;
+                    e.complete(live.swap_remove(i), "ok");
+                }
+                let op = if rng.chance(0.5) { Op::Read } else { Op::Write };
+                let segments: Vec<(u64, u32)> = (0..rng.in_range(1, 4))
+                    .map(|_| {
+                        let gpa = rng.in_range(0, 200 * 16) * 256;
+                        let most = if rng.chance(0.8) { 3 * 4096 } else { 70 * 4096 };
+                        (gpa, rng.in_range(1, most) as u32)
+                    })
+                    .collect();
+                let before = findings(&e).len();
+                let t = e.arrive(&mem, arrival(op, &segments));
+                let mut got: Vec<(ReqId, Gpa)> = findings(&e)[before..]
+                    .iter()
+                    .map(|f| {
+                        assert_eq!(
+                            (f.finding, f.request),
+                            (FindingKind::OverlappingInFlightDma, t.id)
+                        );
+                        (f.other_request.unwrap(), f.gpa)
+                    })
+                    .collect();
+                got.sort();
+                assert_eq!(got, overlaps_pair_by_pair(&t, &live), "{segments:x?}");
+                overlaps += got.len();
+                live.push(t);
+                let distinct: u64 = live
+                    .iter()
+                    .flat_map(|t| crate::segment::distinct_pages(&t.arrival.segments, PAGE))
+                    .map(|r| r.end - r.start)
+                    .sum();
+                assert_eq!(e.in_flight_pages() as u64, distinct);
+            }
+            for t in live {
+                e.complete(t, "ok");
+            }
+            let inflight = lock(&e.inflight);
+            assert!(inflight.chunks.is_empty() && inflight.requests.is_empty());
+        }
+        assert!(overlaps > 500, "only {overlaps} overlaps tried");
+    }
+
+    /// A rule watching every read for ten minutes: the first 4096 reads wait
+    /// for their watch, the rest are served unwatched and counted; a watch
+    /// that ran, or was dropped unrun, makes room again. The guest memory
+    /// watched is limited too.
+    #[test]
+    fn reads_past_the_watch_limits_are_served_unwatched_and_counted() {
+        let e = engine(Checks::default());
+        e.faults()
+            .add(RuleSpec::parse("op=read,action=watch,ms=600000").unwrap());
+        let mem = mem();
+        assert_eq!(
+            e.watch_limits(),
+            WatchLimits {
+                watches: 4096,
+                bytes: 1 << 30
+            }
+        );
+        let read = |e: &Engine| {
+            let mut t = e.arrive(&mem, read(DST, LEN));
+            assert_eq!(t.watch, Some(Duration::from_secs(600)));
+            e.to_guest(&mem, &mut t, &data(N)).unwrap();
+            e.complete(t, "ok")
+        };
+        let mut pending: Vec<WatchTask> = (0..4096).map(|_| read(&e).unwrap()).collect();
+        for _ in 0..4 {
+            assert!(read(&e).is_none(), "a read past the cap is not watched");
+        }
+        assert_eq!(peek(&mem, DST, N), data(N), "it is served all the same");
+        let figures = |pending, refused| WatchFigures {
+            pending,
+            pending_bytes: pending as u64 * u64::from(LEN),
+            refused,
+            limits: e.watch_limits(),
+        };
+        assert_eq!(e.watch_figures(), figures(4096, 4));
+        e.watch(&mem, &pending.pop().unwrap());
+        drop(pending.pop());
+        assert_eq!(e.watch_figures(), figures(4094, 4));
+        pending.extend(read(&e));
+        pending.extend(read(&e));
+        assert!(read(&e).is_none());
+        assert_eq!(e.watch_figures(), figures(4096, 5));
+        drop(pending);
+        assert_eq!(e.watch_figures(), figures(0, 5));
+
+        // Two pages of guest memory watched at most: the third read waits
+        // for room, as a read of three pages would.
+        e.set_watch_limits(WatchLimits {
+            watches: 4096,
+            bytes: 2 * PAGE,
+        });
+        let two: Vec<_> = (0..2).map(|_| read(&e).unwrap()).collect();
+        assert!(read(&e).is_none());
+        assert_eq!(e.watch_figures(), figures(2, 6));
+        drop(two);
+        assert_no_findings(&e);
+    }
+
+    /// A watch is kept per distinct segment: a destination named twice is
+    /// compared with what the device wrote there last, which is what memory
+    /// held after the DMA, and reported once.
+    #[test]
+    fn a_destination_named_twice_is_watched_once_with_what_landed_last() {
+        let (e, mem) = (watching(), mem());
+        let mut t = e.arrive(&mem, arrival(Op::Read, &[(DST, LEN), (DST, LEN)]));
+        let d = data(2 * N);
+        e.to_guest(&mem, &mut t, &d).unwrap();
+        assert_eq!(peek(&mem, DST, N), d[N..]);
+        let id = t.id;
+        let w = e.complete(t, "ok").unwrap();
+        e.watch(&mem, &w);
+        assert_no_findings(&e);
+        poke(&mem, DST, &[0; N]);
+        e.watch(&mem, &w);
+        assert_vanished(&e, id, "zeros", u64::from(LEN));
+    }
+
+    /// Zeros where the device had written zeros are no change: the bytes
+    /// reported are those that were not zero, block by block.
+    #[test]
+    fn a_vanish_counts_only_the_bytes_that_changed() {
+        let (e, mem) = (watching(), mem());
+        let mut t = e.arrive(&mem, read(DST + 100, 3000));
+        let mut d = data(3000);
+        d[10..50].fill(0);
+        d[2000..2300].fill(FREE_POISON);
+        e.to_guest(&mem, &mut t, &d).unwrap();
+        let w = e.complete(t, "ok").unwrap();
+        poke(&mem, DST + 100, &[FREE_POISON; 3000]);
+        e.watch(&mem, &w);
+        let f = the_finding(&e);
+        assert_eq!((f.gpa, f.len), (Gpa(DST + 100), 3000));
+        assert_eq!((f.class.as_deref(), f.bytes), (Some("free-poison"), 2700));
     }
 }

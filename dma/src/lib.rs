@@ -10,7 +10,8 @@
 //! - [`segment`]: guest-physical addresses and segments.
 //! - [`transfer`]: the copies to and from guest memory.
 //! - [`fault`]: the rules that decide how a request waits (delay, hold) or is watched.
-//! - [`canary`]: the pattern stamped into read destinations and its classification.
+//! - [`canary`]: the pattern stamped into read destinations, made again to
+//!   check it (no copy is kept), and its classification.
 //! - [`finding`]: what the engine saw, with evidence.
 //! - [`ledger`]: every request and finding, in a bounded ring, as JSON lines.
 //! - [`engine`]: arrival, DMA and completion, with the checks around them.
@@ -19,7 +20,8 @@
 //!
 //! A request flows: front-end → [`Engine::arrive`] (a [`Ticket`]) → wait in the
 //! [`Scheduler`] if the plan says so → [`Engine::to_guest`] / [`Engine::from_guest`]
-//! → [`Engine::complete`] → optional watch.
+//! → [`Engine::complete`] → optional watch. What a waiting or watched request
+//! keeps grows with its segments, not with the bytes they name ([`engine`]).
 
 pub mod canary;
 pub mod engine;
@@ -32,7 +34,7 @@ pub mod schedule;
 pub mod segment;
 pub mod transfer;
 
-pub use engine::{Checks, Engine, EngineConfig, Ticket, WatchTask};
+pub use engine::{Checks, Engine, EngineConfig, Ticket, WatchFigures, WatchLimits, WatchTask};
 pub use fault::{RuleSpec, Wait};
 pub use finding::{Finding, FindingKind};
 pub use request::{Arrival, Op, ReqId};

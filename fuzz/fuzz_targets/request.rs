@@ -78,6 +78,7 @@ fuzz_target!(|input: Input| {
         ledger_capacity: 64,
         zero_page: Some(dma::Gpa(0x1000)),
         seed: 1,
+        watch_limits: dma::WatchLimits::default(),
     });
     let mut buf = Vec::new();
     let Ok(prepared) = execute::prepare(&ns, &mem, 0, &req, &mut buf) else {
