@@ -89,7 +89,6 @@ fuzz_target!(|input: Input| {
         ns: &ns,
         engine: &engine,
         serial: &[b'x'; 20],
-        writeback: true,
     };
     let done = execute::perform(
         &ctx,
