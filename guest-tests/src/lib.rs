@@ -13,8 +13,12 @@
 //! events, the host's checks, a verdict joined with [`klog`] and the device's
 //! findings), [`process`] (children that never outlive the run), [`report`]
 //! and [`timeline`] (table, JSON, JUnit, SVG). [`soak`]: the soak's fault
-//! plan, drawn from the seed, and the sampler of the daemon's memory and
-//! descriptors while it runs.
+//! plan, drawn from the seed, shared with the guest (`run` samples the
+//! daemon's memory and descriptors while it runs).
+//!
+//! Imports point one way: `run` uses the leaves (`kernel`, `suite`,
+//! `protocol`, `soak`, `timeline`, ...); [`report`] uses `run`'s results;
+//! nothing uses `report`.
 
 pub mod cpio;
 pub mod initramfs;

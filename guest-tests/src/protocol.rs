@@ -20,6 +20,18 @@ pub enum Verdict {
     Error,
 }
 
+impl Verdict {
+    /// The verdict as the reports show it (and JSON spells it).
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+            Verdict::Error => "ERROR",
+        }
+    }
+}
+
 /// One line from the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]

@@ -34,7 +34,7 @@ pub fn table(results: &[TestResult]) -> String {
             let cell = results
                 .iter()
                 .find(|r| r.test == *t && r.kernel == *k)
-                .map_or("-", |r| verdict_word(r.verdict));
+                .map_or("-", |r| r.verdict.word());
             let _ = write!(out, "  {cell:w$}");
         }
         out.push('\n');
@@ -49,7 +49,7 @@ pub fn table(results: &[TestResult]) -> String {
             let _ = writeln!(
                 out,
                 "{} {} on {}: {}",
-                verdict_word(r.verdict),
+                r.verdict.word(),
                 r.test,
                 r.kernel,
                 r.reason
@@ -63,15 +63,6 @@ pub fn table(results: &[TestResult]) -> String {
         }
     }
     out
-}
-
-pub fn verdict_word(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Pass => "PASS",
-        Verdict::Fail => "FAIL",
-        Verdict::Skip => "SKIP",
-        Verdict::Error => "ERROR",
-    }
 }
 
 /// The results as JUnit XML: a test suite per kernel, a test case per test;
@@ -194,14 +185,15 @@ pub fn json(results: &[TestResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::{Daemon, Transport};
 
     fn result(test: &str, kernel: &str, verdict: Verdict, reason: &str) -> TestResult {
         TestResult {
             test: test.into(),
             kernel: kernel.into(),
             kernel_release: None,
-            daemon: crate::run::Daemon::Dmaprobe,
-            transport: crate::run::Transport::VirtioBlk,
+            daemon: Daemon::Dmaprobe,
+            transport: Transport::VirtioBlk,
             verdict,
             reason: reason.into(),
             checks: Vec::new(),

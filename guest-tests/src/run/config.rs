@@ -1,0 +1,155 @@
+//! What a run is asked to do: [`RunConfig`], and the choices in it: the
+//! [`Transport`] the guest reaches the disk by, the [`Daemon`] that serves
+//! it, a [`Mutant`] device.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::kernel::Kernel;
+use crate::suite::TestSpec;
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub kernels: Vec<Kernel>,
+    pub tests: Vec<&'static TestSpec>,
+    /// The `dmaprobe` executable that serves the disk.
+    pub dmaprobe: PathBuf,
+    /// Which backend serves the disk.
+    pub daemon: Daemon,
+    pub guest_bin: PathBuf,
+    /// Host programs the selected tests run in the guest (packed into the initramfs).
+    pub programs: Vec<PathBuf>,
+    pub busybox: PathBuf,
+    pub qemu: PathBuf,
+    /// A QEMU with `vfio-user-pci` (10.1 or later), for the NVMe transport.
+    pub qemu_nvme: PathBuf,
+    /// The transports to run the tests over, one pass each.
+    pub transports: Vec<Transport>,
+    pub queues: u16,
+    pub seed: u64,
+    /// Keep each run's console, events and daemon log here.
+    pub keep_logs: Option<PathBuf>,
+    /// Multiplies every test's timeout (slow machines).
+    pub timeout_scale: f64,
+    /// Run against a deliberately broken device.
+    pub mutant: Option<Mutant>,
+    /// Where the SVG timelines of failed tests go.
+    pub timelines: Option<PathBuf>,
+    /// How long a soak test's workload runs.
+    pub soak_seconds: u64,
+}
+
+/// How the guest reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// virtio-blk over vhost-user: `/dev/vda`.
+    VirtioBlk,
+    /// The guest's nvme driver, dmaprobe's NVMe controller over vfio-user:
+    /// `/dev/nvme0n1`.
+    Nvme,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::VirtioBlk, Transport::Nvme];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::VirtioBlk => "virtio-blk",
+            Transport::Nvme => "nvme",
+        }
+    }
+
+    /// The disk as the guest names it.
+    pub fn guest_disk(self) -> &'static str {
+        match self {
+            Transport::VirtioBlk => "/dev/vda",
+            Transport::Nvme => "/dev/nvme0n1",
+        }
+    }
+
+    /// A kernel's column in the reports: the NVMe runs have their own.
+    pub(super) fn column(self, kernel: &str) -> String {
+        match self {
+            Transport::VirtioBlk => kernel.to_owned(),
+            Transport::Nvme => format!("{kernel} nvme"),
+        }
+    }
+}
+
+/// The vhost-user-blk backend that serves each test's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Daemon {
+    /// `dmaprobe serve` with the test's options and a ledger.
+    Dmaprobe,
+    /// QEMU's reference backend on the same disk file with the same queue
+    /// count and block size: the same guest on an ordinary device, which tells
+    /// a kernel's fault from dmaprobe's. It has none of dmaprobe's features
+    /// (fault rules, the mailbox, the ledger), so no findings either.
+    QemuStorageDaemon,
+}
+
+impl Daemon {
+    pub const ALL: [Daemon; 2] = [Daemon::Dmaprobe, Daemon::QemuStorageDaemon];
+
+    /// The name `--daemon` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Daemon::Dmaprobe => "dmaprobe",
+            Daemon::QemuStorageDaemon => QSD,
+        }
+    }
+
+    /// What the process is called in messages.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Daemon::Dmaprobe => "dmaprobe serve",
+            Daemon::QemuStorageDaemon => QSD,
+        }
+    }
+}
+
+/// qemu-storage-daemon's executable (Debian: qemu-utils), found on `PATH`.
+pub const QSD: &str = "qemu-storage-daemon";
+
+/// A deliberately broken device, to show that the suite notices one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mutant {
+    /// Every request completes at once; its data moves 100 ms later.
+    CompleteBeforeDma,
+    /// Every request's data moves into, or out of, the next guest page.
+    WrongPage,
+}
+
+impl Mutant {
+    pub const ALL: [Mutant; 2] = [Mutant::CompleteBeforeDma, Mutant::WrongPage];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::CompleteBeforeDma => "complete-before-dma",
+            Mutant::WrongPage => "wrong-page",
+        }
+    }
+
+    /// The fault rule that makes the device broken.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Mutant::CompleteBeforeDma => "action=complete-before-dma,ms=100",
+            Mutant::WrongPage => "action=wrong-page",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvme_runs_have_a_column_of_their_own() {
+        assert_eq!(Transport::Nvme.column("debian-6.12"), "debian-6.12 nvme");
+    }
+}

@@ -1,0 +1,311 @@
+//! Running the suite: for each kernel, an initramfs; for each test, a fresh disk,
+//! a `dmaprobe serve` child (or, with [`Daemon::QemuStorageDaemon`], QEMU's own
+//! backend), a QEMU boot, the guest's events, the host's checks, and a verdict
+//! that joins them with the kernel log.
+//!
+//! This file holds the run and the story of each test in it; the steps are
+//! its modules:
+//!
+//! - `config`: what the run is asked to do ([`RunConfig`], [`Transport`],
+//!   [`Daemon`], [`Mutant`]).
+//! - `disk`: each test's disk image, made before the boot and checked after.
+//! - `daemon`: the daemon that serves it, restarted when the guest asks, and
+//!   its control socket; `sampler`: the daemon sampled through a soak.
+//! - `qemu`: one boot of the guest; `events`: what the guest and the daemon
+//!   wrote, read back.
+//! - `verdict`: the evidence judged into a [`TestResult`] (`result`);
+//!   `logs`: a test's files, kept where the user asked.
+
+mod config;
+mod daemon;
+mod disk;
+mod events;
+mod logs;
+mod qemu;
+mod result;
+mod sampler;
+mod verdict;
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+pub use config::{Daemon, Mutant, RunConfig, Transport, QSD};
+pub use result::{CheckRecord, TestResult};
+
+use daemon::{between_boots, DaemonRun};
+use disk::{host_checks, make_disk};
+use events::{read_events, read_json_lines};
+use logs::{append_file, keep_logs};
+use qemu::Boot;
+use result::Evidence;
+use sampler::Sampler;
+use verdict::judge;
+
+use crate::initramfs::{self, Contents, BASE_MODULES};
+use crate::kernel::Kernel;
+use crate::modules::ModuleIndex;
+use crate::protocol::{GuestParams, Verdict};
+use crate::suite::TestSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("Cannot make the initramfs for {kernel}")]
+    Initramfs {
+        kernel: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Cannot create a temporary directory")]
+    TempDir(#[source] std::io::Error),
+}
+
+/// Runs every test on every kernel; `progress` hears of each step.
+pub fn run(
+    config: &RunConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TestResult>, RunError> {
+    let work = tempfile::Builder::new()
+        .prefix("dmaprobe-run.")
+        .tempdir()
+        .map_err(RunError::TempDir)?;
+    let mut results = Vec::new();
+    for kernel in &config.kernels {
+        progress(&format!("[{}] building the initramfs", kernel.name));
+        let initrd = work
+            .path()
+            .join(format!("initramfs-{}.cpio", results.len()));
+        build_initramfs(config, kernel, &initrd).map_err(|source| RunError::Initramfs {
+            kernel: kernel.name.clone(),
+            source,
+        })?;
+        for (transport, test) in config
+            .transports
+            .iter()
+            .flat_map(|&t| config.tests.iter().map(move |test| (t, test)))
+        {
+            if crate::process::interrupted() {
+                progress("interrupted: stopping");
+                return Ok(results);
+            }
+            let column = transport.column(&kernel.name);
+            progress(&format!("[{column}] {}: booting", test.name));
+            let dir = work.path().join(format!("{}-{}", results.len(), test.name));
+            let result = run_one(config, kernel, transport, test, &initrd, &dir);
+            progress(&format!(
+                "[{column}] {}: {} ({:.1} s){}",
+                test.name,
+                result.verdict.word(),
+                result.seconds,
+                if result.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", result.reason)
+                }
+            ));
+            if let Some(keep) = &config.keep_logs {
+                keep_logs(&dir, &keep.join(&column).join(test.name));
+            }
+            let mut result = result;
+            result.timeline = result.timeline.take().and_then(|svg| {
+                let to = config.timelines.as_ref()?;
+                let dest = to.join(format!("{}-{}.svg", column.replace(' ', "-"), test.name));
+                fs::create_dir_all(to).ok()?;
+                fs::copy(&svg, &dest).ok()?;
+                Some(dest)
+            });
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
+fn build_initramfs(
+    config: &RunConfig,
+    kernel: &Kernel,
+    out: &Path,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Every module a selected test needs goes into the kernel's one initramfs.
+    let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
+    wanted.extend(config.tests.iter().flat_map(|t| t.modules.iter().copied()));
+    let modules = match &kernel.modules {
+        Some(dir) => ModuleIndex::load(dir)?.load_order(&wanted)?,
+        None => Vec::new(),
+    };
+    initramfs::build(
+        &Contents {
+            guest_bin: &config.guest_bin,
+            busybox: &config.busybox,
+            programs: &config.programs,
+            modules: &modules,
+        },
+        out,
+    )?;
+    Ok(())
+}
+
+/// Runs `test` on `kernel` over `transport`, its files in `dir`, and judges it.
+fn run_one(
+    config: &RunConfig,
+    kernel: &Kernel,
+    transport: Transport,
+    test: &TestSpec,
+    initrd: &Path,
+    dir: &Path,
+) -> TestResult {
+    let start = Instant::now();
+    let mut ev = Evidence::default();
+    let run = TestRun {
+        config,
+        kernel,
+        transport,
+        test,
+        initrd,
+        dir,
+    };
+    let ran = fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        .and_then(|()| run.guest_run(&mut ev));
+    if let Err(e) = ran {
+        ev.error = Some(e);
+    }
+    // The judge reads the findings in the ledger; the timeline draws all of it.
+    let ledger = ev.ledger.clone();
+    let mut result = judge(test, kernel, config.daemon, ev);
+    result.transport = transport;
+    result.kernel = transport.column(&kernel.name);
+    result.seconds = start.elapsed().as_secs_f64();
+    // Only dmaprobe keeps a ledger to draw.
+    if result.verdict == Verdict::Fail && config.daemon == Daemon::Dmaprobe {
+        let title = format!("{} on {}: {}", test.name, kernel.name, result.reason);
+        let path = dir.join("timeline.svg");
+        if fs::write(&path, crate::timeline::svg(&title, &ledger)).is_ok() {
+            result.timeline = Some(path);
+        }
+    }
+    result
+}
+
+/// One test on one kernel over one transport, its files in `dir`.
+#[derive(Debug)]
+struct TestRun<'a> {
+    config: &'a RunConfig,
+    kernel: &'a Kernel,
+    transport: Transport,
+    test: &'a TestSpec,
+    initrd: &'a Path,
+    dir: &'a Path,
+}
+
+impl TestRun<'_> {
+    /// The story of a test run: a fresh disk and its daemon, the guest's
+    /// boots (the daemon sampled meanwhile, in a soak), then the evidence
+    /// they left and, if the guest and the daemon finished cleanly, the
+    /// host's checks of the disk. An error is harness trouble.
+    fn guest_run(&self, ev: &mut Evidence) -> Result<(), String> {
+        let (config, test, dir) = (self.config, self.test, self.dir);
+        let disk = dir.join("disk.img");
+        make_disk(test, &disk)?;
+        let socket = dir.join("vhost.sock");
+        let mut daemon = DaemonRun::start(config, self.transport, test, &disk, &socket, dir)?;
+        let events = dir.join("events.jsonl");
+        let sampler = test
+            .soak
+            .then(|| Sampler::start(&socket, dir.join("samples.jsonl")));
+
+        let (outcome, console) = self.boots(&mut daemon, &socket, &events);
+
+        if let Some(sampler) = sampler {
+            let plan = crate::soak::fault_plan(config.seed);
+            ev.checks.extend(sampler.finish(&plan, &events));
+        }
+        ev.console = console;
+        let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
+        let stopped = daemon.stop();
+        ev.events = read_events(&events);
+        ev.ledger = daemon
+            .ledgers()
+            .iter()
+            .flat_map(|l| read_json_lines(l))
+            .collect();
+        ev.checks.append(&mut daemon.host_checks);
+        outcome?;
+        stopped?;
+        ev.checks.extend(host_checks(test, &disk, &ev.events));
+        Ok(())
+    }
+
+    /// Boots the guest as many times as the test says (once for most), on
+    /// the one daemon, sending it the test's request between boots; how
+    /// they went, and the console of them all. The events of every boot end
+    /// up in `events`.
+    fn boots(
+        &self,
+        daemon: &mut DaemonRun,
+        socket: &Path,
+        events: &Path,
+    ) -> (Result<(), String>, Vec<String>) {
+        let test = self.test;
+        let mut params = self.guest_params();
+        let timeout = test.boot_timeout(self.config.timeout_scale, self.config.soak_seconds);
+        let mut outcome = Ok(());
+        let mut console = Vec::new();
+        for n in 1..=test.boots.max(1) {
+            params.boot = n;
+            // A later boot's events go to a file of their own (QEMU truncates
+            // its serial file) and are appended to the first boot's.
+            let boot_events = match n {
+                1 => events.to_owned(),
+                _ => self.dir.join(format!("events.boot{n}.jsonl")),
+            };
+            if n > 1 {
+                console.push(format!(
+                    "----- dmaprobe run: boot {n} of {} -----",
+                    test.boots
+                ));
+            }
+            let boot = Boot {
+                config: self.config,
+                kernel: self.kernel,
+                transport: self.transport,
+                initrd: self.initrd,
+                socket,
+                events: &boot_events,
+                params: &params,
+                timeout,
+                reconnect: test.daemon_restarts,
+            };
+            outcome = boot.run(&mut |action| daemon.host_action(action), &mut console);
+            if n > 1 {
+                if let Err(e) = append_file(&boot_events, events) {
+                    outcome = outcome.and(Err(e));
+                }
+            }
+            if outcome.is_err() || n == test.boots {
+                break;
+            }
+            if let Some(request) = test.between_boots {
+                outcome = between_boots(socket, request, n, events);
+                if outcome.is_err() {
+                    break;
+                }
+            }
+        }
+        (outcome, console)
+    }
+
+    /// What the guest is told of its first boot.
+    fn guest_params(&self) -> GuestParams {
+        let (config, test, transport) = (self.config, self.test, self.transport);
+        GuestParams {
+            tests: vec![test.name.to_owned()],
+            disk_size: Some(test.disk.size),
+            lbs: Some(test.disk.lbs),
+            seed: config.seed,
+            mailbox: test.serve_args.contains(&"--mailbox"),
+            boot: 1,
+            duration: test.soak.then_some(config.soak_seconds),
+            disk: (transport != Transport::VirtioBlk).then(|| transport.guest_disk().to_owned()),
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! What a test run yields: the [`Evidence`] gathered while the guest ran,
+//! and the judged [`TestResult`] with its [`CheckRecord`]s.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::config::{Daemon, Transport};
+use crate::protocol::{Event, Verdict};
+
+/// One check, from the guest or the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckRecord {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The outcome of one test on one kernel, with all its evidence.
+#[derive(Clone, Debug, Serialize)]
+pub struct TestResult {
+    pub test: String,
+    pub kernel: String,
+    pub kernel_release: Option<String>,
+    /// The backend that served the disk.
+    pub daemon: Daemon,
+    /// How the guest reached it.
+    pub transport: Transport,
+    pub verdict: Verdict,
+    /// One line naming the evidence, unless it passed.
+    pub reason: String,
+    pub checks: Vec<CheckRecord>,
+    pub notes: Vec<(String, String)>,
+    pub kernel_log_errors: Vec<String>,
+    /// What the device saw (findings from its ledger, informational ones included).
+    pub findings: Vec<serde_json::Value>,
+    /// The end of the console, kept when the guest did not finish.
+    pub console_tail: Vec<String>,
+    /// The SVG timeline of a failed test, once saved where the user asked.
+    pub timeline: Option<PathBuf>,
+    pub seconds: f64,
+}
+
+/// What one guest run produced.
+#[derive(Debug, Default)]
+pub(super) struct Evidence {
+    pub(super) events: Vec<Event>,
+    pub(super) console: Vec<String>,
+    pub(super) checks: Vec<CheckRecord>,
+    /// The device's ledger: every request and finding of the run.
+    pub(super) ledger: Vec<serde_json::Value>,
+    /// Harness trouble: the run cannot be judged.
+    pub(super) error: Option<String>,
+}
