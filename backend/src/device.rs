@@ -30,7 +30,7 @@ use vmm_sys_util::event::{
 use crate::blk::{self, BlkConfig, Status, CONFIG_WRITEBACK_OFFSET, SIZE_MAX};
 use crate::counters::{bump, Counters};
 use crate::execute;
-use crate::mailbox::ControlFn;
+use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::{
     status_name, Core, Failure, Label, Mem, Outcome, Pipeline, Reply, Submitted,
 };

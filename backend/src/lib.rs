@@ -31,8 +31,6 @@ pub mod ctl;
 pub mod device;
 pub mod execute;
 pub mod frontend;
-pub mod iopool;
-pub mod mailbox;
 pub mod nvme;
 pub mod nvme_device;
 pub mod pipeline;

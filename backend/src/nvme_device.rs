@@ -15,8 +15,8 @@ use log::warn;
 use nvme_model::{Deallocate, LbaRange, Namespace};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::execute::{Prepared, Work};
 use crate::nvme::{self, CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
+use crate::pipeline::work::{Prepared, Work};
 use crate::pipeline::{Core, Failure, Label, Outcome, Pipeline, Reply, Submitted};
 use crate::request::Malformed;
 use crate::vfio_user::{self, PciFunction};
@@ -257,7 +257,7 @@ fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Malformed> {
             (Op::Discard, Work::Zero(ranges))
         }
     };
-    Ok(crate::execute::prepared(
+    Ok(crate::pipeline::work::prepared(
         ns,
         cmd.tag.qid,
         op,

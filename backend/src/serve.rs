@@ -36,8 +36,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::{BackingConfig, ServeConfig};
 use crate::counters::Counters;
 use crate::device::{BlkDevice, DeviceShape};
-use crate::mailbox::ControlFn;
 use crate::nvme_device::NvmeDevice;
+use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::Pipeline;
 use crate::vfio_user::{VfioUserOptions, VfioUserServer};
 

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use backend::counters::Counters;
-use backend::execute::{self, Work};
+use backend::pipeline::work::{self, Work};
 use backend::pipeline::{Core, Label, Outcome, Pipeline, Reply, Submitted};
 use dma::{Engine, EngineConfig, Gpa, Op, Segment};
 use nvme_model::{Backing, Lba, LbaSize, Namespace};
@@ -97,7 +97,7 @@ fn zero(
 ) -> Submitted {
     let range = ns.check_range(Lba(0), bytes / BLOCK).unwrap();
     let work = Work::Zero(vec![(range, false)]);
-    let prepared = execute::prepared(ns, 0, Op::WriteZeroes, work, Vec::new());
+    let prepared = work::prepared(ns, 0, Op::WriteZeroes, work, Vec::new());
     let outcomes = outcomes.clone();
     let reply = move || -> Box<dyn Reply> { Box::new(ToTest { outcomes, gate }) };
     pipeline.submit(mem, label("write-zeroes"), prepared, reply, &mut Vec::new())
@@ -127,7 +127,7 @@ fn a_long_zero_fill_completes_off_the_submitting_thread_while_it_serves_on() {
     // The zero-fill has not completed (its reply waits for the gate): a
     // read on the same queue is served at once all the same.
     let r = ns.check_range(Lba(ZEROED / BLOCK), 8).unwrap();
-    let read = execute::prepared(
+    let read = work::prepared(
         &ns,
         0,
         Op::Read,

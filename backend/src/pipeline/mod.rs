@@ -2,7 +2,7 @@
 //! same whichever front-end the guest talks to (virtio-blk today, NVMe next):
 //! the guest mailbox, the engine's arrival, the wait (a delay, a hold, the
 //! media's time) in the scheduler, the I/O pool for large reads and long
-//! zero-fills, the data's move ([`execute::perform`]), and the reply through
+//! zero-fills, the data's move ([`work::perform`]), and the reply through
 //! the front-end's [`Reply`]: a status byte and a used ring entry, or a
 //! completion queue entry.
 //!
@@ -10,6 +10,10 @@
 //! as an [`Outcome`] for the front-end to tell the guest itself (so a queue's
 //! thread can batch its notifications); what waits or goes to the pool takes a
 //! [`Reply`] along and tells the guest when it is done.
+
+pub mod iopool;
+pub mod mailbox;
+pub mod work;
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,10 +28,10 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk::{Status, ID_BYTES};
 use crate::counters::{bump, Counters};
-use crate::execute::{self, ExecContext, ExecError, Prepared, Work};
-use crate::iopool::{Handover, IoPool, Task};
-use crate::mailbox::{ControlFn, Mailbox};
 use crate::request::Malformed;
+use iopool::{Handover, IoPool, Task};
+use mailbox::{ControlFn, Mailbox};
+use work::{ExecContext, ExecError, Prepared, Work};
 
 /// Guest memory as the front-ends share it.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -568,7 +572,7 @@ impl Core {
                 let Some(reply) = reply else {
                     // Told "done" already; now the data moves.
                     let ctx = self.exec_context();
-                    let done = execute::perform(&ctx, &*mem, &work, epoch, &mut ticket, &mut buf);
+                    let done = work::perform(&ctx, &*mem, &work, epoch, &mut ticket, &mut buf);
                     let word = if done.is_ok() {
                         "ok-before-dma"
                     } else {
@@ -598,7 +602,7 @@ impl Core {
     ) -> (Outcome, Option<&'static str>) {
         let q = ticket.arrival.queue;
         let ctx = self.exec_context();
-        match execute::perform(&ctx, mem, work, epoch, ticket, buf) {
+        match work::perform(&ctx, mem, work, epoch, ticket, buf) {
             Ok(written) => (Outcome::Done { written }, None),
             Err(e) => (
                 Outcome::Failed(self.count_exec_error(q, label, &e)),

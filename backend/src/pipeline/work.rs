@@ -1,0 +1,289 @@
+//! The shared half of serving a request: what a prepared request is
+//! ([`Prepared`]: the engine's [`Arrival`] and the [`Work`] it does), and
+//! [`perform`], which moves its data through the engine and the namespace
+//! once the engine's wait is over. Each interface prepares its own requests
+//! (virtio-blk in `crate::execute`, NVMe in `crate::nvme_device`).
+
+use dma::fault::Effect;
+use dma::{Arrival, Engine, Op, Segment, Ticket};
+use nvme_model::{LbaRange, Namespace, NamespaceError};
+use vm_memory::bitmap::{BitmapSlice, MS};
+use vm_memory::{GuestMemoryBackend, VolatileSlice};
+
+use crate::blk::{Status, ID_BYTES};
+use crate::request::Malformed;
+
+/// Why a well-formed chain still failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("Malformed request: {0}")]
+    Malformed(Malformed),
+    #[error("Media error")]
+    Media(#[source] NamespaceError),
+    #[error("Guest memory access failed")]
+    Memory(#[source] dma::TransferError),
+    #[error("Fault injected: {0}")]
+    Injected(&'static str, crate::blk::Status),
+    #[error("The power was cut after the request arrived")]
+    CutOff,
+}
+
+impl ExecError {
+    /// What the ledger records as the request's outcome, when more is known
+    /// than its status.
+    pub fn outcome(&self) -> Option<&'static str> {
+        match self {
+            ExecError::Media(NamespaceError::UnrecoveredRead { .. }) => {
+                Some("unrecovered-read-error")
+            }
+            ExecError::Media(NamespaceError::WriteFault { .. }) => Some("write-fault"),
+            ExecError::CutOff => Some("cut-off"),
+            ExecError::Injected("power-cut", _) => Some("power-cut"),
+            _ => None,
+        }
+    }
+}
+
+impl From<Malformed> for ExecError {
+    fn from(m: Malformed) -> Self {
+        ExecError::Malformed(m)
+    }
+}
+
+/// What a request needs from the device besides guest memory.
+#[derive(Debug)]
+pub struct ExecContext<'a> {
+    pub ns: &'a Namespace,
+    pub engine: &'a Engine,
+    pub serial: &'a [u8; ID_BYTES],
+}
+
+/// A request checked at arrival: what the engine sees of it, and the work
+/// [`perform`] does after the engine's wait.
+#[derive(Debug)]
+pub struct Prepared {
+    pub work: Work,
+    pub arrival: Arrival,
+    /// The namespace's power epoch at arrival: after a power cut the request
+    /// no longer reaches the media.
+    pub epoch: u64,
+}
+
+/// What a prepared request does to the media.
+#[derive(Debug)]
+pub enum Work {
+    Read(LbaRange),
+    /// With `fua` (NVMe's Force Unit Access) the blocks are stable when the
+    /// write completes, whatever the write cache holds of others.
+    Write {
+        range: LbaRange,
+        fua: bool,
+    },
+    Flush,
+    GetId(usize),
+    /// Ranges, each with its unmap flag.
+    Zero(Vec<(LbaRange, bool)>),
+}
+
+/// A request of `op` from `queue` that does `work` with the guest memory of
+/// `segments`, as it arrives now: the engine sees its first block and its
+/// length (for discard and write-zeroes those of its ranges).
+pub fn prepared(
+    ns: &Namespace,
+    queue: u16,
+    op: Op,
+    work: Work,
+    segments: Vec<Segment>,
+) -> Prepared {
+    let (lba, len) = match &work {
+        Work::Zero(ranges) => (
+            ranges.first().map_or(0, |(r, _)| r.start().0),
+            ranges.iter().map(|(r, _)| r.len()).sum(),
+        ),
+        Work::Read(r) | Work::Write { range: r, .. } => {
+            (r.start().0, dma::segment::total_len(&segments))
+        }
+        _ => (0, dma::segment::total_len(&segments)),
+    };
+    Prepared {
+        work,
+        epoch: ns.power_epoch(),
+        arrival: Arrival {
+            op,
+            queue,
+            lba,
+            len,
+            segments,
+        },
+    }
+}
+
+impl Work {
+    /// The media byte ranges (offset, length) the request touches.
+    pub fn media_ranges(&self) -> Vec<(u64, u64)> {
+        let r = |range: &LbaRange| (range.offset().0, range.len());
+        match self {
+            Work::Read(range) | Work::Write { range, .. } => vec![r(range)],
+            Work::Zero(ranges) => ranges.iter().map(|(range, _)| r(range)).collect(),
+            Work::Flush | Work::GetId(_) => Vec::new(),
+        }
+    }
+}
+
+/// Moves the data of a prepared request; returns the number of data bytes
+/// written into guest memory. `buf` is scratch space, reused across requests.
+/// What must be stable when the request completes (a write with `fua`, or
+/// any change with the write cache off) the namespace syncs itself.
+/// A fault effect on the ticket shapes what happens (the engine itself corrupts
+/// or misplaces data; here requests fail, or writes reach the media torn).
+/// A request from an earlier power `epoch` than the media's fails.
+pub fn perform<M: GuestMemoryBackend>(
+    ctx: &ExecContext<'_>,
+    mem: &M,
+    work: &Work,
+    epoch: u64,
+    ticket: &mut Ticket,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ExecError> {
+    let ns = ctx.ns;
+    let effect = ticket.effect;
+    match effect {
+        Some(Effect::Error { unsupp }) => {
+            let status = if unsupp {
+                Status::Unsupp
+            } else {
+                Status::IoErr
+            };
+            return Err(ExecError::Injected("error", status));
+        }
+        Some(Effect::PowerCut) => {
+            let cut = ns.power_cut(None).map_err(ExecError::Media)?;
+            log::info!(
+                "power cut by a fault rule: {} blocks lost ({} volatile writes)",
+                cut.lost_blocks,
+                cut.writes
+            );
+            return Err(ExecError::Injected("power-cut", Status::IoErr));
+        }
+        _ => {}
+    }
+    if epoch != ns.power_epoch() && !matches!(work, Work::GetId(_)) {
+        return Err(ExecError::CutOff);
+    }
+    match work {
+        Work::Read(range) => {
+            if !ctx.engine.read_needs_buffer(ticket) {
+                if let Some(guest) = guest_buffers(mem, &ticket.arrival.segments) {
+                    ctx.engine
+                        .deliver(mem, ticket, |_| read_into(ns, *range, &guest))?;
+                    return Ok(u32::try_from(range.len()).unwrap_or(u32::MAX));
+                }
+            }
+            buf.resize(len_of(range), 0);
+            ns.read(*range, buf).map_err(ExecError::Media)?;
+            ctx.engine
+                .to_guest(mem, ticket, buf)
+                .map_err(ExecError::Memory)?;
+            if let Some(Effect::Partial { .. }) = effect {
+                return Err(ExecError::Injected("partial", Status::IoErr));
+            }
+            Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
+        }
+        Work::Write { range, fua } => {
+            buf.resize(len_of(range), 0);
+            ctx.engine
+                .from_guest(mem, ticket, buf)
+                .map_err(ExecError::Memory)?;
+            let (stored, failure) = match effect {
+                Some(Effect::Partial { bytes }) => (bytes, Some("partial")),
+                Some(Effect::Torn { bytes, fail }) => (bytes, fail.then_some("torn")),
+                _ => (range.len(), None),
+            };
+            // Only whole blocks reach the media.
+            let blocks = stored.min(range.len()) >> ns.lba_size().shift();
+            if blocks > 0 {
+                let part = ns
+                    .check_range(range.start(), blocks)
+                    .map_err(|_| ExecError::Malformed(Malformed::OutOfRange))?;
+                let data = &buf[..len_of(&part)];
+                if *fua {
+                    ns.write_stable(part, data)
+                } else {
+                    ns.write(part, data)
+                }
+                .map_err(ExecError::Media)?;
+            }
+            match failure {
+                Some(what) => Err(ExecError::Injected(what, Status::IoErr)),
+                None => Ok(0),
+            }
+        }
+        Work::Flush => {
+            ns.flush().map_err(ExecError::Media)?;
+            Ok(0)
+        }
+        Work::GetId(n) => {
+            ctx.engine
+                .to_guest(mem, ticket, &ctx.serial[..*n])
+                .map_err(ExecError::Memory)?;
+            Ok(u32::try_from(*n).unwrap_or(0))
+        }
+        Work::Zero(ranges) => {
+            // Write-zeroes reads back as zeros whatever deallocation does; with
+            // or without UNMAP it gives the space back where the backing can
+            // (a punched hole). Only discard follows `--deallocate`.
+            for &(range, _unmap) in ranges {
+                let done = if ticket.arrival.op == Op::Discard {
+                    ns.deallocate(range)
+                } else {
+                    ns.write_zeroes(range)
+                };
+                done.map_err(ExecError::Media)?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// A request's guest memory as buffers the media can be read into directly,
+/// without a copy through a host buffer (what an NVMe drive does with PRPs).
+/// `None` when a segment is not one piece of mapped guest memory: the buffered
+/// path then moves the data, and reports what fails.
+fn guest_buffers<'a, M: GuestMemoryBackend>(
+    mem: &'a M,
+    segments: &[Segment],
+) -> Option<Vec<VolatileSlice<'a, MS<'a, M>>>> {
+    segments
+        .iter()
+        .map(|s| mem.get_slice(s.gpa.into(), s.len_usize()).ok())
+        .collect()
+}
+
+/// Reads `range` from the media into `slices`, in order.
+fn read_into<B: BitmapSlice>(
+    ns: &Namespace,
+    range: LbaRange,
+    slices: &[VolatileSlice<'_, B>],
+) -> Result<(), ExecError> {
+    let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
+    let mut iov: Vec<libc::iovec> = guards
+        .iter()
+        .map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: g.len(),
+        })
+        .collect();
+    // SAFETY: each iovec is a slice of mapped guest memory, kept mapped by its
+    // guard until after the call; guest memory is only ever reached through
+    // volatile accesses, never through Rust references.
+    unsafe { ns.read_vectored(range, &mut iov) }.map_err(ExecError::Media)?;
+    for s in slices {
+        s.bitmap().mark_dirty(0, s.len());
+    }
+    Ok(())
+}
+
+fn len_of(range: &LbaRange) -> usize {
+    // A request's data is at most seg_max * size_max bytes (request::parse).
+    usize::try_from(range.len()).unwrap_or(0)
+}
