@@ -17,9 +17,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use backend::blk::{self, SIZE_MAX};
 use backend::frontend::{encode_header, DiscardRange, RequestType, Sector};
-use backend::request::{parse, Limits, Request};
+use backend::virtio_blk::request::{parse, Limits, Request};
+use backend::virtio_blk::{self, SIZE_MAX};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -60,7 +60,7 @@ impl Case {
     /// Address, length and flags of each descriptor, without NEXT.
     fn layout(&self) -> Vec<(u64, u32, u16)> {
         let data_flags = if self.kind.device_writes() { WRITE } else { 0 };
-        let mut v = vec![(HEADER, blk::HEADER_LEN, 0)];
+        let mut v = vec![(HEADER, virtio_blk::HEADER_LEN, 0)];
         v.extend(self.data.iter().map(|&(addr, len)| (addr, len, data_flags)));
         v.push((STATUS, 1, WRITE));
         v
@@ -104,8 +104,8 @@ impl Case {
     }
 
     /// What `parse` must return.
-    fn expected(&self) -> (blk::RequestType, u32, usize) {
-        let op = blk::RequestType::from_raw(self.kind.code());
+    fn expected(&self) -> (virtio_blk::RequestType, u32, usize) {
+        let op = virtio_blk::RequestType::from_raw(self.kind.code());
         let len = self.data.iter().map(|&(_, len)| len).sum();
         (op, len, self.data.len())
     }

@@ -336,7 +336,7 @@ pub fn check_queue_size(size: u16) -> Result<u16, ConfigError> {
 }
 
 pub fn check_serial(serial: String) -> Result<String, ConfigError> {
-    if serial.len() <= crate::blk::ID_BYTES {
+    if serial.len() <= crate::virtio_blk::ID_BYTES {
         Ok(serial)
     } else {
         Err(ConfigError::Serial(serial))

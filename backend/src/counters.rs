@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::request::Malformed;
+use crate::virtio_blk::request::Malformed;
 
 /// What the device has done since it started. Shared by every queue and connection.
 #[derive(Debug, Default)]

@@ -22,20 +22,17 @@
 //! - [`bench`]: `dmaprobe bench`, a load generator on top of [`frontend`].
 
 pub mod bench;
-pub mod blk;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod ctl;
-pub mod device;
-pub mod execute;
 pub mod frontend;
 pub mod nvme;
 pub mod nvme_device;
 pub mod pipeline;
 pub mod process;
-pub mod request;
 pub mod runner;
 pub mod serve;
 pub mod vfio_user;
+pub mod virtio_blk;

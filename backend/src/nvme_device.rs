@@ -18,8 +18,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::nvme::{self, CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
 use crate::pipeline::work::{Prepared, Work};
 use crate::pipeline::{Core, Failure, Label, Outcome, Pipeline, Reply, Submitted};
-use crate::request::Malformed;
 use crate::vfio_user::{self, PciFunction};
+use crate::virtio_blk::request::Malformed;
 
 /// An NVMe controller whose NVM commands go through the request pipeline.
 #[derive(Debug)]
@@ -289,7 +289,9 @@ fn nvme_status(outcome: Outcome) -> (NvmeStatus, &'static str) {
             (S::DataTransferError, "data-transfer-error")
         }
         Failure::Malformed(Malformed::Unsupported)
-        | Failure::Injected(crate::blk::Status::Unsupp) => (S::InvalidOpcode, "invalid-opcode"),
+        | Failure::Injected(crate::virtio_blk::Status::Unsupp) => {
+            (S::InvalidOpcode, "invalid-opcode")
+        }
         Failure::Malformed(_) => (S::InvalidField, "invalid-field"),
         Failure::UnrecoveredRead => (S::UnrecoveredReadError, "unrecovered-read-error"),
         Failure::WriteFault => (S::WriteFault, "write-fault"),

@@ -35,11 +35,11 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{BackingConfig, ServeConfig};
 use crate::counters::Counters;
-use crate::device::{BlkDevice, DeviceShape};
 use crate::nvme_device::NvmeDevice;
 use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::Pipeline;
 use crate::vfio_user::{VfioUserOptions, VfioUserServer};
+use crate::virtio_blk::device::{BlkDevice, DeviceShape};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use guest_tests::mailbox::{decode, encode, mailbox_offset, MAX_PAYLOAD};
 use vm_memory::GuestMemoryBackend;
 
-use crate::blk::Status;
 use crate::counters::{bump, Counters};
+use crate::virtio_blk::Status;
 
 /// Runs one control request line and returns the answer line.
 pub type ControlFn = Arc<dyn Fn(&str) -> String + Send + Sync>;

@@ -26,9 +26,9 @@ use log::{debug, warn};
 use nvme_model::{Latency, MediaOp, Namespace, NamespaceError};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::blk::{Status, ID_BYTES};
 use crate::counters::{bump, Counters};
-use crate::request::Malformed;
+use crate::virtio_blk::request::Malformed;
+use crate::virtio_blk::{Status, ID_BYTES};
 use iopool::{Handover, IoPool, Task};
 use mailbox::{ControlFn, Mailbox};
 use work::{ExecContext, ExecError, Prepared, Work};

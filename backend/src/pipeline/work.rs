@@ -2,7 +2,7 @@
 //! ([`Prepared`]: the engine's [`Arrival`] and the [`Work`] it does), and
 //! [`perform`], which moves its data through the engine and the namespace
 //! once the engine's wait is over. Each interface prepares its own requests
-//! (virtio-blk in `crate::execute`, NVMe in `crate::nvme_device`).
+//! (virtio-blk in `crate::virtio_blk::prepare`, NVMe in `crate::nvme_device`).
 
 use dma::fault::Effect;
 use dma::{Arrival, Engine, Op, Segment, Ticket};
@@ -10,8 +10,8 @@ use nvme_model::{LbaRange, Namespace, NamespaceError};
 use vm_memory::bitmap::{BitmapSlice, MS};
 use vm_memory::{GuestMemoryBackend, VolatileSlice};
 
-use crate::blk::{Status, ID_BYTES};
-use crate::request::Malformed;
+use crate::virtio_blk::request::Malformed;
+use crate::virtio_blk::{Status, ID_BYTES};
 
 /// Why a well-formed chain still failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum ExecError {
     #[error("Guest memory access failed")]
     Memory(#[source] dma::TransferError),
     #[error("Fault injected: {0}")]
-    Injected(&'static str, crate::blk::Status),
+    Injected(&'static str, Status),
     #[error("The power was cut after the request arrived")]
     CutOff,
 }

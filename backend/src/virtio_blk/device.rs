@@ -3,8 +3,8 @@
 //! [`Pipeline`], and the virtio-blk end of a request: its status byte, its
 //! used ring entry and the notification.
 //!
-//! A chain's life: parse ([`crate::request`]) → prepare
-//! ([`execute::prepare`]) → [`Pipeline::submit`] (the mailbox, the engine's
+//! A chain's life: parse ([`request::parse`]) → prepare
+//! ([`prepare`]) → [`Pipeline::submit`] (the mailbox, the engine's
 //! arrival, now or parked in the scheduler until its delay passes or it is
 //! released, the data's move) → status byte, used ring, notification, here at
 //! once or through a [`ChainReply`] later.
@@ -27,14 +27,15 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blk::{self, BlkConfig, Status, CONFIG_WRITEBACK_OFFSET, SIZE_MAX};
+use super::config_space::{BlkConfig, CONFIG_WRITEBACK_OFFSET};
+use super::prepare::prepare;
+use super::request::{self, Limits, Rejected};
+use super::{Status, SECTOR_SHIFT, SIZE_MAX};
 use crate::counters::{bump, Counters};
-use crate::execute;
 use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::{
     status_name, Core, Failure, Label, Mem, Outcome, Pipeline, Reply, Submitted,
 };
-use crate::request::{self, Limits, Rejected};
 
 type Vring = VringRwLock<Mem>;
 
@@ -197,7 +198,7 @@ impl BlkDevice {
 
     fn config(&self) -> BlkConfig {
         BlkConfig {
-            capacity_sectors: self.core().ns.capacity_bytes() >> blk::SECTOR_SHIFT,
+            capacity_sectors: self.core().ns.capacity_bytes() >> SECTOR_SHIFT,
             lbs: self.core().ns.lba_size(),
             size_max: self.limits().size_max,
             seg_max: self.limits().seg_max,
@@ -317,7 +318,7 @@ impl BlkDevice {
             sector: req.sector,
             len: req.data_len,
         };
-        let prepared = match execute::prepare(&core.ns, mem, q, &req, buf) {
+        let prepared = match prepare(&core.ns, mem, q, &req, buf) {
             Ok(p) => p,
             Err(e) => {
                 let outcome = Outcome::Failed(self.pipeline.refuse(q, label, &e));
@@ -429,7 +430,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        blk::device_features(self.core().ns.read_only())
+        super::device_features(self.core().ns.read_only())
     }
 
     fn acked_features(&self, features: u64) {

@@ -1,103 +1,8 @@
-//! virtio-blk as the guest sees it: features, request types, statuses and the
-//! configuration space.
+//! The virtio-blk configuration space, as the guest reads it.
 
 use nvme_model::LbaSize;
-use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-/// The length of a request header: type, reserved, sector.
-pub const HEADER_LEN: u32 = 16;
-/// The length of a GET_ID answer.
-pub const ID_BYTES: usize = 20;
-/// The length of one discard / write-zeroes segment.
-pub const DWZ_SEGMENT_LEN: u32 = 16;
-/// virtio-blk addresses data in 512-byte sectors, whatever the block size.
-pub const SECTOR_SHIFT: u32 = 9;
-
-/// The largest data segment the guest may send (config `size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
-
-const fn bit(n: u32) -> u64 {
-    1 << n
-}
-
-/// The vhost-user feature bit that enables protocol feature negotiation.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = bit(30);
-
-/// The features this device offers.
-pub fn device_features(read_only: bool) -> u64 {
-    let mut f = bit(VIRTIO_F_VERSION_1)
-        | bit(VIRTIO_RING_F_EVENT_IDX)
-        | bit(VIRTIO_RING_F_INDIRECT_DESC)
-        | bit(VIRTIO_BLK_F_SIZE_MAX)
-        | bit(VIRTIO_BLK_F_SEG_MAX)
-        | bit(VIRTIO_BLK_F_BLK_SIZE)
-        | bit(VIRTIO_BLK_F_FLUSH)
-        | bit(VIRTIO_BLK_F_TOPOLOGY)
-        | bit(VIRTIO_BLK_F_CONFIG_WCE)
-        | bit(VIRTIO_BLK_F_MQ)
-        | bit(VIRTIO_BLK_F_DISCARD)
-        | bit(VIRTIO_BLK_F_WRITE_ZEROES)
-        | VHOST_USER_F_PROTOCOL_FEATURES;
-    if read_only {
-        f |= bit(VIRTIO_BLK_F_RO);
-    }
-    f
-}
-
-/// The status byte a request completes with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Status {
-    Ok = 0,
-    IoErr = 1,
-    Unsupp = 2,
-}
-
-/// A request's operation, from the header's type field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestType {
-    In,
-    Out,
-    Flush,
-    GetId,
-    Discard,
-    WriteZeroes,
-    Unsupported(u32),
-}
-
-impl RequestType {
-    pub fn from_raw(t: u32) -> Self {
-        match t {
-            VIRTIO_BLK_T_IN => RequestType::In,
-            VIRTIO_BLK_T_OUT => RequestType::Out,
-            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
-            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
-            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
-            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
-            other => RequestType::Unsupported(other),
-        }
-    }
-
-    /// A short name for logs: `op=`.
-    pub fn name(self) -> &'static str {
-        match self {
-            RequestType::In => "read",
-            RequestType::Out => "write",
-            RequestType::Flush => "flush",
-            RequestType::GetId => "get-id",
-            RequestType::Discard => "discard",
-            RequestType::WriteZeroes => "write-zeroes",
-            RequestType::Unsupported(_) => "unsupported",
-        }
-    }
-
-    /// Whether the device writes data into guest memory for this request.
-    pub fn device_writes_data(self) -> bool {
-        matches!(self, RequestType::In | RequestType::GetId)
-    }
-}
+use super::SECTOR_SHIFT;
 
 /// The virtio-blk configuration space.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +67,7 @@ impl BlkConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio_blk::SIZE_MAX;
 
     #[test]
     fn config_reads_exactly_what_is_asked() {
@@ -195,18 +101,5 @@ mod tests {
         assert_eq!(c.read(20, 4), 4096u32.to_le_bytes());
         assert_eq!(c.read(u32::MAX, 4), vec![0; 4]);
         assert!(c.read(0, 0).is_empty());
-    }
-
-    #[test]
-    fn statuses_match_the_spec() {
-        assert_eq!(u32::from(Status::Ok as u8), VIRTIO_BLK_S_OK);
-        assert_eq!(u32::from(Status::IoErr as u8), VIRTIO_BLK_S_IOERR);
-        assert_eq!(u32::from(Status::Unsupp as u8), VIRTIO_BLK_S_UNSUPP);
-    }
-
-    #[test]
-    fn read_only_is_offered_only_when_asked() {
-        assert_eq!(device_features(false) & bit(VIRTIO_BLK_F_RO), 0);
-        assert_ne!(device_features(true) & bit(VIRTIO_BLK_F_RO), 0);
     }
 }

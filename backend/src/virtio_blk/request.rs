@@ -10,7 +10,7 @@ use dma::{Gpa, Segment};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryBackend;
 
-use crate::blk::{RequestType, Status, HEADER_LEN, SECTOR_SHIFT};
+use super::{RequestType, Status, HEADER_LEN, SECTOR_SHIFT};
 
 /// Limits the device advertised to the guest.
 #[derive(Clone, Copy, Debug)]

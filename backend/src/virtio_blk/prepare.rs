@@ -7,9 +7,9 @@ use dma::{Op, Segment};
 use nvme_model::{LbaRange, Namespace};
 use vm_memory::GuestMemoryBackend;
 
-use crate::blk::{RequestType, DWZ_SEGMENT_LEN, ID_BYTES};
+use super::request::{sector_offset, Malformed, Request};
+use super::{RequestType, DWZ_SEGMENT_LEN, ID_BYTES};
 use crate::pipeline::work::{prepared, ExecError, Prepared, Work};
-use crate::request::{sector_offset, Malformed, Request};
 
 /// Checks `req` against the namespace and, for discard and write-zeroes, reads
 /// its segment list.
