@@ -29,7 +29,6 @@ pub mod counters;
 pub mod ctl;
 pub mod frontend;
 pub mod nvme;
-pub mod nvme_device;
 pub mod pipeline;
 pub mod process;
 pub mod runner;

@@ -35,7 +35,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{BackingConfig, ServeConfig};
 use crate::counters::Counters;
-use crate::nvme_device::NvmeDevice;
+use crate::nvme::device::NvmeDevice;
 use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::Pipeline;
 use crate::vfio_user::{VfioUserOptions, VfioUserServer};

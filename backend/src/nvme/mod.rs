@@ -25,6 +25,9 @@
 //!   it.
 //! - [`prp`]: PRP entries and lists into guest-physical segments.
 //! - [`status`]: [`NvmeStatus`], the completion statuses.
+//! - [`device`]: [`NvmeDevice`](device::NvmeDevice), the glue: the
+//!   controller as the vfio-user transport's PCI function, its NVM commands
+//!   taken through the request [`Pipeline`](crate::pipeline::Pipeline).
 //!
 //! A command flows: SQ tail doorbell → fetch the entry from guest memory →
 //! admin: run, post the completion; NVM: decode, check, walk the PRPs →
@@ -42,6 +45,7 @@
 pub mod admin;
 pub mod command;
 pub mod controller;
+pub mod device;
 pub mod identify;
 pub mod io;
 pub mod prp;

@@ -2,7 +2,7 @@
 //! ([`Prepared`]: the engine's [`Arrival`] and the [`Work`] it does), and
 //! [`perform`], which moves its data through the engine and the namespace
 //! once the engine's wait is over. Each interface prepares its own requests
-//! (virtio-blk in `crate::virtio_blk::prepare`, NVMe in `crate::nvme_device`).
+//! (virtio-blk in `crate::virtio_blk::prepare`, NVMe in `crate::nvme::device`).
 
 use dma::fault::Effect;
 use dma::{Arrival, Engine, Op, Segment, Ticket};

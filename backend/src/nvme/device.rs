@@ -15,7 +15,7 @@ use log::warn;
 use nvme_model::{Deallocate, LbaRange, Namespace};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::nvme::{self, CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
+use super::{CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
 use crate::pipeline::work::{Prepared, Work};
 use crate::pipeline::{Core, Failure, Label, Outcome, Pipeline, Reply, Submitted};
 use crate::vfio_user::{self, PciFunction};
@@ -58,7 +58,7 @@ impl NvmeDevice {
 
 impl PciFunction for NvmeDevice {
     fn bar0_size(&self) -> u64 {
-        nvme::BAR0_SIZE
+        super::BAR0_SIZE
     }
 
     fn bar0_read(&self, offset: u64, data: &mut [u8]) {
@@ -88,7 +88,7 @@ impl PciFunction for NvmeDevice {
 /// The transport's MSI-X vectors as the controller raises them.
 struct Vectors(Arc<dyn vfio_user::Interrupts>);
 
-impl nvme::Interrupts for Vectors {
+impl super::Interrupts for Vectors {
     fn signal(&self, vector: u16) {
         self.0.signal(vector);
     }
