@@ -33,5 +33,6 @@ pub mod pipeline;
 pub mod process;
 pub mod runner;
 pub mod serve;
+pub mod unix_socket;
 pub mod vfio_user;
 pub mod virtio_blk;
