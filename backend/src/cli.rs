@@ -295,7 +295,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
         } else {
             Some(
                 a.control
-                    .unwrap_or_else(|| crate::control::default_path(&a.socket)),
+                    .unwrap_or_else(|| crate::control::socket::default_path(&a.socket)),
             )
         };
         // Each would replace the other as a stale socket.

@@ -162,7 +162,11 @@ pub enum CtlError {
 pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     let path = args
         .control
-        .or_else(|| args.socket.as_deref().map(crate::control::default_path))
+        .or_else(|| {
+            args.socket
+                .as_deref()
+                .map(crate::control::socket::default_path)
+        })
         .ok_or(CtlError::NoSocket)?;
     let request = request_for(&args.command);
     let result = send(&path, &request)?;
@@ -232,7 +236,7 @@ fn request_for(cmd: &CtlCommand) -> String {
         CtlCommand::Raw { request } => return request.clone(),
     };
     let mut v = v;
-    v["v"] = json!(crate::control::PROTOCOL_VERSION);
+    v["v"] = json!(crate::control::protocol::PROTOCOL_VERSION);
     v.to_string()
 }
 

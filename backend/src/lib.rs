@@ -30,7 +30,6 @@ pub mod ctl;
 pub mod frontend;
 pub mod nvme;
 pub mod pipeline;
-pub mod process;
 pub mod runner;
 pub mod serve;
 pub mod unix_socket;

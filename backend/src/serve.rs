@@ -18,7 +18,7 @@ use std::io::{self, Seek, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -31,9 +31,13 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{BackingConfig, ServeConfig};
+use crate::control::commands::handle_line;
+use crate::control::protocol::ControlFn;
+use crate::control::socket::ControlError;
+use crate::control::state::DaemonState;
+use crate::control::{self};
 use crate::counters::Counters;
 use crate::nvme::device::NvmeDevice;
-use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::Pipeline;
 use crate::unix_socket::{bind_socket, check_socket_path, SocketError, SocketFile};
 use crate::vfio_user::{VfioUserOptions, VfioUserServer};
@@ -63,7 +67,7 @@ pub enum ServeError {
     #[error("Cannot write the ledger to {0}")]
     Ledger(PathBuf, #[source] io::Error),
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] ControlError),
     #[error("NVMe over vfio-user")]
     Nvme(#[source] crate::vfio_user::VfioUserError),
 }
@@ -150,119 +154,6 @@ pub fn open_namespace(config: &ServeConfig) -> Result<Namespace, ServeError> {
     Ok(ns)
 }
 
-/// What outlives each connection, and what the control plane drives.
-#[derive(Debug)]
-pub struct DaemonState {
-    ns: Arc<Namespace>,
-    engine: Arc<Engine>,
-    counters: Arc<Counters>,
-    /// The media latency model; `None` when instant.
-    latency: Option<Arc<Latency>>,
-    /// The request pipeline of the connection being served, if any.
-    current: Mutex<Option<Arc<Pipeline>>>,
-    /// Whether a frontend is connected (`current` is set a little before).
-    connected: std::sync::atomic::AtomicBool,
-    started: std::time::Instant,
-    /// Control clients turned away or closed.
-    control_clients: crate::control::ClientCounters,
-}
-
-impl DaemonState {
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
-    pub fn namespace(&self) -> &Arc<Namespace> {
-        &self.ns
-    }
-
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
-    }
-
-    pub fn control_clients(&self) -> &crate::control::ClientCounters {
-        &self.control_clients
-    }
-
-    /// Fails every request still waiting on the connected frontend (the
-    /// daemon is stopping); returns how many.
-    pub fn fail_waiting(&self) -> usize {
-        self.current().map_or(0, |d| d.fail_waiting())
-    }
-
-    fn current(&self) -> Option<Arc<Pipeline>> {
-        self.current.lock().ok()?.clone()
-    }
-
-    /// Releases held requests of the current connection; returns how many.
-    pub fn release(&self, which: Release) -> usize {
-        self.current().map_or(0, |d| d.release(which))
-    }
-
-    /// Releases the held requests `pick` chooses; returns how many.
-    pub fn release_where(&self, pick: impl Fn(&ParkedInfo) -> bool) -> usize {
-        self.current().map_or(0, |d| d.release_where(pick))
-    }
-
-    /// Requests of the current connection waiting for a delay or a release.
-    pub fn parked(&self) -> Vec<ParkedInfo> {
-        self.current().map(|d| d.parked()).unwrap_or_default()
-    }
-
-    /// The daemon at a glance.
-    pub fn status(&self) -> serde_json::Value {
-        let engine = &self.engine;
-        let parked = self.parked();
-        let ledger = engine.ledger();
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "connected": self.connected.load(std::sync::atomic::Ordering::Relaxed),
-            "capacity_bytes": self.ns.capacity_bytes(),
-            "lbs": self.ns.lba_size().bytes(),
-            "counters": self.counters.snapshot(),
-            "findings": engine
-                .finding_counts()
-                .into_iter()
-                .map(|(k, n)| (k.name(), n))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-            "checks": crate::control::checks_json(engine.checks()),
-            "watches": engine.watch_figures(),
-            "rules": engine.faults().rules().len(),
-            "held": parked.iter().filter(|p| p.held).count(),
-            "delayed": parked.iter().filter(|p| !p.held).count(),
-            "zero_page": engine.zero_page(),
-            "latency": self
-                .latency
-                .as_ref()
-                .map_or_else(|| "instant".to_owned(), |l| l.spec().to_string()),
-            "write_cache": self.ns.cache_status().map(|c| serde_json::json!({
-                "enabled": self.ns.write_cache_enabled(),
-                "capacity_bytes": c.capacity_bytes,
-                "volatile_bytes": c.volatile_bytes,
-                "volatile_writes": c.volatile_writes,
-                "destaged_bytes": c.destaged_bytes,
-            })),
-            "power_cuts": self.ns.power_epoch(),
-            "backing": {
-                "kind": self.ns.backing_kind().name(),
-                "syncs": self.ns.syncs(),
-            },
-            "media_errors": self.ns.media_errors().list(),
-            "tag": engine.tag(),
-            "ledger": {
-                "entries": ledger.len(),
-                "capacity": ledger.capacity(),
-                "bytes": ledger.bytes(),
-                "byte_budget": ledger.byte_budget(),
-                "dropped": ledger.dropped(),
-            },
-            "control": self.control_clients.snapshot(),
-            "process": crate::process::ProcessFigures::now(),
-        })
-    }
-}
-
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -286,7 +177,7 @@ impl Daemon {
         check_socket_path(&config.socket)?;
         if let Some(control) = &config.control {
             if let Err(SocketError::NotASocket(path)) = check_socket_path(control) {
-                return Err(crate::control::ControlError::NotASocket(path).into());
+                return Err(ControlError::NotASocket(path).into());
             }
         }
         let ledger = config
@@ -303,21 +194,20 @@ impl Daemon {
             info!("media latency: {}", config.latency);
             Arc::new(Latency::new(config.latency, config.dma.seed))
         });
-        let shared = Arc::new(DaemonState {
+        let shared = Arc::new(DaemonState::new(
             ns,
             engine,
-            counters: Arc::new(Counters::default()),
+            Arc::new(Counters::default()),
             latency,
-            current: Mutex::new(None),
-            connected: std::sync::atomic::AtomicBool::new(false),
-            started: std::time::Instant::now(),
-            control_clients: Default::default(),
-        });
+        ));
         // The control socket first: by the time the device's socket answers,
         // ctl can reach the daemon.
         let mut sockets = Vec::new();
         if let Some(path) = &config.control {
-            crate::control::serve(path, shared.clone(), config.control_idle)
+            let state = shared.clone();
+            let answer: ControlFn = Arc::new(move |line: &str| handle_line(&state, line));
+            let clients = shared.control_clients().clone();
+            control::socket::serve(path, answer, clients, config.control_idle)
                 .map_err(ServeError::Control)?;
             // Known from now on, so that exit removes it only if it is still there.
             if let Ok(file) = SocketFile::of(path) {
@@ -326,7 +216,7 @@ impl Daemon {
         }
         let (listener, socket_file) = bind_socket(&config.socket)?;
         sockets.push(socket_file);
-        let ns = &shared.ns;
+        let ns = &shared.namespace();
         let read_only = if ns.read_only() { ", read-only" } else { "" };
         if config.nvme {
             info!(
@@ -356,7 +246,7 @@ impl Daemon {
         let loop_shared = shared.clone();
         let mailbox = config.mailbox;
         if mailbox {
-            match guest_tests::mailbox::mailbox_offset(shared.ns.capacity_bytes()) {
+            match guest_tests::mailbox::mailbox_offset(shared.namespace().capacity_bytes()) {
                 Some(at) => info!("guest mailbox at byte {at} (the last MiB)"),
                 None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
             }
@@ -395,15 +285,15 @@ impl Daemon {
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.shared.engine
+        self.shared.engine()
     }
 
     pub fn namespace(&self) -> &Arc<Namespace> {
-        &self.shared.ns
+        self.shared.namespace()
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
-        &self.shared.counters
+        self.shared.counters()
     }
 
     pub fn socket(&self) -> &Path {
@@ -435,7 +325,7 @@ impl Daemon {
     /// given), replacing what it held.
     pub fn write_ledger(&mut self) -> Result<(), ServeError> {
         match &mut self.ledger {
-            Some(file) => file.write(&self.shared.engine.ledger()),
+            Some(file) => file.write(&self.shared.engine().ledger()),
             None => Ok(()),
         }
     }
@@ -472,7 +362,7 @@ fn mailbox_control(shared: &Arc<DaemonState>, mailbox: bool) -> Option<ControlFn
     mailbox.then(|| {
         let state = Arc::downgrade(shared);
         let f: ControlFn = Arc::new(move |line: &str| match state.upgrade() {
-            Some(s) => crate::control::handle_line(&s, line),
+            Some(s) => handle_line(&s, line),
             None => r#"{"v":1,"ok":false,"error":"the daemon is stopping"}"#.to_owned(),
         });
         f
@@ -490,13 +380,13 @@ fn nvme_server(
     // Commands are served on the vfio-user thread: one queue's worth of CPU.
     let pipeline = Arc::new(
         Pipeline::new(
-            shared.ns.clone(),
-            shared.engine.clone(),
-            shared.counters.clone(),
+            shared.namespace().clone(),
+            shared.engine().clone(),
+            shared.counters().clone(),
             &config.serial,
             1,
             mailbox_control(shared, config.mailbox),
-            shared.latency.clone(),
+            shared.latency().cloned(),
         )
         .map_err(ServeError::Device)?,
     );
@@ -504,9 +394,7 @@ fn nvme_server(
     let server =
         VfioUserServer::with_listener(listener, &config.socket, device, VfioUserOptions::default())
             .map_err(ServeError::Nvme)?;
-    if let Ok(mut current) = shared.current.lock() {
-        *current = Some(pipeline);
-    }
+    shared.set_current(Some(pipeline));
     Ok(server)
 }
 
@@ -532,12 +420,12 @@ fn serve_connections(
     loop {
         let control = mailbox_control(shared, mailbox);
         let device = match BlkDevice::new(
-            shared.ns.clone(),
-            shared.engine.clone(),
-            shared.counters.clone(),
+            shared.namespace().clone(),
+            shared.engine().clone(),
+            shared.counters().clone(),
             shape.clone(),
             control,
-            shared.latency.clone(),
+            shared.latency().cloned(),
         ) {
             Ok(d) => Arc::new(d),
             Err(e) => return ServeError::Device(e),
@@ -549,13 +437,9 @@ fn serve_connections(
         };
         // The device is current before the frontend can send anything, so a
         // release from the control plane never misses a request parked early.
-        if let Ok(mut current) = shared.current.lock() {
-            *current = Some(device.pipeline().clone());
-        }
+        shared.set_current(Some(device.pipeline().clone()));
         if let Err(e) = daemon.start(&mut listener) {
-            if let Ok(mut current) = shared.current.lock() {
-                *current = None;
-            }
+            shared.set_current(None);
             device.shut_down();
             drop(daemon);
             device.close_handed_out();
@@ -571,9 +455,7 @@ fn serve_connections(
         }
         failures = 0;
         info!("frontend connected");
-        shared
-            .connected
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        shared.set_connected(true);
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -581,12 +463,8 @@ fn serve_connections(
             )) => info!("frontend disconnected"),
             Err(e) => error!("frontend connection ended: {e}"),
         }
-        shared
-            .connected
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut current) = shared.current.lock() {
-            *current = None;
-        }
+        shared.set_connected(false);
+        shared.set_current(None);
         device.shut_down();
         drop(daemon);
         device.close_handed_out();
@@ -594,8 +472,8 @@ fn serve_connections(
         // frontend that goes away has not flushed, so what the write cache
         // holds stays volatile (a power cut between guests loses it);
         // without a running cache the backing is made stable.
-        if !shared.ns.write_cache_enabled() {
-            if let Err(e) = shared.ns.flush() {
+        if !shared.namespace().write_cache_enabled() {
+            if let Err(e) = shared.namespace().flush() {
                 error!("flush after disconnect failed: {e}");
             }
         }

@@ -22,7 +22,8 @@ use std::process::{Command as Process, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::control::{self, Command as Ctl};
+use backend::control::commands::carry_out;
+use backend::control::protocol::Command as Ctl;
 use backend::frontend::{
     BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, FrontendConfig, Queue,
     RequestType, Sector, Segment, Status,
@@ -598,7 +599,7 @@ fn tag_matches_requests_between_begin_and_end() {
     let s = Served::start(&[]);
     let mut fe = s.connect(1);
     s.rule("tag=t1,action=error");
-    let control = |cmd: Ctl| control::execute(s.daemon.state(), cmd).expect("the command");
+    let control = |cmd: Ctl| carry_out(s.daemon.state(), cmd).expect("the command");
     let cursor = s.cursor();
     let untagged = read_status(&mut fe, 0, 512);
     let begun = control(Ctl::Begin { tag: "t1".into() });

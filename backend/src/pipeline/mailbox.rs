@@ -5,16 +5,14 @@
 //! Mailbox I/O never reaches the media and never meets the fault plan: a test
 //! can hold its own reads and still talk to the device.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use guest_tests::mailbox::{decode, encode, mailbox_offset, MAX_PAYLOAD};
 use vm_memory::GuestMemoryBackend;
 
+use crate::control::protocol::{refusal, ControlFn};
 use crate::counters::{bump, Counters};
 use crate::virtio_blk::Status;
-
-/// Runs one control request line and returns the answer line.
-pub type ControlFn = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// The mailbox of one disk.
 pub struct Mailbox {
@@ -133,19 +131,17 @@ impl Mailbox {
 
 /// The answer in place of one longer than the mailbox holds.
 fn too_long(len: usize) -> String {
-    serde_json::json!({
-        "v": crate::control::PROTOCOL_VERSION,
-        "ok": false,
-        "error": format!(
-            "the answer ({len} bytes) is longer than the mailbox holds ({MAX_PAYLOAD} bytes): \
-             ask for less (ledger: a smaller limit) or use the control socket"
-        ),
-    })
+    refusal(format!(
+        "the answer ({len} bytes) is longer than the mailbox holds ({MAX_PAYLOAD} bytes): \
+         ask for less (ledger: a smaller limit) or use the control socket"
+    ))
     .to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

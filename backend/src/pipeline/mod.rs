@@ -30,7 +30,9 @@ use crate::counters::{bump, Counters};
 use crate::virtio_blk::request::Malformed;
 use crate::virtio_blk::{Status, ID_BYTES};
 use iopool::{Handover, IoPool, Task};
-use mailbox::{ControlFn, Mailbox};
+use mailbox::Mailbox;
+
+use crate::control::protocol::ControlFn;
 use work::{ExecContext, ExecError, Prepared, Work};
 
 /// Guest memory as the front-ends share it.

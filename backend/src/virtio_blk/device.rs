@@ -31,8 +31,8 @@ use super::config_space::{BlkConfig, CONFIG_WRITEBACK_OFFSET};
 use super::prepare::prepare;
 use super::request::{self, Limits, Rejected};
 use super::{Status, SECTOR_SHIFT, SIZE_MAX};
+use crate::control::protocol::ControlFn;
 use crate::counters::{bump, Counters};
-use crate::pipeline::mailbox::ControlFn;
 use crate::pipeline::{
     status_name, Core, Failure, Label, Mem, Outcome, Pipeline, Reply, Submitted,
 };
