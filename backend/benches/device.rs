@@ -6,7 +6,7 @@
 //!
 //! The daemon (`backend::serve::Daemon`) serves in this process on a socket in
 //! a temp dir, over 256 MiB of memory media filled with data beforehand; the
-//! frontend driver (`backend::frontend::BlkFrontend`) keeps 32 requests in
+//! frontend driver (`backend::vhost_user_driver::BlkFrontend`) keeps 32 requests in
 //! flight. Two configurations take turns on the same connection, switched with
 //! `Engine::set_checks` between rounds:
 //!
@@ -33,10 +33,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
-use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, FrontendConfig, Queue, RequestType, Sector, Segment, Status,
-};
 use backend::serve::Daemon;
+use backend::vhost_user_driver::{
+    BlkFrontend, BlkRequest, Buffer, FrontendConfig, Queue, RequestType, Sector, Segment,
+    StatusByte,
+};
 use clap::Parser;
 use dma::{Checks, Engine};
 use nvme_model::{Lba, Namespace};
@@ -232,7 +233,7 @@ fn keep_busy(
         out.clear();
         q.wait(&mut out, SOON).expect("completions");
         for c in &out {
-            assert_eq!(c.status(), Some(Status::OK), "{c:?}");
+            assert_eq!(c.status(), Some(StatusByte::OK), "{c:?}");
         }
         completed += out.len() as u64;
         let now = Instant::now();
@@ -250,7 +251,7 @@ fn keep_busy(
         q.wait(&mut rest, SOON).expect("drain");
     }
     assert!(
-        rest.iter().all(|c| c.status() == Some(Status::OK)),
+        rest.iter().all(|c| c.status() == Some(StatusByte::OK)),
         "{rest:?}"
     );
     Rate {

@@ -17,7 +17,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use backend::frontend::{encode_header, DiscardRange, RequestType, Sector};
+use backend::vhost_user_driver::{encode_header, DiscardRange, RequestType, Sector};
 use backend::virtio_blk::request::{parse, Limits, Request};
 use backend::virtio_blk::{self, SIZE_MAX};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -59,7 +59,7 @@ struct Case {
 impl Case {
     /// Address, length and flags of each descriptor, without NEXT.
     fn layout(&self) -> Vec<(u64, u32, u16)> {
-        let data_flags = if self.kind.device_writes() { WRITE } else { 0 };
+        let data_flags = if self.kind.device_writes_data() { WRITE } else { 0 };
         let mut v = vec![(HEADER, virtio_blk::HEADER_LEN, 0)];
         v.extend(self.data.iter().map(|&(addr, len)| (addr, len, data_flags)));
         v.push((STATUS, 1, WRITE));
@@ -104,10 +104,9 @@ impl Case {
     }
 
     /// What `parse` must return.
-    fn expected(&self) -> (virtio_blk::RequestType, u32, usize) {
-        let op = virtio_blk::RequestType::from_raw(self.kind.code());
+    fn expected(&self) -> (RequestType, u32, usize) {
         let len = self.data.iter().map(|&(_, len)| len).sum();
-        (op, len, self.data.len())
+        (self.kind, len, self.data.len())
     }
 }
 

@@ -18,9 +18,9 @@ use log::info;
 use serde::{Serialize, Serializer};
 
 use crate::config::{self, ConfigError};
-use crate::frontend::{
+use crate::vhost_user_driver::{
     self, BlkFrontend, BlkRequest, Buffer, FrontendConfig, Queue, RequestType, Sector, Segment,
-    Status,
+    StatusByte,
 };
 
 /// Descriptors one request takes: header, data, status.
@@ -320,7 +320,7 @@ pub enum BenchError {
         socket: PathBuf,
         /// The cause.
         #[source]
-        source: frontend::Error,
+        source: vhost_user_driver::Error,
     },
     /// The backend cannot take writes.
     #[error("The device is read-only (VIRTIO_BLK_F_RO) and the workload {0} writes")]
@@ -332,7 +332,7 @@ pub enum BenchError {
         queue: u16,
         /// The cause.
         #[source]
-        source: frontend::Error,
+        source: vhost_user_driver::Error,
     },
     /// A request completed with a status other than OK.
     #[error("q={queue} op={op} sector={} len={len} completed with status {status}", sector.0)]
@@ -346,7 +346,7 @@ pub enum BenchError {
         /// Bytes.
         len: u64,
         /// The status the device wrote.
-        status: Status,
+        status: StatusByte,
     },
     /// A worker thread panicked.
     #[error("The worker of queue {0} panicked")]
@@ -647,7 +647,7 @@ fn drive(
                 .and_then(Option::take)
                 .ok_or(BenchError::Queue {
                     queue,
-                    source: frontend::Error::BadSlot {
+                    source: vhost_user_driver::Error::BadSlot {
                         slot: u16::try_from(c.id).unwrap_or(u16::MAX),
                         size: q.size(),
                     },
@@ -657,7 +657,7 @@ fn drive(
             } else {
                 "write"
             };
-            let status = c.status().unwrap_or(Status::UNWRITTEN);
+            let status = c.status().unwrap_or(StatusByte::UNWRITTEN);
             if !status.is_ok() {
                 return Err(BenchError::Request {
                     queue,
@@ -719,7 +719,7 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
         config.rw,
         Rw::RandRead | Rw::Read | Rw::Mix { read_percent: 100 }
     );
-    if writes && fe.negotiated().has(frontend::features::BLK_RO) {
+    if writes && fe.negotiated().has(vhost_user_driver::features::BLK_RO) {
         return Err(BenchError::ReadOnly(config.rw));
     }
     let capacity = fe.get_config().map_err(setup)?.capacity_bytes();
@@ -741,7 +741,7 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
                 b.fill(0xa5 ^ q.to_le_bytes()[0] ^ i.to_le_bytes()[0])?;
                 Ok(b)
             })
-            .collect::<Result<Vec<_>, frontend::Error>>()
+            .collect::<Result<Vec<_>, vhost_user_driver::Error>>()
             .map_err(setup)?;
         buffers.push(bufs);
     }

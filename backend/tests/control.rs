@@ -1,5 +1,5 @@
 //! The control plane end to end: a real `dmaprobe serve` child process on a disk
-//! file in a temp dir, a frontend (`backend::frontend`) on its vhost-user
+//! file in a temp dir, a frontend (`backend::vhost_user_driver`) on its vhost-user
 //! socket, and the real `dmaprobe ctl` (or a raw UNIX stream) on its control
 //! socket. Each test checks what the person at the terminal would see and what
 //! the guest's requests then do.
@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{BlkFrontend, Buffer, ChainId, RequestType, Sector, Status};
+use backend::vhost_user_driver::{BlkFrontend, Buffer, ChainId, RequestType, Sector, StatusByte};
 use serde_json::{json, Value};
 
 /// The longest request line the daemon accepts (control.rs `MAX_LINE`).
@@ -94,7 +94,7 @@ fn a_read_held_by_a_ctl_rule_is_listed_and_released_by_id() {
 
     assert_eq!(s.ctl_ok(&["release", &req.to_string()]), "released 1\n");
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("released");
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     assert!(buf.read().unwrap() == data, "the data after release");
     assert_eq!(s.ctl_ok(&["held"]), "nothing is waiting\n");
     assert_eq!(
@@ -152,7 +152,7 @@ fn release_all_by_queue_and_by_match() {
             .unwrap()
             .wait_for(ids[i], SOON)
             .expect("released");
-        assert_eq!(status(&c), Status::OK);
+        assert_eq!(status(&c), StatusByte::OK);
         assert!(
             bufs[i].read().unwrap() == s.disk_at(sector, LEN),
             "read {i}'s data"
@@ -195,7 +195,7 @@ fn a_watch_after_completion_is_not_listed_as_a_waiting_request() {
     let s = Serve::start(&["--fault", "op=read,action=watch,ms=5000"]);
     let mut fe = s.connect(1);
     let (st, _) = fe.read(0, Sector(0), LEN).expect("a watched read");
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     let st = s.ctl_json(&["status"]);
     let held = s.ctl_ok(&["held"]);
     assert_eq!(
@@ -215,7 +215,7 @@ fn a_watch_after_completion_is_not_listed_as_a_waiting_request() {
 struct Sent {
     submitted: Instant,
     completed: Instant,
-    status: Status,
+    status: StatusByte,
 }
 
 #[test]
@@ -267,7 +267,7 @@ fn a_rule_added_while_traffic_runs_changes_what_follows() {
                 }
                 let id = submit(q, RequestType::In, 200, &dst);
                 let c = q.wait_for(id, SOON).expect("a read");
-                assert_eq!(status(&c), Status::OK, "reads are never failed");
+                assert_eq!(status(&c), StatusByte::OK, "reads are never failed");
                 assert!(dst.read().unwrap() == on_disk, "read {i} back");
             }
         });
@@ -288,7 +288,7 @@ fn a_rule_added_while_traffic_runs_changes_what_follows() {
         (t0, t1, t2, t3)
     });
     let log = log.into_inner().unwrap();
-    let statuses = |pick: &dyn Fn(&Sent) -> bool| -> Vec<Status> {
+    let statuses = |pick: &dyn Fn(&Sent) -> bool| -> Vec<StatusByte> {
         log.iter().filter(|w| pick(w)).map(|w| w.status).collect()
     };
     let before = statuses(&|w| w.completed < t0);
@@ -297,7 +297,7 @@ fn a_rule_added_while_traffic_runs_changes_what_follows() {
     assert!(before.len() >= 10 && during.len() >= 10 && after.len() >= 10);
     assert!(before.iter().all(|st| st.is_ok()), "before: {before:?}");
     assert!(
-        during.iter().all(|&st| st == Status::IOERR),
+        during.iter().all(|&st| st == StatusByte::IOERR),
         "with the rule: {during:?}"
     );
     assert!(
@@ -327,7 +327,7 @@ fn findings_show_a_read_buffer_reused_while_held() {
     buf.fill(0).unwrap();
     s.ctl_ok(&["release", "--all"]);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
 
     let human = s.ctl_ok(&["findings"]);
     let want = format!(
@@ -437,10 +437,10 @@ fn status_shows_the_counters_and_reset_clears_them() {
         write_ok(&mut fe, 8 * i, &[i as u8 + 1; 512]);
     }
     for _ in 0..2 {
-        assert_eq!(fe.read(0, Sector(0), 512).unwrap().0, Status::OK);
+        assert_eq!(fe.read(0, Sector(0), 512).unwrap().0, StatusByte::OK);
     }
     s.ctl_ok(&["add-rule", "lba=99,action=error"]);
-    assert_eq!(fe.read(0, Sector(99), 512).unwrap().0, Status::IOERR);
+    assert_eq!(fe.read(0, Sector(99), 512).unwrap().0, StatusByte::IOERR);
 
     let st = s.ctl_json(&["status"]);
     let c = &st["counters"];
@@ -563,7 +563,7 @@ fn checks_switch_the_canary_on_and_off_at_run_time() {
         let during = buf.read().unwrap();
         s.ctl_ok(&["release", "--all"]);
         let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
-        assert_eq!(status(&c), Status::OK);
+        assert_eq!(status(&c), StatusByte::OK);
         during
     };
     let during = held_read(&mut fe);

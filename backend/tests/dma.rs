@@ -1,6 +1,6 @@
 //! The DMA engine seen through the real vhost-user protocol: an in-process
 //! daemon (`backend::serve::Daemon`) on a socket in a temp dir, driven by the
-//! frontend driver (`backend::frontend`), with fault rules, checks and the
+//! frontend driver (`backend::vhost_user_driver`), with fault rules, checks and the
 //! ledger set as `dmaprobe serve` would set them.
 //!
 //! Timing: lower bounds are exact (a delay is never cut short); upper bounds
@@ -19,11 +19,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::config::ServeConfig;
-use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Segment,
-    Status,
-};
 use backend::serve::Daemon;
+use backend::vhost_user_driver::{
+    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Segment,
+    StatusByte,
+};
 use dma::fault::Action;
 use dma::ledger::{Entry, RequestRecord};
 use dma::schedule::{ParkedInfo, Release};
@@ -155,14 +155,14 @@ fn prefilled(fe: &BlkFrontend) -> Buffer {
     buf
 }
 
-fn status(c: &Completion) -> Status {
+fn status(c: &Completion) -> StatusByte {
     c.status().expect("a blk completion")
 }
 
 fn write_ok(fe: &mut BlkFrontend, queue: u16, sector: u64, data: &[u8]) {
     assert_eq!(
         fe.write(queue, Sector(sector), data).expect("write"),
-        Status::OK
+        StatusByte::OK
     );
 }
 
@@ -235,7 +235,7 @@ fn delayed_read(s: &Served, canary: bool) {
 
     let done = fe.queue(0).unwrap().wait_for(id, SOON).expect("completes");
     let elapsed = start.elapsed();
-    assert_eq!(status(&done), Status::OK);
+    assert_eq!(status(&done), StatusByte::OK);
     assert!(
         elapsed >= Duration::from_millis(300),
         "completed after {elapsed:?}, before its 300 ms delay"
@@ -285,13 +285,13 @@ fn a_held_read_blocks_neither_its_queue_nor_another() {
     let later = submit(fe.queue(0).unwrap(), RequestType::In, 88, &q0_buf);
     let other = submit(fe.queue(1).unwrap(), RequestType::In, 96, &q1_buf);
     let c = fe.queue(1).unwrap().wait_for(other, SOON).expect("q1 read");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(q1_buf.read().unwrap() == q1_data);
     let mut order = Vec::new();
     let q0 = fe.queue(0).unwrap();
     let c = q0.wait_for(later, SOON).expect("the later q0 read");
     order.push(c.chain());
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(q0_buf.read().unwrap() == q0_data);
 
     // The held one is still parked, and has not been touched.
@@ -309,7 +309,7 @@ fn a_held_read_blocks_neither_its_queue_nor_another() {
         .wait_for(held, SOON)
         .expect("the held read after release");
     order.push(c.chain());
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert_eq!(
         order,
         vec![Some(later), Some(held)],
@@ -335,7 +335,7 @@ fn a_write_source_changed_while_held_is_found_and_the_change_is_written() {
     src.write_at(0, &after).unwrap();
     assert_eq!(s.daemon.release(Release::One(p.request)), 1);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the write");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     let found = s.findings_of(p.request);
     assert_eq!(found.len(), 1, "{found:?}");
     let f = &found[0];
@@ -345,7 +345,7 @@ fn a_write_source_changed_while_held_is_found_and_the_change_is_written() {
     assert_eq!((f.op, f.queue, f.lba), (Op::Write, 0, 200));
     assert_eq!((f.gpa.0, f.len), (src.gpa().0, LEN as u64));
     let (st, disk) = fe.read(0, Sector(200), LEN).unwrap();
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(
         disk == after,
         "the disk holds what the source held at the end of the wait"
@@ -357,7 +357,7 @@ fn a_write_source_changed_while_held_is_found_and_the_change_is_written() {
     let p = s.wait_parked_one();
     assert_eq!(s.daemon.release(Release::All), 1);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the write");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert_eq!(s.findings_of(p.request), Vec::new());
     assert!(fe.read(0, Sector(201), LEN).unwrap().1 == before);
 }
@@ -431,7 +431,7 @@ fn a_read_destination_reused_while_held_is_found_and_classified() {
 
         assert_eq!(s.daemon.release(Release::One(p.request)), 1);
         let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
-        assert_eq!(status(&c), Status::OK);
+        assert_eq!(status(&c), StatusByte::OK);
         assert!(buf.read().unwrap() == data, "the data lands all the same");
 
         let found = s.findings_of(p.request);
@@ -468,7 +468,7 @@ fn other_data_written_from_the_middle_of_a_canary_unit_is_other_data() {
     buf.write_at(1000, &other_data(512)).unwrap();
     assert_eq!(s.daemon.release(Release::All), 1);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("the read");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     let found = s.findings_of(p.request);
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(
@@ -505,7 +505,7 @@ fn stopping_a_queue_completes_its_held_request() {
     fe.queue(0).unwrap().poll(&mut used).unwrap();
     assert_eq!(used.len(), 1, "the held request's used entry: {used:?}");
     assert_eq!(used[0].chain(), Some(id));
-    assert_eq!(status(&used[0]), Status::OK);
+    assert_eq!(status(&used[0]), StatusByte::OK);
     assert_eq!(used[0].len, LEN as u32 + 1);
     assert!(buf.read().unwrap() == data);
     let r = s.wait_record(p.request);
@@ -522,7 +522,7 @@ fn stopping_a_queue_completes_its_held_request() {
         .unwrap()
         .wait_for(other, SOON)
         .expect("q1's read");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(other_buf.read().unwrap() == data);
     s.assert_alive();
 }
@@ -547,7 +547,7 @@ fn a_frontend_that_leaves_with_a_held_request_does_not_stop_the_daemon() {
 
     let mut fe = s.connect(1);
     let (st, back) = fe.read(0, Sector(500), LEN).expect("a read");
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(back == data);
     write_ok(&mut fe, 0, 508, &pattern(10, LEN));
     assert!(s.daemon.parked().is_empty());
@@ -585,7 +585,7 @@ fn run_mix(s: &Served) {
             queue.wait_for(id, SOON)
         }
         .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(status(&c), Status::OK, "request {i}");
+        assert_eq!(status(&c), StatusByte::OK, "request {i}");
         assert!(s.daemon.parked().is_empty());
     }
     assert!(start.elapsed() < SOON, "{:?}", start.elapsed());
@@ -666,7 +666,7 @@ fn pending_watches_are_limited_and_shown_in_the_status() {
     let id = q.submit(&request).expect("submit");
     q.kick().expect("kick");
     let c = q.wait_for(id, SOON).expect("the aliased read");
-    assert_eq!((status(&c), c.len), (Status::OK, 8 * LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, 8 * LEN as u32 + 1));
     assert!(aliased.read().unwrap() == data[7 * LEN..]);
     assert_eq!(watches(), figures(1, 0), "one buffer watched, once");
 
@@ -677,7 +677,7 @@ fn pending_watches_are_limited_and_shown_in_the_status() {
         .unwrap()
         .wait_for(id, SOON)
         .expect("the next read");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(other.read().unwrap() == data[..LEN], "served all the same");
     assert_eq!(watches(), figures(1, 1));
     assert_eq!(s.findings(), Vec::new());

@@ -1,7 +1,7 @@
 //! Every fault rule key and every action, seen through the real vhost-user
 //! protocol: an in-process daemon (`backend::serve::Daemon`) on a raw file in a
 //! temp dir, configured from `dmaprobe serve` arguments, driven by the frontend
-//! driver (`backend::frontend`). Each test checks what a user of the device
+//! driver (`backend::vhost_user_driver`). Each test checks what a user of the device
 //! would: the status byte and used length, the bytes in guest memory, the bytes
 //! in the disk file as the host reads it, the timing, and the request's ledger
 //! record (`--ledger` turns recording on).
@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use backend::control::commands::carry_out;
 use backend::control::protocol::Command as Ctl;
-use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, FrontendConfig, Queue,
-    RequestType, Sector, Segment, Status,
-};
 use backend::serve::Daemon;
+use backend::vhost_user_driver::{
+    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, FrontendConfig, Queue,
+    RequestType, Sector, Segment, StatusByte,
+};
 use dma::ledger::{Entry, RequestRecord};
 use dma::schedule::{ParkedInfo, Release};
 use dma::{Finding, FindingKind, Op, RuleSpec};
@@ -226,14 +226,14 @@ fn run(q: &mut Queue, kind: RequestType, sector: u64, data: &[Segment]) -> Compl
         .unwrap_or_else(|e| panic!("{kind:?} at {sector}: {e}"))
 }
 
-fn status(c: &Completion) -> Status {
+fn status(c: &Completion) -> StatusByte {
     c.status().expect("a blk completion")
 }
 
 /// What a read did: status, used length, the destination afterwards.
 #[derive(Debug)]
 struct ReadOutcome {
-    status: Status,
+    status: StatusByte,
     used: u32,
     data: Vec<u8>,
 }
@@ -255,7 +255,7 @@ fn read(fe: &mut BlkFrontend, queue: u16, sector: u64, len: usize) -> ReadOutcom
 }
 
 /// Writes `data` at `sector` on `queue`; returns the status and used length.
-fn write(fe: &mut BlkFrontend, queue: u16, sector: u64, data: &[u8]) -> (Status, u32) {
+fn write(fe: &mut BlkFrontend, queue: u16, sector: u64, data: &[u8]) -> (StatusByte, u32) {
     let buf = holding(fe, data);
     let c = run(
         fe.queue(queue).unwrap(),
@@ -266,7 +266,7 @@ fn write(fe: &mut BlkFrontend, queue: u16, sector: u64, data: &[u8]) -> (Status,
     (status(&c), c.len)
 }
 
-fn read_status(fe: &mut BlkFrontend, sector: u64, len: usize) -> Status {
+fn read_status(fe: &mut BlkFrontend, sector: u64, len: usize) -> StatusByte {
     read(fe, 0, sector, len).status
 }
 
@@ -298,7 +298,7 @@ const OP_ZEROES_AT: u64 = 24;
 /// Issues one request of each op, in the order of `Op`'s variants; checks each
 /// one's effect on guest memory and disk against its status; returns the
 /// statuses.
-fn every_op(s: &Served, fe: &mut BlkFrontend, round: u64) -> Vec<(Op, Status)> {
+fn every_op(s: &Served, fe: &mut BlkFrontend, round: u64) -> Vec<(Op, StatusByte)> {
     let (old_r, old_w, old_d, old_z, new_w) = (
         pattern(round * 10 + 1, LEN),
         pattern(round * 10 + 2, LEN),
@@ -365,7 +365,7 @@ fn every_op(s: &Served, fe: &mut BlkFrontend, round: u64) -> Vec<(Op, Status)> {
     let c = run(fe.queue(0).unwrap(), RequestType::GetId, 0, &[seg(&id)]);
     let got = id.read().unwrap();
     if status(&c).is_ok() {
-        assert_eq!(backend::frontend::id_string(&got), "dmaprobe");
+        assert_eq!(backend::vhost_user_driver::id_string(&got), "dmaprobe");
     } else {
         assert!(
             got.iter().all(|&b| b == PREFILL),
@@ -401,11 +401,18 @@ fn op_picks_out_each_operation_and_any_picks_all() {
         let id = s.rule(&format!("op={name},action=error"));
         let cursor = s.cursor();
         let got = every_op(&s, &mut fe, round);
-        let want: Vec<(Op, Status)> = ALL_OPS
+        let want: Vec<(Op, StatusByte)> = ALL_OPS
             .iter()
             .map(|&op| {
                 let hit = name == "any" || op.name() == name;
-                (op, if hit { Status::IOERR } else { Status::OK })
+                (
+                    op,
+                    if hit {
+                        StatusByte::IOERR
+                    } else {
+                        StatusByte::OK
+                    },
+                )
             })
             .collect();
         assert_eq!(got, want, "op={name}");
@@ -447,7 +454,11 @@ fn lba_matches_one_block_or_an_inclusive_range_of_first_blocks() {
     ];
     for &(sector, len, fails) in &cases {
         let st = read_status(&mut fe, sector, len);
-        let want = if fails { Status::IOERR } else { Status::OK };
+        let want = if fails {
+            StatusByte::IOERR
+        } else {
+            StatusByte::OK
+        };
         assert_eq!(st, want, "a {len} B read at lba {sector}");
     }
     let records = s.wait_records(cursor, cases.len());
@@ -473,12 +484,12 @@ fn lba_is_counted_in_logical_blocks() {
     s.rule("op=read,lba=3,action=error");
     let cursor = s.cursor();
     // Block 3 of 4096 B is sector 24.
-    assert_eq!(read_status(&mut fe, 24, 4096), Status::IOERR);
-    assert_eq!(read_status(&mut fe, 16, 4096), Status::OK);
-    assert_eq!(read_status(&mut fe, 32, 4096), Status::OK);
+    assert_eq!(read_status(&mut fe, 24, 4096), StatusByte::IOERR);
+    assert_eq!(read_status(&mut fe, 16, 4096), StatusByte::OK);
+    assert_eq!(read_status(&mut fe, 32, 4096), StatusByte::OK);
     assert_eq!(
         read_status(&mut fe, 16, 8192),
-        Status::OK,
+        StatusByte::OK,
         "blocks 2-3 start at 2"
     );
     let lbas: Vec<u64> = s.wait_records(cursor, 4).iter().map(|r| r.lba).collect();
@@ -502,7 +513,7 @@ fn lba_matches_the_first_block_of_a_write_zeroes_or_discard() {
     let records = s.wait_records(cursor, 2);
     assert_eq!(
         (wz, discard),
-        (Status::IOERR, Status::IOERR),
+        (StatusByte::IOERR, StatusByte::IOERR),
         "rules for lba 64 and 64-71; the ledger says: {records:#?}"
     );
     for r in &records {
@@ -523,7 +534,12 @@ fn queue_matches_one_queue() {
     let (w1, _) = write(&mut fe, 1, 56, &pattern(3, LEN));
     assert_eq!(
         (r0.status, r1.status, w0, w1),
-        (Status::OK, Status::IOERR, Status::OK, Status::IOERR)
+        (
+            StatusByte::OK,
+            StatusByte::IOERR,
+            StatusByte::OK,
+            StatusByte::IOERR
+        )
     );
     assert!(r0.data == pattern(1, LEN));
     assert!(r1.data.iter().all(|&b| b == PREFILL));
@@ -560,7 +576,11 @@ fn size_matches_an_inclusive_byte_range() {
         (2560, false),
     ];
     for &(len, fails) in &reads {
-        let want = if fails { Status::IOERR } else { Status::OK };
+        let want = if fails {
+            StatusByte::IOERR
+        } else {
+            StatusByte::OK
+        };
         assert_eq!(read_status(&mut fe, 0, len), want, "a {len} B read");
     }
     // Size counts the bytes of all data segments: 2 × 2048 is 4096.
@@ -571,9 +591,9 @@ fn size_matches_an_inclusive_byte_range() {
         0,
         &[seg(&a), seg(&b)],
     );
-    assert_eq!(status(&c), Status::IOERR, "4096 B in two segments");
-    assert_eq!(write(&mut fe, 0, 0, &[3; 3584]).0, Status::OK);
-    assert_eq!(write(&mut fe, 0, 0, &[4; 4608]).0, Status::OK);
+    assert_eq!(status(&c), StatusByte::IOERR, "4096 B in two segments");
+    assert_eq!(write(&mut fe, 0, 0, &[3; 3584]).0, StatusByte::OK);
+    assert_eq!(write(&mut fe, 0, 0, &[4; 4608]).0, StatusByte::OK);
     let got: Vec<(u64, &str)> = s
         .wait_records(cursor, 8)
         .iter()
@@ -616,10 +636,10 @@ fn tag_matches_requests_between_begin_and_end() {
     assert_eq!(
         (untagged, in_t1, in_t2, after),
         (
-            Status::OK,
-            (Status::IOERR, Status::IOERR),
-            Status::OK,
-            Status::OK
+            StatusByte::OK,
+            (StatusByte::IOERR, StatusByte::IOERR),
+            StatusByte::OK,
+            StatusByte::OK
         )
     );
     let got: Vec<(Op, Option<String>, String)> = s
@@ -648,10 +668,10 @@ fn failing_reads(s: &Served, fe: &mut BlkFrontend, n: usize) -> Vec<bool> {
         .map(|i| {
             assert_eq!(
                 write(fe, 0, 64, &[i as u8; 512]).0,
-                Status::OK,
+                StatusByte::OK,
                 "writes do not count"
             );
-            read_status(fe, 64, 512) == Status::IOERR
+            read_status(fe, 64, 512) == StatusByte::IOERR
         })
         .collect();
     let recorded: Vec<bool> = s
@@ -682,11 +702,11 @@ fn nth_counts_every_matching_request_even_one_an_earlier_rule_decided() {
     let mut fe = s.connect(1);
     let first = s.rule("op=read,nth=1,action=error");
     let second = s.rule("op=read,nth=2,action=error,status=unsupp");
-    let got: Vec<Status> = (0..3).map(|_| read_status(&mut fe, 0, 512)).collect();
+    let got: Vec<StatusByte> = (0..3).map(|_| read_status(&mut fe, 0, 512)).collect();
     let counts = (s.counts(first), s.counts(second));
     assert_eq!(
         got,
-        [Status::IOERR, Status::UNSUPP, Status::OK],
+        [StatusByte::IOERR, StatusByte::UNSUPP, StatusByte::OK],
         "the second read is the nth=2 rule's; rule counters (matched, fired, expired): \
          {counts:?}"
     );
@@ -729,7 +749,7 @@ fn prob_sequence(seed: &str, p: &str) -> Vec<bool> {
     let mut fe = s.connect(1);
     s.rule(&format!("op=read,prob={p},action=error"));
     let fails: Vec<bool> = (0..40)
-        .map(|_| read_status(&mut fe, 0, 512) == Status::IOERR)
+        .map(|_| read_status(&mut fe, 0, 512) == StatusByte::IOERR)
         .collect();
     let recorded: Vec<bool> = s
         .wait_records(1, 40)
@@ -775,7 +795,7 @@ fn delay_holds_a_request_back_for_exactly_its_time_at_least() {
     let start = Instant::now();
     let r = read(&mut fe, 0, 8, LEN);
     let elapsed = start.elapsed();
-    assert_eq!((r.status, r.used), (Status::OK, LEN as u32 + 1));
+    assert_eq!((r.status, r.used), (StatusByte::OK, LEN as u32 + 1));
     assert!(r.data == data);
     assert!(
         elapsed >= Duration::from_millis(300),
@@ -793,7 +813,7 @@ fn delay_holds_a_request_back_for_exactly_its_time_at_least() {
 
     // Another lba: not delayed.
     let cursor = s.cursor();
-    assert_eq!(read_status(&mut fe, 16, LEN), Status::OK);
+    assert_eq!(read_status(&mut fe, 16, LEN), StatusByte::OK);
     assert_eq!(s.one_record(cursor).wait, "none");
 }
 
@@ -814,7 +834,7 @@ fn a_delay_range_picks_each_delay_within_it() {
     let mut done = Vec::new();
     for id in ids {
         let c = q.wait_for(id, SOON).expect("a delayed read");
-        assert_eq!(status(&c), Status::OK);
+        assert_eq!(status(&c), StatusByte::OK);
         done.push(start.elapsed());
     }
     let records = s.wait_records(cursor, 6);
@@ -875,7 +895,7 @@ fn hold_keeps_a_request_until_it_is_released() {
     assert_eq!(s.daemon.release(Release::One(p.request)), 1);
     let c = q.wait_for(id, SOON).expect("released");
     assert!(start.elapsed() >= Duration::from_millis(300));
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     assert!(buf.read().unwrap() == data);
     let rec = s.one_record(cursor);
     assert_eq!((rec.request, rec.wait.as_str()), (p.request, "hold"));
@@ -891,7 +911,7 @@ fn hold_keeps_a_request_until_it_is_released() {
     assert!(s.disk_at(32, LEN) == data, "held: not written yet");
     assert_eq!(s.daemon.release(Release::All), 1);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).expect("released");
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(s.disk_at(32, LEN) == new);
 }
 
@@ -907,7 +927,7 @@ fn watch_finds_a_destination_zeroed_after_completion_and_nothing_else() {
     let cursor = s.cursor();
     let kept = filled(&fe, LEN, PREFILL);
     let c = run(fe.queue(0).unwrap(), RequestType::In, 0, &[seg(&kept)]);
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     let kept_rec = s.one_record(cursor);
 
     // The program frees the page right after the read: it is cleared.
@@ -915,7 +935,7 @@ fn watch_finds_a_destination_zeroed_after_completion_and_nothing_else() {
     let zeroed = filled(&fe, LEN, PREFILL);
     let c = run(fe.queue(0).unwrap(), RequestType::In, 0, &[seg(&zeroed)]);
     zeroed.fill(0).unwrap();
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     let rec = s.one_record(cursor);
     assert_eq!(rec.status, "ok");
 
@@ -947,9 +967,9 @@ fn watch_finds_a_destination_zeroed_after_completion_and_nothing_else() {
 #[test]
 fn error_fails_with_the_chosen_status_and_moves_no_data() {
     for (rule, want, name) in [
-        ("action=error", Status::IOERR, "ioerr"),
-        ("action=error,status=ioerr", Status::IOERR, "ioerr"),
-        ("action=error,status=unsupp", Status::UNSUPP, "unsupp"),
+        ("action=error", StatusByte::IOERR, "ioerr"),
+        ("action=error,status=ioerr", StatusByte::IOERR, "ioerr"),
+        ("action=error,status=unsupp", StatusByte::UNSUPP, "unsupp"),
     ] {
         let s = Served::start(&["--fault", rule]);
         let mut fe = s.connect(1);
@@ -982,7 +1002,7 @@ fn partial_read_moves_exactly_the_first_bytes_and_fails() {
     let id = s.rule("op=read,action=partial,bytes=1000");
     let cursor = s.cursor();
     let r = read(&mut fe, 0, 0, LEN);
-    assert_eq!(r.status, Status::IOERR);
+    assert_eq!(r.status, StatusByte::IOERR);
     assert!(
         r.data[..1000] == data[..1000],
         "the first 1000 bytes are the data"
@@ -1006,7 +1026,7 @@ fn partial_read_moves_exactly_the_first_bytes_and_fails() {
         0,
         &[seg(&a), seg(&b)],
     );
-    assert_eq!(status(&c), Status::IOERR);
+    assert_eq!(status(&c), StatusByte::IOERR);
     assert!(a.read().unwrap() == data[..2048]);
     let b = b.read().unwrap();
     assert!(b[..952] == data[2048..3000]);
@@ -1016,7 +1036,7 @@ fn partial_read_moves_exactly_the_first_bytes_and_fails() {
     s.remove_rule(id);
     s.rule("op=read,action=partial,bytes=100000");
     let r = read(&mut fe, 0, 0, LEN);
-    assert_eq!(r.status, Status::IOERR);
+    assert_eq!(r.status, StatusByte::IOERR);
     assert!(r.data == data);
 }
 
@@ -1029,7 +1049,7 @@ fn partial_write_stores_whole_blocks_of_the_first_bytes_and_fails() {
     s.rule("op=write,action=partial,bytes=1500");
     let cursor = s.cursor();
     let (st, used) = write(&mut fe, 0, 0, &new);
-    assert_eq!((st, used), (Status::IOERR, 1));
+    assert_eq!((st, used), (StatusByte::IOERR, 1));
     let disk = s.disk_at(0, LEN);
     assert!(
         disk[..1024] == new[..1024],
@@ -1044,7 +1064,7 @@ fn partial_write_stores_whole_blocks_of_the_first_bytes_and_fails() {
     let (old, new) = (pattern(10, 2 * LEN), pattern(11, 2 * LEN));
     s.put_disk(0, &old);
     s.rule("op=write,action=partial,bytes=6000");
-    assert_eq!(write(&mut fe, 0, 0, &new).0, Status::IOERR);
+    assert_eq!(write(&mut fe, 0, 0, &new).0, StatusByte::IOERR);
     let disk = s.disk_at(0, 2 * LEN);
     assert!(disk[..LEN] == new[..LEN]);
     assert!(disk[LEN..] == old[LEN..]);
@@ -1053,15 +1073,15 @@ fn partial_write_stores_whole_blocks_of_the_first_bytes_and_fails() {
 #[test]
 fn torn_write_stores_the_first_blocks_with_the_chosen_status() {
     for (rule, want, name) in [
-        ("op=write,action=torn,bytes=2048", Status::OK, "ok"),
+        ("op=write,action=torn,bytes=2048", StatusByte::OK, "ok"),
         (
             "op=write,action=torn,bytes=2048,status=ok",
-            Status::OK,
+            StatusByte::OK,
             "ok",
         ),
         (
             "op=write,action=torn,bytes=2100,status=ioerr",
-            Status::IOERR,
+            StatusByte::IOERR,
             "ioerr",
         ),
     ] {
@@ -1081,7 +1101,7 @@ fn torn_write_stores_the_first_blocks_with_the_chosen_status() {
         assert_eq!(s.one_record(cursor).status, name, "{rule}");
         // A read under the same rule is not torn.
         let r = read(&mut fe, 0, 16, LEN);
-        assert_eq!(r.status, Status::OK, "{rule}");
+        assert_eq!(r.status, StatusByte::OK, "{rule}");
         assert!(r.data == disk, "{rule}");
     }
 }
@@ -1097,7 +1117,7 @@ fn corrupt_flips_bits_of_the_data_moved() {
     let id = s.rule("op=read,action=corrupt");
     let cursor = s.cursor();
     let r = read(&mut fe, 0, 0, LEN);
-    assert_eq!((r.status, r.used), (Status::OK, LEN as u32 + 1));
+    assert_eq!((r.status, r.used), (StatusByte::OK, LEN as u32 + 1));
     assert_eq!(bits_differing(&r.data, &data), 1);
     assert_eq!(s.one_record(cursor).status, "ok");
     assert!(
@@ -1110,7 +1130,7 @@ fn corrupt_flips_bits_of_the_data_moved() {
     let id = s.rule("op=read,action=corrupt,bits=5");
     for _ in 0..4 {
         let r = read(&mut fe, 0, 0, LEN);
-        assert_eq!(r.status, Status::OK);
+        assert_eq!(r.status, StatusByte::OK);
         let n = bits_differing(&r.data, &data);
         assert_eq!(n, 5, "{n} bits differ");
     }
@@ -1121,7 +1141,7 @@ fn corrupt_flips_bits_of_the_data_moved() {
     let new = pattern(15, LEN);
     let src = holding(&fe, &new);
     let c = run(fe.queue(0).unwrap(), RequestType::Out, 8, &[seg(&src)]);
-    assert_eq!((status(&c), c.len), (Status::OK, 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, 1));
     let n = bits_differing(&s.disk_at(8, LEN), &new);
     assert_eq!(n, 3, "{n} bits differ on disk");
     assert!(src.read().unwrap() == new, "the source is unchanged");
@@ -1141,7 +1161,7 @@ fn complete_before_dma_completes_at_once_and_moves_the_data_later() {
     let c = run(fe.queue(0).unwrap(), RequestType::In, 0, &[seg(&buf)]);
     let completed = start.elapsed();
     let at_completion = buf.read().unwrap();
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     assert!(
         completed < Duration::from_millis(2000),
         "the used entry came after {completed:?}, not at once"
@@ -1171,7 +1191,7 @@ fn complete_before_dma_completes_at_once_and_moves_the_data_later() {
     let src = holding(&fe, &new);
     let start = Instant::now();
     let c = run(fe.queue(0).unwrap(), RequestType::Out, 8, &[seg(&src)]);
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(start.elapsed() < Duration::from_millis(500));
     assert!(
         s.disk_at(8, LEN).iter().all(|&b| b == 0),
@@ -1197,7 +1217,7 @@ fn complete_before_dma_under_a_hold_moves_the_data_at_the_release() {
     // The guest hears "done" at once; the device still lists the read as held.
     let buf = filled(&fe, LEN, PREFILL);
     let c = run(fe.queue(0).unwrap(), RequestType::In, 40, &[seg(&buf)]);
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     let p = s.wait_parked(1).remove(0);
     assert_eq!((p.op, p.lba, p.held), (Op::Read, 40, true));
     // Past the mutant's own delay, the data has not moved: the hold keeps it.
@@ -1228,7 +1248,7 @@ fn wrong_page_moves_the_data_one_page_off() {
     };
     let cursor = s.cursor();
     let c = run(fe.queue(0).unwrap(), RequestType::In, 0, &[first]);
-    assert_eq!((status(&c), c.len), (Status::OK, LEN as u32 + 1));
+    assert_eq!((status(&c), c.len), (StatusByte::OK, LEN as u32 + 1));
     let mem = two.read().unwrap();
     assert!(
         mem[..LEN].iter().all(|&b| b == PREFILL),
@@ -1248,7 +1268,7 @@ fn wrong_page_moves_the_data_one_page_off() {
     two.write_at(0, &mine).unwrap();
     two.write_at(LEN, &next).unwrap();
     let c = run(fe.queue(0).unwrap(), RequestType::Out, 8, &[first]);
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
     assert!(
         s.disk_at(8, LEN) == next,
         "the disk has the next page's data"
@@ -1269,7 +1289,7 @@ fn the_documented_cli_delay_delays_every_read_by_a_second() {
     let cursor = s.cursor();
     for sector in [0, 4096] {
         let start = Instant::now();
-        assert_eq!(read_status(&mut fe, sector, LEN), Status::OK);
+        assert_eq!(read_status(&mut fe, sector, LEN), StatusByte::OK);
         let took = start.elapsed();
         assert!(
             took >= Duration::from_secs(1),
@@ -1277,7 +1297,7 @@ fn the_documented_cli_delay_delays_every_read_by_a_second() {
         );
     }
     let (st, _) = write(&mut fe, 0, 8, &pattern(21, LEN));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     let waits: Vec<String> = s
         .wait_records(cursor, 3)
         .into_iter()
@@ -1298,16 +1318,20 @@ fn a_fault_file_sets_the_rules() {
     .unwrap();
     let s = Served::start(&["--faults", file.to_str().unwrap()]);
     let mut fe = s.connect(1);
-    assert_eq!(read_status(&mut fe, 0, 512), Status::OK);
+    assert_eq!(read_status(&mut fe, 0, 512), StatusByte::OK);
     let buf = filled(&fe, 512, PREFILL);
     let id = submit(fe.queue(0).unwrap(), RequestType::In, 7, &[seg(&buf)]);
     let p = s.wait_parked(1).remove(0);
     assert_eq!((p.lba, p.held), (7, true), "the second read of 0-7 is held");
-    assert_eq!(read_status(&mut fe, 0, 512), Status::OK, "the third is not");
-    assert_eq!(write(&mut fe, 0, 0, &[1; 512]).0, Status::UNSUPP);
+    assert_eq!(
+        read_status(&mut fe, 0, 512),
+        StatusByte::OK,
+        "the third is not"
+    );
+    assert_eq!(write(&mut fe, 0, 0, &[1; 512]).0, StatusByte::UNSUPP);
     s.daemon.release(Release::All);
     let c = fe.queue(0).unwrap().wait_for(id, SOON).unwrap();
-    assert_eq!(status(&c), Status::OK);
+    assert_eq!(status(&c), StatusByte::OK);
 }
 
 /// Runs the real `dmaprobe serve` with `args` and expects it to refuse to start:

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{
+use backend::vhost_user_driver::{
     features, id_string, link, write_table, BlkFrontend, BlkRequest, Completion, CompletionKind,
     Descriptor, DiscardRange, FrontendConfig, GuestAddress, Queue, RequestType, Sector, Segment,
-    Status, DESC_F_NEXT,
+    StatusByte, DESC_F_NEXT,
 };
 use tempfile::TempDir;
 
@@ -154,7 +154,7 @@ fn config_matches_the_image_and_get_id_answers() {
     assert_eq!(config.num_queues, 1);
 
     let (status, id) = fe.get_id(0).expect("get_id");
-    assert_eq!(status, Status::OK);
+    assert_eq!(status, StatusByte::OK);
     assert_eq!(id.len(), 20);
     assert!(!id_string(&id).is_empty(), "empty id: {id:?}");
 }
@@ -178,16 +178,16 @@ fn writes_read_back_and_land_in_the_image() {
         ];
         for (i, &(sector, len)) in cases.iter().enumerate() {
             let data = pattern(i as u64 + 1, len);
-            assert_eq!(fe.write(0, sector, &data).expect("write"), Status::OK);
+            assert_eq!(fe.write(0, sector, &data).expect("write"), StatusByte::OK);
             let (status, back) = fe.read(0, sector, len).expect("read");
-            assert_eq!(status, Status::OK);
+            assert_eq!(status, StatusByte::OK);
             assert!(
                 back == data,
                 "sector {} len {len}: read differs from write",
                 sector.0
             );
         }
-        assert_eq!(fe.flush(0).expect("flush"), Status::OK);
+        assert_eq!(fe.flush(0).expect("flush"), StatusByte::OK);
         for (i, &(sector, len)) in cases.iter().enumerate() {
             assert!(
                 qsd.image_bytes(sector_offset(sector), len) == pattern(i as u64 + 1, len),
@@ -200,7 +200,7 @@ fn writes_read_back_and_land_in_the_image() {
         let (status, _) = fe
             .read(0, Sector(IMAGE_SIZE / 512), 512)
             .expect("read past end");
-        assert_eq!(status, Status::IOERR);
+        assert_eq!(status, StatusByte::IOERR);
 
         let q = fe.queue(0).expect("queue");
         assert_eq!(q.in_flight(), 0);
@@ -223,7 +223,10 @@ fn write_zeroes_and_discard_are_accepted() {
     assert!(config.max_write_zeroes_sectors > 0, "{config:?}");
 
     let data = pattern(7, 64 << 10);
-    assert_eq!(fe.write(0, Sector(512), &data).expect("write"), Status::OK);
+    assert_eq!(
+        fe.write(0, Sector(512), &data).expect("write"),
+        StatusByte::OK
+    );
     let range = DiscardRange {
         sector: Sector(520),
         num_sectors: 16,
@@ -231,10 +234,10 @@ fn write_zeroes_and_discard_are_accepted() {
     };
     assert_eq!(
         fe.write_zeroes(0, &[range]).expect("write_zeroes"),
-        Status::OK
+        StatusByte::OK
     );
     let (status, back) = fe.read(0, Sector(512), data.len()).expect("read");
-    assert_eq!(status, Status::OK);
+    assert_eq!(status, StatusByte::OK);
     let (before, rest) = back.split_at(8 * 512);
     let (zeroed, after) = rest.split_at(16 * 512);
     assert!(before == &data[..8 * 512]);
@@ -249,7 +252,7 @@ fn write_zeroes_and_discard_are_accepted() {
         num_sectors: 64,
         flags: 0,
     };
-    assert_eq!(fe.discard(0, &[discard]).expect("discard"), Status::OK);
+    assert_eq!(fe.discard(0, &[discard]).expect("discard"), StatusByte::OK);
 }
 
 /// Submits `depth` writes at once on `q`, then `depth` reads of the same
@@ -276,7 +279,7 @@ fn deep_round_trip(q: &mut Queue, first: Sector, depth: usize, len: usize, seed:
     let done = collect(q, depth);
     let mut seen = vec![false; depth];
     for c in &done {
-        assert_eq!(c.status(), Some(Status::OK), "{c:?}");
+        assert_eq!(c.status(), Some(StatusByte::OK), "{c:?}");
         let i = by_chain[c.chain().expect("known chain").index()];
         assert!(!seen[i], "request {i} completed twice");
         seen[i] = true;
@@ -296,7 +299,7 @@ fn deep_round_trip(q: &mut Queue, first: Sector, depth: usize, len: usize, seed:
     }
     q.kick().expect("kick");
     for c in collect(q, depth) {
-        assert_eq!(c.status(), Some(Status::OK), "{c:?}");
+        assert_eq!(c.status(), Some(StatusByte::OK), "{c:?}");
         assert_eq!(
             c.len,
             u32::try_from(len + 1).expect("len"),
@@ -380,7 +383,7 @@ fn hand_built_chains_direct_and_indirect() {
     // A write built descriptor by descriptor: header, data split in two, status.
     let header = ram.alloc(16).expect("alloc");
     header
-        .write_at(0, &backend::frontend::encode_header(1, Sector(64)))
+        .write_at(0, &backend::vhost_user_driver::encode_header(1, Sector(64)))
         .expect("header");
     let data = ram.alloc(1024).expect("alloc");
     data.write_at(0, &pattern(99, 1024)).expect("data");
@@ -404,7 +407,7 @@ fn hand_built_chains_direct_and_indirect() {
     // The same data read back through an indirect table.
     let table = ram.alloc(3 * 16).expect("alloc");
     header
-        .write_at(0, &backend::frontend::encode_header(0, Sector(64)))
+        .write_at(0, &backend::vhost_user_driver::encode_header(0, Sector(64)))
         .expect("header");
     data.fill(0).expect("clear");
     status.fill(0xff).expect("status");
@@ -449,7 +452,7 @@ fn too_many_queues_is_an_error() {
     assert!(
         matches!(
             err,
-            backend::frontend::Error::TooManyQueues {
+            backend::vhost_user_driver::Error::TooManyQueues {
                 offered: 1,
                 wanted: 4
             }
@@ -495,7 +498,7 @@ fn keep_busy(q: &mut Queue, depth: usize, duration: Duration, seed: u64) -> u64 
         q.wait(&mut out, Duration::from_secs(10))
             .expect("completions");
         for c in &out {
-            assert_eq!(c.status(), Some(Status::OK), "{c:?}");
+            assert_eq!(c.status(), Some(StatusByte::OK), "{c:?}");
             let b = buf_of[c.chain().expect("known chain").index()];
             buf_of[submit(q, b, next_sector())] = b;
         }

@@ -10,11 +10,11 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{
-    BlkFrontend, BlkRequest, Buffer, ChainId, DiscardRange, FrontendConfig, Queue, RequestType,
-    Sector, Segment, Status,
-};
 use backend::serve::Daemon;
+use backend::vhost_user_driver::{
+    BlkFrontend, BlkRequest, Buffer, ChainId, DiscardRange, FrontendConfig, Queue, RequestType,
+    Sector, Segment, StatusByte,
+};
 use dma::schedule::Release;
 use dma::RuleSpec;
 use tempfile::TempDir;
@@ -115,14 +115,14 @@ fn every_media_command_takes_its_time_and_get_id_none() {
     let mut fe = s.connect();
     let data = common::pattern(1, LEN);
     let (st, took) = timed(|| fe.write(0, Sector(8), &data).expect("write"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took >= 30 * MS, "write took {took:?}");
     let ((st, back), took) = timed(|| fe.read(0, Sector(8), LEN).expect("read"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(back == data, "the data arrives after the media time");
     assert!(took >= 60 * MS, "read took {took:?}");
     let (st, took) = timed(|| fe.flush(0).expect("flush"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took >= 90 * MS, "flush took {took:?}");
     let range = DiscardRange {
         sector: Sector(64),
@@ -130,15 +130,15 @@ fn every_media_command_takes_its_time_and_get_id_none() {
         flags: 0,
     };
     let (st, took) = timed(|| fe.discard(0, &[range]).expect("discard"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took >= 90 * MS, "discard took {took:?}");
     let (st, took) = timed(|| fe.write_zeroes(0, &[range]).expect("write-zeroes"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took >= 90 * MS, "write-zeroes took {took:?}");
     assert_eq!(s.delayed_by_latency(), 5);
     // GET_ID is the controller's answer, not the media's: no time added.
     let ((st, _), _) = timed(|| fe.get_id(0).expect("get-id"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert_eq!(s.delayed_by_latency(), 5);
 }
 
@@ -161,7 +161,7 @@ fn requests_beyond_the_depth_wait_for_a_slot() {
         .into_iter()
         .map(|id| {
             let c = q.wait_for(id, SOON).expect("the read completes");
-            assert_eq!(c.status(), Some(Status::OK));
+            assert_eq!(c.status(), Some(StatusByte::OK));
             start.elapsed()
         })
         .collect();
@@ -180,7 +180,7 @@ fn a_delay_adds_to_the_media_time_and_a_hold_counts_from_its_release() {
 
     s.add_rule("op=read,lba=8,action=delay,ms=150");
     let ((st, _), took) = timed(|| fe.read(0, Sector(8), LEN).expect("read"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took >= 350 * MS, "delay + media took {took:?}");
 
     s.add_rule("op=read,lba=16,action=hold");
@@ -199,7 +199,7 @@ fn a_delay_adds_to_the_media_time_and_a_hold_counts_from_its_release() {
     );
     let q = fe.queue(0).unwrap();
     let c = q.wait_for(id, SOON).expect("the released read completes");
-    assert_eq!(c.status(), Some(Status::OK));
+    assert_eq!(c.status(), Some(StatusByte::OK));
     let after = released.elapsed();
     assert!(after >= 200 * MS, "completed {after:?} after its release");
     assert_eq!(s.delayed_by_latency(), 2);
@@ -228,7 +228,7 @@ fn mailbox_io_takes_no_latency() {
     let capacity = fe.get_config().expect("config").capacity_bytes();
     let mailbox = guest_tests::mailbox::mailbox_offset(capacity).expect("a mailbox");
     let ((st, _), took) = timed(|| fe.read(0, Sector(mailbox / 512), LEN).expect("read"));
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(took < 2 * 1000 * MS, "a mailbox read took {took:?}");
     assert_eq!(s.delayed_by_latency(), 0);
 }
@@ -240,10 +240,10 @@ fn instant_is_the_default_and_adds_nothing() {
     let mut fe = s.connect();
     assert_eq!(
         fe.write(0, Sector(0), &[7; LEN]).expect("write"),
-        Status::OK
+        StatusByte::OK
     );
-    assert_eq!(fe.read(0, Sector(0), LEN).expect("read").0, Status::OK);
-    assert_eq!(fe.flush(0).expect("flush"), Status::OK);
+    assert_eq!(fe.read(0, Sector(0), LEN).expect("read").0, StatusByte::OK);
+    assert_eq!(fe.flush(0).expect("flush"), StatusByte::OK);
     assert_eq!(s.delayed_by_latency(), 0);
     assert!(s.daemon.parked().is_empty());
 }

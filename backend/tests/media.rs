@@ -11,18 +11,18 @@ mod common;
 use common::child::*;
 use common::pattern;
 
-use backend::frontend::{DiscardRange, Sector, Status};
+use backend::vhost_user_driver::{DiscardRange, Sector, StatusByte};
 use serde_json::Value;
 
 /// Reads `len` bytes at `sector` through queue 0, expecting success.
-fn read_ok(fe: &mut backend::frontend::BlkFrontend, sector: u64, len: usize) -> Vec<u8> {
+fn read_ok(fe: &mut backend::vhost_user_driver::BlkFrontend, sector: u64, len: usize) -> Vec<u8> {
     let (status, data) = fe.read(0, Sector(sector), len).expect("read");
-    assert_eq!(status, Status::OK, "read at sector {sector}");
+    assert_eq!(status, StatusByte::OK, "read at sector {sector}");
     data
 }
 
-fn flush_ok(fe: &mut backend::frontend::BlkFrontend) {
-    assert_eq!(fe.flush(0).expect("flush"), Status::OK);
+fn flush_ok(fe: &mut backend::vhost_user_driver::BlkFrontend) {
+    assert_eq!(fe.flush(0).expect("flush"), StatusByte::OK);
 }
 
 /// Runs `dmaprobe serve --mem 16M ARGS`, expects it to refuse to start, and
@@ -132,9 +132,12 @@ fn without_a_write_cache_every_change_is_synced_before_it_completes() {
     write_ok(&mut fe, 48, &pattern(12, LEN));
     assert_eq!(s.syncs(), before + 1, "a write");
     let zeroes = fe.write_zeroes(0, &sectors(48, 8)).expect("write-zeroes");
-    assert_eq!(zeroes, Status::OK);
+    assert_eq!(zeroes, StatusByte::OK);
     assert_eq!(s.syncs(), before + 2, "a write-zeroes");
-    assert_eq!(fe.discard(0, &sectors(48, 8)).expect("discard"), Status::OK);
+    assert_eq!(
+        fe.discard(0, &sectors(48, 8)).expect("discard"),
+        StatusByte::OK
+    );
     assert_eq!(s.syncs(), before + 3, "a discard");
     // Asking for writeback changes nothing: there is no cache to run.
     fe.set_config_bytes(32, &[1]).expect("set_config");
@@ -167,7 +170,7 @@ fn the_guest_turning_the_cache_off_makes_each_write_sync() {
     write_ok(&mut fe, 72, &pattern(15, LEN));
     assert_eq!(s.syncs(), before + 3, "a writethrough write");
     let zeroes = fe.write_zeroes(0, &sectors(72, 8)).expect("write-zeroes");
-    assert_eq!(zeroes, Status::OK);
+    assert_eq!(zeroes, StatusByte::OK);
     assert_eq!(s.syncs(), before + 4, "a writethrough write-zeroes");
 }
 
@@ -207,12 +210,12 @@ fn a_request_held_across_a_power_cut_fails() {
     let buf = fe.ram().alloc_aligned(LEN, 4096).expect("alloc");
     buf.write_at(0, &pattern(6, LEN)).expect("fill");
     let q = fe.queue(0).expect("queue 0");
-    let id = submit(q, backend::frontend::RequestType::Out, 200, &buf);
+    let id = submit(q, backend::vhost_user_driver::RequestType::Out, 200, &buf);
     s.wait_held(1);
     s.ctl_ok(&["power-cut"]);
     s.ctl_ok(&["release", "--all"]);
     let done = q.wait_for(id, SOON).expect("completion");
-    assert_eq!(status(&done), Status::IOERR);
+    assert_eq!(status(&done), StatusByte::IOERR);
     assert_eq!(
         s.disk_at(200, LEN),
         vec![0; LEN],
@@ -234,7 +237,7 @@ fn a_fault_rule_cuts_the_power() {
     let data = pattern(7, LEN);
     write_ok(&mut fe, 300, &data);
     s.ctl_ok(&["add-rule", "op=flush,nth=1,action=power-cut"]);
-    assert_eq!(fe.flush(0).expect("flush"), Status::IOERR);
+    assert_eq!(fe.flush(0).expect("flush"), StatusByte::IOERR);
     assert_eq!(read_ok(&mut fe, 300, LEN), vec![0; LEN]);
     assert_eq!(s.ctl_json(&["status"])["power_cuts"], 1);
 }
@@ -244,7 +247,7 @@ fn a_bad_block_fails_reads_until_rewritten() {
     let s = Serve::start(&["--media-error", "1000+8:read"]);
     let mut fe = s.connect(1);
     let (status_, _) = fe.read(0, Sector(996), LEN).expect("read");
-    assert_eq!(status_, Status::IOERR);
+    assert_eq!(status_, StatusByte::IOERR);
     // Neighbours read fine.
     read_ok(&mut fe, 1008, LEN);
     let listed = s.ctl_ok(&["media-error", "list"]);
@@ -271,7 +274,7 @@ fn a_write_fault_stays_until_cleared() {
     let data = pattern(9, LEN);
     assert_eq!(
         fe.write(0, Sector(2000), &data).expect("write"),
-        Status::IOERR
+        StatusByte::IOERR
     );
     let zero = DiscardRange {
         sector: Sector(2000),
@@ -280,7 +283,7 @@ fn a_write_fault_stays_until_cleared() {
     };
     assert_eq!(
         fe.write_zeroes(0, &[zero]).expect("write-zeroes"),
-        Status::IOERR
+        StatusByte::IOERR
     );
     assert_eq!(s.disk_at(2000, LEN), vec![0; LEN]);
     assert_eq!(counter(&s, "write_faults"), 2);
@@ -317,7 +320,7 @@ fn deallocated_blocks_keep_their_data_when_asked() {
         num_sectors: 8,
         flags: 0,
     };
-    assert_eq!(fe.discard(0, &[range]).expect("discard"), Status::OK);
+    assert_eq!(fe.discard(0, &[range]).expect("discard"), StatusByte::OK);
     assert_eq!(read_ok(&mut fe, 3000, LEN), data);
     // Write-zeroes zeroes, with UNMAP too, whatever discard does.
     let unmap = DiscardRange {
@@ -326,7 +329,7 @@ fn deallocated_blocks_keep_their_data_when_asked() {
     };
     assert_eq!(
         fe.write_zeroes(0, &[unmap]).expect("write-zeroes"),
-        Status::OK
+        StatusByte::OK
     );
     assert_eq!(read_ok(&mut fe, 3000, LEN), vec![0; LEN]);
 }
@@ -359,7 +362,7 @@ fn the_geometry_asked_for_is_what_the_guest_is_told_and_held_to() {
     let data = pattern(11, 64 << 10);
     write_ok(&mut fe, 0, &data);
     let (status_, _) = fe.read(0, Sector(0), 128 << 10).expect("read");
-    assert_eq!(status_, Status::IOERR);
+    assert_eq!(status_, StatusByte::IOERR);
     assert_eq!(read_ok(&mut fe, 0, 64 << 10), data);
 
     // A discard of 48 KiB from 8 KiB deallocates the one whole 16 KiB granule
@@ -369,7 +372,10 @@ fn the_geometry_asked_for_is_what_the_guest_is_told_and_held_to() {
         num_sectors: kib * 2,
         flags: 0,
     };
-    assert_eq!(fe.discard(0, &[range(8, 24)]).expect("discard"), Status::OK);
+    assert_eq!(
+        fe.discard(0, &[range(8, 24)]).expect("discard"),
+        StatusByte::OK
+    );
     let back = read_ok(&mut fe, 0, 64 << 10);
     let kib = |k: usize| &back[k << 10..(k + 4) << 10];
     assert_eq!(kib(8), &data[8 << 10..12 << 10]);
@@ -378,14 +384,14 @@ fn the_geometry_asked_for_is_what_the_guest_is_told_and_held_to() {
     assert_eq!(kib(32), &data[32 << 10..36 << 10]);
     // More ranges than allowed, or a write-zeroes range past its limit: IOERR.
     let three = [range(0, 4), range(8, 4), range(16, 4)];
-    assert_eq!(fe.discard(0, &three).expect("discard"), Status::IOERR);
+    assert_eq!(fe.discard(0, &three).expect("discard"), StatusByte::IOERR);
     assert_eq!(
         fe.write_zeroes(0, &[range(0, 2048)]).expect("wz"),
-        Status::IOERR
+        StatusByte::IOERR
     );
     assert_eq!(
         fe.write_zeroes(0, &[range(0, 1024)]).expect("wz"),
-        Status::OK
+        StatusByte::OK
     );
 }
 

@@ -1,7 +1,7 @@
 //! Protocol tests of `dmaprobe serve`, without QEMU.
 //!
 //! Each test starts its own daemon on a raw file in a temp dir, drives it over
-//! its vhost-user socket with `backend::frontend`, and checks what a guest and
+//! its vhost-user socket with `backend::vhost_user_driver`, and checks what a guest and
 //! the host would see: features and config space, status bytes and used
 //! lengths, data in guest memory and in the file, the daemon's life across
 //! disconnects and signals. A [`Daemon`] kills and reaps its child on drop and
@@ -14,10 +14,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{
+use backend::vhost_user_driver::{
     features, id_string, link, request_type, write_table, BlkFrontend, BlkRequest, Buffer,
     Completion, CompletionKind, Descriptor, DiscardRange, Error as FrontendError, FrontendConfig,
-    GuestAddress, GuestRam, Next, Queue, RequestType, Sector, Segment, Status, DESC_F_INDIRECT,
+    GuestAddress, GuestRam, Next, Queue, RequestType, Sector, Segment, StatusByte, DESC_F_INDIRECT,
     DESC_F_NEXT,
 };
 use tempfile::TempDir;
@@ -319,7 +319,7 @@ fn run_request(
 /// Writes `data` at `sector` from buffers of `sizes`; expects OK and used len 1.
 fn write_segments(q: &mut Queue, sector: Sector, data: &[u8], sizes: &[usize]) {
     let (done, _) = run_request(q, RequestType::Out, sector, sizes, data);
-    assert_eq!(done.status(), Some(Status::OK), "write at {sector:?}");
+    assert_eq!(done.status(), Some(StatusByte::OK), "write at {sector:?}");
     assert_eq!(done.len, 1, "a write's used length is the status byte");
 }
 
@@ -328,7 +328,7 @@ fn write_segments(q: &mut Queue, sector: Sector, data: &[u8], sizes: &[usize]) {
 fn read_segments(q: &mut Queue, sector: Sector, sizes: &[usize]) -> Vec<u8> {
     let len: usize = sizes.iter().sum();
     let (done, back) = run_request(q, RequestType::In, sector, sizes, &vec![0xee; len]);
-    assert_eq!(done.status(), Some(Status::OK), "read at {sector:?}");
+    assert_eq!(done.status(), Some(StatusByte::OK), "read at {sector:?}");
     assert_eq!(
         usize::try_from(done.len).expect("len"),
         len + 1,
@@ -465,7 +465,7 @@ fn requests_land_in_the_file(config: FrontendConfig) {
             "split read"
         );
     }
-    assert_eq!(q.flush().expect("flush"), Status::OK);
+    assert_eq!(q.flush().expect("flush"), StatusByte::OK);
     for (i, &(sector, sizes)) in cases.iter().enumerate() {
         let len: usize = sizes.iter().sum();
         assert!(
@@ -475,11 +475,11 @@ fn requests_land_in_the_file(config: FrontendConfig) {
     }
 
     let (status, id) = q.get_id().expect("get_id");
-    assert_eq!(status, Status::OK);
+    assert_eq!(status, StatusByte::OK);
     assert_eq!(id_string(&id), "dmaprobe-test-01");
     // GET_ID into a larger buffer: 20 bytes, used len 21.
     let (done, raw) = run_request(q, RequestType::GetId, Sector(0), &[64], &[0xee; 64]);
-    assert_eq!(done.status(), Some(Status::OK));
+    assert_eq!(done.status(), Some(StatusByte::OK));
     assert_eq!(done.len, 21, "GET_ID writes 20 bytes and the status");
     assert_eq!(&raw[..16], b"dmaprobe-test-01");
     assert_eq!(&raw[16..20], &[0; 4], "id NUL-padded to 20 bytes");
@@ -533,7 +533,7 @@ fn requests_land_in_the_file(config: FrontendConfig) {
         } else {
             q.write_zeroes(rs).expect("write_zeroes")
         };
-        assert_eq!(status, Status::OK, "type {kind} {rs:?}");
+        assert_eq!(status, StatusByte::OK, "type {kind} {rs:?}");
         for r in rs {
             let from = usize::try_from((r.sector.0 - base) * 512).expect("offset");
             let to = from + usize::try_from(r.num_sectors).expect("n") * 512;
@@ -590,7 +590,7 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
         let (done, _) = run_request(q, kind, Sector(sector), &[len], &pattern(9, len));
         assert_eq!(
             done.status(),
-            Some(Status::IOERR),
+            Some(StatusByte::IOERR),
             "{kind:?} sector {sector} len {len}"
         );
         assert_eq!(done.len, 1, "{kind:?} sector {sector} len {len}");
@@ -601,8 +601,8 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
             num_sectors,
             flags: 0,
         }];
-        assert_eq!(q.discard(&r).expect("discard"), Status::IOERR, "{r:?}");
-        assert_eq!(q.write_zeroes(&r).expect("wz"), Status::IOERR, "{r:?}");
+        assert_eq!(q.discard(&r).expect("discard"), StatusByte::IOERR, "{r:?}");
+        assert_eq!(q.write_zeroes(&r).expect("wz"), StatusByte::IOERR, "{r:?}");
     }
     assert!(
         d.file_bytes(0, 16384) == now,
@@ -613,7 +613,7 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
         num_sectors: 8,
         flags: 0,
     }];
-    assert_eq!(q.write_zeroes(&r).expect("wz"), Status::OK);
+    assert_eq!(q.write_zeroes(&r).expect("wz"), StatusByte::OK);
     now[8192..12288].fill(0);
     assert!(read_segments(q, Sector(0), &[16384]) == now);
     assert!(d.file_bytes(0, 16384) == now);
@@ -685,7 +685,10 @@ impl<'a> Raw<'a> {
     fn header(&self, kind: u32, sector: u64) {
         self.data.fill(DATA_FILL).expect("preset data");
         self.hdr
-            .write_at(0, &backend::frontend::encode_header(kind, Sector(sector)))
+            .write_at(
+                0,
+                &backend::vhost_user_driver::encode_header(kind, Sector(sector)),
+            )
             .expect("header");
     }
 
@@ -699,7 +702,7 @@ impl<'a> Raw<'a> {
     /// Pushes `descs` exactly as given, kicks, and waits for the used entry.
     fn run(&mut self, descs: &[Descriptor]) -> Completion {
         self.status
-            .fill(Status::UNWRITTEN.0)
+            .fill(StatusByte::UNWRITTEN.0)
             .expect("preset status");
         let id = self.q.push_chain(descs).expect("push_chain");
         self.q.kick().expect("kick");
@@ -709,10 +712,10 @@ impl<'a> Raw<'a> {
     }
 
     /// Runs `descs` and checks the used length and the byte at the status
-    /// buffer (`Status::UNWRITTEN`: the device must not have written it).
-    fn expect(&mut self, case: &str, descs: &[Descriptor], status: Status, used_len: u32) {
+    /// buffer (`StatusByte::UNWRITTEN`: the device must not have written it).
+    fn expect(&mut self, case: &str, descs: &[Descriptor], status: StatusByte, used_len: u32) {
         let done = self.run(descs);
-        let got = Status(self.status.read().expect("status")[0]);
+        let got = StatusByte(self.status.read().expect("status")[0]);
         assert_eq!(
             (got, done.len),
             (status, used_len),
@@ -738,11 +741,11 @@ impl<'a> Raw<'a> {
         let data = pattern(1000 + self.good, 4096);
         assert_eq!(
             self.q.write(sector, &data).expect("good write"),
-            Status::OK,
+            StatusByte::OK,
             "good write after {case}"
         );
         let (status, back) = self.q.read(sector, 4096).expect("good read");
-        assert_eq!(status, Status::OK, "good read after {case}");
+        assert_eq!(status, StatusByte::OK, "good read after {case}");
         assert!(back == data, "good read after {case} returned other data");
         assert!(
             d.file_bytes(sector_offset(sector), 4096) == data,
@@ -768,7 +771,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     q.write(Sector(0), &guard).expect("write guard");
     let mut raw = Raw::new(q);
     let (h, dd, s) = (raw.h(), raw.d(), raw.s());
-    let unwritten = Status::UNWRITTEN;
+    let unwritten = StatusByte::UNWRITTEN;
 
     // Each case: set up the header (and payload), run, check, then a good
     // write+read on the same queue.
@@ -828,7 +831,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     let data = raw.data.read().expect("data");
     assert_eq!(
         data[511],
-        Status::IOERR.0,
+        StatusByte::IOERR.0,
         "status at the last writable byte"
     );
     assert!(data[..511].iter().all(|&b| b == DATA_FILL), "no data read");
@@ -837,7 +840,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "readable descriptor after a writable one",
         linked(&[r(h, 16), w(dd, 512), r(dd + 4096, 16), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
 
@@ -846,20 +849,20 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "header of 8 bytes",
         linked(&[r(h, 8), w(dd, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     case!(
         "header of 15 bytes",
         linked(&[r(h, 15), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     let hdr_before = raw.hdr.read().expect("header");
     case!(
         "header in a writable descriptor",
         linked(&[w(h, 16), w(dd, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     assert_eq!(
@@ -870,7 +873,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "header outside guest memory",
         linked(&[r(FAR, 16), w(dd, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
 
@@ -879,7 +882,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "read with device-readable data",
         linked(&[r(h, 16), r(dd, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     raw.data_untouched("read with device-readable data");
@@ -887,14 +890,14 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "write with device-writable data",
         linked(&[r(h, 16), w(dd, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     raw.header(GET_ID, 0);
     case!(
         "GET_ID with device-readable data",
         linked(&[r(h, 16), r(dd, 20), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
 
@@ -903,26 +906,26 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "read into memory outside the guest",
         linked(&[r(h, 16), w(FAR, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     case!(
         "read straddling the end of guest memory",
         linked(&[r(h, 16), w(mem_end - 256, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     case!(
         "read with a second data segment outside the guest",
         linked(&[r(h, 16), w(dd, 512), w(FAR, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
     raw.header(OUT, 8);
     case!(
         "write from memory outside the guest",
         linked(&[r(h, 16), r(FAR, 512), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
 
@@ -940,7 +943,12 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
             raw.header(kind, sector);
             let data = if kind == IN { w(dd, len) } else { r(dd, len) };
             let name = format!("{dir}: {what} (sector {sector}, {len} bytes)");
-            case!(&name, linked(&[r(h, 16), data, w(s, 1)]), Status::IOERR, 1);
+            case!(
+                &name,
+                linked(&[r(h, 16), data, w(s, 1)]),
+                StatusByte::IOERR,
+                1
+            );
             if kind == IN {
                 raw.data_untouched(&name);
             }
@@ -957,49 +965,49 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
         (
             DISCARD,
             vec![range(cap - 8, 16, 0)],
-            Status::IOERR,
+            StatusByte::IOERR,
             "past the end",
         ),
         (
             WRITE_ZEROES,
             vec![range(cap, 1, 0)],
-            Status::IOERR,
+            StatusByte::IOERR,
             "past the end",
         ),
         (
             DISCARD,
             vec![range(u64::MAX, 1, 0)],
-            Status::IOERR,
+            StatusByte::IOERR,
             "sector u64::MAX",
         ),
         (
             DISCARD,
             vec![range(8, 8, 0), range(cap - 8, 16, 0)],
-            Status::IOERR,
+            StatusByte::IOERR,
             "a good range then a bad one",
         ),
         (
             WRITE_ZEROES,
             vec![range(8, 8, 0), range(16, 3, 0), range(cap, 8, 0)],
-            Status::IOERR,
+            StatusByte::IOERR,
             "good ranges then a bad one",
         ),
         (
             DISCARD,
             vec![range(8, 8, 1)],
-            Status::UNSUPP,
+            StatusByte::UNSUPP,
             "the UNMAP flag",
         ),
         (
             WRITE_ZEROES,
             vec![range(8, 8, 2)],
-            Status::UNSUPP,
+            StatusByte::UNSUPP,
             "reserved flag bit 1",
         ),
         (
             WRITE_ZEROES,
             vec![range(8, 8, 1 << 31)],
-            Status::UNSUPP,
+            StatusByte::UNSUPP,
             "reserved flag bit 31",
         ),
         (
@@ -1007,7 +1015,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
             (0..=config.max_discard_seg)
                 .map(|i| range(8 + u64::from(i), 1, 0))
                 .collect(),
-            Status::IOERR,
+            StatusByte::IOERR,
             "more ranges than max_discard_seg",
         ),
     ] {
@@ -1023,7 +1031,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
         case!(
             &name,
             linked(&[r(h, 16), r(dd, len), w(s, 1)]),
-            Status::IOERR,
+            StatusByte::IOERR,
             1
         );
     }
@@ -1031,7 +1039,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     case!(
         "write-zeroes without payload",
         linked(&[r(h, 16), w(s, 1)]),
-        Status::IOERR,
+        StatusByte::IOERR,
         1
     );
 
@@ -1039,11 +1047,11 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     for kind in [2u32, 3, 14, 99, u32::MAX] {
         raw.header(kind, 0);
         let name = format!("unknown type {kind}");
-        case!(&name, linked(&[r(h, 16), w(s, 1)]), Status::UNSUPP, 1);
+        case!(&name, linked(&[r(h, 16), w(s, 1)]), StatusByte::UNSUPP, 1);
         case!(
             &name,
             linked(&[r(h, 16), w(dd, 512), w(s, 1)]),
-            Status::UNSUPP,
+            StatusByte::UNSUPP,
             1
         );
     }
@@ -1085,7 +1093,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     raw.expect(
         "a good indirect read",
         &[Descriptor::indirect(t, 3)],
-        Status::OK,
+        StatusByte::OK,
         4097,
     );
     assert!(raw.data.read().expect("data")[..4096] == guard[4096..8192]);
@@ -1129,8 +1137,8 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     // -- More data segments than seg_max (only possible with indirect tables),
     // and exactly seg_max.
     for (n, status, used) in [
-        (seg_max, Status::OK, seg_max * 512 + 1),
-        (seg_max + 1, Status::IOERR, 1),
+        (seg_max, StatusByte::OK, seg_max * 512 + 1),
+        (seg_max + 1, StatusByte::IOERR, 1),
     ] {
         let mut descs = vec![r(h, 16)];
         descs.extend((0..n).map(|i| w(dd + u64::from(i % 32) * 512, 512)));
@@ -1157,7 +1165,7 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     // And the next frontend is served.
     let mut fe = d.connect(FrontendConfig::default());
     let (status, back) = fe.read(0, Sector(0), guard.len()).expect("read");
-    assert_eq!(status, Status::OK);
+    assert_eq!(status, StatusByte::OK);
     assert!(back == guard);
     d.assert_alive();
 }
@@ -1179,9 +1187,17 @@ fn read_only_device_refuses_every_write() {
     let q = fe.queue(0).expect("queue");
 
     let (done, _) = run_request(q, RequestType::Out, Sector(0), &[4096], &[0xab; 4096]);
-    assert_eq!((done.status(), done.len), (Some(Status::IOERR), 1), "write");
+    assert_eq!(
+        (done.status(), done.len),
+        (Some(StatusByte::IOERR), 1),
+        "write"
+    );
     let (done, _) = run_request(q, RequestType::Out, Sector(8), &[512; 3], &[0xab; 1536]);
-    assert_eq!((done.status(), done.len), (Some(Status::IOERR), 1), "write");
+    assert_eq!(
+        (done.status(), done.len),
+        (Some(StatusByte::IOERR), 1),
+        "write"
+    );
     let range = [DiscardRange {
         sector: Sector(0),
         num_sectors: 8,
@@ -1189,17 +1205,20 @@ fn read_only_device_refuses_every_write() {
     }];
     assert_eq!(
         q.discard(&range).expect("discard"),
-        Status::IOERR,
+        StatusByte::IOERR,
         "discard"
     );
     assert_eq!(
         q.write_zeroes(&range).expect("wz"),
-        Status::IOERR,
+        StatusByte::IOERR,
         "write-zeroes"
     );
-    assert_eq!(q.flush().expect("flush"), Status::OK, "flush");
+    assert_eq!(q.flush().expect("flush"), StatusByte::OK, "flush");
     let (status, id) = q.get_id().expect("get_id");
-    assert_eq!((status, id_string(&id).as_str()), (Status::OK, "dmaprobe"));
+    assert_eq!(
+        (status, id_string(&id).as_str()),
+        (StatusByte::OK, "dmaprobe")
+    );
     assert!(read_segments(q, Sector(0), &[1 << 20]) == content, "read");
     assert!(
         d.file_bytes(0, content.len()) == content,
@@ -1244,7 +1263,7 @@ fn deep_round_trip(q: &mut Queue, first: u64, depth: usize, len: usize, seed: u6
         assert_eq!(done.len(), depth, "more completions than requests");
         let mut seen = vec![false; depth];
         for c in &done {
-            assert_eq!(c.status(), Some(Status::OK), "{kind:?} {c:?}");
+            assert_eq!(c.status(), Some(StatusByte::OK), "{kind:?} {c:?}");
             let want_len = if read { len + 1 } else { 1 };
             assert_eq!(usize::try_from(c.len).expect("len"), want_len, "{c:?}");
             let i = by_chain[c.chain().expect("known chain").index()];
@@ -1323,7 +1342,7 @@ fn a_second_frontend_reads_what_the_first_wrote() {
         let mut fe = d.connect(FrontendConfig::default());
         for (i, &(sector, len)) in cases.iter().enumerate() {
             let status = fe.write(0, Sector(sector), &pattern(i as u64, len));
-            assert_eq!(status.expect("write"), Status::OK);
+            assert_eq!(status.expect("write"), StatusByte::OK);
         }
     }
     for config in [no_event_idx(), FrontendConfig::default()] {
@@ -1331,7 +1350,7 @@ fn a_second_frontend_reads_what_the_first_wrote() {
         assert_eq!(fe.get_config().expect("config").capacity, DISK_SECTORS);
         for (i, &(sector, len)) in cases.iter().enumerate() {
             let (status, back) = fe.read(0, Sector(sector), len).expect("read");
-            assert_eq!(status, Status::OK);
+            assert_eq!(status, StatusByte::OK);
             assert!(back == pattern(i as u64, len), "sector {sector}");
         }
     }
@@ -1371,10 +1390,10 @@ fn frontends_that_vanish_mid_session_do_not_stop_the_daemon() {
         let data = pattern(seed, 8192);
         assert_eq!(
             fe.write(0, Sector(15000), &data).expect("write"),
-            Status::OK
+            StatusByte::OK
         );
         let (status, back) = fe.read(0, Sector(15000), 8192).expect("read");
-        assert_eq!(status, Status::OK);
+        assert_eq!(status, StatusByte::OK);
         assert!(back == data, "after frontend {seed}");
         d.assert_alive();
     };
@@ -1428,7 +1447,7 @@ fn an_avail_index_more_than_a_queue_ahead_is_survived() {
         let ram = fe.ram().clone();
         let q = fe.queue(0).expect("queue");
         let data = pattern(8, 4096);
-        assert_eq!(q.write(Sector(64), &data).expect("write"), Status::OK);
+        assert_eq!(q.write(Sector(64), &data).expect("write"), StatusByte::OK);
         // One request done: avail.idx is 1. Claim a queue and one more entries.
         let idx_at = GuestAddress(q.avail_ring().0 + 2);
         let good_idx = ram.read_vec(idx_at, 2).expect("avail.idx");
@@ -1444,7 +1463,7 @@ fn an_avail_index_more_than_a_queue_ahead_is_survived() {
         // The driver puts the index back; the queue works again.
         ram.write(idx_at, &good_idx).expect("restore avail.idx");
         let (status, back) = q.read(Sector(64), 4096).expect("read");
-        assert_eq!((status, back == data), (Status::OK, true));
+        assert_eq!((status, back == data), (StatusByte::OK, true));
         drop(fe);
         d.assert_alive();
     }
@@ -1508,10 +1527,10 @@ fn stopping_a_busy_queue_leaves_no_worker_spinning() {
         let data = pattern(3, 4096);
         assert_eq!(
             fe.write(0, Sector(15000), &data).expect("write"),
-            Status::OK
+            StatusByte::OK
         );
         let (status, back) = fe.read(0, Sector(15000), 4096).expect("read");
-        assert_eq!((status, back == data), (Status::OK, true));
+        assert_eq!((status, back == data), (StatusByte::OK, true));
         d.assert_idle(
             &format!("next frontend (event_idx {event_idx})"),
             Duration::from_millis(300),
@@ -1532,7 +1551,7 @@ fn sigterm_stops_the_daemon_cleanly_with_the_data_in_the_file() {
         let data = pattern(i as u64 + 50, len);
         assert_eq!(
             fe.write(0, Sector(sector), &data).expect("write"),
-            Status::OK
+            StatusByte::OK
         );
     }
     // The frontend is still connected, and never flushed.
@@ -1556,7 +1575,10 @@ fn sigint_between_frontends_exits_zero() {
     {
         let mut fe = d.connect(no_event_idx());
         let data = pattern(60, 4096);
-        assert_eq!(fe.write(0, Sector(8), &data).expect("write"), Status::OK);
+        assert_eq!(
+            fe.write(0, Sector(8), &data).expect("write"),
+            StatusByte::OK
+        );
     }
     d.signal(libc::SIGINT);
     let status = d.wait_exit(Duration::from_secs(5));
@@ -1587,11 +1609,11 @@ fn an_existing_file_is_used_at_its_own_size() {
     let mut fe = d.connect(FrontendConfig::default());
     assert_eq!(fe.get_config().expect("config").capacity_bytes(), DISK);
     let (status, head) = fe.read(0, Sector(0), 4096).expect("read head");
-    assert_eq!((status, head == ends), (Status::OK, true), "head kept");
+    assert_eq!((status, head == ends), (StatusByte::OK, true), "head kept");
     let (status, tail) = fe
         .read(0, Sector(DISK_SECTORS - 8), 4096)
         .expect("read tail");
-    assert_eq!((status, tail == ends), (Status::OK, true), "tail kept");
+    assert_eq!((status, tail == ends), (StatusByte::OK, true), "tail kept");
     drop(fe);
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(5)).success());

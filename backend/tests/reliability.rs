@@ -9,9 +9,9 @@ use common::pattern;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{
+use backend::vhost_user_driver::{
     encode_header, link, BlkFrontend, Buffer, ChainId, Descriptor, Error as FrontendError,
-    FrontendConfig, GuestAddress, GuestRam, Queue, RequestType, Sector, Status,
+    FrontendConfig, GuestAddress, GuestRam, Queue, RequestType, Sector, StatusByte,
 };
 use serde_json::Value;
 use vhost::vhost_user::VhostUserFrontend;
@@ -39,7 +39,7 @@ fn sigterm_with_requests_held_fails_them_and_exits_cleanly() {
     assert_eq!(sent, 0, "kill");
     for id in ids {
         let done = q.wait_for(id, SOON).expect("the guest hears back");
-        assert_eq!(status(&done), Status::IOERR);
+        assert_eq!(status(&done), StatusByte::IOERR);
     }
     let deadline = Instant::now() + SOON;
     let exit = loop {
@@ -86,7 +86,7 @@ fn a_queue_stopped_under_large_reads_has_completed_every_one_it_took() {
             taken,
             "round {round}: every request taken has its used entry"
         );
-        assert!(used.iter().all(|c| status(c) == Status::OK));
+        assert!(used.iter().all(|c| status(c) == StatusByte::OK));
     }
 }
 
@@ -229,7 +229,7 @@ impl Chain {
         self.hdr
             .write_at(0, &encode_header(kind.code(), Sector(SECTOR)))
             .expect("header");
-        self.status.fill(Status::UNWRITTEN.0).expect("status");
+        self.status.fill(StatusByte::UNWRITTEN.0).expect("status");
         let at = status_at.unwrap_or(self.status.gpa().0);
         let mut descs = [
             Descriptor::readable(self.hdr.gpa(), 16),
@@ -242,8 +242,8 @@ impl Chain {
         id
     }
 
-    fn status(&self) -> Status {
-        Status(self.status.read().expect("status")[0])
+    fn status(&self) -> StatusByte {
+        StatusByte(self.status.read().expect("status")[0])
     }
 }
 
@@ -253,11 +253,11 @@ fn serves_after(s: &mut Serve, fe: &mut BlkFrontend, case: &str) {
     let data = pattern(77, LEN);
     assert_eq!(
         fe.write(0, Sector(GOOD_SECTOR), &data).expect("write"),
-        Status::OK,
+        StatusByte::OK,
         "a write after {case}"
     );
     let (st, back) = fe.read(0, Sector(GOOD_SECTOR), LEN).expect("read");
-    assert_eq!(st, Status::OK, "a read after {case}");
+    assert_eq!(st, StatusByte::OK, "a read after {case}");
     assert!(back == data, "a read after {case} returned other data");
     s.assert_alive();
 }
@@ -319,7 +319,7 @@ fn a_held_read_into_a_removed_region_fails_and_leaves_the_region_alone() {
 
         s.ctl_ok(&["release", "--all"]);
         let done = fe.queue(0).unwrap().wait_for(id, SOON).expect("used entry");
-        assert_eq!((chain.status(), done.len), (Status::IOERR, 1), "{case}");
+        assert_eq!((chain.status(), done.len), (StatusByte::IOERR, 1), "{case}");
         assert!(
             extra.bytes() == before,
             "{case}: the daemon wrote into the removed region"
@@ -351,11 +351,11 @@ fn a_held_write_from_a_removed_region_fails_and_the_disk_keeps_its_bytes() {
 
     s.ctl_ok(&["release", "--all"]);
     let done = fe.queue(0).unwrap().wait_for(id, SOON).expect("used entry");
-    assert_eq!((chain.status(), done.len), (Status::IOERR, 1));
+    assert_eq!((chain.status(), done.len), (StatusByte::IOERR, 1));
     let (st, back) = fe.read(0, Sector(SECTOR), LEN).expect("read back");
-    assert_eq!(st, Status::OK);
+    assert_eq!(st, StatusByte::OK);
     assert!(back == old, "the failed write changed the device's data");
-    assert_eq!(fe.flush(0).expect("flush"), Status::OK);
+    assert_eq!(fe.flush(0).expect("flush"), StatusByte::OK);
     assert!(
         s.disk_at(SECTOR, LEN) == old,
         "the failed write reached the disk file"
@@ -391,7 +391,7 @@ fn a_delayed_read_into_a_removed_region_fails_and_leaves_the_region_alone() {
     );
 
     let done = fe.queue(0).unwrap().wait_for(id, SOON).expect("used entry");
-    assert_eq!((chain.status(), done.len), (Status::IOERR, 1));
+    assert_eq!((chain.status(), done.len), (StatusByte::IOERR, 1));
     assert!(
         extra.bytes() == vec![EXTRA_FILL; EXTRA_SIZE],
         "the daemon wrote into the removed region"
@@ -425,7 +425,7 @@ fn a_status_byte_in_a_removed_region_is_not_written_and_the_chain_still_complete
         extra.bytes() == vec![EXTRA_FILL; EXTRA_SIZE],
         "the daemon wrote into the removed region"
     );
-    assert_eq!(chain.status(), Status::UNWRITTEN);
+    assert_eq!(chain.status(), StatusByte::UNWRITTEN);
     assert_eq!(counter(&s, "no_status"), 1);
     assert_eq!(outcome_at_sector(&s), "no-status");
     serves_after(&mut s, &mut fe, "a status byte in a removed region");

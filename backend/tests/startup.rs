@@ -311,7 +311,9 @@ fn a_second_daemon_on_the_same_disk_file_refuses_to_start() {
     s.kill_and_restart(&[]);
     let mut fe = s.connect(1);
     assert_eq!(
-        fe.read(0, backend::frontend::Sector(0), 512).unwrap().1,
+        fe.read(0, backend::vhost_user_driver::Sector(0), 512)
+            .unwrap()
+            .1,
         vec![3; 512]
     );
     drop(fe);

@@ -101,6 +101,19 @@ impl RequestType {
         }
     }
 
+    /// The header's type field: the inverse of [`RequestType::from_raw`].
+    pub fn code(self) -> u32 {
+        match self {
+            RequestType::In => VIRTIO_BLK_T_IN,
+            RequestType::Out => VIRTIO_BLK_T_OUT,
+            RequestType::Flush => VIRTIO_BLK_T_FLUSH,
+            RequestType::GetId => VIRTIO_BLK_T_GET_ID,
+            RequestType::Discard => VIRTIO_BLK_T_DISCARD,
+            RequestType::WriteZeroes => VIRTIO_BLK_T_WRITE_ZEROES,
+            RequestType::Unsupported(code) => code,
+        }
+    }
+
     /// A short name for logs: `op=`.
     pub fn name(self) -> &'static str {
         match self {

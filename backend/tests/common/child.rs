@@ -10,9 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::frontend::{
+use backend::vhost_user_driver::{
     BlkFrontend, BlkRequest, Buffer, ChainId, Completion, Error as FrontendError, FrontendConfig,
-    Queue, RequestType, Sector, Segment, Status,
+    Queue, RequestType, Sector, Segment, StatusByte,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -301,14 +301,14 @@ pub fn submit(q: &mut Queue, kind: RequestType, sector: u64, buf: &Buffer) -> Ch
     id
 }
 
-pub fn status(c: &Completion) -> Status {
+pub fn status(c: &Completion) -> StatusByte {
     c.status().expect("a blk completion")
 }
 
 pub fn write_ok(fe: &mut BlkFrontend, sector: u64, data: &[u8]) {
     assert_eq!(
         fe.write(0, Sector(sector), data).expect("write"),
-        Status::OK
+        StatusByte::OK
     );
 }
 

@@ -13,7 +13,7 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
-use super::Error;
+use super::error::Error;
 
 /// The allocator never hands out the first page, so guest-physical 0 stays a
 /// recognisably bogus address for tests.

@@ -6,36 +6,23 @@
 //! queue's per-chain scratch area (indexed by head slot), so submitting needs no
 //! allocation in guest memory; data buffers are the caller's.
 
-use std::fmt;
-
 use vm_memory::GuestAddress;
 
+use super::error::Error;
 use super::memory::Buffer;
-use super::ring::{link, ChainId, ChainKind, Completion, Descriptor, Queue, STATUS_UNWRITTEN};
-use super::Error;
+use super::ring::{link, ChainId, ChainKind, Completion, Descriptor, Queue};
+use super::status::{StatusByte, STATUS_UNWRITTEN};
+use crate::virtio_blk::{RequestType, HEADER_LEN, ID_BYTES};
 
-/// virtio-blk request types (`VIRTIO_BLK_T_*`).
+/// virtio-blk request types (`VIRTIO_BLK_T_*`) as raw header codes, for
+/// chains built by hand; [`RequestType`] names the ones the device serves.
 pub mod request_type {
-    /// Read.
-    pub const IN: u32 = 0;
-    /// Write.
-    pub const OUT: u32 = 1;
-    /// Flush.
-    pub const FLUSH: u32 = 4;
-    /// Get the device id string.
-    pub const GET_ID: u32 = 8;
-    /// Discard.
-    pub const DISCARD: u32 = 11;
-    /// Write zeroes.
-    pub const WRITE_ZEROES: u32 = 13;
-    /// Secure erase.
-    pub const SECURE_ERASE: u32 = 14;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD as DISCARD, VIRTIO_BLK_T_FLUSH as FLUSH,
+        VIRTIO_BLK_T_GET_ID as GET_ID, VIRTIO_BLK_T_IN as IN, VIRTIO_BLK_T_OUT as OUT,
+        VIRTIO_BLK_T_SECURE_ERASE as SECURE_ERASE, VIRTIO_BLK_T_WRITE_ZEROES as WRITE_ZEROES,
+    };
 }
-
-/// Bytes of the id string GET_ID returns.
-pub const ID_BYTES: usize = 20;
-/// Bytes of the request header.
-pub const HEADER_SIZE: u32 = 16;
 
 /// A 512-byte sector: virtio-blk's unit for `sector` and `capacity`, whatever
 /// the logical block size.
@@ -49,93 +36,6 @@ impl Sector {
     /// Byte offset of the sector, if it fits in a u64.
     pub fn byte_offset(self) -> Option<u64> {
         self.0.checked_mul(Self::SIZE)
-    }
-}
-
-/// The status byte a device wrote.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Status(pub u8);
-
-impl Status {
-    /// `VIRTIO_BLK_S_OK`.
-    pub const OK: Status = Status(0);
-    /// `VIRTIO_BLK_S_IOERR`.
-    pub const IOERR: Status = Status(1);
-    /// `VIRTIO_BLK_S_UNSUPP`.
-    pub const UNSUPP: Status = Status(2);
-    /// What the frontend writes before submitting: the device wrote no status.
-    pub const UNWRITTEN: Status = Status(STATUS_UNWRITTEN);
-
-    /// Whether the status is OK.
-    pub fn is_ok(self) -> bool {
-        self == Self::OK
-    }
-}
-
-impl fmt::Debug for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::OK => write!(f, "OK"),
-            Self::IOERR => write!(f, "IOERR"),
-            Self::UNSUPP => write!(f, "UNSUPP"),
-            Self::UNWRITTEN => write!(f, "UNWRITTEN"),
-            Status(other) => write!(f, "Status({other})"),
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-/// What a request asks of the device. Decides the header `type` and the
-/// direction of the data descriptors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestType {
-    /// Read: data is device-writable.
-    In,
-    /// Write: data is device-readable.
-    Out,
-    /// Flush: normally no data.
-    Flush,
-    /// Get id: 20 device-writable bytes.
-    GetId,
-    /// Discard: data is a device-readable list of [`DiscardRange`]s.
-    Discard,
-    /// Write zeroes: data is a device-readable list of [`DiscardRange`]s.
-    WriteZeroes,
-    /// Any type code, with the data direction given.
-    Other {
-        /// The header `type` field.
-        code: u32,
-        /// Whether data descriptors are device-writable.
-        device_writes: bool,
-    },
-}
-
-impl RequestType {
-    /// The header `type` field.
-    pub fn code(self) -> u32 {
-        match self {
-            RequestType::In => request_type::IN,
-            RequestType::Out => request_type::OUT,
-            RequestType::Flush => request_type::FLUSH,
-            RequestType::GetId => request_type::GET_ID,
-            RequestType::Discard => request_type::DISCARD,
-            RequestType::WriteZeroes => request_type::WRITE_ZEROES,
-            RequestType::Other { code, .. } => code,
-        }
-    }
-
-    /// Whether data descriptors are device-writable.
-    pub fn device_writes(self) -> bool {
-        match self {
-            RequestType::In | RequestType::GetId => true,
-            RequestType::Other { device_writes, .. } => device_writes,
-            _ => false,
-        }
     }
 }
 
@@ -311,7 +211,7 @@ impl BlkConfig {
 /// in flight.
 impl Queue {
     /// Places a well-formed request in the avail ring: header and status in the
-    /// chain's scratch area (status preset to [`Status::UNWRITTEN`]), `data` in
+    /// chain's scratch area (status preset to [`StatusByte::UNWRITTEN`]), `data` in
     /// between. Not visible to the device until [`Queue::kick`].
     pub fn submit(&mut self, req: &BlkRequest<'_>) -> Result<ChainId, Error> {
         let slots = self.reserve(req.data.len() + 2)?;
@@ -326,14 +226,14 @@ impl Queue {
 
     fn place_request(&self, slots: &[u16], req: &BlkRequest<'_>) -> Result<(), Error> {
         let scratch = self.scratch(slots[0]);
-        let status = GuestAddress(scratch.0 + u64::from(HEADER_SIZE));
+        let status = GuestAddress(scratch.0 + u64::from(HEADER_LEN));
         self.ram()
             .write(scratch, &encode_header(req.kind.code(), req.sector))?;
         self.ram().write(status, &[STATUS_UNWRITTEN])?;
         let mut descs = Vec::with_capacity(req.data.len() + 2);
-        descs.push(Descriptor::readable(scratch, HEADER_SIZE));
+        descs.push(Descriptor::readable(scratch, HEADER_LEN));
         descs.extend(req.data.iter().map(|seg| {
-            if req.kind.device_writes() {
+            if req.kind.device_writes_data() {
                 Descriptor::writable(seg.gpa, seg.len)
             } else {
                 Descriptor::readable(seg.gpa, seg.len)
@@ -350,7 +250,7 @@ impl Queue {
         &mut self,
         req: &BlkRequest<'_>,
         bufs: Vec<Buffer>,
-    ) -> Result<(Status, Vec<Buffer>), Error> {
+    ) -> Result<(StatusByte, Vec<Buffer>), Error> {
         let id = self.submit(req)?;
         self.kick()?;
         match self.wait_for(id, self.timeout) {
@@ -366,7 +266,7 @@ impl Queue {
 
     /// Reads `len` bytes at `sector` into a fresh buffer; returns the status
     /// and the buffer's contents (whatever the status).
-    pub fn read(&mut self, sector: Sector, len: usize) -> Result<(Status, Vec<u8>), Error> {
+    pub fn read(&mut self, sector: Sector, len: usize) -> Result<(StatusByte, Vec<u8>), Error> {
         let buf = self.ram().alloc(len)?;
         let seg = [Segment::of(&buf)?];
         let req = BlkRequest {
@@ -379,7 +279,7 @@ impl Queue {
     }
 
     /// Writes `data` at `sector`.
-    pub fn write(&mut self, sector: Sector, data: &[u8]) -> Result<Status, Error> {
+    pub fn write(&mut self, sector: Sector, data: &[u8]) -> Result<StatusByte, Error> {
         let buf = self.ram().alloc(data.len())?;
         buf.write_at(0, data)?;
         let seg = [Segment::of(&buf)?];
@@ -392,7 +292,7 @@ impl Queue {
     }
 
     /// Flushes the device's write cache.
-    pub fn flush(&mut self) -> Result<Status, Error> {
+    pub fn flush(&mut self) -> Result<StatusByte, Error> {
         let req = BlkRequest {
             kind: RequestType::Flush,
             sector: Sector(0),
@@ -402,7 +302,7 @@ impl Queue {
     }
 
     /// Asks for the device id: 20 bytes, NUL-padded (see [`id_string`]).
-    pub fn get_id(&mut self) -> Result<(Status, Vec<u8>), Error> {
+    pub fn get_id(&mut self) -> Result<(StatusByte, Vec<u8>), Error> {
         let buf = self.ram().alloc(ID_BYTES)?;
         buf.fill(0)?;
         let seg = [Segment::of(&buf)?];
@@ -416,13 +316,13 @@ impl Queue {
     }
 
     /// Discards `ranges`.
-    pub fn discard(&mut self, ranges: &[DiscardRange]) -> Result<Status, Error> {
+    pub fn discard(&mut self, ranges: &[DiscardRange]) -> Result<StatusByte, Error> {
         self.ranges_request(RequestType::Discard, ranges)
     }
 
     /// Writes zeroes over `ranges` (set [`DiscardRange::UNMAP`] to allow
     /// deallocation).
-    pub fn write_zeroes(&mut self, ranges: &[DiscardRange]) -> Result<Status, Error> {
+    pub fn write_zeroes(&mut self, ranges: &[DiscardRange]) -> Result<StatusByte, Error> {
         self.ranges_request(RequestType::WriteZeroes, ranges)
     }
 
@@ -430,7 +330,7 @@ impl Queue {
         &mut self,
         kind: RequestType,
         ranges: &[DiscardRange],
-    ) -> Result<Status, Error> {
+    ) -> Result<StatusByte, Error> {
         let bytes: Vec<u8> = ranges.iter().flat_map(|r| r.encode()).collect();
         let buf = self.ram().alloc(bytes.len())?;
         buf.write_at(0, &bytes)?;
@@ -445,8 +345,8 @@ impl Queue {
     }
 }
 
-fn status_of(completion: &Completion) -> Status {
-    completion.status().unwrap_or(Status::UNWRITTEN)
+fn status_of(completion: &Completion) -> StatusByte {
+    completion.status().unwrap_or(StatusByte::UNWRITTEN)
 }
 
 /// The id string of a GET_ID reply, up to the first NUL.
@@ -499,15 +399,12 @@ mod tests {
 
     #[test]
     fn request_types_pick_direction() {
-        assert!(RequestType::In.device_writes());
-        assert!(RequestType::GetId.device_writes());
-        assert!(!RequestType::Out.device_writes());
-        assert!(!RequestType::Discard.device_writes());
-        assert!(RequestType::Other {
-            code: 99,
-            device_writes: true
-        }
-        .device_writes());
+        assert!(RequestType::In.device_writes_data());
+        assert!(RequestType::GetId.device_writes_data());
+        assert!(!RequestType::Out.device_writes_data());
+        assert!(!RequestType::Discard.device_writes_data());
+        assert!(!RequestType::Unsupported(99).device_writes_data());
         assert_eq!(RequestType::WriteZeroes.code(), 13);
+        assert_eq!(RequestType::Unsupported(99).code(), 99);
     }
 }

@@ -1,35 +1,6 @@
-//! A vhost-user-blk frontend driver: the side QEMU normally plays.
-//!
-//! It drives any vhost-user-blk backend over its socket, for the protocol tests
-//! (including deliberately malformed descriptor chains) and for `dmaprobe bench`.
-//!
-//! - `memory`: [`GuestRam`], the memfd-backed guest memory shared with the
-//!   backend, and its buffer allocator ([`Buffer`]).
-//! - `ring`: [`Queue`], the driver side of a split virtqueue written directly
-//!   in guest memory: arbitrary descriptor chains in, used entries out, kick and
-//!   call eventfds, EVENT_IDX.
-//! - `blk`: virtio-blk on a [`Queue`]: well-formed request chains, status,
-//!   config space ([`BlkConfig`]), blocking helpers and async submit.
-//! - this file: [`BlkFrontend`], the vhost-user session: feature negotiation,
-//!   memory table, vring setup, config space.
-//!
-//! Data flow: `BlkFrontend::connect` creates the guest memory and the queues and
-//! hands the backend the memfd, the ring addresses and the eventfds. From then on
-//! the control socket is idle; requests go through a [`Queue`] (guest memory plus
-//! eventfds), so each queue can run on its own thread (`queues_mut`).
-//!
-//! ```no_run
-//! use backend::frontend::{BlkFrontend, FrontendConfig, Sector};
-//! # fn main() -> Result<(), backend::frontend::Error> {
-//! let mut fe = BlkFrontend::connect("/tmp/blk.sock", FrontendConfig::default())?;
-//! let status = fe.write(0, Sector(8), &[0xab; 4096])?;
-//! let (status, data) = fe.read(0, Sector(8), 4096)?;
-//! # Ok(()) }
-//! ```
-
-mod blk;
-mod memory;
-mod ring;
+//! [`BlkFrontend`], the vhost-user session: feature negotiation, memory
+//! table, vring setup, config space; and the blocking request helpers that
+//! run on one of its queues.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,204 +14,12 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::GuestMemoryBackend;
 
-pub use blk::{
-    encode_header, id_string, request_type, BlkConfig, BlkRequest, DiscardRange, RequestType,
-    Sector, Segment, Status, HEADER_SIZE, ID_BYTES,
-};
-pub use memory::{Buffer, GuestRam};
-pub use ring::{
-    link, write_table, ChainId, Completion, CompletionKind, Descriptor, Next, Queue, QueueStats,
-    DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
-};
-pub use vm_memory::GuestAddress;
-
-/// Virtio feature bits (as `u64` masks) the frontend knows by name.
-pub mod features {
-    use virtio_bindings::virtio_blk as blk;
-    use virtio_bindings::virtio_config as config;
-    use virtio_bindings::virtio_ring as ring;
-
-    /// VIRTIO_BLK_F_SIZE_MAX.
-    pub const BLK_SIZE_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SIZE_MAX;
-    /// VIRTIO_BLK_F_SEG_MAX.
-    pub const BLK_SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
-    /// VIRTIO_BLK_F_GEOMETRY.
-    pub const BLK_GEOMETRY: u64 = 1 << blk::VIRTIO_BLK_F_GEOMETRY;
-    /// VIRTIO_BLK_F_RO.
-    pub const BLK_RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
-    /// VIRTIO_BLK_F_BLK_SIZE.
-    pub const BLK_BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
-    /// VIRTIO_BLK_F_FLUSH.
-    pub const BLK_FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
-    /// VIRTIO_BLK_F_TOPOLOGY.
-    pub const BLK_TOPOLOGY: u64 = 1 << blk::VIRTIO_BLK_F_TOPOLOGY;
-    /// VIRTIO_BLK_F_CONFIG_WCE.
-    pub const BLK_CONFIG_WCE: u64 = 1 << blk::VIRTIO_BLK_F_CONFIG_WCE;
-    /// VIRTIO_BLK_F_MQ.
-    pub const BLK_MQ: u64 = 1 << blk::VIRTIO_BLK_F_MQ;
-    /// VIRTIO_BLK_F_DISCARD.
-    pub const BLK_DISCARD: u64 = 1 << blk::VIRTIO_BLK_F_DISCARD;
-    /// VIRTIO_BLK_F_WRITE_ZEROES.
-    pub const BLK_WRITE_ZEROES: u64 = 1 << blk::VIRTIO_BLK_F_WRITE_ZEROES;
-    /// VIRTIO_BLK_F_SECURE_ERASE.
-    pub const BLK_SECURE_ERASE: u64 = 1 << blk::VIRTIO_BLK_F_SECURE_ERASE;
-    /// VIRTIO_RING_F_INDIRECT_DESC.
-    pub const RING_INDIRECT_DESC: u64 = 1 << ring::VIRTIO_RING_F_INDIRECT_DESC;
-    /// VIRTIO_RING_F_EVENT_IDX.
-    pub const RING_EVENT_IDX: u64 = 1 << ring::VIRTIO_RING_F_EVENT_IDX;
-    /// VHOST_USER_F_PROTOCOL_FEATURES (bit 30).
-    pub const PROTOCOL_FEATURES: u64 = 1 << 30;
-    /// VIRTIO_F_VERSION_1.
-    pub const VERSION_1: u64 = 1 << config::VIRTIO_F_VERSION_1;
-
-    /// What [`super::FrontendConfig::default`] asks for besides VERSION_1,
-    /// PROTOCOL_FEATURES and EVENT_IDX: the blk features the helpers understand,
-    /// and indirect descriptors (for hand-built chains).
-    pub const DEFAULT: u64 = BLK_SIZE_MAX
-        | BLK_SEG_MAX
-        | BLK_GEOMETRY
-        | BLK_RO
-        | BLK_BLK_SIZE
-        | BLK_FLUSH
-        | BLK_TOPOLOGY
-        | BLK_CONFIG_WCE
-        | BLK_MQ
-        | BLK_DISCARD
-        | BLK_WRITE_ZEROES
-        | RING_INDIRECT_DESC;
-}
-
-/// Errors of the frontend.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Bad parameter from the caller.
-    #[error("Invalid frontend configuration: {0}")]
-    InvalidConfig(&'static str),
-    /// memfd creation or sizing failed.
-    #[error("Cannot create guest memory file")]
-    MemFd(#[source] std::io::Error),
-    /// Mapping the memfd failed.
-    #[error("Cannot map guest memory")]
-    Mmap(#[source] vm_memory::mmap::FromRangesError),
-    /// A guest memory access fell outside guest memory.
-    #[error("Guest memory access at {gpa:#x} (+{len}) failed")]
-    GuestMemory {
-        /// Guest-physical address.
-        gpa: u64,
-        /// Bytes accessed.
-        len: usize,
-        /// The cause.
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
-    /// The allocator has no room.
-    #[error("Out of guest memory for a {len}-byte buffer")]
-    OutOfMemory {
-        /// Bytes asked for.
-        len: usize,
-    },
-    /// A write past the end of a [`Buffer`].
-    #[error("Write of {len} bytes at offset {offset} overflows a {size}-byte buffer")]
-    BufferOverflow {
-        /// Offset into the buffer.
-        offset: usize,
-        /// Bytes written.
-        len: usize,
-        /// Buffer size.
-        size: usize,
-    },
-    /// A buffer too large for one descriptor.
-    #[error("A {len}-byte buffer does not fit one descriptor")]
-    TooLarge {
-        /// Bytes.
-        len: usize,
-    },
-    /// Eventfd creation, read, write or poll failed.
-    #[error("Eventfd operation failed")]
-    EventFd(#[source] std::io::Error),
-    /// Connecting to the socket failed.
-    #[error("Cannot connect to {}", path.display())]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: vhost::Error,
-    },
-    /// A vhost-user request failed or the reply was bad.
-    #[error("vhost-user {request} failed")]
-    Protocol {
-        /// The request, e.g. "SET_MEM_TABLE".
-        request: &'static str,
-        /// The cause.
-        #[source]
-        source: vhost::Error,
-    },
-    /// The backend does not offer a feature the configuration requires.
-    #[error("Backend does not offer {name}")]
-    MissingFeature {
-        /// Feature name.
-        name: &'static str,
-    },
-    /// More queues asked for than the backend has.
-    #[error("Backend has {offered} queues, {wanted} requested")]
-    TooManyQueues {
-        /// Queues the backend reports.
-        offered: u64,
-        /// Queues asked for.
-        wanted: u16,
-    },
-    /// No queue with that index.
-    #[error("No queue {0}")]
-    NoSuchQueue(u16),
-    /// Not enough free descriptors or avail ring entries.
-    #[error("Queue {queue} is full: {needed} descriptors needed, {free} free")]
-    QueueFull {
-        /// Queue index.
-        queue: u16,
-        /// Descriptors needed.
-        needed: usize,
-        /// Descriptors free.
-        free: usize,
-    },
-    /// A chain with no descriptors.
-    #[error("A chain needs at least one descriptor")]
-    EmptyChain,
-    /// `Next::Entry` names an entry outside the list.
-    #[error("Descriptor {entry} points at entry {next}, outside the chain")]
-    BadNextEntry {
-        /// The descriptor.
-        entry: usize,
-        /// Its `Next::Entry`.
-        next: usize,
-    },
-    /// A descriptor slot outside the table.
-    #[error("Descriptor slot {slot} is outside a {size}-entry table")]
-    BadSlot {
-        /// The slot.
-        slot: u16,
-        /// Table size.
-        size: u16,
-    },
-    /// The device moved `used.idx` by more than the queue size.
-    #[error("Queue {queue}: used.idx jumped to {used_idx} from {last_used}")]
-    UsedIndexJump {
-        /// Queue index.
-        queue: u16,
-        /// The device's used.idx.
-        used_idx: u16,
-        /// Our last seen used.idx.
-        last_used: u16,
-    },
-    /// Nothing completed in time.
-    #[error("Queue {queue}: no completion within {waited:?}")]
-    Timeout {
-        /// Queue index.
-        queue: u16,
-        /// How long we waited.
-        waited: Duration,
-    },
-}
+use super::blk::{BlkConfig, DiscardRange, Sector};
+use super::error::Error;
+use super::features;
+use super::memory::GuestRam;
+use super::ring::Queue;
+use super::status::StatusByte;
 
 /// What to set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -546,32 +325,36 @@ impl BlkFrontend {
         queue: u16,
         sector: Sector,
         len: usize,
-    ) -> Result<(Status, Vec<u8>), Error> {
+    ) -> Result<(StatusByte, Vec<u8>), Error> {
         self.queue(queue)?.read(sector, len)
     }
 
     /// Writes `data` at `sector` on `queue` (blocking).
-    pub fn write(&mut self, queue: u16, sector: Sector, data: &[u8]) -> Result<Status, Error> {
+    pub fn write(&mut self, queue: u16, sector: Sector, data: &[u8]) -> Result<StatusByte, Error> {
         self.queue(queue)?.write(sector, data)
     }
 
     /// Flushes on `queue` (blocking).
-    pub fn flush(&mut self, queue: u16) -> Result<Status, Error> {
+    pub fn flush(&mut self, queue: u16) -> Result<StatusByte, Error> {
         self.queue(queue)?.flush()
     }
 
     /// GET_ID on `queue` (blocking): the raw 20 bytes.
-    pub fn get_id(&mut self, queue: u16) -> Result<(Status, Vec<u8>), Error> {
+    pub fn get_id(&mut self, queue: u16) -> Result<(StatusByte, Vec<u8>), Error> {
         self.queue(queue)?.get_id()
     }
 
     /// Discards `ranges` on `queue` (blocking).
-    pub fn discard(&mut self, queue: u16, ranges: &[DiscardRange]) -> Result<Status, Error> {
+    pub fn discard(&mut self, queue: u16, ranges: &[DiscardRange]) -> Result<StatusByte, Error> {
         self.queue(queue)?.discard(ranges)
     }
 
     /// Writes zeroes over `ranges` on `queue` (blocking).
-    pub fn write_zeroes(&mut self, queue: u16, ranges: &[DiscardRange]) -> Result<Status, Error> {
+    pub fn write_zeroes(
+        &mut self,
+        queue: u16,
+        ranges: &[DiscardRange],
+    ) -> Result<StatusByte, Error> {
         self.queue(queue)?.write_zeroes(ranges)
     }
 }

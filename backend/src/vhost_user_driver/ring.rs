@@ -20,9 +20,9 @@ use vhost::VringConfigData;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::blk::Status;
+use super::error::Error;
 use super::memory::{Buffer, GuestRam};
-use super::Error;
+use super::status::{StatusByte, STATUS_UNWRITTEN};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;
@@ -35,9 +35,6 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const DESC_SIZE: u64 = 16;
 /// Bytes of per-chain scratch space: a virtio-blk header at 0, status at 16.
 pub(crate) const SCRATCH_SIZE: u64 = 32;
-/// Status byte written before submission, so "the device never wrote a status"
-/// is visible.
-pub(crate) const STATUS_UNWRITTEN: u8 = 0xff;
 
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
@@ -175,7 +172,7 @@ impl ChainId {
 pub enum CompletionKind {
     /// A virtio-blk request built by the blk helpers, with the status byte the
     /// device wrote (`0xff` if it wrote none).
-    Blk(Status),
+    Blk(StatusByte),
     /// A chain pushed with [`Queue::push_chain`].
     Raw,
     /// An id that names no chain in flight (a device bug, or a head published
@@ -204,7 +201,7 @@ impl Completion {
     }
 
     /// The virtio-blk status, for blk requests.
-    pub fn status(&self) -> Option<Status> {
+    pub fn status(&self) -> Option<StatusByte> {
         match self.kind {
             CompletionKind::Blk(status) => Some(status),
             _ => None,
@@ -635,7 +632,7 @@ impl Queue {
                         let mut status = [STATUS_UNWRITTEN];
                         self.ram
                             .read(GuestAddress(self.scratch(head).0 + 16), &mut status)?;
-                        CompletionKind::Blk(Status(status[0]))
+                        CompletionKind::Blk(StatusByte(status[0]))
                     }
                 }
             }
