@@ -59,7 +59,11 @@ struct Case {
 impl Case {
     /// Address, length and flags of each descriptor, without NEXT.
     fn layout(&self) -> Vec<(u64, u32, u16)> {
-        let data_flags = if self.kind.device_writes_data() { WRITE } else { 0 };
+        let data_flags = if self.kind.device_writes_data() {
+            WRITE
+        } else {
+            0
+        };
         let mut v = vec![(HEADER, virtio_blk::HEADER_LEN, 0)];
         v.extend(self.data.iter().map(|&(addr, len)| (addr, len, data_flags)));
         v.push((STATUS, 1, WRITE));

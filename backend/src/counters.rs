@@ -5,7 +5,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::virtio_blk::request::Malformed;
+/// Something a guest got wrong, counted under its name in `malformed`:
+/// virtio-blk's malformed chains and requests
+/// (`virtio_blk::request::Malformed`) and the pipeline's refusals
+/// (`pipeline::Refusal`) alike, so one kind has one counter whichever
+/// interface it came through.
+pub trait Mistake: Copy {
+    /// Its name: one of [`MISTAKES`].
+    fn name(self) -> &'static str;
+}
+
+/// The kinds of guest mistake `malformed` counts, by name, as `status`
+/// reports them.
+pub const MISTAKES: [&str; 13] = [
+    "broken-chain",
+    "no-status",
+    "readable-after-writable",
+    "short-header",
+    "outside-memory",
+    "wrong-direction",
+    "too-large",
+    "unaligned",
+    "out-of-range",
+    "bad-segment-list",
+    "bad-flags",
+    "unsupported",
+    "read-only",
+];
 
 /// What the device has done since it started. Shared by every queue and connection.
 #[derive(Debug, Default)]
@@ -31,7 +57,7 @@ pub struct Counters {
     pub mailbox_refused: AtomicU64,
     /// Requests the media latency model made wait (`--latency`).
     pub latency_delayed: AtomicU64,
-    malformed: [AtomicU64; Malformed::ALL.len()],
+    malformed: [AtomicU64; MISTAKES.len()],
     limiter: RateLimit,
 }
 
@@ -99,19 +125,31 @@ impl Counters {
         }
     }
 
-    pub fn count_malformed(&self, m: Malformed) {
-        self.malformed[m.index()].fetch_add(1, Ordering::Relaxed);
+    pub fn count_malformed(&self, m: impl Mistake) {
+        if let Some(c) = self.malformed_counter(m) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    pub fn malformed(&self, m: Malformed) -> u64 {
-        self.malformed[m.index()].load(Ordering::Relaxed)
+    pub fn malformed(&self, m: impl Mistake) -> u64 {
+        self.malformed_counter(m)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The counter of `m`'s kind. Every kind has one (the tests of
+    /// `Malformed` and `Refusal` check their names against [`MISTAKES`]).
+    fn malformed_counter(&self, m: impl Mistake) -> Option<&AtomicU64> {
+        let at = MISTAKES.iter().position(|&name| name == m.name());
+        debug_assert!(at.is_some(), "no counter for {}", m.name());
+        self.malformed.get(at?)
     }
 
     /// Every malformed-input counter with its name.
     pub fn malformed_all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        Malformed::ALL
+        MISTAKES
             .iter()
-            .map(|&m| (m.name(), self.malformed(m)))
+            .zip(&self.malformed)
+            .map(|(&name, c)| (name, c.load(Ordering::Relaxed)))
     }
 
     /// Whether a guest-triggered log line may be printed now.
@@ -188,6 +226,8 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Refusal;
+    use crate::virtio_blk::request::Malformed;
 
     #[test]
     fn rate_limit_allows_a_burst_then_holds_back() {
@@ -206,5 +246,21 @@ mod tests {
         assert_eq!(c.malformed(Malformed::NoStatus), 2);
         assert_eq!(c.malformed(Malformed::OutOfRange), 1);
         assert_eq!(c.malformed(Malformed::BadFlags), 0);
+    }
+
+    /// Each kind of mistake, from either vocabulary, has its own counter,
+    /// and `status` shows every counter.
+    #[test]
+    fn every_mistake_has_a_counter_under_its_name() {
+        let malformed: Vec<&str> = Malformed::ALL.iter().map(|m| m.name()).collect();
+        assert_eq!(malformed, MISTAKES);
+        for r in Refusal::ALL {
+            assert!(MISTAKES.contains(&r.name()), "{r:?}");
+        }
+        let c = Counters::default();
+        c.count_malformed(Refusal::OutOfRange);
+        c.count_malformed(Malformed::OutOfRange);
+        assert_eq!(c.malformed(Malformed::OutOfRange), 2);
+        assert_eq!(c.malformed_all().count(), MISTAKES.len());
     }
 }

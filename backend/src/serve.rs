@@ -383,7 +383,6 @@ fn nvme_server(
             shared.namespace().clone(),
             shared.engine().clone(),
             shared.counters().clone(),
-            &config.serial,
             1,
             mailbox_control(shared, config.mailbox),
             shared.latency().cloned(),

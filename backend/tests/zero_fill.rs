@@ -63,7 +63,6 @@ fn setup() -> (Arc<Namespace>, Pipeline, GuestMemoryMmap<()>) {
         ns.clone(),
         Arc::new(Engine::new(EngineConfig::default())),
         Arc::new(Counters::default()),
-        "zero-fill",
         1,
         None,
         None,

@@ -7,8 +7,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use backend::execute::{self, ExecContext};
-use backend::request::{self, Limits};
+use backend::pipeline::work::perform;
+use backend::virtio_blk::prepare::prepare;
+use backend::virtio_blk::request::{self, Limits};
 use dma::{Checks, Engine, EngineConfig};
 use libfuzzer_sys::fuzz_target;
 use nvme_model::{Backing, LbaSize, Namespace};
@@ -81,17 +82,13 @@ fuzz_target!(|input: Input| {
         watch_limits: dma::WatchLimits::default(),
     });
     let mut buf = Vec::new();
-    let Ok(prepared) = execute::prepare(&ns, &mem, 0, &req, &mut buf) else {
+    let Ok(prepared) = prepare(&ns, &mem, 0, &req, &[b'x'; 20], &mut buf) else {
         return;
     };
     let mut ticket = engine.arrive(&mem, prepared.arrival);
-    let ctx = ExecContext {
-        ns: &ns,
-        engine: &engine,
-        serial: &[b'x'; 20],
-    };
-    let done = execute::perform(
-        &ctx,
+    let done = perform(
+        &ns,
+        &engine,
         &mem,
         &prepared.work,
         prepared.epoch,

@@ -16,10 +16,11 @@ use nvme_model::{Deallocate, LbaRange, Namespace};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
-use crate::pipeline::work::{Prepared, Work};
-use crate::pipeline::{Core, Failure, Label, Outcome, Pipeline, Reply, Submitted};
+use crate::pipeline::work::{block_range, prepared, writable, Prepared, Work};
+use crate::pipeline::{
+    Core, Failure, InjectedError, Label, Outcome, Pipeline, Refusal, Reply, Submitted,
+};
 use crate::vfio_user::{self, PciFunction};
-use crate::virtio_blk::request::Malformed;
 
 /// An NVMe controller whose NVM commands go through the request pipeline.
 #[derive(Debug)]
@@ -127,13 +128,10 @@ impl IoHandler for ToPipeline {
         let label = label(&core.ns, &cmd);
         let prepared = match prepare(&core.ns, cmd) {
             Ok(p) => p,
-            Err(m) => {
-                core.counters.count_malformed(m);
-                controller.complete(
-                    tag,
-                    nvme_status(Outcome::Failed(Failure::Malformed(m))).0,
-                    0,
-                );
+            Err(refusal) => {
+                core.counters.count_malformed(refusal);
+                let (status, _) = nvme_status(Outcome::Failed(Failure::Refused(refusal)));
+                controller.complete(tag, status, 0);
                 return;
             }
         };
@@ -215,22 +213,12 @@ impl Reply for CqeReply {
 /// A checked NVM command as the pipeline takes it. The controller has
 /// checked the blocks against the namespace; they are checked again here,
 /// where the ranges are made.
-fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Malformed> {
-    let range = |start, blocks: u32| {
-        ns.check_range(start, u64::from(blocks))
-            .map_err(|_| Malformed::OutOfRange)
-    };
-    let writable = || {
-        if ns.read_only() {
-            Err(Malformed::ReadOnly)
-        } else {
-            Ok(())
-        }
-    };
+fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Refusal> {
+    let range = |start, blocks: u32| block_range(ns, start, u64::from(blocks));
     let (op, work) = match cmd.op {
         IoOp::Read => (Op::Read, Work::Read(range(cmd.slba, cmd.nlb)?)),
         IoOp::Write => {
-            writable()?;
+            writable(ns)?;
             let range = range(cmd.slba, cmd.nlb)?;
             (
                 Op::Write,
@@ -242,28 +230,22 @@ fn prepare(ns: &Namespace, cmd: IoCommand) -> Result<Prepared, Malformed> {
         }
         IoOp::Flush => (Op::Flush, Work::Flush),
         IoOp::WriteZeroes { deallocate } => {
-            writable()?;
+            writable(ns)?;
             (
                 Op::WriteZeroes,
                 Work::Zero(vec![(range(cmd.slba, cmd.nlb)?, deallocate)]),
             )
         }
         IoOp::Deallocate(ranges) => {
-            writable()?;
+            writable(ns)?;
             let ranges = ranges
                 .iter()
                 .map(|r| Ok((range(r.start, r.blocks)?, true)))
-                .collect::<Result<Vec<(LbaRange, bool)>, Malformed>>()?;
+                .collect::<Result<Vec<(LbaRange, bool)>, Refusal>>()?;
             (Op::Discard, Work::Zero(ranges))
         }
     };
-    Ok(crate::pipeline::work::prepared(
-        ns,
-        cmd.tag.qid,
-        op,
-        work,
-        cmd.segments,
-    ))
+    Ok(prepared(ns, cmd.tag.qid, op, work, cmd.segments))
 }
 
 /// A command as the log names it, in 512-byte sectors as virtio-blk's are.
@@ -276,29 +258,24 @@ fn label(ns: &Namespace, cmd: &IoCommand) -> Label {
     }
 }
 
-/// The NVMe status for an outcome, and the ledger's word for it.
+/// The NVMe status for an outcome, and the ledger's word for it: the
+/// pipeline's words in NVMe's.
 fn nvme_status(outcome: Outcome) -> (NvmeStatus, &'static str) {
     use NvmeStatus as S;
     let Outcome::Failed(failure) = outcome else {
         return (S::Success, "ok");
     };
     match failure {
-        Failure::Malformed(Malformed::OutOfRange) => (S::LbaOutOfRange, "lba-out-of-range"),
-        Failure::Malformed(Malformed::ReadOnly) => (S::NamespaceWriteProtected, "write-protected"),
-        Failure::Malformed(Malformed::OutsideMemory) => {
-            (S::DataTransferError, "data-transfer-error")
-        }
-        Failure::Malformed(Malformed::Unsupported)
-        | Failure::Injected(crate::virtio_blk::Status::Unsupp) => {
-            (S::InvalidOpcode, "invalid-opcode")
-        }
-        Failure::Malformed(_) => (S::InvalidField, "invalid-field"),
+        Failure::Refused(Refusal::OutOfRange) => (S::LbaOutOfRange, "lba-out-of-range"),
+        Failure::Refused(Refusal::ReadOnly) => (S::NamespaceWriteProtected, "write-protected"),
+        Failure::Refused(Refusal::OutsideMemory) => (S::DataTransferError, "data-transfer-error"),
+        Failure::Injected(InjectedError::Unsupported) => (S::InvalidOpcode, "invalid-opcode"),
         Failure::UnrecoveredRead => (S::UnrecoveredReadError, "unrecovered-read-error"),
         Failure::WriteFault => (S::WriteFault, "write-fault"),
         Failure::Stopped => (S::AbortRequested, "aborted"),
         // A fault rule's error is the test's: Do Not Retry, so the guest's
         // driver passes it up as virtio-blk's IOERR is, not retries it away.
-        Failure::Injected(_) => (S::DataTransferError, "data-transfer-error"),
+        Failure::Injected(InjectedError::IoError) => (S::DataTransferError, "data-transfer-error"),
         Failure::Mailbox => (S::InvalidField, "invalid-field"),
         Failure::CutOff | Failure::Media => (S::InternalError, "internal-error"),
     }

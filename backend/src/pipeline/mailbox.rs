@@ -12,7 +12,11 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::control::protocol::{refusal, ControlFn};
 use crate::counters::{bump, Counters};
-use crate::virtio_blk::Status;
+
+/// A mailbox access that was not served: the guest is told its request
+/// failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused;
 
 /// The mailbox of one disk.
 pub struct Mailbox {
@@ -59,12 +63,12 @@ impl Mailbox {
         offset: u64,
         data: &[dma::Segment],
         counters: &Counters,
-    ) -> Status {
+    ) -> Result<(), Refused> {
         let len = dma::segment::total_len(data);
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
         if offset != self.offset || dma::from_guest(mem, data, &mut buf).is_err() {
             bump(&counters.mailbox_refused);
-            return Status::IoErr;
+            return Err(Refused);
         }
         let (seq, payload) = match decode(&buf) {
             Ok(frame) => frame,
@@ -73,7 +77,7 @@ impl Mailbox {
                 if counters.may_log() {
                     log::warn!("mailbox write refused: {e}");
                 }
-                return Status::IoErr;
+                return Err(Refused);
             }
         };
         bump(&counters.mailbox_commands);
@@ -90,7 +94,7 @@ impl Mailbox {
         if let Ok(mut slot) = self.answer.lock() {
             *slot = framed;
         }
-        Status::Ok
+        Ok(())
     }
 
     /// A read of the mailbox: the last answer, zero beyond it. A read that
@@ -102,7 +106,7 @@ impl Mailbox {
         offset: u64,
         data: &[dma::Segment],
         counters: &Counters,
-    ) -> Status {
+    ) -> Result<(), Refused> {
         let Some(from) = offset.checked_sub(self.offset) else {
             bump(&counters.mailbox_refused);
             if counters.may_log() {
@@ -111,7 +115,7 @@ impl Mailbox {
                     self.offset - offset
                 );
             }
-            return Status::IoErr;
+            return Err(Refused);
         };
         let len = usize::try_from(dma::segment::total_len(data)).unwrap_or(0);
         let from = usize::try_from(from).unwrap_or(usize::MAX);
@@ -122,10 +126,7 @@ impl Mailbox {
                 out[..n].copy_from_slice(&src[..n]);
             }
         }
-        match dma::to_guest(mem, data, &out) {
-            Ok(()) => Status::Ok,
-            Err(_) => Status::IoErr,
-        }
+        dma::to_guest(mem, data, &out).map_err(|_| Refused)
     }
 }
 
@@ -158,9 +159,9 @@ mod tests {
         let cmd = encode(9, br#"{"cmd":"held"}"#, 512);
         mem.write_slice(&cmd, GuestAddress(0x1000)).unwrap();
         let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
-        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Ok(()));
         let out = [dma::Segment::new(dma::Gpa(0x2000), 1024)];
-        assert_eq!(mb.read(&mem, mb.offset(), &out, &counters), Status::Ok);
+        assert_eq!(mb.read(&mem, mb.offset(), &out, &counters), Ok(()));
         let mut back = vec![0u8; 1024];
         mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
         let (seq, payload) = decode(&back).unwrap();
@@ -175,13 +176,13 @@ mod tests {
         let counters = Counters::default();
         let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
         // Plain data.
-        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::IoErr);
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Err(Refused));
         // A valid command, but not at the mailbox's first byte.
         mem.write_slice(&encode(1, b"{}", 512), GuestAddress(0x1000))
             .unwrap();
         assert_eq!(
             mb.write(&mem, mb.offset() + 512, &seg, &counters),
-            Status::IoErr
+            Err(Refused)
         );
         assert_eq!(counters.snapshot().mailbox_refused, 2);
         assert_eq!(counters.snapshot().mailbox_commands, 0);
@@ -200,9 +201,9 @@ mod tests {
         mem.write_slice(&encode(3, br#"{"cmd":"ledger"}"#, 512), GuestAddress(0))
             .unwrap();
         let seg = [dma::Segment::new(dma::Gpa(0), 512)];
-        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Ok(()));
         let whole = [dma::Segment::new(dma::Gpa(0x10_0000), 1 << 20)];
-        assert_eq!(mb.read(&mem, mb.offset(), &whole, &counters), Status::Ok);
+        assert_eq!(mb.read(&mem, mb.offset(), &whole, &counters), Ok(()));
         let mut back = vec![0u8; 1 << 20];
         mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
         let (seq, payload) = decode(&back).expect("a whole frame");
@@ -225,13 +226,13 @@ mod tests {
         mem.write_slice(&encode(1, br#"{"cmd":"held"}"#, 512), GuestAddress(0x1000))
             .unwrap();
         let seg = [dma::Segment::new(dma::Gpa(0x1000), 512)];
-        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Status::Ok);
+        assert_eq!(mb.write(&mem, mb.offset(), &seg, &counters), Ok(()));
         mem.write_slice(&[0x5a; 1024], GuestAddress(0x2000))
             .unwrap();
         let out = [dma::Segment::new(dma::Gpa(0x2000), 1024)];
         assert_eq!(
             mb.read(&mem, mb.offset() - 512, &out, &counters),
-            Status::IoErr
+            Err(Refused)
         );
         let mut back = vec![0u8; 1024];
         mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();

@@ -13,6 +13,7 @@
 
 pub mod iopool;
 pub mod mailbox;
+pub mod outcome;
 pub mod work;
 
 use std::io;
@@ -27,13 +28,13 @@ use nvme_model::{Latency, MediaOp, Namespace, NamespaceError};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::counters::{bump, Counters};
-use crate::virtio_blk::request::Malformed;
-use crate::virtio_blk::{Status, ID_BYTES};
 use iopool::{Handover, IoPool, Task};
 use mailbox::Mailbox;
 
 use crate::control::protocol::ControlFn;
-use work::{ExecContext, ExecError, Prepared, Work};
+use work::{Prepared, Work, WorkError};
+
+pub use outcome::{Failure, InjectedError, Outcome, Refusal};
 
 /// Guest memory as the front-ends share it.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -47,48 +48,6 @@ const POOL_READ_BYTES: u64 = 64 << 10;
 const POOL_ZERO_BYTES: u64 = 1 << 20;
 /// The most threads in the I/O pool.
 const POOL_THREADS: usize = 4;
-
-/// How a request ended, for the front-end to tell its guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Done; `written` bytes of data went into guest memory.
-    Done {
-        written: u32,
-    },
-    Failed(Failure),
-}
-
-/// Why a request failed, in no front-end's terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// The guest's mistake (including memory it no longer has).
-    Malformed(Malformed),
-    /// A block the test made bad, read.
-    UnrecoveredRead,
-    /// A block the test made fail writes, written.
-    WriteFault,
-    /// The power was cut after the request arrived.
-    CutOff,
-    /// The backing failed.
-    Media,
-    /// A fault rule's error, with the virtio status it asked for.
-    Injected(Status),
-    /// The mailbox refused the command.
-    Mailbox,
-    /// The daemon is stopping with the request still waiting.
-    Stopped,
-}
-
-impl Failure {
-    /// The virtio-blk status for it.
-    pub fn blk_status(self) -> Status {
-        match self {
-            Failure::Malformed(m) => m.status(),
-            Failure::Injected(s) => s,
-            _ => Status::IoErr,
-        }
-    }
-}
 
 /// Where the outcome of a request that waited goes: the front-end's way of
 /// telling the guest.
@@ -159,8 +118,6 @@ pub struct Core {
     pub ns: Arc<Namespace>,
     pub engine: Arc<Engine>,
     pub counters: Arc<Counters>,
-    /// What GET_ID answers.
-    pub serial: [u8; ID_BYTES],
     mem: RwLock<Option<Mem>>,
     mailbox: Option<Mailbox>,
     /// The media latency model; `None` when instant (nothing to add).
@@ -210,14 +167,10 @@ impl Pipeline {
         ns: Arc<Namespace>,
         engine: Arc<Engine>,
         counters: Arc<Counters>,
-        serial: &str,
         queues: u16,
         control: Option<ControlFn>,
         latency: Option<Arc<Latency>>,
     ) -> io::Result<Self> {
-        let mut id = [0u8; ID_BYTES];
-        let n = serial.len().min(ID_BYTES);
-        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let block = usize::try_from(ns.lba_size().bytes()).unwrap_or(512);
         let mailbox = control.and_then(|c| Mailbox::new(ns.capacity_bytes(), block, c));
         let core = Arc::new(Core {
@@ -225,7 +178,6 @@ impl Pipeline {
             ns,
             engine,
             counters,
-            serial: id,
             mem: RwLock::new(None),
             latency,
         });
@@ -288,7 +240,7 @@ impl Pipeline {
             // test can act while the completed request's DMA is pending),
             // else `ms` from now.
             let written = match work {
-                Work::Read(_) | Work::GetId(_) => label.len,
+                Work::Read(_) | Work::DeviceData(_) => label.len,
                 _ => 0,
             };
             if ticket.wait != Wait::Hold {
@@ -391,12 +343,6 @@ impl Pipeline {
         {
             self.park(watch_job(w));
         }
-    }
-
-    /// Counts and logs a request that failed before it reached the engine
-    /// (its preparation); returns why, for the front-end to tell the guest.
-    pub fn refuse(&self, q: u16, label: Label, e: &ExecError) -> Failure {
-        self.core.count_exec_error(q, label, e)
     }
 
     /// Every request of queue `q` still waiting completes now, without its
@@ -573,8 +519,15 @@ impl Core {
                 let mut buf = Vec::new();
                 let Some(reply) = reply else {
                     // Told "done" already; now the data moves.
-                    let ctx = self.exec_context();
-                    let done = work::perform(&ctx, &*mem, &work, epoch, &mut ticket, &mut buf);
+                    let done = work::perform(
+                        &self.ns,
+                        &self.engine,
+                        &*mem,
+                        &work,
+                        epoch,
+                        &mut ticket,
+                        &mut buf,
+                    );
                     let word = if done.is_ok() {
                         "ok-before-dma"
                     } else {
@@ -603,56 +556,48 @@ impl Core {
         buf: &mut Vec<u8>,
     ) -> (Outcome, Option<&'static str>) {
         let q = ticket.arrival.queue;
-        let ctx = self.exec_context();
-        match work::perform(&ctx, mem, work, epoch, ticket, buf) {
+        match work::perform(&self.ns, &self.engine, mem, work, epoch, ticket, buf) {
             Ok(written) => (Outcome::Done { written }, None),
             Err(e) => (
-                Outcome::Failed(self.count_exec_error(q, label, &e)),
+                Outcome::Failed(self.count_failure(q, label, &e)),
                 e.outcome(),
             ),
         }
     }
 
-    fn exec_context(&self) -> ExecContext<'_> {
-        ExecContext {
-            ns: &self.ns,
-            engine: &self.engine,
-            serial: &self.serial,
-        }
-    }
-
-    /// Counts and logs a failed request; returns why it failed.
-    fn count_exec_error(&self, q: u16, label: Label, e: &ExecError) -> Failure {
+    /// Counts and logs a request whose data failed to move; returns why it
+    /// failed.
+    fn count_failure(&self, q: u16, label: Label, e: &WorkError) -> Failure {
         let failure = match e {
-            ExecError::Malformed(m) => {
-                self.counters.count_malformed(*m);
-                Failure::Malformed(*m)
+            WorkError::Refused(r) => {
+                self.counters.count_malformed(*r);
+                Failure::Refused(*r)
             }
-            ExecError::Media(NamespaceError::UnrecoveredRead { .. }) => {
+            WorkError::Media(NamespaceError::UnrecoveredRead { .. }) => {
                 // A bad block the test put there: counted, not logged.
                 bump(&self.counters.unrecovered_reads);
                 return Failure::UnrecoveredRead;
             }
-            ExecError::Media(NamespaceError::WriteFault { .. }) => {
+            WorkError::Media(NamespaceError::WriteFault { .. }) => {
                 bump(&self.counters.write_faults);
                 return Failure::WriteFault;
             }
-            ExecError::CutOff => {
+            WorkError::CutOff => {
                 bump(&self.counters.cut_off);
                 return Failure::CutOff;
             }
-            ExecError::Media(_) => {
+            WorkError::Media(_) => {
                 bump(&self.counters.media_errors);
                 Failure::Media
             }
-            ExecError::Memory(_) => {
-                self.counters.count_malformed(Malformed::OutsideMemory);
-                Failure::Malformed(Malformed::OutsideMemory)
+            WorkError::Memory(_) => {
+                self.counters.count_malformed(Refusal::OutsideMemory);
+                Failure::Refused(Refusal::OutsideMemory)
             }
-            ExecError::Injected(_, status) => {
+            WorkError::Injected(_, error) => {
                 bump(&self.counters.injected);
                 // An injected fault is the test's doing: no warning for it.
-                return Failure::Injected(*status);
+                return Failure::Injected(*error);
             }
         };
         let cause = std::error::Error::source(e)
@@ -687,20 +632,20 @@ fn mailbox_io(
     let ranges = prepared.work.media_ranges();
     let &(offset, _) = ranges.iter().find(|(o, l)| mb.touches(*o, *l))?;
     let data = &prepared.arrival.segments;
-    let status = match prepared.work {
+    let served = match prepared.work {
         Work::Read(_) => mb.read(mem, offset, data, counters),
         Work::Write { .. } => mb.write(mem, offset, data, counters),
         _ => {
             bump(&counters.mailbox_refused);
-            Status::IoErr
+            Err(mailbox::Refused)
         }
     };
-    Some(match (status, &prepared.work) {
-        (Status::Ok, Work::Read(_)) => Outcome::Done {
+    Some(match (served, &prepared.work) {
+        (Ok(()), Work::Read(_)) => Outcome::Done {
             written: u32::try_from(dma::segment::total_len(data)).unwrap_or(u32::MAX),
         },
-        (Status::Ok, _) => Outcome::Done { written: 0 },
-        _ => Outcome::Failed(Failure::Mailbox),
+        (Ok(()), _) => Outcome::Done { written: 0 },
+        (Err(mailbox::Refused), _) => Outcome::Failed(Failure::Mailbox),
     })
 }
 
@@ -721,14 +666,15 @@ fn parked_info(t: &Ticket) -> ParkedInfo {
 }
 
 /// What the media latency model sees of a request: its kind and the bytes it
-/// moves. GET_ID is answered by the controller, not the media.
+/// moves. The device's own data (GET_ID) is answered by the controller, not
+/// the media.
 fn media_op(work: &Work) -> Option<(MediaOp, u64)> {
     match work {
         Work::Read(r) => Some((MediaOp::Read, r.len())),
         Work::Write { range, .. } => Some((MediaOp::Write, range.len())),
         Work::Flush => Some((MediaOp::Flush, 0)),
         Work::Zero(ranges) => Some((MediaOp::Discard, ranges.iter().map(|(r, _)| r.len()).sum())),
-        Work::GetId(_) => None,
+        Work::DeviceData(_) => None,
     }
 }
 
@@ -748,13 +694,4 @@ fn watch_job(w: WatchTask) -> FollowUp<Job> {
     };
     let due = w.due;
     (info, Wait::Delay(due), Job::Watch(w))
-}
-
-/// The virtio-blk name of a status, as the ledger records it.
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Ok => "ok",
-        Status::IoErr => "ioerr",
-        Status::Unsupp => "unsupp",
-    }
 }

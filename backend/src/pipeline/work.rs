@@ -6,56 +6,41 @@
 
 use dma::fault::Effect;
 use dma::{Arrival, Engine, Op, Segment, Ticket};
-use nvme_model::{LbaRange, Namespace, NamespaceError};
+use nvme_model::{Lba, LbaRange, Namespace, NamespaceError};
 use vm_memory::bitmap::{BitmapSlice, MS};
 use vm_memory::{GuestMemoryBackend, VolatileSlice};
 
-use crate::virtio_blk::request::Malformed;
-use crate::virtio_blk::{Status, ID_BYTES};
+use super::outcome::{InjectedError, Refusal};
 
-/// Why a well-formed chain still failed.
+/// Why a prepared request failed when its data moved.
 #[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("Malformed request: {0}")]
-    Malformed(Malformed),
+pub enum WorkError {
+    #[error("Refused: {0}")]
+    Refused(Refusal),
     #[error("Media error")]
     Media(#[source] NamespaceError),
     #[error("Guest memory access failed")]
     Memory(#[source] dma::TransferError),
     #[error("Fault injected: {0}")]
-    Injected(&'static str, Status),
+    Injected(&'static str, InjectedError),
     #[error("The power was cut after the request arrived")]
     CutOff,
 }
 
-impl ExecError {
+impl WorkError {
     /// What the ledger records as the request's outcome, when more is known
     /// than its status.
     pub fn outcome(&self) -> Option<&'static str> {
         match self {
-            ExecError::Media(NamespaceError::UnrecoveredRead { .. }) => {
+            WorkError::Media(NamespaceError::UnrecoveredRead { .. }) => {
                 Some("unrecovered-read-error")
             }
-            ExecError::Media(NamespaceError::WriteFault { .. }) => Some("write-fault"),
-            ExecError::CutOff => Some("cut-off"),
-            ExecError::Injected("power-cut", _) => Some("power-cut"),
+            WorkError::Media(NamespaceError::WriteFault { .. }) => Some("write-fault"),
+            WorkError::CutOff => Some("cut-off"),
+            WorkError::Injected("power-cut", _) => Some("power-cut"),
             _ => None,
         }
     }
-}
-
-impl From<Malformed> for ExecError {
-    fn from(m: Malformed) -> Self {
-        ExecError::Malformed(m)
-    }
-}
-
-/// What a request needs from the device besides guest memory.
-#[derive(Debug)]
-pub struct ExecContext<'a> {
-    pub ns: &'a Namespace,
-    pub engine: &'a Engine,
-    pub serial: &'a [u8; ID_BYTES],
 }
 
 /// A request checked at arrival: what the engine sees of it, and the work
@@ -80,7 +65,11 @@ pub enum Work {
         fua: bool,
     },
     Flush,
-    GetId(usize),
+    /// Bytes the device answers with from its own state, not from the media
+    /// (virtio-blk's GET_ID): they go into guest memory as a read's data
+    /// does, through the engine (so fault rules, holds and canaries apply),
+    /// with no media time and whatever power cuts came between.
+    DeviceData(Vec<u8>),
     /// Ranges, each with its unmap flag.
     Zero(Vec<(LbaRange, bool)>),
 }
@@ -125,7 +114,7 @@ impl Work {
         match self {
             Work::Read(range) | Work::Write { range, .. } => vec![r(range)],
             Work::Zero(ranges) => ranges.iter().map(|(range, _)| r(range)).collect(),
-            Work::Flush | Work::GetId(_) => Vec::new(),
+            Work::Flush | Work::DeviceData(_) => Vec::new(),
         }
     }
 }
@@ -138,62 +127,61 @@ impl Work {
 /// or misplaces data; here requests fail, or writes reach the media torn).
 /// A request from an earlier power `epoch` than the media's fails.
 pub fn perform<M: GuestMemoryBackend>(
-    ctx: &ExecContext<'_>,
+    ns: &Namespace,
+    engine: &Engine,
     mem: &M,
     work: &Work,
     epoch: u64,
     ticket: &mut Ticket,
     buf: &mut Vec<u8>,
-) -> Result<u32, ExecError> {
-    let ns = ctx.ns;
+) -> Result<u32, WorkError> {
     let effect = ticket.effect;
     match effect {
         Some(Effect::Error { unsupp }) => {
-            let status = if unsupp {
-                Status::Unsupp
+            let error = if unsupp {
+                InjectedError::Unsupported
             } else {
-                Status::IoErr
+                InjectedError::IoError
             };
-            return Err(ExecError::Injected("error", status));
+            return Err(WorkError::Injected("error", error));
         }
         Some(Effect::PowerCut) => {
-            let cut = ns.power_cut(None).map_err(ExecError::Media)?;
+            let cut = ns.power_cut(None).map_err(WorkError::Media)?;
             log::info!(
                 "power cut by a fault rule: {} blocks lost ({} volatile writes)",
                 cut.lost_blocks,
                 cut.writes
             );
-            return Err(ExecError::Injected("power-cut", Status::IoErr));
+            return Err(WorkError::Injected("power-cut", InjectedError::IoError));
         }
         _ => {}
     }
-    if epoch != ns.power_epoch() && !matches!(work, Work::GetId(_)) {
-        return Err(ExecError::CutOff);
+    if epoch != ns.power_epoch() && !matches!(work, Work::DeviceData(_)) {
+        return Err(WorkError::CutOff);
     }
     match work {
         Work::Read(range) => {
-            if !ctx.engine.read_needs_buffer(ticket) {
+            if !engine.read_needs_buffer(ticket) {
                 if let Some(guest) = guest_buffers(mem, &ticket.arrival.segments) {
-                    ctx.engine
-                        .deliver(mem, ticket, |_| read_into(ns, *range, &guest))?;
+                    engine.deliver(mem, ticket, |_| read_into(ns, *range, &guest))?;
                     return Ok(u32::try_from(range.len()).unwrap_or(u32::MAX));
                 }
             }
             buf.resize(len_of(range), 0);
-            ns.read(*range, buf).map_err(ExecError::Media)?;
-            ctx.engine
+            ns.read(*range, buf).map_err(WorkError::Media)?;
+            engine
                 .to_guest(mem, ticket, buf)
-                .map_err(ExecError::Memory)?;
+                .map_err(WorkError::Memory)?;
             if let Some(Effect::Partial { .. }) = effect {
-                return Err(ExecError::Injected("partial", Status::IoErr));
+                return Err(WorkError::Injected("partial", InjectedError::IoError));
             }
             Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
         }
         Work::Write { range, fua } => {
             buf.resize(len_of(range), 0);
-            ctx.engine
+            engine
                 .from_guest(mem, ticket, buf)
-                .map_err(ExecError::Memory)?;
+                .map_err(WorkError::Memory)?;
             let (stored, failure) = match effect {
                 Some(Effect::Partial { bytes }) => (bytes, Some("partial")),
                 Some(Effect::Torn { bytes, fail }) => (bytes, fail.then_some("torn")),
@@ -202,31 +190,29 @@ pub fn perform<M: GuestMemoryBackend>(
             // Only whole blocks reach the media.
             let blocks = stored.min(range.len()) >> ns.lba_size().shift();
             if blocks > 0 {
-                let part = ns
-                    .check_range(range.start(), blocks)
-                    .map_err(|_| ExecError::Malformed(Malformed::OutOfRange))?;
+                let part = block_range(ns, range.start(), blocks).map_err(WorkError::Refused)?;
                 let data = &buf[..len_of(&part)];
                 if *fua {
                     ns.write_stable(part, data)
                 } else {
                     ns.write(part, data)
                 }
-                .map_err(ExecError::Media)?;
+                .map_err(WorkError::Media)?;
             }
             match failure {
-                Some(what) => Err(ExecError::Injected(what, Status::IoErr)),
+                Some(what) => Err(WorkError::Injected(what, InjectedError::IoError)),
                 None => Ok(0),
             }
         }
         Work::Flush => {
-            ns.flush().map_err(ExecError::Media)?;
+            ns.flush().map_err(WorkError::Media)?;
             Ok(0)
         }
-        Work::GetId(n) => {
-            ctx.engine
-                .to_guest(mem, ticket, &ctx.serial[..*n])
-                .map_err(ExecError::Memory)?;
-            Ok(u32::try_from(*n).unwrap_or(0))
+        Work::DeviceData(bytes) => {
+            engine
+                .to_guest(mem, ticket, bytes)
+                .map_err(WorkError::Memory)?;
+            Ok(u32::try_from(bytes.len()).unwrap_or(0))
         }
         Work::Zero(ranges) => {
             // Write-zeroes reads back as zeros whatever deallocation does; with
@@ -238,7 +224,7 @@ pub fn perform<M: GuestMemoryBackend>(
                 } else {
                     ns.write_zeroes(range)
                 };
-                done.map_err(ExecError::Media)?;
+                done.map_err(WorkError::Media)?;
             }
             Ok(0)
         }
@@ -264,7 +250,7 @@ fn read_into<B: BitmapSlice>(
     ns: &Namespace,
     range: LbaRange,
     slices: &[VolatileSlice<'_, B>],
-) -> Result<(), ExecError> {
+) -> Result<(), WorkError> {
     let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
     let mut iov: Vec<libc::iovec> = guards
         .iter()
@@ -276,7 +262,7 @@ fn read_into<B: BitmapSlice>(
     // SAFETY: each iovec is a slice of mapped guest memory, kept mapped by its
     // guard until after the call; guest memory is only ever reached through
     // volatile accesses, never through Rust references.
-    unsafe { ns.read_vectored(range, &mut iov) }.map_err(ExecError::Media)?;
+    unsafe { ns.read_vectored(range, &mut iov) }.map_err(WorkError::Media)?;
     for s in slices {
         s.bitmap().mark_dirty(0, s.len());
     }
@@ -286,4 +272,20 @@ fn read_into<B: BitmapSlice>(
 fn len_of(range: &LbaRange) -> usize {
     // A request's data is at most seg_max * size_max bytes (request::parse).
     usize::try_from(range.len()).unwrap_or(0)
+}
+
+/// The `blocks` blocks from `start`, if they lie inside the namespace: the
+/// one bounds check of every interface's preparation.
+pub fn block_range(ns: &Namespace, start: Lba, blocks: u64) -> Result<LbaRange, Refusal> {
+    ns.check_range(start, blocks)
+        .map_err(|_| Refusal::OutOfRange)
+}
+
+/// Whether requests may change the namespace.
+pub fn writable(ns: &Namespace) -> Result<(), Refusal> {
+    if ns.read_only() {
+        Err(Refusal::ReadOnly)
+    } else {
+        Ok(())
+    }
 }

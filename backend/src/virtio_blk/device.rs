@@ -28,13 +28,13 @@ use vmm_sys_util::event::{
 };
 
 use super::config_space::{BlkConfig, CONFIG_WRITEBACK_OFFSET};
-use super::prepare::prepare;
+use super::prepare::{prepare, PrepareError};
 use super::request::{self, Limits, Rejected};
-use super::{Status, SECTOR_SHIFT, SIZE_MAX};
+use super::{Status, ID_BYTES, SECTOR_SHIFT, SIZE_MAX};
 use crate::control::protocol::ControlFn;
 use crate::counters::{bump, Counters};
 use crate::pipeline::{
-    status_name, Core, Failure, Label, Mem, Outcome, Pipeline, Reply, Submitted,
+    Core, Failure, InjectedError, Label, Mem, Outcome, Pipeline, Reply, Submitted,
 };
 
 type Vring = VringRwLock<Mem>;
@@ -53,6 +53,8 @@ pub struct DeviceShape {
 pub struct BlkDevice {
     pipeline: Arc<Pipeline>,
     shape: DeviceShape,
+    /// What GET_ID answers: the serial, cut to 20 bytes or NUL-padded.
+    serial: [u8; ID_BYTES],
     /// Whether the driver negotiated VIRTIO_RING_F_EVENT_IDX.
     event_idx: Arc<AtomicBool>,
     /// One exit event per worker thread (one thread per queue).
@@ -90,7 +92,8 @@ impl Reply for ChainReply {
         mem: &GuestMemoryMmap<()>,
         outcome: Outcome,
     ) -> &'static str {
-        let (len, told) = tell(core, self.q, mem, Some(self.status_at), outcome);
+        let (status, written) = status_of(outcome);
+        let (len, told) = tell(core, self.q, mem, Some(self.status_at), status, written);
         add_used(core, self.q, &self.vring, self.head, len);
         signal(self.q, &self.vring, &self.event_idx);
         told
@@ -116,16 +119,19 @@ impl BlkDevice {
             ns,
             engine,
             counters,
-            &shape.serial,
             shape.queues,
             control,
             latency,
         )?);
         let serving = (0..shape.queues).map(|_| Mutex::new(())).collect();
         let unsignalled = (0..shape.queues).map(|_| AtomicBool::new(true)).collect();
+        let mut serial = [0u8; ID_BYTES];
+        let n = shape.serial.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&shape.serial.as_bytes()[..n]);
         Ok(BlkDevice {
             pipeline,
             shape,
+            serial,
             event_idx: Arc::new(AtomicBool::new(false)),
             exits,
             serving,
@@ -303,8 +309,8 @@ impl BlkDevice {
             Ok(req) => req,
             Err(rejected) => {
                 count_rejected(core, q, &rejected);
-                let outcome = Outcome::Failed(Failure::Malformed(rejected.reason));
-                return Some(tell(core, q, mem, rejected.status_at, outcome).0);
+                let status = rejected.reason.status();
+                return Some(tell(core, q, mem, rejected.status_at, status, 0).0);
             }
         };
         debug!(
@@ -318,11 +324,11 @@ impl BlkDevice {
             sector: req.sector,
             len: req.data_len,
         };
-        let prepared = match prepare(&core.ns, mem, q, &req, buf) {
+        let prepared = match prepare(&core.ns, mem, q, &req, &self.serial, buf) {
             Ok(p) => p,
             Err(e) => {
-                let outcome = Outcome::Failed(self.pipeline.refuse(q, label, &e));
-                return Some(tell(core, q, mem, Some(req.status), outcome).0);
+                let status = count_refused(core, q, label, &e);
+                return Some(tell(core, q, mem, Some(req.status), status, 0).0);
             }
         };
         let reply = || -> Box<dyn Reply> {
@@ -336,7 +342,8 @@ impl BlkDevice {
         };
         match self.pipeline.submit(mem, label, prepared, reply, buf) {
             Submitted::Now(outcome, finish) => {
-                let (len, told) = tell(core, q, mem, Some(req.status), outcome);
+                let (status, written) = status_of(outcome);
+                let (len, told) = tell(core, q, mem, Some(req.status), status, written);
                 self.pipeline.finish(finish, told);
                 Some(len)
             }
@@ -366,19 +373,37 @@ fn same_open_file(a: RawFd, b: RawFd) -> bool {
     r == 0
 }
 
-/// Writes a request's status byte for `outcome`; returns the used length to
-/// report and the ledger's word for what the guest was told.
+/// The status byte for a request's outcome, and the bytes of data it wrote:
+/// the pipeline's words in virtio-blk's. Every failure is IOERR but an
+/// injected "unsupported", which is UNSUPP.
+fn status_of(outcome: Outcome) -> (Status, u32) {
+    match outcome {
+        Outcome::Done { written } => (Status::Ok, written),
+        Outcome::Failed(Failure::Injected(InjectedError::Unsupported)) => (Status::Unsupp, 0),
+        Outcome::Failed(
+            Failure::Refused(_)
+            | Failure::Injected(InjectedError::IoError)
+            | Failure::UnrecoveredRead
+            | Failure::WriteFault
+            | Failure::CutOff
+            | Failure::Media
+            | Failure::Mailbox
+            | Failure::Stopped,
+        ) => (Status::IoErr, 0),
+    }
+}
+
+/// Writes a request's status byte; returns the used length to report (the
+/// `written` data bytes and the status byte) and the ledger's word for what
+/// the guest was told.
 fn tell(
     core: &Core,
     q: u16,
     mem: &GuestMemoryMmap<()>,
     status_at: Option<dma::Gpa>,
-    outcome: Outcome,
+    status: Status,
+    written: u32,
 ) -> (u32, &'static str) {
-    let (status, written) = match outcome {
-        Outcome::Done { written } => (Status::Ok, written),
-        Outcome::Failed(f) => (f.blk_status(), 0),
-    };
     let Some(at) = status_at else {
         bump(&core.counters.no_status);
         return (0, "no-status");
@@ -393,7 +418,7 @@ fn tell(
         Status::IoErr => bump(&core.counters.ioerr),
         Status::Unsupp => bump(&core.counters.unsupp),
     }
-    (written.saturating_add(1), status_name(status))
+    (written.saturating_add(1), status.name())
 }
 
 fn add_used(core: &Core, q: u16, vring: &Vring, head: u16, len: u32) {
@@ -415,6 +440,24 @@ fn count_rejected(core: &Core, q: u16, r: &Rejected) {
     core.counters.count_malformed(r.reason);
     let op = r.op.map_or("?", |op| op.name());
     core.guest_error(q, format_args!("op={op} refused: {}", r.reason));
+}
+
+/// Counts and logs a parsed request that cannot be served; returns the
+/// status it is answered with.
+fn count_refused(core: &Core, q: u16, label: Label, e: &PrepareError) -> Status {
+    let mistake = e.mistake();
+    core.counters.count_malformed(mistake);
+    let cause = std::error::Error::source(e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    core.guest_error(
+        q,
+        format_args!(
+            "op={} sector={} len={} failed: {e}{cause}",
+            label.op, label.sector, label.len
+        ),
+    );
+    mistake.status()
 }
 
 impl VhostUserBackend for BlkDevice {

@@ -76,6 +76,17 @@ pub enum Status {
     Unsupp = 2,
 }
 
+impl Status {
+    /// Its name, as the ledger records what the guest was told.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::IoErr => "ioerr",
+            Status::Unsupp => "unsupp",
+        }
+    }
+}
+
 /// A request's operation, from the header's type field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestType {
@@ -85,6 +96,7 @@ pub enum RequestType {
     GetId,
     Discard,
     WriteZeroes,
+    /// Any other type code: the device answers UNSUPP.
     Unsupported(u32),
 }
 

@@ -9,17 +9,61 @@ use vm_memory::GuestMemoryBackend;
 
 use super::request::{sector_offset, Malformed, Request};
 use super::{RequestType, DWZ_SEGMENT_LEN, ID_BYTES};
-use crate::pipeline::work::{prepared, ExecError, Prepared, Work};
+use crate::pipeline::work::{block_range, prepared, writable, Prepared, Work};
+use crate::pipeline::Refusal;
+
+/// Why a parsed request cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("Malformed request: {0}")]
+    Malformed(Malformed),
+    #[error("Guest memory access failed")]
+    Memory(#[source] dma::TransferError),
+}
+
+impl PrepareError {
+    /// The mistake it is counted as, and answered for.
+    pub fn mistake(&self) -> Malformed {
+        match self {
+            PrepareError::Malformed(m) => *m,
+            PrepareError::Memory(_) => Malformed::OutsideMemory,
+        }
+    }
+}
+
+impl From<Malformed> for PrepareError {
+    fn from(m: Malformed) -> Self {
+        PrepareError::Malformed(m)
+    }
+}
+
+impl From<Refusal> for PrepareError {
+    fn from(r: Refusal) -> Self {
+        PrepareError::Malformed(r.into())
+    }
+}
+
+/// The pipeline's refusals, in virtio-blk's words.
+impl From<Refusal> for Malformed {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::OutOfRange => Malformed::OutOfRange,
+            Refusal::ReadOnly => Malformed::ReadOnly,
+            Refusal::OutsideMemory => Malformed::OutsideMemory,
+        }
+    }
+}
 
 /// Checks `req` against the namespace and, for discard and write-zeroes, reads
-/// its segment list.
+/// its segment list; GET_ID answers with `serial`.
 pub fn prepare<M: GuestMemoryBackend>(
     ns: &Namespace,
     mem: &M,
     queue: u16,
     req: &Request,
+    serial: &[u8; ID_BYTES],
     buf: &mut Vec<u8>,
-) -> Result<Prepared, ExecError> {
+) -> Result<Prepared, PrepareError> {
     let lba = sector_offset(req.sector).map_or(0, |off| off >> ns.lba_size().shift());
     let mut segments = Vec::new();
     let (op, work) = match req.op {
@@ -46,7 +90,7 @@ pub fn prepare<M: GuestMemoryBackend>(
             let n = (req.data_len as usize).min(ID_BYTES);
             segments.clone_from(&req.data);
             truncate_segments(&mut segments, n);
-            (Op::GetId, Work::GetId(n))
+            (Op::GetId, Work::DeviceData(serial[..n].to_vec()))
         }
         RequestType::Discard | RequestType::WriteZeroes => {
             writable(ns)?;
@@ -66,14 +110,6 @@ pub fn prepare<M: GuestMemoryBackend>(
     Ok(p)
 }
 
-fn writable(ns: &Namespace) -> Result<(), Malformed> {
-    if ns.read_only() {
-        Err(Malformed::ReadOnly)
-    } else {
-        Ok(())
-    }
-}
-
 /// The blocks that `bytes` bytes from 512-byte `sector` cover: both must be
 /// aligned to the logical block size, and the range must lie inside the namespace.
 pub fn lba_range(ns: &Namespace, sector: u64, bytes: u32) -> Result<LbaRange, Malformed> {
@@ -85,8 +121,7 @@ pub fn lba_range(ns: &Namespace, sector: u64, bytes: u32) -> Result<LbaRange, Ma
     let blocks = lbs
         .blocks_in(u64::from(bytes))
         .ok_or(Malformed::Unaligned)?;
-    ns.check_range(start, blocks)
-        .map_err(|_| Malformed::OutOfRange)
+    Ok(block_range(ns, start, blocks)?)
 }
 
 /// Reads and checks every segment of a discard / write-zeroes payload before any
@@ -96,7 +131,7 @@ fn dwz_ranges<M: GuestMemoryBackend>(
     mem: &M,
     req: &Request,
     buf: &mut Vec<u8>,
-) -> Result<Vec<(LbaRange, bool)>, ExecError> {
+) -> Result<Vec<(LbaRange, bool)>, PrepareError> {
     let g = ns.geometry();
     let (max_segments, max_bytes) = match req.op {
         RequestType::Discard => (g.max_discard_segments, g.max_discard),
@@ -107,7 +142,7 @@ fn dwz_ranges<M: GuestMemoryBackend>(
         return Err(Malformed::BadSegmentList.into());
     }
     buf.resize(req.data_len as usize, 0);
-    dma::from_guest(mem, &req.data, buf).map_err(ExecError::Memory)?;
+    dma::from_guest(mem, &req.data, buf).map_err(PrepareError::Memory)?;
     let allowed_flags = match req.op {
         RequestType::WriteZeroes => virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
         _ => 0,

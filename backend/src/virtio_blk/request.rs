@@ -11,6 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryBackend;
 
 use super::{RequestType, Status, HEADER_LEN, SECTOR_SHIFT};
+use crate::counters::Mistake;
 
 /// Limits the device advertised to the guest.
 #[derive(Clone, Copy, Debug)]
@@ -36,7 +37,10 @@ pub struct Request {
     pub status: Gpa,
 }
 
-/// What the guest got wrong. Each kind has its own counter.
+/// What the guest got wrong, in virtio-blk's words: a chain that cannot be
+/// parsed, or a request that cannot be served (the pipeline's
+/// [`Refusal`](crate::pipeline::Refusal)s among them, as virtio-blk names
+/// them). Each kind has its own counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
     #[error("the chain is broken (a loop, a bad index or a bad indirect table)")]
@@ -103,19 +107,18 @@ impl Malformed {
         }
     }
 
-    pub fn index(self) -> usize {
-        Malformed::ALL
-            .iter()
-            .position(|&m| m == self)
-            .unwrap_or_default()
-    }
-
     /// The status the guest sees for this mistake.
     pub fn status(self) -> Status {
         match self {
             Malformed::Unsupported | Malformed::BadFlags => Status::Unsupp,
             _ => Status::IoErr,
         }
+    }
+}
+
+impl Mistake for Malformed {
+    fn name(self) -> &'static str {
+        Malformed::name(self)
     }
 }
 
