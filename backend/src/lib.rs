@@ -35,3 +35,7 @@ pub mod unix_socket;
 pub mod vfio_user;
 pub mod vhost_user_driver;
 pub mod virtio_blk;
+
+/// Guest memory as the transports hand it over and the interfaces and the
+/// pipeline share it: replaced whole when the frontend maps or unmaps memory.
+pub type GuestMemory = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>;

@@ -27,7 +27,7 @@ pub enum RunnerError {
     },
     #[error("--mutant breaks dmaprobe on purpose: it needs --daemon dmaprobe")]
     MutantNeedsDmaprobe,
-    #[error("--transport nvme needs --daemon dmaprobe: qemu-storage-daemon has no NVMe front-end")]
+    #[error("--transport nvme needs --daemon dmaprobe: qemu-storage-daemon has no NVMe interface")]
     NvmeNeedsDmaprobe,
     #[error("{0} not found: --transport nvme needs a QEMU with vfio-user-pci (10.1 or later); run scripts/setup, or give --qemu-nvme")]
     NoQemuNvme(PathBuf),

@@ -1,4 +1,4 @@
-//! The NVMe front-end end to end, without QEMU: `dmaprobe serve --nvme` as a
+//! The NVMe interface end to end, without QEMU: `dmaprobe serve --nvme` as a
 //! child process, driven over vfio-user by a small host NVMe driver that does
 //! what Linux's nvme driver does — enable the controller, identify it, set up
 //! a pair of I/O queues, put commands in guest memory, ring doorbells, and

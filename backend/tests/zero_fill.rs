@@ -1,5 +1,5 @@
 //! Long zero-fills leave their queue's thread free: the request pipeline
-//! (the part both front-ends share) hands a large write-zeroes to its I/O
+//! (the part both interfaces share) hands a large write-zeroes to its I/O
 //! pool, which completes it when the zeros are in place, while the thread
 //! that submitted it goes on serving. Driven in process, over a memory
 //! backing, with a reply that tells the test instead of a guest.

@@ -7,7 +7,7 @@ use dma::Gpa;
 use log::debug;
 
 use super::command::{admin_op, bits, high16, low16, Sqe, NSID_ALL};
-use super::controller::{Controller, Effects, Mem, Outcome, State};
+use super::controller::{Controller, Disposition, Effects, MappedMemory, State};
 use super::identify::{self, Identity, ASYNC_EVENT_LIMIT, NSID};
 use super::prp::{self, PAGE};
 use super::queue::{ring_in_memory, CompQueue, SubQueue};
@@ -80,11 +80,11 @@ impl Controller {
     pub(super) fn admin(
         &self,
         st: &mut State,
-        mem: &Mem,
+        mem: &MappedMemory,
         sqe: &Sqe,
         tag: CommandTag,
         fx: &mut Effects,
-    ) -> Outcome {
+    ) -> Disposition {
         if sqe.fuse() != 0 || sqe.psdt() != 0 {
             return NvmeStatus::InvalidField.into();
         }
@@ -96,13 +96,13 @@ impl Controller {
             admin_op::CREATE_CQ => self.create_cq(st, mem, sqe),
             admin_op::IDENTIFY => self.identify(mem, sqe),
             // Abort: dword 0 bit 0 set, the command was not aborted.
-            admin_op::ABORT => Outcome::Done(NvmeStatus::Success, 1),
+            admin_op::ABORT => Disposition::Done(NvmeStatus::Success, 1),
             admin_op::SET_FEATURES => self.set_features(st, sqe, tag, fx),
             admin_op::GET_FEATURES => self.get_features(st, sqe),
             admin_op::ASYNC_EVENT_REQUEST => async_event_request(st, tag),
             _ => NvmeStatus::InvalidOpcode.into(),
         };
-        if let Outcome::Done(status, _) = outcome {
+        if let Disposition::Done(status, _) = outcome {
             if !status.is_success() {
                 debug!(
                     "nvme: admin op={:#04x} cid={} failed: {status}",
@@ -115,7 +115,7 @@ impl Controller {
     }
 
     /// Create I/O Completion Queue.
-    fn create_cq(&self, st: &mut State, mem: &Mem, sqe: &Sqe) -> Outcome {
+    fn create_cq(&self, st: &mut State, mem: &MappedMemory, sqe: &Sqe) -> Disposition {
         let (dw10, dw11) = (sqe.cdw(10), sqe.cdw(11));
         let qid = low16(dw10);
         let contiguous = dw11 & 1 != 0;
@@ -152,7 +152,7 @@ impl Controller {
     }
 
     /// Create I/O Submission Queue.
-    fn create_sq(&self, st: &mut State, mem: &Mem, sqe: &Sqe) -> Outcome {
+    fn create_sq(&self, st: &mut State, mem: &MappedMemory, sqe: &Sqe) -> Disposition {
         let (dw10, dw11) = (sqe.cdw(10), sqe.cdw(11));
         let qid = low16(dw10);
         let contiguous = dw11 & 1 != 0;
@@ -197,7 +197,7 @@ impl Controller {
 
     /// Delete I/O Submission Queue: at once, or when its last command in
     /// flight completes.
-    fn delete_sq(&self, st: &mut State, sqe: &Sqe, tag: CommandTag) -> Outcome {
+    fn delete_sq(&self, st: &mut State, sqe: &Sqe, tag: CommandTag) -> Disposition {
         let qid = low16(sqe.cdw(10));
         let Some(sq) = st
             .sq_mut(qid)
@@ -215,13 +215,13 @@ impl Controller {
                 sq.in_flight.len()
             );
             sq.deleting = Some(tag);
-            Outcome::Held
+            Disposition::Held
         }
     }
 
     /// Identify: CNS 00h namespace, 01h controller, 02h active namespace
     /// list, 03h namespace identification descriptors, 06h NVM controller.
-    fn identify(&self, mem: &Mem, sqe: &Sqe) -> Outcome {
+    fn identify(&self, mem: &MappedMemory, sqe: &Sqe) -> Disposition {
         let cns = bits(sqe.cdw(10), 0, 7);
         let csi = bits(sqe.cdw(11), 24, 31);
         let nsid = sqe.nsid();
@@ -239,7 +239,7 @@ impl Controller {
     }
 
     /// Get Log Page: error information, SMART / health, firmware slot.
-    fn get_log_page(&self, mem: &Mem, sqe: &Sqe) -> Outcome {
+    fn get_log_page(&self, mem: &MappedMemory, sqe: &Sqe) -> Disposition {
         let (dw10, dw11) = (sqe.cdw(10), sqe.cdw(11));
         let log_id = bits(dw10, 0, 7);
         let dwords = u64::from(bits(dw10, 16, 31) | bits(dw11, 0, 15) << 16) + 1;
@@ -273,7 +273,7 @@ impl Controller {
         sqe: &Sqe,
         tag: CommandTag,
         fx: &mut Effects,
-    ) -> Outcome {
+    ) -> Disposition {
         let (dw10, value) = (sqe.cdw(10), sqe.cdw(11));
         if dw10 >> 31 != 0 {
             return NvmeStatus::FeatureNotSaveable.into();
@@ -289,7 +289,7 @@ impl Controller {
             },
             fid::VOLATILE_WRITE_CACHE if self.identity.write_cache.is_some() => {
                 fx.write_cache.push((tag, value & 1 != 0));
-                return Outcome::Held;
+                return Disposition::Held;
             }
             fid::NUMBER_OF_QUEUES => return self.set_queue_count(st, value),
             fid::INTERRUPT_COALESCING => f.interrupt_coalescing = value & 0xffff,
@@ -303,7 +303,7 @@ impl Controller {
 
     /// Number of Queues: grants what was asked for up to the limit; only
     /// before any I/O queue exists.
-    fn set_queue_count(&self, st: &mut State, value: u32) -> Outcome {
+    fn set_queue_count(&self, st: &mut State, value: u32) -> Disposition {
         let (sqs, cqs) = (low16(value), high16(value));
         if sqs == u16::MAX || cqs == u16::MAX {
             return NvmeStatus::InvalidField.into();
@@ -314,10 +314,10 @@ impl Controller {
         let most = self.identity.io_queues.max(1) - 1;
         let granted = u32::from(sqs.min(most)) | u32::from(cqs.min(most)) << 16;
         st.features.queues = granted;
-        Outcome::Done(NvmeStatus::Success, granted)
+        Disposition::Done(NvmeStatus::Success, granted)
     }
 
-    fn get_features(&self, st: &State, sqe: &Sqe) -> Outcome {
+    fn get_features(&self, st: &State, sqe: &Sqe) -> Disposition {
         let (dw10, dw11) = (sqe.cdw(10), sqe.cdw(11));
         let feature = bits(dw10, 0, 7);
         let defaults;
@@ -332,7 +332,7 @@ impl Controller {
                 // Supported capabilities: changeable (bit 2), never saveable
                 // or namespace specific.
                 return if self.feature_exists(feature) {
-                    Outcome::Done(NvmeStatus::Success, 1 << 2)
+                    Disposition::Done(NvmeStatus::Success, 1 << 2)
                 } else {
                     NvmeStatus::InvalidField.into()
                 };
@@ -357,7 +357,7 @@ impl Controller {
             fid::ASYNC_EVENT_CONFIG => f.async_event_config,
             _ => return NvmeStatus::InvalidField.into(),
         };
-        Outcome::Done(NvmeStatus::Success, value)
+        Disposition::Done(NvmeStatus::Success, value)
     }
 
     fn feature_exists(&self, feature: u32) -> bool {
@@ -376,7 +376,7 @@ impl Controller {
     }
 
     /// Writes an admin command's data to the guest through its PRPs.
-    fn write_data(&self, mem: &Mem, sqe: &Sqe, data: &[u8]) -> Outcome {
+    fn write_data(&self, mem: &MappedMemory, sqe: &Sqe, data: &[u8]) -> Disposition {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let max = ADMIN_MAX_TRANSFER.min(self.max_transfer);
         let segments = match prp::segments(mem, sqe.prp1(), sqe.prp2(), len, max) {
@@ -398,7 +398,7 @@ impl Controller {
 }
 
 /// Delete I/O Completion Queue: only once no submission queue uses it.
-fn delete_cq(st: &mut State, sqe: &Sqe) -> Outcome {
+fn delete_cq(st: &mut State, sqe: &Sqe) -> Disposition {
     let qid = low16(sqe.cdw(10));
     match st.cq(qid) {
         Some(_) if qid == 0 => NvmeStatus::InvalidQueueIdentifier.into(),
@@ -414,12 +414,12 @@ fn delete_cq(st: &mut State, sqe: &Sqe) -> Outcome {
 
 /// Asynchronous Event Request: held until the controller resets (no event
 /// is ever reported), up to the limit.
-fn async_event_request(st: &mut State, tag: CommandTag) -> Outcome {
+fn async_event_request(st: &mut State, tag: CommandTag) -> Disposition {
     if st.async_events.len() > usize::from(ASYNC_EVENT_LIMIT) {
         return NvmeStatus::AsyncEventLimitExceeded.into();
     }
     st.async_events.push(tag);
-    Outcome::Held
+    Disposition::Held
 }
 
 /// Which threshold a Temperature Threshold command names (0 over, 1 under):

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use dma::Gpa;
 use log::{debug, warn};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use super::admin::Features;
 use super::command::{bits, low32, Cqe, Sqe};
@@ -30,9 +30,11 @@ use super::queue::{ring_in_memory, CompQueue, QueueError, SubQueue};
 use super::status::NvmeStatus;
 use super::{CommandTag, Interrupts, IoCommand, IoHandler};
 use crate::counters::{bump, RateLimit};
+use crate::GuestMemory;
 
-/// Guest memory as the controller sees it.
-pub(super) type Mem = GuestMemoryMmap<()>;
+/// Guest memory as the controller reads it, loaded from the [`GuestMemory`]
+/// for one pass over its queues.
+pub(super) type MappedMemory = GuestMemoryMmap<()>;
 
 /// BAR0: the registers up to 0x1000, then a doorbell pair per queue (CAP.DSTRD
 /// 0: four bytes apart), room for the admin queue and [`identify::MAX_IO_QUEUES`].
@@ -118,7 +120,7 @@ pub struct NvmeCounters {
 
 /// How a command fetched from a submission queue goes on.
 #[derive(Debug)]
-pub(super) enum Outcome {
+pub(super) enum Disposition {
     /// Complete it now.
     Done(NvmeStatus, u32),
     /// Hand it to the handler.
@@ -128,9 +130,9 @@ pub(super) enum Outcome {
     Held,
 }
 
-impl From<NvmeStatus> for Outcome {
+impl From<NvmeStatus> for Disposition {
     fn from(status: NvmeStatus) -> Self {
-        Outcome::Done(status, 0)
+        Disposition::Done(status, 0)
     }
 }
 
@@ -153,7 +155,7 @@ pub(super) struct State {
     pub asq: u64,
     pub acq: u64,
     pub intms: u32,
-    pub mem: Option<GuestMemoryAtomic<Mem>>,
+    pub mem: Option<GuestMemory>,
     /// Indexed by queue identifier; 0 is the admin queue.
     pub sqs: Vec<Option<SubQueue>>,
     pub cqs: Vec<Option<CompQueue>>,
@@ -272,7 +274,7 @@ impl Controller {
 
     /// Gives the controller guest memory (which the transport may update in
     /// place as the guest maps and unmaps it) and its interrupts.
-    pub fn attach(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>, irqs: Arc<dyn Interrupts>) {
+    pub fn attach(&self, mem: GuestMemory, irqs: Arc<dyn Interrupts>) {
         self.lock().mem = Some(mem);
         *self.irqs.write().unwrap_or_else(PoisonError::into_inner) = Some(irqs);
     }
@@ -606,7 +608,7 @@ impl Controller {
     /// completion queue holds: it waits for its own head doorbell, as on
     /// hardware. Linux never gets there: its queues come in pairs of one
     /// size, with at most `entries - 1` commands outstanding.
-    fn run_sq(&self, st: &mut State, mem: &Mem, qid: u16, fx: &mut Effects) {
+    fn run_sq(&self, st: &mut State, mem: &MappedMemory, qid: u16, fx: &mut Effects) {
         loop {
             if st.fatal() {
                 return;
@@ -647,16 +649,16 @@ impl Controller {
                 self.io(mem, &sqe, tag)
             };
             match outcome {
-                Outcome::Done(status, dw0) => self.finish(st, mem, tag, status, dw0, fx),
-                Outcome::Io(cmd) => fx.io.push(cmd),
-                Outcome::Held => {}
+                Disposition::Done(status, dw0) => self.finish(st, mem, tag, status, dw0, fx),
+                Disposition::Io(cmd) => fx.io.push(cmd),
+                Disposition::Held => {}
             }
         }
     }
 
     /// The host consumed completions of queue `cqid`: the submission queues
     /// completing to it fetch what they left for want of room.
-    fn resume(&self, st: &mut State, mem: &Mem, cqid: u16, fx: &mut Effects) {
+    fn resume(&self, st: &mut State, mem: &MappedMemory, cqid: u16, fx: &mut Effects) {
         for sqid in 0..u16::try_from(st.sqs.len()).unwrap_or(u16::MAX) {
             if st.sq(sqid).is_some_and(|sq| sq.cqid == cqid) {
                 self.run_sq(st, mem, sqid, fx);
@@ -669,7 +671,7 @@ impl Controller {
     pub(super) fn finish(
         &self,
         st: &mut State,
-        mem: &Mem,
+        mem: &MappedMemory,
         tag: CommandTag,
         status: NvmeStatus,
         dw0: u32,
@@ -707,7 +709,7 @@ impl Controller {
     fn post(
         &self,
         st: &mut State,
-        mem: &Mem,
+        mem: &MappedMemory,
         sqid: u16,
         cid: u16,
         status: NvmeStatus,

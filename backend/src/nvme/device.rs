@@ -1,4 +1,4 @@
-//! The NVMe front-end's device: the [`Controller`] behind the vfio-user
+//! The NVMe interface's device: the [`Controller`] behind the vfio-user
 //! transport, with its NVM commands taken through the request [`Pipeline`]
 //! (the same engine, fault rules, holds, canaries, mailbox and ledger as
 //! virtio-blk) and their outcomes posted back as completion queue entries.
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use dma::Op;
 use log::warn;
 use nvme_model::{Deallocate, LbaRange, Namespace};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use super::{CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
 use crate::pipeline::work::{block_range, prepared, writable, Prepared, Work};
@@ -21,6 +21,7 @@ use crate::pipeline::{
     Core, Failure, InjectedError, Label, Outcome, Pipeline, Refusal, Reply, Submitted,
 };
 use crate::vfio_user::{self, PciFunction};
+use crate::GuestMemory;
 
 /// An NVMe controller whose NVM commands go through the request pipeline.
 #[derive(Debug)]
@@ -70,11 +71,7 @@ impl PciFunction for NvmeDevice {
         self.controller.bar0_write(offset, data);
     }
 
-    fn attach(
-        &self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
-        irqs: Arc<dyn vfio_user::Interrupts>,
-    ) {
+    fn attach(&self, mem: GuestMemory, irqs: Arc<dyn vfio_user::Interrupts>) {
         if let Err(e) = self.pipeline.set_memory(mem.clone()) {
             warn!("nvme: cannot hand guest memory to the pipeline: {e}");
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nvme_model::Lba;
 
 use super::command::{bits, io_op, Sqe, NSID_ALL};
-use super::controller::{Controller, Mem, Outcome};
+use super::controller::{Controller, Disposition, MappedMemory};
 use super::identify::NSID;
 use super::prp::{self, PAGE};
 use super::status::NvmeStatus;
@@ -66,11 +66,11 @@ impl From<PastLimit> for Refused {
 }
 
 impl Controller {
-    pub(super) fn io(&self, mem: &Mem, sqe: &Sqe, tag: CommandTag) -> Outcome {
+    pub(super) fn io(&self, mem: &MappedMemory, sqe: &Sqe, tag: CommandTag) -> Disposition {
         match self.decode(mem, sqe, tag) {
             Ok(Some(cmd)) => {
                 self.count(&cmd);
-                Outcome::Io(cmd)
+                Disposition::Io(cmd)
             }
             Ok(None) => NvmeStatus::Success.into(),
             Err(Refused { status, limit }) => {
@@ -92,7 +92,12 @@ impl Controller {
     /// The command for the handler, or `None` for a command with nothing to
     /// do (dataset management without the deallocate attribute, or only
     /// empty ranges).
-    fn decode(&self, mem: &Mem, sqe: &Sqe, tag: CommandTag) -> Result<Option<IoCommand>, Refused> {
+    fn decode(
+        &self,
+        mem: &MappedMemory,
+        sqe: &Sqe,
+        tag: CommandTag,
+    ) -> Result<Option<IoCommand>, Refused> {
         if sqe.fuse() != 0 || sqe.psdt() != 0 {
             return Err(NvmeStatus::InvalidField.into());
         }
@@ -186,7 +191,7 @@ impl Controller {
 
     /// Reads and checks a dataset management command's ranges (through PRP1
     /// / PRP2); empty ranges are dropped.
-    fn ranges(&self, mem: &Mem, sqe: &Sqe) -> Result<Vec<BlockRange>, Refused> {
+    fn ranges(&self, mem: &MappedMemory, sqe: &Sqe) -> Result<Vec<BlockRange>, Refused> {
         let count = range_count(sqe);
         let limit = self.identity.max_dsm_range_blocks();
         let mut buf = vec![0u8; count * RANGE_LEN];

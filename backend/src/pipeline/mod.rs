@@ -1,15 +1,28 @@
-//! The life of a request once a front-end has decoded and prepared it, the
-//! same whichever front-end the guest talks to (virtio-blk today, NVMe next):
-//! the guest mailbox, the engine's arrival, the wait (a delay, a hold, the
+//! The life of a request once its interface has decoded and prepared it, the
+//! same whichever interface the guest talks to (virtio-blk or NVMe): the
+//! guest mailbox, the engine's arrival, the wait (a delay, a hold, the
 //! media's time) in the scheduler, the I/O pool for large reads and long
 //! zero-fills, the data's move ([`work::perform`]), and the reply through
-//! the front-end's [`Reply`]: a status byte and a used ring entry, or a
+//! the interface's [`Reply`]: a status byte and a used ring entry, or a
 //! completion queue entry.
 //!
-//! A front-end calls [`Pipeline::submit`]. What completes at once comes back
-//! as an [`Outcome`] for the front-end to tell the guest itself (so a queue's
+//! An interface calls [`Pipeline::submit`]. What completes at once comes back
+//! as an [`Outcome`] for the interface to tell the guest itself (so a queue's
 //! thread can batch its notifications); what waits or goes to the pool takes a
 //! [`Reply`] along and tells the guest when it is done.
+//!
+//! The pipeline speaks its own words ([`outcome`]): a request is refused
+//! ([`Refusal`]) or fails ([`Failure`]) in no interface's terms, and each
+//! interface maps them to its own statuses at its edge.
+//!
+//! - [`work`]: what a prepared request is ([`Prepared`](work::Prepared),
+//!   [`Work`](work::Work)), the checks every interface's preparation shares,
+//!   and [`perform`](work::perform), which moves the data.
+//! - [`outcome`]: how a request ends.
+//! - [`mailbox`]: the guest's control commands in the disk's last MiB.
+//! - [`iopool`]: the threads that serve large reads and long zero-fills off
+//!   their queue's thread.
+//! - this file: [`Pipeline`], the scheduler's jobs, the pool's hand-off.
 
 pub mod iopool;
 pub mod mailbox;
@@ -25,19 +38,17 @@ use dma::schedule::{FollowUp, ParkedInfo, Release};
 use dma::{Engine, Scheduler, Ticket, Wait, WatchTask};
 use log::{debug, warn};
 use nvme_model::{Latency, MediaOp, Namespace, NamespaceError};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use crate::counters::{bump, Counters};
 use iopool::{Handover, IoPool, Task};
 use mailbox::Mailbox;
-
-use crate::control::protocol::ControlFn;
 use work::{Prepared, Work, WorkError};
 
-pub use outcome::{Failure, InjectedError, Outcome, Refusal};
+use crate::control::protocol::ControlFn;
+use crate::counters::{bump, Counters};
+use crate::GuestMemory;
 
-/// Guest memory as the front-ends share it.
-pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub use outcome::{Failure, InjectedError, Outcome, Refusal};
 
 /// Reads of at least this many bytes are served by the I/O pool, off their
 /// queue's thread.
@@ -49,7 +60,7 @@ const POOL_ZERO_BYTES: u64 = 1 << 20;
 /// The most threads in the I/O pool.
 const POOL_THREADS: usize = 4;
 
-/// Where the outcome of a request that waited goes: the front-end's way of
+/// Where the outcome of a request that waited goes: the interface's way of
 /// telling the guest.
 pub trait Reply: Send {
     /// Tells the guest; returns the word the ledger records for it ("ok",
@@ -76,7 +87,7 @@ pub struct Label {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Submitted {
-    /// Over already: the front-end tells the guest, then hands the
+    /// Over already: the interface tells the guest, then hands the
     /// [`Finish`] back to [`Pipeline::finish`].
     Now(Outcome, Finish),
     /// Waiting or in the pool: its [`Reply`] tells the guest later.
@@ -103,7 +114,7 @@ impl Finish {
     }
 }
 
-/// The ledger's word for a request: the front-end's (`told`), unless the
+/// The ledger's word for a request: the interface's (`told`), unless the
 /// guest was told a failure the engine knows more of; "no-status" always wins.
 fn ledger_word(why: Option<&'static str>, told: &'static str) -> &'static str {
     match why {
@@ -112,13 +123,13 @@ fn ledger_word(why: Option<&'static str>, told: &'static str) -> &'static str {
     }
 }
 
-/// What the front-ends, the scheduler's thread and the pool share.
+/// What the interfaces, the scheduler's thread and the pool share.
 #[derive(Debug)]
 pub struct Core {
     pub ns: Arc<Namespace>,
     pub engine: Arc<Engine>,
     pub counters: Arc<Counters>,
-    mem: RwLock<Option<Mem>>,
+    mem: RwLock<Option<GuestMemory>>,
     mailbox: Option<Mailbox>,
     /// The media latency model; `None` when instant (nothing to add).
     latency: Option<Arc<Latency>>,
@@ -144,7 +155,7 @@ enum Job {
     Watch(WatchTask),
 }
 
-/// The request pipeline of one front-end connection: the namespace, engine
+/// The request pipeline of one frontend's connection: the namespace, engine
 /// and counters outlive it.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -159,7 +170,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline for a front-end of `queues` queues over `ns`; with
+    /// A pipeline for an interface of `queues` queues over `ns`; with
     /// `control`, the last MiB of the disk is the guest mailbox, whose
     /// commands `control` answers; with `latency`, requests complete when the
     /// media model says.
@@ -200,7 +211,7 @@ impl Pipeline {
     }
 
     /// Guest memory changed (the frontend's memory table).
-    pub fn set_memory(&self, mem: Mem) -> io::Result<()> {
+    pub fn set_memory(&self, mem: GuestMemory) -> io::Result<()> {
         let mut slot = self
             .core
             .mem
@@ -461,7 +472,7 @@ impl Pipeline {
 }
 
 impl Core {
-    pub fn mem(&self) -> Option<Mem> {
+    pub fn mem(&self) -> Option<GuestMemory> {
         self.mem.read().ok().and_then(|m| m.clone())
     }
 

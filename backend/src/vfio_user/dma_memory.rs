@@ -13,8 +13,8 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
 use super::config_space::PAGE_SIZE;
-use super::function::GuestMemory;
 use super::request_error::RequestError;
+use crate::GuestMemory;
 
 /// As QEMU's default `max_dma_maps`.
 pub(super) const MAX_DMA_MAPPINGS: usize = 65535;

@@ -3,10 +3,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-
-/// The guest memory the function reads and writes.
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+use crate::GuestMemory;
 
 /// The PCI function behind the transport: BAR0 accesses, guest memory, interrupts.
 pub trait PciFunction: Send + Sync {
@@ -17,7 +14,7 @@ pub trait PciFunction: Send + Sync {
     /// DMA map and unmap and emptied when a client leaves (after [`reset`]).
     ///
     /// [`reset`]: PciFunction::reset
-    fn attach(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>, irqs: Arc<dyn Interrupts>);
+    fn attach(&self, mem: GuestMemory, irqs: Arc<dyn Interrupts>);
     /// A function-level reset: on the client's DEVICE_RESET and when it leaves.
     fn reset(&self);
 }

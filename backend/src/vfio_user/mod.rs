@@ -1,4 +1,4 @@
-//! The vfio-user transport of the NVMe front-end: one PCI function served to
+//! The vfio-user transport of the NVMe interface: one PCI function served to
 //! QEMU's `-device vfio-user-pci` (QEMU ≥ 10.1) on a UNIX socket, with the
 //! `vfio_user` crate's [`Server`](::vfio_user::Server).
 //!
@@ -68,7 +68,9 @@ mod server;
 mod stats;
 mod transport;
 
+/// The guest memory the function reads and writes.
+pub use crate::GuestMemory;
 pub use config_space::PciIds;
-pub use function::{GuestMemory, Interrupts, PciFunction};
+pub use function::{Interrupts, PciFunction};
 pub use server::{VfioUserError, VfioUserOptions, VfioUserServer};
 pub use stats::{VfioUserStats, VfioUserStatsSnapshot};

@@ -33,11 +33,10 @@ use super::request::{self, Limits, Rejected};
 use super::{Status, ID_BYTES, SECTOR_SHIFT, SIZE_MAX};
 use crate::control::protocol::ControlFn;
 use crate::counters::{bump, Counters};
-use crate::pipeline::{
-    Core, Failure, InjectedError, Label, Mem, Outcome, Pipeline, Reply, Submitted,
-};
+use crate::pipeline::{Core, Failure, InjectedError, Label, Outcome, Pipeline, Reply, Submitted};
+use crate::GuestMemory;
 
-type Vring = VringRwLock<Mem>;
+type Vring = VringRwLock<GuestMemory>;
 
 /// The device's fixed shape, from the configuration.
 #[derive(Debug, Clone)]
@@ -522,7 +521,7 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         self.pipeline.set_memory(mem)
     }
 

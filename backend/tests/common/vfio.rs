@@ -2,7 +2,7 @@
 //! memory from a memfd, DMA-mapped to the server and mapped here too, MSI-X
 //! vectors as eventfds, and the `vfio_user` crate's `Client` for the rest.
 //! Shared by the transport's tests (tests/vfio_user.rs) and the NVMe
-//! front-end's (tests/nvme.rs).
+//! interface's (tests/nvme.rs).
 
 use std::fs::File;
 use std::io::Read;

@@ -231,7 +231,7 @@ fn daemon_command(
             }
             if transport == Transport::Nvme {
                 return Err(
-                    "qemu-storage-daemon has no NVMe front-end: use --daemon dmaprobe".into(),
+                    "qemu-storage-daemon has no NVMe interface: use --daemon dmaprobe".into(),
                 );
             }
             // As scripts/bench starts it: a file through the host's page cache,
