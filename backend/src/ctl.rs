@@ -265,196 +265,283 @@ pub fn send(path: &std::path::Path, request: &str) -> Result<Value, CtlError> {
 
 /// The answer as a person reads it.
 fn human(cmd: &CtlCommand, r: &Value) -> String {
-    let mut out = String::new();
-    let mut line = |s: String| {
-        out.push_str(&s);
-        out.push('\n');
-    };
-    match cmd {
-        CtlCommand::Status => {
-            let c = &r["counters"];
-            line(format!(
-                "dmaprobe {}  up {:.0} s  {}",
-                r["version"].as_str().unwrap_or("?"),
-                r["uptime_s"].as_f64().unwrap_or(0.0),
-                if r["connected"] == json!(true) {
-                    "frontend connected"
-                } else {
-                    "no frontend"
-                }
-            ));
-            line(format!(
-                "requests {}  ok {}  ioerr {}  unsupp {}  no-status {}  injected {}  media errors {}",
-                c["requests"], c["completed_ok"], c["ioerr"], c["unsupp"], c["no_status"],
-                c["injected"], c["media_errors"]
-            ));
-            line(format!(
-                "waiting: {} held, {} delayed   rules: {}   tag: {}   zero page: {}",
-                r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
-            ));
-            if let Some(cache) = r["write_cache"].as_object() {
-                let kib = |k: &str| cache[k].as_u64().unwrap_or(0) >> 10;
-                line(format!(
-                    "write cache: {}, {} of {} KiB volatile ({} writes), {} KiB destaged   power cuts: {}",
-                    if cache["enabled"] == json!(true) { "on" } else { "off (writethrough)" },
-                    kib("volatile_bytes"), kib("capacity_bytes"), cache["volatile_writes"],
-                    kib("destaged_bytes"), r["power_cuts"]
-                ));
-            }
-            if let Some(backing) = r["backing"].as_object() {
-                line(match backing["kind"].as_str() {
-                    Some("file") => format!("backing: file, synced {} times", backing["syncs"]),
-                    kind => format!("backing: {}", kind.unwrap_or("?")),
-                });
-            }
-            let bad = r["media_errors"].as_array().map_or(0, Vec::len);
-            if bad > 0 || c["unrecovered_reads"] != json!(0) || c["write_faults"] != json!(0) {
-                line(format!(
-                    "bad block ranges: {bad}   unrecovered reads: {}   write faults: {}   cut off by power: {}",
-                    c["unrecovered_reads"], c["write_faults"], c["cut_off"]
-                ));
-            }
-            if let Some(latency) = r["latency"].as_str().filter(|l| *l != "instant") {
-                line(format!(
-                    "media latency: {latency}   delayed by it: {}",
-                    c["latency_delayed"]
-                ));
-            }
-            let on: Vec<&str> = ["canary", "snapshot", "overlap", "ledger"]
-                .into_iter()
-                .filter(|k| r["checks"][*k] == json!(true))
-                .collect();
-            line(format!(
-                "checks: {}   ledger: {} entries, {} dropped",
-                if on.is_empty() {
-                    "none".into()
-                } else {
-                    on.join(", ")
-                },
-                r["ledger"]["entries"],
-                r["ledger"]["dropped"]
-            ));
-            if let Some(p) = r["process"].as_object() {
-                line(process_line(p));
-            }
-            if let Some(f) = r["findings"].as_object() {
-                let seen: Vec<String> = f
-                    .iter()
-                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect();
-                line(format!(
-                    "findings: {}",
-                    if seen.is_empty() {
-                        "none".into()
-                    } else {
-                        seen.join(", ")
-                    }
-                ));
-            }
-        }
-        CtlCommand::Held => {
-            let items = r.as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                line("nothing is waiting".into());
-            }
-            for p in items {
-                line(format!(
-                    "{:>6}  q{:<3} {:<12} lba {:<10} {:>8} B  {} {} ms",
-                    p["request"].to_string(),
-                    p["queue"].to_string(),
-                    p["op"].as_str().unwrap_or("?"),
-                    p["lba"].to_string(),
-                    p["len"].to_string(),
-                    if p["held"] == json!(true) {
-                        "held"
-                    } else {
-                        "delayed"
-                    },
-                    p["waited_ms"]
-                ));
-            }
-        }
-        CtlCommand::Rules => {
-            let items = r.as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                line("no rules".into());
-            }
-            for rule in items {
-                line(format!(
-                    "{:>4}  matched {:<6} fired {:<6}{} {}",
-                    rule["id"].to_string(),
-                    rule["matched"].to_string(),
-                    rule["fired"].to_string(),
-                    if rule["expired"] == json!(true) {
-                        " expired"
-                    } else {
-                        ""
-                    },
-                    rule["rule"].as_str().unwrap_or("?")
-                ));
-            }
-        }
-        CtlCommand::Findings { .. } => {
-            let items = r["findings"].as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                line("no findings".into());
-            }
-            for f in items {
-                line(format!(
-                    "#{} {} req {} {} lba {} gpa {}: {}",
-                    f["seq"],
-                    f["finding"].as_str().unwrap_or("?"),
-                    f["request"],
-                    f["op"].as_str().unwrap_or("?"),
-                    f["lba"],
-                    f["gpa"].as_str().unwrap_or("?"),
-                    f["detail"].as_str().unwrap_or("")
-                ));
-            }
-            line(format!("next cursor: {}", r["next"]));
-        }
-        CtlCommand::Ledger { .. } => {
-            for e in r["entries"].as_array().cloned().unwrap_or_default() {
-                line(e.to_string());
-            }
-            line(format!(
-                "next cursor: {}{}",
-                r["next"],
-                if r["more"] == json!(true) {
-                    " (more)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        CtlCommand::Release { .. } => line(format!("released {}", r["released"])),
-        CtlCommand::AddRule { .. } => line(format!("rule {} added", r["id"])),
-        CtlCommand::RemoveRule { .. } => line(format!("rule {} removed", r["removed"])),
-        CtlCommand::PowerCut { .. } => line(format!(
+    let lines = match cmd {
+        CtlCommand::Status => status_lines(r),
+        CtlCommand::Held => held_lines(r),
+        CtlCommand::Rules => rule_lines(r),
+        CtlCommand::Findings { .. } => finding_lines(r),
+        CtlCommand::Ledger { .. } => ledger_lines(r),
+        CtlCommand::Release { .. } => vec![format!("released {}", r["released"])],
+        CtlCommand::AddRule { .. } => vec![format!("rule {} added", r["id"])],
+        CtlCommand::RemoveRule { .. } => vec![format!("rule {} removed", r["removed"])],
+        CtlCommand::PowerCut { .. } => vec![format!(
             "power cut #{}: {} blocks lost, {} kept, of {} volatile writes",
             r["power_cuts"], r["lost_blocks"], r["kept_blocks"], r["writes"]
-        )),
-        CtlCommand::MediaError { .. } => {
-            if let Some(n) = r["cleared_blocks"].as_u64() {
-                line(format!("{n} blocks cleared"));
-            }
-            let bad = r["media_errors"].as_array().cloned().unwrap_or_default();
-            if bad.is_empty() {
-                line("no bad blocks".into());
-            }
-            for b in bad {
-                line(format!(
-                    "LBA {}+{}: {} errors",
-                    b["start"],
-                    b["blocks"],
-                    b["kind"].as_str().unwrap_or("?")
-                ));
-            }
+        )],
+        CtlCommand::MediaError { .. } => bad_block_lines(r),
+        _ => vec![r.to_string()],
+    };
+    lines.into_iter().map(|line| line + "\n").collect()
+}
+
+/// `status`: the daemon at a glance, the optional lines only when the
+/// daemon reports what they show.
+fn status_lines(r: &Value) -> Vec<String> {
+    let c = &r["counters"];
+    [
+        Some(daemon_line(r)),
+        Some(counters_line(c)),
+        Some(waiting_line(r)),
+        write_cache_line(r),
+        backing_line(r),
+        bad_blocks_line(r, c),
+        latency_line(r, c),
+        Some(checks_line(r)),
+        r["process"].as_object().map(process_line),
+        findings_line(r),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Version, uptime and whether a frontend is connected.
+fn daemon_line(r: &Value) -> String {
+    format!(
+        "dmaprobe {}  up {:.0} s  {}",
+        r["version"].as_str().unwrap_or("?"),
+        r["uptime_s"].as_f64().unwrap_or(0.0),
+        if r["connected"] == json!(true) {
+            "frontend connected"
+        } else {
+            "no frontend"
         }
-        _ => line(r.to_string()),
+    )
+}
+
+/// What the device served and refused.
+fn counters_line(c: &Value) -> String {
+    format!(
+        "requests {}  ok {}  ioerr {}  unsupp {}  no-status {}  injected {}  media errors {}",
+        c["requests"],
+        c["completed_ok"],
+        c["ioerr"],
+        c["unsupp"],
+        c["no_status"],
+        c["injected"],
+        c["media_errors"]
+    )
+}
+
+/// The requests waiting, the rules, the test tag and the zero page.
+fn waiting_line(r: &Value) -> String {
+    format!(
+        "waiting: {} held, {} delayed   rules: {}   tag: {}   zero page: {}",
+        r["held"], r["delayed"], r["rules"], r["tag"], r["zero_page"]
+    )
+}
+
+/// The volatile write cache and the power cuts, with a cache.
+fn write_cache_line(r: &Value) -> Option<String> {
+    let cache = r["write_cache"].as_object()?;
+    let kib = |k: &str| cache[k].as_u64().unwrap_or(0) >> 10;
+    Some(format!(
+        "write cache: {}, {} of {} KiB volatile ({} writes), {} KiB destaged   power cuts: {}",
+        if cache["enabled"] == json!(true) {
+            "on"
+        } else {
+            "off (writethrough)"
+        },
+        kib("volatile_bytes"),
+        kib("capacity_bytes"),
+        cache["volatile_writes"],
+        kib("destaged_bytes"),
+        r["power_cuts"]
+    ))
+}
+
+/// What backs the media, and how often a file backing was synced.
+fn backing_line(r: &Value) -> Option<String> {
+    let backing = r["backing"].as_object()?;
+    Some(match backing["kind"].as_str() {
+        Some("file") => format!("backing: file, synced {} times", backing["syncs"]),
+        kind => format!("backing: {}", kind.unwrap_or("?")),
+    })
+}
+
+/// Bad blocks and what they and power cuts failed, when there is any.
+fn bad_blocks_line(r: &Value, c: &Value) -> Option<String> {
+    let bad = r["media_errors"].as_array().map_or(0, Vec::len);
+    (bad > 0 || c["unrecovered_reads"] != json!(0) || c["write_faults"] != json!(0)).then(|| {
+        format!(
+            "bad block ranges: {bad}   unrecovered reads: {}   write faults: {}   cut off by power: {}",
+            c["unrecovered_reads"], c["write_faults"], c["cut_off"]
+        )
+    })
+}
+
+/// The media latency model, unless instant.
+fn latency_line(r: &Value, c: &Value) -> Option<String> {
+    let latency = r["latency"].as_str().filter(|l| *l != "instant")?;
+    Some(format!(
+        "media latency: {latency}   delayed by it: {}",
+        c["latency_delayed"]
+    ))
+}
+
+/// The checks on, and the ledger's fill.
+fn checks_line(r: &Value) -> String {
+    let on: Vec<&str> = ["canary", "snapshot", "overlap", "ledger"]
+        .into_iter()
+        .filter(|k| r["checks"][*k] == json!(true))
+        .collect();
+    format!(
+        "checks: {}   ledger: {} entries, {} dropped",
+        if on.is_empty() {
+            "none".into()
+        } else {
+            on.join(", ")
+        },
+        r["ledger"]["entries"],
+        r["ledger"]["dropped"]
+    )
+}
+
+/// The findings seen, by kind.
+fn findings_line(r: &Value) -> Option<String> {
+    let f = r["findings"].as_object()?;
+    let seen: Vec<String> = f
+        .iter()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    Some(format!(
+        "findings: {}",
+        if seen.is_empty() {
+            "none".into()
+        } else {
+            seen.join(", ")
+        }
+    ))
+}
+
+/// `held`: one line per waiting request.
+fn held_lines(r: &Value) -> Vec<String> {
+    let items = r.as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return vec!["nothing is waiting".into()];
     }
-    out
+    items
+        .iter()
+        .map(|p| {
+            format!(
+                "{:>6}  q{:<3} {:<12} lba {:<10} {:>8} B  {} {} ms",
+                p["request"].to_string(),
+                p["queue"].to_string(),
+                p["op"].as_str().unwrap_or("?"),
+                p["lba"].to_string(),
+                p["len"].to_string(),
+                if p["held"] == json!(true) {
+                    "held"
+                } else {
+                    "delayed"
+                },
+                p["waited_ms"]
+            )
+        })
+        .collect()
+}
+
+/// `rules`: one line per rule with its counters.
+fn rule_lines(r: &Value) -> Vec<String> {
+    let items = r.as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return vec!["no rules".into()];
+    }
+    items
+        .iter()
+        .map(|rule| {
+            format!(
+                "{:>4}  matched {:<6} fired {:<6}{} {}",
+                rule["id"].to_string(),
+                rule["matched"].to_string(),
+                rule["fired"].to_string(),
+                if rule["expired"] == json!(true) {
+                    " expired"
+                } else {
+                    ""
+                },
+                rule["rule"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// `findings`: one line per finding, then the cursor to go on from.
+fn finding_lines(r: &Value) -> Vec<String> {
+    let items = r["findings"].as_array().cloned().unwrap_or_default();
+    let mut lines: Vec<String> = items
+        .iter()
+        .map(|f| {
+            format!(
+                "#{} {} req {} {} lba {} gpa {}: {}",
+                f["seq"],
+                f["finding"].as_str().unwrap_or("?"),
+                f["request"],
+                f["op"].as_str().unwrap_or("?"),
+                f["lba"],
+                f["gpa"].as_str().unwrap_or("?"),
+                f["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        lines.push("no findings".into());
+    }
+    lines.push(format!("next cursor: {}", r["next"]));
+    lines
+}
+
+/// `ledger`: the entries as JSON lines, then the cursor to go on from.
+fn ledger_lines(r: &Value) -> Vec<String> {
+    let mut lines: Vec<String> = r["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    lines.push(format!(
+        "next cursor: {}{}",
+        r["next"],
+        if r["more"] == json!(true) {
+            " (more)"
+        } else {
+            ""
+        }
+    ));
+    lines
+}
+
+/// `media-error`: what was cleared, then the bad blocks left.
+fn bad_block_lines(r: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(n) = r["cleared_blocks"].as_u64() {
+        lines.push(format!("{n} blocks cleared"));
+    }
+    let bad = r["media_errors"].as_array().cloned().unwrap_or_default();
+    if bad.is_empty() {
+        lines.push("no bad blocks".into());
+    }
+    lines.extend(bad.iter().map(|b| {
+        format!(
+            "LBA {}+{}: {} errors",
+            b["start"],
+            b["blocks"],
+            b["kind"].as_str().unwrap_or("?")
+        )
+    }));
+    lines
 }
 
 /// The daemon's own figures from `status`, a `?` for any /proc could not tell.

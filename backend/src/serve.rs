@@ -174,103 +174,23 @@ impl Daemon {
     /// the ledger file is created and the media opened (a disk file locked);
     /// whatever was made is removed again if a later step fails.
     pub fn start(config: &ServeConfig) -> Result<Daemon, ServeError> {
-        check_socket_path(&config.socket)?;
-        if let Some(control) = &config.control {
-            if let Err(SocketError::NotASocket(path)) = check_socket_path(control) {
-                return Err(ControlError::NotASocket(path).into());
-            }
-        }
+        refuse_taken_paths(config)?;
         let ledger = config
             .ledger_file
             .as_deref()
             .map(LedgerFile::open)
             .transpose()?;
-        let ns = Arc::new(open_namespace(config)?);
-        let engine = Arc::new(Engine::new(config.dma.clone()));
-        for rule in &config.faults {
-            engine.faults().add(rule.clone());
-        }
-        let latency = (!config.latency.is_instant()).then(|| {
-            info!("media latency: {}", config.latency);
-            Arc::new(Latency::new(config.latency, config.dma.seed))
-        });
-        let shared = Arc::new(DaemonState::new(
-            ns,
-            engine,
-            Arc::new(Counters::default()),
-            latency,
-        ));
+        let shared = Arc::new(daemon_state(config)?);
         // The control socket first: by the time the device's socket answers,
         // ctl can reach the daemon.
         let mut sockets = Vec::new();
         if let Some(path) = &config.control {
-            let state = shared.clone();
-            let answer: ControlFn = Arc::new(move |line: &str| handle_line(&state, line));
-            let clients = shared.control_clients().clone();
-            control::socket::serve(path, answer, clients, config.control_idle)
-                .map_err(ServeError::Control)?;
-            // Known from now on, so that exit removes it only if it is still there.
-            if let Ok(file) = SocketFile::of(path) {
-                sockets.push(file);
-            }
+            sockets.extend(serve_control(path, &shared, config.control_idle)?);
         }
         let (listener, socket_file) = bind_socket(&config.socket)?;
         sockets.push(socket_file);
-        let ns = &shared.namespace();
-        let read_only = if ns.read_only() { ", read-only" } else { "" };
-        if config.nvme {
-            info!(
-                "serving {} bytes ({} blocks of {}) as an NVMe controller over vfio-user on {}{read_only}",
-                ns.capacity_bytes(),
-                ns.blocks(),
-                ns.lba_size(),
-                config.socket.display(),
-            );
-        } else {
-            info!(
-                "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{read_only}",
-                ns.capacity_bytes(),
-                ns.blocks(),
-                ns.lba_size(),
-                config.socket.display(),
-                config.queues,
-                config.queue_size,
-            );
-        }
-        let shape = DeviceShape {
-            queues: config.queues,
-            queue_size: config.queue_size,
-            serial: config.serial.clone(),
-        };
-        let (failed_tx, failed) = mpsc::channel();
-        let loop_shared = shared.clone();
-        let mailbox = config.mailbox;
-        if mailbox {
-            match guest_tests::mailbox::mailbox_offset(shared.namespace().capacity_bytes()) {
-                Some(at) => info!("guest mailbox at byte {at} (the last MiB)"),
-                None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
-            }
-        }
-        if config.nvme {
-            let server = nvme_server(config, &shared, listener)?;
-            thread::Builder::new()
-                .name("vfio-user".into())
-                .spawn(move || {
-                    let err = serve_nvme(server);
-                    let _ = failed_tx.send(err);
-                })
-                .map_err(ServeError::Device)?
-        } else {
-            // Made from a bound listener, vhost's Listener never unlinks the path.
-            let listener = Listener::from(listener);
-            thread::Builder::new()
-                .name("vhost-user".into())
-                .spawn(move || {
-                    let err = serve_connections(listener, &loop_shared, shape, mailbox);
-                    let _ = failed_tx.send(err);
-                })
-                .map_err(ServeError::Device)?
-        };
+        log_serving(config, shared.namespace());
+        let failed = serve_interface(config, &shared, listener)?;
         Ok(Daemon {
             shared,
             failed,
@@ -329,6 +249,122 @@ impl Daemon {
             None => Ok(()),
         }
     }
+}
+
+/// Refuses a socket or control path that holds something other than a
+/// socket, before anything is made.
+fn refuse_taken_paths(config: &ServeConfig) -> Result<(), ServeError> {
+    check_socket_path(&config.socket)?;
+    if let Some(control) = &config.control {
+        if let Err(SocketError::NotASocket(path)) = check_socket_path(control) {
+            return Err(ControlError::NotASocket(path).into());
+        }
+    }
+    Ok(())
+}
+
+/// What the daemon keeps across connections: the media opened (a disk file
+/// locked), the engine with the configured fault rules, the latency model.
+fn daemon_state(config: &ServeConfig) -> Result<DaemonState, ServeError> {
+    let ns = Arc::new(open_namespace(config)?);
+    let engine = Arc::new(Engine::new(config.dma.clone()));
+    for rule in &config.faults {
+        engine.faults().add(rule.clone());
+    }
+    let latency = (!config.latency.is_instant()).then(|| {
+        info!("media latency: {}", config.latency);
+        Arc::new(Latency::new(config.latency, config.dma.seed))
+    });
+    Ok(DaemonState::new(
+        ns,
+        engine,
+        Arc::new(Counters::default()),
+        latency,
+    ))
+}
+
+/// Serves the control socket at `path` on its own thread; returns the
+/// socket, known from now on, so that exit removes it only if it is still
+/// there.
+fn serve_control(
+    path: &Path,
+    shared: &Arc<DaemonState>,
+    idle: Option<Duration>,
+) -> Result<Option<SocketFile>, ServeError> {
+    let state = shared.clone();
+    let answer: ControlFn = Arc::new(move |line: &str| handle_line(&state, line));
+    let clients = shared.control_clients().clone();
+    control::socket::serve(path, answer, clients, idle).map_err(ServeError::Control)?;
+    Ok(SocketFile::of(path).ok())
+}
+
+/// What is served where, and where the guest's mailbox is.
+fn log_serving(config: &ServeConfig, ns: &Namespace) {
+    let read_only = if ns.read_only() { ", read-only" } else { "" };
+    if config.nvme {
+        info!(
+            "serving {} bytes ({} blocks of {}) as an NVMe controller over vfio-user on {}{read_only}",
+            ns.capacity_bytes(),
+            ns.blocks(),
+            ns.lba_size(),
+            config.socket.display(),
+        );
+    } else {
+        info!(
+            "serving {} bytes ({} blocks of {}) on {}, {} queue(s) of {}{read_only}",
+            ns.capacity_bytes(),
+            ns.blocks(),
+            ns.lba_size(),
+            config.socket.display(),
+            config.queues,
+            config.queue_size,
+        );
+    }
+    if config.mailbox {
+        match guest_tests::mailbox::mailbox_offset(ns.capacity_bytes()) {
+            Some(at) => info!("guest mailbox at byte {at} (the last MiB)"),
+            None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
+        }
+    }
+}
+
+/// Serves the configured interface on `listener` from a thread of its own:
+/// the NVMe controller over vfio-user, or the vhost-user-blk device. The
+/// receiver gets the thread's fatal error, if it stops.
+fn serve_interface(
+    config: &ServeConfig,
+    shared: &Arc<DaemonState>,
+    listener: UnixListener,
+) -> Result<mpsc::Receiver<ServeError>, ServeError> {
+    let (failed_tx, failed) = mpsc::channel();
+    if config.nvme {
+        let server = nvme_server(config, shared, listener)?;
+        thread::Builder::new()
+            .name("vfio-user".into())
+            .spawn(move || {
+                let err = serve_nvme(server);
+                let _ = failed_tx.send(err);
+            })
+            .map_err(ServeError::Device)?
+    } else {
+        let shape = DeviceShape {
+            queues: config.queues,
+            queue_size: config.queue_size,
+            serial: config.serial.clone(),
+        };
+        let mailbox = config.mailbox;
+        let shared = shared.clone();
+        // Made from a bound listener, vhost's Listener never unlinks the path.
+        let listener = Listener::from(listener);
+        thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || {
+                let err = serve_connections(listener, &shared, shape, mailbox);
+                let _ = failed_tx.send(err);
+            })
+            .map_err(ServeError::Device)?
+    };
+    Ok(failed)
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.

@@ -2,7 +2,8 @@
 //! ([`handle_line`]), a parsed command carried out on the [`DaemonState`]
 //! ([`carry_out`]).
 
-use dma::{Checks, RuleSpec};
+use dma::schedule::Release;
+use dma::{Checks, Engine, RuleSpec};
 use serde_json::{json, Value};
 
 use super::protocol::{answer, checks_json, parse_request, Command, MediaErrorAction};
@@ -30,36 +31,8 @@ pub fn carry_out(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             all,
             queue,
             matching,
-        } => {
-            let released = match (id, all, queue, matching) {
-                (Some(id), false, None, None) => {
-                    state.release(dma::schedule::Release::One(dma::ReqId(id)))
-                }
-                (None, true, None, None) => state.release(dma::schedule::Release::All),
-                (None, false, Some(q), None) => state.release(dma::schedule::Release::Queue(q)),
-                (None, false, None, Some(m)) => {
-                    let spec = RuleSpec::parse_match(&m)
-                        .map_err(|e| format!("match {}: {e}", quoted(&m)))?;
-                    state.release_where(|p| {
-                        spec.matches_fields(p.op, p.lba, p.queue, p.len, p.tag.as_deref())
-                    })
-                }
-                _ => return Err("release takes exactly one of id, all, queue, match".into()),
-            };
-            json!({ "released": released })
-        }
-        Command::Rules => json!(engine
-            .faults()
-            .rules()
-            .iter()
-            .map(|r| json!({
-                "id": r.id,
-                "rule": r.spec.to_string(),
-                "matched": r.matched(),
-                "fired": r.fired(),
-                "expired": r.expired(),
-            }))
-            .collect::<Vec<_>>()),
+        } => json!({ "released": release(state, id, all, queue, matching)? }),
+        Command::Rules => rules(engine),
         Command::AddRule { rule } => {
             let spec =
                 RuleSpec::parse(&rule).map_err(|e| format!("rule {}: {e}", quoted(&rule)))?;
@@ -72,17 +45,7 @@ pub fn carry_out(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             json!({ "removed": id })
         }
         Command::ZeroPage { gpa } => {
-            let gpa = match gpa {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => Some(dma::Gpa(
-                    n.as_u64().ok_or("gpa must be a positive integer")?,
-                )),
-                Some(Value::String(s)) => {
-                    Some(crate::config::parse_gpa(&s).map_err(|e| e.to_string())?)
-                }
-                Some(other) => return Err(format!("gpa {other} is not an address")),
-            };
-            engine.set_zero_page(gpa);
+            engine.set_zero_page(zero_page(gpa)?);
             json!({ "zero_page": engine.zero_page() })
         }
         // A tag or label past its cap (256 bytes) is refused with its length:
@@ -107,39 +70,13 @@ pub fn carry_out(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             let (findings, next) = engine.ledger().findings_since(since.unwrap_or(0));
             json!({ "findings": findings, "next": next })
         }
-        Command::Ledger { since, limit } => {
-            let limit = limit.unwrap_or(DEFAULT_LEDGER_LIMIT);
-            if limit == 0 {
-                return Err("limit must be at least 1".into());
-            }
-            let (page, dropped) = {
-                let ledger = engine.ledger();
-                (ledger.page(since.unwrap_or(0), limit), ledger.dropped())
-            };
-            json!({ "entries": page.entries, "next": page.next, "more": page.more, "dropped": dropped })
-        }
+        Command::Ledger { since, limit } => ledger(engine, since, limit)?,
         Command::Reset => {
             state.counters().reset();
             engine.reset_finding_counts();
             json!({ "reset": true })
         }
-        Command::PowerCut { torn, seed } => {
-            let ns = state.namespace();
-            let seed = torn.then(|| seed.unwrap_or_else(|| ns.power_epoch()));
-            let cut = ns
-                .power_cut(seed)
-                .map_err(|e| format!("power cut failed: {e}"))?;
-            log::info!(
-                "power cut: {} blocks lost, {} kept, of {} volatile writes",
-                cut.lost_blocks,
-                cut.kept_blocks,
-                cut.writes
-            );
-            // A fixed label, well under the cap.
-            let _ = engine.mark("power-cut");
-            json!({ "lost_blocks": cut.lost_blocks, "kept_blocks": cut.kept_blocks,
-                    "writes": cut.writes, "power_cuts": ns.power_epoch(), "seed": seed })
-        }
+        Command::PowerCut { torn, seed } => power_cut(state, torn, seed)?,
         Command::MediaError {
             action,
             lba,
@@ -163,6 +100,96 @@ pub fn carry_out(state: &DaemonState, cmd: Command) -> Result<Value, String> {
             checks_json(c)
         }
     })
+}
+
+/// Releases the held requests exactly one of `id`, `all`, `queue` and
+/// `matching` names; returns how many.
+fn release(
+    state: &DaemonState,
+    id: Option<u64>,
+    all: bool,
+    queue: Option<u16>,
+    matching: Option<String>,
+) -> Result<usize, String> {
+    Ok(match (id, all, queue, matching) {
+        (Some(id), false, None, None) => state.release(Release::One(dma::ReqId(id))),
+        (None, true, None, None) => state.release(Release::All),
+        (None, false, Some(q), None) => state.release(Release::Queue(q)),
+        (None, false, None, Some(m)) => {
+            let spec =
+                RuleSpec::parse_match(&m).map_err(|e| format!("match {}: {e}", quoted(&m)))?;
+            state.release_where(|p| {
+                spec.matches_fields(p.op, p.lba, p.queue, p.len, p.tag.as_deref())
+            })
+        }
+        _ => return Err("release takes exactly one of id, all, queue, match".into()),
+    })
+}
+
+/// The fault rules in force, with their counters.
+fn rules(engine: &Engine) -> Value {
+    json!(engine
+        .faults()
+        .rules()
+        .iter()
+        .map(|r| json!({
+            "id": r.id,
+            "rule": r.spec.to_string(),
+            "matched": r.matched(),
+            "fired": r.fired(),
+            "expired": r.expired(),
+        }))
+        .collect::<Vec<_>>())
+}
+
+/// The zero page's address as the request gives it: a number, a string in
+/// hex or decimal, or none (forget it).
+fn zero_page(gpa: Option<Value>) -> Result<Option<dma::Gpa>, String> {
+    Ok(match gpa {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(dma::Gpa(
+            n.as_u64().ok_or("gpa must be a positive integer")?,
+        )),
+        Some(Value::String(s)) => Some(crate::config::parse_gpa(&s).map_err(|e| e.to_string())?),
+        Some(other) => return Err(format!("gpa {other} is not an address")),
+    })
+}
+
+/// A page of the ledger from `since`, at most `limit` entries.
+fn ledger(engine: &Engine, since: Option<u64>, limit: Option<usize>) -> Result<Value, String> {
+    let limit = limit.unwrap_or(DEFAULT_LEDGER_LIMIT);
+    if limit == 0 {
+        return Err("limit must be at least 1".into());
+    }
+    // Only the page is copied under the ledger's lock (which every completion
+    // takes); the JSON is built after it is released.
+    let (page, dropped) = {
+        let ledger = engine.ledger();
+        (ledger.page(since.unwrap_or(0), limit), ledger.dropped())
+    };
+    Ok(json!({ "entries": page.entries, "next": page.next, "more": page.more, "dropped": dropped }))
+}
+
+/// Cuts the power; with `torn`, volatile writes keep a leading part drawn
+/// from `seed` (default: the number of cuts so far).
+fn power_cut(state: &DaemonState, torn: bool, seed: Option<u64>) -> Result<Value, String> {
+    let ns = state.namespace();
+    let seed = torn.then(|| seed.unwrap_or_else(|| ns.power_epoch()));
+    let cut = ns
+        .power_cut(seed)
+        .map_err(|e| format!("power cut failed: {e}"))?;
+    log::info!(
+        "power cut: {} blocks lost, {} kept, of {} volatile writes",
+        cut.lost_blocks,
+        cut.kept_blocks,
+        cut.writes
+    );
+    // A fixed label, well under the cap.
+    let _ = state.engine().mark("power-cut");
+    Ok(
+        json!({ "lost_blocks": cut.lost_blocks, "kept_blocks": cut.kept_blocks,
+            "writes": cut.writes, "power_cuts": ns.power_epoch(), "seed": seed }),
+    )
 }
 
 fn media_error(

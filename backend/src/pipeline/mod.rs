@@ -246,101 +246,104 @@ impl Pipeline {
         let q = arrival.queue;
         let mut ticket = core.engine.arrive(mem, arrival);
         if let Some(Effect::CompleteBeforeDma { ms }) = ticket.effect {
-            // A broken device on purpose: the guest hears "done" now, the data
-            // moves later: at the release of a hold that also matched (so a
-            // test can act while the completed request's DMA is pending),
-            // else `ms` from now.
-            let written = match work {
-                Work::Read(_) | Work::DeviceData(_) => label.len,
-                _ => 0,
-            };
-            if ticket.wait != Wait::Hold {
-                ticket.wait = Wait::Delay(Duration::from_millis(ms));
-            }
+            return self.complete_before_dma(label, work, epoch, ticket, ms);
+        }
+        let (wait, media_due) = core.with_media_time(&work, ticket.wait);
+        if wait != Wait::None {
+            debug!("q={q} req={} waits: {wait}", ticket.id);
             self.park((
                 parked_info(&ticket),
-                ticket.wait,
+                wait,
                 Job::Io(Box::new(Pending {
                     label,
                     work,
                     epoch,
                     ticket,
-                    reply: None,
-                    media_due: false,
+                    reply: Some(reply()),
+                    media_due,
                 })),
             ));
-            return Submitted::Now(Outcome::Done { written }, Finish::none());
+            return Submitted::Later;
         }
-        let (wait, media_due) = core.with_media_time(&work, ticket.wait);
-        if wait == Wait::None {
-            // How the request goes to the pool, if it does.
-            let to_pool: Option<Handover> = match &work {
-                // A large read that only moves data goes to the pool if a
-                // thread there is free (the queue's thread goes on), else it
-                // is served here all the same.
-                Work::Read(range)
-                    if self.pool_reads
-                        && range.len() >= POOL_READ_BYTES
-                        && !core.engine.read_needs_buffer(&ticket) =>
-                {
-                    Some(IoPool::submit)
-                }
-                // A long zero-fill always goes, queued behind the pool's work
-                // if need be: the queue's thread (NVMe's one transport
-                // thread) would stall for as long as it writes zeros. It
-                // completes when done; a flush that arrives meanwhile may
-                // complete first, as both protocols allow: a flush covers
-                // the writes completed before it (virtio 1.2 5.2.6.2, NVMe
-                // 1.4 6.8), and commands in flight together are not ordered.
-                Work::Zero(ranges)
-                    if ranges.iter().map(|(r, _)| r.len()).sum::<u64>() >= POOL_ZERO_BYTES =>
-                {
-                    Some(IoPool::queue)
-                }
-                _ => None,
-            };
-            let pooled = to_pool.and_then(|send| core.mem().map(|atomic| (send, atomic)));
-            if let Some((send, atomic)) = pooled {
-                let core = core.clone();
-                let reply = reply();
-                let task: Task = Box::new(move || {
-                    let mem = atomic.memory();
-                    let mut buf = Vec::new();
-                    let (outcome, why) =
-                        core.perform(&mem, label, &work, epoch, &mut ticket, &mut buf);
-                    let told = reply.send(&core, &mem, outcome);
-                    // No watch follows: a watched read keeps its buffer, never
-                    // pooled; a zero-fill moves no data into guest memory.
-                    let _ = core.engine.complete(ticket, ledger_word(why, told));
-                });
-                if let Err(task) = send(&self.pool, q, task) {
-                    task();
-                }
-                return Submitted::Later;
+        if let Some((send, atomic)) = self.pool_route(&work, &ticket) {
+            let task = Core::pool_task(core, atomic, label, work, epoch, ticket, reply());
+            if let Err(task) = send(&self.pool, q, task) {
+                task();
             }
-            let (outcome, why) = core.perform(mem, label, &work, epoch, &mut ticket, buf);
-            return Submitted::Now(
-                outcome,
-                Finish {
-                    ticket: Some(ticket),
-                    why,
-                },
-            );
+            return Submitted::Later;
         }
-        debug!("q={q} req={} waits: {wait}", ticket.id);
+        let (outcome, why) = core.perform(mem, label, &work, epoch, &mut ticket, buf);
+        Submitted::Now(
+            outcome,
+            Finish {
+                ticket: Some(ticket),
+                why,
+            },
+        )
+    }
+
+    /// A broken device on purpose: the guest hears "done" now, the data
+    /// moves later: at the release of a hold that also matched (so a test can
+    /// act while the completed request's DMA is pending), else `ms` from now.
+    fn complete_before_dma(
+        &self,
+        label: Label,
+        work: Work,
+        epoch: u64,
+        mut ticket: Ticket,
+        ms: u64,
+    ) -> Submitted {
+        let written = match work {
+            Work::Read(_) | Work::DeviceData(_) => label.len,
+            _ => 0,
+        };
+        if ticket.wait != Wait::Hold {
+            ticket.wait = Wait::Delay(Duration::from_millis(ms));
+        }
         self.park((
             parked_info(&ticket),
-            wait,
+            ticket.wait,
             Job::Io(Box::new(Pending {
                 label,
                 work,
                 epoch,
                 ticket,
-                reply: Some(reply()),
-                media_due,
+                reply: None,
+                media_due: false,
             })),
         ));
-        Submitted::Later
+        Submitted::Now(Outcome::Done { written }, Finish::none())
+    }
+
+    /// How a request that need not wait goes to the I/O pool, and the guest
+    /// memory it moves its data in there; `None` when it is served here.
+    fn pool_route(&self, work: &Work, ticket: &Ticket) -> Option<(Handover, GuestMemory)> {
+        let send: Handover = match work {
+            // A large read that only moves data goes to the pool if a thread
+            // there is free (the queue's thread goes on), else it is served
+            // here all the same.
+            Work::Read(range)
+                if self.pool_reads
+                    && range.len() >= POOL_READ_BYTES
+                    && !self.core.engine.read_needs_buffer(ticket) =>
+            {
+                IoPool::submit
+            }
+            // A long zero-fill always goes, queued behind the pool's work if
+            // need be: the queue's thread (NVMe's one transport thread) would
+            // stall for as long as it writes zeros. It completes when done; a
+            // flush that arrives meanwhile may complete first, as both
+            // protocols allow: a flush covers the writes completed before it
+            // (virtio 1.2 5.2.6.2, NVMe 1.4 6.8), and commands in flight
+            // together are not ordered.
+            Work::Zero(ranges)
+                if ranges.iter().map(|(r, _)| r.len()).sum::<u64>() >= POOL_ZERO_BYTES =>
+            {
+                IoPool::queue
+            }
+            _ => return None,
+        };
+        self.core.mem().map(|atomic| (send, atomic))
     }
 
     /// Records a request served at once, now that the guest has been told
@@ -553,6 +556,29 @@ impl Core {
                     .map(watch_job)
             }
         }
+    }
+
+    /// The I/O pool's task for a request: it moves the data in `atomic`'s
+    /// memory, tells the guest through `reply` and records the request.
+    fn pool_task(
+        core: &Arc<Core>,
+        atomic: GuestMemory,
+        label: Label,
+        work: Work,
+        epoch: u64,
+        mut ticket: Ticket,
+        reply: Box<dyn Reply>,
+    ) -> Task {
+        let core = core.clone();
+        Box::new(move || {
+            let mem = atomic.memory();
+            let mut buf = Vec::new();
+            let (outcome, why) = core.perform(&mem, label, &work, epoch, &mut ticket, &mut buf);
+            let told = reply.send(&core, &mem, outcome);
+            // No watch follows: a watched read keeps its buffer, never
+            // pooled; a zero-fill moves no data into guest memory.
+            let _ = core.engine.complete(ticket, ledger_word(why, told));
+        })
     }
 
     /// Moves a request's data; how it ended, and the ledger's word for a

@@ -135,75 +135,13 @@ pub fn perform<M: GuestMemoryBackend>(
     ticket: &mut Ticket,
     buf: &mut Vec<u8>,
 ) -> Result<u32, WorkError> {
-    let effect = ticket.effect;
-    match effect {
-        Some(Effect::Error { unsupp }) => {
-            let error = if unsupp {
-                InjectedError::Unsupported
-            } else {
-                InjectedError::IoError
-            };
-            return Err(WorkError::Injected("error", error));
-        }
-        Some(Effect::PowerCut) => {
-            let cut = ns.power_cut(None).map_err(WorkError::Media)?;
-            log::info!(
-                "power cut by a fault rule: {} blocks lost ({} volatile writes)",
-                cut.lost_blocks,
-                cut.writes
-            );
-            return Err(WorkError::Injected("power-cut", InjectedError::IoError));
-        }
-        _ => {}
-    }
+    injected_failure(ns, ticket.effect)?;
     if epoch != ns.power_epoch() && !matches!(work, Work::DeviceData(_)) {
         return Err(WorkError::CutOff);
     }
     match work {
-        Work::Read(range) => {
-            if !engine.read_needs_buffer(ticket) {
-                if let Some(guest) = guest_buffers(mem, &ticket.arrival.segments) {
-                    engine.deliver(mem, ticket, |_| read_into(ns, *range, &guest))?;
-                    return Ok(u32::try_from(range.len()).unwrap_or(u32::MAX));
-                }
-            }
-            buf.resize(len_of(range), 0);
-            ns.read(*range, buf).map_err(WorkError::Media)?;
-            engine
-                .to_guest(mem, ticket, buf)
-                .map_err(WorkError::Memory)?;
-            if let Some(Effect::Partial { .. }) = effect {
-                return Err(WorkError::Injected("partial", InjectedError::IoError));
-            }
-            Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
-        }
-        Work::Write { range, fua } => {
-            buf.resize(len_of(range), 0);
-            engine
-                .from_guest(mem, ticket, buf)
-                .map_err(WorkError::Memory)?;
-            let (stored, failure) = match effect {
-                Some(Effect::Partial { bytes }) => (bytes, Some("partial")),
-                Some(Effect::Torn { bytes, fail }) => (bytes, fail.then_some("torn")),
-                _ => (range.len(), None),
-            };
-            // Only whole blocks reach the media.
-            let blocks = stored.min(range.len()) >> ns.lba_size().shift();
-            if blocks > 0 {
-                let part = block_range(ns, range.start(), blocks).map_err(WorkError::Refused)?;
-                let data = &buf[..len_of(&part)];
-                if *fua {
-                    ns.write_stable(part, data)
-                } else {
-                    ns.write(part, data)
-                }
-                .map_err(WorkError::Media)?;
-            }
-            match failure {
-                Some(what) => Err(WorkError::Injected(what, InjectedError::IoError)),
-                None => Ok(0),
-            }
-        }
+        Work::Read(range) => read(ns, engine, mem, *range, ticket, buf),
+        Work::Write { range, fua } => write(ns, engine, mem, *range, *fua, ticket, buf),
         Work::Flush => {
             ns.flush().map_err(WorkError::Media)?;
             Ok(0)
@@ -214,21 +152,119 @@ pub fn perform<M: GuestMemoryBackend>(
                 .map_err(WorkError::Memory)?;
             Ok(u32::try_from(bytes.len()).unwrap_or(0))
         }
-        Work::Zero(ranges) => {
-            // Write-zeroes reads back as zeros whatever deallocation does; with
-            // or without UNMAP it gives the space back where the backing can
-            // (a punched hole). Only discard follows `--deallocate`.
-            for &(range, _unmap) in ranges {
-                let done = if ticket.arrival.op == Op::Discard {
-                    ns.deallocate(range)
-                } else {
-                    ns.write_zeroes(range)
-                };
-                done.map_err(WorkError::Media)?;
-            }
-            Ok(0)
+        Work::Zero(ranges) => zero(ns, ranges, ticket.arrival.op),
+    }
+}
+
+/// The failure a fault effect makes of the request before any data moves:
+/// an injected error, or a power cut (the request fails, the media loses
+/// what was volatile).
+fn injected_failure(ns: &Namespace, effect: Option<Effect>) -> Result<(), WorkError> {
+    match effect {
+        Some(Effect::Error { unsupp }) => {
+            let error = if unsupp {
+                InjectedError::Unsupported
+            } else {
+                InjectedError::IoError
+            };
+            Err(WorkError::Injected("error", error))
+        }
+        Some(Effect::PowerCut) => {
+            let cut = ns.power_cut(None).map_err(WorkError::Media)?;
+            log::info!(
+                "power cut by a fault rule: {} blocks lost ({} volatile writes)",
+                cut.lost_blocks,
+                cut.writes
+            );
+            Err(WorkError::Injected("power-cut", InjectedError::IoError))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A read: from the media straight into guest memory when nothing needs the
+/// data in a host buffer, else through `buf` (where the engine shapes it; a
+/// partial read fails after its data moved).
+fn read<M: GuestMemoryBackend>(
+    ns: &Namespace,
+    engine: &Engine,
+    mem: &M,
+    range: LbaRange,
+    ticket: &mut Ticket,
+    buf: &mut Vec<u8>,
+) -> Result<u32, WorkError> {
+    let effect = ticket.effect;
+    if !engine.read_needs_buffer(ticket) {
+        if let Some(guest) = guest_buffers(mem, &ticket.arrival.segments) {
+            engine.deliver(mem, ticket, |_| read_into(ns, range, &guest))?;
+            return Ok(u32::try_from(range.len()).unwrap_or(u32::MAX));
         }
     }
+    buf.resize(len_of(&range), 0);
+    ns.read(range, buf).map_err(WorkError::Media)?;
+    engine
+        .to_guest(mem, ticket, buf)
+        .map_err(WorkError::Memory)?;
+    if let Some(Effect::Partial { .. }) = effect {
+        return Err(WorkError::Injected("partial", InjectedError::IoError));
+    }
+    Ok(u32::try_from(range.len()).unwrap_or(u32::MAX))
+}
+
+/// A write: from guest memory through `buf` to the media, stable at once
+/// with `fua`. A partial or torn write stores only its first whole blocks,
+/// and fails if the fault says so.
+fn write<M: GuestMemoryBackend>(
+    ns: &Namespace,
+    engine: &Engine,
+    mem: &M,
+    range: LbaRange,
+    fua: bool,
+    ticket: &mut Ticket,
+    buf: &mut Vec<u8>,
+) -> Result<u32, WorkError> {
+    let effect = ticket.effect;
+    buf.resize(len_of(&range), 0);
+    engine
+        .from_guest(mem, ticket, buf)
+        .map_err(WorkError::Memory)?;
+    let (stored, failure) = match effect {
+        Some(Effect::Partial { bytes }) => (bytes, Some("partial")),
+        Some(Effect::Torn { bytes, fail }) => (bytes, fail.then_some("torn")),
+        _ => (range.len(), None),
+    };
+    // Only whole blocks reach the media.
+    let blocks = stored.min(range.len()) >> ns.lba_size().shift();
+    if blocks > 0 {
+        let part = block_range(ns, range.start(), blocks).map_err(WorkError::Refused)?;
+        let data = &buf[..len_of(&part)];
+        if fua {
+            ns.write_stable(part, data)
+        } else {
+            ns.write(part, data)
+        }
+        .map_err(WorkError::Media)?;
+    }
+    match failure {
+        Some(what) => Err(WorkError::Injected(what, InjectedError::IoError)),
+        None => Ok(0),
+    }
+}
+
+/// Discard (`op`) or write-zeroes over `ranges`, in order. Write-zeroes
+/// reads back as zeros whatever deallocation does; with or without UNMAP it
+/// gives the space back where the backing can (a punched hole). Only
+/// discard follows `--deallocate`.
+fn zero(ns: &Namespace, ranges: &[(LbaRange, bool)], op: Op) -> Result<u32, WorkError> {
+    for &(range, _unmap) in ranges {
+        let done = if op == Op::Discard {
+            ns.deallocate(range)
+        } else {
+            ns.write_zeroes(range)
+        };
+        done.map_err(WorkError::Media)?;
+    }
+    Ok(0)
 }
 
 /// A request's guest memory as buffers the media can be read into directly,

@@ -109,6 +109,136 @@ fn protocol(request: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     move |source| Error::Protocol { request, source }
 }
 
+/// GET_FEATURES, the features `config` requires checked, SET_FEATURES with
+/// those wanted that the backend offers; returns (offered, acked).
+fn negotiate_features(vu: &mut Frontend, config: &FrontendConfig) -> Result<(u64, u64), Error> {
+    let offered = vu.get_features().map_err(protocol("GET_FEATURES"))?;
+    for (bit, name) in [
+        (features::VERSION_1, "VIRTIO_F_VERSION_1"),
+        (
+            features::PROTOCOL_FEATURES,
+            "VHOST_USER_F_PROTOCOL_FEATURES",
+        ),
+    ] {
+        if offered & bit == 0 {
+            return Err(Error::MissingFeature { name });
+        }
+    }
+    if config.event_idx && offered & features::RING_EVENT_IDX == 0 {
+        return Err(Error::MissingFeature {
+            name: "VIRTIO_RING_F_EVENT_IDX",
+        });
+    }
+    if config.num_queues > 1 && offered & features::BLK_MQ == 0 {
+        return Err(Error::MissingFeature {
+            name: "VIRTIO_BLK_F_MQ",
+        });
+    }
+    let mut wanted = (config.features & !features::RING_EVENT_IDX)
+        | features::VERSION_1
+        | features::PROTOCOL_FEATURES;
+    if config.event_idx {
+        wanted |= features::RING_EVENT_IDX;
+    }
+    let acked = wanted & offered;
+    vu.set_features(acked).map_err(protocol("SET_FEATURES"))?;
+    Ok((offered, acked))
+}
+
+/// GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES with CONFIG, MQ and what
+/// `config` asks for (REPLY_ACK, then asked on every request;
+/// CONFIGURE_MEM_SLOTS, required); returns (offered, acked).
+fn negotiate_protocol_features(
+    vu: &mut Frontend,
+    config: &FrontendConfig,
+) -> Result<(VhostUserProtocolFeatures, VhostUserProtocolFeatures), Error> {
+    let offered = vu
+        .get_protocol_features()
+        .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
+    let mut wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+    if config.reply_ack {
+        wanted |= VhostUserProtocolFeatures::REPLY_ACK;
+    }
+    if config.mem_slots {
+        if !offered.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            return Err(Error::MissingFeature {
+                name: "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS",
+            });
+        }
+        wanted |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    }
+    let acked = offered & wanted;
+    vu.set_protocol_features(acked)
+        .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
+    if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    Ok((offered, acked))
+}
+
+/// The backend's queue count (GET_QUEUE_NUM with MQ, else 1), at least
+/// `wanted`.
+fn backend_queues(
+    vu: &mut Frontend,
+    protocol_acked: VhostUserProtocolFeatures,
+    wanted: u16,
+) -> Result<u64, Error> {
+    let offered = if protocol_acked.contains(VhostUserProtocolFeatures::MQ) {
+        vu.get_queue_num().map_err(protocol("GET_QUEUE_NUM"))?
+    } else {
+        1
+    };
+    if offered < u64::from(wanted) {
+        return Err(Error::TooManyQueues { offered, wanted });
+    }
+    Ok(offered)
+}
+
+/// SET_MEM_TABLE: every region of `ram`.
+fn set_mem_table(vu: &mut Frontend, ram: &GuestRam) -> Result<(), Error> {
+    let regions = ram
+        .mem()
+        .iter()
+        .map(|region| {
+            VhostUserMemoryRegionInfo::from_guest_region(region).map_err(protocol("SET_MEM_TABLE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    vu.set_mem_table(&regions)
+        .map_err(protocol("SET_MEM_TABLE"))?;
+    Ok(())
+}
+
+/// Each queue made in `ram` and handed to the backend (size, base,
+/// addresses, kick and call eventfds), then every queue enabled.
+fn set_up_queues(
+    vu: &mut Frontend,
+    ram: &GuestRam,
+    config: &FrontendConfig,
+    event_idx: bool,
+) -> Result<Vec<Queue>, Error> {
+    let mut queues = Vec::with_capacity(usize::from(config.num_queues));
+    for index in 0..config.num_queues {
+        let q = Queue::new(index, config.queue_size, ram, event_idx, config.timeout)?;
+        let i = usize::from(index);
+        vu.set_vring_num(i, q.size())
+            .map_err(protocol("SET_VRING_NUM"))?;
+        vu.set_vring_base(i, 0)
+            .map_err(protocol("SET_VRING_BASE"))?;
+        vu.set_vring_addr(i, &q.vring_config()?)
+            .map_err(protocol("SET_VRING_ADDR"))?;
+        vu.set_vring_kick(i, q.kick_fd())
+            .map_err(protocol("SET_VRING_KICK"))?;
+        vu.set_vring_call(i, q.call_fd())
+            .map_err(protocol("SET_VRING_CALL"))?;
+        queues.push(q);
+    }
+    for i in 0..queues.len() {
+        vu.set_vring_enable(i, true)
+            .map_err(protocol("SET_VRING_ENABLE"))?;
+    }
+    Ok(queues)
+}
+
 impl BlkFrontend {
     /// Connects to `socket` and sets up a device as `config` asks: owner,
     /// features, protocol features, memory table, and every queue enabled.
@@ -126,105 +256,12 @@ impl BlkFrontend {
                 }
             })?;
         vu.set_owner().map_err(protocol("SET_OWNER"))?;
-
-        let offered = vu.get_features().map_err(protocol("GET_FEATURES"))?;
-        for (bit, name) in [
-            (features::VERSION_1, "VIRTIO_F_VERSION_1"),
-            (
-                features::PROTOCOL_FEATURES,
-                "VHOST_USER_F_PROTOCOL_FEATURES",
-            ),
-        ] {
-            if offered & bit == 0 {
-                return Err(Error::MissingFeature { name });
-            }
-        }
-        if config.event_idx && offered & features::RING_EVENT_IDX == 0 {
-            return Err(Error::MissingFeature {
-                name: "VIRTIO_RING_F_EVENT_IDX",
-            });
-        }
-        if config.num_queues > 1 && offered & features::BLK_MQ == 0 {
-            return Err(Error::MissingFeature {
-                name: "VIRTIO_BLK_F_MQ",
-            });
-        }
-        let mut wanted = (config.features & !features::RING_EVENT_IDX)
-            | features::VERSION_1
-            | features::PROTOCOL_FEATURES;
-        if config.event_idx {
-            wanted |= features::RING_EVENT_IDX;
-        }
-        let acked = wanted & offered;
-        vu.set_features(acked).map_err(protocol("SET_FEATURES"))?;
-
-        let protocol_offered = vu
-            .get_protocol_features()
-            .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
-        let mut protocol_wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
-        if config.reply_ack {
-            protocol_wanted |= VhostUserProtocolFeatures::REPLY_ACK;
-        }
-        if config.mem_slots {
-            if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-                return Err(Error::MissingFeature {
-                    name: "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS",
-                });
-            }
-            protocol_wanted |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        }
-        let protocol_acked = protocol_offered & protocol_wanted;
-        vu.set_protocol_features(protocol_acked)
-            .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
-        if protocol_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-
-        let backend_queues = if protocol_acked.contains(VhostUserProtocolFeatures::MQ) {
-            vu.get_queue_num().map_err(protocol("GET_QUEUE_NUM"))?
-        } else {
-            1
-        };
-        if backend_queues < u64::from(config.num_queues) {
-            return Err(Error::TooManyQueues {
-                offered: backend_queues,
-                wanted: config.num_queues,
-            });
-        }
-
-        let regions = ram
-            .mem()
-            .iter()
-            .map(|region| {
-                VhostUserMemoryRegionInfo::from_guest_region(region)
-                    .map_err(protocol("SET_MEM_TABLE"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        vu.set_mem_table(&regions)
-            .map_err(protocol("SET_MEM_TABLE"))?;
-
+        let (offered, acked) = negotiate_features(&mut vu, &config)?;
+        let (protocol_offered, protocol_acked) = negotiate_protocol_features(&mut vu, &config)?;
+        let backend_queues = backend_queues(&mut vu, protocol_acked, config.num_queues)?;
+        set_mem_table(&mut vu, &ram)?;
         let event_idx = acked & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(usize::from(config.num_queues));
-        for index in 0..config.num_queues {
-            let q = Queue::new(index, config.queue_size, &ram, event_idx, config.timeout)?;
-            let i = usize::from(index);
-            vu.set_vring_num(i, q.size())
-                .map_err(protocol("SET_VRING_NUM"))?;
-            vu.set_vring_base(i, 0)
-                .map_err(protocol("SET_VRING_BASE"))?;
-            vu.set_vring_addr(i, &q.vring_config()?)
-                .map_err(protocol("SET_VRING_ADDR"))?;
-            vu.set_vring_kick(i, q.kick_fd())
-                .map_err(protocol("SET_VRING_KICK"))?;
-            vu.set_vring_call(i, q.call_fd())
-                .map_err(protocol("SET_VRING_CALL"))?;
-            queues.push(q);
-        }
-        for i in 0..queues.len() {
-            vu.set_vring_enable(i, true)
-                .map_err(protocol("SET_VRING_ENABLE"))?;
-        }
-
+        let queues = set_up_queues(&mut vu, &ram, &config, event_idx)?;
         let negotiated = Negotiated {
             offered,
             acked,

@@ -131,123 +131,180 @@ pub struct Rejected {
     pub status_at: Option<Gpa>,
 }
 
-/// Parses the descriptors of one chain.
+/// Parses the descriptors of one chain: the chain as two byte streams, its
+/// status byte, its header, its data in the direction its type needs,
+/// within the advertised limits.
 pub fn parse<M: GuestMemoryBackend>(
     mem: &M,
     chain: impl Iterator<Item = Descriptor>,
     limits: Limits,
 ) -> Result<Request, Rejected> {
-    let mut readable: Vec<Segment> = Vec::new();
-    let mut writable: Vec<Segment> = Vec::new();
-    let mut last: Option<Descriptor> = None;
-    let mut ordering_error = false;
-    for desc in chain {
-        last = Some(desc);
-        if desc.len() == 0 {
-            continue;
-        }
-        let seg = Segment::new(Gpa(desc.addr().0), desc.len());
-        if desc.is_write_only() {
-            writable.push(seg);
-        } else if writable.is_empty() {
-            readable.push(seg);
-        } else {
-            ordering_error = true;
-        }
-    }
-    // The chain iterator stops early, on a descriptor that still points onwards,
-    // when the chain loops or names something it cannot read.
-    let truncated = last.is_none_or(|d| d.has_next() || d.refers_to_indirect_table());
-
-    let reject = |reason, op, status_at| Rejected {
+    let streams = Streams::of(chain);
+    let status_at = streams.status_byte(mem).map_err(|reason| Rejected {
+        reason,
+        op: None,
+        status_at: None,
+    })?;
+    let reject = |reason, op| Rejected {
         reason,
         op,
-        status_at,
+        status_at: Some(status_at),
     };
-
-    // The status byte: the last byte of the last writable descriptor.
-    let status_at = writable
-        .last()
-        .and_then(|s| s.gpa.checked_add(u64::from(s.len) - 1))
-        .filter(|&gpa| Segment::new(gpa, 1).is_in(mem));
-    if truncated {
-        return Err(reject(Malformed::BrokenChain, None, None));
-    }
-    let Some(status_at) = status_at else {
-        let reason = if writable.is_empty() {
-            Malformed::NoStatus
-        } else {
-            Malformed::OutsideMemory
-        };
-        return Err(reject(reason, None, None));
-    };
-    if ordering_error {
-        return Err(reject(
-            Malformed::ReadableAfterWritable,
-            None,
-            Some(status_at),
-        ));
-    }
-    if readable.iter().chain(&writable).any(|s| !s.is_in(mem)) {
-        return Err(reject(Malformed::OutsideMemory, None, Some(status_at)));
-    }
-
-    let (header, data_out) = split_at(&readable, HEADER_LEN);
-    if total(&header) < u64::from(HEADER_LEN) {
-        return Err(reject(Malformed::ShortHeader, None, Some(status_at)));
-    }
-    let mut raw = [0u8; HEADER_LEN as usize];
-    dma::from_guest(mem, &header, &mut raw)
-        .map_err(|_| reject(Malformed::OutsideMemory, None, Some(status_at)))?;
-    let op = RequestType::from_raw(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
-    let sector = u64::from_le_bytes([
-        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-    ]);
-    let reject_op = |reason| reject(reason, Some(op), Some(status_at));
-
-    // Everything writable but the status byte is data; more than a request's
-    // length can say is refused, not cut to nothing.
-    let Ok(data_in_len) = u32::try_from(total(&writable).saturating_sub(1)) else {
-        return Err(reject_op(Malformed::TooLarge));
-    };
-    let (data_in, _status) = split_at(&writable, data_in_len);
-
-    let data = match op {
-        RequestType::In | RequestType::GetId => {
-            if !data_out.is_empty() {
-                return Err(reject_op(Malformed::WrongDirection));
-            }
-            data_in
-        }
-        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
-            if !data_in.is_empty() {
-                return Err(reject_op(Malformed::WrongDirection));
-            }
-            data_out
-        }
-        RequestType::Flush => {
-            if !data_in.is_empty() || !data_out.is_empty() {
-                return Err(reject_op(Malformed::WrongDirection));
-            }
-            Vec::new()
-        }
-        RequestType::Unsupported(_) => return Err(reject_op(Malformed::Unsupported)),
-    };
-
-    let data_len = total(&data);
-    let seg_max = u64::from(limits.seg_max);
-    let max_bytes = seg_max * u64::from(limits.size_max);
-    if data.len() as u64 > seg_max || data_len > max_bytes {
-        return Err(reject_op(Malformed::TooLarge));
-    }
+    streams.check(mem).map_err(|reason| reject(reason, None))?;
+    let (op, sector, data_out) =
+        read_header(mem, &streams.readable).map_err(|reason| reject(reason, None))?;
+    let data =
+        data_of(op, &streams.writable, data_out).map_err(|reason| reject(reason, Some(op)))?;
+    let data_len = data_len(&data, limits).map_err(|reason| reject(reason, Some(op)))?;
     Ok(Request {
         op,
         sector,
         data,
-        // Fits: at most seg_max * size_max, both u32 limits chosen to keep it small.
-        data_len: u32::try_from(data_len).map_err(|_| reject_op(Malformed::TooLarge))?,
+        data_len,
         status: status_at,
     })
+}
+
+/// A chain read as the virtio 1.x "any layout" rule allows: the bytes of its
+/// device-readable descriptors, then those of its device-writable ones.
+struct Streams {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    /// A device-readable descriptor came after a device-writable one.
+    out_of_order: bool,
+    /// The chain iterator stopped early, on a descriptor that still points
+    /// onwards: the chain loops or names something it cannot read.
+    truncated: bool,
+}
+
+impl Streams {
+    fn of(chain: impl Iterator<Item = Descriptor>) -> Streams {
+        let mut readable: Vec<Segment> = Vec::new();
+        let mut writable: Vec<Segment> = Vec::new();
+        let mut last: Option<Descriptor> = None;
+        let mut out_of_order = false;
+        for desc in chain {
+            last = Some(desc);
+            if desc.len() == 0 {
+                continue;
+            }
+            let seg = Segment::new(Gpa(desc.addr().0), desc.len());
+            if desc.is_write_only() {
+                writable.push(seg);
+            } else if writable.is_empty() {
+                readable.push(seg);
+            } else {
+                out_of_order = true;
+            }
+        }
+        Streams {
+            readable,
+            writable,
+            out_of_order,
+            truncated: last.is_none_or(|d| d.has_next() || d.refers_to_indirect_table()),
+        }
+    }
+
+    /// Where the status byte goes: the last byte of the last writable
+    /// descriptor. A chain without one, or a broken chain, gets no status.
+    fn status_byte<M: GuestMemoryBackend>(&self, mem: &M) -> Result<Gpa, Malformed> {
+        let status_at = self
+            .writable
+            .last()
+            .and_then(|s| s.gpa.checked_add(u64::from(s.len) - 1))
+            .filter(|&gpa| Segment::new(gpa, 1).is_in(mem));
+        if self.truncated {
+            return Err(Malformed::BrokenChain);
+        }
+        status_at.ok_or(if self.writable.is_empty() {
+            Malformed::NoStatus
+        } else {
+            Malformed::OutsideMemory
+        })
+    }
+
+    /// The descriptors in order, and inside guest memory.
+    fn check<M: GuestMemoryBackend>(&self, mem: &M) -> Result<(), Malformed> {
+        if self.out_of_order {
+            return Err(Malformed::ReadableAfterWritable);
+        }
+        if self
+            .readable
+            .iter()
+            .chain(&self.writable)
+            .any(|s| !s.is_in(mem))
+        {
+            return Err(Malformed::OutsideMemory);
+        }
+        Ok(())
+    }
+}
+
+/// The header at the start of the readable stream: the request's type and
+/// first sector, and the readable bytes after it.
+fn read_header<M: GuestMemoryBackend>(
+    mem: &M,
+    readable: &[Segment],
+) -> Result<(RequestType, u64, Vec<Segment>), Malformed> {
+    let (header, data_out) = split_at(readable, HEADER_LEN);
+    if total(&header) < u64::from(HEADER_LEN) {
+        return Err(Malformed::ShortHeader);
+    }
+    let mut raw = [0u8; HEADER_LEN as usize];
+    dma::from_guest(mem, &header, &mut raw).map_err(|_| Malformed::OutsideMemory)?;
+    let op = RequestType::from_raw(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
+    let sector = u64::from_le_bytes([
+        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+    ]);
+    Ok((op, sector, data_out))
+}
+
+/// The request's data: the readable bytes after the header (`data_out`) or
+/// the writable ones before the status byte, as `op` moves data; the other
+/// direction must be empty.
+fn data_of(
+    op: RequestType,
+    writable: &[Segment],
+    data_out: Vec<Segment>,
+) -> Result<Vec<Segment>, Malformed> {
+    // Everything writable but the status byte is data; more than a request's
+    // length can say is refused, not cut to nothing.
+    let data_in_len =
+        u32::try_from(total(writable).saturating_sub(1)).map_err(|_| Malformed::TooLarge)?;
+    let (data_in, _status) = split_at(writable, data_in_len);
+    match op {
+        RequestType::In | RequestType::GetId => {
+            if !data_out.is_empty() {
+                return Err(Malformed::WrongDirection);
+            }
+            Ok(data_in)
+        }
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+            if !data_in.is_empty() {
+                return Err(Malformed::WrongDirection);
+            }
+            Ok(data_out)
+        }
+        RequestType::Flush => {
+            if !data_in.is_empty() || !data_out.is_empty() {
+                return Err(Malformed::WrongDirection);
+            }
+            Ok(Vec::new())
+        }
+        RequestType::Unsupported(_) => Err(Malformed::Unsupported),
+    }
+}
+
+/// The length of `data`, if it is within the segments and bytes advertised.
+fn data_len(data: &[Segment], limits: Limits) -> Result<u32, Malformed> {
+    let data_len = total(data);
+    let seg_max = u64::from(limits.seg_max);
+    let max_bytes = seg_max * u64::from(limits.size_max);
+    if data.len() as u64 > seg_max || data_len > max_bytes {
+        return Err(Malformed::TooLarge);
+    }
+    // Fits: at most seg_max * size_max, both u32 limits chosen to keep it small.
+    u32::try_from(data_len).map_err(|_| Malformed::TooLarge)
 }
 
 fn total(segs: &[Segment]) -> u64 {
