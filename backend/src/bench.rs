@@ -19,8 +19,8 @@ use serde::{Serialize, Serializer};
 
 use crate::config::{self, ConfigError};
 use crate::vhost_user_driver::{
-    self, BlkFrontend, BlkRequest, Buffer, FrontendConfig, Queue, RequestType, Sector, Segment,
-    StatusByte,
+    self, BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, Queue, RequestType, Sector,
+    Segment, StatusByte,
 };
 
 /// Descriptors one request takes: header, data, status.
@@ -641,32 +641,8 @@ fn drive(
         let now = Instant::now();
         stopping = stopping || now >= end;
         for c in &out {
-            let req = c
-                .chain()
-                .and_then(|id| in_flight.get_mut(id.index()))
-                .and_then(Option::take)
-                .ok_or(BenchError::Queue {
-                    queue,
-                    source: vhost_user_driver::Error::BadSlot {
-                        slot: u16::try_from(c.id).unwrap_or(u16::MAX),
-                        size: q.size(),
-                    },
-                })?;
-            let op = if req.kind == RequestType::In {
-                "read"
-            } else {
-                "write"
-            };
-            let status = c.status().unwrap_or(StatusByte::UNWRITTEN);
-            if !status.is_ok() {
-                return Err(BenchError::Request {
-                    queue,
-                    op,
-                    sector: req.sector,
-                    len: bs,
-                    status,
-                });
-            }
+            let req = completed(&mut in_flight, c, queue, q.size())?;
+            check_ok(c, &req, queue, bs)?;
             if now >= measure_from && now < end {
                 hist.record(now - req.submitted);
                 match req.kind {
@@ -692,6 +668,46 @@ fn drive(
     })
 }
 
+/// The request in flight that completion `c` completes, taken out of
+/// `in_flight`; a completion of no request in flight is the device's bug.
+fn completed(
+    in_flight: &mut [Option<InFlight>],
+    c: &Completion,
+    queue: u16,
+    size: u16,
+) -> Result<InFlight, BenchError> {
+    c.chain()
+        .and_then(|id| in_flight.get_mut(id.index()))
+        .and_then(Option::take)
+        .ok_or(BenchError::Queue {
+            queue,
+            source: vhost_user_driver::Error::BadSlot {
+                slot: u16::try_from(c.id).unwrap_or(u16::MAX),
+                size,
+            },
+        })
+}
+
+/// A request that completed with a status other than OK stops the run.
+fn check_ok(c: &Completion, req: &InFlight, queue: u16, bs: u64) -> Result<(), BenchError> {
+    let status = c.status().unwrap_or(StatusByte::UNWRITTEN);
+    if status.is_ok() {
+        return Ok(());
+    }
+    let op = if req.kind == RequestType::In {
+        "read"
+    } else {
+        "write"
+    };
+    Err(BenchError::Request {
+        queue,
+        op,
+        sector: req.sector,
+        len: bs,
+        status,
+    })
+}
+
 /// Connects to `socket`, runs `config`'s workload, and returns what it
 /// measured. A request that completes with a status other than OK stops the
 /// run with its details.
@@ -701,10 +717,44 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
         socket: socket.to_path_buf(),
         source,
     };
+    let mut fe = connect(socket, &config)?;
+    let capacity = fe.get_config().map_err(setup)?.capacity_bytes();
+    let range = config.size.map_or(capacity, |s| s.min(capacity));
+    let blocks = range / config.bs;
+    if blocks == 0 {
+        return Err(BenchError::RangeTooSmall {
+            range,
+            bs: config.bs,
+        });
+    }
+    let buffers = buffers(socket, &fe, &config)?;
+    info!(
+        "bench: {} bs={} iodepth={} queues={} over {range} of {capacity} bytes, {} s after {} s warm-up",
+        config.rw, config.bs, config.iodepth, config.queues, config.seconds, config.warmup
+    );
+    let outcomes = run_queues(&mut fe, &buffers, &config, blocks);
+    let (total, queues) = totals(&config, outcomes)?;
+    Ok(BenchResult {
+        total,
+        queues,
+        capacity_bytes: capacity,
+        range_bytes: range,
+        config,
+    })
+}
+
+/// A session with as many queues, of the size and with the guest memory,
+/// as `config` needs; a read-only device is refused for a workload that
+/// writes.
+fn connect(socket: &Path, config: &BenchConfig) -> Result<BlkFrontend, BenchError> {
+    let setup = |source| BenchError::Setup {
+        socket: socket.to_path_buf(),
+        source,
+    };
     let mem_size = usize::try_from(config.mem_size()).map_err(|_| BenchError::TooMuchMemory {
         bytes: config.buffer_bytes(),
     })?;
-    let mut fe = BlkFrontend::connect(
+    let fe = BlkFrontend::connect(
         socket,
         FrontendConfig {
             mem_size,
@@ -722,15 +772,16 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
     if writes && fe.negotiated().has(vhost_user_driver::features::BLK_RO) {
         return Err(BenchError::ReadOnly(config.rw));
     }
-    let capacity = fe.get_config().map_err(setup)?.capacity_bytes();
-    let range = config.size.map_or(capacity, |s| s.min(capacity));
-    let blocks = range / config.bs;
-    if blocks == 0 {
-        return Err(BenchError::RangeTooSmall {
-            range,
-            bs: config.bs,
-        });
-    }
+    Ok(fe)
+}
+
+/// `iodepth` data buffers of one block for each queue, in the guest memory
+/// of the session on `socket`.
+fn buffers(
+    socket: &Path,
+    fe: &BlkFrontend,
+    config: &BenchConfig,
+) -> Result<Vec<Vec<Buffer>>, BenchError> {
     let buffer_len = usize::try_from(config.bs).map_err(|_| BenchError::BlockSize(config.bs))?;
     let mut buffers = Vec::with_capacity(usize::from(config.queues));
     for q in 0..config.queues {
@@ -742,23 +793,33 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
                 Ok(b)
             })
             .collect::<Result<Vec<_>, vhost_user_driver::Error>>()
-            .map_err(setup)?;
+            .map_err(|source| BenchError::Setup {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
         buffers.push(bufs);
     }
-    info!(
-        "bench: {} bs={} iodepth={} queues={} over {range} of {capacity} bytes, {} s after {} s warm-up",
-        config.rw, config.bs, config.iodepth, config.queues, config.seconds, config.warmup
-    );
+    Ok(buffers)
+}
 
+/// Drives every queue on a thread of its own, through the warm-up and the
+/// measured seconds, each over its own slice of the `blocks`.
+fn run_queues(
+    fe: &mut BlkFrontend,
+    buffers: &[Vec<Buffer>],
+    config: &BenchConfig,
+    blocks: u64,
+) -> Vec<Result<QueueOutcome, BenchError>> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(config.warmup);
     let end = measure_from + Duration::from_secs_f64(config.seconds);
     let nqueues = u64::from(config.queues);
-    let outcomes: Vec<Result<QueueOutcome, BenchError>> = std::thread::scope(|s| {
+    let bs = config.bs;
+    std::thread::scope(|s| {
         let handles: Vec<_> = fe
             .queues_mut()
             .iter_mut()
-            .zip(&buffers)
+            .zip(buffers)
             .map(|(q, bufs)| {
                 let index = q.index();
                 let work = Workload {
@@ -770,7 +831,7 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
                     cursor: blocks / nqueues * u64::from(index),
                     sectors_per_block: config.bs / Sector::SIZE,
                 };
-                let handle = s.spawn(move || drive(q, bufs, work, config.bs, measure_from, end));
+                let handle = s.spawn(move || drive(q, bufs, work, bs, measure_from, end));
                 (index, handle)
             })
             .collect();
@@ -778,8 +839,15 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
             .into_iter()
             .map(|(index, h)| h.join().unwrap_or(Err(BenchError::Panicked(index))))
             .collect()
-    });
+    })
+}
 
+/// The figures of the whole run and of each queue; the first queue that
+/// failed fails the run.
+fn totals(
+    config: &BenchConfig,
+    outcomes: Vec<Result<QueueOutcome, BenchError>>,
+) -> Result<(Stats, Vec<Stats>), BenchError> {
     let mut total_hist = Histogram::default();
     let mut total_count = Count::default();
     let mut queues = Vec::with_capacity(outcomes.len());
@@ -798,13 +866,8 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, Bench
             &o.hist,
         ));
     }
-    Ok(BenchResult {
-        total: Stats::new(None, &total_count, config.bs, secs, &total_hist),
-        queues,
-        capacity_bytes: capacity,
-        range_bytes: range,
-        config,
-    })
+    let total = Stats::new(None, &total_count, config.bs, secs, &total_hist);
+    Ok((total, queues))
 }
 
 /// The result as a table.

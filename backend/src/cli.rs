@@ -274,99 +274,141 @@ pub struct ServeArgs {
 impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
+    /// Each option checked, in the order the errors are reported.
     fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
         let lbs = LbaSize::try_from(a.lbs)?;
-        let backing = match (a.mem, a.disk) {
-            (Some(mem), _) => BackingConfig::Memory {
-                size: config::check_size(config::parse_size(&mem)?, lbs)?,
-            },
-            (None, Some(path)) => BackingConfig::File {
-                path,
-                size: a
-                    .size
-                    .map(|s| config::check_size(config::parse_size(&s)?, lbs))
-                    .transpose()?,
-            },
-            // clap's "media" group requires one of them.
-            (None, None) => return Err(ConfigError::Empty),
-        };
-        let control = if a.no_control {
-            None
-        } else {
-            Some(
-                a.control
-                    .unwrap_or_else(|| crate::control::socket::default_path(&a.socket)),
-            )
-        };
-        // Each would replace the other as a stale socket.
-        if let Some(path) = control.as_ref().filter(|&c| *c == a.socket) {
-            return Err(ConfigError::ControlIsSocket(path.clone()));
-        }
+        let backing = backing(&a, lbs)?;
+        let control = control_socket(&a)?;
+        let queues = config::check_queues(a.queues)?;
+        let queue_size = config::check_queue_size(a.queue_size)?;
+        let serial = config::check_serial(a.serial.clone())?;
+        let dma = engine_config(&a)?;
+        let faults = fault_rules(&a)?;
+        let latency = config::parse_latency(&a.latency)?;
+        let geometry = geometry(&a, lbs)?;
+        let media = media(&a)?;
         Ok(ServeConfig {
             socket: a.socket,
             backing,
             lbs,
-            queues: config::check_queues(a.queues)?,
-            queue_size: config::check_queue_size(a.queue_size)?,
+            queues,
+            queue_size,
             read_only: a.read_only,
-            serial: config::check_serial(a.serial)?,
-            dma: dma::EngineConfig {
-                checks: dma::Checks {
-                    canary: a.canary,
-                    snapshot: a.snapshot,
-                    overlap: a.overlap,
-                    ledger: a.ledger.is_some(),
-                },
-                ledger_capacity: a.ledger_capacity,
-                zero_page: a.zero_page.as_deref().map(config::parse_gpa).transpose()?,
-                seed: a.seed,
-                watch_limits: dma::WatchLimits {
-                    watches: a.max_watches,
-                    bytes: match &a.max_watched {
-                        Some(size) => config::parse_size(size)?,
-                        None => dma::WatchLimits::default().bytes,
-                    },
-                },
-            },
-            faults: {
-                let mut rules = match &a.fault_file {
-                    Some(file) => config::load_fault_file(file)?,
-                    None => Vec::new(),
-                };
-                rules.extend(crate::serve::parse_faults(&a.faults)?);
-                rules
-            },
+            serial,
+            dma,
+            faults,
             ledger_file: a.ledger,
             control,
             control_idle: (a.control_idle_timeout > 0)
                 .then(|| std::time::Duration::from_secs(a.control_idle_timeout)),
             mailbox: a.mailbox,
             nvme: a.nvme,
-            latency: config::parse_latency(&a.latency)?,
-            geometry: config::geometry(
-                &config::GeometryArgs {
-                    max_transfer: a.max_transfer,
-                    optimal_transfer: a.optimal_transfer,
-                    discard_granularity: a.discard_granularity,
-                    max_discard: a.max_discard,
-                    max_discard_segments: a.max_discard_segments,
-                    max_write_zeroes: a.max_write_zeroes,
-                    max_write_zeroes_segments: a.max_write_zeroes_segments,
-                },
-                lbs,
-                a.queue_size,
-            )?,
-            media: config::MediaConfig {
-                write_cache: config::parse_write_cache(&a.write_cache)?,
-                deallocate: config::parse_deallocate(&a.deallocate)?,
-                media_errors: a
-                    .media_errors
-                    .iter()
-                    .map(|m| config::parse_media_error(m))
-                    .collect::<Result<_, _>>()?,
-            },
+            latency,
+            geometry,
+            media,
         })
     }
+}
+
+/// The media's backing: memory of `--mem`, or the `--disk` file (of
+/// `--size`, if given).
+fn backing(a: &ServeArgs, lbs: LbaSize) -> Result<BackingConfig, ConfigError> {
+    Ok(match (&a.mem, &a.disk) {
+        (Some(mem), _) => BackingConfig::Memory {
+            size: config::check_size(config::parse_size(mem)?, lbs)?,
+        },
+        (None, Some(path)) => BackingConfig::File {
+            path: path.clone(),
+            size: a
+                .size
+                .as_ref()
+                .map(|s| config::check_size(config::parse_size(s)?, lbs))
+                .transpose()?,
+        },
+        // clap's "media" group requires one of them.
+        (None, None) => return Err(ConfigError::Empty),
+    })
+}
+
+/// The control socket: `--control`, beside the vhost-user socket by
+/// default, none with `--no-control`; never the vhost-user socket itself.
+fn control_socket(a: &ServeArgs) -> Result<Option<PathBuf>, ConfigError> {
+    let control = if a.no_control {
+        None
+    } else {
+        Some(
+            a.control
+                .clone()
+                .unwrap_or_else(|| crate::control::socket::default_path(&a.socket)),
+        )
+    };
+    // Each would replace the other as a stale socket.
+    if let Some(path) = control.as_ref().filter(|&c| *c == a.socket) {
+        return Err(ConfigError::ControlIsSocket(path.clone()));
+    }
+    Ok(control)
+}
+
+/// The DMA engine's checks, ledger, zero page, seed and watch limits.
+fn engine_config(a: &ServeArgs) -> Result<dma::EngineConfig, ConfigError> {
+    Ok(dma::EngineConfig {
+        checks: dma::Checks {
+            canary: a.canary,
+            snapshot: a.snapshot,
+            overlap: a.overlap,
+            ledger: a.ledger.is_some(),
+        },
+        ledger_capacity: a.ledger_capacity,
+        zero_page: a.zero_page.as_deref().map(config::parse_gpa).transpose()?,
+        seed: a.seed,
+        watch_limits: dma::WatchLimits {
+            watches: a.max_watches,
+            bytes: match &a.max_watched {
+                Some(size) => config::parse_size(size)?,
+                None => dma::WatchLimits::default().bytes,
+            },
+        },
+    })
+}
+
+/// The fault rules of `--fault-file`, then those of each `--fault`.
+fn fault_rules(a: &ServeArgs) -> Result<Vec<dma::RuleSpec>, ConfigError> {
+    let mut rules = match &a.fault_file {
+        Some(file) => config::load_fault_file(file)?,
+        None => Vec::new(),
+    };
+    rules.extend(crate::serve::parse_faults(&a.faults)?);
+    Ok(rules)
+}
+
+/// Transfer sizes and discard / write-zeroes limits.
+fn geometry(a: &ServeArgs, lbs: LbaSize) -> Result<nvme_model::Geometry, ConfigError> {
+    config::geometry(
+        &config::GeometryArgs {
+            max_transfer: a.max_transfer.clone(),
+            optimal_transfer: a.optimal_transfer.clone(),
+            discard_granularity: a.discard_granularity.clone(),
+            max_discard: a.max_discard.clone(),
+            max_discard_segments: a.max_discard_segments,
+            max_write_zeroes: a.max_write_zeroes.clone(),
+            max_write_zeroes_segments: a.max_write_zeroes_segments,
+        },
+        lbs,
+        a.queue_size,
+    )
+}
+
+/// The write cache, what deallocated blocks read as, and the bad blocks.
+fn media(a: &ServeArgs) -> Result<config::MediaConfig, ConfigError> {
+    Ok(config::MediaConfig {
+        write_cache: config::parse_write_cache(&a.write_cache)?,
+        deallocate: config::parse_deallocate(&a.deallocate)?,
+        media_errors: a
+            .media_errors
+            .iter()
+            .map(|m| config::parse_media_error(m))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 #[cfg(test)]

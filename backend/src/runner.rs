@@ -1,6 +1,6 @@
 //! `dmaprobe run`: resolve kernels and tests, run the guest suite, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use guest_tests::kernel::{Kernel, DEFAULT_KERNELS};
 use guest_tests::run::{run, Daemon, Mutant, RunConfig, Transport, QSD};
@@ -109,60 +109,15 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
     let tests = if args.tests.is_empty() {
         default_tests(daemon)
     } else {
-        args.tests
-            .iter()
-            .map(|name| match suite::find(name) {
-                None => Err(RunnerError::UnknownTest(name.clone())),
-                Some(t) if t.selection == Selection::Selftest && !args.allow_selftests => {
-                    Err(RunnerError::Selftest(name.clone()))
-                }
-                Some(t) => match t.dmaprobe_features() {
-                    Some(features) if daemon != Daemon::Dmaprobe => {
-                        Err(RunnerError::NeedsDmaprobe {
-                            test: t.name,
-                            features,
-                            daemon: daemon.name(),
-                        })
-                    }
-                    _ => Ok(t),
-                },
-            })
-            .collect::<Result<_, _>>()?
+        named_tests(&args.tests, daemon, args.allow_selftests)?
     };
-    if daemon != Daemon::Dmaprobe {
-        if args.mutant.is_some() {
-            return Err(RunnerError::MutantNeedsDmaprobe);
-        }
-        if initramfs::find_on_path(QSD).is_none() {
-            return Err(RunnerError::NoQsd);
-        }
-    }
-    let transports = match args.transport.as_str() {
-        "nvme" => vec![Transport::Nvme],
-        "both" => Transport::ALL.to_vec(),
-        _ => vec![Transport::VirtioBlk],
-    };
+    check_daemon(daemon, args.mutant.is_some())?;
     let qemu_nvme = args.qemu_nvme.unwrap_or_else(|| {
         guest_tests::kernel::cache_dir().join("qemu-vfio-user/bin/qemu-system-x86_64")
     });
-    if transports.contains(&Transport::Nvme) {
-        if daemon != Daemon::Dmaprobe {
-            return Err(RunnerError::NvmeNeedsDmaprobe);
-        }
-        if !qemu_nvme.is_file() {
-            return Err(RunnerError::NoQemuNvme(qemu_nvme));
-        }
-    }
+    let transports = transports(&args.transport, daemon, &qemu_nvme)?;
     let programs = programs(&tests)?;
-    let specs: Vec<String> = if args.kernels.is_empty() {
-        DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
-    } else {
-        args.kernels
-    };
-    let kernels = specs
-        .iter()
-        .map(|k| Kernel::resolve(k, args.modules.as_deref()))
-        .collect::<Result<_, _>>()?;
+    let kernels = kernels(args.kernels, args.modules.as_deref())?;
     let exe = std::env::current_exe().map_err(RunnerError::Exe)?;
     let guest_bin = args
         .guest_bin
@@ -195,6 +150,82 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
             .as_deref()
             .and_then(|m| Mutant::ALL.into_iter().find(|x| x.name() == m)),
     })
+}
+
+/// The tests named on the command line: each must exist, a self-test only
+/// when self-tests are allowed, and one that needs dmaprobe's own features
+/// only against dmaprobe.
+fn named_tests(
+    names: &[String],
+    daemon: Daemon,
+    allow_selftests: bool,
+) -> Result<Vec<&'static TestSpec>, RunnerError> {
+    names
+        .iter()
+        .map(|name| match suite::find(name) {
+            None => Err(RunnerError::UnknownTest(name.clone())),
+            Some(t) if t.selection == Selection::Selftest && !allow_selftests => {
+                Err(RunnerError::Selftest(name.clone()))
+            }
+            Some(t) => match t.dmaprobe_features() {
+                Some(features) if daemon != Daemon::Dmaprobe => Err(RunnerError::NeedsDmaprobe {
+                    test: t.name,
+                    features,
+                    daemon: daemon.name(),
+                }),
+                _ => Ok(t),
+            },
+        })
+        .collect()
+}
+
+/// Another daemon than dmaprobe plays no mutant and must be on the PATH.
+fn check_daemon(daemon: Daemon, mutant: bool) -> Result<(), RunnerError> {
+    if daemon != Daemon::Dmaprobe {
+        if mutant {
+            return Err(RunnerError::MutantNeedsDmaprobe);
+        }
+        if initramfs::find_on_path(QSD).is_none() {
+            return Err(RunnerError::NoQsd);
+        }
+    }
+    Ok(())
+}
+
+/// The interfaces `--transport` names; NVMe needs dmaprobe and the QEMU at
+/// `qemu_nvme`.
+fn transports(
+    transport: &str,
+    daemon: Daemon,
+    qemu_nvme: &Path,
+) -> Result<Vec<Transport>, RunnerError> {
+    let transports = match transport {
+        "nvme" => vec![Transport::Nvme],
+        "both" => Transport::ALL.to_vec(),
+        _ => vec![Transport::VirtioBlk],
+    };
+    if transports.contains(&Transport::Nvme) {
+        if daemon != Daemon::Dmaprobe {
+            return Err(RunnerError::NvmeNeedsDmaprobe);
+        }
+        if !qemu_nvme.is_file() {
+            return Err(RunnerError::NoQemuNvme(qemu_nvme.to_owned()));
+        }
+    }
+    Ok(transports)
+}
+
+/// The kernels `--kernel` names (the default matrix without one), resolved.
+fn kernels(specs: Vec<String>, modules: Option<&Path>) -> Result<Vec<Kernel>, RunnerError> {
+    let specs: Vec<String> = if specs.is_empty() {
+        DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
+    } else {
+        specs
+    };
+    Ok(specs
+        .iter()
+        .map(|k| Kernel::resolve(k, modules))
+        .collect::<Result<_, _>>()?)
 }
 
 /// The default suite; against another backend, the tests that need dmaprobe's

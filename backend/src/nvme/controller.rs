@@ -855,11 +855,24 @@ mod tests {
     }
 
     /// The whole life of a Linux guest's controller: probe, identify, queues,
-    /// I/O, wrap-around, queue deletion, shutdown, disable.
+    /// I/O, wrap-around, queue deletion, shutdown, disable; each step as the
+    /// Linux function that takes it.
     #[test]
     fn linux_probe_io_and_shutdown() {
         let mut host = Host::new(identity(LbaSize::B512));
+        probe_enables(&mut host);
+        identify_controller(&mut host);
+        set_up_io_queues(&mut host);
+        scan_namespaces(&mut host);
+        read_and_write(&mut host);
+        wrap_around(&mut host);
+        delete_io_queues(&mut host);
+        shut_down_and_disable(&mut host);
+    }
 
+    /// nvme_pci_enable: the capabilities and version read, the controller
+    /// enabled.
+    fn probe_enables(host: &mut Host) {
         // nvme_pci_enable: CAP and VS.
         let cap = host.read64(reg::CAP);
         assert_eq!(cap & 0xffff, 63, "MQES");
@@ -874,7 +887,11 @@ mod tests {
         host.enable();
         assert_eq!(host.read64(reg::ASQ), ASQ);
         assert_eq!(host.read32(reg::CC), 6 << 16 | 4 << 20 | 1);
+    }
 
+    /// nvme_init_identify and what follows it: the controller's identity, its
+    /// limits, its health log.
+    fn identify_controller(host: &mut Host) {
         // nvme_init_identify.
         let c = host.admin(identify(1, 0));
         assert_eq!(c.status(), NvmeStatus::Success);
@@ -896,7 +913,11 @@ mod tests {
                 .with_cdw(10, 2 | (512 / 4 - 1) << 16),
         );
         assert_eq!(smart.status(), NvmeStatus::Success);
+    }
 
+    /// nvme_setup_io_queues and nvme_start_ctrl: the I/O queue pairs, an
+    /// asynchronous event request left outstanding.
+    fn set_up_io_queues(host: &mut Host) {
         // nvme_setup_io_queues: ask for 8, get the 4 there are.
         let c = host.admin(
             Sqe::new(admin_op::SET_FEATURES, 0)
@@ -912,7 +933,11 @@ mod tests {
         let cid = host.cid();
         host.submit(0, Sqe::new(admin_op::ASYNC_EVENT_REQUEST, cid));
         assert!(host.reap(0).is_empty());
+    }
 
+    /// nvme_scan_work: the active namespace list, its descriptors, the
+    /// namespace and the write cache.
+    fn scan_namespaces(host: &mut Host) {
         // nvme_scan_work: active list, descriptors, namespace.
         assert_eq!(host.admin(identify(2, 0)).status(), NvmeStatus::Success);
         let list = host.read_mem(ADMIN_BUF, 8);
@@ -927,7 +952,11 @@ mod tests {
         let c = host.admin(Sqe::new(admin_op::GET_FEATURES, 0).with_cdw(10, 6));
         assert_eq!((c.status(), c.dw0), (NvmeStatus::Success, 1));
         host.irqs.take();
+    }
 
+    /// I/O: a read across a page boundary on queue 1, a FUA write through a PRP
+    /// list on queue 2.
+    fn read_and_write(host: &mut Host) {
         // A 4 KiB read at an offset into a page: two segments.
         let c = host.io(1, read(7, 100, 8, DATA + 0x200, DATA + 0x3000));
         assert_eq!((c.cid, c.sqid, c.status()), (7, 1, NvmeStatus::Success));
@@ -970,7 +999,10 @@ mod tests {
                 Segment::new(Gpa(DATA + 0x9000), 0x1000)
             ]
         );
+    }
 
+    /// The queue wraps: the phase tag flips every pass.
+    fn wrap_around(host: &mut Host) {
         // Wrap-around: 20 more reads on queue 1 (8 entries) one by one; the
         // phase tag flips every 8 completions.
         let mut phases = Vec::new();
@@ -983,7 +1015,10 @@ mod tests {
         let want: Vec<bool> = (1..21).map(|n| (n / 8) % 2 == 0).collect();
         assert_eq!(phases, want);
         assert_eq!(host.handler.take().len(), 20);
+    }
 
+    /// nvme_disable_io_queues: SQs first, then CQs.
+    fn delete_io_queues(host: &mut Host) {
         // nvme_disable_io_queues: SQs first, then CQs.
         for qid in [1u16, 2] {
             let c = host.admin(Sqe::new(admin_op::DELETE_SQ, 0).with_cdw(10, u32::from(qid)));
@@ -992,7 +1027,10 @@ mod tests {
             assert_eq!(c.status(), NvmeStatus::Success);
             host.forget(qid);
         }
+    }
 
+    /// Shutdown and disable, and the controller comes back.
+    fn shut_down_and_disable(host: &mut Host) {
         // Shutdown: CC.SHN normal, CSTS.SHST complete, the handler flushed.
         host.write32(reg::CC, host.read32(reg::CC) | 1 << 14);
         assert_eq!(host.csts() & csts::SHST_MASK, csts::SHST_COMPLETE);
