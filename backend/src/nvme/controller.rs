@@ -23,12 +23,12 @@ use dma::Gpa;
 use log::{debug, warn};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::admin::Features;
 use super::command::{bits, low32, Cqe, Sqe};
+use super::features::Features;
+use super::handler::{CommandTag, Interrupts, IoCommand, IoHandler};
 use super::identify::{self, Health, Identity};
 use super::queue::{ring_in_memory, CompQueue, QueueError, SubQueue};
 use super::status::NvmeStatus;
-use super::{CommandTag, Interrupts, IoCommand, IoHandler};
 use crate::counters::{bump, RateLimit};
 use crate::GuestMemory;
 
@@ -831,8 +831,8 @@ mod tests {
 
     use super::*;
     use crate::nvme::command::{admin_op, io_op};
+    use crate::nvme::handler::IoOp;
     use crate::nvme::test_utils::*;
-    use crate::nvme::IoOp;
 
     fn identify(cns: u32, nsid: u32) -> Sqe {
         Sqe::new(admin_op::IDENTIFY, 0)

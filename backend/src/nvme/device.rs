@@ -15,7 +15,10 @@ use log::warn;
 use nvme_model::{Deallocate, LbaRange, Namespace};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::{CommandTag, Controller, Identity, IoCommand, IoHandler, IoOp, NvmeStatus};
+use super::controller::{Controller, BAR0_SIZE};
+use super::handler::{CommandTag, IoCommand, IoHandler, IoOp};
+use super::identify::Identity;
+use super::status::NvmeStatus;
 use crate::pipeline::work::{block_range, prepared, writable, Prepared, Work};
 use crate::pipeline::{
     Core, Failure, InjectedError, Label, Outcome, Pipeline, Refusal, Reply, Submitted,
@@ -60,7 +63,7 @@ impl NvmeDevice {
 
 impl PciFunction for NvmeDevice {
     fn bar0_size(&self) -> u64 {
-        super::BAR0_SIZE
+        BAR0_SIZE
     }
 
     fn bar0_read(&self, offset: u64, data: &mut [u8]) {
@@ -86,7 +89,7 @@ impl PciFunction for NvmeDevice {
 /// The transport's MSI-X vectors as the controller raises them.
 struct Vectors(Arc<dyn vfio_user::Interrupts>);
 
-impl super::Interrupts for Vectors {
+impl super::handler::Interrupts for Vectors {
     fn signal(&self, vector: u16) {
         self.0.signal(vector);
     }

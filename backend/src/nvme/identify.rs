@@ -15,7 +15,7 @@ pub const IDENTIFY_LEN: usize = 4096;
 pub const VERSION: u32 = 0x0001_0400;
 /// Model number.
 pub const MODEL: &str = "dmaprobe";
-/// The most I/O queues the doorbells of [`super::BAR0_SIZE`] can address.
+/// The most I/O queues the doorbells of [`BAR0_SIZE`](super::controller::BAR0_SIZE) can address.
 pub const MAX_IO_QUEUES: u16 = 1535;
 /// The most entries of an I/O queue (CAP.MQES + 1).
 pub const MAX_QUEUE_ENTRIES: u16 = 4096;

@@ -11,10 +11,10 @@ use nvme_model::Lba;
 
 use super::command::{bits, io_op, Sqe, NSID_ALL};
 use super::controller::{Controller, Disposition, MappedMemory};
+use super::handler::{BlockRange, CommandTag, IoCommand, IoOp};
 use super::identify::NSID;
 use super::prp::{self, PAGE};
 use super::status::NvmeStatus;
-use super::{BlockRange, CommandTag, IoCommand, IoOp};
 
 /// Force Unit Access: bit 30 of dword 12 of Read, Write and Write Zeroes.
 const FUA: u32 = 1 << 30;

@@ -18,7 +18,7 @@ use dma::Gpa;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::command::{Cqe, Sqe};
-use super::CommandTag;
+use super::handler::CommandTag;
 
 /// Why a queue cannot go on: each makes the controller fatal (CSTS.CFS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -11,8 +11,11 @@ use nvme_model::{Deallocate, Geometry, LbaSize};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::command::{admin_op, Sqe};
+use super::controller::Controller;
 use super::controller::{cc, csts, reg, DOORBELLS};
-use super::{CommandTag, Controller, Identity, Interrupts, IoCommand, IoHandler, NvmeStatus};
+use super::handler::{CommandTag, Interrupts, IoCommand, IoHandler};
+use super::identify::Identity;
+use super::status::NvmeStatus;
 
 /// Guest memory: 8 MiB at 0.
 pub const MEM_SIZE: usize = 8 << 20;
