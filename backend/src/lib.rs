@@ -1,25 +1,39 @@
-//! dmaprobe's backend: the device the guest sees, its control plane, and the
-//! command line.
+//! dmaprobe's backend: the interfaces the guest sees, the request pipeline
+//! they share, the control plane, and the command line.
 //!
-//! A chain flows: [`device`] (the vhost-user backend, one worker per queue) →
-//! [`request`] (parse the descriptor chain) → [`execute`] (check it against the
-//! namespace) → [`pipeline`] (the mailbox, the DMA engine's wait, then the data
-//! moved by [`execute`]) → status and used ring. [`mailbox`] serves the guest's
-//! control commands from the disk's last MiB. Large reads are served off their
-//! queue's thread by [`iopool`].
+//! One folder per interface, each taking a guest's request as far as the
+//! pipeline's prepared work and telling the guest how it ended, in its own
+//! statuses:
 //!
-//! - [`blk`]: virtio-blk features, request types, statuses, config space.
+//! - [`virtio_blk`]: virtio-blk served to QEMU as a vhost-user-blk device. A
+//!   chain flows: [`virtio_blk::device`] (one thread per queue pops it) →
+//!   [`virtio_blk::request`] (parse the descriptor chain) →
+//!   [`virtio_blk::prepare`] (check it against the namespace) → the pipeline
+//!   → status byte, used ring entry, notification.
+//! - [`nvme`]: an NVMe controller, served over [`vfio_user`] (the PCI function
+//!   on a vfio-user socket). A command flows: SQ doorbell →
+//!   [`nvme::controller`] (fetch, decode and check, PRPs walked) →
+//!   [`nvme::device`] (prepared) → the pipeline → completion entry, MSI-X
+//!   vector.
+//!
+//! - [`pipeline`]: what happens to a prepared request whichever interface it
+//!   came from: the guest mailbox, the engine's arrival, the wait (delay,
+//!   hold, media time), the I/O pool, the data's move
+//!   ([`pipeline::work::perform`]), and the outcome in the pipeline's own
+//!   words ([`pipeline::outcome`]), which each interface maps to its
+//!   statuses.
+//! - [`control`]: the JSON-lines control protocol, its commands, its socket,
+//!   and the [`DaemonState`](control::state::DaemonState) they act on;
+//!   [`ctl`] is `dmaprobe ctl`, its client.
+//! - [`serve`]: `dmaprobe serve`: the media, the listen loop, signals;
+//!   [`unix_socket`]: the sockets it binds.
 //! - [`counters`]: what the device served and refused; rate-limited logging.
-//! - [`process`]: the daemon's own memory, open descriptors and threads, for
-//!   `status`.
-//! - [`serve`]: `dmaprobe serve`: the media, the listen loop, signals.
-//! - [`control`]: the JSON-lines control protocol and its socket; [`ctl`] is
-//!   `dmaprobe ctl`, its client.
 //! - [`config`], [`cli`]: the command line and the checked configuration.
 //! - [`runner`]: `dmaprobe run`, on top of the `guest-tests` runner.
-//! - [`frontend`]: a vhost-user-blk *frontend* (the side QEMU plays), used by
-//!   the tests and benchmarks to drive dmaprobe or qemu-storage-daemon.
-//! - [`bench`]: `dmaprobe bench`, a load generator on top of [`frontend`].
+//! - [`vhost_user_driver`]: a vhost-user-blk *frontend* (the side QEMU
+//!   plays), used by the tests and benchmarks to drive dmaprobe or
+//!   qemu-storage-daemon; [`bench`](mod@bench): `dmaprobe bench`, a load generator on
+//!   top of it.
 
 pub mod bench;
 pub mod cli;

@@ -13,7 +13,8 @@
 //! ← {"v":1,"ok":false,"error":"unknown command ..."}
 //! ```
 //!
-//! `v` may be left out; a version other than [`PROTOCOL_VERSION`] is refused.
+//! `v` may be left out; a version other than [`PROTOCOL_VERSION`](protocol::PROTOCOL_VERSION)
+//! is refused.
 //! The same commands reach the daemon from inside the guest through the
 //! mailbox (see `mailbox`).
 //!

@@ -6,7 +6,7 @@
 //! A command's life: SQ doorbell → the controller fetches, decodes and checks
 //! it and walks its PRPs → [`IoHandler::submit`] here: the command becomes a
 //! [`Prepared`] request → [`Pipeline::submit`] → its outcome, now or through a
-//! [`CqeReply`] later, becomes an NVMe status → [`Controller::complete`].
+//! `CqeReply` later, becomes an NVMe status → [`Controller::complete`].
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 

@@ -15,8 +15,7 @@
 //! ([`Refusal`]) or fails ([`Failure`]) in no interface's terms, and each
 //! interface maps them to its own statuses at its edge.
 //!
-//! - [`work`]: what a prepared request is ([`Prepared`](work::Prepared),
-//!   [`Work`](work::Work)), the checks every interface's preparation shares,
+//! - [`work`]: what a prepared request is ([`Prepared`], [`Work`]), the checks every interface's preparation shares,
 //!   and [`perform`](work::perform), which moves the data.
 //! - [`outcome`]: how a request ends.
 //! - [`mailbox`]: the guest's control commands in the disk's last MiB.

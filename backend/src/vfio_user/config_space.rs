@@ -21,7 +21,7 @@ impl PciIds {
     /// and its nvme driver binds by class code, so a vendor-0 function with a
     /// non-zero device ID probes as a plain NVMe controller. The device ID
     /// belongs to the vendor's space, so 0x0001 claims nothing either.
-    /// Override with [`VfioUserOptions::ids`] (e.g. to compare with QEMU's
+    /// Override with [`VfioUserOptions::ids`](super::VfioUserOptions::ids) (e.g. to compare with QEMU's
     /// 1b36:0010).
     pub const DMAPROBE: PciIds = PciIds {
         vendor: 0x0000,

@@ -32,7 +32,7 @@ pub enum Error {
         /// Bytes asked for.
         len: usize,
     },
-    /// A write past the end of a [`Buffer`].
+    /// A write past the end of a [`Buffer`](super::Buffer).
     #[error("Write of {len} bytes at offset {offset} overflows a {size}-byte buffer")]
     BufferOverflow {
         /// Offset into the buffer.

@@ -7,7 +7,7 @@
 //! ([`prepare`]) → [`Pipeline::submit`] (the mailbox, the engine's
 //! arrival, now or parked in the scheduler until its delay passes or it is
 //! released, the data's move) → status byte, used ring, notification, here at
-//! once or through a [`ChainReply`] later.
+//! once or through a `ChainReply` later.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
