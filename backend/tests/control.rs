@@ -891,18 +891,16 @@ fn clients_that_leave_mid_request_harm_nothing() {
     assert!(s.ctl_ok(&["status"]).contains("requests 2"));
 }
 
-/// Clients that connect and say nothing, or trickle a line a byte at a time,
-/// are closed after `--control-idle-timeout`, so they cannot keep every
-/// place; a client that keeps asking stays; both are counted in `status`.
+/// With all 32 places taken, the next client is told so and counted.
 #[test]
-fn idle_control_clients_are_closed_and_give_their_places_back() {
-    let mut s = Serve::start(&["--control-idle-timeout", "1"]);
+fn a_client_past_the_32_places_is_refused_and_counted() {
+    let mut s = Serve::start(&["--control-idle-timeout", "0"]);
     let mut busy = Client::connect(&s.control);
-    let mut idle: Vec<UnixStream> = (0..31)
+    let _held: Vec<UnixStream> = (0..31)
         .map(|_| UnixStream::connect(&s.control).expect("connect"))
         .collect();
-    busy.assert_works("the 32nd client");
-    // All 32 places are taken (wait for the daemon to count the last).
+    busy.assert_works("the first client");
+    // The daemon counts a client when it accepts it: wait for the 31 others.
     let deadline = Instant::now() + SOON;
     loop {
         // A refused client may find the socket closed before it has sent its
@@ -917,23 +915,44 @@ fn idle_control_clients_are_closed_and_give_their_places_back() {
         assert!(Instant::now() < deadline, "a 33rd client was never refused");
         thread::sleep(Duration::from_millis(20));
     }
-    // One trickles a byte every 200 ms: each read is short, the line is not.
-    let mut trickler = idle.pop().unwrap();
+    let status = busy.ask(r#"{"v":1,"cmd":"status"}"#);
+    let control = &status["result"]["control"];
+    assert!(control["refused_busy"].as_u64().unwrap() >= 1, "{control}");
+    assert_eq!(control["closed_idle"], json!(0), "no timeout: {control}");
+    assert_eq!(control["max_clients"], json!(32), "{control}");
+    s.assert_alive();
+}
+
+/// Clients that connect and say nothing, or trickle a line a byte at a time,
+/// are closed after `--control-idle-timeout` and counted, so they cannot keep
+/// places for ever; a client that keeps asking stays.
+#[test]
+fn idle_control_clients_are_closed_and_counted() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let mut s = Serve::start(&["--control-idle-timeout", "2"]);
+    let mut busy = Client::connect(&s.control);
+    busy.assert_works("a client that asks");
+    let mut idle: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&s.control).expect("connect"))
+        .collect();
+    // One trickles a byte every 100 ms: each read is short, the line is not.
+    // Its clock starts at the daemon's accept, after this connect.
     let start = Instant::now();
+    let mut trickler = UnixStream::connect(&s.control).expect("connect");
     let mut closed = false;
     while start.elapsed() < SOON {
         if trickler.write_all(b" ").is_err() {
             closed = true;
             break;
         }
-        // The client that asks stays: each line starts its second afresh.
+        // The client that asks stays: each line starts its deadline afresh.
         busy.assert_works("a client that keeps asking");
-        thread::sleep(Duration::from_millis(200));
+        thread::sleep(Duration::from_millis(100));
     }
     assert!(closed, "a client trickling one line was never closed");
     assert!(
-        start.elapsed() >= Duration::from_millis(900),
-        "closed before its second was up: {:?}",
+        start.elapsed() >= IDLE,
+        "closed before its {IDLE:?} were up: {:?}",
         start.elapsed()
     );
     for (i, c) in idle.iter_mut().enumerate() {
@@ -945,9 +964,7 @@ fn idle_control_clients_are_closed_and_give_their_places_back() {
     }
     let status = busy.ask(r#"{"v":1,"cmd":"status"}"#);
     let control = &status["result"]["control"];
-    assert_eq!(control["closed_idle"], json!(31), "{control}");
-    assert!(control["refused_busy"].as_u64().unwrap() >= 1, "{control}");
-    assert_eq!(control["max_clients"], json!(32), "{control}");
+    assert_eq!(control["closed_idle"], json!(9), "{control}");
     s.assert_alive();
 }
 

@@ -1298,11 +1298,11 @@ fn the_documented_cli_delay_delays_every_read_by_a_second() {
     }
     let (st, _) = write(&mut fe, 0, 8, &pattern(21, LEN));
     assert_eq!(st, StatusByte::OK);
-    let waits: Vec<String> = s
-        .wait_records(cursor, 3)
-        .into_iter()
-        .map(|r| r.wait)
-        .collect();
+    // In arrival order: a delayed read is recorded after the guest is told,
+    // so the write that follows may be recorded first.
+    let mut records = s.wait_records(cursor, 3);
+    records.sort_by_key(|r| r.request);
+    let waits: Vec<String> = records.into_iter().map(|r| r.wait).collect();
     assert_eq!(waits, ["delay 1000 ms", "delay 1000 ms", "none"]);
 }
 
