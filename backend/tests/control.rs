@@ -523,13 +523,15 @@ fn status_shows_the_daemons_own_memory_descriptors_and_threads() {
 fn frontends_that_come_and_go_leave_no_descriptors() {
     let s = Serve::start(&["--queues", "2"]);
     let fds = |s: &Serve| s.ctl_json(&["status"])["process"]["open_fds"].as_u64();
+    // The baseline may still count a control connection of the start-up
+    // probe that the daemon has not yet seen close: fewer later is no leak.
     let idle = fds(&s);
     for round in 0..4 {
         let mut fe = s.connect(2);
         write_ok(&mut fe, 8, &pattern(3, LEN));
         drop(fe);
         let deadline = Instant::now() + SOON;
-        while s.ctl_json(&["status"])["connected"] != json!(false) || fds(&s) != idle {
+        while s.ctl_json(&["status"])["connected"] != json!(false) || fds(&s) > idle {
             assert!(
                 Instant::now() < deadline,
                 "after frontend {round}: {:?} open fds, {idle:?} before any",
