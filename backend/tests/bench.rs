@@ -5,6 +5,10 @@
 //! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
 //! without it.
 
+mod common;
+
+use common::served::Served;
+
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -13,9 +17,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, Rw};
-use backend::cli::{Cli, Command};
-use backend::config::ServeConfig;
-use backend::serve::Daemon;
 use clap::Parser;
 use tempfile::TempDir;
 
@@ -34,40 +35,8 @@ fn short(rw: Rw, queues: u16) -> BenchConfig {
 
 /// A daemon serving in this process, as `dmaprobe serve --socket S --mem 64M
 /// --queues 2 --no-control` would.
-struct Served {
-    _daemon: Daemon,
-    dir: TempDir,
-}
-
-impl Served {
-    fn start() -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("blk.sock");
-        let argv = [
-            "dmaprobe",
-            "serve",
-            "--socket",
-            socket.to_str().expect("utf-8 temp path"),
-            "--mem",
-            "64M",
-            "--queues",
-            "2",
-            "--no-control",
-        ];
-        let config = match Cli::try_parse_from(argv).expect("arguments parse").command {
-            Command::Serve(a) => ServeConfig::try_from(*a).expect("a valid configuration"),
-            other => panic!("not a serve command: {other:?}"),
-        };
-        let daemon = Daemon::start(&config).expect("the daemon starts");
-        Served {
-            _daemon: daemon,
-            dir,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("blk.sock")
-    }
+fn served() -> Served {
+    Served::start_exactly(&["--mem", "64M", "--queues", "2", "--no-control"])
 }
 
 /// A qemu-storage-daemon child on a raw image in a temp dir; killed and
@@ -163,7 +132,7 @@ fn assert_sane(r: &BenchResult, queues: u16) {
 
 #[test]
 fn randread_on_two_queues_of_dmaprobe() {
-    let served = Served::start();
+    let served = served();
     let r = bench::measure(&served.socket(), &short(Rw::RandRead, 2)).expect("measure");
     assert_sane(&r, 2);
     assert_eq!(r.total.writes, 0);
@@ -173,7 +142,7 @@ fn randread_on_two_queues_of_dmaprobe() {
 
 #[test]
 fn mix_on_two_queues_of_dmaprobe_reads_about_seventy_percent() {
-    let served = Served::start();
+    let served = served();
     let config = BenchConfig {
         size: Some(8 << 20),
         ..short(Rw::Mix { read_percent: 70 }, 2)
@@ -241,7 +210,7 @@ fn invalid_configurations_are_refused_clearly() {
 
 #[test]
 fn the_cli_prints_json() {
-    let served = Served::start();
+    let served = served();
     let socket = served.socket();
     let out = Process::new(env!("CARGO_BIN_EXE_dmaprobe"))
         .args(["bench", "--socket"])

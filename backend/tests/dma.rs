@@ -13,22 +13,18 @@ mod common;
 use common::child::submit;
 
 use common::pattern;
+use common::served::Served;
 
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::config::ServeConfig;
-use backend::serve::Daemon;
 use backend::vhost_user_driver::{
-    BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, RequestType, Sector, Segment,
-    StatusByte,
+    BlkFrontend, BlkRequest, Buffer, Completion, RequestType, Sector, Segment, StatusByte,
 };
 use dma::fault::Action;
-use dma::ledger::{Entry, RequestRecord};
+use dma::ledger::RequestRecord;
 use dma::schedule::{ParkedInfo, Release};
 use dma::{Finding, FindingKind, Op, ReqId, RuleSpec};
-use tempfile::TempDir;
 
 /// How long anything that should happen soon may take on a loaded machine.
 const SOON: Duration = Duration::from_secs(5);
@@ -37,91 +33,17 @@ const LEN: usize = 4096;
 /// What the frontend writes into a read's destination before submitting it.
 const PREFILL: u8 = 0x5c;
 
-/// The `ServeConfig` that `dmaprobe serve --socket SOCKET --mem 16M ARGS` gives.
-fn serve_config(socket: &Path, args: &[&str]) -> ServeConfig {
-    let socket = socket.to_str().expect("utf-8 temp path");
-    let argv: Vec<&str> = ["--socket", socket, "--mem", "16M"]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    common::serve_config(&argv)
-}
-
-/// A daemon serving in this process, on a socket in its own temp dir.
-struct Served {
-    daemon: Daemon,
-    dir: TempDir,
-}
-
+/// What only these tests ask of the in-process daemon.
 impl Served {
-    /// Starts a daemon as `dmaprobe serve ... ARGS` would.
-    fn start(args: &[&str]) -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = serve_config(&dir.path().join("blk.sock"), args);
-        let daemon = Daemon::start(&config).expect("the daemon starts");
-        Served { daemon, dir }
-    }
-
-    fn connect(&self, num_queues: u16) -> BlkFrontend {
-        BlkFrontend::connect(
-            self.dir.path().join("blk.sock"),
-            FrontendConfig {
-                mem_size: 8 << 20,
-                num_queues,
-                timeout: SOON,
-                ..FrontendConfig::default()
-            },
-        )
-        .expect("the frontend connects")
-    }
-
-    fn hold_or_delay(&self, rule: &str) {
-        self.daemon
-            .engine()
-            .faults()
-            .add(RuleSpec::parse(rule).expect("the rule parses"));
-    }
-
-    /// Waits until exactly `n` requests are parked and returns them, oldest first.
-    fn wait_parked(&self, n: usize) -> Vec<ParkedInfo> {
-        let deadline = Instant::now() + SOON;
-        loop {
-            let parked = self.daemon.parked();
-            if parked.len() == n {
-                return parked;
-            }
-            assert!(
-                parked.len() < n && Instant::now() < deadline,
-                "expected {n} parked request(s), found {parked:?}"
-            );
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-
     /// Waits until exactly one request is parked and returns it.
     fn wait_parked_one(&self) -> ParkedInfo {
         self.wait_parked(1).remove(0)
-    }
-
-    fn findings(&self) -> Vec<Finding> {
-        self.daemon.engine().ledger().findings().cloned().collect()
     }
 
     fn findings_of(&self, id: ReqId) -> Vec<Finding> {
         self.findings()
             .into_iter()
             .filter(|f| f.request == id)
-            .collect()
-    }
-
-    fn records(&self) -> Vec<RequestRecord> {
-        let (entries, _) = self.daemon.engine().ledger().since(0);
-        entries
-            .into_iter()
-            .filter_map(|e| match e.entry {
-                Entry::Request(r) => Some(r),
-                Entry::Finding(_) | Entry::Mark(_) => None,
-            })
             .collect()
     }
 
@@ -138,12 +60,6 @@ impl Served {
                 self.records()
             );
             thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn assert_alive(&self) {
-        if let Some(e) = self.daemon.failure() {
-            panic!("the daemon stopped: {e}");
         }
     }
 }
@@ -180,10 +96,15 @@ fn is_canary_of(buf: &[u8], id: ReqId) -> bool {
 
 #[test]
 fn the_cli_fault_rule_parses() {
-    let c = serve_config(
-        Path::new("/tmp/unused.sock"),
-        &["--fault", "op=read,action=delay,ms=1000", "--canary"],
-    );
+    let c = common::serve_config(&[
+        "--socket",
+        "/tmp/unused.sock",
+        "--mem",
+        "16M",
+        "--fault",
+        "op=read,action=delay,ms=1000",
+        "--canary",
+    ]);
     assert_eq!(c.faults.len(), 1);
     assert_eq!(c.faults[0].op, Some(Op::Read));
     assert_eq!(
@@ -253,7 +174,7 @@ fn delayed_read(s: &Served, canary: bool) {
 #[test]
 fn a_delayed_read_lands_only_after_its_delay() {
     let s = Served::start(&[]);
-    s.hold_or_delay("op=read,action=delay,ms=300");
+    s.rule("op=read,action=delay,ms=300");
     delayed_read(&s, false);
 }
 
@@ -271,7 +192,7 @@ fn a_held_read_blocks_neither_its_queue_nor_another() {
     write_ok(&mut fe, 0, 80, &held_data);
     write_ok(&mut fe, 0, 88, &q0_data);
     write_ok(&mut fe, 1, 96, &q1_data);
-    s.hold_or_delay("op=read,lba=80,action=hold");
+    s.rule("op=read,lba=80,action=hold");
 
     let (held_buf, q0_buf, q1_buf) = (prefilled(&fe), prefilled(&fe), prefilled(&fe));
     let held = submit(fe.queue(0).unwrap(), RequestType::In, 80, &held_buf);
@@ -322,7 +243,7 @@ fn a_held_read_blocks_neither_its_queue_nor_another() {
 #[test]
 fn a_write_source_changed_while_held_is_found_and_the_change_is_written() {
     let s = Served::start(&["--snapshot"]);
-    s.hold_or_delay("op=write,lba=200-201,action=hold");
+    s.rule("op=write,lba=200-201,action=hold");
     let mut fe = s.connect(1);
     let (before, after) = (pattern(5, LEN), pattern(6, LEN));
 
@@ -385,7 +306,7 @@ fn a_read_destination_reused_while_held_is_found_and_classified() {
     let mut fe = s.connect(1);
     let data = pattern(7, LEN);
     write_ok(&mut fe, 0, 300, &data);
-    s.hold_or_delay("op=read,action=hold");
+    s.rule("op=read,action=hold");
     let other = other_data(512);
     let cases = [
         // Freed and cleared (init_on_free): the whole page.
@@ -459,7 +380,7 @@ fn a_read_destination_reused_while_held_is_found_and_classified() {
 fn other_data_written_from_the_middle_of_a_canary_unit_is_other_data() {
     let s = Served::start(&["--canary"]);
     let mut fe = s.connect(1);
-    s.hold_or_delay("op=read,action=hold");
+    s.rule("op=read,action=hold");
     let buf = prefilled(&fe);
     let id = submit(fe.queue(0).unwrap(), RequestType::In, 0, &buf);
     let p = s.wait_parked_one();
@@ -486,7 +407,7 @@ fn stopping_a_queue_completes_its_held_request() {
     let mut fe = s.connect(2);
     let data = pattern(8, LEN);
     write_ok(&mut fe, 0, 400, &data);
-    s.hold_or_delay("op=read,action=hold");
+    s.rule("op=read,action=hold");
     let (buf, other_buf) = (prefilled(&fe), prefilled(&fe));
     let id = submit(fe.queue(0).unwrap(), RequestType::In, 400, &buf);
     let other = submit(fe.queue(1).unwrap(), RequestType::In, 400, &other_buf);
@@ -530,7 +451,7 @@ fn stopping_a_queue_completes_its_held_request() {
 #[test]
 fn a_frontend_that_leaves_with_a_held_request_does_not_stop_the_daemon() {
     let s = Served::start(&["--ledger", "/dev/null"]);
-    s.hold_or_delay("op=read,nth=1,action=hold");
+    s.rule("op=read,nth=1,action=hold");
     let mut fe = s.connect(1);
     let data = pattern(9, LEN);
     write_ok(&mut fe, 0, 500, &data);
@@ -641,7 +562,7 @@ fn with_the_ledger_on_every_request_is_recorded_in_order_of_its_steps() {
 fn pending_watches_are_limited_and_shown_in_the_status() {
     let s = Served::start(&["--max-watches", "1", "--max-watched", "1G"]);
     let mut fe = s.connect(1);
-    s.hold_or_delay("op=read,action=watch,ms=600000");
+    s.rule("op=read,action=watch,ms=600000");
     let watches = || s.daemon.state().status()["watches"].clone();
     let figures = |pending: u64, refused: u64| {
         serde_json::json!({

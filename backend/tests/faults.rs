@@ -13,26 +13,25 @@
 
 mod common;
 
-use common::{pattern, serve_config};
+use common::pattern;
+use common::served::Served;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as Process, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::control::commands::carry_out;
 use backend::control::protocol::Command as Ctl;
-use backend::serve::Daemon;
 use backend::vhost_user_driver::{
-    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, FrontendConfig, Queue,
-    RequestType, Sector, Segment, StatusByte,
+    BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, Queue, RequestType, Sector,
+    Segment, StatusByte,
 };
-use dma::ledger::{Entry, RequestRecord};
-use dma::schedule::{ParkedInfo, Release};
-use dma::{Finding, FindingKind, Op, RuleSpec};
-use tempfile::TempDir;
+use dma::ledger::RequestRecord;
+use dma::schedule::Release;
+use dma::{FindingKind, Op};
 
 /// How long anything that should happen soon may take on a loaded machine.
 const SOON: Duration = Duration::from_secs(5);
@@ -40,64 +39,8 @@ const SOON: Duration = Duration::from_secs(5);
 const LEN: usize = 4096;
 /// What the frontend writes into a read's destination before submitting it.
 const PREFILL: u8 = 0x5c;
-/// The disk file's size.
-const DISK: u64 = 16 << 20;
-
-/// A daemon serving in this process on a disk file, with the ledger on.
-struct Served {
-    daemon: Daemon,
-    disk: PathBuf,
-    dir: TempDir,
-}
-
+/// What only these tests ask of the in-process daemon.
 impl Served {
-    /// Starts `dmaprobe serve --socket DIR/blk.sock --disk DIR/disk.img
-    /// --size 16M --ledger DIR/ledger.jsonl --no-control ARGS`.
-    fn start(args: &[&str]) -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (socket, disk, ledger) = (
-            dir.path().join("blk.sock"),
-            dir.path().join("disk.img"),
-            dir.path().join("ledger.jsonl"),
-        );
-        let size = DISK.to_string();
-        let mut argv = vec![
-            "--socket",
-            socket.to_str().expect("utf-8 temp path"),
-            "--disk",
-            disk.to_str().expect("utf-8 temp path"),
-            "--size",
-            &size,
-            "--ledger",
-            ledger.to_str().expect("utf-8 temp path"),
-            "--no-control",
-        ];
-        argv.extend_from_slice(args);
-        let config = serve_config(&argv);
-        assert!(config.dma.checks.ledger, "--ledger turns recording on");
-        let daemon = Daemon::start(&config).expect("the daemon starts");
-        Served { daemon, disk, dir }
-    }
-
-    fn connect(&self, num_queues: u16) -> BlkFrontend {
-        BlkFrontend::connect(
-            self.dir.path().join("blk.sock"),
-            FrontendConfig {
-                mem_size: 8 << 20,
-                num_queues,
-                timeout: SOON,
-                ..FrontendConfig::default()
-            },
-        )
-        .expect("the frontend connects")
-    }
-
-    /// Adds a rule in the line form; returns its id.
-    fn rule(&self, line: &str) -> u64 {
-        let spec = RuleSpec::parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
-        self.daemon.engine().faults().add(spec)
-    }
-
     fn remove_rule(&self, id: u64) {
         assert!(self.daemon.engine().faults().remove(id), "rule {id}");
     }
@@ -112,7 +55,7 @@ impl Served {
     /// `len` bytes of the disk file at `sector`, read by the host.
     fn disk_at(&self, sector: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        File::open(&self.disk)
+        File::open(self.disk())
             .and_then(|f| f.read_exact_at(&mut buf, sector * 512))
             .expect("read the disk file");
         buf
@@ -122,25 +65,9 @@ impl Served {
     fn put_disk(&self, sector: u64, data: &[u8]) {
         OpenOptions::new()
             .write(true)
-            .open(&self.disk)
+            .open(self.disk())
             .and_then(|f| f.write_all_at(data, sector * 512))
             .expect("write the disk file");
-    }
-
-    /// The ledger cursor after the last entry.
-    fn cursor(&self) -> u64 {
-        self.daemon.engine().ledger().since(u64::MAX).1
-    }
-
-    fn records_since(&self, cursor: u64) -> Vec<RequestRecord> {
-        let (entries, _) = self.daemon.engine().ledger().since(cursor);
-        entries
-            .into_iter()
-            .filter_map(|e| match e.entry {
-                Entry::Request(r) => Some(r),
-                Entry::Finding(_) | Entry::Mark(_) => None,
-            })
-            .collect()
     }
 
     /// Waits until exactly `n` requests have been recorded since `cursor`.
@@ -159,32 +86,6 @@ impl Served {
     /// The one request recorded since `cursor`.
     fn one_record(&self, cursor: u64) -> RequestRecord {
         self.wait_records(cursor, 1).remove(0)
-    }
-
-    fn findings(&self) -> Vec<Finding> {
-        self.daemon.engine().ledger().findings().cloned().collect()
-    }
-
-    /// Waits until exactly `n` requests are parked and returns them, oldest first.
-    fn wait_parked(&self, n: usize) -> Vec<ParkedInfo> {
-        let deadline = Instant::now() + SOON;
-        loop {
-            let parked = self.daemon.parked();
-            if parked.len() == n {
-                return parked;
-            }
-            assert!(
-                parked.len() < n && Instant::now() < deadline,
-                "expected {n} parked request(s), found {parked:?}"
-            );
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn assert_alive(&self) {
-        if let Some(e) = self.daemon.failure() {
-            panic!("the daemon stopped: {e}");
-        }
     }
 }
 
@@ -387,7 +288,7 @@ const ALL_OPS: [Op; 6] = [
 
 #[test]
 fn op_picks_out_each_operation_and_any_picks_all() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     for (round, name) in (1..).zip([
         "read",
@@ -434,7 +335,7 @@ fn op_picks_out_each_operation_and_any_picks_all() {
 
 #[test]
 fn lba_matches_one_block_or_an_inclusive_range_of_first_blocks() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let one = s.rule("op=read,lba=100,action=error");
     let range = s.rule("op=read,lba=200-207,action=error");
@@ -479,7 +380,7 @@ fn lba_matches_one_block_or_an_inclusive_range_of_first_blocks() {
 
 #[test]
 fn lba_is_counted_in_logical_blocks() {
-    let s = Served::start(&["--lbs", "4096"]);
+    let s = Served::on_disk(&["--lbs", "4096"]);
     let mut fe = s.connect(1);
     s.rule("op=read,lba=3,action=error");
     let cursor = s.cursor();
@@ -498,7 +399,7 @@ fn lba_is_counted_in_logical_blocks() {
 
 #[test]
 fn lba_matches_the_first_block_of_a_write_zeroes_or_discard() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("op=write-zeroes,lba=64,action=error");
     s.rule("op=discard,lba=64-71,action=error");
@@ -523,7 +424,7 @@ fn lba_matches_the_first_block_of_a_write_zeroes_or_discard() {
 
 #[test]
 fn queue_matches_one_queue() {
-    let s = Served::start(&["--queues", "2"]);
+    let s = Served::on_disk(&["--queues", "2"]);
     let mut fe = s.connect(2);
     s.rule("queue=1,action=error");
     s.put_disk(40, &pattern(1, LEN));
@@ -563,7 +464,7 @@ fn queue_matches_one_queue() {
 
 #[test]
 fn size_matches_an_inclusive_byte_range() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("op=read,size=1024-2048,action=error");
     s.rule("op=write,size=4096,action=error");
@@ -616,7 +517,7 @@ fn size_matches_an_inclusive_byte_range() {
 
 #[test]
 fn tag_matches_requests_between_begin_and_end() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("tag=t1,action=error");
     let control = |cmd: Ctl| carry_out(s.daemon.state(), cmd).expect("the command");
@@ -686,7 +587,7 @@ fn failing_reads(s: &Served, fe: &mut BlkFrontend, n: usize) -> Vec<bool> {
 
 #[test]
 fn nth_fires_on_the_nth_matching_request_only() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let id = s.rule("op=read,nth=3,action=error");
     let fails = failing_reads(&s, &mut fe, 7);
@@ -698,7 +599,7 @@ fn nth_fires_on_the_nth_matching_request_only() {
 // first effect of the rules that fire on it": rules fire on their own count.
 #[test]
 fn nth_counts_every_matching_request_even_one_an_earlier_rule_decided() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let first = s.rule("op=read,nth=1,action=error");
     let second = s.rule("op=read,nth=2,action=error,status=unsupp");
@@ -715,7 +616,7 @@ fn nth_counts_every_matching_request_even_one_an_earlier_rule_decided() {
 
 #[test]
 fn every_fires_on_every_nth_matching_request() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let id = s.rule("op=read,every=3,action=error");
     let fails = failing_reads(&s, &mut fe, 7);
@@ -725,7 +626,7 @@ fn every_fires_on_every_nth_matching_request() {
 
 #[test]
 fn count_retires_a_rule_after_it_fired_that_often() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let id = s.rule("op=read,count=2,action=error");
     assert_eq!(failing_reads(&s, &mut fe, 4), [true, true, false, false]);
@@ -745,7 +646,7 @@ fn count_retires_a_rule_after_it_fired_that_often() {
 
 /// Which of 40 reads a `prob=P` rule fails, on a daemon started with `--seed SEED`.
 fn prob_sequence(seed: &str, p: &str) -> Vec<bool> {
-    let s = Served::start(&["--seed", seed]);
+    let s = Served::on_disk(&["--seed", seed]);
     let mut fe = s.connect(1);
     s.rule(&format!("op=read,prob={p},action=error"));
     let fails: Vec<bool> = (0..40)
@@ -785,7 +686,7 @@ fn prob_fires_as_its_seed_says() {
 
 #[test]
 fn delay_holds_a_request_back_for_exactly_its_time_at_least() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("op=read,lba=8,action=delay,ms=300");
     let data = pattern(1, LEN);
@@ -819,7 +720,7 @@ fn delay_holds_a_request_back_for_exactly_its_time_at_least() {
 
 #[test]
 fn a_delay_range_picks_each_delay_within_it() {
-    let s = Served::start(&["--seed", "3"]);
+    let s = Served::on_disk(&["--seed", "3"]);
     let mut fe = s.connect(1);
     s.rule("op=read,action=delay,ms=100-400");
     let cursor = s.cursor();
@@ -871,7 +772,7 @@ fn a_delay_range_picks_each_delay_within_it() {
 
 #[test]
 fn hold_keeps_a_request_until_it_is_released() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("lba=32,action=hold");
     let data = pattern(2, LEN);
@@ -917,7 +818,7 @@ fn hold_keeps_a_request_until_it_is_released() {
 
 #[test]
 fn watch_finds_a_destination_zeroed_after_completion_and_nothing_else() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     s.rule("op=read,action=watch,ms=1000");
     let data = pattern(4, LEN);
@@ -971,7 +872,7 @@ fn error_fails_with_the_chosen_status_and_moves_no_data() {
         ("action=error,status=ioerr", StatusByte::IOERR, "ioerr"),
         ("action=error,status=unsupp", StatusByte::UNSUPP, "unsupp"),
     ] {
-        let s = Served::start(&["--fault", rule]);
+        let s = Served::on_disk(&["--fault", rule]);
         let mut fe = s.connect(1);
         let (old, new) = (pattern(5, LEN), pattern(6, LEN));
         s.put_disk(8, &old);
@@ -995,7 +896,7 @@ fn error_fails_with_the_chosen_status_and_moves_no_data() {
 
 #[test]
 fn partial_read_moves_exactly_the_first_bytes_and_fails() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let data = pattern(7, LEN);
     s.put_disk(0, &data);
@@ -1042,7 +943,7 @@ fn partial_read_moves_exactly_the_first_bytes_and_fails() {
 
 #[test]
 fn partial_write_stores_whole_blocks_of_the_first_bytes_and_fails() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let (old, new) = (pattern(8, LEN), pattern(9, LEN));
     s.put_disk(0, &old);
@@ -1059,7 +960,7 @@ fn partial_write_stores_whole_blocks_of_the_first_bytes_and_fails() {
     assert_eq!(s.one_record(cursor).status, "ioerr");
 
     // 4096-byte blocks: 6000 of 8192 bytes is one block.
-    let s = Served::start(&["--lbs", "4096"]);
+    let s = Served::on_disk(&["--lbs", "4096"]);
     let mut fe = s.connect(1);
     let (old, new) = (pattern(10, 2 * LEN), pattern(11, 2 * LEN));
     s.put_disk(0, &old);
@@ -1085,7 +986,7 @@ fn torn_write_stores_the_first_blocks_with_the_chosen_status() {
             "ioerr",
         ),
     ] {
-        let s = Served::start(&["--fault", rule]);
+        let s = Served::on_disk(&["--fault", rule]);
         let mut fe = s.connect(1);
         let (old, new) = (pattern(12, LEN), pattern(13, LEN));
         s.put_disk(16, &old);
@@ -1108,7 +1009,7 @@ fn torn_write_stores_the_first_blocks_with_the_chosen_status() {
 
 #[test]
 fn corrupt_flips_bits_of_the_data_moved() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let data = pattern(14, LEN);
     s.put_disk(0, &data);
@@ -1149,7 +1050,7 @@ fn corrupt_flips_bits_of_the_data_moved() {
 
 #[test]
 fn complete_before_dma_completes_at_once_and_moves_the_data_later() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let data = pattern(16, LEN);
     s.put_disk(0, &data);
@@ -1207,7 +1108,7 @@ fn complete_before_dma_completes_at_once_and_moves_the_data_later() {
 
 #[test]
 fn complete_before_dma_under_a_hold_moves_the_data_at_the_release() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let data = pattern(19, LEN);
     s.put_disk(40, &data);
@@ -1233,7 +1134,7 @@ fn complete_before_dma_under_a_hold_moves_the_data_at_the_release() {
 
 #[test]
 fn wrong_page_moves_the_data_one_page_off() {
-    let s = Served::start(&[]);
+    let s = Served::on_disk(&[]);
     let mut fe = s.connect(1);
     let data = pattern(18, LEN);
     s.put_disk(0, &data);
@@ -1281,7 +1182,7 @@ fn wrong_page_moves_the_data_one_page_off() {
 
 #[test]
 fn the_documented_cli_delay_delays_every_read_by_a_second() {
-    let s = Served::start(&["--fault", "op=read,action=delay,ms=1000"]);
+    let s = Served::on_disk(&["--fault", "op=read,action=delay,ms=1000"]);
     let rules = s.daemon.engine().faults().rules();
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].spec.to_string(), "op=read,action=delay,ms=1000");
@@ -1316,7 +1217,7 @@ fn a_fault_file_sets_the_rules() {
          [[rule]]\nop = \"write\"\naction = \"error\"\nstatus = \"unsupp\"\n",
     )
     .unwrap();
-    let s = Served::start(&["--faults", file.to_str().unwrap()]);
+    let s = Served::on_disk(&["--faults", file.to_str().unwrap()]);
     let mut fe = s.connect(1);
     assert_eq!(read_status(&mut fe, 0, 512), StatusByte::OK);
     let buf = filled(&fe, 512, PREFILL);

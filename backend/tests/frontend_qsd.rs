@@ -4,6 +4,10 @@
 //! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
 //! without it.
 
+mod common;
+
+use common::pattern;
+
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -115,18 +119,6 @@ impl Drop for Qsd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let x = (i as u64)
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 fn sector_offset(sector: Sector) -> u64 {

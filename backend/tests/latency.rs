@@ -7,61 +7,23 @@
 
 mod common;
 
+use common::served::Served;
+
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::serve::Daemon;
 use backend::vhost_user_driver::{
-    BlkFrontend, BlkRequest, Buffer, ChainId, DiscardRange, FrontendConfig, Queue, RequestType,
-    Sector, Segment, StatusByte,
+    BlkRequest, Buffer, ChainId, DiscardRange, Queue, RequestType, Sector, Segment, StatusByte,
 };
 use dma::schedule::Release;
-use dma::RuleSpec;
-use tempfile::TempDir;
 
 /// How long anything that should happen soon may take on a loaded machine.
 const SOON: Duration = Duration::from_secs(10);
 const LEN: usize = 4096;
 const MS: Duration = Duration::from_millis(1);
 
-struct Served {
-    daemon: Daemon,
-    dir: TempDir,
-}
-
+/// What only these tests ask of the in-process daemon.
 impl Served {
-    fn start(args: &[&str]) -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("blk.sock");
-        let socket = socket.to_str().expect("utf-8 temp path");
-        let argv: Vec<&str> = ["--socket", socket, "--mem", "16M"]
-            .into_iter()
-            .chain(args.iter().copied())
-            .collect();
-        let daemon = Daemon::start(&common::serve_config(&argv)).expect("the daemon starts");
-        Served { daemon, dir }
-    }
-
-    fn connect(&self) -> BlkFrontend {
-        BlkFrontend::connect(
-            self.dir.path().join("blk.sock"),
-            FrontendConfig {
-                mem_size: 8 << 20,
-                num_queues: 1,
-                timeout: SOON,
-                ..FrontendConfig::default()
-            },
-        )
-        .expect("the frontend connects")
-    }
-
-    fn add_rule(&self, rule: &str) {
-        self.daemon
-            .engine()
-            .faults()
-            .add(RuleSpec::parse(rule).expect("the rule parses"));
-    }
-
     fn delayed_by_latency(&self) -> u64 {
         self.daemon.counters().snapshot().latency_delayed
     }
@@ -71,7 +33,7 @@ impl Served {
     }
 
     /// Waits until exactly one request is parked; returns whether it is held.
-    fn wait_parked_one(&self) -> bool {
+    fn wait_parked_one_held(&self) -> bool {
         let deadline = Instant::now() + SOON;
         loop {
             let parked = self.daemon.parked();
@@ -112,7 +74,7 @@ fn every_media_command_takes_its_time_and_get_id_none() {
         "read=60ms,write=30ms,flush=90ms,discard=90ms,read-bw=unlimited,\
          write-bw=unlimited,depth=unlimited,jitter=0%"
     );
-    let mut fe = s.connect();
+    let mut fe = s.connect(1);
     let data = common::pattern(1, LEN);
     let (st, took) = timed(|| fe.write(0, Sector(8), &data).expect("write"));
     assert_eq!(st, StatusByte::OK);
@@ -145,7 +107,7 @@ fn every_media_command_takes_its_time_and_get_id_none() {
 #[test]
 fn requests_beyond_the_depth_wait_for_a_slot() {
     let s = Served::start(&["--latency", "read=150ms,depth=2"]);
-    let mut fe = s.connect();
+    let mut fe = s.connect(1);
     let bufs: Vec<Buffer> = (0..4)
         .map(|_| fe.ram().alloc_aligned(LEN, 4096).expect("alloc"))
         .collect();
@@ -176,25 +138,25 @@ fn requests_beyond_the_depth_wait_for_a_slot() {
 #[test]
 fn a_delay_adds_to_the_media_time_and_a_hold_counts_from_its_release() {
     let s = Served::start(&["--latency", "read=200ms"]);
-    let mut fe = s.connect();
+    let mut fe = s.connect(1);
 
-    s.add_rule("op=read,lba=8,action=delay,ms=150");
+    s.rule("op=read,lba=8,action=delay,ms=150");
     let ((st, _), took) = timed(|| fe.read(0, Sector(8), LEN).expect("read"));
     assert_eq!(st, StatusByte::OK);
     assert!(took >= 350 * MS, "delay + media took {took:?}");
 
-    s.add_rule("op=read,lba=16,action=hold");
+    s.rule("op=read,lba=16,action=hold");
     let buf = fe.ram().alloc_aligned(LEN, 4096).expect("alloc");
     let q = fe.queue(0).unwrap();
     let id = submit_read(q, 16, &buf);
     q.kick().expect("kick");
-    assert!(s.wait_parked_one(), "the read is held");
+    assert!(s.wait_parked_one_held(), "the read is held");
     thread::sleep(100 * MS);
     let released = Instant::now();
     assert_eq!(s.daemon.release(Release::All), 1);
     // Released, it waits for the media: parked again, no longer held.
     assert!(
-        !s.wait_parked_one(),
+        !s.wait_parked_one_held(),
         "after release the read waits for the media"
     );
     let q = fe.queue(0).unwrap();
@@ -208,13 +170,13 @@ fn a_delay_adds_to_the_media_time_and_a_hold_counts_from_its_release() {
 #[test]
 fn a_stopping_queue_completes_a_held_request_without_media_time() {
     let s = Served::start(&["--latency", "read=10s"]);
-    let mut fe = s.connect();
-    s.add_rule("op=read,action=hold");
+    let mut fe = s.connect(1);
+    s.rule("op=read,action=hold");
     let buf = fe.ram().alloc_aligned(LEN, 4096).expect("alloc");
     let q = fe.queue(0).unwrap();
     submit_read(q, 0, &buf);
     q.kick().expect("kick");
-    assert!(s.wait_parked_one());
+    assert!(s.wait_parked_one_held());
     let (_, took) = timed(|| fe.stop_queue(0).expect("GET_VRING_BASE"));
     assert!(took < 5 * 1000 * MS, "stopping took {took:?}");
     assert!(s.daemon.parked().is_empty(), "{:?}", s.daemon.parked());
@@ -224,7 +186,7 @@ fn a_stopping_queue_completes_a_held_request_without_media_time() {
 #[test]
 fn mailbox_io_takes_no_latency() {
     let s = Served::start(&["--latency", "read=2s", "--mailbox"]);
-    let mut fe = s.connect();
+    let mut fe = s.connect(1);
     let capacity = fe.get_config().expect("config").capacity_bytes();
     let mailbox = guest_tests::mailbox::mailbox_offset(capacity).expect("a mailbox");
     let ((st, _), took) = timed(|| fe.read(0, Sector(mailbox / 512), LEN).expect("read"));
@@ -237,7 +199,7 @@ fn mailbox_io_takes_no_latency() {
 fn instant_is_the_default_and_adds_nothing() {
     let s = Served::start(&[]);
     assert_eq!(s.status()["latency"], "instant");
-    let mut fe = s.connect();
+    let mut fe = s.connect(1);
     assert_eq!(
         fe.write(0, Sector(0), &[7; LEN]).expect("write"),
         StatusByte::OK

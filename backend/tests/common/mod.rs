@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 pub mod child;
+pub mod served;
 pub mod vfio;
 
 use backend::cli::{Cli, Command};
