@@ -145,6 +145,32 @@ impl Mutant {
 }
 
 #[cfg(test)]
+impl RunConfig {
+    /// A configuration with made-up paths, for unit tests.
+    pub(crate) fn for_tests(daemon: Daemon) -> RunConfig {
+        RunConfig {
+            kernels: Vec::new(),
+            tests: Vec::new(),
+            dmaprobe: PathBuf::from("/x/dmaprobe"),
+            daemon,
+            guest_bin: PathBuf::from("/x/dmaprobe-guest"),
+            programs: Vec::new(),
+            busybox: PathBuf::from(crate::initramfs::BUSYBOX),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu_nvme: PathBuf::from("/x/qemu-11"),
+            transports: vec![Transport::VirtioBlk],
+            queues: 3,
+            seed: 1,
+            keep_logs: None,
+            timeout_scale: 1.0,
+            mutant: None,
+            timelines: None,
+            soak_seconds: 60,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -310,29 +310,10 @@ pub(super) fn control_request(control: &Path, request: &str) -> Result<serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::initramfs;
     use crate::run::config::Mutant;
 
     fn config(daemon: Daemon) -> RunConfig {
-        RunConfig {
-            kernels: Vec::new(),
-            tests: Vec::new(),
-            dmaprobe: PathBuf::from("/x/dmaprobe"),
-            daemon,
-            guest_bin: PathBuf::from("/x/dmaprobe-guest"),
-            programs: Vec::new(),
-            busybox: PathBuf::from(initramfs::BUSYBOX),
-            qemu: PathBuf::from("qemu-system-x86_64"),
-            qemu_nvme: PathBuf::from("/x/qemu-11"),
-            transports: vec![Transport::VirtioBlk],
-            queues: 3,
-            seed: 1,
-            keep_logs: None,
-            timeout_scale: 1.0,
-            mutant: None,
-            timelines: None,
-            soak_seconds: 60,
-        }
+        RunConfig::for_tests(daemon)
     }
 
     fn args(cmd: &Command) -> Vec<String> {

@@ -2,6 +2,7 @@
 //! on the daemon's socket, and the wait for it to power off, doing meanwhile
 //! what the guest asks of the host.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -41,11 +42,44 @@ impl Boot<'_> {
     /// Boots the guest and waits for it to power off, doing what it asks of
     /// the host (`host_action`) meanwhile; its console is appended to
     /// `console`. An error unless QEMU exited cleanly in time.
+    ///
+    /// QEMU killed by a signal before the guest wrote its first event (an
+    /// assertion in QEMU's own device code, seen under TCG while the kernel
+    /// probes PCI) is QEMU's fault, not the kernel's or the device's: the
+    /// guest is booted once more, and the console says so.
     pub(super) fn run(
         &self,
         host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
         console: &mut Vec<String>,
     ) -> Result<(), String> {
+        let mut status = self.boot_once(host_action, console)?;
+        if let Ok(Some(s)) = &status {
+            if let (Some(signal), true) = (s.signal(), self.guest_silent()) {
+                console.push(format!(
+                    "dmaprobe run: QEMU was killed by signal {signal} before the guest \
+                     started; booting again"
+                ));
+                status = self.boot_once(host_action, console)?;
+            }
+        }
+        match status {
+            Ok(Some(s)) if s.success() => Ok(()),
+            Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
+            Err(e) => Err(format!("waiting for QEMU failed: {e}")),
+            Ok(None) if crate::process::interrupted() => Err("interrupted".into()),
+            Ok(None) => Err(format!(
+                "the guest did not finish within {:.0} s and was killed",
+                self.timeout.as_secs_f64()
+            )),
+        }
+    }
+
+    /// Starts QEMU and waits for it; its console is appended to `console`.
+    fn boot_once(
+        &self,
+        host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
+        console: &mut Vec<String>,
+    ) -> Result<std::io::Result<Option<ExitStatus>>, String> {
         let mut qemu = Child::spawn("qemu", self.command()).map_err(|e| {
             format!(
                 "cannot start {}: {e} (run scripts/setup)",
@@ -60,16 +94,13 @@ impl Boot<'_> {
             let _ = r.join();
         }
         console.extend(output.lock().map(|c| c.clone()).unwrap_or_default());
-        match status {
-            Ok(Some(s)) if s.success() => Ok(()),
-            Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
-            Err(e) => Err(format!("waiting for QEMU failed: {e}")),
-            Ok(None) if crate::process::interrupted() => Err("interrupted".into()),
-            Ok(None) => Err(format!(
-                "the guest did not finish within {:.0} s and was killed",
-                self.timeout.as_secs_f64()
-            )),
-        }
+        Ok(status)
+    }
+
+    /// Whether the guest has written no event yet (QEMU truncates the file
+    /// at start).
+    fn guest_silent(&self) -> bool {
+        std::fs::metadata(self.events).is_ok_and(|m| m.len() == 0)
     }
 
     fn command(&self) -> Command {
@@ -172,6 +203,74 @@ pub(super) fn qemu_opt(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::config::Daemon;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Boots a stand-in for QEMU: a script that counts its runs in
+    /// `runs` and aborts (SIGABRT, as QEMU's assertions do) on the runs
+    /// `abort_on` names; `guest_spoke` puts an event in the file first.
+    fn boot_with(abort_on: &str, guest_spoke: bool) -> (Result<(), String>, Vec<String>, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let qemu = dir.path().join("qemu");
+        std::fs::write(
+            &qemu,
+            format!(
+                "#!/bin/sh\necho run >> {runs}\nn=$(wc -l < {runs})\necho \"console of run $n\"\n\
+                 case \" {abort_on} \" in *\" $n \"*) kill -ABRT $$ ;; esac\nexit 0\n",
+                runs = runs.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let events = dir.path().join("events.jsonl");
+        std::fs::write(&events, if guest_spoke { "{}\n" } else { "" }).unwrap();
+        let mut config = RunConfig::for_tests(Daemon::Dmaprobe);
+        config.qemu = qemu;
+        let kernel = Kernel {
+            name: "k".into(),
+            image: dir.path().join("bzImage"),
+            modules: None,
+            release: None,
+        };
+        let boot = Boot {
+            config: &config,
+            kernel: &kernel,
+            transport: Transport::VirtioBlk,
+            initrd: &dir.path().join("initrd"),
+            socket: &dir.path().join("vhost.sock"),
+            events: &events,
+            params: &GuestParams::default(),
+            timeout: Duration::from_secs(30),
+            reconnect: false,
+        };
+        let mut console = Vec::new();
+        let result = boot.run(&mut |_| unreachable!("no host action"), &mut console);
+        let n = std::fs::read_to_string(&runs).unwrap().lines().count();
+        (result, console, n)
+    }
+
+    #[test]
+    fn qemu_killed_before_the_guest_spoke_is_booted_once_more() {
+        let (result, console, runs) = boot_with("1", false);
+        assert_eq!(result, Ok(()));
+        assert_eq!(runs, 2);
+        assert_eq!(console[0], "console of run 1");
+        assert!(console[1].contains("killed by signal 6"), "{console:?}");
+        assert!(console[1].contains("booting again"), "{console:?}");
+        assert_eq!(console[2], "console of run 2");
+    }
+
+    #[test]
+    fn qemu_killed_twice_or_after_the_guest_spoke_is_an_error() {
+        let (result, _, runs) = boot_with("1 2", false);
+        assert!(result.unwrap_err().contains("signal: 6"));
+        assert_eq!(runs, 2, "booted once more, not again and again");
+        let (result, console, runs) = boot_with("1", true);
+        assert!(result.unwrap_err().contains("signal: 6"));
+        assert_eq!(runs, 1, "the guest had started: its run is judged");
+        assert_eq!(console, ["console of run 1"]);
+    }
 
     #[test]
     fn over_nvme_qemu_gets_the_json_device_and_over_virtio_a_socket_it_reconnects() {
