@@ -24,6 +24,23 @@ enum Outcome {
     Served,
 }
 
+/// A daemon on `disk` beside the fixture's, with sockets `NAME.sock` and
+/// `NAME.ctl` in `dir` and `extra` arguments: how far it gets.
+fn another_daemon(dir: &Path, name: &str, disk: &Path, extra: &[&str]) -> Outcome {
+    let socket = dir.join(format!("{name}.sock"));
+    let control = dir.join(format!("{name}.ctl"));
+    let mut args = vec![
+        "--socket",
+        socket.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    serve_outcome(&args, &control)
+}
+
 /// Runs `dmaprobe serve ARGS` until it exits or its control socket at
 /// `control` answers (then kills it).
 fn serve_outcome(args: &[&str], control: &Path) -> Outcome {
@@ -273,21 +290,10 @@ fn a_ledger_is_written_at_exit_over_an_old_one() {
 #[test]
 fn a_second_daemon_on_the_same_disk_file_refuses_to_start() {
     let mut s = Serve::start(&[]);
-    let other = s.dir.path().join("other.sock");
-    let other_ctl = s.dir.path().join("other.ctl");
+    let dir = s.dir.path().to_owned();
+    let other = dir.join("other.sock");
     let disk = s.disk.clone();
-    let second = |extra: &[&str]| {
-        let mut args = vec![
-            "--socket",
-            other.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--control",
-            other_ctl.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        serve_outcome(&args, &other_ctl)
-    };
+    let second = |extra: &[&str]| another_daemon(&dir, "other", &disk, extra);
     for extra in [&[][..], &["--read-only"][..], &["--nvme"][..]] {
         let stderr = refusal(
             second(extra),
@@ -326,20 +332,7 @@ fn a_second_daemon_on_the_same_disk_file_refuses_to_start() {
 fn read_only_daemons_share_a_disk_file_and_a_writer_is_refused() {
     let mut s = Serve::start(&["--read-only"]);
     let disk = s.disk.clone();
-    let run = |name: &str, extra: &[&str]| {
-        let socket = s.dir.path().join(format!("{name}.sock"));
-        let control = s.dir.path().join(format!("{name}.ctl"));
-        let mut args = vec![
-            "--socket",
-            socket.to_str().unwrap(),
-            "--disk",
-            disk.to_str().unwrap(),
-            "--control",
-            control.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        serve_outcome(&args, &control)
-    };
+    let run = |name: &str, extra: &[&str]| another_daemon(s.dir.path(), name, &disk, extra);
     assert!(
         matches!(run("reader", &["--read-only"]), Outcome::Served),
         "a second read-only daemon shares the file"

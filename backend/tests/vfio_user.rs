@@ -777,6 +777,18 @@ fn csts(raw: &mut Raw) -> u32 {
 /// Memory space and bus mastering on, then the controller reset and enabled
 /// with two-entry admin queues at ASQ and ACQ. Whether it became ready is for
 /// the caller to check.
+/// A client with guest memory sealed as QEMU seals it, mapped, and the
+/// controller enabled with its admin queues.
+fn ready_client(socket: &Path) -> (Raw, File) {
+    let mut raw = Raw::connect(socket);
+    let ram = memfd(RAM);
+    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
+    assert!(!map.is_error(), "{map:?}");
+    enable_admin(&mut raw);
+    wait_for_csts(&mut raw, 1);
+    (raw, ram)
+}
+
 fn enable_admin(raw: &mut Raw) {
     let reply = raw.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &[0x06, 0x00]);
     assert!(!reply.is_error(), "command register: {reply:?}");
@@ -874,12 +886,7 @@ fn a_memfd_that_can_shrink_is_refused_so_truncating_it_cannot_kill_the_daemon() 
 
     // The daemon serves the next client, whose memory is sealed.
     drop(raw);
-    let mut raw = Raw::connect(&s.socket);
-    let ram = memfd(RAM);
-    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
-    assert!(!map.is_error(), "{map:?}");
-    enable_admin(&mut raw);
-    wait_for_csts(&mut raw, 1);
+    let (mut raw, ram) = ready_client(&s.socket);
     assert_eq!(get_features_status(&mut raw, &ram), 0);
     s.assert_alive();
 }
@@ -887,12 +894,7 @@ fn a_memfd_that_can_shrink_is_refused_so_truncating_it_cannot_kill_the_daemon() 
 #[test]
 fn sealed_guest_memory_cannot_be_truncated_and_the_doorbell_after_the_attempt_is_served() {
     let mut s = Serve::start(&["--nvme"]);
-    let mut raw = Raw::connect(&s.socket);
-    let ram = memfd(RAM);
-    let map = raw.dma_map(0, 0, RAM, &[ram.as_raw_fd()]);
-    assert!(!map.is_error(), "{map:?}");
-    enable_admin(&mut raw);
-    wait_for_csts(&mut raw, 1);
+    let (mut raw, ram) = ready_client(&s.socket);
     let truncated = ram.set_len(0);
     assert_eq!(
         truncated.map_err(|e| e.raw_os_error()),

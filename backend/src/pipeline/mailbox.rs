@@ -70,16 +70,8 @@ impl Mailbox {
             bump(&counters.mailbox_refused);
             return Err(Refused);
         }
-        let (seq, payload) = match decode(&buf) {
-            Ok(frame) => frame,
-            Err(e) => {
-                bump(&counters.mailbox_refused);
-                if counters.may_log() {
-                    log::warn!("mailbox write refused: {e}");
-                }
-                return Err(Refused);
-            }
-        };
+        let (seq, payload) =
+            decode(&buf).map_err(|e| refuse(counters, format_args!("write refused: {e}")))?;
         bump(&counters.mailbox_commands);
         let request = String::from_utf8_lossy(payload);
         let mut answer = (self.control)(&request);
@@ -108,14 +100,13 @@ impl Mailbox {
         counters: &Counters,
     ) -> Result<(), Refused> {
         let Some(from) = offset.checked_sub(self.offset) else {
-            bump(&counters.mailbox_refused);
-            if counters.may_log() {
-                log::warn!(
-                    "mailbox read refused: it starts {} bytes before the mailbox",
+            return Err(refuse(
+                counters,
+                format_args!(
+                    "read refused: it starts {} bytes before the mailbox",
                     self.offset - offset
-                );
-            }
-            return Err(Refused);
+                ),
+            ));
         };
         let len = usize::try_from(dma::segment::total_len(data)).unwrap_or(0);
         let from = usize::try_from(from).unwrap_or(usize::MAX);
@@ -128,6 +119,15 @@ impl Mailbox {
         }
         dma::to_guest(mem, data, &out).map_err(|_| Refused)
     }
+}
+
+/// Counts a refused mailbox I/O and says why, rate-limited.
+fn refuse(counters: &Counters, why: std::fmt::Arguments<'_>) -> Refused {
+    bump(&counters.mailbox_refused);
+    if counters.may_log() {
+        log::warn!("mailbox {why}");
+    }
+    Refused
 }
 
 /// The answer in place of one longer than the mailbox holds.
