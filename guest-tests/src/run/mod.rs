@@ -37,7 +37,7 @@ use daemon::{between_boots, DaemonRun};
 use disk::{host_checks, make_disk};
 use events::{read_events, read_json_lines};
 use logs::{append_file, keep_logs};
-use qemu::Boot;
+use qemu::{Boot, Console, REPEATED_BOOT};
 use result::Evidence;
 use sampler::Sampler;
 use verdict::judge;
@@ -92,6 +92,9 @@ pub fn run(
             progress(&format!("[{column}] {}: booting", test.name));
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
             let result = run_one(config, kernel, transport, test, &initrd, &dir);
+            for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
+                progress(&format!("[{column}] {}: booted again: {why}", test.name));
+            }
             progress(&format!(
                 "[{column}] {}: {} ({:.1} s){}",
                 test.name,
@@ -219,8 +222,14 @@ impl TestRun<'_> {
             let plan = crate::soak::fault_plan(config.seed);
             ev.checks.extend(sampler.finish(&plan, &events));
         }
-        ev.console = console;
-        let _ = fs::write(dir.join("console.log"), ev.console.join("\n"));
+        let _ = fs::write(dir.join("console.log"), console.log());
+        ev.notes.extend(
+            console
+                .repeated
+                .iter()
+                .map(|boot| (REPEATED_BOOT.to_owned(), boot.why.clone())),
+        );
+        ev.console = console.lines;
         let stopped = daemon.stop();
         ev.events = read_events(&events);
         ev.ledger = daemon
@@ -244,12 +253,12 @@ impl TestRun<'_> {
         daemon: &mut DaemonRun,
         socket: &Path,
         events: &Path,
-    ) -> (Result<(), String>, Vec<String>) {
+    ) -> (Result<(), String>, Console) {
         let test = self.test;
         let mut params = self.guest_params();
         let timeout = test.boot_timeout(self.config.timeout_scale, self.config.soak_seconds);
         let mut outcome = Ok(());
-        let mut console = Vec::new();
+        let mut console = Console::default();
         for n in 1..=test.boots.max(1) {
             params.boot = n;
             // A later boot's events go to a file of their own (QEMU truncates
@@ -259,7 +268,7 @@ impl TestRun<'_> {
                 _ => self.dir.join(format!("events.boot{n}.jsonl")),
             };
             if n > 1 {
-                console.push(format!(
+                console.lines.push(format!(
                     "----- dmaprobe run: boot {n} of {} -----",
                     test.boots
                 ));

@@ -38,30 +38,70 @@ pub(super) struct Boot<'a> {
     pub(super) reconnect: bool,
 }
 
+/// The note a result carries for each boot repeated.
+pub(super) const REPEATED_BOOT: &str = "boot repeated";
+
+/// What a test's boots printed on the console: the lines of the boots that
+/// count, and any boot repeated because it died before the guest started,
+/// with why and its own lines, set aside so they are kept but not judged.
+#[derive(Debug, Default)]
+pub(super) struct Console {
+    pub(super) lines: Vec<String>,
+    pub(super) repeated: Vec<RepeatedBoot>,
+}
+
+/// A boot that died before the guest wrote its first event.
+#[derive(Debug)]
+pub(super) struct RepeatedBoot {
+    pub(super) why: String,
+    pub(super) lines: Vec<String>,
+}
+
+impl Console {
+    /// Everything, in order, for `console.log`: each repeated boot under a
+    /// line saying why, then the boots that count.
+    pub(super) fn log(&self) -> String {
+        let mut log = Vec::new();
+        for boot in &self.repeated {
+            log.push(format!(
+                "----- dmaprobe run: a boot repeated: {} -----",
+                boot.why
+            ));
+            log.extend(boot.lines.iter().cloned());
+        }
+        if !self.repeated.is_empty() {
+            log.push("----- dmaprobe run: the boots that count -----".to_owned());
+        }
+        log.extend(self.lines.iter().cloned());
+        log.join("\n")
+    }
+}
+
 impl Boot<'_> {
     /// Boots the guest and waits for it to power off, doing what it asks of
     /// the host (`host_action`) meanwhile; its console is appended to
     /// `console`. An error unless QEMU exited cleanly in time.
     ///
-    /// QEMU killed by a signal before the guest wrote its first event (an
-    /// assertion in QEMU's own device code, seen under TCG while the kernel
-    /// probes PCI) is QEMU's fault, not the kernel's or the device's: the
-    /// guest is booted once more, and the console says so.
+    /// A boot that dies before the guest wrote its first event, with QEMU
+    /// killed by a signal (an assertion in QEMU's own device code, seen under
+    /// TCG while the kernel probes PCI) or the kernel panicking (an `int3`
+    /// oops while the kernel patches its own code, seen under TCG), never
+    /// reached the test: the guest is booted once more, the console says
+    /// why, and the dead boot's console is set aside. A second death is
+    /// judged as any other run.
     pub(super) fn run(
         &self,
         host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
-        console: &mut Vec<String>,
+        console: &mut Console,
     ) -> Result<(), String> {
-        let mut status = self.boot_once(host_action, console)?;
-        if let Ok(Some(s)) = &status {
-            if let (Some(signal), true) = (s.signal(), self.guest_silent()) {
-                console.push(format!(
-                    "dmaprobe run: QEMU was killed by signal {signal} before the guest \
-                     started; booting again"
-                ));
-                status = self.boot_once(host_action, console)?;
-            }
+        let mut lines = Vec::new();
+        let mut status = self.boot_once(host_action, &mut lines)?;
+        if let Some(why) = self.died_before_the_guest_started(&status, &lines) {
+            console.repeated.push(RepeatedBoot { why, lines });
+            lines = Vec::new();
+            status = self.boot_once(host_action, &mut lines)?;
         }
+        console.lines.extend(lines);
         match status {
             Ok(Some(s)) if s.success() => Ok(()),
             Ok(Some(s)) => Err(format!("QEMU exited with {s}")),
@@ -72,6 +112,39 @@ impl Boot<'_> {
                 self.timeout.as_secs_f64()
             )),
         }
+    }
+
+    /// Why a boot that ended with `status`, having printed `lines`, died
+    /// before the guest wrote its first event; `None` if it did not.
+    fn died_before_the_guest_started(
+        &self,
+        status: &std::io::Result<Option<ExitStatus>>,
+        lines: &[String],
+    ) -> Option<String> {
+        let Ok(Some(status)) = status else {
+            return None;
+        };
+        if !self.guest_silent() {
+            return None;
+        }
+        if let Some(signal) = status.signal() {
+            return Some(format!(
+                "QEMU was killed by signal {signal} before the guest started"
+            ));
+        }
+        lines
+            .iter()
+            .any(|l| l.contains("Kernel panic - not syncing"))
+            .then(|| {
+                let first = crate::klog::errors(lines)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                format!(
+                    "the kernel panicked before the guest started: {}",
+                    first.trim()
+                )
+            })
     }
 
     /// Starts QEMU and waits for it; its console is appended to `console`.
@@ -206,22 +279,39 @@ mod tests {
     use crate::run::config::Daemon;
     use std::os::unix::fs::PermissionsExt;
 
-    /// Boots a stand-in for QEMU: a script that counts its runs in
-    /// `runs` and aborts (SIGABRT, as QEMU's assertions do) on the runs
-    /// `abort_on` names; `guest_spoke` puts an event in the file first.
-    fn boot_with(abort_on: &str, guest_spoke: bool) -> (Result<(), String>, Vec<String>, usize) {
+    /// How the stand-in for QEMU ends a run.
+    #[derive(Clone, Copy)]
+    enum End {
+        /// Killed by SIGABRT, as QEMU's assertions do.
+        Abort,
+        /// Exits cleanly after a kernel panic on the console (`panic=-1`
+        /// with `-no-reboot`).
+        Panic,
+    }
+
+    /// Boots a stand-in for QEMU: a script that counts its runs and ends
+    /// its `n`th run as `ends[n - 1]` says (cleanly past the list);
+    /// `guest_spoke` puts an event in the events file first.
+    fn boot_with(ends: &[End], guest_spoke: bool) -> (Result<(), String>, Console, usize) {
         let dir = tempfile::tempdir().unwrap();
         let runs = dir.path().join("runs");
         let qemu = dir.path().join("qemu");
-        std::fs::write(
-            &qemu,
-            format!(
-                "#!/bin/sh\necho run >> {runs}\nn=$(wc -l < {runs})\necho \"console of run $n\"\n\
-                 case \" {abort_on} \" in *\" $n \"*) kill -ABRT $$ ;; esac\nexit 0\n",
-                runs = runs.display()
-            ),
-        )
-        .unwrap();
+        let mut script = format!(
+            "#!/bin/sh\necho run >> {runs}\nn=$(wc -l < {runs})\necho \"console of run $n\"\n",
+            runs = runs.display()
+        );
+        for (i, end) in ends.iter().enumerate() {
+            let action = match end {
+                End::Abort => "kill -ABRT $$",
+                End::Panic => {
+                    "echo '[    1.9] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI'; \
+                     echo '[    1.9] Kernel panic - not syncing: Fatal exception'; exit 0"
+                }
+            };
+            script += &format!("[ $n = {} ] && {{ {action}; }}\n", i + 1);
+        }
+        script += "exit 0\n";
+        std::fs::write(&qemu, script).unwrap();
         std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
         let events = dir.path().join("events.jsonl");
         std::fs::write(&events, if guest_spoke { "{}\n" } else { "" }).unwrap();
@@ -244,7 +334,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             reconnect: false,
         };
-        let mut console = Vec::new();
+        let mut console = Console::default();
         let result = boot.run(&mut |_| unreachable!("no host action"), &mut console);
         let n = std::fs::read_to_string(&runs).unwrap().lines().count();
         (result, console, n)
@@ -252,24 +342,65 @@ mod tests {
 
     #[test]
     fn qemu_killed_before_the_guest_spoke_is_booted_once_more() {
-        let (result, console, runs) = boot_with("1", false);
+        let (result, console, runs) = boot_with(&[End::Abort], false);
         assert_eq!(result, Ok(()));
         assert_eq!(runs, 2);
-        assert_eq!(console[0], "console of run 1");
-        assert!(console[1].contains("killed by signal 6"), "{console:?}");
-        assert!(console[1].contains("booting again"), "{console:?}");
-        assert_eq!(console[2], "console of run 2");
+        assert_eq!(console.lines, ["console of run 2"]);
+        assert_eq!(console.repeated.len(), 1);
+        assert!(console.repeated[0].why.contains("killed by signal 6"));
+        assert_eq!(console.repeated[0].lines, ["console of run 1"]);
+        let log = console.log();
+        assert!(log.starts_with("----- dmaprobe run: a boot repeated: QEMU was killed by signal 6"));
+        assert!(
+            log.ends_with("the boots that count -----\nconsole of run 2"),
+            "{log}"
+        );
     }
 
     #[test]
-    fn qemu_killed_twice_or_after_the_guest_spoke_is_an_error() {
-        let (result, _, runs) = boot_with("1 2", false);
+    fn a_kernel_panic_before_the_guest_spoke_is_set_aside_and_booted_once_more() {
+        let (result, console, runs) = boot_with(&[End::Panic], false);
+        assert_eq!(result, Ok(()));
+        assert_eq!(runs, 2);
+        assert_eq!(
+            console.lines,
+            ["console of run 2"],
+            "the panic is not judged"
+        );
+        let why = &console.repeated[0].why;
+        assert!(
+            why.starts_with("the kernel panicked before the guest started"),
+            "{why}"
+        );
+        assert!(why.contains("Oops: int3"), "{why}");
+        assert!(
+            console.log().contains("Kernel panic - not syncing"),
+            "kept in console.log"
+        );
+    }
+
+    #[test]
+    fn a_second_death_or_one_after_the_guest_spoke_is_judged() {
+        let (result, console, runs) = boot_with(&[End::Abort, End::Abort], false);
         assert!(result.unwrap_err().contains("signal: 6"));
         assert_eq!(runs, 2, "booted once more, not again and again");
-        let (result, console, runs) = boot_with("1", true);
+        assert_eq!(console.repeated.len(), 1);
+        let (result, console, runs) = boot_with(&[End::Panic, End::Panic], false);
+        assert_eq!(result, Ok(()), "QEMU exits cleanly after a panic");
+        assert_eq!(runs, 2);
+        assert_eq!(
+            crate::klog::errors(&console.lines).len(),
+            2,
+            "the second panic is judged"
+        );
+        let (result, console, runs) = boot_with(&[End::Abort], true);
         assert!(result.unwrap_err().contains("signal: 6"));
         assert_eq!(runs, 1, "the guest had started: its run is judged");
-        assert_eq!(console, ["console of run 1"]);
+        assert_eq!(console.lines, ["console of run 1"]);
+        let (_, console, runs) = boot_with(&[End::Panic], true);
+        assert_eq!(runs, 1);
+        assert!(console.repeated.is_empty());
+        assert_eq!(crate::klog::errors(&console.lines).len(), 2);
     }
 
     #[test]

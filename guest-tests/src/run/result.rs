@@ -47,6 +47,8 @@ pub(super) struct Evidence {
     pub(super) events: Vec<Event>,
     pub(super) console: Vec<String>,
     pub(super) checks: Vec<CheckRecord>,
+    /// The harness's notes, beside the guest's.
+    pub(super) notes: Vec<(String, String)>,
     /// The device's ledger: every request and finding of the run.
     pub(super) ledger: Vec<serde_json::Value>,
     /// Harness trouble: the run cannot be judged.

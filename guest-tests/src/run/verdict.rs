@@ -17,6 +17,8 @@ pub(super) fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Eviden
     let guest = GuestSaid::read(test, &ev.events);
     let mut checks = guest.checks;
     checks.extend(ev.checks);
+    let mut notes = guest.notes;
+    notes.extend(ev.notes);
     let kernel_log_errors = klog::errors(&ev.console);
     let findings: Vec<serde_json::Value> = ev
         .ledger
@@ -51,7 +53,7 @@ pub(super) fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Eviden
         verdict,
         reason,
         checks,
-        notes: guest.notes,
+        notes,
         kernel_log_errors,
         findings,
         console_tail,
