@@ -1,5 +1,6 @@
-//! dmaprobe's backend: the interfaces the guest sees, the request pipeline
-//! they share, the control plane, and the command line.
+//! dmaprobe's device: the interfaces the guest sees, the request pipeline
+//! they share, and the control plane. The command line (`dmaprobe serve`,
+//! `ctl`, `bench`, `run`) is the `dmaprobe` crate on top of this one.
 //!
 //! One folder per interface, each taking a guest's request as far as the
 //! pipeline's prepared work and telling the guest how it ended, in its own
@@ -22,28 +23,21 @@
 //!   ([`pipeline::work::perform`]), and the outcome in the pipeline's own
 //!   words ([`pipeline::outcome`]), which each interface maps to its
 //!   statuses.
-//! - [`control`]: the JSON-lines control protocol, its commands, its socket,
-//!   and the [`DaemonState`](control::state::DaemonState) they act on;
-//!   [`ctl`] is `dmaprobe ctl`, its client.
-//! - [`serve`]: `dmaprobe serve`: the media, the listen loop, signals;
-//!   [`unix_socket`]: the sockets it binds.
+//! - [`control`]: the daemon's side of the control protocol (the wire format
+//!   is [`wire::control`]): its commands, its socket, and the
+//!   [`DaemonState`](control::state::DaemonState) they act on.
+//! - [`serve`]: the daemon: the media, the listen loop, signals, from a
+//!   checked [`config::ServeConfig`]; [`unix_socket`]: the sockets it binds.
 //! - [`counters`]: what the device served and refused; rate-limited logging.
-//! - [`config`], [`cli`]: the command line and the checked configuration.
-//! - [`runner`]: `dmaprobe run`, on top of the `guest-tests` runner.
 //! - [`vhost_user_driver`]: a vhost-user-blk *frontend* (the side QEMU
-//!   plays), used by the tests and benchmarks to drive dmaprobe or
-//!   qemu-storage-daemon; [`bench`](mod@bench): `dmaprobe bench`, a load generator on
-//!   top of it.
+//!   plays), used by `dmaprobe bench`, the tests and the benchmarks to drive
+//!   dmaprobe or qemu-storage-daemon.
 
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod counters;
-pub mod ctl;
 pub mod nvme;
 pub mod pipeline;
-pub mod runner;
 pub mod serve;
 pub mod unix_socket;
 pub mod vfio_user;

@@ -321,7 +321,7 @@ fn log_serving(config: &ServeConfig, ns: &Namespace) {
         );
     }
     if config.mailbox {
-        match guest_tests::mailbox::mailbox_offset(ns.capacity_bytes()) {
+        match wire::mailbox::mailbox_offset(ns.capacity_bytes()) {
             Some(at) => info!("guest mailbox at byte {at} (the last MiB)"),
             None => log::warn!("the disk is too small for a mailbox (needs 4 MiB): none"),
         }

@@ -2,7 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// splitmix64 over an atomic counter: lock-free and reproducible for a given
+use wire::splitmix::{mix, GAMMA};
+
+/// splitmix64 ([`wire::splitmix`]) over an atomic counter: lock-free and reproducible for a given
 /// seed and order of calls.
 #[derive(Debug)]
 pub struct SeededRng {
@@ -17,13 +19,11 @@ impl SeededRng {
     }
 
     pub fn next_u64(&self) -> u64 {
-        let x = self
+        let z = self
             .state
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
+            .fetch_add(GAMMA, Ordering::Relaxed)
+            .wrapping_add(GAMMA);
+        mix(z)
     }
 
     /// A value in `lo..=hi`.

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(line) = std::str::from_utf8(data) {
-        if let Err(why) = backend::control::protocol::parse_request(line) {
+        if let Err(why) = wire::control::parse_request(line) {
             assert!(!why.is_empty());
         }
     }

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use guest_tests::mailbox::{decode, encode};
+use wire::mailbox::{decode, encode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,10 +1,9 @@
 //! dmaprobe's guest side.
 //!
 //! - [`protocol`]: what the guest binary tells the host, one JSON object per line
-//!   on the guest's second serial port, and the data patterns both sides compute.
+//!   on the guest's second serial port (the data pattern and the mailbox's
+//!   frame, shared with the device, are in the `wire` crate).
 //! - `src/bin/dmaprobe-guest/`: the binary run inside the guest, one module per test.
-//!
-//! - [`mailbox`]: the wire format of the device mailbox, shared with the device.
 //!
 //! The host-side runner: [`kernel`] (which kernel to boot), [`modules`] and
 //! [`cpio`] → [`initramfs`] (what the guest boots from), [`suite`] (each test's
@@ -24,7 +23,6 @@ pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
 pub mod klog;
-pub mod mailbox;
 pub mod modules;
 pub mod process;
 pub mod protocol;

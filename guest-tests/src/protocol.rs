@@ -1,4 +1,5 @@
-//! The guest-to-host protocol and the shared data patterns.
+//! The guest-to-host protocol: the events the guest writes, what it asks of
+//! the host, and the parameters it boots with.
 //!
 //! The guest writes one [`Event`] per line, as JSON, to its second serial port
 //! (`/dev/ttyS1`). It also writes `dmaprobe: begin TEST` / `dmaprobe: end TEST`
@@ -47,7 +48,7 @@ pub enum Event {
         ok: bool,
         detail: String,
     },
-    /// The guest wrote `len` bytes of [`fill_pattern`]`(seed, offset)` to the raw
+    /// The guest wrote `len` bytes of [`fill_pattern`](wire::pattern::fill_pattern)`(seed, offset)` to the raw
     /// device at byte `offset`; the host checks the backing holds them.
     Wrote {
         test: String,
@@ -55,7 +56,7 @@ pub enum Event {
         len: u64,
         seed: u64,
     },
-    /// The guest left a file of `len` bytes of [`fill_pattern`]`(seed, 0)` at
+    /// The guest left a file of `len` bytes of [`fill_pattern`](wire::pattern::fill_pattern)`(seed, 0)` at
     /// `path` on the test's file system; the host checks it after shutdown.
     File {
         test: String,
@@ -204,59 +205,6 @@ impl GuestParams {
     }
 }
 
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The pattern word `word` (the 8 bytes at byte `word * 8`) for `seed`. The seed is
-/// mixed first, so patterns of nearby seeds are unrelated, not shifted copies.
-fn pattern_word(seed: u64, word: u64) -> [u8; 8] {
-    splitmix64(splitmix64(seed) ^ word).to_le_bytes()
-}
-
-/// The pattern byte at absolute byte `offset` for `seed`. Every 8-byte word of a
-/// disk or file gets its own value, so misplaced data is caught, not only stale data.
-pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
-    pattern_word(seed, offset >> 3)[(offset & 7) as usize]
-}
-
-/// Fills `buf` with the pattern of the bytes at `offset..offset + buf.len()`.
-pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    let mut at = offset;
-    let mut rest = buf;
-    while !rest.is_empty() {
-        let word = pattern_word(seed, at >> 3);
-        let skip = (at & 7) as usize;
-        let n = (8 - skip).min(rest.len());
-        rest[..n].copy_from_slice(&word[skip..skip + n]);
-        rest = &mut rest[n..];
-        at += n as u64;
-    }
-}
-
-/// The index of the first byte of `buf` that differs from the pattern, if any.
-pub fn pattern_mismatch(seed: u64, offset: u64, buf: &[u8]) -> Option<usize> {
-    let mut at = offset;
-    let mut done = 0usize;
-    while done < buf.len() {
-        let word = pattern_word(seed, at >> 3);
-        let skip = (at & 7) as usize;
-        let n = (8 - skip).min(buf.len() - done);
-        if buf[done..done + n] != word[skip..skip + n] {
-            let i = (0..n)
-                .find(|&i| buf[done + i] != word[skip + i])
-                .unwrap_or(0);
-            return Some(done + i);
-        }
-        done += n;
-        at += n as u64;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,29 +304,5 @@ mod tests {
             GuestParams::from_cmdline("dmaprobe.duration=3m").duration,
             None
         );
-    }
-
-    #[test]
-    fn pattern_is_position_dependent() {
-        let mut a = vec![0u8; 64];
-        fill_pattern(1, 512, &mut a);
-        assert_eq!(pattern_mismatch(1, 512, &a), None);
-        assert_eq!(pattern_mismatch(2, 512, &a), Some(0));
-        // The same bytes one word later do not match.
-        assert!(pattern_mismatch(1, 520, &a).is_some());
-        // A pattern read from the middle matches its own offset.
-        assert_eq!(pattern_mismatch(1, 520, &a[8..]), None);
-        let mut b = a.clone();
-        b[37] ^= 1;
-        assert_eq!(pattern_mismatch(1, 512, &b), Some(37));
-        // Word-wise and byte-wise agree at any alignment.
-        let mut c = vec![0u8; 29];
-        fill_pattern(9, 1003, &mut c);
-        for (i, &byte) in c.iter().enumerate() {
-            assert_eq!(byte, pattern_byte(9, 1003 + i as u64));
-        }
-        assert_eq!(pattern_mismatch(9, 1003, &c), None);
-        c[28] ^= 0xff;
-        assert_eq!(pattern_mismatch(9, 1003, &c), Some(28));
     }
 }

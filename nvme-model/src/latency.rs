@@ -29,7 +29,7 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::rng::SplitMix64;
+use wire::splitmix::SplitMix64;
 
 /// A command as the latency model sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,6 +375,13 @@ fn duration_from_nanos(ns: u128) -> Duration {
 
 /// `d` changed by `basis_points` hundredths of a percent (-10000..=10000),
 /// rounded down.
+/// A value in `-span..=span`, drawn from `rng`.
+fn within(rng: &mut SplitMix64, span: i64) -> i64 {
+    let span = span.unsigned_abs();
+    let drawn = rng.in_range(0, span * 2);
+    i64::try_from(drawn).unwrap_or(0) - i64::try_from(span).unwrap_or(0)
+}
+
 fn scale(d: Duration, basis_points: i64) -> Duration {
     let factor = u128::try_from(10_000 + basis_points.clamp(-10_000, 10_000)).unwrap_or(0);
     duration_from_nanos(d.as_nanos() * factor / 10_000)
@@ -492,7 +499,7 @@ impl Latency {
         let service = match self.spec.jitter_pct {
             0 => nominal,
             pct => {
-                let bp = st.rng.within(i64::from(pct) * 100);
+                let bp = within(&mut st.rng, i64::from(pct) * 100);
                 scale(nominal, bp)
             }
         };

@@ -26,7 +26,6 @@ pub mod geometry;
 pub mod latency;
 pub mod media;
 pub mod namespace;
-mod rng;
 pub mod units;
 
 pub use backing::{Backing, BackingError};

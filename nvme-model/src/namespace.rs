@@ -9,8 +9,8 @@ use crate::backing::{Backing, BackingError, BackingKind};
 use crate::cache::{CacheStatus, PowerCut, WriteCache};
 use crate::geometry::{Geometry, GeometryError};
 use crate::media::{MediaErrorKind, MediaErrors};
-use crate::rng::SplitMix64;
 use crate::units::{ByteOffset, Lba, LbaSize};
+use wire::splitmix::SplitMix64;
 
 /// Why a range was refused. A front-end reports either as "LBA out of range".
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

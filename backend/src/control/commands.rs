@@ -6,7 +6,9 @@ use dma::schedule::Release;
 use dma::{Checks, Engine, RuleSpec};
 use serde_json::{json, Value};
 
-use super::protocol::{answer, checks_json, parse_request, Command, MediaErrorAction};
+use wire::control::{answer, parse_request, Command, MediaErrorAction};
+
+use super::protocol::checks_json;
 use super::state::DaemonState;
 
 /// Ledger entries returned by one `ledger` command unless `limit` says otherwise.
@@ -197,8 +199,12 @@ fn media_error(
     action: MediaErrorAction,
     lba: Option<u64>,
     blocks: Option<u64>,
-    kind: Option<nvme_model::MediaErrorKind>,
+    kind: Option<wire::control::MediaErrorKind>,
 ) -> Result<Value, String> {
+    let kind = kind.map(|k| match k {
+        wire::control::MediaErrorKind::Read => nvme_model::MediaErrorKind::Read,
+        wire::control::MediaErrorKind::Write => nvme_model::MediaErrorKind::Write,
+    });
     let bad = ns.media_errors();
     let range = match lba {
         Some(lba) => {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::protocol::{refusal, ControlFn};
+use super::protocol::ControlFn;
+use wire::control::refusal;
 
 /// The longest request line accepted.
 const MAX_LINE: usize = 1 << 20;

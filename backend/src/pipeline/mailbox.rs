@@ -1,17 +1,18 @@
 //! The guest mailbox, device side: control commands written by the guest to the
 //! last MiB of the disk, answers read back from it. The wire format is
-//! `guest_tests::mailbox`; the commands are the control socket's.
+//! `wire::mailbox`; the commands are the control socket's.
 //!
 //! Mailbox I/O never reaches the media and never meets the fault plan: a test
 //! can hold its own reads and still talk to the device.
 
 use std::sync::Mutex;
 
-use guest_tests::mailbox::{decode, encode, mailbox_offset, MAX_PAYLOAD};
 use vm_memory::GuestMemoryBackend;
+use wire::mailbox::{decode, encode, mailbox_offset, MAX_PAYLOAD};
 
-use crate::control::protocol::{refusal, ControlFn};
+use crate::control::protocol::ControlFn;
 use crate::counters::{bump, Counters};
+use wire::control::refusal;
 
 /// A mailbox access that was not served: the guest is told its request
 /// failed.

@@ -3,7 +3,6 @@
 //! it keeps its ledger, and requests to its control socket.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +14,9 @@ use super::result::CheckRecord;
 use crate::process::Child;
 use crate::protocol::{Event, HostAction};
 use crate::suite::TestSpec;
+
+/// How long a control request may wait for its answer.
+const CONTROL_ANSWER: Duration = Duration::from_secs(10);
 
 /// The daemon of one test, which the guest may have killed and started again.
 #[derive(Debug)]
@@ -271,17 +273,12 @@ pub(super) fn between_boots(
     n: u8,
     events: &Path,
 ) -> Result<(), String> {
-    let answer = control_request(&control_socket(socket), request)?;
-    if answer["ok"] != true {
-        return Err(format!(
-            "the daemon refused {request} after boot {n}: {}",
-            answer["error"].as_str().unwrap_or("no reason given")
-        ));
-    }
+    let result = control_request(&control_socket(socket), request)
+        .map_err(|e| format!("{request} after boot {n}: {e}"))?;
     let note = Event::Note {
         test: String::new(),
         key: format!("after boot {n}: {request}"),
-        value: answer["result"].to_string(),
+        value: result.to_string(),
     };
     fs::OpenOptions::new()
         .append(true)
@@ -291,20 +288,13 @@ pub(super) fn between_boots(
         .map_err(|e| format!("cannot write to {}: {e}", events.display()))
 }
 
-/// One request line to a control socket, one answer line back.
+/// One request line to a control socket: the result of its answer, or why
+/// there is none (a refusal's reason starts with `refused: `).
 pub(super) fn control_request(control: &Path, request: &str) -> Result<serde_json::Value, String> {
-    use std::io::Write;
-    let talk = || -> std::io::Result<String> {
-        let mut stream = std::os::unix::net::UnixStream::connect(control)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(format!("{}\n", request.trim()).as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        Ok(line)
-    };
-    let line = talk().map_err(|e| format!("control socket {}: {e}", control.display()))?;
-    serde_json::from_str(&line)
-        .map_err(|e| format!("control answer {:?} is not JSON: {e}", line.trim()))
+    wire::control::request(control, request, CONTROL_ANSWER).map_err(|e| match e {
+        wire::control::ClientError::Refused(reason) => format!("refused: {reason}"),
+        e => format!("control socket {}: {e}", control.display()),
+    })
 }
 
 #[cfg(test)]

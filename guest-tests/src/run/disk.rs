@@ -9,8 +9,9 @@ use std::process::{Command, Stdio};
 
 use super::logs::last_lines;
 use super::result::CheckRecord;
-use crate::protocol::{pattern_mismatch, Event};
+use crate::protocol::Event;
 use crate::suite::{Fs, TestSpec};
+use wire::pattern::pattern_mismatch;
 
 /// Creates the disk image of `test`, formatted as the test says.
 pub(super) fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
@@ -19,7 +20,7 @@ pub(super) fn make_disk(test: &TestSpec, disk: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot size {}: {e}", disk.display()))?;
     // With a mailbox, the file system leaves the disk's last MiB to it.
     let fs_bytes = if test.serve_args.contains(&"--mailbox") {
-        test.disk.size - crate::mailbox::MAILBOX_BYTES
+        test.disk.size - wire::mailbox::MAILBOX_BYTES
     } else {
         test.disk.size
     };
@@ -230,7 +231,7 @@ fn pattern_check(
                     "first mismatch at +{i} (byte {}): got {:#04x}, want {:#04x}",
                     offset + i as u64,
                     data[i],
-                    crate::protocol::pattern_byte(seed, offset + i as u64)
+                    wire::pattern::pattern_byte(seed, offset + i as u64)
                 ),
             },
         },

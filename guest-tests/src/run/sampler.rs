@@ -189,8 +189,7 @@ fn plan_notes(plan: &FaultPlan, control: &Path) -> Vec<(String, String)> {
     ));
     let fired = control_request(control, r#"{"v":1,"cmd":"rules"}"#)
         .ok()
-        .filter(|a| a["ok"] == true)
-        .and_then(|a| a["result"].as_array().cloned())
+        .and_then(|rules| rules.as_array().cloned())
         .unwrap_or_default();
     let mut total = 0;
     for (i, rule) in plan.rules.iter().enumerate() {
@@ -221,21 +220,15 @@ fn sample(control: &Path, out: &Path, stop: &AtomicBool) -> Sampled {
         next += SAMPLE_EVERY;
         let t_s = start.elapsed().as_secs_f64();
         match control_request(control, r#"{"v":1,"cmd":"status"}"#) {
-            Ok(answer) if answer["ok"] == true => {
-                let status = &answer["result"];
+            Ok(status) => {
                 if let Some(f) = file.as_mut() {
                     let _ = writeln!(f, "{}", json!({"t_s": t_s, "status": status}));
                 }
-                sampled.samples.push(Sample::from_status(t_s, status));
+                sampled.samples.push(Sample::from_status(t_s, &status));
             }
-            other => {
+            Err(e) => {
                 sampled.missed += 1;
-                if sampled.first_miss.is_none() {
-                    sampled.first_miss = Some(match other {
-                        Ok(answer) => format!("refused: {}", answer["error"]),
-                        Err(e) => e,
-                    });
-                }
+                sampled.first_miss.get_or_insert(e);
             }
         }
     }

@@ -10,7 +10,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
 use serde_json::{json, Value};
+use wire::pattern::fill_pattern;
 
 use crate::ext4::{block_lba, Mount};
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};

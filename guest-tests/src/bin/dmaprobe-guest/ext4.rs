@@ -16,7 +16,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io as stdio;
 
-use guest_tests::protocol::fill_pattern;
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, round_up, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};

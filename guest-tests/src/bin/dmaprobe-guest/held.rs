@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
 use serde_json::{json, Value};
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;

@@ -13,8 +13,8 @@ use std::slice;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::{pattern_byte, pattern_mismatch};
 use thiserror::Error;
+use wire::pattern::{pattern_byte, pattern_mismatch};
 
 /// The page size of every guest we boot (x86-64).
 pub const PAGE: usize = 4096;
@@ -314,7 +314,7 @@ impl fmt::Display for Mismatch {
     }
 }
 
-/// Checks that `buf` holds [`fill_pattern`](guest_tests::protocol::fill_pattern)`(seed, offset)`.
+/// Checks that `buf` holds [`fill_pattern`](wire::pattern::fill_pattern)`(seed, offset)`.
 pub fn check_pattern(seed: u64, offset: u64, buf: &[u8]) -> Result<(), Mismatch> {
     let Some(at) = pattern_mismatch(seed, offset, buf) else {
         return Ok(());
@@ -361,7 +361,7 @@ pub fn round_up(n: usize, align: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_tests::protocol::fill_pattern;
+    use wire::pattern::fill_pattern;
 
     #[test]
     fn aligned_buf_starts_where_asked() {

@@ -13,8 +13,8 @@
 
 use std::collections::BTreeSet;
 
-use guest_tests::protocol::{fill_pattern, pattern_mismatch};
 use serde_json::json;
+use wire::pattern::{fill_pattern, pattern_mismatch};
 
 use crate::ext4::{block_lba, drop_caches, Mount};
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};

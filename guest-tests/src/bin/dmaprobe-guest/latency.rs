@@ -19,8 +19,9 @@
 
 use std::time::{Duration, Instant};
 
-use guest_tests::mailbox::mailbox_offset;
 use nvme_model::{LatencySpec, MediaOp};
+use wire::mailbox::mailbox_offset;
+use wire::splitmix::SplitMix64;
 
 use crate::io::{AlignedBuf, Cache, Fd};
 use crate::{Ctx, OrStop, Stop};
@@ -76,19 +77,6 @@ impl Sample {
     }
 }
 
-/// A small seeded generator for the random offsets (splitmix64).
-struct Offsets(u64);
-
-impl Offsets {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let x = self.0;
-        let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-}
-
 fn run(ctx: &Ctx, preset: &str) -> Result<(), Stop> {
     let spec = LatencySpec::preset(preset)
         .ok_or_else(|| Stop::Error(format!("no latency preset {preset:?}")))?;
@@ -108,10 +96,10 @@ fn run(ctx: &Ctx, preset: &str) -> Result<(), Stop> {
     })?;
     ctx.note("latency-preset", preset);
 
-    let mut offsets = Offsets(ctx.seed(1));
+    let mut offsets = SplitMix64(ctx.seed(1));
     let blocks = mailbox / 4096;
     let random = measure(&fd, 4096, mailbox, RANDOM_FOR, |_| {
-        (offsets.next() % blocks) * 4096
+        offsets.below(blocks) * 4096
     })?;
     let chunk = 128 << 10;
     let chunks = mailbox / chunk;

@@ -18,8 +18,8 @@
 use std::sync::Arc;
 use std::thread;
 
-use guest_tests::protocol::fill_pattern;
 use serde_json::json;
+use wire::pattern::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
 use crate::held::{disk_holds_parents, first_gpa, Hold, Setup, LBA, OFFSET};
@@ -366,7 +366,7 @@ impl Bystander {
             let mut go = [0u8; 1];
             // SAFETY: reading one byte from our pipe into a local buffer.
             unsafe { libc::read(pipe[0], go.as_mut_ptr().cast(), 1) };
-            let bad = guest_tests::protocol::pattern_mismatch(seed ^ 0xb1, 0, &mem).is_some();
+            let bad = wire::pattern::pattern_mismatch(seed ^ 0xb1, 0, &mem).is_some();
             // SAFETY: _exit ends the child without running the parent's destructors.
             unsafe { libc::_exit(i32::from(bad)) }
         }

@@ -1,5 +1,5 @@
 //! The guest's end of the device mailbox: control commands written to the
-//! last MiB of the disk, answers read back (see `guest_tests::mailbox`).
+//! last MiB of the disk, answers read back (see `wire::mailbox`).
 //!
 //! Mailbox I/O is O_DIRECT on its own descriptor and never held or delayed by
 //! the device, so a test can hold its own reads and still talk to the device.
@@ -7,8 +7,8 @@
 use std::cell::Cell;
 use std::fs;
 
-use guest_tests::mailbox::{decode, encode, mailbox_offset, HEADER_LEN};
 use serde_json::Value;
+use wire::mailbox::{decode, encode, mailbox_offset, HEADER_LEN};
 
 use crate::io::{AlignedBuf, Cache, Fd, PAGE};
 use crate::{OrStop, Stop};
@@ -64,7 +64,7 @@ impl Mailbox {
         let answer = self.read_answer(FIRST_READ)?;
         let (got_seq, payload) = match decode(&answer) {
             Ok((s, p)) => (s, p.to_vec()),
-            Err(guest_tests::mailbox::FrameError::Length(n)) => {
+            Err(wire::mailbox::FrameError::Length(n)) => {
                 let whole = self.read_answer(HEADER_LEN + n as usize)?;
                 let (s, p) =
                     decode(&whole).map_err(|e| Stop::Error(format!("mailbox answer: {e}")))?;

@@ -69,8 +69,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use guest_tests::protocol::fill_pattern;
 use thiserror::Error;
+use wire::pattern::fill_pattern;
 
 use crate::held::{
     check_read_waits, disk_holds_parents, first_gpa, note_pins, ForkedRead, Hold, Setup,

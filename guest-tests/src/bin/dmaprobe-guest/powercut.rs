@@ -23,8 +23,8 @@
 use std::fs;
 use std::io as stdio;
 
-use guest_tests::protocol::fill_pattern;
 use serde_json::json;
+use wire::pattern::fill_pattern;
 
 use crate::ext4::{drop_caches, first_lba, Mount};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, IoError, PAGE, UNTOUCHED};

@@ -23,8 +23,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::{fill_pattern, HostAction};
+use guest_tests::protocol::HostAction;
 use serde_json::json;
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;

@@ -5,7 +5,7 @@
 //!   seed, as a test with a wrong expectation would.
 //! - `selftest-hang` never ends, as a guest stuck in the kernel would not.
 
-use guest_tests::protocol::fill_pattern;
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};

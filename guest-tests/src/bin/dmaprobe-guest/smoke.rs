@@ -24,7 +24,7 @@
 use std::fmt;
 use std::fs;
 
-use guest_tests::protocol::fill_pattern;
+use wire::pattern::fill_pattern;
 
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
 use crate::{Ctx, OrStop, Stop};

@@ -46,9 +46,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::protocol::fill_pattern;
 use guest_tests::soak::{fault_plan, FaultPlan, SplitMix, DEFAULT_SECONDS, PIN_READ_LEN};
 use serde_json::json;
+use wire::pattern::fill_pattern;
 
 use crate::ext4::{block_lba, Mount};
 use crate::fio::FIO;

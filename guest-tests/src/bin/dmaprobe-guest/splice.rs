@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use guest_tests::protocol::fill_pattern;
+use wire::pattern::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
 use crate::held::Hold;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use nvme_model::LbaSize;
 
-use crate::config::{self, BackingConfig, ConfigError, ServeConfig};
+use backend::config::{self, BackingConfig, ConfigError, ServeConfig};
 
 /// dmaprobe: a vhost-user-blk disk that controls when DMA happens, for testing
 /// how Linux kernels handle the lifetime of pages under I/O.
@@ -339,7 +339,7 @@ fn control_socket(a: &ServeArgs) -> Result<Option<PathBuf>, ConfigError> {
         Some(
             a.control
                 .clone()
-                .unwrap_or_else(|| crate::control::socket::default_path(&a.socket)),
+                .unwrap_or_else(|| backend::control::socket::default_path(&a.socket)),
         )
     };
     // Each would replace the other as a stale socket.
@@ -377,7 +377,7 @@ fn fault_rules(a: &ServeArgs) -> Result<Vec<dma::RuleSpec>, ConfigError> {
         Some(file) => config::load_fault_file(file)?,
         None => Vec::new(),
     };
-    rules.extend(crate::serve::parse_faults(&a.faults)?);
+    rules.extend(backend::serve::parse_faults(&a.faults)?);
     Ok(rules)
 }
 

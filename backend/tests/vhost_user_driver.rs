@@ -1,12 +1,9 @@
-//! The frontend driver against the reference backend, qemu-storage-daemon's
+//! The vhost-user driver (the frontend side QEMU plays) against the
+//! reference backend, qemu-storage-daemon's
 //! vhost-user-blk export, on a raw image in a temp dir.
 //!
 //! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
 //! without it.
-
-mod common;
-
-use common::pattern;
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
@@ -21,6 +18,7 @@ use backend::vhost_user_driver::{
     StatusByte, DESC_F_NEXT,
 };
 use tempfile::TempDir;
+use wire::pattern::pattern;
 
 const IMAGE_SIZE: u64 = 64 << 20;
 const QSD: &str = "qemu-storage-daemon";

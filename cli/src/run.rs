@@ -7,8 +7,8 @@ use guest_tests::run::{run, Daemon, Mutant, RunConfig, Transport, QSD};
 use guest_tests::suite::{Selection, TestSpec};
 use guest_tests::{initramfs, report, suite};
 
-use crate::cli::RunArgs;
-use crate::config::check_queues;
+use crate::args::RunArgs;
+use backend::config::check_queues;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -43,7 +43,7 @@ pub enum RunnerError {
     #[error(transparent)]
     Kernel(#[from] guest_tests::kernel::KernelError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] backend::config::ConfigError),
     #[error("Cannot find this executable")]
     Exe(#[source] std::io::Error),
     #[error("Guest binary {0} not found: build it with `cargo build` (it sits beside dmaprobe), or give --guest-bin")]

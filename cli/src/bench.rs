@@ -17,8 +17,8 @@ use clap::Args;
 use log::info;
 use serde::{Serialize, Serializer};
 
-use crate::config::{self, ConfigError};
-use crate::vhost_user_driver::{
+use backend::config::{self, ConfigError};
+use backend::vhost_user_driver::{
     self, BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, Queue, RequestType, Sector,
     Segment, StatusByte,
 };

@@ -21,6 +21,7 @@ use backend::vhost_user_driver::{
     DESC_F_NEXT,
 };
 use tempfile::TempDir;
+use wire::pattern::pattern;
 
 /// The size of the backing file most tests use.
 const DISK: u64 = 8 << 20;
@@ -250,19 +251,6 @@ fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 fn sector_offset(sector: Sector) -> u64 {
     sector.byte_offset().expect("sector in range")
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let x = (i as u64)
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b))
-                .wrapping_add(seed >> 7);
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 fn no_event_idx() -> FrontendConfig {

@@ -1,14 +1,17 @@
-//! Fixtures shared by the integration tests that run the daemon in process.
+//! Fixtures shared by the integration tests: the daemon in process
+//! ([`served`]) or as a child ([`child`]), a vfio-user client's memory
+//! ([`vfio`]), and the data pattern.
 
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code, unused_imports)] // each test binary uses its own part
 
 pub mod child;
 pub mod served;
 pub mod vfio;
 
-use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
 use clap::Parser;
+use dmaprobe::args::{Cli, Command};
+pub use wire::pattern::pattern;
 
 /// The `ServeConfig` that `dmaprobe serve ARGS` gives.
 pub fn serve_config(args: &[&str]) -> ServeConfig {
@@ -22,16 +25,4 @@ pub fn serve_config(args: &[&str]) -> ServeConfig {
         Command::Serve(a) => ServeConfig::try_from(*a).expect("a valid configuration"),
         other => panic!("not a serve command: {other:?}"),
     }
-}
-
-/// A recognisable pattern: each byte depends on its position and a seed.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| {
-            let x = i
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0]
-        })
-        .collect()
 }

@@ -24,7 +24,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::control::commands::carry_out;
-use backend::control::protocol::Command as Ctl;
 use backend::vhost_user_driver::{
     BlkFrontend, BlkRequest, Buffer, ChainId, Completion, DiscardRange, Queue, RequestType, Sector,
     Segment, StatusByte,
@@ -32,6 +31,7 @@ use backend::vhost_user_driver::{
 use dma::ledger::RequestRecord;
 use dma::schedule::Release;
 use dma::{FindingKind, Op};
+use wire::control::Command as Ctl;
 
 /// How long anything that should happen soon may take on a loaded machine.
 const SOON: Duration = Duration::from_secs(5);

@@ -4,13 +4,12 @@
 //! default, as the raw JSON result with `--json`. An error answer, or no
 //! answer, exits non-zero.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
+use wire::control::ClientError;
 
 /// How long to wait for the daemon's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,14 +147,8 @@ fn on_off(s: &str) -> Result<bool, String> {
 pub enum CtlError {
     #[error("No control socket given: use --control PATH, --socket PATH or DMAPROBE_CONTROL")]
     NoSocket,
-    #[error("Cannot reach the daemon at {0} (is `dmaprobe serve` running?)")]
-    Connect(PathBuf, #[source] std::io::Error),
-    #[error("The daemon did not answer")]
-    NoAnswer(#[source] std::io::Error),
-    #[error("The daemon's answer is not JSON: {0}")]
-    BadAnswer(String),
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Request(#[from] ClientError),
 }
 
 /// Runs one ctl command; prints its answer.
@@ -165,11 +158,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         .or_else(|| {
             args.socket
                 .as_deref()
-                .map(crate::control::socket::default_path)
+                .map(backend::control::socket::default_path)
         })
         .ok_or(CtlError::NoSocket)?;
-    let request = request_for(&args.command);
-    let result = send(&path, &request)?;
+    let line = request_for(&args.command);
+    let result = wire::control::request(&path, &line, ANSWER_TIMEOUT)?;
     if args.json {
         println!("{result}");
     } else {
@@ -236,31 +229,8 @@ fn request_for(cmd: &CtlCommand) -> String {
         CtlCommand::Raw { request } => return request.clone(),
     };
     let mut v = v;
-    v["v"] = json!(crate::control::protocol::PROTOCOL_VERSION);
+    v["v"] = json!(wire::control::PROTOCOL_VERSION);
     v.to_string()
-}
-
-/// Sends one request and returns the `result` of a successful answer.
-pub fn send(path: &std::path::Path, request: &str) -> Result<Value, CtlError> {
-    let stream = UnixStream::connect(path).map_err(|e| CtlError::Connect(path.to_owned(), e))?;
-    stream
-        .set_read_timeout(Some(ANSWER_TIMEOUT))
-        .map_err(CtlError::NoAnswer)?;
-    let mut writer = stream.try_clone().map_err(CtlError::NoAnswer)?;
-    writeln!(writer, "{}", request.trim()).map_err(CtlError::NoAnswer)?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(CtlError::NoAnswer)?;
-    let answer: Value =
-        serde_json::from_str(&line).map_err(|_| CtlError::BadAnswer(line.trim().to_owned()))?;
-    if answer["ok"] == json!(true) {
-        Ok(answer["result"].clone())
-    } else {
-        Err(CtlError::Refused(
-            answer["error"].as_str().unwrap_or("refused").to_owned(),
-        ))
-    }
 }
 
 /// The answer as a person reads it.

@@ -1,5 +1,5 @@
 //! `dmaprobe bench` against an in-process dmaprobe (`backend::serve::Daemon`)
-//! and against qemu-storage-daemon, through `backend::bench::measure` and
+//! and against qemu-storage-daemon, through `dmaprobe::bench::measure` and
 //! through the real command line.
 //!
 //! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
@@ -16,8 +16,8 @@ use std::process::{Child, Command as Process, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backend::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, Rw};
 use clap::Parser;
+use dmaprobe::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, Rw};
 use tempfile::TempDir;
 
 const QSD: &str = "qemu-storage-daemon";

@@ -188,7 +188,7 @@ fn mailbox_io_takes_no_latency() {
     let s = Served::start(&["--latency", "read=2s", "--mailbox"]);
     let mut fe = s.connect(1);
     let capacity = fe.get_config().expect("config").capacity_bytes();
-    let mailbox = guest_tests::mailbox::mailbox_offset(capacity).expect("a mailbox");
+    let mailbox = wire::mailbox::mailbox_offset(capacity).expect("a mailbox");
     let ((st, _), took) = timed(|| fe.read(0, Sector(mailbox / 512), LEN).expect("read"));
     assert_eq!(st, StatusByte::OK);
     assert!(took < 2 * 1000 * MS, "a mailbox read took {took:?}");

@@ -2,7 +2,7 @@
 //! and 4 KiB random writes at queue depth 32 on one queue, through the real
 //! vhost-user protocol, in requests per second.
 //!
-//! `cargo bench -p backend --bench device`
+//! `cargo bench -p dmaprobe --bench device`
 //!
 //! The daemon (`backend::serve::Daemon`) serves in this process on a socket in
 //! a temp dir, over 256 MiB of memory media filled with data beforehand; the
@@ -31,7 +31,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
 use backend::serve::Daemon;
 use backend::vhost_user_driver::{
@@ -40,7 +39,9 @@ use backend::vhost_user_driver::{
 };
 use clap::Parser;
 use dma::{Checks, Engine};
+use dmaprobe::args::{Cli, Command};
 use nvme_model::{Lba, Namespace};
+use wire::pattern::pattern;
 
 /// Bytes per request.
 const LEN: usize = 4096;
@@ -112,19 +113,6 @@ impl fmt::Display for Workload {
             Workload::Write => "write",
         })
     }
-}
-
-/// A recognisable, never all-zero pattern: each byte depends on its position
-/// and a seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let x = (i as u64)
-                .wrapping_mul(0x9e37_79b9)
-                .wrapping_add(seed.wrapping_mul(0x85eb_ca6b));
-            (x ^ (x >> 13)).to_le_bytes()[0] | 1
-        })
-        .collect()
 }
 
 /// Writes data over the whole media, so that reads find real bytes rather

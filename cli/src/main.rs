@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
-use backend::cli::{Cli, Command};
 use backend::config::ServeConfig;
 use clap::Parser;
+use dmaprobe::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,14 +19,14 @@ fn main() -> ExitCode {
             .map_err(Into::into)
             .and_then(|config| backend::serve::run(config).map_err(Into::into))
             .map(|()| ExitCode::SUCCESS),
-        Command::Ctl(args) => match backend::ctl::run(args) {
+        Command::Ctl(args) => match dmaprobe::ctl::run(args) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) => {
                 eprintln!("dmaprobe ctl: {}", error_chain(&e));
                 return ExitCode::FAILURE;
             }
         },
-        Command::Bench(args) => match backend::bench::run(args) {
+        Command::Bench(args) => match dmaprobe::bench::run(args) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) => {
                 eprintln!("dmaprobe bench: {}", error_chain(&e));
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             }
         },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
-        Command::Run(args) => match backend::runner::run_suite(*args) {
+        Command::Run(args) => match dmaprobe::run::run_suite(*args) {
             Ok(true) => Ok(ExitCode::SUCCESS),
             Ok(false) => Ok(ExitCode::from(1)),
             Err(e) => {

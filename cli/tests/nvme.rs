@@ -1615,7 +1615,7 @@ fn sigterm_tells_the_host_of_a_held_read_before_the_daemon_exits() {
 
 #[test]
 fn the_mailbox_answers_control_commands_over_nvme_while_a_read_is_held() {
-    use guest_tests::mailbox::{decode, encode, mailbox_offset};
+    use wire::mailbox::{decode, encode, mailbox_offset};
     let s = Serve::start(&[
         "--nvme",
         "--mailbox",

@@ -1,0 +1,16 @@
+//! dmaprobe's command line, on top of the device ([`backend`]) and the guest
+//! suite ([`guest_tests`]):
+//!
+//! - [`args`]: the subcommands and their options (clap), and the checked
+//!   [`ServeConfig`](backend::config::ServeConfig) `dmaprobe serve`'s give.
+//! - `dmaprobe serve`: [`backend::serve::run`].
+//! - [`ctl`]: `dmaprobe ctl`, a control-socket client for a person.
+//! - [`bench`](mod@bench): `dmaprobe bench`, a load generator acting as the
+//!   vhost-user frontend (QEMU's side), through
+//!   [`backend::vhost_user_driver`].
+//! - [`run`]: `dmaprobe run`, the guest suite through [`guest_tests::run`].
+
+pub mod args;
+pub mod bench;
+pub mod ctl;
+pub mod run;
