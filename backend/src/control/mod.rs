@@ -1,6 +1,7 @@
-//! The control plane: the commands that drive a running daemon, the JSON-lines
-//! protocol that carries them, the UNIX socket that serves it, and the daemon
-//! state they act on.
+//! The daemon's side of the control plane: the commands that drive it, the
+//! UNIX socket that serves them, and the daemon state they act on. The
+//! JSON-lines protocol that carries them is [`wire::control`], shared with
+//! every client.
 //!
 //! One request per line, one response per line:
 //!
@@ -13,13 +14,13 @@
 //! ← {"v":1,"ok":false,"error":"unknown command ..."}
 //! ```
 //!
-//! `v` may be left out; a version other than [`PROTOCOL_VERSION`](protocol::PROTOCOL_VERSION)
+//! `v` may be left out; a version other than [`PROTOCOL_VERSION`](wire::control::PROTOCOL_VERSION)
 //! is refused.
 //! The same commands reach the daemon from inside the guest through the
 //! mailbox (see `mailbox`).
 //!
-//! - [`protocol`]: the wire format: [`Command`](protocol::Command), request
-//!   lines parsed ([`parse_request`](protocol::parse_request)), answers framed.
+//! - [`protocol`]: [`ControlFn`](protocol::ControlFn), what a request line is
+//!   handed to, from the socket or the mailbox.
 //! - [`commands`]: what each command does to the daemon
 //!   ([`handle_line`](commands::handle_line), [`carry_out`](commands::carry_out)).
 //! - [`socket`]: the control socket, each client on a thread of its own.
@@ -30,7 +31,7 @@
 //!
 //! A line flows: the socket (or the guest's mailbox, through a
 //! [`ControlFn`](protocol::ControlFn)) → [`commands::handle_line`] →
-//! [`protocol::parse_request`] → [`commands::carry_out`] on the
+//! [`wire::control::parse_request`] → [`commands::carry_out`] on the
 //! [`DaemonState`](state::DaemonState) → one answer line.
 
 pub mod commands;
