@@ -49,7 +49,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::canary;
 use crate::fault::{Decision, Effect, FaultPlan, Wait, MAX_CORRUPT_BITS};
 use crate::finding::{Finding, FindingKind};
-use crate::ledger::{Entry, Ledger, RequestRecord};
+use crate::ledger::{
+    Entry, Ledger, RequestRecord, TextTooLong, MAX_DETAIL_BYTES, MAX_LABEL_BYTES, MAX_TAG_BYTES,
+};
 use crate::request::{Arrival, Op, ReqId};
 use crate::segment::{Gpa, Segment};
 use crate::transfer::{self, TransferError};
@@ -66,48 +68,6 @@ const ZERO_SUSPECT_THRESHOLD: u64 = 3;
 /// ever-new pages cannot grow the count, and a zero buffer is still found when
 /// it is used three times within the last 65,536 distinct all-zero source pages.
 pub const MAX_ZERO_SUSPECTS: usize = 65_536;
-
-/// The longest test tag (`begin TAG`, a fault rule's `tag=`): 256 bytes.
-///
-/// A guest sets tags through its mailbox, and the tag in force is copied into
-/// every request's ticket, record and finding, so a longer one is refused
-/// ([`TextTooLong`]) rather than cut: a cut tag would match no rule written for
-/// it. 256 bytes is a test name with room to spare.
-pub const MAX_TAG_BYTES: usize = 256;
-
-/// The longest mark label (`mark LABEL`): 256 bytes, as for tags and for the
-/// same reason; a longer one is refused.
-pub const MAX_LABEL_BYTES: usize = 256;
-
-/// The longest finding detail kept: 256 bytes. Details are the engine's own
-/// sentences (numbers, addresses, names; about 150 bytes at most), never guest
-/// text; a longer one is cut at a character boundary, so an entry's size in
-/// the ledger stays bounded whatever a later change writes there.
-pub const MAX_DETAIL_BYTES: usize = 256;
-
-/// A tag or label past its cap: the field, its length and the cap.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field} is {len} bytes, longer than the limit of {max}")]
-pub struct TextTooLong {
-    /// `tag` or `label`.
-    pub field: &'static str,
-    pub len: usize,
-    pub max: usize,
-}
-
-impl TextTooLong {
-    /// `Err` if `text` is longer than `max` bytes.
-    pub fn check(field: &'static str, text: &str, max: usize) -> Result<(), TextTooLong> {
-        if text.len() > max {
-            return Err(TextTooLong {
-                field,
-                len: text.len(),
-                max,
-            });
-        }
-        Ok(())
-    }
-}
 
 /// Which checks run. Each can be switched while the device runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

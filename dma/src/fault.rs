@@ -63,7 +63,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::engine::{TextTooLong, MAX_TAG_BYTES};
+use crate::ledger::{TextTooLong, MAX_TAG_BYTES};
 use crate::request::{Arrival, Op};
 use crate::rng::SeededRng;
 
@@ -308,6 +308,9 @@ struct Builder {
 }
 
 impl Builder {
+    /// Sets one `key=value` of a rule line, refusing a key given twice. One
+    /// arm per key, so every key's parse and limit is found in one place;
+    /// longer than 80 lines for that reason.
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let dup = |set: bool| {
             if set {

@@ -22,6 +22,48 @@ use crate::finding::Finding;
 use crate::request::{Op, ReqId};
 use crate::segment::Segment;
 
+/// The longest test tag (`begin TAG`, a fault rule's `tag=`): 256 bytes.
+///
+/// A guest sets tags through its mailbox, and the tag in force is copied into
+/// every request's ticket, record and finding, so a longer one is refused
+/// ([`TextTooLong`]) rather than cut: a cut tag would match no rule written for
+/// it. 256 bytes is a test name with room to spare.
+pub const MAX_TAG_BYTES: usize = 256;
+
+/// The longest mark label (`mark LABEL`): 256 bytes, as for tags and for the
+/// same reason; a longer one is refused.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// The longest finding detail kept: 256 bytes. Details are the engine's own
+/// sentences (numbers, addresses, names; about 150 bytes at most), never guest
+/// text; a longer one is cut at a character boundary, so an entry's size in
+/// the ledger stays bounded whatever a later change writes there.
+pub const MAX_DETAIL_BYTES: usize = 256;
+
+/// A tag or label past its cap: the field, its length and the cap.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} is {len} bytes, longer than the limit of {max}")]
+pub struct TextTooLong {
+    /// `tag` or `label`.
+    pub field: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
+impl TextTooLong {
+    /// `Err` if `text` is longer than `max` bytes.
+    pub fn check(field: &'static str, text: &str, max: usize) -> Result<(), TextTooLong> {
+        if text.len() > max {
+            return Err(TextTooLong {
+                field,
+                len: text.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The default number of entries kept.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
@@ -360,7 +402,6 @@ mod tests {
     /// text at its cap, and a request with a full tag and 16 segments, fit.
     #[test]
     fn an_entry_at_every_cap_fits_its_share_of_the_budget() {
-        use crate::engine::{MAX_DETAIL_BYTES, MAX_LABEL_BYTES, MAX_TAG_BYTES};
         let tag = Some("t".repeat(MAX_TAG_BYTES));
         let mark = Entry::Mark(MarkRecord {
             label: "l".repeat(MAX_LABEL_BYTES),
