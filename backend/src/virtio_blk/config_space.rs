@@ -6,7 +6,7 @@ use super::SECTOR_SHIFT;
 
 /// The virtio-blk configuration space.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlkConfig {
+pub struct ConfigSpace {
     pub capacity_sectors: u64,
     pub lbs: LbaSize,
     pub size_max: u32,
@@ -22,7 +22,7 @@ pub const CONFIG_WRITEBACK_OFFSET: u32 = 32;
 /// The length of the configuration space up to and including the write-zeroes fields.
 pub const CONFIG_LEN: usize = 60;
 
-impl BlkConfig {
+impl ConfigSpace {
     /// The configuration space as the guest reads it (little-endian).
     pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut b = [0u8; CONFIG_LEN];
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn config_reads_exactly_what_is_asked() {
-        let c = BlkConfig {
+        let c = ConfigSpace {
             capacity_sectors: 0x1_0000,
             lbs: LbaSize::B4096,
             size_max: SIZE_MAX,

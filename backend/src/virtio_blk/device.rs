@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::config_space::{BlkConfig, CONFIG_WRITEBACK_OFFSET};
+use super::config_space::{ConfigSpace, CONFIG_WRITEBACK_OFFSET};
 use super::prepare::{prepare, PrepareError};
 use super::request::{self, Limits, Rejected};
 use super::{Status, ID_BYTES, SECTOR_SHIFT, SIZE_MAX};
@@ -201,8 +201,8 @@ impl BlkDevice {
         }
     }
 
-    fn config(&self) -> BlkConfig {
-        BlkConfig {
+    fn config(&self) -> ConfigSpace {
+        ConfigSpace {
             capacity_sectors: self.core().ns.capacity_bytes() >> SECTOR_SHIFT,
             lbs: self.core().ns.lba_size(),
             size_max: self.limits().size_max,

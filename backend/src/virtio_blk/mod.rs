@@ -3,7 +3,7 @@
 //!
 //! - this file: what virtio-blk defines that the rest of the folder speaks:
 //!   features, request types, statuses, the sizes of a request's parts.
-//! - [`config_space`]: [`BlkConfig`](config_space::BlkConfig), the
+//! - [`config_space`]: [`ConfigSpace`](config_space::ConfigSpace), the
 //!   configuration space the guest reads.
 //! - [`request`]: a descriptor chain parsed into a [`Request`](request::Request),
 //!   or rejected as [`Malformed`](request::Malformed).
