@@ -4,253 +4,43 @@
 //! its vhost-user socket with `backend::vhost_user_driver`, and checks what a guest and
 //! the host would see: features and config space, status bytes and used
 //! lengths, data in guest memory and in the file, the daemon's life across
-//! disconnects and signals. A [`Daemon`] kills and reaps its child on drop and
-//! prints the daemon's log when the test fails.
+//! disconnects and signals. A [`Serve`] kills and reaps its child on drop and
+//! prints the daemon's output when the test fails.
 
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+mod common;
+
+use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backend::vhost_user_driver::{
-    features, id_string, link, request_type, write_table, BlkFrontend, BlkRequest, Buffer,
-    Completion, CompletionKind, Descriptor, DiscardRange, Error as FrontendError, FrontendConfig,
-    GuestAddress, GuestRam, Next, Queue, RequestType, Sector, Segment, StatusByte, DESC_F_INDIRECT,
-    DESC_F_NEXT,
+    features, id_string, link, request_type, write_table, BlkRequest, Buffer, Completion,
+    CompletionKind, Descriptor, DiscardRange, FrontendConfig, GuestAddress, GuestRam, Next, Queue,
+    RequestType, Sector, Segment, StatusByte, DESC_F_INDIRECT, DESC_F_NEXT,
 };
-use tempfile::TempDir;
-use wire::pattern::pattern;
+use common::child::{within, Serve, Start, SOON};
+use common::pattern;
 
-/// The size of the backing file most tests use.
+/// The size of the disk file most tests use.
 const DISK: u64 = 8 << 20;
 const DISK_SECTORS: u64 = DISK / 512;
-/// How long any single wait may take before the test fails.
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// Guest-physical address far outside the frontend's guest memory.
 const FAR: u64 = 1 << 40;
-/// Bytes of the start and of the end of the daemon's log shown on failure.
-const LOG_EXCERPT: u64 = 32 << 10;
 
 // ---------------------------------------------------------------------------
 // The daemon under test
 // ---------------------------------------------------------------------------
 
-/// A `dmaprobe serve` child process, killed and reaped on drop. Its stdout and
-/// stderr go to files in its temp dir and are printed if the test panics.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    disk: PathBuf,
-    dir: TempDir,
+/// `dmaprobe serve EXTRA` as these tests run it: without the ledger (they
+/// check the device, not what it records) and with every request in its log
+/// (debug), for the report of a failed test.
+fn serve<'a>(extra: &'a [&'a str]) -> Start<'a> {
+    Serve::with(extra).no_ledger().log("info,backend=debug")
 }
 
-impl Daemon {
-    /// Starts the daemon on a fresh, sparse file of [`DISK`] bytes.
-    fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let disk = dir.path().join("disk.raw");
-        File::create(&disk)
-            .and_then(|f| f.set_len(DISK))
-            .expect("create disk file");
-        let mut d = Daemon::spawn(dir, extra);
-        d.wait_for_socket();
-        d
-    }
-
-    /// Spawns `dmaprobe serve --socket DIR/blk.sock --disk DIR/disk.raw EXTRA`
-    /// without waiting for anything.
-    fn spawn(dir: TempDir, extra: &[&str]) -> Daemon {
-        let socket = dir.path().join("blk.sock");
-        let disk = dir.path().join("disk.raw");
-        let child = Command::new(env!("CARGO_BIN_EXE_dmaprobe"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--disk")
-            .arg(&disk)
-            .args(extra)
-            .env("RUST_LOG", "info,backend=debug")
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.path().join("serve.out")).expect("stdout file"))
-            .stderr(File::create(dir.path().join("serve.err")).expect("stderr file"))
-            .spawn()
-            .expect("spawn dmaprobe serve");
-        Daemon {
-            child,
-            socket,
-            disk,
-            dir,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.path().join("serve.err")).unwrap_or_default()
-    }
-
-    /// The daemon's output for a failure report: at most the first and the
-    /// last [`LOG_EXCERPT`] bytes of each stream (a looping daemon can log
-    /// gigabytes).
-    fn output(&self) -> String {
-        let excerpt = |name: &str| {
-            let path = self.dir.path().join(name);
-            let Ok(f) = File::open(&path) else {
-                return String::new();
-            };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let read = |offset: u64, n: u64| {
-                let mut buf = vec![0; usize::try_from(n).unwrap_or(0)];
-                let got = f.read_at(&mut buf, offset).unwrap_or(0);
-                buf.truncate(got);
-                String::from_utf8_lossy(&buf).into_owned()
-            };
-            if len <= 2 * LOG_EXCERPT {
-                read(0, len)
-            } else {
-                let head = read(0, LOG_EXCERPT);
-                let tail = read(len - LOG_EXCERPT, LOG_EXCERPT);
-                format!(
-                    "{head}\n[... {} bytes left out ...]\n{tail}",
-                    len - 2 * LOG_EXCERPT
-                )
-            }
-        };
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            excerpt("serve.out"),
-            excerpt("serve.err")
-        )
-    }
-
-    fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.socket.exists() {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("dmaprobe serve exited early with {status}");
-            }
-            assert!(Instant::now() < deadline, "no socket after {TIMEOUT:?}");
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Connects a frontend, retrying while the socket refuses (between bind and
-    /// listen).
-    fn connect(&mut self, config: FrontendConfig) -> BlkFrontend {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            // On its own thread: a daemon that accepts but never answers would
-            // block the vhost-user handshake forever.
-            let (socket, c) = (self.socket.clone(), config.clone());
-            match within("connect", TIMEOUT, move || BlkFrontend::connect(socket, c)) {
-                Ok(fe) => return fe,
-                Err(e @ FrontendError::Connect { .. }) if Instant::now() < deadline => {
-                    self.assert_alive();
-                    eprintln!("connect: {e}; retrying");
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("connect: {e:?}"),
-            }
-        }
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!("dmaprobe serve has exited: {status}");
-        }
-    }
-
-    /// Waits for the daemon to exit on its own.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dmaprobe serve still running after {timeout:?}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// CPU time (user + system) the daemon has used so far.
-    fn cpu_time(&self) -> Duration {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("read /proc/PID/stat");
-        // The fields after the command name, which is in parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .expect("stat format")
-            .1
-            .split_whitespace()
-            .collect();
-        // utime and stime are fields 14 and 15 of stat(5); fields[0] is field 3.
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let hz = u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100);
-        Duration::from_micros(ticks * 1_000_000 / hz)
-    }
-
-    /// Fails if the daemon keeps a CPU busy while nothing is asked of it
-    /// (measured over `window`).
-    fn assert_idle(&mut self, what: &str, window: Duration) {
-        self.assert_alive();
-        let (cpu, wall) = (self.cpu_time(), Instant::now());
-        thread::sleep(window);
-        let used = self.cpu_time().saturating_sub(cpu);
-        let elapsed = wall.elapsed();
-        assert!(
-            used < elapsed / 4,
-            "{what}: the daemon used {used:?} of CPU in {elapsed:?} while idle"
-        );
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own
-        // child, which has not been reaped yet (so the pid cannot be reused).
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// `len` bytes of the backing file at byte `offset`, read on the host.
-    fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
-        file_bytes(&self.disk, offset, len)
-    }
-
-    fn file_len(&self) -> u64 {
-        fs::metadata(&self.disk).expect("stat disk").len()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!(
-                "---- dmaprobe serve ({}) ----\n{}",
-                self.dir.path().display(),
-                self.output()
-            );
-        }
-    }
-}
-
-fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0; len];
-    File::open(path)
-        .and_then(|f| f.read_exact_at(&mut buf, offset))
-        .expect("read disk file");
-    buf
-}
-
-fn sector_offset(sector: Sector) -> u64 {
-    sector.byte_offset().expect("sector in range")
+/// Starts the daemon on a fresh, sparse file of [`DISK`] bytes.
+fn start(extra: &[&str]) -> Serve {
+    serve(extra).disk_file(DISK, &[]).start()
 }
 
 fn no_event_idx() -> FrontendConfig {
@@ -296,7 +86,7 @@ fn run_request(
     };
     let id = q.submit(&req).expect("submit");
     q.kick().expect("kick");
-    let done = q.wait_for(id, TIMEOUT).expect("completion");
+    let done = q.wait_for(id, SOON).expect("completion");
     let back = bufs
         .iter()
         .flat_map(|b| b.read().expect("read buffer"))
@@ -332,8 +122,8 @@ fn read_segments(q: &mut Queue, sector: Sector, sizes: &[usize]) -> Vec<u8> {
 #[test]
 fn features_and_config_space_for_both_block_sizes() {
     for lbs in [512u32, 4096] {
-        let mut d = Daemon::start(&["--lbs", &lbs.to_string(), "--queues", "3"]);
-        let mut fe = d.connect(FrontendConfig::default());
+        let d = start(&["--lbs", &lbs.to_string(), "--queues", "3"]);
+        let mut fe = d.connect_with(FrontendConfig::default());
         let n = *fe.negotiated();
         for (bit, name) in [
             (features::VERSION_1, "VERSION_1"),
@@ -418,8 +208,8 @@ fn features_and_config_space_for_both_block_sizes() {
 
 fn requests_land_in_the_file(config: FrontendConfig) {
     let event_idx = config.event_idx;
-    let mut d = Daemon::start(&["--serial", "dmaprobe-test-01"]);
-    let mut fe = d.connect(config);
+    let d = start(&["--serial", "dmaprobe-test-01"]);
+    let mut fe = d.connect_with(config);
     assert_eq!(fe.negotiated().has(features::RING_EVENT_IDX), event_idx);
     let q = fe.queue(0).expect("queue");
 
@@ -457,7 +247,7 @@ fn requests_land_in_the_file(config: FrontendConfig) {
     for (i, &(sector, sizes)) in cases.iter().enumerate() {
         let len: usize = sizes.iter().sum();
         assert!(
-            d.file_bytes(sector * 512, len) == pattern(i as u64 + 1, len),
+            d.disk_at(sector, len) == pattern(i as u64 + 1, len),
             "file at sector {sector} does not hold the data"
         );
     }
@@ -530,13 +320,13 @@ fn requests_land_in_the_file(config: FrontendConfig) {
         let back = read_segments(q, Sector(base), &[64 << 10]);
         assert!(back == expected, "device: type {kind} {rs:?}");
         assert!(
-            d.file_bytes(base * 512, 64 << 10) == expected,
+            d.disk_at(base, 64 << 10) == expected,
             "file: type {kind} {rs:?}"
         );
     }
     assert_eq!(q.in_flight(), 0);
     assert_eq!(q.stats().unknown_used, 0);
-    assert_eq!(d.file_len(), DISK, "the file keeps its size");
+    assert_eq!(d.disk_len(), DISK, "the file keeps its size");
 }
 
 #[test]
@@ -551,8 +341,8 @@ fn requests_land_in_the_file_without_event_idx() {
 
 #[test]
 fn lbs_4096_refuses_requests_not_aligned_to_4096() {
-    let mut d = Daemon::start(&["--lbs", "4096"]);
-    let mut fe = d.connect(FrontendConfig::default());
+    let d = start(&["--lbs", "4096"]);
+    let mut fe = d.connect_with(FrontendConfig::default());
     let q = fe.queue(0).expect("queue");
 
     let before = pattern(1, 16384);
@@ -561,7 +351,7 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
     let last = DISK_SECTORS - 8;
     write_segments(q, Sector(last), &pattern(3, 4096), &[4096]);
     assert!(read_segments(q, Sector(last), &[4096]) == pattern(3, 4096));
-    assert!(d.file_bytes(last * 512, 4096) == pattern(3, 4096));
+    assert!(d.disk_at(last, 4096) == pattern(3, 4096));
     let mut now = before.clone();
     now[4096..8192].copy_from_slice(&pattern(2, 4096));
 
@@ -593,7 +383,7 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
         assert_eq!(q.write_zeroes(&r).expect("wz"), StatusByte::IOERR, "{r:?}");
     }
     assert!(
-        d.file_bytes(0, 16384) == now,
+        d.disk_at(0, 16384) == now,
         "refused requests changed the file"
     );
     let r = [DiscardRange {
@@ -604,7 +394,7 @@ fn lbs_4096_refuses_requests_not_aligned_to_4096() {
     assert_eq!(q.write_zeroes(&r).expect("wz"), StatusByte::OK);
     now[8192..12288].fill(0);
     assert!(read_segments(q, Sector(0), &[16384]) == now);
-    assert!(d.file_bytes(0, 16384) == now);
+    assert!(d.disk_at(0, 16384) == now);
 }
 
 // ---------------------------------------------------------------------------
@@ -694,7 +484,7 @@ impl<'a> Raw<'a> {
             .expect("preset status");
         let id = self.q.push_chain(descs).expect("push_chain");
         self.q.kick().expect("kick");
-        let done = self.q.wait_for(id, TIMEOUT).expect("completion");
+        let done = self.q.wait_for(id, SOON).expect("completion");
         assert_eq!(done.kind, CompletionKind::Raw);
         done
     }
@@ -723,7 +513,7 @@ impl<'a> Raw<'a> {
     }
 
     /// A good write and read on the same queue, which must succeed.
-    fn good_io(&mut self, d: &Daemon, case: &str) {
+    fn good_io(&mut self, d: &Serve, case: &str) {
         self.good += 1;
         let sector = Sector(GOOD_BASE + 8 * self.good);
         let data = pattern(1000 + self.good, 4096);
@@ -736,7 +526,7 @@ impl<'a> Raw<'a> {
         assert_eq!(status, StatusByte::OK, "good read after {case}");
         assert!(back == data, "good read after {case} returned other data");
         assert!(
-            d.file_bytes(sector_offset(sector), 4096) == data,
+            d.disk_at(sector.0, 4096) == data,
             "good write after {case} is not in the file"
         );
     }
@@ -745,8 +535,8 @@ impl<'a> Raw<'a> {
 #[test]
 fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     use request_type::{DISCARD, GET_ID, IN, OUT, WRITE_ZEROES};
-    let mut d = Daemon::start(&[]);
-    let mut fe = d.connect(FrontendConfig::default());
+    let mut d = start(&[]);
+    let mut fe = d.connect_with(FrontendConfig::default());
     let config = fe.get_config().expect("config");
     let mem_end = fe.ram().size();
     let q = fe.queue(0).expect("queue");
@@ -1142,16 +932,16 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
     // is alive and the queue has nothing left over.
     raw.q.flush().expect("flush");
     assert!(
-        d.file_bytes(0, guard.len()) == guard,
+        d.disk_at(0, guard.len()) == guard,
         "a refused request changed the media"
     );
-    assert_eq!(d.file_len(), DISK, "the file changed size");
+    assert_eq!(d.disk_len(), DISK, "the file changed size");
     assert_eq!(raw.q.stats().unknown_used, 0);
     drop(raw);
     drop(fe);
     d.assert_alive();
     // And the next frontend is served.
-    let mut fe = d.connect(FrontendConfig::default());
+    let mut fe = d.connect_with(FrontendConfig::default());
     let (status, back) = fe.read(0, Sector(0), guard.len()).expect("read");
     assert_eq!(status, StatusByte::OK);
     assert!(back == guard);
@@ -1160,17 +950,11 @@ fn malformed_chains_get_an_error_and_the_daemon_keeps_serving() {
 
 #[test]
 fn read_only_device_refuses_every_write() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let disk = dir.path().join("disk.raw");
     let content = pattern(5, 1 << 20);
-    {
-        let f = File::create(&disk).expect("create disk");
-        f.set_len(DISK).expect("size disk");
-        f.write_all_at(&content, 0).expect("fill disk");
-    }
-    let mut d = Daemon::spawn(dir, &["--read-only"]);
-    d.wait_for_socket();
-    let mut fe = d.connect(FrontendConfig::default());
+    let mut d = serve(&["--read-only"])
+        .disk_file(DISK, &[(0, &content[..])])
+        .start();
+    let mut fe = d.connect_with(FrontendConfig::default());
     assert!(fe.negotiated().has(features::BLK_RO), "RO not offered");
     let q = fe.queue(0).expect("queue");
 
@@ -1208,10 +992,7 @@ fn read_only_device_refuses_every_write() {
         (StatusByte::OK, "dmaprobe")
     );
     assert!(read_segments(q, Sector(0), &[1 << 20]) == content, "read");
-    assert!(
-        d.file_bytes(0, content.len()) == content,
-        "the file changed"
-    );
+    assert!(d.disk_at(0, content.len()) == content, "the file changed");
     d.assert_alive();
 }
 
@@ -1246,7 +1027,7 @@ fn deep_round_trip(q: &mut Queue, first: u64, depth: usize, len: usize, seed: u6
         assert_eq!(q.in_flight(), depth);
         let mut done = Vec::with_capacity(depth);
         while done.len() < depth {
-            q.wait(&mut done, TIMEOUT).expect("completions");
+            q.wait(&mut done, SOON).expect("completions");
         }
         assert_eq!(done.len(), depth, "more completions than requests");
         let mut seen = vec![false; depth];
@@ -1271,8 +1052,8 @@ fn deep_round_trip(q: &mut Queue, first: u64, depth: usize, len: usize, seed: u6
 
 #[test]
 fn two_queues_in_parallel_with_many_requests_in_flight() {
-    let mut d = Daemon::start(&["--queues", "2", "--queue-size", "128"]);
-    let mut fe = d.connect(FrontendConfig {
+    let mut d = start(&["--queues", "2", "--queue-size", "128"]);
+    let mut fe = d.connect_with(FrontendConfig {
         num_queues: 2,
         queue_size: 128,
         ..FrontendConfig::default()
@@ -1308,9 +1089,9 @@ fn two_queues_in_parallel_with_many_requests_in_flight() {
     let last = lens[lens.len() - 1];
     for qi in 0..2u64 {
         for i in 0..DEPTH {
-            let offset = qi * region * 512 + (i * last) as u64;
+            let sector = qi * region + (i * last / 512) as u64;
             assert!(
-                d.file_bytes(offset, last) == pattern(seed(qi, ROUNDS - 1) + i as u64, last),
+                d.disk_at(sector, last) == pattern(seed(qi, ROUNDS - 1) + i as u64, last),
                 "queue {qi} request {i} is not in the file"
             );
         }
@@ -1324,17 +1105,17 @@ fn two_queues_in_parallel_with_many_requests_in_flight() {
 
 #[test]
 fn a_second_frontend_reads_what_the_first_wrote() {
-    let mut d = Daemon::start(&[]);
+    let d = start(&[]);
     let cases = [(0u64, 4096usize), (777, 512), (DISK_SECTORS - 64, 32768)];
     {
-        let mut fe = d.connect(FrontendConfig::default());
+        let mut fe = d.connect_with(FrontendConfig::default());
         for (i, &(sector, len)) in cases.iter().enumerate() {
             let status = fe.write(0, Sector(sector), &pattern(i as u64, len));
             assert_eq!(status.expect("write"), StatusByte::OK);
         }
     }
     for config in [no_event_idx(), FrontendConfig::default()] {
-        let mut fe = d.connect(config);
+        let mut fe = d.connect_with(config);
         assert_eq!(fe.get_config().expect("config").capacity, DISK_SECTORS);
         for (i, &(sector, len)) in cases.iter().enumerate() {
             let (status, back) = fe.read(0, Sector(sector), len).expect("read");
@@ -1372,9 +1153,9 @@ fn connect_up_to_set_mem_table(socket: &Path) {
 
 #[test]
 fn frontends_that_vanish_mid_session_do_not_stop_the_daemon() {
-    let mut d = Daemon::start(&[]);
-    let good = |d: &mut Daemon, seed: u64| {
-        let mut fe = d.connect(FrontendConfig::default());
+    let mut d = start(&[]);
+    let good = |d: &mut Serve, seed: u64| {
+        let mut fe = d.connect_with(FrontendConfig::default());
         let data = pattern(seed, 8192);
         assert_eq!(
             fe.write(0, Sector(15000), &data).expect("write"),
@@ -1390,7 +1171,7 @@ fn frontends_that_vanish_mid_session_do_not_stop_the_daemon() {
     // Many requests submitted and kicked, more published without a kick, then
     // gone without waiting for any of them.
     {
-        let mut fe = d.connect(FrontendConfig::default());
+        let mut fe = d.connect_with(FrontendConfig::default());
         let q = fe.queue(0).expect("queue");
         let ram = q.ram().clone();
         let bufs: Vec<Buffer> = (0..80).map(|_| ram.alloc(65536).expect("alloc")).collect();
@@ -1427,8 +1208,8 @@ fn frontends_that_vanish_mid_session_do_not_stop_the_daemon() {
 #[test]
 fn an_avail_index_more_than_a_queue_ahead_is_survived() {
     for event_idx in [false, true] {
-        let mut d = Daemon::start(&[]);
-        let mut fe = d.connect(FrontendConfig {
+        let mut d = start(&[]);
+        let mut fe = d.connect_with(FrontendConfig {
             event_idx,
             ..FrontendConfig::default()
         });
@@ -1457,30 +1238,15 @@ fn an_avail_index_more_than_a_queue_ahead_is_survived() {
     }
 }
 
-/// Runs `f` on its own thread; fails if it does not return within `timeout`
-/// (a vhost-user request the daemon never answers would block forever).
-fn within<T: Send + 'static>(
-    what: &str,
-    timeout: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(timeout)
-        .unwrap_or_else(|e| panic!("{what}: no answer within {timeout:?} ({e})"))
-}
-
 #[test]
 fn stopping_a_busy_queue_leaves_no_worker_spinning() {
     for event_idx in [false, true] {
-        let mut d = Daemon::start(&[]);
+        let mut d = start(&[]);
         let config = FrontendConfig {
             event_idx,
             ..FrontendConfig::default()
         };
-        let mut fe = d.connect(config.clone());
+        let mut fe = d.connect_with(config.clone());
         let q = fe.queue(0).expect("queue");
         let ram = q.ram().clone();
         let bufs: Vec<Buffer> = (0..64)
@@ -1498,7 +1264,7 @@ fn stopping_a_busy_queue_leaves_no_worker_spinning() {
         q.kick().expect("kick");
         // GET_VRING_BASE while the device works through the queue, as QEMU
         // does when the guest resets the device with requests in flight.
-        let base = within("GET_VRING_BASE", TIMEOUT, move || {
+        let base = within("GET_VRING_BASE", SOON, move || {
             let base = fe.stop_queue(0).map_err(|e| e.to_string());
             (fe, base, bufs)
         });
@@ -1511,7 +1277,7 @@ fn stopping_a_busy_queue_leaves_no_worker_spinning() {
         );
         drop(fe);
         drop(bufs);
-        let mut fe = d.connect(config);
+        let mut fe = d.connect_with(config);
         let data = pattern(3, 4096);
         assert_eq!(
             fe.write(0, Sector(15000), &data).expect("write"),
@@ -1532,8 +1298,8 @@ fn stopping_a_busy_queue_leaves_no_worker_spinning() {
 
 #[test]
 fn sigterm_stops_the_daemon_cleanly_with_the_data_in_the_file() {
-    let mut d = Daemon::start(&[]);
-    let mut fe = d.connect(FrontendConfig::default());
+    let mut d = start(&[]);
+    let mut fe = d.connect_with(FrontendConfig::default());
     let cases = [(0u64, 4096usize), (4000, 65536), (DISK_SECTORS - 1, 512)];
     for (i, &(sector, len)) in cases.iter().enumerate() {
         let data = pattern(i as u64 + 50, len);
@@ -1548,20 +1314,20 @@ fn sigterm_stops_the_daemon_cleanly_with_the_data_in_the_file() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
     for (i, &(sector, len)) in cases.iter().enumerate() {
         assert!(
-            d.file_bytes(sector * 512, len) == pattern(i as u64 + 50, len),
+            d.disk_at(sector, len) == pattern(i as u64 + 50, len),
             "sector {sector} not in the file"
         );
     }
-    assert_eq!(d.file_len(), DISK);
+    assert_eq!(d.disk_len(), DISK);
     assert!(!d.socket.exists(), "the socket was left behind");
     drop(fe);
 }
 
 #[test]
 fn sigint_between_frontends_exits_zero() {
-    let mut d = Daemon::start(&[]);
+    let mut d = start(&[]);
     {
-        let mut fe = d.connect(no_event_idx());
+        let mut fe = d.connect_with(no_event_idx());
         let data = pattern(60, 4096);
         assert_eq!(
             fe.write(0, Sector(8), &data).expect("write"),
@@ -1571,30 +1337,20 @@ fn sigint_between_frontends_exits_zero() {
     d.signal(libc::SIGINT);
     let status = d.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "exit status after SIGINT: {status}");
-    assert!(d.file_bytes(8 * 512, 4096) == pattern(60, 4096));
+    assert!(d.disk_at(8, 4096) == pattern(60, 4096));
 }
 
 // ---------------------------------------------------------------------------
 // 7. The file is never resized
 // ---------------------------------------------------------------------------
 
-/// A temp dir holding `disk.raw` of `size` bytes with a pattern at both ends.
-fn dir_with_disk(size: u64) -> (TempDir, Vec<u8>) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ends = pattern(88, 4096);
-    let f = File::create(dir.path().join("disk.raw")).expect("create disk");
-    f.set_len(size).expect("size disk");
-    f.write_all_at(&ends, 0).expect("head");
-    f.write_all_at(&ends, size - 4096).expect("tail");
-    (dir, ends)
-}
-
 #[test]
 fn an_existing_file_is_used_at_its_own_size() {
-    let (dir, ends) = dir_with_disk(DISK);
-    let mut d = Daemon::spawn(dir, &[]);
-    d.wait_for_socket();
-    let mut fe = d.connect(FrontendConfig::default());
+    let ends = pattern(88, 4096);
+    let mut d = serve(&[])
+        .disk_file(DISK, &[(0, &ends[..]), (DISK_SECTORS - 8, &ends[..])])
+        .start();
+    let mut fe = d.connect_with(FrontendConfig::default());
     assert_eq!(fe.get_config().expect("config").capacity_bytes(), DISK);
     let (status, head) = fe.read(0, Sector(0), 4096).expect("read head");
     assert_eq!((status, head == ends), (StatusByte::OK, true), "head kept");
@@ -1605,23 +1361,23 @@ fn an_existing_file_is_used_at_its_own_size() {
     drop(fe);
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(5)).success());
-    assert_eq!(d.file_len(), DISK);
+    assert_eq!(d.disk_len(), DISK);
 
     // A missing file is created at --size.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut d = Daemon::spawn(dir, &["--size", "4M"]);
-    d.wait_for_socket();
-    let mut fe = d.connect(FrontendConfig::default());
+    let d = serve(&[]).size(Some("4M")).start();
+    let mut fe = d.connect_with(FrontendConfig::default());
     assert_eq!(fe.get_config().expect("config").capacity_bytes(), 4 << 20);
-    assert_eq!(d.file_len(), 4 << 20);
+    assert_eq!(d.disk_len(), 4 << 20);
 }
 
 #[test]
 fn a_size_that_differs_from_the_file_is_refused_and_the_file_is_kept() {
     for (size, bytes) in [("16M", 16u64 << 20), ("4M", 4 << 20)] {
-        let (dir, ends) = dir_with_disk(DISK);
-        let mut d = Daemon::spawn(dir, &["--size", size]);
-        let status = d.wait_exit(TIMEOUT);
+        let ends = pattern(88, 4096);
+        let mut d = serve(&["--size", size])
+            .disk_file(DISK, &[(0, &ends[..]), (DISK_SECTORS - 8, &ends[..])])
+            .spawn();
+        let status = d.wait_exit(SOON);
         assert!(
             !status.success(),
             "--size {size} on an 8 MiB file: {status}"
@@ -1634,15 +1390,14 @@ fn a_size_that_differs_from_the_file_is_refused_and_the_file_is_kept() {
         ] {
             assert!(err.contains(&needle), "stderr lacks {needle:?}:\n{err}");
         }
-        assert_eq!(d.file_len(), DISK, "--size {size} resized the file");
-        assert!(d.file_bytes(0, 4096) == ends && d.file_bytes(DISK - 4096, 4096) == ends);
+        assert_eq!(d.disk_len(), DISK, "--size {size} resized the file");
+        assert!(d.disk_at(0, 4096) == ends && d.disk_at(DISK_SECTORS - 8, 4096) == ends);
         assert!(!d.socket.exists(), "a socket despite the error");
     }
 
     // A missing file without --size.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut d = Daemon::spawn(dir, &[]);
-    let status = d.wait_exit(TIMEOUT);
+    let mut d = serve(&[]).size(None).spawn();
+    let status = d.wait_exit(SOON);
     assert!(!status.success(), "no file and no --size: {status}");
     let err = d.stderr();
     assert!(err.contains(&d.disk.display().to_string()), "{err}");
