@@ -23,7 +23,7 @@ use crate::held::{
     check_read_waits, first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET,
     OLD, TOUCH, TOUCH_AT,
 };
-use crate::io::{AlignedBuf, Cache, Fd, PAGE};
+use crate::io::{AlignedBuf, Cache, Fd, IoError, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{Ctx, OrStop, Stop};
@@ -132,16 +132,7 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     let hold = Hold::next(&mailbox, "read", lba)?;
     let pins_before = pins().ok();
 
-    let reader = {
-        let (fd, page) = (fd.clone(), page.clone());
-        thread::spawn(move || {
-            // SAFETY: the page is mapped for the life of `page`, which this thread
-            // holds; the kernel writes it by DMA, no Rust reference aliases it.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, FORK_READ_LEN) };
-            fd.read_exact_at(buf, offset)
-        })
-    };
+    let reader = spawn_reader(&fd, &page, offset);
     let held = hold.wait_held()?;
     check_read_waits(
         ctx,
@@ -151,18 +142,7 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
-    mailbox.mark("fork");
-    let status = fork_and_wait(|| {
-        if writer == Writer::Child {
-            page.write(TOUCH_AT, TOUCH);
-        }
-    })?;
-    if writer == Writer::Parent {
-        page.write(TOUCH_AT, TOUCH);
-        mailbox.mark("parent wrote");
-    } else {
-        mailbox.mark("child wrote and exited");
-    }
+    let status = fork_and_write(&mailbox, &page, writer)?;
     let pfn_after = pfn(page.addr())?;
 
     hold.release()?;
@@ -196,4 +176,39 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     };
     let result = evidence.judge(seed, offset, &page.bytes(0, FORK_READ_LEN));
     ctx.record("the parent sees the data", result)
+}
+
+/// Starts the O_DIRECT read of [`FORK_READ_LEN`] B at `offset` of `fd` into
+/// the start of `page`, on a thread of its own.
+fn spawn_reader(
+    fd: &Arc<Fd>,
+    page: &Arc<AnonPage>,
+    offset: u64,
+) -> thread::JoinHandle<Result<(), IoError>> {
+    let (fd, page) = (fd.clone(), page.clone());
+    thread::spawn(move || {
+        // SAFETY: the page is mapped for the life of `page`, which this thread
+        // holds; the kernel writes it by DMA, no Rust reference aliases it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, FORK_READ_LEN) };
+        fd.read_exact_at(buf, offset)
+    })
+}
+
+/// Forks, and the `writer` writes to the page: the child before it exits,
+/// or the parent once the child is reaped; each moment marked in the
+/// device's ledger. Returns the child's exit status.
+fn fork_and_write(mailbox: &Mailbox, page: &AnonPage, writer: Writer) -> Result<i32, Stop> {
+    mailbox.mark("fork");
+    let status = fork_and_wait(|| {
+        if writer == Writer::Child {
+            page.write(TOUCH_AT, TOUCH);
+        }
+    })?;
+    if writer == Writer::Parent {
+        page.write(TOUCH_AT, TOUCH);
+        mailbox.mark("parent wrote");
+    } else {
+        mailbox.mark("child wrote and exited");
+    }
+    Ok(status)
 }

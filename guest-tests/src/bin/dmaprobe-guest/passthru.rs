@@ -466,21 +466,9 @@ impl InFlight<'_> {
 
 /// The uring read's completion: `res` is the NVMe status, or a negated errno.
 fn judge_cqe(cqe: &Cqe) -> Result<String, Stop> {
-    if cqe.user_data != READ_TAG {
-        Err(Stop::Error(format!(
-            "the completion is tagged {:#x}, not the read's {READ_TAG:#x}",
-            cqe.user_data
-        )))
-    } else if cqe.res == 0 {
-        Ok("res = 0 (NVMe status 0)".to_owned())
-    } else if cqe.res < 0 {
-        Err(Stop::Fail(format!(
-            "res = {} ({})",
-            cqe.res,
-            io::Error::from_raw_os_error(-cqe.res)
-        )))
-    } else {
-        Err(Stop::Fail(format!("res = {:#x}: NVMe status", cqe.res)))
+    match cqe.read_res(READ_TAG)? {
+        0 => Ok("res = 0 (NVMe status 0)".to_owned()),
+        res => Err(Stop::Fail(format!("res = {res:#x}: NVMe status"))),
     }
 }
 

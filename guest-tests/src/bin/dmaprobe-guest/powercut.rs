@@ -212,41 +212,9 @@ pub fn bad_block(ctx: &Ctx) -> Result<(), Stop> {
             .map(|()| format!("{BAD_LEN} B"))
             .or_fail(),
     )?;
-    let lba = first_lba(&fd, &p)?;
-    let added = mailbox.call(json!({
-        "cmd": "media-error", "action": "add", "lba": lba, "blocks": BLOCK_LBAS, "kind": "read"
-    }))?;
-    ctx.note(
-        "media error",
-        format!(
-            "reads of LBA {lba}+{BLOCK_LBAS} (the first block of {BAD_FILE}) fail: {}",
-            added["media_errors"]
-        ),
-    );
+    fail_first_block(ctx, &mailbox, &fd, &p)?;
     drop_caches()?;
-
-    buf.as_mut_slice().fill(UNTOUCHED);
-    let read = fd.read_at(buf.as_mut_slice(), 0);
-    // The kernel's errno for a medium error: virtio-blk reports only an I/O
-    // error; NVMe's Unrecovered Read Error is BLK_STS_MEDIUM, ENODATA.
-    let (errno, name) = if disk.starts_with("/dev/nvme") {
-        (libc::ENODATA, "ENODATA")
-    } else {
-        (libc::EIO, "EIO")
-    };
-    ctx.record(
-        &format!("O_DIRECT read over the bad block fails with {name}"),
-        match read {
-            Err(IoError::Read { ref source, .. }) if source.raw_os_error() == Some(errno) => {
-                Ok(name.into())
-            }
-            Err(e) => Err(Stop::Fail(format!(
-                "failed, but not with {name}: {}",
-                crate::one_line(&e)
-            ))),
-            Ok(n) => Err(Stop::Fail(format!("read {n} B without an error"))),
-        },
-    )?;
+    read_fails_over_bad_block(ctx, disk, &fd, &mut buf)?;
 
     let block = &mut buf.as_mut_slice()[..PAGE];
     fill_pattern(seed, 0, block);
@@ -276,5 +244,55 @@ pub fn bad_block(ctx: &Ctx) -> Result<(), Stop> {
     ctx.file(BAD_FILE, BAD_LEN, seed);
     drop(fd);
     ctx.record("unmount", mount.unmount())?;
+    Ok(())
+}
+
+/// Tells the device that reads of the disk block under the start of the
+/// file `fd` (at `p`) fail, and notes what it answered.
+fn fail_first_block(ctx: &Ctx, mailbox: &Mailbox, fd: &Fd, p: &str) -> Result<(), Stop> {
+    let lba = first_lba(fd, p)?;
+    let added = mailbox.call(json!({
+        "cmd": "media-error", "action": "add", "lba": lba, "blocks": BLOCK_LBAS, "kind": "read"
+    }))?;
+    ctx.note(
+        "media error",
+        format!(
+            "reads of LBA {lba}+{BLOCK_LBAS} (the first block of {BAD_FILE}) fail: {}",
+            added["media_errors"]
+        ),
+    );
+    Ok(())
+}
+
+/// Checks that an O_DIRECT read of the whole file `fd` into `buf` fails
+/// with the errno of a medium error on `disk`'s transport.
+fn read_fails_over_bad_block(
+    ctx: &Ctx,
+    disk: &str,
+    fd: &Fd,
+    buf: &mut AlignedBuf,
+) -> Result<(), Stop> {
+    buf.as_mut_slice().fill(UNTOUCHED);
+    let read = fd.read_at(buf.as_mut_slice(), 0);
+    // The kernel's errno for a medium error: virtio-blk reports only an I/O
+    // error; NVMe's Unrecovered Read Error is BLK_STS_MEDIUM, ENODATA.
+    let (errno, name) = if disk.starts_with("/dev/nvme") {
+        (libc::ENODATA, "ENODATA")
+    } else {
+        (libc::EIO, "EIO")
+    };
+    ctx.record(
+        &format!("O_DIRECT read over the bad block fails with {name}"),
+        match read {
+            Err(IoError::Read { ref source, .. }) if source.raw_os_error() == Some(errno) => {
+                Ok(name.into())
+            }
+            Err(e) => Err(Stop::Fail(format!(
+                "failed, but not with {name}: {}",
+                crate::one_line(&e)
+            ))),
+            Ok(n) => Err(Stop::Fail(format!("read {n} B without an error"))),
+        },
+    )?;
     Ok(())
 }

@@ -556,17 +556,36 @@ fn waiting(mailbox: &Mailbox, lba: u64) -> Result<bool, Stop> {
     }))
 }
 
-/// What the dio loop counted.
+/// What a pinning loop counted of its reads, and how they failed.
+#[derive(Debug, Default)]
+struct Tally {
+    reads: u64,
+    /// Reads that failed with EIO, as the plan asks of some.
+    eio: u64,
+    failures: Failures,
+}
+
+impl Tally {
+    /// A read that failed with `errno`: counted if the plan fails reads and
+    /// this is its EIO, else a failure that `what` tells.
+    fn read_failed(&mut self, plan: &FaultPlan, errno: Option<i32>, what: impl FnOnce() -> String) {
+        if plan.pin_errors && errno == Some(libc::EIO) {
+            self.eio += 1;
+        } else {
+            self.failures.add(what());
+        }
+    }
+}
+
+/// What the dio loop counted besides its reads.
 #[derive(Debug, Default)]
 struct DioCounts {
-    reads: u64,
     /// The device still had the read waiting after the fork: the write came.
     raced: u64,
     /// The plan did not delay the read (it returned before the device listed it).
     undelayed: u64,
     /// The read's delay ran out during the fork: no write.
     outlasted: u64,
-    eio: u64,
     /// How long each fork took (fork to the child reaped), in ms.
     fork_ms: Vec<u64>,
 }
@@ -598,72 +617,119 @@ fn dio_fork_loop(
             return out;
         }
     };
+    let round = DioRound {
+        source,
+        plan,
+        mailbox: &mailbox,
+        forking,
+    };
     let mut rng = SplitMix::new(seed);
-    let mut failures = Failures::default();
+    let mut tally = Tally::default();
     let mut retired = Retired::default();
     let mut n = DioCounts::default();
     while Instant::now() < deadline {
         let page = match AnonPage::map() {
             Ok(p) => p,
             Err(e) => {
-                failures.add(e.reason().to_owned());
+                tally.failures.add(e.reason().to_owned());
                 break;
             }
         };
+        round.run(&page, &mut rng, &mut n, &mut tally);
+        retired.keep(page);
+    }
+    let moved = retired.release();
+    report_dio_loop(&mut out, name, &tally, n, moved);
+    out
+}
+
+/// What each round of the dio loop reads with: the source, the plan, the
+/// mailbox that tells whether the device has the read waiting, and the lock
+/// that serializes the pinning loops' forks.
+struct DioRound<'a> {
+    source: &'a PinSource<'a>,
+    plan: &'a FaultPlan,
+    mailbox: &'a Mailbox,
+    forking: &'a Mutex<()>,
+}
+
+impl DioRound<'_> {
+    /// One read into the fresh `page` across a fork, judged: counted in `n`
+    /// and `tally`.
+    fn run(&self, page: &AnonPage, rng: &mut SplitMix, n: &mut DioCounts, tally: &mut Tally) {
         page.fill(OLD);
         let before = pfn(page.addr()).ok().flatten();
-        let offset = pin_offset(&mut rng);
-        let lba = source.lba(offset);
-        let done = AtomicBool::new(false);
-        let (read, fork) = thread::scope(|s| {
-            let reader = s.spawn(|| {
-                // SAFETY: the page stays mapped until this scope ends; only
-                // the kernel writes these 512 B while the read runs, and no
-                // Rust reference to them exists.
-                let buf =
-                    unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, READ_LEN) };
-                let r = source.fd.read_exact_at(buf, offset);
-                done.store(true, Ordering::SeqCst);
-                r
-            });
-            let fork = fork_while_waiting(&mailbox, lba, &done, &page, forking, &mut n);
-            let read = reader
-                .join()
-                .map_err(|_| "the reader thread panicked".to_owned());
-            (read, fork)
-        });
-        n.reads += 1;
+        let offset = pin_offset(rng);
+        let (read, fork) = self.read_across_fork(page, offset, n);
+        tally.reads += 1;
         let wrote = match fork {
             Ok(wrote) => wrote,
             Err(e) => {
-                failures.add(e);
+                tally.failures.add(e);
                 false
             }
         };
         match read {
-            Err(e) => failures.add(e),
-            Ok(Err(IoError::Read { source: e, .. }))
-                if plan.pin_errors && e.raw_os_error() == Some(libc::EIO) =>
-            {
-                n.eio += 1
+            Err(e) => tally.failures.add(e),
+            Ok(Err(e)) => {
+                // Only a failed read can be the plan's EIO; a short one is not.
+                let errno = match &e {
+                    IoError::Read { source, .. } => source.raw_os_error(),
+                    _ => None,
+                };
+                tally.read_failed(self.plan, errno, || one_line(&e));
             }
-            Ok(Err(e)) => failures.add(one_line(&e)),
             Ok(Ok(())) => {
                 let got = page.bytes(0, READ_LEN);
-                if check_pattern(source.seed, offset, &got).is_err() {
+                if check_pattern(self.source.seed, offset, &got).is_err() {
                     let after = pfn(page.addr()).ok().flatten();
-                    failures.add(lost(offset, &got, wrote, (before, after)));
+                    tally
+                        .failures
+                        .add(lost(offset, &got, wrote, (before, after)));
                 } else if wrote && page.read(TOUCH_AT) != TOUCH {
-                    failures.add(format!(
+                    tally.failures.add(format!(
                         "byte {TOUCH_AT} lost the parent's write: {:#04x}",
                         page.read(TOUCH_AT)
                     ));
                 }
             }
         }
-        retired.keep(page);
     }
-    let moved = retired.release();
+
+    /// Reads at `offset` into `page` on a thread of its own while this one
+    /// forks and writes as [`fork_while_waiting`] does; returns how the read
+    /// ended and whether the parent wrote.
+    fn read_across_fork(
+        &self,
+        page: &AnonPage,
+        offset: u64,
+        n: &mut DioCounts,
+    ) -> (Result<Result<(), IoError>, String>, Result<bool, String>) {
+        let lba = self.source.lba(offset);
+        let done = AtomicBool::new(false);
+        thread::scope(|s| {
+            let reader = s.spawn(|| {
+                // SAFETY: the page stays mapped until this scope ends; only
+                // the kernel writes these 512 B while the read runs, and no
+                // Rust reference to them exists.
+                let buf =
+                    unsafe { std::slice::from_raw_parts_mut(page.addr() as *mut u8, READ_LEN) };
+                let r = self.source.fd.read_exact_at(buf, offset);
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            let fork = fork_while_waiting(self.mailbox, lba, &done, page, self.forking, n);
+            let read = reader
+                .join()
+                .map_err(|_| "the reader thread panicked".to_owned());
+            (read, fork)
+        })
+    }
+}
+
+/// The dio loop's note of what it counted, and its checks: every read
+/// reached the parent's page, and some raced with a fork and a write.
+fn report_dio_loop(out: &mut Outcome, name: &str, tally: &Tally, mut n: DioCounts, moved: u64) {
     n.fork_ms.sort_unstable();
     let pct = |p: usize| {
         n.fork_ms
@@ -677,26 +743,28 @@ fn dio_fork_loop(
              {} not delayed (no fork), {} whose delay ran out during the fork (no write), {} \
              failed with EIO as the plan asks; forks took {} (median), {} (max); pages moved \
              after their read: {moved}",
-            n.reads,
+            tally.reads,
             n.raced,
             n.undelayed,
             n.outlasted,
-            n.eio,
+            tally.eio,
             pct(50),
             pct(100)
         ),
     ));
-    failures.check(
-        &mut out,
+    tally.failures.check(
+        out,
         name,
-        format!("{} reads, {} raced with fork and a write", n.reads, n.raced),
+        format!(
+            "{} reads, {} raced with fork and a write",
+            tally.reads, n.raced
+        ),
     );
     out.check(
         "O_DIRECT reads across fork: forks and writes came while the device had reads waiting",
         n.raced > 0,
-        format!("{} of {} reads", n.raced, n.reads),
+        format!("{} of {} reads", n.raced, tally.reads),
     );
-    out
 }
 
 /// Waits until the device lists the read of `lba` as waiting, forks, and
@@ -760,77 +828,41 @@ fn uring_fork_loop(
             return out;
         }
     };
-    let setup = || -> Result<(std::fs::File, AnonPage), String> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path(PIN_SOURCE))
-            .map_err(|e| format!("cannot open {PIN_SOURCE} with O_DIRECT: {e}"))?;
-        let page = AnonPage::map().map_err(|e| e.reason().to_owned())?;
-        page.fill(OLD);
-        ring.register_buffer(page.addr(), PAGE)
-            .map_err(|e| one_line(&e))?;
-        Ok((file, page))
-    };
-    let (file, page) = match setup() {
+    let (file, page) = match source_and_registered_page(&ring) {
         Ok(x) => x,
         Err(e) => {
             out.check(name, false, e);
             return out;
         }
     };
+    let round = UringRound {
+        ring: &ring,
+        file: &file,
+        page: &page,
+        plan,
+        source_seed,
+        forking,
+    };
     let mut rng = SplitMix::new(seed);
-    let mut failures = Failures::default();
-    let (mut reads, mut eio) = (0u64, 0u64);
+    let mut tally = Tally::default();
     while Instant::now() < deadline {
         // The last read's data turns to OLD bytes, not zeros: a watch of it
         // sees the program using its memory again, not a freed page.
         page.fill(OLD);
         let offset = pin_offset(&mut rng);
-        reads += 1;
-        if let Err(e) = ring.read_fixed(&file, page.addr(), READ_LEN, offset, 0, reads) {
-            failures.add(one_line(&e));
+        tally.reads += 1;
+        if let Err(e) = round.run(offset, &mut rng, &mut tally) {
+            tally.failures.add(e);
             break;
         }
-        thread::sleep(fork_after(&mut rng, plan));
-        let forked = match forking.lock() {
-            Ok(_serial) => {
-                let forked = fork_and_wait(|| {});
-                page.write(TOUCH_AT, TOUCH);
-                forked
-            }
-            Err(_) => Err(Stop::Error("a fork loop panicked".into())),
-        };
-        let cqe = match ring.wait_completion(Duration::from_secs(10)) {
-            Ok(c) => c,
-            Err(e) => {
-                failures.add(one_line(&e));
-                break;
-            }
-        };
-        if let Err(stop) = forked {
-            failures.add(stop.reason().to_owned());
-        } else if cqe.user_data != reads {
-            failures.add(format!("completion {:#x} for read {reads}", cqe.user_data));
-        } else if cqe.res == -libc::EIO && plan.pin_errors {
-            eio += 1;
-        } else if cqe.res != READ_LEN as i32 {
-            failures.add(format!(
-                "the read of {READ_LEN} B at byte {offset} returned {}",
-                cqe.res
-            ));
-        } else {
-            let got = page.bytes(0, READ_LEN);
-            if check_pattern(source_seed, offset, &got).is_err() {
-                failures.add(format!(
-                    "the io_uring read of {READ_LEN} B at byte {offset}: {}",
-                    check_pattern(source_seed, offset, &got)
-                        .err()
-                        .map_or(String::new(), |m| m.to_string())
-                ));
-            }
-        }
     }
+    finish_uring_loop(&mut out, name, &ring, page, tally);
+    out
+}
+
+/// The io_uring loop's end: the page unregistered, kept for [`RETAIN`] and
+/// unmapped; its note, and the check of every read.
+fn finish_uring_loop(out: &mut Outcome, name: &str, ring: &Ring, page: AnonPage, mut tally: Tally) {
     let unregistered = ring.unregister_buffers();
     let mut retired = Retired::default();
     retired.keep(page);
@@ -840,21 +872,94 @@ fn uring_fork_loop(
         moved.to_string(),
     ));
     if let Err(e) = unregistered {
-        failures.add(one_line(&e));
+        tally.failures.add(one_line(&e));
     }
-    failures.check(
-        &mut out,
+    tally.failures.check(
+        out,
         name,
         format!(
-            "{reads} reads{}",
-            if eio > 0 {
-                format!(", {eio} failed with EIO as the plan asks")
+            "{} reads{}",
+            tally.reads,
+            if tally.eio > 0 {
+                format!(", {} failed with EIO as the plan asks", tally.eio)
             } else {
                 String::new()
             }
         ),
     );
-    out
+}
+
+/// The io_uring loop's source opened with O_DIRECT, and a page of OLD bytes
+/// registered with `ring` as fixed buffer 0.
+fn source_and_registered_page(ring: &Ring) -> Result<(std::fs::File, AnonPage), String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path(PIN_SOURCE))
+        .map_err(|e| format!("cannot open {PIN_SOURCE} with O_DIRECT: {e}"))?;
+    let page = AnonPage::map().map_err(|e| e.reason().to_owned())?;
+    page.fill(OLD);
+    ring.register_buffer(page.addr(), PAGE)
+        .map_err(|e| one_line(&e))?;
+    Ok((file, page))
+}
+
+/// What each round of the io_uring loop reads with: the ring, the source,
+/// the registered page, the plan, the source's pattern seed, and the lock
+/// that serializes the pinning loops' forks.
+struct UringRound<'a> {
+    ring: &'a Ring,
+    file: &'a std::fs::File,
+    page: &'a AnonPage,
+    plan: &'a FaultPlan,
+    source_seed: u64,
+    forking: &'a Mutex<()>,
+}
+
+impl UringRound<'_> {
+    /// Read number `tally.reads`, at `offset`: submitted, then a fork and a
+    /// write within the first half of the plan's shortest delay, then its
+    /// completion judged. An error stops the loop.
+    fn run(&self, offset: u64, rng: &mut SplitMix, tally: &mut Tally) -> Result<(), String> {
+        let read = tally.reads;
+        self.ring
+            .read_fixed(self.file, self.page.addr(), READ_LEN, offset, 0, read)
+            .map_err(|e| one_line(&e))?;
+        thread::sleep(fork_after(rng, self.plan));
+        let forked = match self.forking.lock() {
+            Ok(_serial) => {
+                let forked = fork_and_wait(|| {});
+                self.page.write(TOUCH_AT, TOUCH);
+                forked
+            }
+            Err(_) => Err(Stop::Error("a fork loop panicked".into())),
+        };
+        let cqe = self
+            .ring
+            .wait_completion(Duration::from_secs(10))
+            .map_err(|e| one_line(&e))?;
+        if let Err(stop) = forked {
+            tally.failures.add(stop.reason().to_owned());
+        } else if cqe.user_data != read {
+            tally
+                .failures
+                .add(format!("completion {:#x} for read {read}", cqe.user_data));
+        } else if cqe.res != READ_LEN as i32 {
+            tally.read_failed(self.plan, cqe.errno(), || {
+                format!(
+                    "the read of {READ_LEN} B at byte {offset} returned {}",
+                    cqe.res
+                )
+            });
+        } else if let Err(m) =
+            check_pattern(self.source_seed, offset, &self.page.bytes(0, READ_LEN))
+        {
+            tally.failures.add(format!(
+                "the io_uring read of {READ_LEN} B at byte {offset}: {m}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,44 @@ const COMPLETION_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
     let Setup { mailbox, seed, .. } = Setup::new(ctx, true)?;
+    let (ring, reader) = ring_and_reader(ctx)?;
 
+    let page = AnonPage::map()?;
+    page.fill(OLD);
+    let pfn_before = pfn(page.addr())?;
+    let pins_before = pins().ok();
+    ring.register_buffer(page.addr(), PAGE).or_error()?;
+    let pins_registered = pins().ok();
+
+    // Kept to the end of the test: dropping it removes the device's rule.
+    let hold = Hold::next(&mailbox, "read", LBA)?;
+    let held = read_held_across_fork(&ring, &reader, &page, &hold)?;
+    ring.unregister_buffers().or_error()?;
+    let pins_unregistered = pins().ok();
+
+    ctx.note("page-before-fork", frame_gpa(pfn_before));
+    ctx.note("page-after-write", frame_gpa(held.pfn_after));
+    ctx.note("device-wrote-at", held.gpa.clone());
+    if let Some(before) = pins_before {
+        let since = |p: Option<i64>| p.map_or("?".to_owned(), |p| (p - before).to_string());
+        ctx.note("pins-after-register", since(pins_registered));
+        ctx.note("pins-while-held", since(held.pins_during));
+        ctx.note("pins-after-unregister", since(pins_unregistered));
+    }
+
+    ctx.record("the read completes", judge_completion(&held.cqe))?;
+    ctx.check(
+        "the other half of the page kept the write",
+        page.read(TOUCH_AT) == TOUCH,
+        format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
+    );
+    let result = judge_parents_data(seed, &page, &held, pfn_before);
+    ctx.record("the parent sees the data", result)
+}
+
+/// The ring (the test is skipped where the kernel has no io_uring), noted,
+/// and the disk opened with O_DIRECT for it.
+fn ring_and_reader(ctx: &Ctx) -> Result<(Ring, File), Stop> {
     let ring = match Ring::setup(ENTRIES) {
         Ok(ring) => ring,
         Err(e) if e.unsupported() => {
@@ -71,16 +108,29 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         .custom_flags(libc::O_DIRECT)
         .open(disk)
         .map_err(|e| Stop::Error(format!("cannot open {disk} with O_DIRECT: {e}")))?;
+    Ok((ring, reader))
+}
 
-    let page = AnonPage::map()?;
-    page.fill(OLD);
-    let pfn_before = pfn(page.addr())?;
-    let pins_before = pins().ok();
-    ring.register_buffer(page.addr(), PAGE).or_error()?;
-    let pins_registered = pins().ok();
+/// What the read held across fork left: where the device was told to
+/// write, the pin counter while it was held, the parent's page frame after
+/// its write, and the read's completion.
+struct HeldRead {
+    gpa: String,
+    pins_during: Option<i64>,
+    pfn_after: Option<u64>,
+    cqe: Cqe,
+}
 
-    let hold = Hold::next(&mailbox, "read", LBA)?;
-    ring.read_fixed(&reader, page.addr(), FORK_READ_LEN, OFFSET, 0, READ_TAG)
+/// Submits the read into the registered `page`; while the device holds it,
+/// forks (the child exits at once) and writes to the page; then releases
+/// the read and reaps its completion.
+fn read_held_across_fork(
+    ring: &Ring,
+    reader: &File,
+    page: &AnonPage,
+    hold: &Hold,
+) -> Result<HeldRead, Stop> {
+    ring.read_fixed(reader, page.addr(), FORK_READ_LEN, OFFSET, 0, READ_TAG)
         .or_error()?;
     let held = hold.wait_held()?;
     let gpa = first_gpa(&held);
@@ -97,55 +147,40 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
             "the child exited with status {status}"
         )));
     }
-    ring.unregister_buffers().or_error()?;
-    let pins_unregistered = pins().ok();
+    Ok(HeldRead {
+        gpa,
+        pins_during,
+        pfn_after,
+        cqe,
+    })
+}
 
-    ctx.note("page-before-fork", frame_gpa(pfn_before));
-    ctx.note("page-after-write", frame_gpa(pfn_after));
-    ctx.note("device-wrote-at", gpa.clone());
-    if let Some(before) = pins_before {
-        let since = |p: Option<i64>| p.map_or("?".to_owned(), |p| (p - before).to_string());
-        ctx.note("pins-after-register", since(pins_registered));
-        ctx.note("pins-while-held", since(pins_during));
-        ctx.note("pins-after-unregister", since(pins_unregistered));
+/// Whether the read's completion is its own and moved all its bytes.
+fn judge_completion(cqe: &Cqe) -> Result<String, Stop> {
+    match cqe.read_res(READ_TAG)? {
+        res if res == FORK_READ_LEN as i32 => Ok(format!("res = {FORK_READ_LEN}")),
+        res => Err(Stop::Fail(format!("res = {res}, not {FORK_READ_LEN}"))),
     }
+}
 
-    ctx.record(
-        "the read completes",
-        if cqe.user_data != READ_TAG {
-            Err(Stop::Error(format!(
-                "the completion is tagged {:#x}, not the read's {READ_TAG:#x}",
-                cqe.user_data
-            )))
-        } else if cqe.res == FORK_READ_LEN as i32 {
-            Ok(format!("res = {FORK_READ_LEN}"))
-        } else if cqe.res < 0 {
-            Err(Stop::Fail(format!(
-                "res = {} ({})",
-                cqe.res,
-                io::Error::from_raw_os_error(-cqe.res)
-            )))
-        } else {
-            Err(Stop::Fail(format!(
-                "res = {}, not {FORK_READ_LEN}",
-                cqe.res
-            )))
-        },
-    )?;
-    ctx.check(
-        "the other half of the page kept the write",
-        page.read(TOUCH_AT) == TOUCH,
-        format!("byte {TOUCH_AT} holds {:#04x}", page.read(TOUCH_AT)),
-    );
+/// Whether the parent's first [`FORK_READ_LEN`] bytes of `page` hold the
+/// data read; if not, one line saying where the device was told to write.
+fn judge_parents_data(
+    seed: u64,
+    page: &AnonPage,
+    held: &HeldRead,
+    pfn_before: Option<u64>,
+) -> Result<String, Stop> {
     let got = page.bytes(0, FORK_READ_LEN);
-    let parent_page = frame_gpa(pfn_after);
-    let result = check_pattern(seed, OFFSET, &got)
+    let gpa = &held.gpa;
+    let parent_page = frame_gpa(held.pfn_after);
+    check_pattern(seed, OFFSET, &got)
         .map(|()| format!("the parent's {FORK_READ_LEN} B hold the data read"))
         .map_err(|m| {
             let why = if got.iter().all(|&b| b == OLD) {
-                let place = if pfn_before != pfn_after {
+                let place = if pfn_before != held.pfn_after {
                     format!("which the parent had left (it now maps {parent_page})")
-                } else if gpa == parent_page {
+                } else if *gpa == parent_page {
                     "the parent's own page, yet the data is not there".to_owned()
                 } else {
                     format!("not the parent's page {parent_page}")
@@ -158,8 +193,7 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
                 format!("the parent's buffer is wrong: {m}")
             };
             Stop::Fail(why)
-        });
-    ctx.record("the parent sees the data", result)
+        })
 }
 
 /// `; kernel.io_uring_disabled = N` if the sysctl exists (Linux 6.6 on).
@@ -314,6 +348,33 @@ pub struct Cqe {
     /// Bytes moved, or a negated errno.
     pub res: i32,
     pub flags: u32,
+}
+
+impl Cqe {
+    /// The errno of a completion that failed (its `res` negated).
+    pub fn errno(&self) -> Option<i32> {
+        (self.res < 0).then_some(-self.res)
+    }
+
+    /// The `res` of the completion of the read tagged `tag`, for the caller
+    /// to judge; an error if the completion is another's, a failure with
+    /// the errno if the read failed.
+    pub fn read_res(&self, tag: u64) -> Result<i32, Stop> {
+        if self.user_data != tag {
+            return Err(Stop::Error(format!(
+                "the completion is tagged {:#x}, not the read's {tag:#x}",
+                self.user_data
+            )));
+        }
+        match self.errno() {
+            Some(errno) => Err(Stop::Fail(format!(
+                "res = {} ({})",
+                self.res,
+                io::Error::from_raw_os_error(errno)
+            ))),
+            None => Ok(self.res),
+        }
+    }
 }
 
 const _: () = assert!(size_of::<Params>() == 120);
