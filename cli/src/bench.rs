@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use log::info;
 use serde::{Serialize, Serializer};
+use wire::splitmix::SplitMix64;
 
 use backend::config::{self, ConfigError};
 use backend::vhost_user_driver::{
@@ -522,19 +523,6 @@ struct Count {
     writes: u64,
 }
 
-/// splitmix64: small, fast, and good enough for offsets.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Where one queue's next request goes and what it does.
 struct Workload {
     rw: Rw,
@@ -549,7 +537,7 @@ struct Workload {
 impl Workload {
     fn next(&mut self) -> (RequestType, Sector) {
         let block = if self.rw.random() {
-            self.rng.next() % self.blocks
+            self.rng.below(self.blocks)
         } else {
             let b = self.cursor;
             self.cursor = (self.cursor + 1) % self.blocks;
@@ -559,7 +547,7 @@ impl Workload {
             Rw::RandRead | Rw::Read => RequestType::In,
             Rw::RandWrite | Rw::Write => RequestType::Out,
             Rw::Mix { read_percent } => {
-                if self.rng.next() % 100 < u64::from(read_percent) {
+                if self.rng.below(100) < u64::from(read_percent) {
                     RequestType::In
                 } else {
                     RequestType::Out

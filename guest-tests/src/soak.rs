@@ -12,6 +12,8 @@
 //! runner samples the daemon while it runs and judges the samples
 //! (`run/sampler.rs`).
 
+use wire::splitmix::SplitMix64;
+
 /// How long the soak runs unless `--soak-seconds` says otherwise.
 pub const DEFAULT_SECONDS: u64 = 180;
 
@@ -19,38 +21,6 @@ pub const DEFAULT_SECONDS: u64 = 180;
 /// them match (`size=512`): nothing else in the soak reads 512 B (ext4 reads
 /// whole 4 KiB blocks, fio at least 4 KiB, the mailbox never meets a rule).
 pub const PIN_READ_LEN: u64 = 512;
-
-/// splitmix64: the soak's one source of choices, on the host and in the guest.
-#[derive(Clone, Debug)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-
-    /// A number in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    /// A number in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn coin(&mut self) -> bool {
-        self.next_u64() & 1 == 1
-    }
-}
 
 /// The fault rules and media latency of a soak, drawn from a seed.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,11 +84,11 @@ const LATENCIES: [&str; 3] = ["instant", "nvme", "sata"];
 /// kernel would rightly fail under those. Errors stay off ext4's metadata and
 /// fio's data, which would (rightly) give up on EIO.
 pub fn fault_plan(seed: u64) -> FaultPlan {
-    let mut rng = SplitMix::new(seed ^ 0x50a4_c0de);
-    let lo = rng.range(MIN_PIN_DELAY_MS, 2 * MIN_PIN_DELAY_MS);
-    let hi = lo + rng.range(50, 150);
+    let mut rng = SplitMix64(seed ^ 0x50a4_c0de);
+    let lo = rng.in_range(MIN_PIN_DELAY_MS, 2 * MIN_PIN_DELAY_MS);
+    let hi = lo + rng.in_range(50, 150);
     let select = if rng.coin() {
-        format!("every={}", rng.range(1, 2))
+        format!("every={}", rng.in_range(1, 2))
     } else {
         format!("prob={}", rounded(0.5 + rng.unit() / 2.0, 100.0))
     };
@@ -126,20 +96,20 @@ pub fn fault_plan(seed: u64) -> FaultPlan {
         format!("op=read,size={PIN_READ_LEN},{select},action=delay,ms={lo}-{hi}"),
         format!(
             "op=read,size={PIN_READ_LEN},action=watch,ms={}",
-            rng.range(20, 200)
+            rng.in_range(20, 200)
         ),
     ];
     let mut extras = EXTRAS.to_vec();
     // Fisher-Yates, then the first one to four.
     for i in (1..extras.len()).rev() {
-        let j = rng.range(0, i as u64) as usize;
+        let j = rng.in_range(0, i as u64) as usize;
         extras.swap(i, j);
     }
-    let take = rng.range(1, 4) as usize;
+    let take = rng.in_range(1, 4) as usize;
     let chosen = &extras[..take];
     rules.extend(chosen.iter().map(|&extra| extra_rule(extra, &mut rng)));
     let pin_errors = chosen.contains(&Extra::PinError);
-    let latency = LATENCIES[rng.range(0, LATENCIES.len() as u64 - 1) as usize];
+    let latency = LATENCIES[rng.in_range(0, LATENCIES.len() as u64 - 1) as usize];
     FaultPlan {
         seed,
         rules,
@@ -150,42 +120,42 @@ pub fn fault_plan(seed: u64) -> FaultPlan {
 }
 
 /// The rule of one of the plan's extras, its figures drawn from `rng`.
-fn extra_rule(extra: Extra, rng: &mut SplitMix) -> String {
-    fn prob(rng: &mut SplitMix, lo: f64, hi: f64) -> f64 {
+fn extra_rule(extra: Extra, rng: &mut SplitMix64) -> String {
+    fn prob(rng: &mut SplitMix64, lo: f64, hi: f64) -> f64 {
         rounded(lo + rng.unit() * (hi - lo), 1000.0)
     }
     match extra {
         Extra::ReadDelay => {
             let p = prob(rng, 0.002, 0.02);
-            let a = rng.range(1, 5);
+            let a = rng.in_range(1, 5);
             format!(
                 "op=read,prob={p},action=delay,ms={a}-{}",
-                a + rng.range(5, 25)
+                a + rng.in_range(5, 25)
             )
         }
         Extra::WriteDelay => {
             let p = prob(rng, 0.002, 0.02);
-            let a = rng.range(1, 5);
+            let a = rng.in_range(1, 5);
             format!(
                 "op=write,prob={p},action=delay,ms={a}-{}",
-                a + rng.range(5, 25)
+                a + rng.in_range(5, 25)
             )
         }
         Extra::FlushDelay => {
-            let a = rng.range(5, 20);
+            let a = rng.in_range(5, 20);
             format!(
                 "op=flush,every={},action=delay,ms={a}-{}",
-                rng.range(2, 8),
-                a + rng.range(5, 30)
+                rng.in_range(2, 8),
+                a + rng.in_range(5, 30)
             )
         }
         Extra::QueueDelay => {
             let p = prob(rng, 0.002, 0.01);
-            let a = rng.range(1, 5);
+            let a = rng.in_range(1, 5);
             format!(
                 "queue={},prob={p},action=delay,ms={a}-{}",
-                rng.range(0, 1),
-                a + rng.range(5, 15)
+                rng.in_range(0, 1),
+                a + rng.in_range(5, 15)
             )
         }
         Extra::PinError => {

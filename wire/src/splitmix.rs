@@ -35,6 +35,16 @@ impl SplitMix64 {
         self.next_u64() % n
     }
 
+    /// A number in `[0, 1)`, from the top 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Heads or tails.
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+
     /// A number in `lo..=hi` (`lo` when `hi <= lo`).
     pub fn in_range(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {

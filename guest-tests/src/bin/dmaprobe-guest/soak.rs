@@ -46,9 +46,10 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_tests::soak::{fault_plan, FaultPlan, SplitMix, DEFAULT_SECONDS, PIN_READ_LEN};
+use guest_tests::soak::{fault_plan, FaultPlan, DEFAULT_SECONDS, PIN_READ_LEN};
 use serde_json::json;
 use wire::pattern::fill_pattern;
+use wire::splitmix::SplitMix64;
 
 use crate::ext4::{block_lba, Mount};
 use crate::fio::FIO;
@@ -315,7 +316,7 @@ fn fio(seconds: u64) -> Outcome {
 /// Writes files with O_DIRECT, fsyncs them and reads them back, until `deadline`.
 fn direct_writer(base_seed: u64, deadline: Instant) -> Outcome {
     let mut out = Outcome::default();
-    let mut rng = SplitMix::new(base_seed);
+    let mut rng = SplitMix64(base_seed);
     let mut failures = Failures::default();
     let mut last: Vec<Option<(usize, u64)>> = vec![None; SLOTS as usize];
     let (mut files, mut bytes) = (0u64, 0u64);
@@ -330,7 +331,7 @@ fn direct_writer(base_seed: u64, deadline: Instant) -> Outcome {
     while Instant::now() < deadline {
         let slot = (n % SLOTS) as usize;
         let name = format!("/direct-{slot}.bin");
-        let len = rng.range(16, 1024) as usize * PAGE;
+        let len = rng.in_range(16, 1024) as usize * PAGE;
         let seed = base_seed.wrapping_add(n + 1);
         n += 1;
         last[slot] = None;
@@ -376,7 +377,7 @@ fn direct_round(path: &str, len: usize, seed: u64, buf: &mut AlignedBuf) -> Resu
 /// cache and reads them back from the device, until `deadline`.
 fn buffered_writer(base_seed: u64, deadline: Instant) -> Outcome {
     let mut out = Outcome::default();
-    let mut rng = SplitMix::new(base_seed);
+    let mut rng = SplitMix64(base_seed);
     let mut failures = Failures::default();
     let mut last: Vec<Option<(usize, u64)>> = vec![None; SLOTS as usize];
     let (mut files, mut bytes) = (0u64, 0u64);
@@ -384,7 +385,7 @@ fn buffered_writer(base_seed: u64, deadline: Instant) -> Outcome {
     while Instant::now() < deadline {
         let slot = (n % SLOTS) as usize;
         let name = format!("/buffered-{slot}.bin");
-        let len = rng.range(16, 512) as usize * PAGE;
+        let len = rng.in_range(16, 512) as usize * PAGE;
         let seed = base_seed.wrapping_add(n + 1);
         n += 1;
         last[slot] = None;
@@ -447,13 +448,13 @@ fn files_left(last: &[Option<(usize, u64)>], kind: &str) -> Vec<(String, usize, 
 /// How long to wait before forking: within the first half of the shortest
 /// delay the plan gives the read, so that the fork and the write land while
 /// a delayed read waits.
-fn fork_after(rng: &mut SplitMix, plan: &FaultPlan) -> Duration {
-    Duration::from_millis(rng.range(0, plan.pin_delay_ms.0 / 2))
+fn fork_after(rng: &mut SplitMix64, plan: &FaultPlan) -> Duration {
+    Duration::from_millis(rng.in_range(0, plan.pin_delay_ms.0 / 2))
 }
 
 /// Where the pinning loops read: a 512 B-aligned offset in the source.
-fn pin_offset(rng: &mut SplitMix) -> u64 {
-    rng.range(0, (PIN_SOURCE_LEN / READ_LEN) as u64 - 1) * PIN_READ_LEN
+fn pin_offset(rng: &mut SplitMix64) -> u64 {
+    rng.in_range(0, (PIN_SOURCE_LEN / READ_LEN) as u64 - 1) * PIN_READ_LEN
 }
 
 /// Pages kept mapped for [`RETAIN`] after their reads, then unmapped; and
@@ -623,7 +624,7 @@ fn dio_fork_loop(
         mailbox: &mailbox,
         forking,
     };
-    let mut rng = SplitMix::new(seed);
+    let mut rng = SplitMix64(seed);
     let mut tally = Tally::default();
     let mut retired = Retired::default();
     let mut n = DioCounts::default();
@@ -656,7 +657,7 @@ struct DioRound<'a> {
 impl DioRound<'_> {
     /// One read into the fresh `page` across a fork, judged: counted in `n`
     /// and `tally`.
-    fn run(&self, page: &AnonPage, rng: &mut SplitMix, n: &mut DioCounts, tally: &mut Tally) {
+    fn run(&self, page: &AnonPage, rng: &mut SplitMix64, n: &mut DioCounts, tally: &mut Tally) {
         page.fill(OLD);
         let before = pfn(page.addr()).ok().flatten();
         let offset = pin_offset(rng);
@@ -843,7 +844,7 @@ fn uring_fork_loop(
         source_seed,
         forking,
     };
-    let mut rng = SplitMix::new(seed);
+    let mut rng = SplitMix64(seed);
     let mut tally = Tally::default();
     while Instant::now() < deadline {
         // The last read's data turns to OLD bytes, not zeros: a watch of it
@@ -920,7 +921,7 @@ impl UringRound<'_> {
     /// Read number `tally.reads`, at `offset`: submitted, then a fork and a
     /// write within the first half of the plan's shortest delay, then its
     /// completion judged. An error stops the loop.
-    fn run(&self, offset: u64, rng: &mut SplitMix, tally: &mut Tally) -> Result<(), String> {
+    fn run(&self, offset: u64, rng: &mut SplitMix64, tally: &mut Tally) -> Result<(), String> {
         let read = tally.reads;
         self.ring
             .read_fixed(self.file, self.page.addr(), READ_LEN, offset, 0, read)
@@ -1005,7 +1006,7 @@ mod tests {
     fn the_fork_comes_within_the_first_half_of_the_shortest_delay() {
         for seed in 0..50 {
             let plan = fault_plan(seed);
-            let mut rng = SplitMix::new(seed);
+            let mut rng = SplitMix64(seed);
             for _ in 0..20 {
                 let wait = fork_after(&mut rng, &plan);
                 assert!(wait.as_millis() as u64 * 2 <= plan.pin_delay_ms.0);
