@@ -1,19 +1,19 @@
 //! The engine: what happens to a request between its arrival and its completion.
 //!
-//! A front-end calls, for every request that carries data:
+//! An interface calls, for every request that carries data:
 //! 1. [`Engine::arrive`]: the request gets an id and a [`Ticket`]; the fault plan
 //!    decides how it waits; a read's destination gets its canary, a write's
 //!    source is hashed; overlap with other requests in flight is checked.
 //! 2. After the wait, [`Engine::to_guest`] or [`Engine::from_guest`]: the canary
 //!    or the hash is checked, then the data moves.
 //! 3. [`Engine::complete`]: the request is recorded in the ledger; a watch, if
-//!    asked for, comes back to the front-end to run later with [`Engine::watch`].
+//!    asked for, comes back to the interface to run later with [`Engine::watch`].
 //!
 //! Every check is a switch ([`Checks`]); with all off, arrival costs an id, a
 //! look at an empty fault plan and a clock read.
 //!
 //! A ticket keeps no copy of the request's data, so what a waiting request
-//! costs grows with its segments (which the front-ends bound by count), not
+//! costs grows with its segments (which the interfaces bound by count), not
 //! with the bytes they name, however often they name the same memory:
 //! - the canary is not kept: it is a function of the request id and the
 //!   offset ([`canary::fill`]), so the check at DMA time makes it again, 4 KiB

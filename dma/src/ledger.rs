@@ -79,7 +79,7 @@ pub const DEFAULT_CAPACITY: usize = 65_536;
 /// to 16 segments fits too; one with more takes the room of more entries.
 /// Past the budget the oldest entries are dropped, but never the newest, so
 /// the most a ledger holds is its budget plus one entry (a request's segments
-/// are bounded by the front-end: a virtio chain's `seg_max`, an NVMe transfer's
+/// are bounded by the interface: a virtio chain's `seg_max`, an NVMe transfer's
 /// pages).
 pub const ENTRY_BYTES: usize = 1024;
 

@@ -2,7 +2,7 @@
 //! device, and watches guest memory around that moment.
 //!
 //! dma knows guest memory (through vm-memory, every access bounds-checked) and
-//! nothing of virtio: a front-end hands it a request's guest-physical segments,
+//! nothing of virtio: an interface hands it a request's guest-physical segments,
 //! and dma moves the bytes between those segments and a buffer that the media
 //! model fills or drains.
 //!
@@ -18,7 +18,7 @@
 //! - [`schedule`]: parks waiting requests without busy threads and runs them when due.
 //! - [`rng`]: the seeded generator behind random delays and probabilities.
 //!
-//! A request flows: front-end → [`Engine::arrive`] (a [`Ticket`]) → wait in the
+//! A request flows: interface → [`Engine::arrive`] (a [`Ticket`]) → wait in the
 //! [`Scheduler`] if the plan says so → [`Engine::to_guest`] / [`Engine::from_guest`]
 //! → [`Engine::complete`] → optional watch. What a waiting or watched request
 //! keeps grows with its segments, not with the bytes they name ([`engine`]).

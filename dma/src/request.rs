@@ -17,7 +17,7 @@ impl fmt::Display for ReqId {
     }
 }
 
-/// What a request does, in storage terms (every front-end maps onto these).
+/// What a request does, in storage terms (every interface maps onto these).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Op {
@@ -65,12 +65,12 @@ impl Op {
     }
 }
 
-/// What a front-end tells dma about a request when it arrives.
+/// What an interface tells dma about a request when it arrives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Arrival {
     pub op: Op,
     pub queue: u16,
-    /// The first logical block, in the front-end's block size.
+    /// The first logical block, in the interface's block size.
     pub lba: u64,
     /// Bytes of data moved.
     pub len: u64,

@@ -2,7 +2,7 @@
 //! when due, on one thread that sleeps until the earliest deadline — no thread
 //! is busy while requests wait, however many there are.
 //!
-//! The scheduler does not know what a job does; the front-end gives it a
+//! The scheduler does not know what a job does; the interface gives it a
 //! function that runs one (moves the data, completes the request) and may hand
 //! back a follow-up job to park (a post-completion watch). A queue that
 //! stops takes its parked jobs back with [`Scheduler::drain_queue`], which also

@@ -1,6 +1,6 @@
-//! The shape of a namespace as a front-end exports it: transfer sizes and the
+//! The shape of a namespace as an interface exports it: transfer sizes and the
 //! limits of deallocate and write-zeroes. Checked once, before anything runs,
-//! so a front-end can take every value as valid.
+//! so an interface can take every value as valid.
 
 use crate::units::LbaSize;
 

@@ -1,12 +1,12 @@
 //! The storage media behind dmaprobe: an NVMe-like namespace.
 //!
 //! This crate keeps the bytes. It knows nothing of virtio or guest memory: every
-//! operation works on byte buffers (or raw I/O vectors the front-end vouches
+//! operation works on byte buffers (or raw I/O vectors the interface vouches
 //! for) and logical block addresses.
 //!
 //! - [`units`]: the units the media speaks in — [`Lba`], [`LbaSize`], [`ByteOffset`].
 //! - [`backing`]: where the bytes live — sparse memory (a memfd) or a raw file.
-//! - [`namespace`]: the namespace a front-end talks to: geometry, the one checked
+//! - [`namespace`]: the namespace an interface talks to: geometry, the one checked
 //!   bounds function, and read, write, flush, deallocate and write-zeroes.
 //! - [`geometry`]: transfer sizes and deallocate / write-zeroes limits, checked
 //!   once.
@@ -16,8 +16,8 @@
 //! - [`latency`]: how long the media takes: per-command base times, time per
 //!   byte, a queue depth and seeded jitter, with presets (instant, nvme, sata).
 //!
-//! Data flows front-end → [`Namespace`] (bounds checked once, in LBAs) →
-//! [`Backing`] (positioned reads and writes in bytes). A front-end asks
+//! Data flows interface → [`Namespace`] (bounds checked once, in LBAs) →
+//! [`Backing`] (positioned reads and writes in bytes). An interface asks
 //! [`Latency`] how long a command takes and completes it that much later.
 
 pub mod backing;

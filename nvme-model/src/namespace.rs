@@ -1,4 +1,4 @@
-//! The namespace a front-end talks to.
+//! The namespace an interface talks to.
 //!
 //! Every LBA range a command names goes through [`Namespace::check_range`], the one
 //! bounds function; the operations take only the [`LbaRange`] it returns.
@@ -12,7 +12,7 @@ use crate::media::{MediaErrorKind, MediaErrors};
 use crate::units::{ByteOffset, Lba, LbaSize};
 use wire::splitmix::SplitMix64;
 
-/// Why a range was refused. A front-end reports either as "LBA out of range".
+/// Why a range was refused. An interface reports either as "LBA out of range".
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RangeError {
     #[error("Range at LBA {start} of {blocks} blocks overflows")]
@@ -361,7 +361,7 @@ impl Namespace {
     /// their read errors. Behind the write cache when it runs, the change is
     /// volatile unless `stable` (Force Unit Access). A stable change — with
     /// `stable`, or with no cache running (write-through) — is synced to the
-    /// backing before this returns: the front-end completes it once it
+    /// backing before this returns: the interface completes it once it
     /// returns, and the guest counts on it surviving a crash of the host.
     fn change(
         &self,
