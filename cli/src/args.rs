@@ -47,6 +47,9 @@ pub enum Command {
     /// with requests from one thread per queue, and print IOPS, MB/s and
     /// latency percentiles per queue and in total.
     Bench(crate::bench::BenchArgs),
+    /// List the guest kernels that can be named, and fetch them into the
+    /// cache.
+    Kernel(crate::kernel::KernelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -422,7 +425,7 @@ mod tests {
     fn serve_config(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         match parse(args).unwrap().command {
             Command::Serve(a) => ServeConfig::try_from(*a),
-            Command::Run(_) | Command::Ctl(_) | Command::Bench(_) => panic!("not a serve command"),
+            other => panic!("not a serve command: {other:?}"),
         }
     }
 

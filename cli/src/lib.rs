@@ -8,9 +8,12 @@
 //! - [`bench`](mod@bench): `dmaprobe bench`, a load generator acting as the
 //!   vhost-user frontend (QEMU's side), through
 //!   [`backend::vhost_user_driver`].
+//! - [`kernel`]: `dmaprobe kernel`, the catalogue of kernels fetched by
+//!   name.
 //! - [`run`]: `dmaprobe run`, the guest suite through [`guest_tests::run`].
 
 pub mod args;
 pub mod bench;
 pub mod ctl;
+pub mod kernel;
 pub mod run;

@@ -33,6 +33,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Kernel(args) => match dmaprobe::kernel::run(args) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("dmaprobe kernel: error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
         Command::Run(args) => match dmaprobe::run::run_suite(*args) {
             Ok(true) => Ok(ExitCode::SUCCESS),

@@ -19,6 +19,7 @@
 //! `protocol`, `soak`, `timeline`, ...); [`report`] uses `run`'s results;
 //! nothing uses `report`.
 
+pub mod catalogue;
 pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
