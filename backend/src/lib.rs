@@ -32,11 +32,16 @@
 //! - [`vhost_user_driver`]: a vhost-user-blk *frontend* (the side QEMU
 //!   plays), used by `dmaprobe bench`, the tests and the benchmarks to drive
 //!   dmaprobe or qemu-storage-daemon.
+//! - [`nvme_driver`]: a host NVMe driver (the part a guest's nvme driver
+//!   plays), in process against a [`nvme::Controller`] or over a vfio-user
+//!   socket, used by the controller's tests, the fuzz target and the
+//!   integration tests.
 
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod nvme;
+pub mod nvme_driver;
 pub mod pipeline;
 pub mod serve;
 pub mod unix_socket;

@@ -1,8 +1,9 @@
 //! The NVMe interface end to end, without QEMU: `dmaprobe serve --nvme` as a
-//! child process, driven over vfio-user by a small host NVMe driver that does
-//! what Linux's nvme driver does — enable the controller, identify it, set up
-//! a pair of I/O queues, put commands in guest memory, ring doorbells, and
-//! take completions from guest memory when their MSI-X eventfd fires.
+//! child process, driven over vfio-user by the host NVMe driver
+//! (`backend::nvme_driver`), which does what Linux's nvme driver does —
+//! enable the controller, identify it, set up a pair of I/O queues, put
+//! commands in guest memory, ring doorbells, and take completions from guest
+//! memory when their MSI-X eventfd fires.
 //!
 //! Guest memory is a memfd mapped into the daemon (DMA_MAP at IOVA 0) and
 //! here; its layout is in the constants below. Each test checks what a user
@@ -11,25 +12,29 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::fs::File;
 use std::ops::Range;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backend::nvme::identify::IDENTIFY_LEN;
+use backend::nvme_driver::command::fid::{NUMBER_OF_QUEUES, VOLATILE_WRITE_CACHE};
+use backend::nvme_driver::command::{self, admin_op, io_op, AD, FUA};
+use backend::nvme_driver::csts::{CFS, RDY};
+use backend::nvme_driver::reg::{CAP, CSTS, VS};
+use backend::nvme_driver::{
+    write_list, AdminQueues, Completion, Driver, Gpa, HostMemory, HostRam, Interrupt, IoQueuePair,
+    Prp, Sqe, Transport, VfioUser, CC_LINUX, DOORBELLS, PAGE,
+};
 use common::child::{Serve, PREFILL, SOON};
 use common::pattern;
-use common::vfio::{self, take_count, GuestRam};
+use nvme_model::Lba;
 use serde_json::{json, Value};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
-use vfio_user::Client;
 
 // ---------------------------------------------------------------------------
-// The host's side: guest memory, registers, commands
+// The host's side: guest memory and the driver
 
 /// Guest memory: 16 MiB at IOVA 0.
 const RAM: u64 = 16 << 20;
-const PAGE: u64 = 4096;
 /// The admin queues, one page each.
 const ASQ: u64 = 0x0000;
 const ACQ: u64 = 0x1000;
@@ -51,44 +56,21 @@ const IO_ENTRIES: u16 = 64;
 const DISK: u64 = 16 << 20;
 const NSID: u32 = 1;
 
-/// Controller registers (NVMe 1.4, 3.1).
-const CAP: u64 = 0x00;
-const VS: u64 = 0x08;
-const CC: u64 = 0x14;
-const CSTS: u64 = 0x1c;
-const AQA: u64 = 0x24;
-const ASQ_REG: u64 = 0x28;
-const ACQ_REG: u64 = 0x30;
-const DOORBELLS: u64 = 0x1000;
-/// CC with EN set: I/O SQ entries of 64 bytes, CQ entries of 16, 4 KiB pages,
-/// the NVM command set, round robin.
-const CC_ENABLE: u32 = 6 << 16 | 4 << 20 | 1;
-const RDY: u32 = 1;
-const CFS: u32 = 1 << 1;
-
-mod admin_op {
-    pub const CREATE_SQ: u8 = 0x01;
-    pub const CREATE_CQ: u8 = 0x05;
-    pub const IDENTIFY: u8 = 0x06;
-    pub const SET_FEATURES: u8 = 0x09;
-    pub const GET_FEATURES: u8 = 0x0a;
-}
-
-/// Feature identifiers.
-const NUMBER_OF_QUEUES: u32 = 0x07;
-const VOLATILE_WRITE_CACHE: u32 = 0x06;
-/// Force Unit Access: dword 12 bit 30 of a read or write.
-const FUA: u32 = 1 << 30;
-/// Attribute - Deallocate: dword 11 bit 2 of dataset management.
-const AD: u32 = 1 << 2;
-
-mod io_op {
-    pub const FLUSH: u8 = 0x00;
-    pub const WRITE: u8 = 0x01;
-    pub const READ: u8 = 0x02;
-    pub const WRITE_ZEROES: u8 = 0x08;
-    pub const DATASET_MANAGEMENT: u8 = 0x09;
-}
+const ADMIN: AdminQueues = AdminQueues {
+    sq: Gpa(ASQ),
+    cq: Gpa(ACQ),
+    entries: ADMIN_ENTRIES,
+};
+/// I/O queue pair 1, its completions on vector 1.
+const IO_PAIR: IoQueuePair = IoQueuePair {
+    qid: 1,
+    sq: Gpa(IOSQ),
+    cq: Gpa(IOCQ),
+    entries: IO_ENTRIES,
+    vector: Some(1),
+};
+/// MSI-X vectors: 0 for the admin queue, 1 for I/O queue 1.
+const VECTORS: u16 = 2;
 
 /// Statuses as (status code type, status code), NVMe 1.4 figures 128-130.
 const SUCCESS: (u8, u8) = (0, 0x00);
@@ -102,223 +84,16 @@ const LBA_OUT_OF_RANGE: (u8, u8) = (0, 0x80);
 const WRITE_FAULT: (u8, u8) = (2, 0x80);
 const UNRECOVERED_READ_ERROR: (u8, u8) = (2, 0x81);
 
-/// A submission queue entry under construction (the command identifier is
-/// set when it is submitted).
-#[derive(Clone, Copy, Debug)]
-struct Sqe {
-    dw: [u32; 16],
-}
-
-impl Sqe {
-    fn new(opcode: u8) -> Sqe {
-        let mut dw = [0; 16];
-        dw[0] = u32::from(opcode);
-        Sqe { dw }
-    }
-
-    fn nsid(mut self, nsid: u32) -> Sqe {
-        self.dw[1] = nsid;
-        self
-    }
-
-    fn prps(mut self, prp1: u64, prp2: u64) -> Sqe {
-        (self.dw[6], self.dw[7]) = split(prp1);
-        (self.dw[8], self.dw[9]) = split(prp2);
-        self
-    }
-
-    fn cdw(mut self, n: usize, value: u32) -> Sqe {
-        self.dw[n] = value;
-        self
-    }
-
-    fn bytes(&self, cid: u16) -> Vec<u8> {
-        let mut dw = self.dw;
-        dw[0] = (dw[0] & 0xffff) | u32::from(cid) << 16;
-        dw.iter().flat_map(|d| d.to_le_bytes()).collect()
-    }
-}
-
-fn split(v: u64) -> (u32, u32) {
-    (v as u32, (v >> 32) as u32)
-}
-
-/// A read or write of `blocks` from `lba` with the data where `prp` says.
+/// A read or write of `blocks` from `lba` of the namespace with the data
+/// where `prp` says.
 fn rw(opcode: u8, lba: u64, blocks: u32, prp: &Prp) -> Sqe {
-    let (lo, hi) = split(lba);
-    Sqe::new(opcode)
-        .nsid(NSID)
-        .prps(prp.prp1, prp.prp2)
-        .cdw(10, lo)
-        .cdw(11, hi)
-        .cdw(12, blocks - 1)
+    command::rw(opcode, NSID, Lba(lba), blocks, prp)
 }
 
-/// A completion queue entry as the host reads it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cqe {
-    dw0: u32,
-    sq_head: u16,
-    sqid: u16,
-    cid: u16,
-    /// The 15-bit status field: SC in 7:0, SCT in 10:8, DNR in 14.
-    status: u16,
-}
-
-impl Cqe {
-    fn parse(b: &[u8]) -> Cqe {
-        let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        Cqe {
-            dw0: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            sq_head: le16(8),
-            sqid: le16(10),
-            cid: le16(12),
-            status: le16(14) >> 1,
-        }
-    }
-
-    fn code(&self) -> (u8, u8) {
-        (((self.status >> 8) & 0x7) as u8, self.status as u8)
-    }
-
-    fn dnr(&self) -> bool {
-        self.status & (1 << 14) != 0
-    }
-}
-
-/// Where a command's data lies: PRP1, PRP2, and the pieces of guest memory
-/// they name, in order.
-#[derive(Clone, Debug)]
-struct Prp {
-    prp1: u64,
-    prp2: u64,
-    pieces: Vec<(u64, usize)>,
-}
-
-impl Prp {
-    /// `len` bytes from `start` (dword-aligned, anywhere in its page) to the
-    /// end of its page, then on `pages` in order, as Linux builds it: PRP2 is
-    /// the second page, or a PRP list written at `list` (and on the pages
-    /// after it when it runs past the end of its page, the last entry of each
-    /// list page pointing at the next).
-    fn new(ram: &GuestRam, start: u64, pages: &[u64], len: usize, list: u64) -> Prp {
-        let first = len.min((PAGE - start % PAGE) as usize);
-        let mut pieces = vec![(start, first)];
-        let mut left = len - first;
-        let mut used = 0;
-        while left > 0 {
-            let n = left.min(PAGE as usize);
-            pieces.push((pages[used], n));
-            used += 1;
-            left -= n;
-        }
-        let pages = &pages[..used];
-        let prp2 = match pages {
-            [] => 0,
-            [one] => *one,
-            _ => {
-                let mut at = list;
-                let mut rest = pages;
-                while !rest.is_empty() {
-                    let room = ((PAGE - at % PAGE) / 8) as usize;
-                    let entries: Vec<u64> = if rest.len() <= room {
-                        std::mem::take(&mut rest).to_vec()
-                    } else {
-                        let next = (at & !(PAGE - 1)) + PAGE;
-                        let (now, later) = rest.split_at(room - 1);
-                        rest = later;
-                        let mut e = now.to_vec();
-                        e.push(next);
-                        e
-                    };
-                    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-                    ram.write(at, &bytes);
-                    at = (at & !(PAGE - 1)) + PAGE;
-                }
-                list
-            }
-        };
-        Prp {
-            prp1: start,
-            prp2,
-            pieces,
-        }
-    }
-
-    /// `len` bytes from `start` on contiguous pages.
-    fn contiguous(ram: &GuestRam, start: u64, len: usize, list: u64) -> Prp {
-        let base = (start & !(PAGE - 1)) + PAGE;
-        let pages: Vec<u64> = (0..(len as u64).div_ceil(PAGE))
-            .map(|i| base + i * PAGE)
-            .collect();
-        Prp::new(ram, start, &pages, len, list)
-    }
-
-    fn write(&self, ram: &GuestRam, data: &[u8]) {
-        let mut at = 0;
-        for &(gpa, n) in &self.pieces {
-            ram.write(gpa, &data[at..at + n]);
-            at += n;
-        }
-        assert_eq!(at, data.len());
-    }
-
-    fn read(&self, ram: &GuestRam) -> Vec<u8> {
-        self.pieces
-            .iter()
-            .flat_map(|&(gpa, n)| ram.read(gpa, n))
-            .collect()
-    }
-
-    fn fill(&self, ram: &GuestRam, byte: u8) {
-        for &(gpa, n) in &self.pieces {
-            ram.fill(gpa, byte, n);
-        }
-    }
-}
-
-/// A queue pair as the host keeps it.
-#[derive(Debug)]
-struct Queue {
-    sq: u64,
-    cq: u64,
-    entries: u16,
-    tail: u16,
-    head: u16,
-    phase: bool,
-    /// The MSI-X vector of the completion queue.
-    vector: usize,
-    /// Entries from the head that an interrupt taken after they were posted
-    /// covers: a completion is only taken once an interrupt announced it.
-    covered: u16,
-}
-
-impl Queue {
-    fn new(sq: u64, cq: u64, entries: u16, vector: usize) -> Queue {
-        Queue {
-            sq,
-            cq,
-            entries,
-            tail: 0,
-            head: 0,
-            phase: true,
-            vector,
-            covered: 0,
-        }
-    }
-}
-
-/// A host NVMe driver over a vfio-user client, with guest memory and two
-/// MSI-X vectors (0: admin, 1: I/O queue 1).
+/// The host driver over a vfio-user client, with guest memory laid out as
+/// above; whatever fails fails the test.
 struct Nvme {
-    client: Client,
-    ram: GuestRam,
-    irqs: Vec<File>,
-    admin: Queue,
-    io: Queue,
-    next_cid: u16,
-    /// Completions taken while waiting for another command's, by queue.
-    early: [VecDeque<Cqe>; 2],
+    driver: Driver<VfioUser>,
 }
 
 impl Nvme {
@@ -330,94 +105,68 @@ impl Nvme {
 
     /// The same with guest memory DMA-mapped as windows ending at `ends`.
     fn connect_windows(s: &Serve, ends: &[u64]) -> Nvme {
-        let mut client = vfio::connect(&s.socket, SOON);
-        let ram = GuestRam::map_windows(&mut client, RAM, ends);
-        let irqs = vfio::msix_eventfds(&mut client, 2);
-        client
-            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &[0x06, 0x00])
-            .expect("command register");
-        Nvme {
-            client,
-            ram,
-            irqs,
-            admin: Queue::new(ASQ, ACQ, ADMIN_ENTRIES, 0),
-            io: Queue::new(IOSQ, IOCQ, IO_ENTRIES, 1),
-            next_cid: 0,
-            early: Default::default(),
-        }
+        let ram = HostRam::new(RAM).expect("guest memory");
+        let vfio = VfioUser::connect(&s.socket, SOON, ram, ends, VECTORS).expect("vfio-user");
+        let mut driver = Driver::new(vfio);
+        driver.set_timeout(SOON);
+        Nvme { driver }
     }
 
-    fn read32(&mut self, offset: u64) -> u32 {
-        let mut b = [0; 4];
-        self.client
-            .region_read(VFIO_PCI_BAR0_REGION_INDEX, offset, &mut b)
-            .expect("BAR0 read");
-        u32::from_le_bytes(b)
+    fn ram(&self) -> &HostRam {
+        self.driver.memory()
     }
 
-    fn read64(&mut self, offset: u64) -> u64 {
-        let mut b = [0; 8];
-        self.client
-            .region_read(VFIO_PCI_BAR0_REGION_INDEX, offset, &mut b)
-            .expect("BAR0 read");
-        u64::from_le_bytes(b)
+    /// Closes the connection and keeps guest memory.
+    fn disconnect(self) -> HostRam {
+        self.driver.into_transport().disconnect()
     }
 
-    fn write32(&mut self, offset: u64, value: u32) {
-        self.client
-            .region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, &value.to_le_bytes())
-            .expect("BAR0 write");
+    /// Whether MSI-X vector `vector` fired since it was last asked.
+    fn interrupt(&self, vector: u16) -> Interrupt {
+        self.driver
+            .transport()
+            .interrupt(vector)
+            .expect("the eventfd")
     }
 
-    fn write64(&mut self, offset: u64, value: u64) {
-        self.client
-            .region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, &value.to_le_bytes())
-            .expect("BAR0 write");
+    /// `len` bytes from `start` to the end of its page, then on `pages`,
+    /// listed at `list` (0: no list) when there are more than one.
+    fn prp(&self, start: u64, pages: &[u64], len: usize, list: u64) -> Prp {
+        let pages: Vec<Gpa> = pages.iter().copied().map(Gpa).collect();
+        let list = (list != 0).then_some(Gpa(list));
+        Prp::new(self.ram(), Gpa(start), &pages, len, list).expect("a PRP")
     }
 
-    fn csts(&mut self) -> u32 {
+    /// `len` bytes from `start` on the pages that follow, listed at `list`.
+    fn contiguous(&self, start: u64, len: usize, list: u64) -> Prp {
+        Prp::contiguous(self.ram(), Gpa(start), len, Some(Gpa(list))).expect("a PRP")
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        self.driver.read32(offset).expect("BAR0 read")
+    }
+
+    fn read64(&self, offset: u64) -> u64 {
+        self.driver.read64(offset).expect("BAR0 read")
+    }
+
+    fn write32(&self, offset: u64, value: u32) {
+        self.driver.write32(offset, value).expect("BAR0 write");
+    }
+
+    fn csts(&self) -> u32 {
         self.read32(CSTS)
-    }
-
-    /// Waits for CSTS.RDY to become `ready`; the controller must not go fatal.
-    fn wait_ready(&mut self, ready: bool) {
-        let deadline = Instant::now() + SOON;
-        loop {
-            let csts = self.csts();
-            assert_eq!(csts & CFS, 0, "CSTS.CFS: the controller went fatal");
-            if (csts & RDY != 0) == ready {
-                return;
-            }
-            assert!(Instant::now() < deadline, "CSTS.RDY never became {ready}");
-            thread::sleep(Duration::from_millis(1));
-        }
     }
 
     /// CC.EN = 0: the controller resets; CSTS clears.
     fn disable(&mut self) {
-        self.write32(CC, 0);
-        self.wait_ready(false);
+        self.driver.disable().expect("CC.EN = 0");
         assert_eq!(self.csts(), 0, "CSTS after CC.EN = 0");
     }
 
     /// The admin queues in fresh memory, then CC.EN = 1.
     fn enable(&mut self) {
-        for base in [ASQ, ACQ, IOSQ, IOCQ] {
-            self.ram.fill(base, 0, PAGE as usize);
-        }
-        // Leftovers from before are not interrupts for the new queues.
-        for efd in &self.irqs {
-            take_count(efd);
-        }
-        self.early = Default::default();
-        self.admin = Queue::new(ASQ, ACQ, ADMIN_ENTRIES, 0);
-        self.io = Queue::new(IOSQ, IOCQ, IO_ENTRIES, 1);
-        let size = u32::from(ADMIN_ENTRIES - 1);
-        self.write32(AQA, size << 16 | size);
-        self.write64(ASQ_REG, ASQ);
-        self.write64(ACQ_REG, ACQ);
-        self.write32(CC, CC_ENABLE);
-        self.wait_ready(true);
+        self.driver.enable(ADMIN, CC_LINUX).expect("CC.EN = 1");
     }
 
     /// What Linux does at probe: reset, enable, identify the controller, ask
@@ -429,11 +178,7 @@ impl Nvme {
         }
         self.enable();
         let ctrl = self.identify(0x01, 0);
-        let c = self.admin(
-            Sqe::new(admin_op::SET_FEATURES)
-                .cdw(10, NUMBER_OF_QUEUES)
-                .cdw(11, 0),
-        );
+        let c = self.admin(command::number_of_queues(1, 1));
         assert_eq!(c.code(), SUCCESS, "Set Features, Number of Queues");
         let ns = self.identify(0x00, NSID);
         self.create_io_queues();
@@ -441,168 +186,66 @@ impl Nvme {
     }
 
     fn create_io_queues(&mut self) {
-        let size = u32::from(IO_ENTRIES - 1) << 16;
-        let c = self.admin(
-            Sqe::new(admin_op::CREATE_CQ)
-                .prps(IOCQ, 0)
-                .cdw(10, size | 1)
-                .cdw(11, 1 << 16 | 0b11),
-        );
-        assert_eq!(c.code(), SUCCESS, "Create I/O Completion Queue");
-        let c = self.admin(
-            Sqe::new(admin_op::CREATE_SQ)
-                .prps(IOSQ, 0)
-                .cdw(10, size | 1)
-                .cdw(11, 1 << 16 | 0b1),
-        );
-        assert_eq!(c.code(), SUCCESS, "Create I/O Submission Queue");
+        self.driver
+            .create_io_pair(IO_PAIR)
+            .expect("I/O queue pair 1");
     }
 
     /// Identify with CNS `cns` for `nsid`: the 4 KiB of data.
     fn identify(&mut self, cns: u32, nsid: u32) -> Vec<u8> {
-        let c = self.try_identify(cns, nsid);
-        assert_eq!(c.code(), SUCCESS, "Identify CNS {cns} NSID {nsid}: {c:?}");
-        self.ram.read(IDENT, PAGE as usize)
+        self.prefill_identify();
+        self.driver
+            .identify(cns, nsid, Gpa(IDENT))
+            .unwrap_or_else(|e| panic!("Identify CNS {cns} NSID {nsid}: {e}"))
     }
 
-    fn try_identify(&mut self, cns: u32, nsid: u32) -> Cqe {
-        self.ram.fill(IDENT, 0xee, PAGE as usize);
-        self.admin(
-            Sqe::new(admin_op::IDENTIFY)
-                .nsid(nsid)
-                .prps(IDENT, 0)
-                .cdw(10, cns),
-        )
+    fn try_identify(&mut self, cns: u32, nsid: u32) -> Completion {
+        self.prefill_identify();
+        self.admin(command::identify(cns, nsid, Gpa(IDENT)))
     }
 
-    fn queue(&mut self, qid: u16) -> &mut Queue {
-        match qid {
-            0 => &mut self.admin,
-            1 => &mut self.io,
-            _ => panic!("no queue {qid}"),
-        }
+    /// What the controller does not write of identify data shows.
+    fn prefill_identify(&self) {
+        self.ram()
+            .fill(Gpa(IDENT), 0xee, IDENTIFY_LEN)
+            .expect("guest memory");
     }
 
     /// Puts `sqe` in queue `qid` and rings its tail doorbell; returns its
     /// command identifier.
     fn submit(&mut self, qid: u16, sqe: Sqe) -> u16 {
-        let cid = self.next_cid;
-        self.next_cid = self.next_cid.wrapping_add(1);
-        let (sq, tail, entries) = {
-            let q = self.queue(qid);
-            (q.sq, q.tail, q.entries)
-        };
-        self.ram.write(sq + u64::from(tail) * 64, &sqe.bytes(cid));
-        let tail = (tail + 1) % entries;
-        self.queue(qid).tail = tail;
-        self.write32(DOORBELLS + 2 * u64::from(qid) * 4, u32::from(tail));
-        cid
-    }
-
-    /// Whether the completion entry `i` places past the head of `q` is new.
-    fn posted(&self, q: &Queue, i: u16) -> bool {
-        let slot = (q.head + i) % q.entries;
-        let phase = if q.head + i >= q.entries {
-            !q.phase
-        } else {
-            q.phase
-        };
-        let dw3 = self.ram.load32(q.cq + u64::from(slot) * 16 + 12);
-        (dw3 >> 16 & 1 == 1) == phase
+        self.driver.issue(qid, sqe).expect("submit")
     }
 
     /// The next completion of queue `qid` within `within` (one taken
-    /// earlier first).
-    fn completion_within(&mut self, qid: u16, within: Duration) -> Option<Cqe> {
-        match self.early[usize::from(qid)].pop_front() {
-            Some(c) => Some(c),
-            None => self.take_within(qid, within),
+    /// earlier first), once an interrupt on its vector announced it.
+    fn completion_within(&mut self, qid: u16, within: Duration) -> Option<Completion> {
+        let c = self
+            .driver
+            .next_completion(qid, within)
+            .unwrap_or_else(|e| panic!("q{qid}: {e}"));
+        if let Some(c) = c {
+            assert_eq!(c.sqid, qid, "{c:?}");
         }
-    }
-
-    /// The next completion entry of queue `qid` within `within`, once an
-    /// interrupt on its vector announced it; its head doorbell is rung. A
-    /// completion that no interrupt follows fails the test.
-    fn take_within(&mut self, qid: u16, within: Duration) -> Option<Cqe> {
-        let deadline = Instant::now() + within;
-        loop {
-            let q = match qid {
-                0 => &self.admin,
-                _ => &self.io,
-            };
-            let new = self.posted(q, 0);
-            if new && q.covered > 0 {
-                return Some(self.consume(qid));
-            }
-            if take_count(&self.irqs[q.vector]).is_some() {
-                let q = match qid {
-                    0 => &self.admin,
-                    _ => &self.io,
-                };
-                let covered = (0..q.entries - 1)
-                    .take_while(|&i| self.posted(q, i))
-                    .count();
-                self.queue(qid).covered = covered as u16;
-                continue;
-            }
-            if Instant::now() >= deadline {
-                assert!(
-                    !new,
-                    "q{qid}: a completion was posted but vector {} never fired",
-                    q.vector
-                );
-                return None;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn consume(&mut self, qid: u16) -> Cqe {
-        let (cq, head) = {
-            let q = self.queue(qid);
-            (q.cq, q.head)
-        };
-        let cqe = Cqe::parse(&self.ram.read(cq + u64::from(head) * 16, 16));
-        let q = self.queue(qid);
-        q.head = (q.head + 1) % q.entries;
-        if q.head == 0 {
-            q.phase = !q.phase;
-        }
-        q.covered -= 1;
-        let head = q.head;
-        assert_eq!(cqe.sqid, qid, "{cqe:?}");
-        self.write32(DOORBELLS + (2 * u64::from(qid) + 1) * 4, u32::from(head));
-        cqe
+        c
     }
 
     /// The completion of command `cid` of queue `qid`; others that come
     /// first are kept for later.
-    fn completion(&mut self, qid: u16, cid: u16) -> Cqe {
-        let early = &mut self.early[usize::from(qid)];
-        if let Some(i) = early.iter().position(|c| c.cid == cid) {
-            return early.remove(i).expect("there");
-        }
-        let deadline = Instant::now() + SOON;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let c = self
-                .take_within(qid, left)
-                .unwrap_or_else(|| panic!("q{qid}: no completion of cid {cid} within {SOON:?}"));
-            if c.cid == cid {
-                return c;
-            }
-            self.early[usize::from(qid)].push_back(c);
-        }
+    fn completion(&mut self, qid: u16, cid: u16) -> Completion {
+        self.driver
+            .completion(qid, cid)
+            .unwrap_or_else(|e| panic!("q{qid}: {e}"))
     }
 
     /// Runs an admin command.
-    fn admin(&mut self, sqe: Sqe) -> Cqe {
+    fn admin(&mut self, sqe: Sqe) -> Completion {
         let cid = self.submit(0, sqe);
         self.completion(0, cid)
     }
 
     /// Runs an NVM command on I/O queue 1.
-    fn io(&mut self, sqe: Sqe) -> Cqe {
+    fn io(&mut self, sqe: Sqe) -> Completion {
         let cid = self.submit(1, sqe);
         self.completion(1, cid)
     }
@@ -619,28 +262,22 @@ impl Nvme {
 
     /// A write with `flags` in the upper half of dword 12.
     fn write_flags_ok(&mut self, lba: u64, lbs: usize, data: &[u8], flags: u32) {
-        let prp = Prp::contiguous(&self.ram, DATA, data.len(), LISTS);
-        prp.write(&self.ram, data);
+        let prp = self.contiguous(DATA, data.len(), LISTS);
+        prp.write(self.ram(), data).expect("guest memory");
         let blocks = (data.len() / lbs) as u32;
-        let c = self.io(rw(io_op::WRITE, lba, blocks, &prp).cdw(12, (blocks - 1) | flags));
+        let c = self.io(rw(io_op::WRITE, lba, blocks, &prp).with_cdw(12, (blocks - 1) | flags));
         assert_eq!(c.code(), SUCCESS, "write of lba {lba}: {c:?}");
     }
 
     /// Write Zeroes of `blocks` from `lba`; asserts success.
     fn write_zeroes_ok(&mut self, lba: u64, blocks: u32) {
-        let (lo, hi) = split(lba);
-        let sqe = Sqe::new(io_op::WRITE_ZEROES)
-            .nsid(NSID)
-            .cdw(10, lo)
-            .cdw(11, hi)
-            .cdw(12, blocks - 1);
-        let c = self.io(sqe);
+        let c = self.io(command::write_zeroes(NSID, Lba(lba), blocks));
         assert_eq!(c.code(), SUCCESS, "write zeroes of lba {lba}: {c:?}");
     }
 
     /// Flush of the namespace; asserts success.
     fn flush_ok(&mut self) {
-        let c = self.io(Sqe::new(io_op::FLUSH).nsid(NSID));
+        let c = self.io(command::flush(NSID));
         assert_eq!(c.code(), SUCCESS, "flush: {c:?}");
     }
 
@@ -652,27 +289,23 @@ impl Nvme {
         data
     }
 
-    fn read(&mut self, lba: u64, lbs: usize, len: usize) -> (Cqe, Vec<u8>) {
-        let prp = Prp::contiguous(&self.ram, DATA, len, LISTS);
-        prp.fill(&self.ram, PREFILL);
+    fn read(&mut self, lba: u64, lbs: usize, len: usize) -> (Completion, Vec<u8>) {
+        let prp = self.contiguous(DATA, len, LISTS);
+        prp.fill(self.ram(), PREFILL).expect("guest memory");
         let c = self.io(rw(io_op::READ, lba, (len / lbs) as u32, &prp));
-        (c, prp.read(&self.ram))
+        (c, prp.read(self.ram()).expect("guest memory"))
     }
 
     /// Get Features, Volatile Write Cache: whether it is on.
     fn write_cache(&mut self) -> bool {
-        let c = self.admin(Sqe::new(admin_op::GET_FEATURES).cdw(10, VOLATILE_WRITE_CACHE));
+        let c = self.admin(command::get_features(VOLATILE_WRITE_CACHE));
         assert_eq!(c.code(), SUCCESS, "Get Features: {c:?}");
         c.dw0 & 1 == 1
     }
 
     /// Set Features, Volatile Write Cache.
     fn set_write_cache(&mut self, on: bool) {
-        let c = self.admin(
-            Sqe::new(admin_op::SET_FEATURES)
-                .cdw(10, VOLATILE_WRITE_CACHE)
-                .cdw(11, u32::from(on)),
-        );
+        let c = self.admin(command::set_features(VOLATILE_WRITE_CACHE, u32::from(on)));
         assert_eq!(c.code(), SUCCESS, "Set Features: {c:?}");
     }
 }
@@ -834,9 +467,9 @@ fn probe_reads_the_controller_and_namespace_linux_needs() {
         nvme.disable();
         nvme.enable();
         let c = nvme.admin(
-            Sqe::new(admin_op::SET_FEATURES)
-                .cdw(10, NUMBER_OF_QUEUES)
-                .cdw(11, 3 << 16 | 3),
+            Sqe::new(admin_op::SET_FEATURES, 0)
+                .with_cdw(10, NUMBER_OF_QUEUES)
+                .with_cdw(11, 3 << 16 | 3),
         );
         assert_eq!((c.code(), c.dw0), (SUCCESS, 3 << 16 | 3), "{what}");
         nvme.create_io_queues();
@@ -861,7 +494,6 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
     let s = Serve::start(&["--nvme"]);
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
-    let ram = &nvme.ram;
 
     // Scattered pages: every other page from 4 MiB up, in reverse order, so
     // a transfer that went to the wrong page or in the wrong order shows.
@@ -880,30 +512,29 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
             what: "PRP1 only, 512 bytes inside a page",
             lba: 100,
             len: 512,
-            out: Prp::new(ram, DATA + 0x200, &[], 512, 0),
-            back: Prp::new(ram, DATA + 0x1a00, &[], 512, 0),
+            out: nvme.prp(DATA + 0x200, &[], 512, 0),
+            back: nvme.prp(DATA + 0x1a00, &[], 512, 0),
         },
         Case {
             what: "PRP1 only, one whole page",
             lba: 200,
             len: 4096,
-            out: Prp::new(ram, DATA + 0x2000, &[], 4096, 0),
-            back: Prp::new(ram, DATA + 0x3000, &[], 4096, 0),
+            out: nvme.prp(DATA + 0x2000, &[], 4096, 0),
+            back: nvme.prp(DATA + 0x3000, &[], 4096, 0),
         },
         Case {
             what: "PRP1 at an offset and PRP2 on another page",
             lba: 300,
             len: 6 << 10,
-            out: Prp::new(ram, DATA + 0x4400, &[DATA + 0x8_0000], 6 << 10, 0),
-            back: Prp::new(ram, DATA + 0x5400, &[DATA + 0x9_0000], 6 << 10, 0),
+            out: nvme.prp(DATA + 0x4400, &[DATA + 0x8_0000], 6 << 10, 0),
+            back: nvme.prp(DATA + 0x5400, &[DATA + 0x9_0000], 6 << 10, 0),
         },
         Case {
             what: "64 KiB from an unaligned start through a PRP list",
             lba: 1000,
             len: 64 << 10,
-            out: Prp::new(ram, DATA + 0x6200, &scattered(4 << 20, 16), 64 << 10, LISTS),
-            back: Prp::new(
-                ram,
+            out: nvme.prp(DATA + 0x6200, &scattered(4 << 20, 16), 64 << 10, LISTS),
+            back: nvme.prp(
                 DATA + 0x7600,
                 &scattered(6 << 20, 16),
                 64 << 10,
@@ -914,15 +545,13 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
             what: "256 KiB through a list that starts near the end of its page and chains",
             lba: 5000,
             len: 256 << 10,
-            out: Prp::new(
-                ram,
+            out: nvme.prp(
                 DATA + 0x2_0000,
                 &scattered(8 << 20, 63),
                 256 << 10,
                 LISTS + 2 * PAGE + 0xfe0,
             ),
-            back: Prp::new(
-                ram,
+            back: nvme.prp(
                 DATA + 0x4_0000,
                 &scattered(10 << 20, 63),
                 256 << 10,
@@ -934,7 +563,7 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
         let what = case.what;
         let data = pattern(10 + i as u64, case.len);
         let blocks = (case.len / LBS) as u32;
-        case.out.write(&nvme.ram, &data);
+        case.out.write(nvme.ram(), &data).unwrap();
         let c = nvme.io(rw(io_op::WRITE, case.lba, blocks, &case.out));
         assert_eq!(c.code(), SUCCESS, "{what}: write {c:?}");
         same(
@@ -956,33 +585,33 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
 
         // Read back into other memory; the bytes just before the buffer stay.
         let before = case.back.prp1 - 4;
-        nvme.ram.fill(before, PREFILL, 4);
-        case.back.fill(&nvme.ram, PREFILL);
+        nvme.ram().fill(Gpa(before), PREFILL, 4).unwrap();
+        case.back.fill(nvme.ram(), PREFILL).unwrap();
         let c = nvme.io(rw(io_op::READ, case.lba, blocks, &case.back));
         assert_eq!(c.code(), SUCCESS, "{what}: read {c:?}");
         same(
-            &case.back.read(&nvme.ram),
+            &case.back.read(nvme.ram()).unwrap(),
             &data,
             format_args!("{what}: read back"),
         );
         same(
-            &nvme.ram.read(before, 4),
+            &nvme.ram().read_vec(Gpa(before), 4).unwrap(),
             &[PREFILL; 4],
             format_args!("{what}: before"),
         );
     }
 
-    let flush = nvme.io(Sqe::new(io_op::FLUSH).nsid(NSID));
+    let flush = nvme.io(Sqe::new(io_op::FLUSH, 0).with_nsid(NSID));
     assert_eq!(flush.code(), SUCCESS, "flush");
-    let flush_all = nvme.io(Sqe::new(io_op::FLUSH).nsid(u32::MAX));
+    let flush_all = nvme.io(Sqe::new(io_op::FLUSH, 0).with_nsid(u32::MAX));
     assert_eq!(flush_all.code(), SUCCESS, "flush of every namespace");
 
     // Write zeroes: blocks 202 and 203 of the page at 200.
     let page = s.disk_at(200, 4096);
-    let zeroes = Sqe::new(io_op::WRITE_ZEROES)
-        .nsid(NSID)
-        .cdw(10, 202)
-        .cdw(12, 1);
+    let zeroes = Sqe::new(io_op::WRITE_ZEROES, 0)
+        .with_nsid(NSID)
+        .with_cdw(10, 202)
+        .with_cdw(12, 1);
     let c = nvme.io(zeroes);
     assert_eq!(c.code(), SUCCESS, "write zeroes");
     let mut want = page.clone();
@@ -1007,12 +636,12 @@ fn data_moves_through_prp1_prp2_and_prp_lists_to_the_disk_file_and_back() {
         ranges.extend_from_slice(&n.to_le_bytes());
         ranges.extend_from_slice(&lba.to_le_bytes());
     }
-    nvme.ram.write(RANGES, &ranges);
-    let deallocate = Sqe::new(io_op::DATASET_MANAGEMENT)
-        .nsid(NSID)
-        .prps(RANGES, 0)
-        .cdw(10, 1)
-        .cdw(11, AD);
+    nvme.ram().write_mem(Gpa(RANGES), &ranges).unwrap();
+    let deallocate = Sqe::new(io_op::DATASET_MANAGEMENT, 0)
+        .with_nsid(NSID)
+        .with_prps(RANGES, 0)
+        .with_cdw(10, 1)
+        .with_cdw(11, AD);
     let c = nvme.io(deallocate);
     assert_eq!(c.code(), SUCCESS, "deallocate");
     let mut want = before.clone();
@@ -1047,8 +676,8 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
 
-    let buf = Prp::new(&nvme.ram, DATA, &[], 4096, 0);
-    buf.fill(&nvme.ram, PREFILL);
+    let buf = nvme.prp(DATA, &[], 4096, 0);
+    buf.fill(nvme.ram(), PREFILL).unwrap();
     let cid = nvme.submit(1, rw(io_op::READ, 64, 8, &buf));
     let held = s.wait_held(1);
     let h = &held[0];
@@ -1067,7 +696,7 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
     assert_eq!(nvme.completion_within(1, Duration::from_millis(300)), None);
 
     // The destination holds the canary of that request, whole.
-    let during = buf.read(&nvme.ram);
+    let during = buf.read(nvme.ram()).unwrap();
     let units: Vec<_> = dma::canary::find_canaries(&during).collect();
     let want: Vec<(usize, u64, u32)> = (0..256).map(|i| (16 * i, req, 16 * i as u32)).collect();
     assert_eq!(
@@ -1080,11 +709,11 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
     );
 
     // The queue goes on meanwhile: another read completes first.
-    let other = Prp::new(&nvme.ram, DATA + 0x1000, &[], 4096, 0);
+    let other = nvme.prp(DATA + 0x1000, &[], 4096, 0);
     let c = nvme.io(rw(io_op::READ, 8, 8, &other));
     assert_eq!(c.code(), SUCCESS);
     same(
-        &other.read(&nvme.ram),
+        &other.read(nvme.ram()).unwrap(),
         &pattern(4, 4096),
         format_args!("the other read"),
     );
@@ -1093,7 +722,7 @@ fn a_held_read_completes_on_release_with_the_canary_before_and_the_data_after() 
     let c = nvme.completion(1, cid);
     assert_eq!(c.code(), SUCCESS, "{c:?}");
     same(
-        &buf.read(&nvme.ram),
+        &buf.read(nvme.ram()).unwrap(),
         &data,
         format_args!("the data after release"),
     );
@@ -1185,8 +814,8 @@ fn media_errors_complete_with_the_media_statuses() {
     assert!(c.dnr(), "a bad block stays bad: do not retry");
     nvme.read_ok(1001, LBS, LBS);
 
-    let prp = Prp::new(&nvme.ram, DATA, &[], LBS, 0);
-    prp.write(&nvme.ram, &pattern(6, LBS));
+    let prp = nvme.prp(DATA, &[], LBS, 0);
+    prp.write(nvme.ram(), &pattern(6, LBS)).unwrap();
     let c = nvme.io(rw(io_op::WRITE, 2000, 1, &prp));
     assert_eq!(c.code(), WRITE_FAULT, "{c:?}");
     assert!(c.dnr());
@@ -1195,7 +824,9 @@ fn media_errors_complete_with_the_media_statuses() {
         &[0; LBS],
         format_args!("the failed write did not land"),
     );
-    let c = nvme.io(Sqe::new(io_op::WRITE_ZEROES).nsid(NSID).cdw(10, 2001));
+    let c = nvme.io(Sqe::new(io_op::WRITE_ZEROES, 0)
+        .with_nsid(NSID)
+        .with_cdw(10, 2001));
     assert_eq!(
         c.code(),
         WRITE_FAULT,
@@ -1230,32 +861,20 @@ fn malformed_commands_complete_with_the_specs_statuses() {
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
     let blocks = DISK / LBS as u64;
-    let ram = &nvme.ram;
-    let page = Prp::new(ram, DATA, &[], 4096, 0);
-    let two = Prp::new(ram, DATA + 0x800, &[DATA + 0x1_0000], 4096, 0);
-    let big = Prp::contiguous(ram, DATA, 128 << 10, LISTS);
+    let page = nvme.prp(DATA, &[], 4096, 0);
+    let two = nvme.prp(DATA + 0x800, &[DATA + 0x1_0000], 4096, 0);
+    let big = nvme.contiguous(DATA, 128 << 10, LISTS);
     // A list whose second entry is not page-aligned, and one whose second
     // entry lies past guest memory.
-    ram.write(
-        LISTS + PAGE,
-        &[DATA + 0x2000, DATA + 0x3010, DATA + 0x4000]
-            .map(u64::to_le_bytes)
-            .concat(),
-    );
-    ram.write(
-        LISTS + 2 * PAGE,
-        &[DATA + 0x2000, RAM, DATA + 0x4000]
-            .map(u64::to_le_bytes)
-            .concat(),
-    );
+    let lists = [
+        (LISTS + PAGE, [DATA + 0x2000, DATA + 0x3010, DATA + 0x4000]),
+        (LISTS + 2 * PAGE, [DATA + 0x2000, RAM, DATA + 0x4000]),
+    ];
+    for (at, entries) in lists {
+        write_list(nvme.ram(), Gpa(at), &entries).unwrap();
+    }
     let write = |lba: u64, blocks: u32, prp1: u64, prp2: u64| {
-        let (lo, hi) = split(lba);
-        Sqe::new(io_op::WRITE)
-            .nsid(NSID)
-            .prps(prp1, prp2)
-            .cdw(10, lo)
-            .cdw(11, hi)
-            .cdw(12, blocks - 1)
+        rw(io_op::WRITE, lba, blocks, &Prp::raw(prp1, prp2))
     };
     let cases: Vec<(&str, Sqe, (u8, u8))> = vec![
         (
@@ -1270,10 +889,10 @@ fn malformed_commands_complete_with_the_specs_statuses() {
         ),
         (
             "write zeroes past the last block",
-            Sqe::new(io_op::WRITE_ZEROES)
-                .nsid(NSID)
-                .cdw(10, blocks as u32)
-                .cdw(12, 0),
+            Sqe::new(io_op::WRITE_ZEROES, 0)
+                .with_nsid(NSID)
+                .with_cdw(10, blocks as u32)
+                .with_cdw(12, 0),
             LBA_OUT_OF_RANGE,
         ),
         (
@@ -1288,13 +907,17 @@ fn malformed_commands_complete_with_the_specs_statuses() {
         ),
         (
             "an unknown NVM opcode",
-            Sqe::new(0x7f).nsid(NSID),
+            Sqe::new(0x7f, 0).with_nsid(NSID),
             INVALID_OPCODE,
         ),
-        ("a vendor opcode", Sqe::new(0x80).nsid(NSID), INVALID_OPCODE),
+        (
+            "a vendor opcode",
+            Sqe::new(0x80, 0).with_nsid(NSID),
+            INVALID_OPCODE,
+        ),
         (
             "namespace 2",
-            rw(io_op::READ, 0, 8, &page).nsid(2),
+            rw(io_op::READ, 0, 8, &page).with_nsid(2),
             INVALID_NAMESPACE,
         ),
         (
@@ -1333,13 +956,13 @@ fn malformed_commands_complete_with_the_specs_statuses() {
             DATA_TRANSFER_ERROR,
         ),
     ];
-    page.write(&nvme.ram, &pattern(8, 4096));
+    page.write(nvme.ram(), &pattern(8, 4096)).unwrap();
     for (what, sqe, want) in cases {
         let c = nvme.io(sqe);
         assert_eq!(c.code(), want, "{what}: {c:?}");
         assert!(c.dnr(), "{what}: the same command fails again: DNR");
     }
-    let c = nvme.admin(Sqe::new(0x7f));
+    let c = nvme.admin(Sqe::new(0x7f, 0));
     assert_eq!(c.code(), INVALID_OPCODE, "an unknown admin opcode: {c:?}");
 
     // None of them wrote anything, and the controller goes on.
@@ -1410,7 +1033,9 @@ fn the_write_zeroes_and_deallocate_limits_the_host_is_told_are_enforced() {
         ("write zeroes one block past WZSL", most + 1, 0..0),
         ("write zeroes at WZSL", most, 0..most as usize),
     ] {
-        let sqe = Sqe::new(io_op::WRITE_ZEROES).nsid(NSID).cdw(12, blocks - 1);
+        let sqe = Sqe::new(io_op::WRITE_ZEROES, 0)
+            .with_nsid(NSID)
+            .with_cdw(12, blocks - 1);
         check(&mut nvme, what, sqe, zeroed, &mut want);
     }
 
@@ -1429,12 +1054,12 @@ fn the_write_zeroes_and_deallocate_limits_the_host_is_told_are_enforced() {
             list.extend_from_slice(&n.to_le_bytes());
             list.extend_from_slice(&lba.to_le_bytes());
         }
-        nvme.ram.write(RANGES, &list);
-        let sqe = Sqe::new(io_op::DATASET_MANAGEMENT)
-            .nsid(NSID)
-            .prps(RANGES, 0)
-            .cdw(10, ranges.len() as u32 - 1)
-            .cdw(11, AD);
+        nvme.ram().write_mem(Gpa(RANGES), &list).unwrap();
+        let sqe = Sqe::new(io_op::DATASET_MANAGEMENT, 0)
+            .with_nsid(NSID)
+            .with_prps(RANGES, 0)
+            .with_cdw(10, ranges.len() as u32 - 1)
+            .with_cdw(11, AD);
         check(&mut nvme, what, sqe, zeroed, &mut want);
     }
 }
@@ -1470,7 +1095,7 @@ fn a_hostile_doorbell_makes_the_controller_fatal_until_reset_and_the_daemon_live
         s.assert_alive();
         assert!(s.ctl_json(&["status"]).is_object(), "{what}: ctl status");
         // A fatal controller runs nothing.
-        let prp = Prp::new(&nvme.ram, DATA, &[], 4096, 0);
+        let prp = nvme.prp(DATA, &[], 4096, 0);
         nvme.submit(1, rw(io_op::READ, 8, 8, &prp));
         assert_eq!(
             nvme.completion_within(1, Duration::from_millis(100)),
@@ -1510,8 +1135,8 @@ fn a_reset_abandons_a_held_read_which_never_completes_and_the_controller_comes_b
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
 
-    let buf = Prp::new(&nvme.ram, DATA, &[], 4096, 0);
-    buf.fill(&nvme.ram, PREFILL);
+    let buf = nvme.prp(DATA, &[], 4096, 0);
+    buf.fill(nvme.ram(), PREFILL).unwrap();
     nvme.submit(1, rw(io_op::READ, 64, 8, &buf));
     let req = s.wait_held(1)[0]["request"].as_u64().unwrap();
 
@@ -1528,13 +1153,13 @@ fn a_reset_abandons_a_held_read_which_never_completes_and_the_controller_comes_b
     // No completion entry, no interrupt, no data: the reset voided the read.
     thread::sleep(Duration::from_millis(300));
     same(
-        &nvme.ram.read(IOCQ, 16),
+        &nvme.ram().read_vec(Gpa(IOCQ), 16).unwrap(),
         &[0; 16],
         format_args!("the old completion queue"),
     );
-    assert_eq!(take_count(&nvme.irqs[1]), None, "vector 1");
+    assert_eq!(nvme.interrupt(1), Interrupt::Quiet, "vector 1");
     same(
-        &buf.read(&nvme.ram),
+        &buf.read(nvme.ram()).unwrap(),
         &[PREFILL; 4096],
         format_args!("the read's buffer"),
     );
@@ -1548,7 +1173,7 @@ fn a_reset_abandons_a_held_read_which_never_completes_and_the_controller_comes_b
         format_args!("the read after the reset"),
     );
     assert_eq!(
-        nvme.ram.read(IOCQ + 16, 16),
+        nvme.ram().read_vec(Gpa(IOCQ + 16), 16).unwrap(),
         [0; 16],
         "one completion in the new queue, not two"
     );
@@ -1556,12 +1181,11 @@ fn a_reset_abandons_a_held_read_which_never_completes_and_the_controller_comes_b
     // A client that leaves with a read held resets the controller too.
     s.ctl_ok(&["add-rule", "op=read,lba=72,count=1,action=hold"]);
     s.put_disk(72, &data);
-    let buf = Prp::new(&nvme.ram, DATA + 0x1000, &[], 4096, 0);
-    buf.fill(&nvme.ram, PREFILL);
+    let buf = nvme.prp(DATA + 0x1000, &[], 4096, 0);
+    buf.fill(nvme.ram(), PREFILL).unwrap();
     nvme.submit(1, rw(io_op::READ, 72, 8, &buf));
     let req = s.wait_held(1)[0]["request"].as_u64().unwrap();
-    let old = nvme;
-    drop(old.client);
+    let old = nvme.disconnect();
     wait_nothing_held(&s, "after the client left");
     let r = ledger_at(&s, "read", 72);
     assert_eq!(
@@ -1570,7 +1194,7 @@ fn a_reset_abandons_a_held_read_which_never_completes_and_the_controller_comes_b
     );
     thread::sleep(Duration::from_millis(100));
     same(
-        &buf.read(&old.ram),
+        &buf.read(&old).unwrap(),
         &[PREFILL; 4096],
         format_args!("the read's buffer"),
     );
@@ -1588,17 +1212,20 @@ fn sigterm_tells_the_host_of_a_held_read_before_the_daemon_exits() {
     let mut s = Serve::start(&["--nvme", "--fault", "op=read,action=hold"]);
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
-    let buf = Prp::new(&nvme.ram, DATA, &[], 4096, 0);
+    let buf = nvme.prp(DATA, &[], 4096, 0);
     let cid = nvme.submit(1, rw(io_op::READ, 16, 8, &buf));
     s.wait_held(1);
     let exit = s.terminate();
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
     // The daemon is gone: its last completion entry and interrupt are in
     // guest memory and the eventfd.
-    let c = Cqe::parse(&nvme.ram.read(IOCQ, 16));
-    assert_eq!(nvme.ram.load32(IOCQ + 12) >> 16 & 1, 1, "phase tag: posted");
+    let mut entry = [0; Completion::SIZE];
+    nvme.ram().read_mem(Gpa(IOCQ), &mut entry).unwrap();
+    let c = Completion::parse(&entry);
+    let dw3 = nvme.ram().load32(Gpa(IOCQ + 12)).unwrap();
+    assert_eq!(dw3 >> 16 & 1, 1, "phase tag: posted");
     assert_eq!((c.sqid, c.cid), (1, cid), "{c:?}");
-    assert!(take_count(&nvme.irqs[1]).is_some(), "vector 1 fired");
+    assert_eq!(nvme.interrupt(1), Interrupt::Fired, "vector 1 fired");
     assert_eq!(c.code(), ABORT_REQUESTED, "{c:?}");
     assert!(!c.dnr(), "the host may try again elsewhere");
     let r: Vec<Value> = s
@@ -1628,16 +1255,16 @@ fn the_mailbox_answers_control_commands_over_nvme_while_a_read_is_held() {
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
 
-    let held = Prp::new(&nvme.ram, DATA + 0x10_0000, &[], 4096, 0);
-    held.fill(&nvme.ram, PREFILL);
+    let held = nvme.prp(DATA + 0x10_0000, &[], 4096, 0);
+    held.fill(nvme.ram(), PREFILL).unwrap();
     let held_cid = nvme.submit(1, rw(io_op::READ, 8, 8, &held));
     s.wait_held(1);
 
     // Asks and reads back the answer, as a guest program does.
     let mut ask = |seq: u32, command: &str| -> Value {
         let frame = encode(seq, command.as_bytes(), LBS);
-        let out = Prp::contiguous(&nvme.ram, DATA, frame.len(), LISTS);
-        out.write(&nvme.ram, &frame);
+        let out = nvme.contiguous(DATA, frame.len(), LISTS);
+        out.write(nvme.ram(), &frame).unwrap();
         let c = nvme.io(rw(io_op::WRITE, mailbox, (frame.len() / LBS) as u32, &out));
         assert_eq!(c.code(), SUCCESS, "{command}: {c:?}");
         let answer = nvme.read_ok(mailbox, LBS, 4096);
@@ -1656,15 +1283,15 @@ fn the_mailbox_answers_control_commands_over_nvme_while_a_read_is_held() {
     let c = nvme.completion(1, held_cid);
     assert_eq!(c.code(), SUCCESS, "{c:?}");
     same(
-        &held.read(&nvme.ram),
+        &held.read(nvme.ram()).unwrap(),
         &data,
         format_args!("the released read's data"),
     );
 
     // Plain data written to the mailbox is refused, and nothing of it, or of
     // the commands, reaches the disk file.
-    let junk = Prp::new(&nvme.ram, DATA, &[], 512, 0);
-    junk.write(&nvme.ram, &pattern(14, 512));
+    let junk = nvme.prp(DATA, &[], 512, 0);
+    junk.write(nvme.ram(), &pattern(14, 512)).unwrap();
     let c = nvme.io(rw(io_op::WRITE, mailbox, 1, &junk));
     assert_ne!(c.code(), SUCCESS, "junk in the mailbox: {c:?}");
     same(
@@ -1741,14 +1368,14 @@ fn a_fua_write_is_stable_when_it_completes() {
     let mut nvme = Nvme::connect(&s);
     nvme.probe();
     let data = pattern(24, 4096);
-    let prp = Prp::new(&nvme.ram, DATA, &[], 4096, 0);
-    prp.write(&nvme.ram, &data);
-    let c = nvme.io(rw(io_op::WRITE, 700, 8, &prp).cdw(12, 7 | FUA));
+    let prp = nvme.prp(DATA, &[], 4096, 0);
+    prp.write(nvme.ram(), &data).unwrap();
+    let c = nvme.io(rw(io_op::WRITE, 700, 8, &prp).with_cdw(12, 7 | FUA));
     assert_eq!(c.code(), SUCCESS, "{c:?}");
     // A write without FUA right after it, in the same 4 KiB unit of the cache
     // and beyond: still volatile (FUA is no flush).
-    let other = Prp::new(&nvme.ram, DATA + 0x10_0000, &[], 4096, 0);
-    other.write(&nvme.ram, &pattern(26, 4096));
+    let other = nvme.prp(DATA + 0x10_0000, &[], 4096, 0);
+    other.write(nvme.ram(), &pattern(26, 4096)).unwrap();
     let c = nvme.io(rw(io_op::WRITE, 708, 8, &other));
     assert_eq!(c.code(), SUCCESS, "{c:?}");
     same(
@@ -1829,19 +1456,21 @@ fn guest_memory_unmapped_under_a_held_read_fails_it_with_a_data_transfer_error()
     // Queues in the low window, the read's buffer in the high one.
     let mut nvme = Nvme::connect_windows(&s, &[SPLIT, RAM]);
     nvme.probe();
-    let buf = Prp::new(&nvme.ram, SPLIT + 0x10_0000, &[], 4096, 0);
-    buf.fill(&nvme.ram, PREFILL);
+    let buf = nvme.prp(SPLIT + 0x10_0000, &[], 4096, 0);
+    buf.fill(nvme.ram(), PREFILL).unwrap();
     let cid = nvme.submit(1, rw(io_op::READ, 64, 8, &buf));
     s.wait_held(1);
 
-    nvme.client
+    nvme.driver
+        .transport()
+        .client()
         .dma_unmap(SPLIT, RAM - SPLIT)
         .expect("DMA_UNMAP");
     assert_eq!(s.ctl_ok(&["release", "--all"]), "released 1\n");
     let c = nvme.completion(1, cid);
     assert_eq!(c.code(), DATA_TRANSFER_ERROR, "{c:?}");
     same(
-        &buf.read(&nvme.ram),
+        &buf.read(nvme.ram()).unwrap(),
         &[PREFILL; 4096],
         format_args!("nothing reached the unmapped buffer"),
     );

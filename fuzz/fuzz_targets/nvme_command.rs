@@ -23,13 +23,17 @@
 #![no_main]
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use backend::nvme::{
     CommandTag, Controller, Identity, Interrupts, IoCommand, IoHandler, IoOp, NvmeStatus,
 };
+use backend::nvme_driver::{
+    AdminQueues, Driver, Gpa, HostMemory, InProcess, IoQueuePair, Sqe, CC_LINUX, DOORBELLS,
+};
 use libfuzzer_sys::fuzz_target;
 use nvme_model::{Deallocate, Geometry, LbaSize};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Guest memory: 256 KiB at 0 and 64 KiB at 1 MiB, so addresses can fall in
 /// the hole or run off a region's end.
@@ -99,105 +103,43 @@ impl Interrupts for NoInterrupts {
     fn signal(&self, _vector: u16) {}
 }
 
-/// The host's view of one queue pair.
-#[derive(Clone, Copy, Default)]
-struct Pair {
-    sq_tail: u16,
-    cq_head: u16,
-    phase: bool,
-}
-
+/// The controller and the host driver that sets it up and feeds it.
 struct Host {
     ctrl: Arc<Controller>,
     checker: Arc<Checker>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
-    pairs: [Pair; 3],
+    driver: Driver<InProcess>,
 }
 
 impl Host {
-    fn write32(&self, offset: u64, value: u32) {
-        self.ctrl.bar0_write(offset, &value.to_le_bytes());
-    }
-
     /// Enables the controller and creates I/O queue pairs 1 and 2, as a
     /// driver does; errors are the input's business.
     fn set_up(&mut self) {
-        self.write32(0x14, 0);
-        let n = u32::from(ENTRIES - 1);
-        self.write32(0x24, n | n << 16);
-        self.ctrl.bar0_write(0x28, &ASQ.to_le_bytes());
-        self.ctrl.bar0_write(0x30, &ACQ.to_le_bytes());
-        self.write32(0x14, 6 << 16 | 4 << 20 | 1);
-        self.pairs = [Pair {
-            phase: true,
-            ..Pair::default()
-        }; 3];
-        let mem = self.mem.memory();
-        for qid in 0..3 {
-            let _ = mem.write_slice(&[0u8; 16 * ENTRIES as usize], GuestAddress(cq_base(qid)));
-        }
-        let _ = mem.write_slice(&[0u8; 16 * ENTRIES as usize], GuestAddress(ACQ));
-        drop(mem);
-        let mut setup = Vec::new();
+        let admin = AdminQueues {
+            sq: Gpa(ASQ),
+            cq: Gpa(ACQ),
+            entries: ENTRIES,
+        };
+        let _ = self.driver.enable(admin, CC_LINUX);
         for qid in 1..=2u16 {
-            let size = u32::from(ENTRIES - 1) << 16 | u32::from(qid);
-            setup.push(sqe(0x05, cq_base(qid), size, u32::from(qid) << 16 | 3));
-            setup.push(sqe(0x01, sq_base(qid), size, u32::from(qid) << 16 | 1));
-        }
-        for entry in setup {
-            self.submit(0, &entry);
-            self.reap(0);
+            let pair = IoQueuePair {
+                qid,
+                sq: Gpa(sq_base(qid)),
+                cq: Gpa(cq_base(qid)),
+                entries: ENTRIES,
+                vector: Some(qid),
+            };
+            let _ = self.driver.create_io_pair(pair);
         }
     }
 
     fn submit(&mut self, qid: u16, entry: &[u8; 64]) {
-        let base = if qid == 0 { ASQ } else { sq_base(qid) };
-        let pair = &mut self.pairs[usize::from(qid)];
-        let _ = self
-            .mem
-            .memory()
-            .write_slice(entry, GuestAddress(base + u64::from(pair.sq_tail) * 64));
-        pair.sq_tail = (pair.sq_tail + 1) % ENTRIES;
-        let tail = pair.sq_tail;
-        self.write32(0x1000 + u64::from(qid) * 8, u32::from(tail));
+        let _ = self.driver.submit(qid, &Sqe::from_bytes(entry));
     }
 
     /// Consumes new completions by phase tag and rings the head doorbell.
     fn reap(&mut self, qid: u16) {
-        let base = if qid == 0 { ACQ } else { cq_base(qid) };
-        let pair = &mut self.pairs[usize::from(qid)];
-        let mem = self.mem.memory();
-        let mut moved = false;
-        for _ in 0..ENTRIES {
-            let at = base + u64::from(pair.cq_head) * 16 + 12;
-            let Ok(dw3) = mem.read_obj::<u32>(GuestAddress(at)) else {
-                break;
-            };
-            if (dw3 >> 16 & 1 == 1) != pair.phase {
-                break;
-            }
-            pair.cq_head = (pair.cq_head + 1) % ENTRIES;
-            if pair.cq_head == 0 {
-                pair.phase = !pair.phase;
-            }
-            moved = true;
-        }
-        let head = pair.cq_head;
-        drop(mem);
-        if moved {
-            self.write32(0x1000 + u64::from(qid) * 8 + 4, u32::from(head));
-        }
+        let _ = self.driver.reap(qid);
     }
-}
-
-/// A submission entry with a PRP1 and two command dwords.
-fn sqe(opcode: u8, prp1: u64, cdw10: u32, cdw11: u32) -> [u8; 64] {
-    let mut e = [0u8; 64];
-    e[0] = opcode;
-    e[24..32].copy_from_slice(&prp1.to_le_bytes());
-    e[40..44].copy_from_slice(&cdw10.to_le_bytes());
-    e[44..48].copy_from_slice(&cdw11.to_le_bytes());
-    e
 }
 
 fn identity(config: u8) -> Identity {
@@ -242,80 +184,13 @@ fuzz_target!(|input: &[u8]| {
     let Some(&[config]) = take(&mut data, 1) else {
         return;
     };
-    let regions: Vec<_> = REGIONS.iter().map(|&(a, n)| (GuestAddress(a), n)).collect();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::from_ranges(&regions).expect("memory"));
-    let identity = identity(config);
-    let checker = Arc::new(Checker {
-        mem: mem.clone(),
-        identity: identity.clone(),
-        max_transfer: identity.max_transfer(),
-        held: Mutex::new(Vec::new()),
-    });
-    let ctrl = Arc::new(Controller::new(identity, checker.clone()));
-    ctrl.attach(mem.clone(), Arc::new(NoInterrupts));
-    let mut host = Host {
-        ctrl,
-        checker,
-        mem,
-        pairs: [Pair::default(); 3],
-    };
+    let mut host = Host::new(config);
     host.set_up();
-
     for _ in 0..256 {
         let Some(&[kind]) = take(&mut data, 1) else {
             break;
         };
-        let done = match kind % 8 {
-            0 => take(&mut data, 64).map(|e| {
-                host.submit(0, e.try_into().expect("64 bytes"));
-                host.reap(0);
-            }),
-            1 => take(&mut data, 65).map(|e| {
-                let qid = 1 + u16::from(e[0] & 1);
-                host.submit(qid, e[1..].try_into().expect("64 bytes"));
-            }),
-            2 => take(&mut data, 4).and_then(|h| {
-                let at = u64::from(u32::from_le_bytes([h[0], h[1], h[2], 0])) % SPAN;
-                take(&mut data, usize::from(h[3])).map(|bytes| {
-                    let _ = host.mem.memory().write_slice(bytes, GuestAddress(at));
-                })
-            }),
-            3 => take(&mut data, 3).and_then(|h| {
-                let offset = u64::from(u16::from_le_bytes([h[0], h[1]]));
-                take(&mut data, usize::from(h[2] % 9)).map(|bytes| {
-                    host.ctrl.bar0_write(offset, bytes);
-                    let mut back = [0u8; 8];
-                    host.ctrl.bar0_read(offset, &mut back[..bytes.len()]);
-                })
-            }),
-            4 => take(&mut data, 6).map(|h| {
-                let index = u64::from(u16::from_le_bytes([h[0], h[1]]));
-                let value = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
-                host.write32(0x1000 + (index % 0xc00) * 4, value);
-            }),
-            5 => take(&mut data, 6).map(|h| {
-                let tag = {
-                    let mut held = host.checker.held.lock().unwrap();
-                    (!held.is_empty()).then(|| {
-                        let i = usize::from(h[0]) % held.len();
-                        held.swap_remove(i)
-                    })
-                };
-                if let Some(tag) = tag {
-                    let status = NvmeStatus::ALL[usize::from(h[1]) % NvmeStatus::ALL.len()];
-                    let dw0 = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
-                    host.ctrl.complete(tag, status, dw0);
-                }
-            }),
-            6 => take(&mut data, 1).map(|h| host.reap(u16::from(h[0] % 3))),
-            _ => {
-                host.ctrl.reset();
-                host.checker.held.lock().unwrap().clear();
-                host.set_up();
-                Some(())
-            }
-        };
-        if done.is_none() {
+        if host.record(kind, &mut data).is_none() {
             break;
         }
     }
@@ -329,3 +204,90 @@ fuzz_target!(|input: &[u8]| {
         host.reap(qid);
     }
 });
+
+impl Host {
+    /// A controller of the identity `config` picks, memory and no
+    /// interrupts attached, and the driver in process.
+    fn new(config: u8) -> Host {
+        let regions: Vec<_> = REGIONS.iter().map(|&(a, n)| (GuestAddress(a), n)).collect();
+        let mem =
+            GuestMemoryAtomic::new(GuestMemoryMmap::<()>::from_ranges(&regions).expect("memory"));
+        let identity = identity(config);
+        let checker = Arc::new(Checker {
+            mem: mem.clone(),
+            identity: identity.clone(),
+            max_transfer: identity.max_transfer(),
+            held: Mutex::new(Vec::new()),
+        });
+        let ctrl = Arc::new(Controller::new(identity, checker.clone()));
+        ctrl.attach(mem.clone(), Arc::new(NoInterrupts));
+        let mut driver = Driver::new(InProcess::new(ctrl.clone(), mem));
+        // A command runs before its doorbell write returns: there is nothing
+        // to wait for.
+        driver.set_timeout(Duration::ZERO);
+        Host {
+            ctrl,
+            checker,
+            driver,
+        }
+    }
+
+    /// Runs the record of `kind` from the front of `data`; None when the
+    /// input ends inside it.
+    fn record(&mut self, kind: u8, data: &mut &[u8]) -> Option<()> {
+        match kind % 8 {
+            0 => take(data, 64).map(|e| {
+                self.submit(0, e.try_into().expect("64 bytes"));
+                self.reap(0);
+            }),
+            1 => take(data, 65).map(|e| {
+                let qid = 1 + u16::from(e[0] & 1);
+                self.submit(qid, e[1..].try_into().expect("64 bytes"));
+            }),
+            2 => take(data, 4).and_then(|h| {
+                let at = u64::from(u32::from_le_bytes([h[0], h[1], h[2], 0])) % SPAN;
+                take(data, usize::from(h[3])).map(|bytes| {
+                    let _ = self.driver.memory().write_mem(Gpa(at), bytes);
+                })
+            }),
+            3 => take(data, 3).and_then(|h| {
+                let offset = u64::from(u16::from_le_bytes([h[0], h[1]]));
+                take(data, usize::from(h[2] % 9)).map(|bytes| {
+                    self.ctrl.bar0_write(offset, bytes);
+                    let mut back = [0u8; 8];
+                    self.ctrl.bar0_read(offset, &mut back[..bytes.len()]);
+                })
+            }),
+            4 => take(data, 6).map(|h| {
+                let index = u64::from(u16::from_le_bytes([h[0], h[1]]));
+                let value = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
+                let _ = self.driver.write32(DOORBELLS + (index % 0xc00) * 4, value);
+            }),
+            5 => take(data, 6).map(|h| self.complete_held(h)),
+            6 => take(data, 1).map(|h| self.reap(u16::from(h[0] % 3))),
+            _ => {
+                self.ctrl.reset();
+                self.checker.held.lock().unwrap().clear();
+                self.set_up();
+                Some(())
+            }
+        }
+    }
+
+    /// Completes the held command `h[0]` picks with the status `h[1]` picks
+    /// and dword 0 from `h[2..6]`.
+    fn complete_held(&mut self, h: &[u8]) {
+        let tag = {
+            let mut held = self.checker.held.lock().unwrap();
+            (!held.is_empty()).then(|| {
+                let i = usize::from(h[0]) % held.len();
+                held.swap_remove(i)
+            })
+        };
+        if let Some(tag) = tag {
+            let status = NvmeStatus::ALL[usize::from(h[1]) % NvmeStatus::ALL.len()];
+            let dw0 = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
+            self.ctrl.complete(tag, status, dw0);
+        }
+    }
+}

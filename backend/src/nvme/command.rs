@@ -97,6 +97,12 @@ impl Sqe {
         self.dw[n]
     }
 
+    /// Sets the command identifier: a host driver picks it when it submits.
+    pub fn with_cid(mut self, cid: u16) -> Sqe {
+        self.dw[0] = (self.dw[0] & 0xffff) | u32::from(cid) << 16;
+        self
+    }
+
     pub fn with_nsid(mut self, nsid: u32) -> Sqe {
         self.dw[1] = nsid;
         self
@@ -195,6 +201,11 @@ mod tests {
         assert_eq!(back.cdw(10), 7);
         assert_eq!(back.fuse(), 1);
         assert_eq!(back.psdt(), 1);
+        let again = back.with_cid(0x1234);
+        assert_eq!(
+            (again.cid(), again.opcode(), again.fuse()),
+            (0x1234, 0x02, 1)
+        );
     }
 
     #[test]

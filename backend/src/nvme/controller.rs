@@ -894,7 +894,7 @@ mod tests {
     fn identify_controller(host: &mut Host) {
         // nvme_init_identify.
         let c = host.admin(identify(1, 0));
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         assert!(c.phase);
         assert_eq!(c.sqid, 0);
         assert_eq!(host.irqs.take(), vec![0], "admin completions on vector 0");
@@ -904,7 +904,10 @@ mod tests {
         assert_eq!((id[512], id[513]), (0x66, 0x44));
         assert_eq!(u32_at(&id, 516), 1, "NN");
         // nvme_init_non_mdts_limits.
-        assert_eq!(host.admin(identify(6, 0)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(6, 0)).status(),
+            Some(NvmeStatus::Success)
+        );
         // nvme_hwmon_init.
         let smart = host.admin(
             Sqe::new(admin_op::GET_LOG_PAGE, 0)
@@ -912,7 +915,7 @@ mod tests {
                 .with_prps(ADMIN_BUF, 0)
                 .with_cdw(10, 2 | (512 / 4 - 1) << 16),
         );
-        assert_eq!(smart.status(), NvmeStatus::Success);
+        assert_eq!(smart.status(), Some(NvmeStatus::Success));
     }
 
     /// nvme_setup_io_queues and nvme_start_ctrl: the I/O queue pairs, an
@@ -924,7 +927,7 @@ mod tests {
                 .with_cdw(10, 7)
                 .with_cdw(11, 7 | 7 << 16),
         );
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         assert_eq!(c.dw0, 3 | 3 << 16, "granted counts, zero-based");
         host.create_pair(1, 8);
         host.create_pair(2, 8);
@@ -939,18 +942,27 @@ mod tests {
     /// namespace and the write cache.
     fn scan_namespaces(host: &mut Host) {
         // nvme_scan_work: active list, descriptors, namespace.
-        assert_eq!(host.admin(identify(2, 0)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(2, 0)).status(),
+            Some(NvmeStatus::Success)
+        );
         let list = host.read_mem(ADMIN_BUF, 8);
         assert_eq!((u32_at(&list, 0), u32_at(&list, 4)), (1, 0));
-        assert_eq!(host.admin(identify(3, 1)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(3, 1)).status(),
+            Some(NvmeStatus::Success)
+        );
         assert_eq!(host.read_mem(ADMIN_BUF, 2), vec![1, 8]);
-        assert_eq!(host.admin(identify(0, 1)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(0, 1)).status(),
+            Some(NvmeStatus::Success)
+        );
         let ns = host.read_mem(ADMIN_BUF, 4096);
         assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), 131072);
         assert_eq!(ns[130], 9, "LBADS");
         // Volatile write cache.
         let c = host.admin(Sqe::new(admin_op::GET_FEATURES, 0).with_cdw(10, 6));
-        assert_eq!((c.status(), c.dw0), (NvmeStatus::Success, 1));
+        assert_eq!((c.status(), c.dw0), (Some(NvmeStatus::Success), 1));
         host.irqs.take();
     }
 
@@ -959,7 +971,10 @@ mod tests {
     fn read_and_write(host: &mut Host) {
         // A 4 KiB read at an offset into a page: two segments.
         let c = host.io(1, read(7, 100, 8, DATA + 0x200, DATA + 0x3000));
-        assert_eq!((c.cid, c.sqid, c.status()), (7, 1, NvmeStatus::Success));
+        assert_eq!(
+            (c.cid, c.sqid, c.status()),
+            (7, 1, Some(NvmeStatus::Success))
+        );
         assert_eq!(c.sq_head, 1);
         assert_eq!(host.irqs.take(), vec![1]);
         let cmds = host.handler.take();
@@ -988,7 +1003,10 @@ mod tests {
             .with_cdw(10, 2048)
             .with_cdw(12, 31 | 1 << 30);
         let c = host.io(2, write);
-        assert_eq!((c.cid, c.sqid, c.status()), (9, 2, NvmeStatus::Success));
+        assert_eq!(
+            (c.cid, c.sqid, c.status()),
+            (9, 2, Some(NvmeStatus::Success))
+        );
         assert_eq!(host.irqs.take(), vec![2]);
         let cmd = host.handler.take().remove(0);
         assert_eq!((cmd.op, cmd.nlb, cmd.fua), (IoOp::Write, 32, true));
@@ -1008,7 +1026,7 @@ mod tests {
         let mut phases = Vec::new();
         for i in 0..20u16 {
             let c = host.io(1, read(i, u64::from(i), 1, DATA, 0));
-            assert_eq!((c.cid, c.status()), (i, NvmeStatus::Success));
+            assert_eq!((c.cid, c.status()), (i, Some(NvmeStatus::Success)));
             phases.push(c.phase);
         }
         // The first pass had used one slot before.
@@ -1022,9 +1040,9 @@ mod tests {
         // nvme_disable_io_queues: SQs first, then CQs.
         for qid in [1u16, 2] {
             let c = host.admin(Sqe::new(admin_op::DELETE_SQ, 0).with_cdw(10, u32::from(qid)));
-            assert_eq!(c.status(), NvmeStatus::Success);
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
             let c = host.admin(Sqe::new(admin_op::DELETE_CQ, 0).with_cdw(10, u32::from(qid)));
-            assert_eq!(c.status(), NvmeStatus::Success);
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
             host.forget(qid);
         }
     }
@@ -1046,7 +1064,10 @@ mod tests {
 
         // And it comes back.
         host.enable();
-        assert_eq!(host.admin(identify(1, 0)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(1, 0)).status(),
+            Some(NvmeStatus::Success)
+        );
     }
 
     #[test]
@@ -1069,7 +1090,7 @@ mod tests {
         assert_eq!(cids, vec![2, 0, 3, 1]);
         assert!(got
             .iter()
-            .all(|c| c.status() == NvmeStatus::UnrecoveredReadError && c.dnr()));
+            .all(|c| c.status() == Some(NvmeStatus::UnrecoveredReadError) && c.dnr()));
         // Completing twice does nothing.
         host.ctrl.complete(tags[0], NvmeStatus::Success, 0);
         assert!(host.reap(1).is_empty());
@@ -1132,7 +1153,7 @@ mod tests {
                 .with_cdw(10, 7)
                 .with_cdw(11, 1 | 1 << 16),
         );
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         host.track_cq(1, 8);
         let c = host.admin(
             Sqe::new(admin_op::CREATE_CQ, 0)
@@ -1140,7 +1161,7 @@ mod tests {
                 .with_cdw(10, 7 << 16 | 1)
                 .with_cdw(11, 1 << 16 | 0b11),
         );
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         for sqid in [1u16, 2] {
             let c = host.admin(
                 Sqe::new(admin_op::CREATE_SQ, 0)
@@ -1148,7 +1169,7 @@ mod tests {
                     .with_cdw(10, 7 << 16 | u32::from(sqid))
                     .with_cdw(11, 1 << 16 | 1),
             );
-            assert_eq!(c.status(), NvmeStatus::Success);
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
             host.track_sq(sqid, 8);
         }
         for cid in 0..5 {
@@ -1221,7 +1242,7 @@ mod tests {
             let completions = entries - 1 - if holding { 4 } else { 0 };
             let conflicts = got
                 .iter()
-                .filter(|c| c.status() == NvmeStatus::CommandIdConflict)
+                .filter(|c| c.status() == Some(NvmeStatus::CommandIdConflict))
                 .count();
             assert_eq!(got.len(), usize::from(completions), "{what}");
             assert_eq!(conflicts, if holding { 3 } else { 0 }, "{what}");
@@ -1246,10 +1267,10 @@ mod tests {
         host.ctrl.complete(held[0], NvmeStatus::Success, 0);
         assert_eq!(host.reap(1).len(), 1);
         let c = host.reap(0);
-        assert_eq!((c[0].cid, c[0].status()), (cid, NvmeStatus::Success));
+        assert_eq!((c[0].cid, c[0].status()), (cid, Some(NvmeStatus::Success)));
         // Gone: its CQ may go; a late tag does nothing.
         let c = host.admin(Sqe::new(admin_op::DELETE_CQ, 0).with_cdw(10, 1));
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         host.forget(1);
         host.create_pair(1, 8);
         host.ctrl.complete(held[0], NvmeStatus::Success, 0);
@@ -1310,7 +1331,10 @@ mod tests {
             host.write32(reg::CC, 0);
             assert_eq!(host.csts(), 0, "{what}");
             host.enable();
-            assert_eq!(host.admin(identify(1, 0)).status(), NvmeStatus::Success);
+            assert_eq!(
+                host.admin(identify(1, 0)).status(),
+                Some(NvmeStatus::Success)
+            );
         }
     }
 
@@ -1382,7 +1406,10 @@ mod tests {
         host.write32(reg::CC, before & !(0xf << 16) | 7 << 16);
         assert_eq!(host.read32(reg::CC), before);
         assert_eq!(host.csts(), csts::RDY);
-        assert_eq!(host.admin(identify(1, 0)).status(), NvmeStatus::Success);
+        assert_eq!(
+            host.admin(identify(1, 0)).status(),
+            Some(NvmeStatus::Success)
+        );
     }
 
     #[test]
@@ -1438,7 +1465,7 @@ mod tests {
         // Queue 2 was created with interrupts; delete it and make it polled.
         for op in [admin_op::DELETE_SQ, admin_op::DELETE_CQ] {
             let c = host.admin(Sqe::new(op, 0).with_cdw(10, 2));
-            assert_eq!(c.status(), NvmeStatus::Success);
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
         }
         host.forget(2);
         host.track_cq(2, 8);
@@ -1448,24 +1475,24 @@ mod tests {
                 .with_cdw(10, 7 << 16 | 2)
                 .with_cdw(11, 1),
         );
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         let c = host.admin(
             Sqe::new(admin_op::CREATE_SQ, 0)
                 .with_prps(sq_base(2), 0)
                 .with_cdw(10, 7 << 16 | 2)
                 .with_cdw(11, 2 << 16 | 1),
         );
-        assert_eq!(c.status(), NvmeStatus::Success);
+        assert_eq!(c.status(), Some(NvmeStatus::Success));
         host.track_sq(2, 8);
         host.irqs.take();
         assert_eq!(
             host.io(2, read(1, 0, 1, DATA, 0)).status(),
-            NvmeStatus::Success
+            Some(NvmeStatus::Success)
         );
         assert!(host.irqs.take().is_empty(), "polled queue");
         assert_eq!(
             host.io(1, read(2, 0, 1, DATA, 0)).status(),
-            NvmeStatus::Success
+            Some(NvmeStatus::Success)
         );
         assert_eq!(host.irqs.take(), vec![1]);
     }

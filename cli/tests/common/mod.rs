@@ -1,6 +1,6 @@
 //! Fixtures shared by the integration tests: the daemon in process
-//! ([`served`]) or as a child ([`child`]), a vfio-user client's memory
-//! ([`vfio`]), and the data pattern.
+//! ([`served`]) or as a child ([`child`]), a vfio-user client's memfds and
+//! eventfds ([`vfio`]), and the data pattern.
 
 #![allow(dead_code, unused_imports)] // each test binary uses its own part
 

@@ -1,0 +1,103 @@
+//! What can go wrong driving an NVMe controller.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dma::Gpa;
+
+use super::command::Completion;
+
+/// Errors of the host driver: the transport failing, the controller not
+/// answering as the specification says, or a command completing with an
+/// error where the driver needed it to succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A host memory access fell outside host memory.
+    #[error("Host memory access at {gpa} (+{len}) failed")]
+    Memory {
+        gpa: Gpa,
+        len: usize,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// An address computed from a queue base or a buffer ran past `u64::MAX`.
+    #[error("Address {base} + {offset:#x} overflows")]
+    AddressOverflow { base: Gpa, offset: u64 },
+    /// memfd or eventfd creation, sizing or sealing failed.
+    #[error("Cannot create {what}")]
+    Create {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping host memory here failed.
+    #[error("Cannot map host memory")]
+    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    /// Reading an interrupt's eventfd failed.
+    #[error("Cannot read the eventfd of vector {vector}")]
+    EventFd {
+        vector: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad parameter from the caller.
+    #[error("Invalid driver configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// Connecting to the vfio-user socket failed until the deadline.
+    #[error("Cannot connect to {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: vfio_user::Error,
+    },
+    /// A vfio-user request failed.
+    #[error("vfio-user {request} failed")]
+    Vfio {
+        request: &'static str,
+        #[source]
+        source: vfio_user::Error,
+    },
+    /// The controller set CSTS.CFS.
+    #[error("The controller is fatal (CSTS {csts:#x})")]
+    Fatal { csts: u32 },
+    /// CSTS.RDY did not follow CC.EN.
+    #[error("CSTS.RDY did not become {ready} within {waited:?}")]
+    NotReady { ready: bool, waited: Duration },
+    /// The driver does not know that queue.
+    #[error("No {kind} queue {qid}")]
+    NoQueue { kind: &'static str, qid: u16 },
+    /// An interrupt vector the transport has no eventfd for.
+    #[error("No eventfd for vector {vector}")]
+    NoVector { vector: u16 },
+    /// A command the driver needed failed.
+    #[error("{command} completed with SCT {:#x} SC {:#x}", completion.code().0, completion.code().1)]
+    Failed {
+        command: &'static str,
+        completion: Completion,
+    },
+    /// Nothing completed in time.
+    #[error("Completion queue {cqid}: no completion of command {cid} within {waited:?}")]
+    Timeout {
+        cqid: u16,
+        cid: u16,
+        waited: Duration,
+    },
+    /// A completion entry was posted but its interrupt never came.
+    #[error("Completion queue {cqid}: a completion was posted but vector {vector} never fired")]
+    NoInterrupt { cqid: u16, vector: u16 },
+    /// A PRP needs more pages than it was given.
+    #[error("{len} bytes from {start} need {needed} pages after the first, {given} given")]
+    TooFewPages {
+        start: Gpa,
+        len: usize,
+        needed: usize,
+        given: usize,
+    },
+    /// A PRP over more than two pages needs a list, and none was given or
+    /// it was not qword-aligned.
+    #[error("A transfer over {pages} pages needs a qword-aligned PRP list")]
+    NoList { pages: usize },
+    /// Data for a PRP of another length.
+    #[error("{given} bytes for a {len}-byte buffer")]
+    LengthMismatch { given: usize, len: usize },
+}
