@@ -315,42 +315,22 @@ fn fio(seconds: u64) -> Outcome {
 
 /// Writes files with O_DIRECT, fsyncs them and reads them back, until `deadline`.
 fn direct_writer(base_seed: u64, deadline: Instant) -> Outcome {
-    let mut out = Outcome::default();
-    let mut rng = SplitMix64(base_seed);
-    let mut failures = Failures::default();
-    let mut last: Vec<Option<(usize, u64)>> = vec![None; SLOTS as usize];
-    let (mut files, mut bytes) = (0u64, 0u64);
     let mut buf = match AlignedBuf::new(DIRECT_CHUNK, 0) {
         Ok(b) => b,
         Err(e) => {
+            let mut out = Outcome::default();
             out.check("O_DIRECT writer", false, one_line(&e));
             return out;
         }
     };
-    let mut n = 0u64;
-    while Instant::now() < deadline {
-        let slot = (n % SLOTS) as usize;
-        let name = format!("/direct-{slot}.bin");
-        let len = rng.in_range(16, 1024) as usize * PAGE;
-        let seed = base_seed.wrapping_add(n + 1);
-        n += 1;
-        last[slot] = None;
-        match direct_round(&path(&name), len, seed, &mut buf) {
-            Ok(()) => {
-                last[slot] = Some((len, seed));
-                files += 1;
-                bytes += len as u64;
-            }
-            Err(e) => failures.add(format!("{name} ({len} B): {e}")),
-        }
-    }
-    failures.check(
-        &mut out,
-        "O_DIRECT writer: files written, fsync'd and read back",
-        format!("{files} files, {} MiB", bytes >> 20),
-    );
-    out.files = files_left(&last, "direct");
-    out
+    let writer = Writer {
+        kind: "direct",
+        max_pages: 1024,
+        check: "O_DIRECT writer: files written, fsync'd and read back",
+    };
+    writer.run(base_seed, deadline, |path, len, seed| {
+        direct_round(path, len, seed, &mut buf)
+    })
 }
 
 /// One file of the O_DIRECT writer: write in chunks, fsync, read back, compare.
@@ -376,35 +356,61 @@ fn direct_round(path: &str, len: usize, seed: u64, buf: &mut AlignedBuf) -> Resu
 /// Writes files through the page cache, fsyncs them, drops them from the
 /// cache and reads them back from the device, until `deadline`.
 fn buffered_writer(base_seed: u64, deadline: Instant) -> Outcome {
-    let mut out = Outcome::default();
-    let mut rng = SplitMix64(base_seed);
-    let mut failures = Failures::default();
-    let mut last: Vec<Option<(usize, u64)>> = vec![None; SLOTS as usize];
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let mut n = 0u64;
-    while Instant::now() < deadline {
-        let slot = (n % SLOTS) as usize;
-        let name = format!("/buffered-{slot}.bin");
-        let len = rng.in_range(16, 512) as usize * PAGE;
-        let seed = base_seed.wrapping_add(n + 1);
-        n += 1;
-        last[slot] = None;
-        match buffered_round(&path(&name), len, seed) {
-            Ok(()) => {
-                last[slot] = Some((len, seed));
-                files += 1;
-                bytes += len as u64;
+    let writer = Writer {
+        kind: "buffered",
+        max_pages: 512,
+        check: "buffered writer: files written, fsync'd, dropped from the cache and read back",
+    };
+    writer.run(base_seed, deadline, buffered_round)
+}
+
+/// A writer of the soak: files of 16 to `max_pages` pages in [`SLOTS`]
+/// slots (`/KIND-SLOT.bin`), each written, synced and read back by a round,
+/// until the deadline; the last good file of each slot is left for the host
+/// to check.
+struct Writer {
+    kind: &'static str,
+    max_pages: u64,
+    check: &'static str,
+}
+
+impl Writer {
+    fn run(
+        &self,
+        base_seed: u64,
+        deadline: Instant,
+        mut round: impl FnMut(&str, usize, u64) -> Result<(), String>,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        let mut rng = SplitMix64(base_seed);
+        let mut failures = Failures::default();
+        let mut last: Vec<Option<(usize, u64)>> = vec![None; SLOTS as usize];
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            let slot = (n % SLOTS) as usize;
+            let name = format!("/{}-{slot}.bin", self.kind);
+            let len = rng.in_range(16, self.max_pages) as usize * PAGE;
+            let seed = base_seed.wrapping_add(n + 1);
+            n += 1;
+            last[slot] = None;
+            match round(&path(&name), len, seed) {
+                Ok(()) => {
+                    last[slot] = Some((len, seed));
+                    files += 1;
+                    bytes += len as u64;
+                }
+                Err(e) => failures.add(format!("{name} ({len} B): {e}")),
             }
-            Err(e) => failures.add(format!("{name} ({len} B): {e}")),
         }
+        failures.check(
+            &mut out,
+            self.check,
+            format!("{files} files, {} MiB", bytes >> 20),
+        );
+        out.files = files_left(&last, self.kind);
+        out
     }
-    failures.check(
-        &mut out,
-        "buffered writer: files written, fsync'd, dropped from the cache and read back",
-        format!("{files} files, {} MiB", bytes >> 20),
-    );
-    out.files = files_left(&last, "buffered");
-    out
 }
 
 /// One file of the buffered writer. Whole pages at page offsets, each
