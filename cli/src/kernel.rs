@@ -71,9 +71,13 @@ pub fn listing(cache: &Path) -> String {
     let rows: Vec<[String; 4]> = CATALOGUE
         .iter()
         .map(|e| {
-            let state = match catalogue::cached(cache, e) {
-                Cached::Yes { release, .. } => format!("cached: {release}"),
-                Cached::No => "not fetched".to_owned(),
+            let state = match (catalogue::cached(cache, e), catalogue::available(cache, e)) {
+                (Cached::Yes { release, .. }, Some(newer)) if newer != release => {
+                    format!("cached: {release} ({newer} to fetch)")
+                }
+                (Cached::Yes { release, .. }, _) => format!("cached: {release}"),
+                (Cached::No, Some(release)) => format!("not fetched: {release}"),
+                (Cached::No, None) => "not fetched".to_owned(),
             };
             [
                 e.name.to_owned(),

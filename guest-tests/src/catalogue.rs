@@ -220,6 +220,15 @@ impl AptRoot {
         Ok(AptRoot { dir, entry })
     }
 
+    /// The root an earlier fetch left for `entry`'s suites, if its lists
+    /// are there: enough to say what the meta package names, offline.
+    pub fn existing(cache: &Path, entry: &'static Entry) -> Option<Self> {
+        let dir = cache.join("apt").join(entry.suites.join("+"));
+        dir.join("lists/.updated")
+            .is_file()
+            .then_some(AptRoot { dir, entry })
+    }
+
     /// apt's options that keep it inside this root.
     fn options(&self) -> Vec<String> {
         let d = |p: &str| self.dir.join(p).display().to_string();
@@ -232,6 +241,9 @@ impl AptRoot {
             format!("Dir::State::status={}", d("status")),
             format!("Dir::Cache={}", self.dir.display()),
             format!("Dir::Cache::archives={}", d("archives")),
+            // Kept, so a second apt-cache call costs milliseconds, not seconds.
+            format!("Dir::Cache::pkgcache={}", d("pkgcache.bin")),
+            format!("Dir::Cache::srcpkgcache={}", d("srcpkgcache.bin")),
             "Acquire::Languages=none".to_owned(),
         ];
         // As root, apt downloads as _apt, who cannot write into a cache
@@ -406,6 +418,15 @@ pub enum Cached {
         version: String,
     },
     No,
+}
+
+/// The release `entry`'s meta package names in the lists an earlier fetch
+/// left (no network), if any.
+pub fn available(cache: &Path, entry: &'static Entry) -> Option<String> {
+    AptRoot::existing(cache, entry)?
+        .resolve()
+        .ok()
+        .map(|r| r.release)
 }
 
 /// What the cache holds of `entry`.
