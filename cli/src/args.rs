@@ -97,8 +97,9 @@ pub struct RunArgs {
     /// Write every result with its evidence as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Save an SVG timeline of every failed test here (KERNEL-TEST.svg): each
-    /// request from arrival to completion with its DMA, findings, guest moments.
+    /// Save an SVG timeline of every failed test in DIR, as KERNEL-TEST.svg
+    /// (KERNEL: the kernel's name as one file name): each request from
+    /// arrival to completion with its DMA, findings, guest moments.
     #[arg(long, value_name = "DIR")]
     pub timelines: Option<PathBuf>,
     /// Write the results as JUnit XML (a test suite per kernel).
@@ -114,7 +115,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", default_value = "dmaprobe",
           value_parser = ["dmaprobe", "qemu-storage-daemon"])]
     pub daemon: String,
-    /// Keep each run's console, guest events and daemon log under DIR/KERNEL/TEST/.
+    /// Keep each run's console, guest events and daemon log under
+    /// DIR/KERNEL/TEST/ (KERNEL: the kernel's name as one file name; an
+    /// NVMe pass's is KERNEL-nvme). What cannot be kept is said on stderr.
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,
     /// Virtqueues of the device (and of QEMU's vhost-user-blk-pci).

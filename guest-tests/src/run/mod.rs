@@ -14,7 +14,8 @@
 //! - `qemu`: one boot of the guest; `events`: what the guest and the daemon
 //!   wrote, read back.
 //! - `verdict`: the evidence judged into a [`TestResult`] (`result`);
-//!   `logs`: a test's files, kept where the user asked.
+//!   `logs`: a test's files, kept where the user asked, each kernel in a
+//!   directory named by [`path_component`] of its (distinct) name.
 
 mod config;
 mod daemon;
@@ -30,13 +31,14 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-pub use config::{Daemon, Mutant, RunConfig, Transport, QSD};
+pub use config::{distinct_names, Daemon, Mutant, RunConfig, Transport, QSD};
+pub use logs::path_component;
 pub use result::{CheckRecord, TestResult};
 
 use daemon::{between_boots, DaemonRun};
 use disk::{host_checks, make_disk};
 use events::{read_events, read_json_lines};
-use logs::{append_file, keep_logs};
+use logs::{append_file, keep_logs, keep_timeline};
 use qemu::{Boot, Console, REPEATED_BOOT};
 use result::Evidence;
 use sampler::Sampler;
@@ -70,7 +72,7 @@ pub fn run(
         .tempdir()
         .map_err(RunError::TempDir)?;
     let mut results = Vec::new();
-    for (i, kernel) in config.kernels.iter().enumerate() {
+    for (i, kernel) in distinct_names(&config.kernels).iter().enumerate() {
         progress(&format!("[{}] {}", kernel.name, describe(kernel)));
         progress(&format!("[{}] building the initramfs", kernel.name));
         let initrd = work.path().join(format!("initramfs-{i}.cpio"));
@@ -109,15 +111,20 @@ pub fn run(
                 }
             ));
             if let Some(keep) = &config.keep_logs {
-                keep_logs(&dir, &keep.join(&column).join(test.name));
+                if let Err(e) = keep_logs(&dir, keep, &column, test.name) {
+                    progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
+                }
             }
-            result.timeline = result.timeline.take().and_then(|svg| {
-                let to = config.timelines.as_ref()?;
-                let dest = to.join(format!("{}-{}.svg", column.replace(' ', "-"), test.name));
-                fs::create_dir_all(to).ok()?;
-                fs::copy(&svg, &dest).ok()?;
-                Some(dest)
-            });
+            result.timeline = match (result.timeline.take(), &config.timelines) {
+                (Some(svg), Some(to)) => match keep_timeline(&svg, to, &column, test.name) {
+                    Ok(kept) => Some(kept),
+                    Err(e) => {
+                        progress(&format!("[{column}] {}: timeline not kept: {e}", test.name));
+                        None
+                    }
+                },
+                _ => None,
+            };
             results.push(result);
         }
     }
