@@ -54,13 +54,41 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A kernel to boot: debian-6.1 or debian-6.12 (fetched by scripts/setup into
-    /// the cache), or the path of a bzImage. Repeat for a matrix. Default: both
-    /// Debian kernels.
-    #[arg(long = "kernel", value_name = "KERNEL")]
+    /// A kernel to boot: debian-6.1, debian-6.12 or a path, [:MODULES] [=LABEL];
+    /// repeat for a matrix (default: both Debian kernels). The forms:
+    ///
+    ///   debian-6.1, debian-6.12
+    ///       Debian's cloud kernels, fetched by scripts/setup into the cache.
+    ///   IMAGE
+    ///       A bzImage or vmlinuz. Its modules are looked for beside it:
+    ///       lib/modules/RELEASE or usr/lib/modules/RELEASE in its directory
+    ///       or the one above; an arch/x86/boot/bzImage is its build tree's.
+    ///   BUILD_TREE
+    ///       A directory with arch/x86/boot/bzImage (make [O=DIR] bzImage
+    ///       modules). Its modules are the ones modules.order lists, indexed
+    ///       by a private depmod in the run's own directory (the tree is only
+    ///       read), else an installed DIR/lib/modules/RELEASE.
+    ///   DEBIAN_ROOT
+    ///       An unpacked kernel package: vmlinuz or boot/vmlinuz-RELEASE,
+    ///       modules in lib/modules/RELEASE or usr/lib/modules/RELEASE.
+    ///   PATH:MODULES
+    ///       Any of the three with its modules: lib/modules/RELEASE, a root
+    ///       holding one (make modules_install INSTALL_MOD_PATH=...), or a
+    ///       build tree.
+    ///   KERNEL=LABEL
+    ///       Any of the above, named LABEL in the reports and the kept files.
+    ///
+    /// RELEASE is the one the image names in its boot header. A kernel given
+    /// by path is named by its release unless labelled; two of one name get
+    /// -2, -3, ... A path that exists as a whole is a path, : and = included.
+    /// A kernel with everything built in needs no modules; one whose config
+    /// (.config, boot/config-RELEASE) makes virtio_blk a module must have
+    /// them.
+    #[arg(long = "kernel", value_name = "KERNEL", verbatim_doc_comment)]
     pub kernels: Vec<String>,
-    /// The lib/modules/RELEASE directory (after depmod) for a --kernel given by
-    /// path, if virtio_pci/virtio_blk are modules there.
+    /// The modules of the one --kernel given by path without modules of its
+    /// own (as --kernel PATH:DIR): lib/modules/RELEASE, an INSTALL_MOD_PATH, or
+    /// a build tree. With several such kernels, pair each: --kernel PATH:DIR.
     #[arg(long, value_name = "DIR")]
     pub modules: Option<PathBuf>,
     /// Tests to run, comma-separated (default: all; see --list).
@@ -69,11 +97,16 @@ pub struct RunArgs {
     /// List the tests and exit.
     #[arg(long)]
     pub list: bool,
+    /// List the kernels that can be named (what is cached, what can be
+    /// fetched), as `dmaprobe kernel list` does, and exit.
+    #[arg(long)]
+    pub list_kernels: bool,
     /// Write every result with its evidence as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Save an SVG timeline of every failed test here (KERNEL-TEST.svg): each
-    /// request from arrival to completion with its DMA, findings, guest moments.
+    /// Save an SVG timeline of every failed test in DIR, as KERNEL-TEST.svg
+    /// (KERNEL: the kernel's name as one file name): each request from
+    /// arrival to completion with its DMA, findings, guest moments.
     #[arg(long, value_name = "DIR")]
     pub timelines: Option<PathBuf>,
     /// Write the results as JUnit XML (a test suite per kernel).
@@ -89,7 +122,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", default_value = "dmaprobe",
           value_parser = ["dmaprobe", "qemu-storage-daemon"])]
     pub daemon: String,
-    /// Keep each run's console, guest events and daemon log under DIR/KERNEL/TEST/.
+    /// Keep each run's console, guest events and daemon log under
+    /// DIR/KERNEL/TEST/ (KERNEL: the kernel's name as one file name; an
+    /// NVMe pass's is KERNEL-nvme). What cannot be kept is said on stderr.
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,
     /// Virtqueues of the device (and of QEMU's vhost-user-blk-pci).
@@ -520,6 +555,32 @@ mod tests {
         );
         assert!(run(&["--soak-seconds", "0"]).is_err());
         assert!(run(&["--soak-seconds", "3m"]).is_err());
+    }
+
+    #[test]
+    fn kernels_are_repeated_and_keep_their_forms() {
+        let c = parse(&[
+            "run",
+            "--kernel",
+            "debian-6.12",
+            "--kernel",
+            "/k/build:/k/mods=my fix",
+            "--modules",
+            "/m",
+        ])
+        .unwrap();
+        let Command::Run(a) = c.command else {
+            panic!("not a run command")
+        };
+        assert_eq!(a.kernels, ["debian-6.12", "/k/build:/k/mods=my fix"]);
+        assert_eq!(a.modules.as_deref(), Some(std::path::Path::new("/m")));
+        // --help explains every form.
+        let help = Cli::try_parse_from(["dmaprobe", "run", "--help"])
+            .unwrap_err()
+            .to_string();
+        for form in ["BUILD_TREE", "DEBIAN_ROOT", "PATH:MODULES", "KERNEL=LABEL"] {
+            assert!(help.contains(form), "{form}: {help}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use guest_tests::kernel::{Kernel, DEFAULT_KERNELS};
+use guest_tests::kernel;
 use guest_tests::run::{run, Daemon, Mutant, RunConfig, Transport, QSD};
 use guest_tests::suite::{Selection, TestSpec};
 use guest_tests::{initramfs, report, suite};
@@ -60,6 +60,10 @@ pub enum RunnerError {
 
 /// Runs the suite; `Ok(true)` when nothing failed or errored.
 pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
+    if args.list_kernels {
+        print!("{}", crate::kernel::listing(&guest_tests::kernel::cache_dir()));
+        return Ok(true);
+    }
     if args.list {
         for t in suite::TESTS
             .iter()
@@ -117,7 +121,7 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
     });
     let transports = transports(&args.transport, daemon, &qemu_nvme)?;
     let programs = programs(&tests)?;
-    let kernels = kernels(args.kernels, args.modules.as_deref())?;
+    let kernels = kernel::resolve_all(&args.kernels, args.modules.as_deref())?;
     let exe = std::env::current_exe().map_err(RunnerError::Exe)?;
     let guest_bin = args
         .guest_bin
@@ -213,19 +217,6 @@ fn transports(
         }
     }
     Ok(transports)
-}
-
-/// The kernels `--kernel` names (the default matrix without one), resolved.
-fn kernels(specs: Vec<String>, modules: Option<&Path>) -> Result<Vec<Kernel>, RunnerError> {
-    let specs: Vec<String> = if specs.is_empty() {
-        DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
-    } else {
-        specs
-    };
-    Ok(specs
-        .iter()
-        .map(|k| Kernel::resolve(k, modules))
-        .collect::<Result<_, _>>()?)
 }
 
 /// The default suite; against another backend, the tests that need dmaprobe's

@@ -2,16 +2,20 @@
 //! [`Transport`] the guest reaches the disk by, the [`Daemon`] that serves
 //! it, a [`Mutant`] device.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::logs::path_component;
 use crate::kernel::Kernel;
 use crate::suite::TestSpec;
 
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// The kernels, in the reports' order; two of one name are told apart
+    /// ([`distinct_names`]).
     pub kernels: Vec<Kernel>,
     pub tests: Vec<&'static TestSpec>,
     /// The `dmaprobe` executable that serves the disk.
@@ -77,6 +81,28 @@ impl Transport {
             Transport::Nvme => format!("{kernel} nvme"),
         }
     }
+}
+
+/// The kernels, each with a name no earlier one has: a name taken, as a
+/// column of the reports (over any transport) or as the file name of one,
+/// gets a suffix (`-2`, `-3`, ...), so neither columns nor kept files merge.
+pub fn distinct_names(kernels: &[Kernel]) -> Vec<Kernel> {
+    let files = |name: &str| Transport::ALL.map(|t| path_component(&t.column(name)));
+    let mut taken = HashSet::new();
+    kernels
+        .iter()
+        .map(|kernel| {
+            let mut kernel = kernel.clone();
+            let base = kernel.name.clone();
+            let mut n = 1;
+            while files(&kernel.name).iter().any(|f| taken.contains(f)) {
+                n += 1;
+                kernel.name = format!("{base}-{n}");
+            }
+            taken.extend(files(&kernel.name));
+            kernel
+        })
+        .collect()
 }
 
 /// The vhost-user-blk backend that serves each test's disk.
@@ -177,5 +203,40 @@ mod tests {
     #[test]
     fn nvme_runs_have_a_column_of_their_own() {
         assert_eq!(Transport::Nvme.column("debian-6.12"), "debian-6.12 nvme");
+    }
+
+    fn kernel(name: &str) -> Kernel {
+        Kernel {
+            name: name.into(),
+            image: PathBuf::from("/k/bzImage"),
+            modules: None,
+            release: None,
+        }
+    }
+
+    #[test]
+    fn kernels_of_one_name_are_told_apart() {
+        let names = |given: &[&str]| -> Vec<String> {
+            let kernels: Vec<Kernel> = given.iter().map(|n| kernel(n)).collect();
+            distinct_names(&kernels)
+                .into_iter()
+                .map(|k| k.name)
+                .collect()
+        };
+        assert_eq!(
+            names(&["debian-6.1", "debian-6.12"]),
+            ["debian-6.1", "debian-6.12"]
+        );
+        assert_eq!(
+            names(&["6.13.0", "6.13.0", "6.13.0", "6.13.0-2"]),
+            ["6.13.0", "6.13.0-2", "6.13.0-3", "6.13.0-2-2"]
+        );
+        // Names that differ only where a file name cannot.
+        assert_eq!(names(&["a/b", "a_b", "a b"]), ["a/b", "a_b-2", "a b"]);
+        // One kernel's NVMe column is not another's, nor are their files.
+        assert_eq!(
+            names(&["k", "k nvme", "k-nvme"]),
+            ["k", "k nvme-2", "k-nvme-3"]
+        );
     }
 }

@@ -14,7 +14,8 @@
 //! - `qemu`: one boot of the guest; `events`: what the guest and the daemon
 //!   wrote, read back.
 //! - `verdict`: the evidence judged into a [`TestResult`] (`result`);
-//!   `logs`: a test's files, kept where the user asked.
+//!   `logs`: a test's files, kept where the user asked, each kernel in a
+//!   directory named by [`path_component`] of its (distinct) name.
 
 mod config;
 mod daemon;
@@ -30,21 +31,22 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-pub use config::{Daemon, Mutant, RunConfig, Transport, QSD};
+pub use config::{distinct_names, Daemon, Mutant, RunConfig, Transport, QSD};
+pub use logs::path_component;
 pub use result::{CheckRecord, TestResult};
 
 use daemon::{between_boots, DaemonRun};
 use disk::{host_checks, make_disk};
 use events::{read_events, read_json_lines};
-use logs::{append_file, keep_logs};
+use logs::{append_file, keep_logs, keep_timeline};
 use qemu::{Boot, Console, REPEATED_BOOT};
 use result::Evidence;
 use sampler::Sampler;
 use verdict::judge;
 
 use crate::initramfs::{self, Contents, BASE_MODULES};
-use crate::kernel::Kernel;
-use crate::modules::ModuleIndex;
+use crate::kernel::{Kernel, Modules};
+use crate::modules::{self, ModuleIndex};
 use crate::protocol::{GuestParams, Verdict};
 use crate::suite::TestSpec;
 
@@ -70,14 +72,16 @@ pub fn run(
         .tempdir()
         .map_err(RunError::TempDir)?;
     let mut results = Vec::new();
-    for kernel in &config.kernels {
+    for (i, kernel) in distinct_names(&config.kernels).iter().enumerate() {
+        progress(&format!("[{}] {}", kernel.name, describe(kernel)));
         progress(&format!("[{}] building the initramfs", kernel.name));
-        let initrd = work
-            .path()
-            .join(format!("initramfs-{}.cpio", results.len()));
-        build_initramfs(config, kernel, &initrd).map_err(|source| RunError::Initramfs {
-            kernel: kernel.name.clone(),
-            source,
+        let initrd = work.path().join(format!("initramfs-{i}.cpio"));
+        let scratch = work.path().join(format!("modules-{i}"));
+        build_initramfs(config, kernel, &scratch, &initrd).map_err(|source| {
+            RunError::Initramfs {
+                kernel: kernel.name.clone(),
+                source,
+            }
         })?;
         for (transport, test) in config
             .transports
@@ -91,7 +95,7 @@ pub fn run(
             let column = transport.column(&kernel.name);
             progress(&format!("[{column}] {}: booting", test.name));
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
-            let result = run_one(config, kernel, transport, test, &initrd, &dir);
+            let mut result = run_one(config, kernel, transport, test, &initrd, &dir);
             for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
                 progress(&format!("[{column}] {}: booted again: {why}", test.name));
             }
@@ -107,32 +111,59 @@ pub fn run(
                 }
             ));
             if let Some(keep) = &config.keep_logs {
-                keep_logs(&dir, &keep.join(&column).join(test.name));
+                if let Err(e) = keep_logs(&dir, keep, &column, test.name) {
+                    progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
+                }
             }
-            let mut result = result;
-            result.timeline = result.timeline.take().and_then(|svg| {
-                let to = config.timelines.as_ref()?;
-                let dest = to.join(format!("{}-{}.svg", column.replace(' ', "-"), test.name));
-                fs::create_dir_all(to).ok()?;
-                fs::copy(&svg, &dest).ok()?;
-                Some(dest)
-            });
+            result.timeline = match (result.timeline.take(), &config.timelines) {
+                (Some(svg), Some(to)) => match keep_timeline(&svg, to, &column, test.name) {
+                    Ok(kept) => Some(kept),
+                    Err(e) => {
+                        progress(&format!("[{column}] {}: timeline not kept: {e}", test.name));
+                        None
+                    }
+                },
+                _ => None,
+            };
             results.push(result);
         }
     }
     Ok(results)
 }
 
+/// A kernel's image and modules, as the run tells the user.
+fn describe(kernel: &Kernel) -> String {
+    let modules = match &kernel.modules {
+        Some(Modules::Indexed(dir)) => format!("modules {}", dir.display()),
+        Some(Modules::Unindexed(dir)) => {
+            format!("modules {} (indexed by a private depmod)", dir.display())
+        }
+        None => "no modules found (its drivers must be built in; if they are not, \
+                 give its modules: --kernel PATH:MODULES)"
+            .to_owned(),
+    };
+    format!("{}, {modules}", kernel.image.display())
+}
+
+/// The kernel's initramfs at `out`; modules without an index are indexed
+/// in `scratch` first.
 fn build_initramfs(
     config: &RunConfig,
     kernel: &Kernel,
+    scratch: &Path,
     out: &Path,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Every module a selected test needs goes into the kernel's one initramfs.
     let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
     wanted.extend(config.tests.iter().flat_map(|t| t.modules.iter().copied()));
     let modules = match &kernel.modules {
-        Some(dir) => ModuleIndex::load(dir)?.load_order(&wanted)?,
+        Some(Modules::Indexed(dir)) => ModuleIndex::load(dir)?.load_order(&wanted)?,
+        Some(Modules::Unindexed(dir)) => {
+            // depmod wants a release that starts as a version does.
+            let release = kernel.release.as_deref().unwrap_or("0.0.0");
+            let dir = modules::index_privately(dir, release, scratch)?;
+            ModuleIndex::load(&dir)?.load_order(&wanted)?
+        }
         None => Vec::new(),
     };
     initramfs::build(
