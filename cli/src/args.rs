@@ -50,6 +50,15 @@ pub enum Command {
     /// List the guest kernels that can be named, and fetch them into the
     /// cache.
     Kernel(crate::kernel::KernelArgs),
+    /// Print the kernel options the guest suite needs, as a config fragment
+    /// for the kernel's scripts/kconfig/merge_config.sh (`CONFIG_X=y` lines,
+    /// each under a comment saying what it is for and which tests need it),
+    /// or check a kernel's config against them with --check.
+    ///
+    /// Exits 0 when the fragment was printed or the config has every option,
+    /// 1 when the config lacks one (or has it as a module where it must be
+    /// built in), 2 when the config cannot be read.
+    Kconfig(crate::kconfig::KconfigArgs),
 }
 
 #[derive(Debug, Args)]

@@ -10,10 +10,13 @@
 //!   [`backend::vhost_user_driver`].
 //! - [`kernel`]: `dmaprobe kernel`, the catalogue of kernels fetched by
 //!   name.
+//! - [`kconfig`]: `dmaprobe kconfig`, the kernel options the suite needs,
+//!   or a kernel's config checked against them.
 //! - [`run`]: `dmaprobe run`, the guest suite through [`guest_tests::run`].
 
 pub mod args;
 pub mod bench;
 pub mod ctl;
+pub mod kconfig;
 pub mod kernel;
 pub mod run;

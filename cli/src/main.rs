@@ -40,6 +40,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        // 0: printed, or nothing missing; 1: an option missing; 2: unreadable.
+        Command::Kconfig(args) => match dmaprobe::kconfig::run(args) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => {
+                eprintln!("dmaprobe kconfig: error: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
         // 0: all passed, 1: something failed, 2: the run could not be set up.
         Command::Run(args) => match dmaprobe::run::run_suite(*args) {
             Ok(true) => Ok(ExitCode::SUCCESS),

@@ -61,7 +61,10 @@ pub enum RunnerError {
 /// Runs the suite; `Ok(true)` when nothing failed or errored.
 pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     if args.list_kernels {
-        print!("{}", crate::kernel::listing(&guest_tests::kernel::cache_dir()));
+        print!(
+            "{}",
+            crate::kernel::listing(&guest_tests::kernel::cache_dir())
+        );
         return Ok(true);
     }
     if args.list {

@@ -7,7 +7,9 @@
 //!
 //! The host-side runner: [`kernel`] (which kernel to boot), [`modules`] and
 //! [`cpio`] → [`initramfs`] (what the guest boots from), [`suite`] (each test's
-//! disk and device options), [`run`] (a fresh disk and `dmaprobe serve` child
+//! disk, device options and kernel options, the last from [`kconfig`], which
+//! also checks a kernel's config against them), [`run`] (tests the kernel's
+//! config lacks options for skipped unbooted; for the others a fresh disk and `dmaprobe serve` child
 //! per test, or qemu-storage-daemon to compare, a QEMU boot, the guest's
 //! events, the host's checks, a verdict joined with [`klog`] and the device's
 //! findings), [`process`] (children that never outlive the run), [`report`]
@@ -16,12 +18,13 @@
 //! daemon's memory and descriptors while it runs).
 //!
 //! Imports point one way: `run` uses the leaves (`kernel`, `suite`,
-//! `protocol`, `soak`, `timeline`, ...); [`report`] uses `run`'s results;
+//! `kconfig`, `protocol`, `soak`, `timeline`, ...); [`report`] uses `run`'s results;
 //! nothing uses `report`.
 
 pub mod catalogue;
 pub mod cpio;
 pub mod initramfs;
+pub mod kconfig;
 pub mod kernel;
 pub mod klog;
 pub mod modules;

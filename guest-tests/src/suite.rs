@@ -3,6 +3,11 @@
 
 use std::time::Duration;
 
+use crate::kconfig::{
+    ConfigOption, DROP_CACHES, EXT4, FADVISE, FIO, IO_URING, NVME_PASSTHROUGH, PAGEMAP, UDF, VFAT,
+    XFS,
+};
+
 /// A file system the host makes on a test's disk before the guest boots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fs {
@@ -47,6 +52,10 @@ pub struct TestSpec {
     pub serve_args: &'static [&'static str],
     /// Kernel modules the test needs beyond virtio's (with their dependencies).
     pub modules: &'static [&'static str],
+    /// The kernel options the test needs beyond every test's and its
+    /// interface's ([`crate::kconfig`]): without them it cannot pass. A
+    /// module option's module goes in `modules`.
+    pub kconfig: &'static [&'static [ConfigOption]],
     /// Host programs the guest runs (found on `PATH`), packed into the
     /// initramfs at `/bin/NAME` with their libraries only when a selected test
     /// needs them.
@@ -85,6 +94,7 @@ const BASE: TestSpec = TestSpec {
     },
     serve_args: &[],
     modules: &[],
+    kconfig: &[],
     programs: &[],
     selection: Selection::Default,
     timeout: Duration::from_secs(120),
@@ -95,12 +105,17 @@ const BASE: TestSpec = TestSpec {
 };
 
 /// A test on a 64 MiB disk with a mailbox, through which the guest holds and
-/// releases its own requests.
-const fn mailbox_test(name: &'static str, summary: &'static str) -> TestSpec {
+/// releases its own requests; it needs `kconfig` of the kernel.
+const fn mailbox_test(
+    name: &'static str,
+    summary: &'static str,
+    kconfig: &'static [&'static [ConfigOption]],
+) -> TestSpec {
     TestSpec {
         name,
         summary,
         serve_args: &["--mailbox"],
+        kconfig,
         ..BASE
     }
 }
@@ -122,12 +137,18 @@ const fn latency_test(
     }
 }
 
-/// vfat and the code page and character set it loads at mount (437 and
-/// ascii on Debian's kernels; `modules.builtin` drops those built in).
+/// vfat and the code page and character set the guest mounts it with
+/// (`codepage=437,iocharset=ascii`, as Debian's kernels default to;
+/// `modules.builtin` drops those built in): [`VFAT`]'s options.
 const FAT_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_ascii"];
 
-/// A test on a 64 MiB vfat disk with a mailbox: the legacy direct-I/O path.
-const fn vfat_test(name: &'static str, summary: &'static str) -> TestSpec {
+/// A test on a 64 MiB vfat disk with a mailbox: the legacy direct-I/O path;
+/// it needs `kconfig` of the kernel ([`VFAT`] among them).
+const fn vfat_test(
+    name: &'static str,
+    summary: &'static str,
+    kconfig: &'static [&'static [ConfigOption]],
+) -> TestSpec {
     TestSpec {
         name,
         summary,
@@ -138,6 +159,7 @@ const fn vfat_test(name: &'static str, summary: &'static str) -> TestSpec {
         },
         serve_args: &["--mailbox"],
         modules: FAT_MODULES,
+        kconfig,
         ..BASE
     }
 }
@@ -163,6 +185,7 @@ pub const TESTS: &[TestSpec] = &[
             lbs: 512,
             format: Some(Fs::Ext4),
         },
+        kconfig: &[EXT4, DROP_CACHES],
         ..BASE
     },
     TestSpec {
@@ -176,11 +199,13 @@ pub const TESTS: &[TestSpec] = &[
         "mailbox-hold",
         "a program holds its own O_DIRECT read through the device mailbox: pending \
                   after 2 s, listed as held, released, the data arrives",
+        &[],
     ),
     mailbox_test(
         "dio-read-fork-cow",
         "an O_DIRECT read into part of a page is held while the process forks and \
                   the parent writes elsewhere in the page: the parent must get the data",
+        &[PAGEMAP],
     ),
     TestSpec {
         name: "dio-read-fork-cow-ext4",
@@ -191,80 +216,96 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
+        kconfig: &[EXT4, PAGEMAP],
         ..BASE
     },
     vfat_test(
         "dio-read-fork-cow-vfat",
         "as dio-read-fork-cow, with the O_DIRECT read from a file on vfat: the legacy \
                   direct-I/O code of fs/direct-io.c (fat_direct_IO)",
+        &[VFAT, PAGEMAP],
     ),
     mailbox_test(
         "dio-read-fork-cow-child",
         "as dio-read-fork-cow, but the child writes to the page after fork",
+        &[PAGEMAP],
     ),
     mailbox_test(
         "dio-read-fork-cow-threads",
         "seven threads read into parts of one page, held across fork; an eighth read \
                   into the last part completes first: every part must get its data",
+        &[PAGEMAP],
     ),
     mailbox_test(
         "dio-write-fork",
         "an O_DIRECT write held while the process forks and the child rewrites the page: \
                   the disk must get the parent's data",
+        &[],
     ),
     vfat_test(
         "dio-write-fork-vfat",
         "as dio-write-fork, with the O_DIRECT write to a file on vfat (legacy direct I/O)",
+        &[VFAT],
     ),
     mailbox_test(
         "dio-unmap-exit",
         "a page under a held O_DIRECT read is unmapped; another process's memory must \
                   stay intact after the release",
+        &[],
     ),
     mailbox_test(
         "dio-exit",
         "the process owning a page under a held O_DIRECT read is killed; another \
          process's memory must stay intact after the release",
+        &[],
     ),
     mailbox_test(
         "dio-pin-accounting",
         "while the device holds a read and then a write, the pin counter says whether \
                   the kernel pins O_DIRECT pages (a property, reported); the pins must be released",
+        &[],
     ),
     mailbox_test(
         "zero-page-write-source",
         "an O_DIRECT write from never-touched memory: the disk holds zeros and the \
                   zero page is not pinned while the device holds the write",
+        &[PAGEMAP],
     ),
     mailbox_test(
         "zero-page-read-target",
         "an O_DIRECT read into read-faulted (zero-page) memory: the device is never \
                   told to write the zero page, and the program sees the data",
+        &[PAGEMAP],
     ),
     mailbox_test(
         "io-uring-fixed-fork",
         "an io_uring READ_FIXED into a registered buffer is held while the process forks \
          and the parent writes elsewhere in the page: the parent must get the data",
+        &[IO_URING, PAGEMAP],
     ),
     mailbox_test(
         "passthru-read-fork-cow",
         "as dio-read-fork-cow, with an NVMe passthrough Read (NVME_IOCTL_IO_CMD); needs \
          --transport nvme",
+        &[NVME_PASSTHROUGH, PAGEMAP],
     ),
     mailbox_test(
         "passthru-write-fork",
         "as dio-write-fork, with an NVMe passthrough Write (NVME_IOCTL_IO_CMD); needs \
          --transport nvme",
+        &[NVME_PASSTHROUGH, PAGEMAP],
     ),
     mailbox_test(
         "passthru-zero-page-write-source",
         "as zero-page-write-source, with an NVMe passthrough Write (NVME_IOCTL_IO_CMD); \
          needs --transport nvme",
+        &[NVME_PASSTHROUGH, PAGEMAP],
     ),
     mailbox_test(
         "passthru-uring-read-fork-cow",
         "as passthru-read-fork-cow, through io_uring (IORING_OP_URING_CMD on /dev/ngXnY); \
          needs --transport nvme",
+        &[NVME_PASSTHROUGH, IO_URING, PAGEMAP],
     ),
     TestSpec {
         name: "splice-truncate",
@@ -276,6 +317,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
+        kconfig: &[EXT4],
         ..BASE
     },
     TestSpec {
@@ -289,6 +331,7 @@ pub const TESTS: &[TestSpec] = &[
         },
         serve_args: &["--mailbox"],
         timeout: Duration::from_secs(180),
+        kconfig: &[EXT4, DROP_CACHES],
         ..BASE
     },
     TestSpec {
@@ -302,6 +345,7 @@ pub const TESTS: &[TestSpec] = &[
         serve_args: &["--mailbox"],
         modules: &["xfs"],
         timeout: Duration::from_secs(180),
+        kconfig: &[XFS, DROP_CACHES],
         ..BASE
     },
     TestSpec {
@@ -317,6 +361,7 @@ pub const TESTS: &[TestSpec] = &[
         serve_args: &["--mailbox"],
         modules: &["udf"],
         timeout: Duration::from_secs(180),
+        kconfig: &[UDF, PAGEMAP],
         ..BASE
     },
     TestSpec {
@@ -334,6 +379,7 @@ pub const TESTS: &[TestSpec] = &[
         selection: Selection::Named,
         boots: 2,
         between_boots: Some(r#"{"v":1,"cmd":"power-cut"}"#),
+        kconfig: &[EXT4],
         ..BASE
     },
     TestSpec {
@@ -347,6 +393,7 @@ pub const TESTS: &[TestSpec] = &[
             format: Some(Fs::Ext4),
         },
         serve_args: &["--mailbox"],
+        kconfig: &[EXT4, DROP_CACHES],
         ..BASE
     },
     TestSpec {
@@ -372,6 +419,7 @@ pub const TESTS: &[TestSpec] = &[
         programs: &["fio"],
         selection: Selection::Named,
         timeout: Duration::from_secs(180),
+        kconfig: &[FIO],
         ..BASE
     },
     TestSpec {
@@ -401,6 +449,7 @@ pub const TESTS: &[TestSpec] = &[
         // Boot, fio's file, unmount and power-off; the workload's time is added.
         timeout: Duration::from_secs(180),
         soak: true,
+        kconfig: &[EXT4, FIO, FADVISE],
         ..BASE
     },
     latency_test(

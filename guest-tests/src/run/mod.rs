@@ -1,7 +1,9 @@
-//! Running the suite: for each kernel, an initramfs; for each test, a fresh disk,
-//! a `dmaprobe serve` child (or, with [`Daemon::QemuStorageDaemon`], QEMU's own
-//! backend), a QEMU boot, the guest's events, the host's checks, and a verdict
-//! that joins them with the kernel log.
+//! Running the suite: for each kernel, its config checked where one lies
+//! beside it (a test whose options it lacks is skipped, unbooted) and an
+//! initramfs; for each test, a fresh disk, a `dmaprobe serve` child (or, with
+//! [`Daemon::QemuStorageDaemon`], QEMU's own backend), a QEMU boot, the
+//! guest's events, the host's checks, and a verdict that joins them with the
+//! kernel log.
 //!
 //! This file holds the run and the story of each test in it; the steps are
 //! its modules:
@@ -45,6 +47,7 @@ use sampler::Sampler;
 use verdict::judge;
 
 use crate::initramfs::{self, Contents, BASE_MODULES};
+use crate::kconfig::{self, KernelConfig};
 use crate::kernel::{Kernel, Modules};
 use crate::modules::{self, ModuleIndex};
 use crate::protocol::{GuestParams, Verdict};
@@ -74,28 +77,45 @@ pub fn run(
     let mut results = Vec::new();
     for (i, kernel) in distinct_names(&config.kernels).iter().enumerate() {
         progress(&format!("[{}] {}", kernel.name, describe(kernel)));
-        progress(&format!("[{}] building the initramfs", kernel.name));
+        let kconfig = kernel_config(kernel, progress);
+        let skip = |transport: Transport, test: &'static TestSpec| {
+            let config = kconfig.as_ref()?;
+            kconfig::skip_reason(config, test, transport.name())
+        };
+        // The initramfs packs the modules of the tests that will boot.
+        let booted: Vec<&TestSpec> = config
+            .tests
+            .iter()
+            .copied()
+            .filter(|&t| config.transports.iter().any(|&tr| skip(tr, t).is_none()))
+            .collect();
         let initrd = work.path().join(format!("initramfs-{i}.cpio"));
         let scratch = work.path().join(format!("modules-{i}"));
-        build_initramfs(config, kernel, &scratch, &initrd).map_err(|source| {
-            RunError::Initramfs {
-                kernel: kernel.name.clone(),
-                source,
-            }
-        })?;
+        if !booted.is_empty() {
+            progress(&format!("[{}] building the initramfs", kernel.name));
+            build_initramfs(config, &booted, kernel, &scratch, &initrd).map_err(|source| {
+                RunError::Initramfs {
+                    kernel: kernel.name.clone(),
+                    source,
+                }
+            })?;
+        }
         for (transport, test) in config
             .transports
             .iter()
-            .flat_map(|&t| config.tests.iter().map(move |test| (t, test)))
+            .flat_map(|&t| config.tests.iter().map(move |&test| (t, test)))
         {
             if crate::process::interrupted() {
                 progress("interrupted: stopping");
                 return Ok(results);
             }
             let column = transport.column(&kernel.name);
-            progress(&format!("[{column}] {}: booting", test.name));
             let dir = work.path().join(format!("{}-{}", results.len(), test.name));
-            let mut result = run_one(config, kernel, transport, test, &initrd, &dir);
+            let skipped = skip(transport, test);
+            if skipped.is_none() {
+                progress(&format!("[{column}] {}: booting", test.name));
+            }
+            let mut result = run_one(config, kernel, transport, test, skipped, &initrd, &dir);
             for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
                 progress(&format!("[{column}] {}: booted again: {why}", test.name));
             }
@@ -110,7 +130,8 @@ pub fn run(
                     format!(": {}", result.reason)
                 }
             ));
-            if let Some(keep) = &config.keep_logs {
+            // A test skipped unbooted has no logs to keep.
+            if let Some(keep) = config.keep_logs.as_ref().filter(|_| dir.exists()) {
                 if let Err(e) = keep_logs(&dir, keep, &column, test.name) {
                     progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
                 }
@@ -145,17 +166,46 @@ fn describe(kernel: &Kernel) -> String {
     format!("{}, {modules}", kernel.image.display())
 }
 
-/// The kernel's initramfs at `out`; modules without an index are indexed
-/// in `scratch` first.
+/// The config of `kernel`, where one lies beside it ([`kconfig::find_config`]);
+/// `progress` hears which, or that the tests' options go unchecked.
+fn kernel_config(kernel: &Kernel, progress: &mut dyn FnMut(&str)) -> Option<KernelConfig> {
+    let unchecked = "the options the tests need are not checked";
+    let Some(path) = kconfig::find_config(kernel) else {
+        progress(&format!(
+            "[{}] no kernel config found beside it: {unchecked}",
+            kernel.name
+        ));
+        return None;
+    };
+    match KernelConfig::read(&path) {
+        Ok(read) => {
+            progress(&format!(
+                "[{}] the options the tests need are checked against {}",
+                kernel.name,
+                path.display()
+            ));
+            Some(read)
+        }
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
+            progress(&format!("[{}] {e}{cause}: {unchecked}", kernel.name));
+            None
+        }
+    }
+}
+
+/// The initramfs `kernel` boots for `tests`, at `out`; modules without an
+/// index are indexed in `scratch` first.
 fn build_initramfs(
     config: &RunConfig,
+    tests: &[&TestSpec],
     kernel: &Kernel,
     scratch: &Path,
     out: &Path,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    // Every module a selected test needs goes into the kernel's one initramfs.
+    // Every module the tests need goes into the kernel's one initramfs.
     let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
-    wanted.extend(config.tests.iter().flat_map(|t| t.modules.iter().copied()));
+    wanted.extend(tests.iter().flat_map(|t| t.modules.iter().copied()));
     let modules = match &kernel.modules {
         Some(Modules::Indexed(dir)) => ModuleIndex::load(dir)?.load_order(&wanted)?,
         Some(Modules::Unindexed(dir)) => {
@@ -178,30 +228,37 @@ fn build_initramfs(
     Ok(())
 }
 
-/// Runs `test` on `kernel` over `transport`, its files in `dir`, and judges it.
+/// Runs `test` on `kernel` over `transport`, its files in `dir`, and judges
+/// it; or, if the host `skip`s it (and says why), judges it unbooted.
 fn run_one(
     config: &RunConfig,
     kernel: &Kernel,
     transport: Transport,
     test: &TestSpec,
+    skip: Option<String>,
     initrd: &Path,
     dir: &Path,
 ) -> TestResult {
     let start = Instant::now();
-    let mut ev = Evidence::default();
-    let run = TestRun {
-        config,
-        kernel,
-        transport,
-        test,
-        initrd,
-        dir,
+    let mut ev = Evidence {
+        skip,
+        ..Evidence::default()
     };
-    let ran = fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-        .and_then(|()| run.guest_run(&mut ev));
-    if let Err(e) = ran {
-        ev.error = Some(e);
+    if ev.skip.is_none() {
+        let run = TestRun {
+            config,
+            kernel,
+            transport,
+            test,
+            initrd,
+            dir,
+        };
+        let ran = fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+            .and_then(|()| run.guest_run(&mut ev));
+        if let Err(e) = ran {
+            ev.error = Some(e);
+        }
     }
     // The judge reads the findings in the ledger; the timeline draws all of it.
     let ledger = ev.ledger.clone();
@@ -346,6 +403,112 @@ impl TestRun<'_> {
             boot: 1,
             duration: test.soak.then_some(config.soak_seconds),
             disk: (transport != Transport::VirtioBlk).then(|| transport.guest_disk().to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite;
+    use std::path::PathBuf;
+
+    /// A kernel build tree in `dir` whose `.config` has every option the
+    /// suite needs but `drop`; its image is no kernel, and nothing boots it.
+    fn build_tree(dir: &Path, drop: &str) -> Kernel {
+        let top = dir.join("linux");
+        let image = top.join("arch/x86/boot/bzImage");
+        fs::create_dir_all(image.parent().unwrap()).unwrap();
+        fs::write(&image, b"not a kernel").unwrap();
+        let all: Vec<&'static TestSpec> = suite::TESTS.iter().collect();
+        let config: String = kconfig::fragment(&all)
+            .lines()
+            .filter(|l| *l != format!("CONFIG_{drop}=y"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(top.join(".config"), config).unwrap();
+        Kernel {
+            name: "k".into(),
+            image,
+            modules: None,
+            release: None,
+        }
+    }
+
+    #[test]
+    fn a_test_whose_options_the_kernels_config_lacks_is_skipped_unbooted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::for_tests(Daemon::Dmaprobe);
+        config.kernels = vec![build_tree(dir.path(), "UDF_FS")];
+        config.tests = vec![suite::find("dio-zeroing-udf").unwrap()];
+        config.transports = Transport::ALL.to_vec();
+        let mut said = Vec::new();
+        let results = run(&config, &mut |line| said.push(line.to_owned())).unwrap();
+
+        let reason = "the kernel's config lacks CONFIG_UDF_FS (needed by dio-zeroing-udf)";
+        let got: Vec<(&str, &str, Verdict, &str)> = results
+            .iter()
+            .map(|r| {
+                (
+                    r.kernel.as_str(),
+                    r.test.as_str(),
+                    r.verdict,
+                    r.reason.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("k", "dio-zeroing-udf", Verdict::Skip, reason),
+                ("k nvme", "dio-zeroing-udf", Verdict::Skip, reason),
+            ]
+        );
+        let said = said.join("\n");
+        assert!(said.contains("linux/.config"), "{said}");
+        assert!(
+            said.contains(&format!("dio-zeroing-udf: SKIP (0.0 s): {reason}")),
+            "{said}"
+        );
+        // Nothing to boot: no initramfs either.
+        assert!(
+            !said.contains("booting") && !said.contains("initramfs"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn the_other_tests_boot_and_without_a_config_every_test_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::for_tests(Daemon::Dmaprobe);
+        // An initramfs can be made (any files will do), but no daemon
+        // starts (/x/dmaprobe): a test that boots ends in ERROR at once.
+        config.guest_bin = PathBuf::from("/bin/true");
+        config.busybox = PathBuf::from("/bin/true");
+        config.kernels = vec![build_tree(dir.path(), "UDF_FS")];
+        config.tests = vec![
+            suite::find("smoke").unwrap(),
+            suite::find("dio-zeroing-udf").unwrap(),
+        ];
+        let verdicts = |config: &RunConfig| {
+            let results = run(config, &mut |_| {}).unwrap();
+            results.iter().map(|r| r.verdict).collect::<Vec<_>>()
+        };
+        assert_eq!(verdicts(&config), [Verdict::Error, Verdict::Skip]);
+        fs::remove_file(dir.path().join("linux/.config")).unwrap();
+        assert_eq!(verdicts(&config), [Verdict::Error, Verdict::Error]);
+    }
+
+    #[test]
+    fn every_transport_has_its_kernel_options() {
+        for t in Transport::ALL {
+            assert!(
+                kconfig::INTERFACES
+                    .iter()
+                    .any(|(name, _)| *name == t.name()),
+                "{}",
+                t.name()
+            );
         }
     }
 }

@@ -53,4 +53,7 @@ pub(super) struct Evidence {
     pub(super) ledger: Vec<serde_json::Value>,
     /// Harness trouble: the run cannot be judged.
     pub(super) error: Option<String>,
+    /// Why the host skipped the test without booting it (the kernel's config
+    /// lacks options it needs).
+    pub(super) skip: Option<String>,
 }

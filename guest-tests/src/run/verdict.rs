@@ -1,6 +1,7 @@
 //! The verdict of a test run: the guest's own verdict, overruled by a
 //! harness error, an error in the kernel log, a boot that never reported
-//! its end, a failed host check or a device finding.
+//! its end, a failed host check or a device finding; or the host's SKIP of
+//! a test it did not boot.
 
 use super::config::{Daemon, Transport};
 use super::result::{CheckRecord, Evidence, TestResult};
@@ -26,7 +27,9 @@ pub(super) fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Eviden
         .filter(|e| e["kind"] == "finding")
         .cloned()
         .collect();
-    let (verdict, reason) = if let Some(err) = &ev.error {
+    let (verdict, reason) = if let Some(why) = &ev.skip {
+        (Verdict::Skip, why.clone())
+    } else if let Some(err) = &ev.error {
         (Verdict::Error, err.clone())
     } else if let Some(reason) = kernel_log_error(&kernel_log_errors) {
         (Verdict::Fail, reason)
@@ -232,5 +235,24 @@ mod tests {
         let (verdict, reason) = judged(vec![pass]);
         assert_eq!(verdict, Verdict::Error);
         assert!(reason.contains("in 1 of 2 boots"), "{reason}");
+    }
+
+    #[test]
+    fn a_test_the_host_skipped_is_a_skip_with_its_reason() {
+        let test = crate::suite::find("dio-zeroing-udf").unwrap();
+        let kernel = Kernel {
+            name: "k".into(),
+            image: PathBuf::from("/k"),
+            modules: None,
+            release: None,
+        };
+        let why = "the kernel's config lacks CONFIG_UDF_FS (needed by dio-zeroing-udf)";
+        let ev = Evidence {
+            skip: Some(why.into()),
+            ..Evidence::default()
+        };
+        let r = judge(test, &kernel, Daemon::Dmaprobe, ev);
+        assert_eq!((r.verdict, r.reason.as_str()), (Verdict::Skip, why));
+        assert!(r.console_tail.is_empty());
     }
 }

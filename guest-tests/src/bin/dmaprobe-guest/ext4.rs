@@ -234,6 +234,12 @@ pub fn block_lba(fd: &Fd, path: &str, index: u64) -> Result<u64, Stop> {
     Ok(u64::try_from(block).unwrap_or(0) * (size / 512))
 }
 
+/// vfat's code page and character set, named rather than left to the
+/// kernel's defaults (`FAT_DEFAULT_CODEPAGE`, `FAT_DEFAULT_IOCHARSET`), so
+/// that what it needs is the same on every kernel: the modules the host packs
+/// for vfat and the options `dmaprobe kconfig` lists (Debian's defaults).
+const VFAT_OPTIONS: &str = "codepage=437,iocharset=ascii";
+
 /// A mounted file system, unmounted on drop if [`Mount::unmount`] was not called
 /// (so a failing test still leaves a clean file system for the host's e2fsck).
 #[derive(Debug)]
@@ -247,9 +253,11 @@ impl Mount {
         Self::fs(source, target, "ext4")
     }
 
-    /// Mounts `source` on `target` as `kind` (ext4, xfs).
+    /// Mounts `source` on `target` as `kind` (ext4, xfs, vfat); vfat with
+    /// [`VFAT_OPTIONS`].
     pub fn fs(source: &str, target: &str, kind: &str) -> Result<Mount, Stop> {
-        Self::with_options(source, target, kind, "")
+        let options = if kind == "vfat" { VFAT_OPTIONS } else { "" };
+        Self::with_options(source, target, kind, options)
     }
 
     /// Mounts `source` on `target` as `kind` with file-system `options`
