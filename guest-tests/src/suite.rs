@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::kconfig::{
+use crate::kconfig::options::{
     ConfigOption, DROP_CACHES, EXT4, FADVISE, FIO, IO_URING, NVME_PASSTHROUGH, PAGEMAP, UDF, VFAT,
     XFS,
 };

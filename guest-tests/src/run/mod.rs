@@ -503,7 +503,7 @@ mod tests {
     fn every_transport_has_its_kernel_options() {
         for t in Transport::ALL {
             assert!(
-                kconfig::INTERFACES
+                kconfig::options::INTERFACES
                     .iter()
                     .any(|(name, _)| *name == t.name()),
                 "{}",
