@@ -66,6 +66,32 @@ pub fn run(args: KernelArgs) -> Result<(), FetchError> {
     }
 }
 
+/// Fetches the catalogue kernels `specs` name (`--kernel NAME[=LABEL]`; the
+/// defaults when there are none) that are not cached yet, saying so on
+/// stderr: `dmaprobe run --kernel debian-bpo` works on a machine where only
+/// the defaults were fetched.
+pub fn fetch_missing(specs: &[String]) -> Result<(), FetchError> {
+    let defaults: Vec<String> = DEFAULT_KERNELS.iter().map(|&d| d.to_owned()).collect();
+    let specs = if specs.is_empty() { &defaults } else { specs };
+    let cache = cache_dir();
+    let missing: Vec<&'static Entry> = specs
+        .iter()
+        .map(|s| s.split_once('=').map_or(s.as_str(), |(name, _)| name))
+        .filter(|name| !Path::new(name).exists())
+        .filter_map(|name| catalogue::find(name).ok())
+        .filter(|e| catalogue::cached(&cache, e) == Cached::No)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mirrors = Mirrors::from_apt()?;
+    for entry in missing {
+        eprintln!("[{}] not in the cache: fetching it", entry.name);
+        catalogue::fetch(&cache, entry, &mirrors, &mut |line| eprintln!("{line}"))?;
+    }
+    Ok(())
+}
+
 /// The catalogue as a table: name, what the cache holds, suites, about.
 pub fn listing(cache: &Path) -> String {
     let rows: Vec<[String; 4]> = CATALOGUE

@@ -43,6 +43,8 @@ pub enum RunnerError {
     #[error(transparent)]
     Kernel(#[from] guest_tests::kernel::KernelError),
     #[error(transparent)]
+    Fetch(#[from] guest_tests::catalogue::FetchError),
+    #[error(transparent)]
     Config(#[from] backend::config::ConfigError),
     #[error("Cannot find this executable")]
     Exe(#[source] std::io::Error),
@@ -124,6 +126,7 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
     });
     let transports = transports(&args.transport, daemon, &qemu_nvme)?;
     let programs = programs(&tests)?;
+    crate::kernel::fetch_missing(&args.kernels)?;
     let kernels = kernel::resolve_all(&args.kernels, args.modules.as_deref())?;
     let exe = std::env::current_exe().map_err(RunnerError::Exe)?;
     let guest_bin = args
