@@ -115,41 +115,56 @@ pub fn run(
             if skipped.is_none() {
                 progress(&format!("[{column}] {}: booting", test.name));
             }
-            let mut result = run_one(config, kernel, transport, test, skipped, &initrd, &dir);
-            for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
-                progress(&format!("[{column}] {}: booted again: {why}", test.name));
-            }
-            progress(&format!(
-                "[{column}] {}: {} ({:.1} s){}",
-                test.name,
-                result.verdict.word(),
-                result.seconds,
-                if result.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", result.reason)
-                }
-            ));
-            // A test skipped unbooted has no logs to keep.
-            if let Some(keep) = config.keep_logs.as_ref().filter(|_| dir.exists()) {
-                if let Err(e) = keep_logs(&dir, keep, &column, test.name) {
-                    progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
-                }
-            }
-            result.timeline = match (result.timeline.take(), &config.timelines) {
-                (Some(svg), Some(to)) => match keep_timeline(&svg, to, &column, test.name) {
-                    Ok(kept) => Some(kept),
-                    Err(e) => {
-                        progress(&format!("[{column}] {}: timeline not kept: {e}", test.name));
-                        None
-                    }
-                },
-                _ => None,
-            };
+            let result = run_one(config, kernel, transport, test, skipped, &initrd, &dir);
+            let result = tell_and_keep(config, progress, &column, test, &dir, result);
             results.push(result);
         }
     }
     Ok(results)
+}
+
+/// Tells `progress` how a test ended (and of a boot repeated), keeps its logs
+/// and its timeline where the user asked; the result, its timeline where it
+/// was kept.
+fn tell_and_keep(
+    config: &RunConfig,
+    progress: &mut dyn FnMut(&str),
+    column: &str,
+    test: &TestSpec,
+    dir: &Path,
+    mut result: TestResult,
+) -> TestResult {
+    for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
+        progress(&format!("[{column}] {}: booted again: {why}", test.name));
+    }
+    progress(&format!(
+        "[{column}] {}: {} ({:.1} s){}",
+        test.name,
+        result.verdict.word(),
+        result.seconds,
+        if result.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", result.reason)
+        }
+    ));
+    // A test skipped unbooted has no logs to keep.
+    if let Some(keep) = config.keep_logs.as_ref().filter(|_| dir.exists()) {
+        if let Err(e) = keep_logs(dir, keep, column, test.name) {
+            progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
+        }
+    }
+    result.timeline = match (result.timeline.take(), &config.timelines) {
+        (Some(svg), Some(to)) => match keep_timeline(&svg, to, column, test.name) {
+            Ok(kept) => Some(kept),
+            Err(e) => {
+                progress(&format!("[{column}] {}: timeline not kept: {e}", test.name));
+                None
+            }
+        },
+        _ => None,
+    };
+    result
 }
 
 /// A kernel's image and modules, as the run tells the user.
