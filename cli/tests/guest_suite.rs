@@ -570,19 +570,41 @@ fn over_nvme_the_verdicts_are_those_of_virtio_blk_and_passthrough_pins_from_6_5(
 }
 
 #[test]
-fn a_missing_kernel_says_how_to_get_it() {
+fn a_kernel_not_in_the_catalogue_says_how_to_list_them() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(DMAPROBE)
-        .args(["run", "--kernel", "debian-6.12", "--tests", "smoke"])
+        .args(["run", "--kernel", "debian-9", "--tests", "smoke"])
         .env("DMAPROBE_CACHE", dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("scripts/setup"),
+        String::from_utf8_lossy(&out.stderr).contains("dmaprobe kernel list"),
         "{}",
         show(&out)
     );
+}
+
+/// A catalogue kernel that is not cached is fetched (from the mirror the
+/// machine's apt sources name) before the run, into an empty cache.
+#[test]
+fn a_catalogue_kernel_not_cached_is_fetched_and_booted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(DMAPROBE)
+        .args(["run", "--kernel", "debian-5.10", "--tests", "smoke"])
+        .env("DMAPROBE_CACHE", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        stderr.contains("[debian-5.10] not in the cache: fetching it"),
+        "{}",
+        show(&out)
+    );
+    assert!(stderr.contains("smoke: PASS"), "{}", show(&out));
+    let env = std::fs::read_to_string(dir.path().join("kernels/debian-5.10/kernel.env")).unwrap();
+    assert!(env.contains("RELEASE=5.10."), "{env}");
 }
 
 #[test]
