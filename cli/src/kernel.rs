@@ -46,24 +46,40 @@ pub fn run(args: KernelArgs) -> Result<(), FetchError> {
         KernelCommand::Fetch { names, all } => {
             let entries: Vec<&'static Entry> = if all {
                 CATALOGUE.iter().collect()
-            } else if names.is_empty() {
-                DEFAULT_KERNELS
-                    .iter()
-                    .map(|n| catalogue::find(n))
-                    .collect::<Result<_, _>>()?
             } else {
-                names
+                or_defaults(&names)
                     .iter()
                     .map(|n| catalogue::find(n))
                     .collect::<Result<_, _>>()?
             };
-            let mirrors = Mirrors::from_apt()?;
-            for entry in entries {
-                catalogue::fetch(&cache, entry, &mirrors, &mut |line| eprintln!("{line}"))?;
-            }
-            Ok(())
+            fetch_all(&cache, &entries, "")
         }
     }
+}
+
+/// The kernels named, or the defaults when none is.
+fn or_defaults(names: &[String]) -> Vec<String> {
+    if names.is_empty() {
+        DEFAULT_KERNELS.iter().map(|&d| d.to_owned()).collect()
+    } else {
+        names.to_vec()
+    }
+}
+
+/// Fetches `entries` into `cache`, each step on stderr (after `why`, if
+/// one is given).
+fn fetch_all(cache: &Path, entries: &[&'static Entry], why: &str) -> Result<(), FetchError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mirrors = Mirrors::from_apt()?;
+    for &entry in entries {
+        if !why.is_empty() {
+            eprintln!("[{}] {why}", entry.name);
+        }
+        catalogue::fetch(cache, entry, &mirrors, &mut |line| eprintln!("{line}"))?;
+    }
+    Ok(())
 }
 
 /// Fetches the catalogue kernels `specs` name (`--kernel NAME[=LABEL]`; the
@@ -71,25 +87,15 @@ pub fn run(args: KernelArgs) -> Result<(), FetchError> {
 /// stderr: `dmaprobe run --kernel debian-bpo` works on a machine where only
 /// the defaults were fetched.
 pub fn fetch_missing(specs: &[String]) -> Result<(), FetchError> {
-    let defaults: Vec<String> = DEFAULT_KERNELS.iter().map(|&d| d.to_owned()).collect();
-    let specs = if specs.is_empty() { &defaults } else { specs };
     let cache = cache_dir();
-    let missing: Vec<&'static Entry> = specs
+    let missing: Vec<&'static Entry> = or_defaults(specs)
         .iter()
         .map(|s| s.split_once('=').map_or(s.as_str(), |(name, _)| name))
         .filter(|name| !Path::new(name).exists())
         .filter_map(|name| catalogue::find(name).ok())
         .filter(|e| catalogue::cached(&cache, e) == Cached::No)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let mirrors = Mirrors::from_apt()?;
-    for entry in missing {
-        eprintln!("[{}] not in the cache: fetching it", entry.name);
-        catalogue::fetch(&cache, entry, &mirrors, &mut |line| eprintln!("{line}"))?;
-    }
-    Ok(())
+    fetch_all(&cache, &missing, "not in the cache: fetching it")
 }
 
 /// The catalogue as a table: name, what the cache holds, suites, about.

@@ -28,13 +28,7 @@ impl SeededRng {
 
     /// A value in `lo..=hi`.
     pub fn in_range(&self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        match (hi - lo).checked_add(1) {
-            Some(span) => lo + self.next_u64() % span,
-            None => self.next_u64(),
-        }
+        wire::splitmix::in_range(lo, hi, || self.next_u64())
     }
 
     /// True with probability `p` (0.0..=1.0).

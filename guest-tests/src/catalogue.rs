@@ -190,8 +190,7 @@ pub struct AptRoot {
 impl AptRoot {
     /// Makes (or reuses) the root and writes its sources for `mirrors`.
     pub fn new(cache: &Path, entry: &'static Entry, mirrors: &Mirrors) -> Result<Self, FetchError> {
-        // Kernels from the same suites share a root and its lists.
-        let dir = cache.join("apt").join(entry.suites.join("+"));
+        let dir = Self::dir(cache, entry);
         for sub in [
             "etc/parts.d",
             "etc/preferences.d",
@@ -220,10 +219,16 @@ impl AptRoot {
         Ok(AptRoot { dir, entry })
     }
 
+    /// Where `entry`'s root lives: kernels from the same suites share a root
+    /// and its lists.
+    fn dir(cache: &Path, entry: &Entry) -> PathBuf {
+        cache.join("apt").join(entry.suites.join("+"))
+    }
+
     /// The root an earlier fetch left for `entry`'s suites, if its lists
     /// are there: enough to say what the meta package names, offline.
     pub fn existing(cache: &Path, entry: &'static Entry) -> Option<Self> {
-        let dir = cache.join("apt").join(entry.suites.join("+"));
+        let dir = Self::dir(cache, entry);
         dir.join("lists/.updated")
             .is_file()
             .then_some(AptRoot { dir, entry })

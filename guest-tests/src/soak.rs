@@ -125,19 +125,16 @@ fn extra_rule(extra: Extra, rng: &mut SplitMix64) -> String {
         rounded(lo + rng.unit() * (hi - lo), 1000.0)
     }
     match extra {
-        Extra::ReadDelay => {
+        Extra::ReadDelay | Extra::WriteDelay => {
+            let op = if extra == Extra::ReadDelay {
+                "read"
+            } else {
+                "write"
+            };
             let p = prob(rng, 0.002, 0.02);
             let a = rng.in_range(1, 5);
             format!(
-                "op=read,prob={p},action=delay,ms={a}-{}",
-                a + rng.in_range(5, 25)
-            )
-        }
-        Extra::WriteDelay => {
-            let p = prob(rng, 0.002, 0.02);
-            let a = rng.in_range(1, 5);
-            format!(
-                "op=write,prob={p},action=delay,ms={a}-{}",
+                "op={op},prob={p},action=delay,ms={a}-{}",
                 a + rng.in_range(5, 25)
             )
         }

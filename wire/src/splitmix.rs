@@ -20,6 +20,18 @@ pub fn splitmix64(x: u64) -> u64 {
     mix(x.wrapping_add(GAMMA))
 }
 
+/// A number in `lo..=hi` from `draw` (`lo`, drawing nothing, when `hi <= lo`):
+/// one rule for every generator that keeps its state its own way.
+pub fn in_range(lo: u64, hi: u64, draw: impl FnOnce() -> u64) -> u64 {
+    if hi <= lo {
+        return lo;
+    }
+    match (hi - lo).checked_add(1) {
+        Some(span) => lo + draw() % span,
+        None => draw(),
+    }
+}
+
 /// A generator: its state is the seed at first.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(pub u64);
@@ -47,13 +59,7 @@ impl SplitMix64 {
 
     /// A number in `lo..=hi` (`lo` when `hi <= lo`).
     pub fn in_range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        match (hi - lo).checked_add(1) {
-            Some(span) => lo + self.next_u64() % span,
-            None => self.next_u64(),
-        }
+        in_range(lo, hi, || self.next_u64())
     }
 }
 
