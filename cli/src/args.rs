@@ -166,6 +166,23 @@ pub struct RunArgs {
     /// (default: the one scripts/setup unpacks into the cache).
     #[arg(long, value_name = "PATH")]
     pub qemu_nvme: Option<PathBuf>,
+    /// How QEMU runs the guests: kvm, tcg, or auto: KVM when a short probe
+    /// boot shows that guests run under it here (with -cpu host, else QEMU's
+    /// default model), TCG otherwise; stderr says which and why.
+    #[arg(long, value_name = "NAME", default_value = "auto",
+          value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// How many tests run at once, each with its own daemon, disk and QEMU
+    /// (default: as many as the cores and the memory allow, printed at
+    /// start). Tests that measure time (fio-randread, latency-*, soak) run
+    /// alone. The reports are the same whatever N; only the times differ.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+    /// Run only shard I of N of the run's cases (kernel x transport x test,
+    /// dealt round-robin), for a CI job matrix: --shard 1/N ... N/N run every
+    /// case once between them; `dmaprobe report merge` joins their --json.
+    #[arg(long, value_name = "I/N", default_value = "1/1")]
+    pub shard: guest_tests::run::Shard,
     /// Also accept the harness's self-tests (tests that fail on purpose).
     #[arg(long, hide = true)]
     pub allow_selftests: bool,

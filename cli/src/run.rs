@@ -98,7 +98,12 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     let results = run(&config, &mut |line| eprintln!("{line}"))?;
     println!("{}", report::table(&results));
     if let Some(path) = json {
-        std::fs::write(&path, report::json(&results)).map_err(|e| RunnerError::Write(path, e))?;
+        let matrix = report::Matrix {
+            shard: config.shard,
+            cases: config.cases(),
+        };
+        std::fs::write(&path, report::json(&results, &matrix))
+            .map_err(|e| RunnerError::Write(path, e))?;
     }
     if let Some(path) = junit {
         std::fs::write(&path, report::junit(&results)).map_err(|e| RunnerError::Write(path, e))?;
@@ -155,6 +160,7 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         timeout_scale: args.timeout_scale,
         timelines: args.timelines,
         soak_seconds: args.soak_seconds,
+        shard: args.shard,
         mutant: args
             .mutant
             .as_deref()

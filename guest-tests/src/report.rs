@@ -2,10 +2,10 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::Verdict;
-use crate::run::TestResult;
+use crate::run::{Case, Shard, TestResult};
 
 /// The verdict matrix, tests down and kernels across, then one line of evidence
 /// for every result that did not pass.
@@ -167,16 +167,26 @@ pub fn all_good(results: &[TestResult]) -> bool {
         .all(|r| matches!(r.verdict, Verdict::Pass | Verdict::Skip))
 }
 
+/// What a report covers: every case of the run, in the reports' order, and
+/// the shard of them this process ran (1/1 for the whole run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Matrix {
+    pub shard: Shard,
+    pub cases: Vec<Case>,
+}
+
 #[derive(Serialize)]
 struct JsonReport<'a> {
     dmaprobe_version: &'static str,
+    matrix: &'a Matrix,
     results: &'a [TestResult],
 }
 
-/// The whole run as JSON.
-pub fn json(results: &[TestResult]) -> String {
+/// The run (or its shard) as JSON.
+pub fn json(results: &[TestResult], matrix: &Matrix) -> String {
     serde_json::to_string_pretty(&JsonReport {
         dmaprobe_version: env!("CARGO_PKG_VERSION"),
+        matrix,
         results,
     })
     .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -222,7 +232,11 @@ mod tests {
         assert!(t.contains("FAIL ext4 on debian-6.1: fsck found errors"));
         assert!(!all_good(&r));
         assert!(all_good(&r[..2]));
-        let j: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
+        let matrix = Matrix {
+            shard: Shard::ALL,
+            cases: Vec::new(),
+        };
+        let j: serde_json::Value = serde_json::from_str(&json(&r, &matrix)).unwrap();
         assert_eq!(j["results"][2]["verdict"], "FAIL");
     }
 

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::logs::path_component;
 use crate::kernel::Kernel;
@@ -43,10 +43,80 @@ pub struct RunConfig {
     pub timelines: Option<PathBuf>,
     /// How long a soak test's workload runs.
     pub soak_seconds: u64,
+    /// The part of the run's cases this process runs ([`RunConfig::cases`]).
+    pub shard: Shard,
+}
+
+impl RunConfig {
+    /// Every case of the run, kernel by kernel, each kernel's transports in
+    /// turn, each transport's tests in order: the reports' order, whichever
+    /// part of it this process runs and however many at once.
+    pub fn cases(&self) -> Vec<Case> {
+        distinct_names(&self.kernels)
+            .iter()
+            .flat_map(|k| {
+                self.transports.iter().flat_map(move |&t| {
+                    self.tests.iter().map(move |test| Case {
+                        kernel: t.column(&k.name),
+                        test: test.name.to_owned(),
+                    })
+                })
+            })
+            .collect()
+    }
+}
+
+/// One cell of the reports: a test on a kernel's column (its name, with
+/// ` nvme` for the NVMe pass).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Case {
+    pub kernel: String,
+    pub test: String,
+}
+
+/// Shard `index` of `count` (`--shard I/N`, 1-based): case `c` of the run's
+/// [`cases`](RunConfig::cases) is this shard's when `c % count == index - 1`,
+/// so `1/N` ... `N/N` take every case once between them, and each takes
+/// some of every kernel and transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The whole run.
+    pub const ALL: Shard = Shard { index: 1, count: 1 };
+
+    /// Whether case number `case` (0-based) is this shard's.
+    pub fn takes(self, case: usize) -> bool {
+        case % self.count as usize == (self.index - 1) as usize
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("{s:?} is not I/N (shard I of N, 1 <= I <= N), e.g. 1/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: u32 = i.trim().parse().map_err(|_| bad())?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 /// How the guest reaches the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// virtio-blk over vhost-user: `/dev/vda`.
@@ -106,7 +176,7 @@ pub fn distinct_names(kernels: &[Kernel]) -> Vec<Kernel> {
 }
 
 /// The vhost-user-blk backend that serves each test's disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Daemon {
     /// `dmaprobe serve` with the test's options and a ledger.
@@ -192,6 +262,7 @@ impl RunConfig {
             mutant: None,
             timelines: None,
             soak_seconds: 60,
+            shard: Shard::ALL,
         }
     }
 }
@@ -199,6 +270,21 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_take_every_case_once_between_them() {
+        for count in 1..=5u32 {
+            let shards: Vec<Shard> = (1..=count).map(|index| Shard { index, count }).collect();
+            for case in 0..23 {
+                assert_eq!(shards.iter().filter(|s| s.takes(case)).count(), 1);
+            }
+        }
+        assert_eq!("2/3".parse(), Ok(Shard { index: 2, count: 3 }));
+        assert_eq!(Shard { index: 2, count: 3 }.to_string(), "2/3");
+        for bad in ["0/3", "4/3", "1", "a/b", "1/0", "/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn nvme_runs_have_a_column_of_their_own() {

@@ -33,7 +33,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-pub use config::{distinct_names, Daemon, Mutant, RunConfig, Transport, QSD};
+pub use config::{distinct_names, Case, Daemon, Mutant, RunConfig, Shard, Transport, QSD};
 pub use logs::path_component;
 pub use result::{CheckRecord, TestResult};
 

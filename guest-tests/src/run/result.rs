@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{Daemon, Transport};
 use crate::protocol::{Event, Verdict};
 
 /// One check, from the guest or the host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckRecord {
     pub name: String,
     pub ok: bool,
@@ -17,7 +17,7 @@ pub struct CheckRecord {
 }
 
 /// The outcome of one test on one kernel, with all its evidence.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TestResult {
     pub test: String,
     pub kernel: String,
