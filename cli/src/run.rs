@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use guest_tests::kernel;
-use guest_tests::run::{run, Daemon, Mutant, RunConfig, Transport, QSD};
+use guest_tests::run::{default_jobs, run, Accel, Daemon, Mutant, RunConfig, Transport, QSD};
 use guest_tests::suite::{Selection, TestSpec};
 use guest_tests::{initramfs, report, suite};
 
@@ -84,15 +84,23 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     }
     let json = args.json.clone();
     let junit = args.junit.clone();
-    let config = run_config(args)?;
+    let (jobs, jobs_why) = match args.jobs {
+        Some(n) => (usize::from(n), "--jobs".to_owned()),
+        None => default_jobs(),
+    };
+    let config = RunConfig {
+        jobs,
+        ..run_config(args)?
+    };
     eprintln!(
-        "dmaprobe run: {} test(s) on {} kernel(s){}",
+        "dmaprobe run: {} test(s) on {} kernel(s){}{}, {jobs} at once ({jobs_why})",
         config.tests.len(),
         config.kernels.len(),
         match config.daemon {
             Daemon::Dmaprobe => String::new(),
             other => format!(", the disk served by {}", other.name()),
-        }
+        },
+        shard_part(&config),
     );
     guest_tests::process::catch_interrupts();
     let results = run(&config, &mut |line| eprintln!("{line}"))?;
@@ -114,7 +122,18 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
     Ok(report::all_good(&results))
 }
 
-/// The run's configuration from its arguments, checked before anything starts.
+/// What part of the run a shard runs, as the first line says it.
+fn shard_part(config: &RunConfig) -> String {
+    if config.shard.count == 1 {
+        return String::new();
+    }
+    let all = config.cases().len();
+    let mine = (0..all).filter(|&c| config.shard.takes(c)).count();
+    format!(", shard {}: {mine} of the {all} cases", config.shard)
+}
+
+/// The run's configuration from its arguments, checked before anything
+/// starts; one job at a time.
 fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
     let daemon = Daemon::ALL
         .into_iter()
@@ -161,6 +180,11 @@ fn run_config(args: RunArgs) -> Result<RunConfig, RunnerError> {
         timelines: args.timelines,
         soak_seconds: args.soak_seconds,
         shard: args.shard,
+        jobs: 1,
+        accel: Accel::ALL
+            .into_iter()
+            .find(|a| a.name() == args.accel)
+            .unwrap_or(Accel::Auto),
         mutant: args
             .mutant
             .as_deref()

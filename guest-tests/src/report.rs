@@ -213,6 +213,7 @@ mod tests {
             console_tail: Vec::new(),
             timeline: None,
             seconds: 1.0,
+            timing: Default::default(),
         }
     }
 

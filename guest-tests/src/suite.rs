@@ -78,12 +78,15 @@ pub struct TestSpec {
     /// fault plan of the run's seed (`soak::fault_plan`), and the runner
     /// samples the daemon's memory and descriptors while it runs.
     pub soak: bool,
+    /// It measures time: under `--jobs` it runs with no other test beside it.
+    pub alone: bool,
 }
 
 const MIB: u64 = 1 << 20;
 
 /// What a test gets unless its entry says otherwise: a raw 64 MiB disk of
-/// 512 B blocks, no options, in the default suite, one boot of up to 120 s.
+/// 512 B blocks, no options, in the default suite, one boot of up to 120 s,
+/// beside other tests under `--jobs`.
 const BASE: TestSpec = TestSpec {
     name: "",
     summary: "",
@@ -102,6 +105,7 @@ const BASE: TestSpec = TestSpec {
     between_boots: None,
     daemon_restarts: false,
     soak: false,
+    alone: false,
 };
 
 /// A test on a 64 MiB disk with a mailbox, through which the guest holds and
@@ -133,6 +137,7 @@ const fn latency_test(
         summary,
         serve_args,
         selection: Selection::Named,
+        alone: true,
         ..BASE
     }
 }
@@ -420,6 +425,7 @@ pub const TESTS: &[TestSpec] = &[
         selection: Selection::Named,
         timeout: Duration::from_secs(180),
         kconfig: &[FIO],
+        alone: true,
         ..BASE
     },
     TestSpec {
@@ -449,6 +455,7 @@ pub const TESTS: &[TestSpec] = &[
         // Boot, fio's file, unmount and power-off; the workload's time is added.
         timeout: Duration::from_secs(180),
         soak: true,
+        alone: true,
         kconfig: &[EXT4, FIO, FADVISE],
         ..BASE
     },

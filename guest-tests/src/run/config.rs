@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::accel::Accel;
 use super::logs::path_component;
 use crate::kernel::Kernel;
 use crate::suite::TestSpec;
@@ -45,6 +46,10 @@ pub struct RunConfig {
     pub soak_seconds: u64,
     /// The part of the run's cases this process runs ([`RunConfig::cases`]).
     pub shard: Shard,
+    /// How many cases run at once.
+    pub jobs: usize,
+    /// How QEMU runs the guests.
+    pub accel: Accel,
 }
 
 impl RunConfig {
@@ -52,17 +57,25 @@ impl RunConfig {
     /// turn, each transport's tests in order: the reports' order, whichever
     /// part of it this process runs and however many at once.
     pub fn cases(&self) -> Vec<Case> {
-        distinct_names(&self.kernels)
-            .iter()
-            .flat_map(|k| {
-                self.transports.iter().flat_map(move |&t| {
-                    self.tests.iter().map(move |test| Case {
-                        kernel: t.column(&k.name),
-                        test: test.name.to_owned(),
-                    })
-                })
+        let kernels = distinct_names(&self.kernels);
+        self.matrix()
+            .map(|(k, t, test)| Case {
+                kernel: t.column(&kernels[k].name),
+                test: test.name.to_owned(),
             })
             .collect()
+    }
+
+    /// The cases as (kernel, by its place in `kernels`; transport; test),
+    /// in the order of [`RunConfig::cases`].
+    pub(super) fn matrix(
+        &self,
+    ) -> impl Iterator<Item = (usize, Transport, &'static TestSpec)> + '_ {
+        (0..self.kernels.len()).flat_map(move |k| {
+            self.transports
+                .iter()
+                .flat_map(move |&t| self.tests.iter().map(move |&test| (k, t, test)))
+        })
     }
 }
 
@@ -263,6 +276,8 @@ impl RunConfig {
             timelines: None,
             soak_seconds: 60,
             shard: Shard::ALL,
+            jobs: 1,
+            accel: Accel::Tcg,
         }
     }
 }

@@ -19,6 +19,7 @@
 //!   `logs`: a test's files, kept where the user asked, each kernel in a
 //!   directory named by [`path_component`] of its (distinct) name.
 
+mod accel;
 mod config;
 mod daemon;
 mod disk;
@@ -27,16 +28,20 @@ mod logs;
 mod qemu;
 mod result;
 mod sampler;
+mod schedule;
 mod verdict;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub use accel::Accel;
 pub use config::{distinct_names, Case, Daemon, Mutant, RunConfig, Shard, Transport, QSD};
 pub use logs::path_component;
-pub use result::{CheckRecord, TestResult};
+pub use result::{CheckRecord, TestResult, Timing};
+pub use schedule::default_jobs;
 
+use accel::Machine;
 use daemon::{between_boots, DaemonRun};
 use disk::{host_checks, make_disk};
 use events::{read_events, read_json_lines};
@@ -63,9 +68,12 @@ pub enum RunError {
     },
     #[error("Cannot create a temporary directory")]
     TempDir(#[source] std::io::Error),
+    #[error("--accel kvm: KVM does not run guests here ({0}); use --accel tcg or auto")]
+    Kvm(String),
 }
 
-/// Runs every test on every kernel; `progress` hears of each step.
+/// Runs this shard's cases of the run ([`RunConfig::cases`]), `jobs` at
+/// once; `progress` hears of each step. The results in the reports' order.
 pub fn run(
     config: &RunConfig,
     progress: &mut dyn FnMut(&str),
@@ -74,70 +82,162 @@ pub fn run(
         .prefix("dmaprobe-run.")
         .tempdir()
         .map_err(RunError::TempDir)?;
-    let mut results = Vec::new();
-    for (i, kernel) in distinct_names(&config.kernels).iter().enumerate() {
-        progress(&format!("[{}] {}", kernel.name, describe(kernel)));
-        let kconfig = kernel_config(kernel, progress);
-        let skip = |transport: Transport, test: &'static TestSpec| {
-            let config = kconfig.as_ref()?;
-            kconfig::skip_reason(config, test, transport.name())
-        };
-        // The initramfs packs the modules of the tests that will boot.
-        let booted: Vec<&TestSpec> = config
-            .tests
-            .iter()
-            .copied()
-            .filter(|&t| config.transports.iter().any(|&tr| skip(tr, t).is_none()))
-            .collect();
-        let initrd = work.path().join(format!("initramfs-{i}.cpio"));
-        let scratch = work.path().join(format!("modules-{i}"));
-        if !booted.is_empty() {
-            progress(&format!("[{}] building the initramfs", kernel.name));
-            build_initramfs(config, &booted, kernel, &scratch, &initrd).map_err(|source| {
-                RunError::Initramfs {
-                    kernel: kernel.name.clone(),
-                    source,
-                }
-            })?;
-        }
-        for (transport, test) in config
-            .transports
-            .iter()
-            .flat_map(|&t| config.tests.iter().map(move |&test| (t, test)))
-        {
-            if crate::process::interrupted() {
-                progress("interrupted: stopping");
-                return Ok(results);
-            }
-            let column = transport.column(&kernel.name);
-            let dir = work.path().join(format!("{}-{}", results.len(), test.name));
-            let skipped = skip(transport, test);
-            if skipped.is_none() {
-                progress(&format!("[{column}] {}: booting", test.name));
-            }
-            let result = run_one(config, kernel, transport, test, skipped, &initrd, &dir);
-            let result = tell_and_keep(config, progress, &column, test, &dir, result);
-            results.push(result);
-        }
+    let kernels = distinct_names(&config.kernels);
+    let mut jobs: Vec<Job> = config
+        .matrix()
+        .enumerate()
+        .filter(|&(n, _)| config.shard.takes(n))
+        .map(|(n, (kernel, transport, test))| Job {
+            number: n,
+            kernel: &kernels[kernel],
+            transport,
+            test,
+            skip: None,
+            initrd: None,
+        })
+        .collect();
+    for (k, kernel) in kernels.iter().enumerate() {
+        let initrd = work.path().join(format!("initramfs-{k}.cpio"));
+        let scratch = work.path().join(format!("modules-{k}"));
+        let mine = jobs.iter_mut().filter(|j| std::ptr::eq(j.kernel, kernel));
+        prepare(config, kernel, mine.collect(), &scratch, &initrd, progress)?;
     }
-    Ok(results)
+    let machine = choose_machine(config, &jobs, work.path(), progress)?;
+    let work_dir = work.path();
+    let results = schedule::run_cases(
+        jobs.len(),
+        config.jobs,
+        &|i| jobs[i].test.alone,
+        &crate::process::interrupted,
+        &|i, voice| {
+            let job = &jobs[i];
+            let dir = work_dir.join(format!("{}-{}", job.number, job.test.name));
+            let say = |line: &str| voice.say(line);
+            let result = job.run(config, machine, &dir, &say);
+            tell_and_keep(config, &say, job, &dir, result)
+        },
+        progress,
+    );
+    if crate::process::interrupted() {
+        progress("interrupted: stopping");
+    }
+    Ok(results.into_iter().flatten().collect())
 }
 
-/// Tells `progress` how a test ended (and of a boot repeated), keeps its logs
+/// One case of the run as this process runs it: its kernel, transport and
+/// test, why the host skips it (if it does), and the kernel's initramfs.
+#[derive(Debug)]
+struct Job<'a> {
+    /// Its place in the run's [`RunConfig::cases`].
+    number: usize,
+    kernel: &'a Kernel,
+    transport: Transport,
+    test: &'static TestSpec,
+    skip: Option<String>,
+    initrd: Option<PathBuf>,
+}
+
+impl Job<'_> {
+    /// Its column in the reports.
+    fn column(&self) -> String {
+        self.transport.column(&self.kernel.name)
+    }
+
+    /// Runs it under `machine`, its files in `dir`, telling `say` it boots.
+    fn run(
+        &self,
+        config: &RunConfig,
+        machine: Machine,
+        dir: &Path,
+        say: &dyn Fn(&str),
+    ) -> TestResult {
+        if self.skip.is_none() {
+            say(&format!("[{}] {}: booting", self.column(), self.test.name));
+        }
+        run_one(config, machine, self, dir)
+    }
+}
+
+/// Readies `kernel` for its `jobs`: tells of it, reads its config (a job
+/// whose options it lacks is skipped) and, if any job boots, builds its
+/// initramfs at `initrd` with what those jobs need.
+fn prepare(
+    config: &RunConfig,
+    kernel: &Kernel,
+    mut jobs: Vec<&mut Job>,
+    scratch: &Path,
+    initrd: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), RunError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    progress(&format!("[{}] {}", kernel.name, describe(kernel)));
+    if let Some(kconfig) = kernel_config(kernel, progress) {
+        for job in jobs.iter_mut() {
+            job.skip = kconfig::skip_reason(&kconfig, job.test, job.transport.name());
+        }
+    }
+    // The initramfs packs the modules of the tests that will boot.
+    let mut booted: Vec<&TestSpec> = Vec::new();
+    for job in jobs.iter().filter(|j| j.skip.is_none()) {
+        if !booted.contains(&job.test) {
+            booted.push(job.test);
+        }
+    }
+    if booted.is_empty() {
+        return Ok(());
+    }
+    progress(&format!("[{}] building the initramfs", kernel.name));
+    build_initramfs(config, &booted, kernel, scratch, initrd).map_err(|source| {
+        RunError::Initramfs {
+            kernel: kernel.name.clone(),
+            source,
+        }
+    })?;
+    for job in jobs.iter_mut().filter(|j| j.skip.is_none()) {
+        job.initrd = Some(initrd.to_owned());
+    }
+    Ok(())
+}
+
+/// The accelerator for the run's guests, proved by booting the first job's
+/// kernel and initramfs with no test ([`accel`]); said once on `progress`.
+/// With no job to boot, nothing is probed.
+fn choose_machine(
+    config: &RunConfig,
+    jobs: &[Job],
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Machine, RunError> {
+    let Some((kernel, initrd)) = jobs
+        .iter()
+        .find_map(|j| Some((j.kernel, j.initrd.as_ref()?)))
+    else {
+        return Ok(Machine::Tcg);
+    };
+    let probe = |args: &[&str]| accel::probe_boot(&config.qemu, &kernel.image, initrd, work, args);
+    let choice =
+        accel::choose(config.accel, Path::new(accel::KVM_DEVICE), &probe).map_err(RunError::Kvm)?;
+    progress(&choice.line());
+    Ok(choice.machine)
+}
+
+/// Tells `say` how a test ended (and of a boot repeated), keeps its logs
 /// and its timeline where the user asked; the result, its timeline where it
 /// was kept.
 fn tell_and_keep(
     config: &RunConfig,
-    progress: &mut dyn FnMut(&str),
-    column: &str,
-    test: &TestSpec,
+    say: &dyn Fn(&str),
+    job: &Job,
     dir: &Path,
     mut result: TestResult,
 ) -> TestResult {
+    let (column, test) = (job.column(), job.test);
     for (_, why) in result.notes.iter().filter(|(k, _)| k == REPEATED_BOOT) {
-        progress(&format!("[{column}] {}: booted again: {why}", test.name));
+        say(&format!("[{column}] {}: booted again: {why}", test.name));
     }
-    progress(&format!(
+    say(&format!(
         "[{column}] {}: {} ({:.1} s){}",
         test.name,
         result.verdict.word(),
@@ -150,15 +250,15 @@ fn tell_and_keep(
     ));
     // A test skipped unbooted has no logs to keep.
     if let Some(keep) = config.keep_logs.as_ref().filter(|_| dir.exists()) {
-        if let Err(e) = keep_logs(dir, keep, column, test.name) {
-            progress(&format!("[{column}] {}: logs not kept: {e}", test.name));
+        if let Err(e) = keep_logs(dir, keep, &column, test.name) {
+            say(&format!("[{column}] {}: logs not kept: {e}", test.name));
         }
     }
     result.timeline = match (result.timeline.take(), &config.timelines) {
-        (Some(svg), Some(to)) => match keep_timeline(&svg, to, column, test.name) {
+        (Some(svg), Some(to)) => match keep_timeline(&svg, to, &column, test.name) {
             Ok(kept) => Some(kept),
             Err(e) => {
-                progress(&format!("[{column}] {}: timeline not kept: {e}", test.name));
+                say(&format!("[{column}] {}: timeline not kept: {e}", test.name));
                 None
             }
         },
@@ -243,27 +343,21 @@ fn build_initramfs(
     Ok(())
 }
 
-/// Runs `test` on `kernel` over `transport`, its files in `dir`, and judges
-/// it; or, if the host `skip`s it (and says why), judges it unbooted.
-fn run_one(
-    config: &RunConfig,
-    kernel: &Kernel,
-    transport: Transport,
-    test: &TestSpec,
-    skip: Option<String>,
-    initrd: &Path,
-    dir: &Path,
-) -> TestResult {
+/// Runs `job` under `machine`, its files in `dir`, and judges it; or, if
+/// the host skips it (and says why), judges it unbooted.
+fn run_one(config: &RunConfig, machine: Machine, job: &Job, dir: &Path) -> TestResult {
+    let (kernel, test) = (job.kernel, job.test);
     let start = Instant::now();
     let mut ev = Evidence {
-        skip,
+        skip: job.skip.clone(),
         ..Evidence::default()
     };
-    if ev.skip.is_none() {
+    if let (None, Some(initrd)) = (&ev.skip, &job.initrd) {
         let run = TestRun {
             config,
+            machine,
             kernel,
-            transport,
+            transport: job.transport,
             test,
             initrd,
             dir,
@@ -278,9 +372,10 @@ fn run_one(
     // The judge reads the findings in the ledger; the timeline draws all of it.
     let ledger = ev.ledger.clone();
     let mut result = judge(test, kernel, config.daemon, ev);
-    result.transport = transport;
-    result.kernel = transport.column(&kernel.name);
+    result.transport = job.transport;
+    result.kernel = job.column();
     result.seconds = start.elapsed().as_secs_f64();
+    result.timing.host = result.seconds - result.timing.boot - result.timing.guest;
     // Only dmaprobe keeps a ledger to draw.
     if result.verdict == Verdict::Fail && config.daemon == Daemon::Dmaprobe {
         let title = format!("{} on {}: {}", test.name, kernel.name, result.reason);
@@ -296,6 +391,7 @@ fn run_one(
 #[derive(Debug)]
 struct TestRun<'a> {
     config: &'a RunConfig,
+    machine: Machine,
     kernel: &'a Kernel,
     transport: Transport,
     test: &'a TestSpec,
@@ -319,7 +415,7 @@ impl TestRun<'_> {
             .soak
             .then(|| Sampler::start(&socket, dir.join("samples.jsonl")));
 
-        let (outcome, console) = self.boots(&mut daemon, &socket, &events);
+        let (outcome, console) = self.boots(&mut daemon, &socket, &events, &mut ev.timing);
 
         if let Some(sampler) = sampler {
             let plan = crate::soak::fault_plan(config.seed);
@@ -350,12 +446,13 @@ impl TestRun<'_> {
     /// Boots the guest as many times as the test says (once for most), on
     /// the one daemon, sending it the test's request between boots; how
     /// they went, and the console of them all. The events of every boot end
-    /// up in `events`.
+    /// up in `events`, their time in `timing`.
     fn boots(
         &self,
         daemon: &mut DaemonRun,
         socket: &Path,
         events: &Path,
+        timing: &mut Timing,
     ) -> (Result<(), String>, Console) {
         let test = self.test;
         let mut params = self.guest_params();
@@ -378,6 +475,7 @@ impl TestRun<'_> {
             }
             let boot = Boot {
                 config: self.config,
+                machine: self.machine,
                 kernel: self.kernel,
                 transport: self.transport,
                 initrd: self.initrd,
@@ -387,7 +485,11 @@ impl TestRun<'_> {
                 timeout,
                 reconnect: test.daemon_restarts,
             };
-            outcome = boot.run(&mut |action| daemon.host_action(action), &mut console);
+            outcome = boot.run(
+                &mut |action| daemon.host_action(action),
+                &mut console,
+                timing,
+            );
             if n > 1 {
                 if let Err(e) = append_file(&boot_events, events) {
                     outcome = outcome.and(Err(e));

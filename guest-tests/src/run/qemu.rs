@@ -8,9 +8,10 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::accel::Machine;
 use super::config::{RunConfig, Transport};
 use super::events::EventTail;
-use super::result::CheckRecord;
+use super::result::{CheckRecord, Timing};
 use crate::kernel::Kernel;
 use crate::process::Child;
 use crate::protocol::{Event, GuestParams, HostAction};
@@ -25,6 +26,8 @@ const RECONNECT: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub(super) struct Boot<'a> {
     pub(super) config: &'a RunConfig,
+    /// The accelerator the run chose.
+    pub(super) machine: Machine,
     pub(super) kernel: &'a Kernel,
     pub(super) transport: Transport,
     pub(super) initrd: &'a Path,
@@ -88,18 +91,19 @@ impl Boot<'_> {
     /// oops while the kernel patches its own code, seen under TCG), never
     /// reached the test: the guest is booted once more, the console says
     /// why, and the dead boot's console is set aside. A second death is
-    /// judged as any other run.
+    /// judged as any other run. The boots' time is added to `timing`.
     pub(super) fn run(
         &self,
         host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
         console: &mut Console,
+        timing: &mut Timing,
     ) -> Result<(), String> {
         let mut lines = Vec::new();
-        let mut status = self.boot_once(host_action, &mut lines)?;
+        let mut status = self.boot_once(host_action, &mut lines, timing)?;
         if let Some(why) = self.died_before_the_guest_started(&status, &lines) {
             console.repeated.push(RepeatedBoot { why, lines });
             lines = Vec::new();
-            status = self.boot_once(host_action, &mut lines)?;
+            status = self.boot_once(host_action, &mut lines, timing)?;
         }
         console.lines.extend(lines);
         match status {
@@ -147,12 +151,15 @@ impl Boot<'_> {
             })
     }
 
-    /// Starts QEMU and waits for it; its console is appended to `console`.
+    /// Starts QEMU and waits for it; its console is appended to `console`,
+    /// the time until the guest's first event and after it to `timing`.
     fn boot_once(
         &self,
         host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
         console: &mut Vec<String>,
+        timing: &mut Timing,
     ) -> Result<std::io::Result<Option<ExitStatus>>, String> {
+        let start = Instant::now();
         let mut qemu = Child::spawn("qemu", self.command()).map_err(|e| {
             format!(
                 "cannot start {}: {e} (run scripts/setup)",
@@ -161,7 +168,11 @@ impl Boot<'_> {
         })?;
         let output = Arc::new(Mutex::new(Vec::new()));
         let readers = qemu.take_output(output.clone());
-        let status = self.wait(&mut qemu, host_action, &output);
+        let (status, spoke) = self.wait(&mut qemu, host_action, &output);
+        let end = Instant::now();
+        let spoke = spoke.unwrap_or(end);
+        timing.boot += (spoke - start).as_secs_f64();
+        timing.guest += (end - spoke).as_secs_f64();
         qemu.kill();
         for r in readers {
             let _ = r.join();
@@ -186,7 +197,8 @@ impl Boot<'_> {
             Transport::Nvme => &self.config.qemu_nvme,
         };
         let mut cmd = Command::new(qemu);
-        cmd.args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
+        cmd.args(self.machine.args())
+            .args(["-smp", "2", "-m", "512M"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-machine", "q35,memory-backend=mem"])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
@@ -212,20 +224,25 @@ impl Boot<'_> {
 
     /// Waits for QEMU until the timeout or an interrupt; while the guest
     /// runs, the runner does what it asks of the host, and says so on the
-    /// console.
+    /// console. How QEMU ended, and when the guest's first event was seen.
     fn wait(
         &self,
         qemu: &mut Child,
         host_action: &mut dyn FnMut(HostAction) -> CheckRecord,
         console: &Mutex<Vec<String>>,
-    ) -> std::io::Result<Option<ExitStatus>> {
+    ) -> (std::io::Result<Option<ExitStatus>>, Option<Instant>) {
         let mut asks = EventTail::new(self.events);
+        let mut spoke = None;
         let deadline = Instant::now() + self.timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match qemu.wait_timeout(left.min(EVENT_POLL)) {
                 Ok(None) if !left.is_zero() && !crate::process::interrupted() => {
-                    for event in asks.poll() {
+                    let events = asks.poll();
+                    if spoke.is_none() && !events.is_empty() {
+                        spoke = Some(Instant::now());
+                    }
+                    for event in events {
                         if let Event::Host { action, .. } = event {
                             let done = host_action(action);
                             if let Ok(mut c) = console.lock() {
@@ -234,7 +251,7 @@ impl Boot<'_> {
                         }
                     }
                 }
-                other => return other,
+                other => return (other, spoke),
             }
         }
     }
@@ -325,6 +342,7 @@ mod tests {
         };
         let boot = Boot {
             config: &config,
+            machine: Machine::Tcg,
             kernel: &kernel,
             transport: Transport::VirtioBlk,
             initrd: &dir.path().join("initrd"),
@@ -335,7 +353,11 @@ mod tests {
             reconnect: false,
         };
         let mut console = Console::default();
-        let result = boot.run(&mut |_| unreachable!("no host action"), &mut console);
+        let result = boot.run(
+            &mut |_| unreachable!("no host action"),
+            &mut console,
+            &mut Timing::default(),
+        );
         let n = std::fs::read_to_string(&runs).unwrap().lines().count();
         (result, console, n)
     }

@@ -39,6 +39,21 @@ pub struct TestResult {
     /// The SVG timeline of a failed test, once saved where the user asked.
     pub timeline: Option<PathBuf>,
     pub seconds: f64,
+    /// Where the seconds went.
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+/// Where a test's seconds went, over all its boots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// From QEMU's start to the guest's first event.
+    pub boot: f64,
+    /// From the guest's first event to QEMU's exit: the test itself.
+    pub guest: f64,
+    /// The rest: the disk made, the daemon started and stopped, the host's
+    /// checks, the verdict.
+    pub host: f64,
 }
 
 /// What one guest run produced.
@@ -56,4 +71,6 @@ pub(super) struct Evidence {
     /// Why the host skipped the test without booting it (the kernel's config
     /// lacks options it needs).
     pub(super) skip: Option<String>,
+    /// The boots' share of the time (`host` is left to the judge).
+    pub(super) timing: Timing,
 }

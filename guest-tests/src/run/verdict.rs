@@ -62,6 +62,7 @@ pub(super) fn judge(test: &TestSpec, kernel: &Kernel, daemon: Daemon, ev: Eviden
         console_tail,
         timeline: None,
         seconds: 0.0,
+        timing: ev.timing,
     }
 }
 
