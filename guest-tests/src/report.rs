@@ -195,26 +195,7 @@ pub fn json(results: &[TestResult], matrix: &Matrix) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::{Daemon, Transport};
-
-    fn result(test: &str, kernel: &str, verdict: Verdict, reason: &str) -> TestResult {
-        TestResult {
-            test: test.into(),
-            kernel: kernel.into(),
-            kernel_release: None,
-            daemon: Daemon::Dmaprobe,
-            transport: Transport::VirtioBlk,
-            verdict,
-            reason: reason.into(),
-            checks: Vec::new(),
-            notes: Vec::new(),
-            kernel_log_errors: Vec::new(),
-            findings: Vec::new(),
-            console_tail: Vec::new(),
-            timeline: None,
-            seconds: 1.0,
-        }
-    }
+    use crate::test_utils::result;
 
     #[test]
     fn table_has_a_cell_per_test_and_kernel_and_the_evidence() {
