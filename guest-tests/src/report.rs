@@ -1,4 +1,8 @@
-//! Reports of a run: the table a person reads, and JSON with all the evidence.
+//! Reports of a run: the table a person reads, JUnit for CI, and JSON with
+//! all the evidence, which [`merge`] joins back into the whole run's when the
+//! run was split in shards.
+
+mod merge;
 
 use std::fmt::Write as _;
 
@@ -6,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Verdict;
 use crate::run::{Case, Shard, TestResult};
+
+pub use merge::{merge, Gap, MergeError};
 
 /// The verdict matrix, tests down and kernels across, then one line of evidence
 /// for every result that did not pass.
