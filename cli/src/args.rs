@@ -39,6 +39,13 @@ pub enum Command {
     /// Exits 0 when every test passed or was skipped, 1 when any failed or
     /// errored, 2 when the run itself could not be set up.
     Run(Box<RunArgs>),
+    /// Reports of runs made elsewhere: `merge` joins the JSON of a run's
+    /// shards (`dmaprobe run --shard I/N --json`, from the jobs of a CI
+    /// matrix) into the whole run's table, JSON and JUnit.
+    ///
+    /// Exits 0 when every test passed or was skipped, 1 when any failed or
+    /// errored, 2 when the reports cannot be merged.
+    Report(crate::report::ReportArgs),
     /// Drive a running `dmaprobe serve` over its control socket: list and
     /// release held requests, add and remove fault rules, read findings and
     /// the ledger.

@@ -13,10 +13,13 @@
 //! - [`kconfig`]: `dmaprobe kconfig`, the kernel options the suite needs,
 //!   or a kernel's config checked against them.
 //! - [`run`]: `dmaprobe run`, the guest suite through [`guest_tests::run`].
+//! - [`report`]: `dmaprobe report merge`, the JSON reports of a run's shards
+//!   joined ([`guest_tests::report::merge`]).
 
 pub mod args;
 pub mod bench;
 pub mod ctl;
 pub mod kconfig;
 pub mod kernel;
+pub mod report;
 pub mod run;

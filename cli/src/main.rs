@@ -58,6 +58,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        // 0: all passed, 1: something failed, 2: the reports cannot be merged.
+        Command::Report(args) => match dmaprobe::report::run(args) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e) => {
+                eprintln!("dmaprobe report: error: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
     };
     result.unwrap_or_else(|e| {
         log::error!("{}", error_chain(e.as_ref()));

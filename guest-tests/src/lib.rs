@@ -15,7 +15,8 @@
 //! findings), [`process`] (children that never outlive the run), [`report`]
 //! and [`timeline`] (table, JSON, JUnit, SVG). [`soak`]: the soak's fault
 //! plan, drawn from the seed, shared with the guest (`run` samples the
-//! daemon's memory and descriptors while it runs).
+//! daemon's memory and descriptors while it runs). `test_utils` (tests, and
+//! feature `test-utils`): results made by hand, for the reports' tests.
 //!
 //! Imports point one way: `run` uses the leaves (`kernel`, `suite`,
 //! `kconfig`, `protocol`, `soak`, `timeline`, ...); [`report`] uses `run`'s results;
@@ -34,4 +35,6 @@ pub mod report;
 pub mod run;
 pub mod soak;
 pub mod suite;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod timeline;

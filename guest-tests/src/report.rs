@@ -1,4 +1,8 @@
-//! Reports of a run: the table a person reads, and JSON with all the evidence.
+//! Reports of a run: the table a person reads, JUnit for CI, and JSON with
+//! all the evidence, which [`merge`] joins back into the whole run's when the
+//! run was split in shards.
+
+mod merge;
 
 use std::fmt::Write as _;
 
@@ -6,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Verdict;
 use crate::run::{Case, Shard, TestResult};
+
+pub use merge::{merge, Gap, MergeError};
 
 /// The verdict matrix, tests down and kernels across, then one line of evidence
 /// for every result that did not pass.
@@ -195,27 +201,7 @@ pub fn json(results: &[TestResult], matrix: &Matrix) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::{Daemon, Transport};
-
-    fn result(test: &str, kernel: &str, verdict: Verdict, reason: &str) -> TestResult {
-        TestResult {
-            test: test.into(),
-            kernel: kernel.into(),
-            kernel_release: None,
-            daemon: Daemon::Dmaprobe,
-            transport: Transport::VirtioBlk,
-            verdict,
-            reason: reason.into(),
-            checks: Vec::new(),
-            notes: Vec::new(),
-            kernel_log_errors: Vec::new(),
-            findings: Vec::new(),
-            console_tail: Vec::new(),
-            timeline: None,
-            seconds: 1.0,
-            timing: Default::default(),
-        }
-    }
+    use crate::test_utils::result;
 
     #[test]
     fn table_has_a_cell_per_test_and_kernel_and_the_evidence() {
