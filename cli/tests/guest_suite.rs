@@ -668,3 +668,82 @@ fn each_mutant_turns_the_6_12_suite_red() {
         assert_ne!(smoke["verdict"], "PASS", "{mutant}: {smoke}");
     }
 }
+
+/// The verdict grid of a printed table and the cases of its evidence lines
+/// (`FAIL test on kernel`), without the evidence itself: that names guest
+/// addresses, which differ from boot to boot.
+fn table_cases(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some((case, _)) if !l.starts_with(' ') => case.to_owned(),
+            _ => l.trim_end().to_owned(),
+        })
+        .collect()
+}
+
+#[test]
+fn two_shards_at_once_merge_into_the_table_of_one_run_at_two_jobs() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "run",
+        "--accel",
+        "auto",
+        "--tests",
+        "smoke,delayed-read,dio-read-fork-cow",
+    ];
+    let run = |extra: &[&str], json: &str| {
+        Command::new(DMAPROBE)
+            .env("TMPDIR", dir.path())
+            .args(args)
+            .args(extra)
+            .arg("--json")
+            .arg(dir.path().join(json))
+            .output()
+            .expect("run dmaprobe")
+    };
+    let whole = run(&["--jobs", "2"], "whole.json");
+    // dio-read-fork-cow FAILs on 6.1, so every run exits 1.
+    assert_eq!(whole.status.code(), Some(1), "{}", show(&whole));
+    let said = String::from_utf8_lossy(&whole.stderr);
+    assert!(said.contains(", 2 at once (--jobs)"), "{said}");
+    assert!(said.contains("guests run under "), "{said}");
+
+    // The two shards run at the same time, in processes of their own.
+    let shards: Vec<Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = ["1/2", "2/2"]
+            .map(|shard| {
+                let json = format!("shard-{}.json", &shard[..1]);
+                s.spawn(move || run(&["--jobs", "1", "--shard", shard], &json))
+            })
+            .into_iter()
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for out in &shards {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("of the 6 cases"), "{}", show(out));
+    }
+    let merged = Command::new(DMAPROBE)
+        .args(["report", "merge"])
+        .arg(dir.path().join("shard-2.json"))
+        .arg(dir.path().join("shard-1.json"))
+        .output()
+        .expect("run dmaprobe report merge");
+    assert_eq!(merged.status.code(), Some(1), "{}", show(&merged));
+    assert_eq!(
+        table_cases(&merged.stdout),
+        table_cases(&whole.stdout),
+        "merged:\n{}\nwhole:\n{}",
+        show(&merged),
+        show(&whole)
+    );
+    // The grid itself: six verdicts, the 6.1 fork read red.
+    let grid = String::from_utf8_lossy(&whole.stdout);
+    assert!(
+        grid.contains("FAIL dio-read-fork-cow on debian-6.1: "),
+        "{grid}"
+    );
+    assert_eq!(grid.matches("PASS").count(), 5, "{grid}");
+}
