@@ -380,7 +380,7 @@ fn run_one(config: &RunConfig, machine: Machine, job: &Job, dir: &Path) -> TestR
     if result.verdict == Verdict::Fail && config.daemon == Daemon::Dmaprobe {
         let title = format!("{} on {}: {}", test.name, kernel.name, result.reason);
         let path = dir.join("timeline.svg");
-        if fs::write(&path, crate::timeline::svg(&title, &ledger)).is_ok() {
+        if fs::write(&path, crate::timeline::svg(&title, &ledger, &result.notes)).is_ok() {
             result.timeline = Some(path);
         }
     }

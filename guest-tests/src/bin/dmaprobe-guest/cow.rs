@@ -20,8 +20,8 @@ use wire::pattern::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
 use crate::held::{
-    check_read_waits, first_gpa, note_pins, ForkedRead, Hold, Setup, FORK_READ_LEN, LBA, OFFSET,
-    OLD, TOUCH, TOUCH_AT,
+    check_read_waits, first_gpa, mark_after_fork, note_pins, ForkedRead, Hold, Setup,
+    FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
 };
 use crate::io::{AlignedBuf, Cache, Fd, IoError, PAGE};
 use crate::mailbox::Mailbox;
@@ -142,8 +142,7 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
-    let status = fork_and_write(&mailbox, &page, writer)?;
-    let pfn_after = pfn(page.addr())?;
+    let (status, pfn_after) = fork_and_write(&mailbox, &page, pfn_before, writer)?;
 
     hold.release()?;
     reader
@@ -161,7 +160,7 @@ fn run(ctx: &Ctx, writer: Writer, source: Source) -> Result<(), Stop> {
     }
 
     ctx.note("page-before-fork", frame_gpa(pfn_before));
-    ctx.note("page-after-write", frame_gpa(pfn_after));
+    ctx.note("page-after-fork", frame_gpa(pfn_after));
     ctx.note("device-wrote-at", gpa.clone());
     note_pins(ctx, pins_before, pins_during);
     ctx.check(
@@ -194,21 +193,31 @@ fn spawn_reader(
     })
 }
 
-/// Forks, and the `writer` writes to the page: the child before it exits,
-/// or the parent once the child is reaped; each moment marked in the
-/// device's ledger. Returns the child's exit status.
-fn fork_and_write(mailbox: &Mailbox, page: &AnonPage, writer: Writer) -> Result<i32, Stop> {
+/// Forks, and the `writer` writes to the page (whose frame was
+/// `pfn_before`): the child before it exits, or the parent once the child
+/// is reaped; each moment marked in the device's ledger, the second with
+/// the page move if the page moved. Returns the child's exit status and the
+/// page's frame after.
+fn fork_and_write(
+    mailbox: &Mailbox,
+    page: &AnonPage,
+    pfn_before: Option<u64>,
+    writer: Writer,
+) -> Result<(i32, Option<u64>), Stop> {
     mailbox.mark("fork");
     let status = fork_and_wait(|| {
         if writer == Writer::Child {
             page.write(TOUCH_AT, TOUCH);
         }
     })?;
-    if writer == Writer::Parent {
-        page.write(TOUCH_AT, TOUCH);
-        mailbox.mark("parent wrote");
-    } else {
-        mailbox.mark("child wrote and exited");
-    }
-    Ok(status)
+    let wrote = match writer {
+        Writer::Parent => {
+            page.write(TOUCH_AT, TOUCH);
+            "parent wrote"
+        }
+        Writer::Child => "child wrote and exited",
+    };
+    let pfn_after = pfn(page.addr())?;
+    mark_after_fork(mailbox, wrote, pfn_before, pfn_after);
+    Ok((status, pfn_after))
 }

@@ -147,6 +147,23 @@ pub fn check_read_waits(ctx: &Ctx, returned: bool, detail: &str) {
     ctx.check("the read waits for the device", !returned, detail);
 }
 
+/// How the mark that dates the page move for the timeline ends: the moment
+/// the process left the page it had before fork (`page-before-fork`) for
+/// another (`page-after-fork`).
+pub const LEFT_PAGE: &str = "process left its page";
+
+/// Marks `what` in the device's ledger (the write, or the pin, that followed
+/// the fork), as `"{what}; `[`LEFT_PAGE`]`"` if the page's frame moved from
+/// `before` (before fork) to `after`. Called as soon as `after` is read, so
+/// the mark lands right after the move, with nothing else between.
+pub fn mark_after_fork(mailbox: &Mailbox, what: &str, before: Option<u64>, after: Option<u64>) {
+    if before == after {
+        mailbox.mark(what);
+    } else {
+        mailbox.mark(&format!("{what}; {LEFT_PAGE}"));
+    }
+}
+
 /// A read into the start of a page, held while the process forked and then
 /// released: where the device put the data, and the page the parent mapped
 /// before fork and after its write.

@@ -22,7 +22,7 @@ use serde_json::json;
 use wire::pattern::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
-use crate::held::{disk_holds_parents, first_gpa, Hold, Setup, LBA, OFFSET};
+use crate::held::{disk_holds_parents, first_gpa, mark_after_fork, Hold, Setup, LBA, OFFSET};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, AnonPage};
@@ -176,7 +176,7 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
         .map_err(|_| Stop::Error("a reader thread panicked".into()))?
         .or_fail()?;
     let after = pfn(page.addr())?;
-    mailbox.mark("eighth read done");
+    mark_after_fork(&mailbox, "eighth read done", before, after);
     let released = mailbox.call(json!({"cmd": "release", "all": true}))?;
     let mut failed = Vec::new();
     for (part, r) in readers.into_iter().enumerate() {
@@ -195,7 +195,7 @@ pub fn threads(ctx: &Ctx) -> Result<(), Stop> {
         )));
     }
     ctx.note("page-before-fork", frame_gpa(before));
-    ctx.note("page-after", frame_gpa(after));
+    ctx.note("page-after-fork", frame_gpa(after));
     ctx.note("released", released.to_string());
     ctx.note("device-wrote-at", held.join(" "));
     ctx.check(

@@ -73,8 +73,8 @@ use thiserror::Error;
 use wire::pattern::fill_pattern;
 
 use crate::held::{
-    check_read_waits, disk_holds_parents, first_gpa, note_pins, ForkedRead, Hold, Setup,
-    FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
+    check_read_waits, disk_holds_parents, first_gpa, mark_after_fork, note_pins, ForkedRead, Hold,
+    Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
 };
 use crate::io::{wait_for, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
@@ -197,8 +197,8 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
     mailbox.mark("fork");
     let status = fork_and_wait(|| {})?;
     page.write(TOUCH_AT, TOUCH);
-    mailbox.mark("parent wrote");
     let pfn_after = pfn(page.addr())?;
+    mark_after_fork(&mailbox, "parent wrote", pfn_before, pfn_after);
 
     hold.release()?;
     let completed = read.finish();
@@ -209,7 +209,7 @@ fn read_fork(ctx: &Ctx, via: &Via<'_>) -> Result<(), Stop> {
     }
 
     ctx.note("page-before-fork", frame_gpa(pfn_before));
-    ctx.note("page-after-write", frame_gpa(pfn_after));
+    ctx.note("page-after-fork", frame_gpa(pfn_after));
     ctx.note("device-wrote-at", gpa.clone());
     note_pins(ctx, pins_before, pins_during);
     ctx.record("the read completes", completed)?;

@@ -41,8 +41,11 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::held::{first_gpa, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT};
+use crate::held::{
+    first_gpa, mark_after_fork, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
+};
 use crate::io::{check_pattern, PAGE};
+use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, pins, AnonPage};
 use crate::{one_line, Ctx, OrStop, Stop};
 
@@ -66,12 +69,12 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
 
     // Kept to the end of the test: dropping it removes the device's rule.
     let hold = Hold::next(&mailbox, "read", LBA)?;
-    let held = read_held_across_fork(&ring, &reader, &page, &hold)?;
+    let held = read_held_across_fork(&mailbox, &ring, &reader, &page, pfn_before, &hold)?;
     ring.unregister_buffers().or_error()?;
     let pins_unregistered = pins().ok();
 
     ctx.note("page-before-fork", frame_gpa(pfn_before));
-    ctx.note("page-after-write", frame_gpa(held.pfn_after));
+    ctx.note("page-after-fork", frame_gpa(held.pfn_after));
     ctx.note("device-wrote-at", held.gpa.clone());
     if let Some(before) = pins_before {
         let since = |p: Option<i64>| p.map_or("?".to_owned(), |p| (p - before).to_string());
@@ -121,13 +124,16 @@ struct HeldRead {
     cqe: Cqe,
 }
 
-/// Submits the read into the registered `page`; while the device holds it,
-/// forks (the child exits at once) and writes to the page; then releases
-/// the read and reaps its completion.
+/// Submits the read into the registered `page` (whose frame before fork
+/// was `pfn_before`); while the device holds it, forks (the child exits at
+/// once) and writes to the page, each moment marked in the device's ledger;
+/// then releases the read and reaps its completion.
 fn read_held_across_fork(
+    mailbox: &Mailbox,
     ring: &Ring,
     reader: &File,
     page: &AnonPage,
+    pfn_before: Option<u64>,
     hold: &Hold,
 ) -> Result<HeldRead, Stop> {
     ring.read_fixed(reader, page.addr(), FORK_READ_LEN, OFFSET, 0, READ_TAG)
@@ -136,9 +142,11 @@ fn read_held_across_fork(
     let gpa = first_gpa(&held);
     let pins_during = pins().ok();
 
+    mailbox.mark("fork");
     let status = fork_and_wait(|| {})?;
     page.write(TOUCH_AT, TOUCH);
     let pfn_after = pfn(page.addr())?;
+    mark_after_fork(mailbox, "parent wrote", pfn_before, pfn_after);
 
     hold.release()?;
     let cqe = ring.wait_completion(COMPLETION_TIMEOUT).or_error()?;
