@@ -1161,7 +1161,18 @@ fn wrong_page_moves_the_data_one_page_off() {
     assert_eq!(
         rec.segments[0].gpa.0,
         two.gpa().0,
-        "the ledger names the real destination"
+        "the ledger names the destination the guest gave"
+    );
+    let moved: Vec<(u64, u32)> = rec
+        .moved_to
+        .iter()
+        .flatten()
+        .map(|s| (s.gpa.0, s.len))
+        .collect();
+    assert_eq!(
+        moved,
+        [(two.gpa().0 + LEN as u64, LEN as u32)],
+        "and the memory the data went to"
     );
 
     // A write from the first of two pages: the disk gets the second.

@@ -272,6 +272,7 @@ fn record(id: u64) -> Entry {
         lba: id * 8,
         len: u64::from(SEG),
         segments: segments(1),
+        moved_to: None,
         arrived_ns: 1_000 * id,
         dma_ns: Some(1_000 * id + 400),
         completed_ns: 1_000 * id + 900,

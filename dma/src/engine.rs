@@ -796,6 +796,8 @@ impl Engine {
                 lba: t.arrival.lba,
                 len: t.arrival.len,
                 segments: t.arrival.segments.clone(),
+                moved_to: (t.effect == Some(Effect::WrongPage) && t.dma_ns.is_some())
+                    .then(|| next_page(&t.arrival.segments)),
                 arrived_ns: t.arrived_ns,
                 dma_ns: t.dma_ns,
                 completed_ns: self.now_ns(),

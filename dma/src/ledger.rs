@@ -92,6 +92,11 @@ pub struct RequestRecord {
     pub lba: u64,
     pub len: u64,
     pub segments: Vec<Segment>,
+    /// The guest memory the DMA moved the data to or from instead of
+    /// `segments`, when the device moved it astray (the wrong-page mutant):
+    /// the ledger says what the device touched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<Vec<Segment>>,
     /// Nanoseconds since the engine started.
     pub arrived_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,7 +147,8 @@ impl Numbered {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
         let owned = match &self.entry {
             Entry::Request(r) => {
-                r.segments.capacity() * std::mem::size_of::<Segment>()
+                (r.segments.capacity() + r.moved_to.as_ref().map_or(0, Vec::capacity))
+                    * std::mem::size_of::<Segment>()
                     + r.wait.capacity()
                     + r.status.capacity()
                     + text(&r.tag)
@@ -311,6 +317,7 @@ mod tests {
             lba: id,
             len: 512,
             segments: vec![Segment::new(crate::Gpa(0x1000), 512)],
+            moved_to: None,
             arrived_ns: 1,
             dma_ns: Some(2),
             completed_ns: 3,
@@ -342,7 +349,8 @@ mod tests {
         std::mem::size_of::<Numbered>()
             + match &e.entry {
                 Entry::Request(r) => {
-                    r.segments.len() * std::mem::size_of::<Segment>()
+                    (r.segments.len() + r.moved_to.as_ref().map_or(0, Vec::len))
+                        * std::mem::size_of::<Segment>()
                         + r.wait.len()
                         + r.status.len()
                         + text(&r.tag)

@@ -105,6 +105,51 @@ impl<'a> Hold<'a> {
     }
 }
 
+impl Hold<'_> {
+    /// Checks in the device's ledger, once the released request completed,
+    /// that its data moved to or from the guest memory the kernel gave the
+    /// device, and nowhere else: the evidence of where it landed when the
+    /// process that could have looked is gone.
+    pub fn check_landed(&self, ctx: &Ctx) -> Result<(), Stop> {
+        let start = Instant::now();
+        let record = loop {
+            let page = self
+                .mailbox
+                .call(json!({"cmd": "ledger", "since": 0, "limit": 100000}))?;
+            let found = page["entries"].as_array().and_then(|entries| {
+                entries
+                    .iter()
+                    .rev()
+                    .find(|e| e["kind"] == "request" && e["op"] == self.op && e["lba"] == self.lba)
+                    .cloned()
+            });
+            match found {
+                Some(record) => break record,
+                None if start.elapsed() > HELD_TIMEOUT => {
+                    return Err(Stop::Error(format!(
+                        "the device's ledger has no record of the {} of LBA {}",
+                        self.op, self.lba
+                    )))
+                }
+                None => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let given = first_gpa(&record);
+        let moved = &record["moved_to"][0]["gpa"];
+        ctx.check(
+            &format!("the device moved the {}'s data where it was told", self.op),
+            moved.is_null(),
+            match moved.as_str() {
+                None => format!("the device's ledger: at {given}"),
+                Some(to) => {
+                    format!("the device's ledger: at {to}, not at {given}, the page it was given")
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         let _ = self

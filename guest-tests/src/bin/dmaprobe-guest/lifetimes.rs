@@ -13,7 +13,8 @@
 //!   read lets it go (unmaps it; or is killed); a second process fills 64 MiB
 //!   with a pattern; the read is released. The other process's memory must be
 //!   intact, and the device must see nothing wrong: a freed page the device
-//!   later writes would be someone else's memory.
+//!   later writes would be someone else's memory. The device's ledger must
+//!   show the data went to the page it was given.
 
 use std::sync::Arc;
 use std::thread;
@@ -331,6 +332,8 @@ fn let_go(ctx: &Ctx, how: LetGo) -> Result<(), Stop> {
         ),
     };
     let status = bystander.finish();
+    // The owner is gone: the device's ledger says where the data went.
+    hold.check_landed(ctx)?;
     ctx.note("device-wrote-at", first_gpa(&held));
     ctx.note("owner", read);
     ctx.check(

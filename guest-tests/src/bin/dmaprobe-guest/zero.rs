@@ -16,13 +16,15 @@
 //! - `dio-pin-accounting`: while the device holds a read and then a write, the
 //!   pin counter is read: it says whether this kernel pins O_DIRECT pages
 //!   (FOLL_PIN, Linux 6.5 on) or only references them. A property of the
-//!   kernel, reported, not a failure.
+//!   kernel, reported, not a failure. The pins must be released, and each
+//!   request's data must land: the read's in its page, the write's on the
+//!   disk, and the device's ledger must show it moved them where it was told.
 
 use std::sync::Arc;
 use std::thread;
 
 use crate::held::{first_gpa, Hold, Setup, LBA, OFFSET};
-use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE, UNTOUCHED};
+use crate::io::{check_pattern, AlignedBuf, Fd, PAGE, UNTOUCHED};
 use crate::mailbox::Mailbox;
 use crate::mm::{pfn, pins, zero_page_gpa, AnonPage};
 use crate::{Ctx, OrStop, Stop};
@@ -133,13 +135,11 @@ pub fn read_target(ctx: &Ctx) -> Result<(), Stop> {
 }
 
 pub fn pin_accounting(ctx: &Ctx) -> Result<(), Stop> {
-    let disk = ctx.disk()?;
-    let mailbox = Mailbox::open(disk)?;
-    let fd = Arc::new(Fd::open(disk, Cache::Direct).or_error()?);
+    let Setup { mailbox, fd, seed } = Setup::new(ctx, false)?;
     let mut rises = Vec::new();
     for op in ["read", "write"] {
         let page = Arc::new(AnonPage::map()?);
-        page.fill(0x5a);
+        page.fill(WRITTEN);
         let hold = Hold::next(&mailbox, op, LBA)?;
         let before = pins()?;
         let io = {
@@ -175,6 +175,8 @@ pub fn pin_accounting(ctx: &Ctx) -> Result<(), Stop> {
             ),
         );
         rises.push(during - before);
+        hold.check_landed(ctx)?;
+        check_data(ctx, op, &fd, &page, seed)?;
     }
     let pins_pages = rises.iter().all(|&r| r >= 1);
     ctx.note(
@@ -185,6 +187,33 @@ pub fn pin_accounting(ctx: &Ctx) -> Result<(), Stop> {
             rises[0],
             rises[1]
         ),
+    );
+    Ok(())
+}
+
+/// What `dio-pin-accounting` writes: its page before the read, and the data
+/// of the write.
+const WRITTEN: u8 = 0x5a;
+
+/// Checks that the held `op` moved its data: the read brought the pattern
+/// [`Setup`] wrote into `page`; the write put `page`'s bytes on the disk.
+fn check_data(ctx: &Ctx, op: &str, fd: &Fd, page: &AnonPage, seed: u64) -> Result<(), Stop> {
+    if op == "read" {
+        let found = check_pattern(seed, OFFSET, &page.bytes(0, PAGE));
+        let detail = found
+            .as_ref()
+            .err()
+            .map_or("the disk's pattern".to_owned(), ToString::to_string);
+        ctx.check("the read's data is in its page", found.is_ok(), detail);
+        return Ok(());
+    }
+    let mut back = AlignedBuf::new(PAGE, 0).or_error()?;
+    fd.read_exact_at(back.as_mut_slice(), OFFSET).or_fail()?;
+    let wrong = back.as_slice().iter().filter(|&&b| b != WRITTEN).count();
+    ctx.check(
+        "the write's data is on the disk",
+        wrong == 0,
+        format!("{wrong} of {PAGE} bytes read back are not the page's {WRITTEN:#x}"),
     );
     Ok(())
 }
