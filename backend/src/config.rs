@@ -19,10 +19,14 @@ pub enum ConfigError {
     Serial(String),
     #[error(transparent)]
     LbaSize(#[from] LbaSizeError),
-    #[error("--size {size} is not a multiple of the logical block size {lbs}")]
-    Unaligned { size: u64, lbs: u64 },
-    #[error("--size must be larger than zero")]
-    Empty,
+    #[error("{option} {size} is not a multiple of the logical block size {lbs}")]
+    Unaligned {
+        option: &'static str,
+        size: u64,
+        lbs: u64,
+    },
+    #[error("{option} must be larger than zero")]
+    Empty { option: &'static str },
     #[error("--fault {0:?}: {1}")]
     Fault(String, #[source] dma::fault::RuleError),
     #[error("--control {0} is the --socket path: give the control socket a path of its own")]
@@ -343,12 +347,13 @@ pub fn check_serial(serial: String) -> Result<String, ConfigError> {
     }
 }
 
-/// A media size must hold whole blocks.
-pub fn check_size(size: u64, lbs: LbaSize) -> Result<u64, ConfigError> {
+/// A media size (`option`'s) must be whole blocks, and more than none.
+pub fn check_size(option: &'static str, size: u64, lbs: LbaSize) -> Result<u64, ConfigError> {
     if size == 0 {
-        Err(ConfigError::Empty)
+        Err(ConfigError::Empty { option })
     } else if !lbs.is_aligned(size) {
         Err(ConfigError::Unaligned {
+            option,
             size,
             lbs: lbs.bytes(),
         })
@@ -528,8 +533,9 @@ mod tests {
         assert!(check_queue_size(1).is_err());
         assert!(check_serial("x".repeat(20)).is_ok());
         assert!(check_serial("x".repeat(21)).is_err());
-        assert!(check_size(1000, LbaSize::B512).is_err());
-        assert!(check_size(0, LbaSize::B512).is_err());
-        assert!(check_size(8192, LbaSize::B4096).is_ok());
+        assert!(check_size("--size", 1000, LbaSize::B512).is_err());
+        let empty = check_size("--mem", 0, LbaSize::B512).unwrap_err();
+        assert_eq!(empty.to_string(), "--mem must be larger than zero");
+        assert!(check_size("--size", 8192, LbaSize::B4096).is_ok());
     }
 }

@@ -21,16 +21,21 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve a vhost-user-blk device on a UNIX socket until SIGINT or SIGTERM.
+    /// Serve the device until SIGINT or SIGTERM: vhost-user-blk, or NVMe over vfio-user (--nvme).
     ///
     /// Attach it to QEMU with shared guest memory:
     ///   -object memory-backend-memfd,id=mem,size=512M,share=on
     ///   -machine q35,memory-backend=mem
     ///   -chardev socket,id=c,path=SOCKET
     ///   -device vhost-user-blk-pci,chardev=c,num-queues=N
+    /// or, with --nvme (QEMU 10.1 or later):
+    ///   -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"SOCKET"}}'
     ///
     /// When the frontend disconnects, dmaprobe listens again and serves the next
     /// one with the same data.
+    ///
+    /// Exits 0 when stopped by a signal, 1 when it cannot start or serve (the
+    /// message says why).
     #[command(verbatim_doc_comment)]
     Serve(Box<ServeArgs>),
     /// Boot guest kernels under QEMU with dmaprobe attached, run the guest test
@@ -49,13 +54,20 @@ pub enum Command {
     /// Drive a running `dmaprobe serve` over its control socket: list and
     /// release held requests, add and remove fault rules, read findings and
     /// the ledger.
+    ///
+    /// Exits 0 when the daemon did what was asked, 1 when it refused or
+    /// could not be reached.
     Ctl(crate::ctl::CtlArgs),
     /// Load any vhost-user-blk backend (dmaprobe, qemu-storage-daemon, ...)
     /// with requests from one thread per queue, and print IOPS, MB/s and
     /// latency percentiles per queue and in total.
+    ///
+    /// Exits 0 when the load ran, 1 when it could not (the message says why).
     Bench(crate::bench::BenchArgs),
     /// List the guest kernels that can be named, and fetch them into the
     /// cache.
+    ///
+    /// Exits 0 when listed or fetched, 1 when a fetch failed.
     Kernel(crate::kernel::KernelArgs),
     /// Print the kernel options the guest suite needs, as a config fragment
     /// for the kernel's scripts/kconfig/merge_config.sh (`CONFIG_X=y` lines,
@@ -386,18 +398,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
 fn backing(a: &ServeArgs, lbs: LbaSize) -> Result<BackingConfig, ConfigError> {
     Ok(match (&a.mem, &a.disk) {
         (Some(mem), _) => BackingConfig::Memory {
-            size: config::check_size(config::parse_size(mem)?, lbs)?,
+            size: config::check_size("--mem", config::parse_size(mem)?, lbs)?,
         },
         (None, Some(path)) => BackingConfig::File {
             path: path.clone(),
             size: a
                 .size
                 .as_ref()
-                .map(|s| config::check_size(config::parse_size(s)?, lbs))
+                .map(|s| config::check_size("--size", config::parse_size(s)?, lbs))
                 .transpose()?,
         },
         // clap's "media" group requires one of them.
-        (None, None) => return Err(ConfigError::Empty),
+        (None, None) => return Err(ConfigError::Empty { option: "--mem" }),
     })
 }
 

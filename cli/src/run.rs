@@ -70,12 +70,14 @@ pub fn run_suite(args: RunArgs) -> Result<bool, RunnerError> {
         return Ok(true);
     }
     if args.list {
-        for t in suite::TESTS
+        let listed: Vec<&TestSpec> = suite::TESTS
             .iter()
             .filter(|t| t.selection != Selection::Selftest || args.allow_selftests)
-        {
+            .collect();
+        let width = listed.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        for t in listed {
             println!(
-                "{:14} {}",
+                "{:width$}  {}",
                 t.name,
                 t.summary.split_whitespace().collect::<Vec<_>>().join(" ")
             );
