@@ -192,6 +192,23 @@ pub fn check_read_waits(ctx: &Ctx, returned: bool, detail: &str) {
     ctx.check("the read waits for the device", !returned, detail);
 }
 
+/// How long [`returned_while_held`] watches a held read.
+const EARLY: Duration = Duration::from_millis(100);
+
+/// Whether a read the device holds returns (`returned()` becomes true)
+/// within [`EARLY`]: on a sound device it never does, so the wait decides
+/// nothing but how soon a device that completes before its DMA is caught.
+pub fn returned_while_held(mut returned: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < EARLY {
+        if returned() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    returned()
+}
+
 /// How the mark that dates the page move for the timeline ends: the moment
 /// the process left the page it had before fork (`page-before-fork`) for
 /// another (`page-after-fork`).

@@ -23,7 +23,10 @@ use serde_json::json;
 use wire::pattern::fill_pattern;
 
 use crate::ext4::{first_lba, Mount};
-use crate::held::{disk_holds_parents, first_gpa, mark_after_fork, Hold, Setup, LBA, OFFSET};
+use crate::held::{
+    check_read_waits, disk_holds_parents, first_gpa, mark_after_fork, returned_while_held, Hold,
+    Setup, LBA, OFFSET,
+};
 use crate::io::{check_pattern, AlignedBuf, Cache, Fd, PAGE};
 use crate::mailbox::Mailbox;
 use crate::mm::{fork_and_wait, frame_gpa, pfn, AnonPage};
@@ -294,6 +297,8 @@ fn let_go(ctx: &Ctx, how: LetGo) -> Result<(), Stop> {
             let fd = fd.clone();
             let t = thread::spawn(move || read_into(&fd, addr));
             let held = hold.wait_held()?;
+            let early = returned_while_held(|| t.is_finished());
+            check_read_waits(ctx, early, "the read returned while the device held it");
             drop(page); // munmap, with the read in flight
             (Some(t), None, held)
         }
@@ -308,6 +313,22 @@ fn let_go(ctx: &Ctx, how: LetGo) -> Result<(), Stop> {
                 unsafe { libc::_exit(code) }
             }
             let held = hold.wait_held()?;
+            // The owner exits only once its read returned.
+            let early = returned_while_held(|| {
+                // SAFETY: polling our own child's state, without reaping it.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+                // SAFETY: a valid siginfo_t for waitid(2) to fill.
+                unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+                // SAFETY: si_pid is set by waitid when a child changed state.
+                let changed = unsafe { info.si_pid() };
+                changed == pid
+            });
+            check_read_waits(
+                ctx,
+                early,
+                "the owner's read returned while the device held it",
+            );
             // SAFETY: killing our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             (None, Some(pid), held)

@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::held::{
-    first_gpa, mark_after_fork, Hold, Setup, FORK_READ_LEN, LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
+    check_read_waits, first_gpa, mark_after_fork, returned_while_held, Hold, Setup, FORK_READ_LEN,
+    LBA, OFFSET, OLD, TOUCH, TOUCH_AT,
 };
 use crate::io::{check_pattern, PAGE};
 use crate::mailbox::Mailbox;
@@ -83,6 +84,11 @@ pub fn fixed_fork(ctx: &Ctx) -> Result<(), Stop> {
         ctx.note("pins-after-unregister", since(pins_unregistered));
     }
 
+    check_read_waits(
+        ctx,
+        held.returned_early,
+        "the read's completion came while the device held it",
+    );
     ctx.record("the read completes", judge_completion(&held.cqe))?;
     ctx.check(
         "the other half of the page kept the write",
@@ -119,6 +125,8 @@ fn ring_and_reader(ctx: &Ctx) -> Result<(Ring, File), Stop> {
 /// its write, and the read's completion.
 struct HeldRead {
     gpa: String,
+    /// Its completion came while the device still held it.
+    returned_early: bool,
     pins_during: Option<i64>,
     pfn_after: Option<u64>,
     cqe: Cqe,
@@ -140,6 +148,13 @@ fn read_held_across_fork(
         .or_error()?;
     let held = hold.wait_held()?;
     let gpa = first_gpa(&held);
+    let mut early = None;
+    let returned_early = returned_while_held(|| {
+        early = early
+            .take()
+            .or_else(|| ring.try_completion().ok().flatten());
+        early.is_some()
+    });
     let pins_during = pins().ok();
 
     mailbox.mark("fork");
@@ -149,7 +164,10 @@ fn read_held_across_fork(
     mark_after_fork(mailbox, "parent wrote", pfn_before, pfn_after);
 
     hold.release()?;
-    let cqe = ring.wait_completion(COMPLETION_TIMEOUT).or_error()?;
+    let cqe = match early {
+        Some(cqe) => cqe,
+        None => ring.wait_completion(COMPLETION_TIMEOUT).or_error()?,
+    };
     if status != 0 {
         return Err(Stop::Error(format!(
             "the child exited with status {status}"
@@ -157,6 +175,7 @@ fn read_held_across_fork(
     }
     Ok(HeldRead {
         gpa,
+        returned_early,
         pins_during,
         pfn_after,
         cqe,
