@@ -54,7 +54,7 @@ fn result<'a>(report: &'a Value, test: &str, kernel: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-/// The verdicts measured on Debian's kernels, as the README documents them.
+/// The verdicts measured on Debian's kernels, as docs/tests.md documents them.
 /// 6.1 predates the pinning of O_DIRECT pages (Linux 6.5): it loses the data
 /// of a read held across fork when the parent writes to the page.
 /// (test, kernel, verdict, whether the host also checks what the guest wrote)
