@@ -9,6 +9,7 @@ use dma::Gpa;
 
 use super::command::{self, Completion, Sqe};
 use super::error::Error;
+use super::io_queue::IoQueue;
 use super::queue::{AdminQueues, CompletionQueue, Doorbells, IoQueuePair, SubmissionQueue};
 use super::transport::{HostMemory, Interrupt, Transport};
 use crate::nvme::controller::{cc, csts, reg};
@@ -17,7 +18,7 @@ use crate::nvme::identify::IDENTIFY_LEN;
 /// How long a command may take before the driver gives up on it, unless
 /// told otherwise ([`Driver::set_timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the driver looks again at CSTS or a completion queue.
+/// How often the driver looks again at CSTS.
 const POLL: Duration = Duration::from_millis(1);
 /// CAP.TO's unit.
 const READY_UNIT: Duration = Duration::from_millis(500);
@@ -138,13 +139,8 @@ impl<T: Transport> Driver<T> {
 
     /// Knows of submission queue `qid`, told to the controller by the caller.
     pub fn track_sq(&mut self, qid: u16, base: Gpa, entries: u16, cqid: u16) {
-        let sq = SubmissionQueue {
-            base,
-            entries,
-            tail: 0,
-            cqid,
-        };
-        self.sqs.insert(qid, sq);
+        self.sqs
+            .insert(qid, SubmissionQueue::new(base, entries, cqid));
     }
 
     /// Knows of completion queue `qid`, its memory zeroed (no phase tag
@@ -212,13 +208,38 @@ impl<T: Transport> Driver<T> {
 
     /// Writes `sqe` at submission queue `qid`'s tail and moves the tail,
     /// without ringing; the entry goes in as it is, and a queue the host
-    /// never lets the controller drain wraps over its own entries.
+    /// never lets the controller drain wraps over its own entries (an
+    /// [`IoQueue`] refuses to).
     pub fn place(&mut self, qid: u16, sqe: &Sqe) -> Result<(), Error> {
         let sq = self.sqs.get_mut(&qid).ok_or_else(|| no_sq(qid))?;
         let at = sq.slot()?;
         self.transport.memory().write_mem(at, &sqe.to_bytes())?;
         sq.advance();
         Ok(())
+    }
+
+    /// Entries submission queue `qid` can take without overwriting one the
+    /// controller may not have fetched, as far as its completions said.
+    pub fn sq_room(&self, qid: u16) -> Result<u16, Error> {
+        Ok(self.sqs.get(&qid).ok_or_else(|| no_sq(qid))?.room())
+    }
+
+    /// Takes I/O queue pair `qid` (a submission queue and the completion
+    /// queue of the same identifier, which it alone completes to) out of the
+    /// driver, to be driven on a thread of its own over
+    /// [`Driver::transport`]. Commands identifiers are then the caller's.
+    pub fn take_io_queue(&mut self, qid: u16) -> Result<IoQueue, Error> {
+        let sq = self.sqs.get(&qid).ok_or_else(|| no_sq(qid))?;
+        if qid == 0 || sq.cqid != qid || self.sqs.values().filter(|s| s.cqid == qid).count() != 1 {
+            return Err(Error::InvalidConfig(
+                "an I/O queue is a submission queue with a completion queue of its own",
+            ));
+        }
+        self.cq(qid)?;
+        let (Some(sq), Some(cq)) = (self.sqs.remove(&qid), self.cqs.remove(&qid)) else {
+            return Err(no_cq(qid));
+        };
+        Ok(IoQueue::new(qid, sq, cq, self.doorbells))
     }
 
     /// Tells the controller of what was placed: the tail doorbell.
@@ -357,21 +378,21 @@ impl<T: Transport> Driver<T> {
                     continue;
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
                 return match (new, vector) {
                     (true, Some(vector)) => Err(Error::NoInterrupt { cqid, vector }),
                     _ => Ok(None),
                 };
             }
-            thread::sleep(POLL);
+            let left = deadline.map_or(Duration::MAX, |d| d - now);
+            self.transport.wait_interrupt(vector, left)?;
         }
     }
 
     /// Whether the entry `i` places past the head of queue `cqid` is new.
     fn posted(&self, cqid: u16, i: u16) -> Result<bool, Error> {
-        let (at, phase) = self.cq(cqid)?.peek(i)?;
-        let dw3 = self.memory().load32(offset_dw3(at)?)?;
-        Ok((dw3 >> 16 & 1 == 1) == phase)
+        self.cq(cqid)?.posted(self.memory(), i)
     }
 
     /// How many new entries follow each other from the head (at most all
@@ -402,13 +423,15 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    /// Reads the head entry and moves past it, without ringing.
+    /// Reads the head entry and moves past it, without ringing; the
+    /// submission queue it names learns its head.
     fn take(&mut self, cqid: u16) -> Result<Completion, Error> {
-        let (at, _) = self.cq(cqid)?.peek(0)?;
-        let mut b = [0u8; Completion::SIZE];
-        self.memory().read_mem(at, &mut b)?;
-        self.cq_mut(cqid)?.advance();
-        Ok(Completion::parse(&b))
+        let cq = self.cqs.get_mut(&cqid).ok_or_else(|| no_cq(cqid))?;
+        let c = cq.take(self.transport.memory())?;
+        if let Some(sq) = self.sqs.get_mut(&c.sqid) {
+            sq.report_head(c.sq_head);
+        }
+        Ok(c)
     }
 
     fn ring_cq(&self, cqid: u16) -> Result<(), Error> {
@@ -423,11 +446,6 @@ impl<T: Transport> Driver<T> {
     fn cq_mut(&mut self, cqid: u16) -> Result<&mut CompletionQueue, Error> {
         self.cqs.get_mut(&cqid).ok_or_else(|| no_cq(cqid))
     }
-}
-
-/// Dword 3 of the entry at `at`: the phase tag's.
-fn offset_dw3(at: Gpa) -> Result<Gpa, Error> {
-    super::prp::offset(at, 12)
 }
 
 fn no_sq(qid: u16) -> Error {

@@ -82,6 +82,12 @@ pub enum Error {
         cid: u16,
         waited: Duration,
     },
+    /// A queue with commands in flight completed none in time.
+    #[error("Completion queue {cqid}: nothing completed within {waited:?}")]
+    Quiet { cqid: u16, waited: Duration },
+    /// An I/O queue's submission queue has no free entry.
+    #[error("Submission queue {qid} is full ({entries} entries, one always empty)")]
+    QueueFull { qid: u16, entries: u16 },
     /// A completion entry was posted but its interrupt never came.
     #[error("Completion queue {cqid}: a completion was posted but vector {vector} never fired")]
     NoInterrupt { cqid: u16, vector: u16 },
@@ -101,3 +107,4 @@ pub enum Error {
     #[error("{given} bytes for a {len}-byte buffer")]
     LengthMismatch { given: usize, len: usize },
 }
+

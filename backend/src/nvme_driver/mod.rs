@@ -4,9 +4,11 @@
 //! It enables the controller, identifies it, creates I/O queue pairs, puts
 //! commands in host memory, rings doorbells and takes completions back by
 //! their phase tag. It serves the controller's unit tests and the
-//! `nvme_command` fuzz target in process, and the integration tests (and,
-//! later, `dmaprobe bench`) over a vfio-user socket. It sends whatever entry
-//! it is handed, so a test can send a malformed command or an odd PRP.
+//! `nvme_command` fuzz target in process, and the integration tests and
+//! `dmaprobe bench --nvme` over a vfio-user socket. It sends whatever entry
+//! it is handed, so a test can send a malformed command or an odd PRP; an
+//! [`IoQueue`] taken out of it is a load generator's queue pair, which never
+//! overfills its submission queue and sleeps on its interrupt.
 //!
 //! A command flows: a builder in [`command`] (or [`Sqe::new`] and any
 //! field) → [`Driver::issue`] (a command identifier, the entry at the SQ
@@ -20,7 +22,9 @@
 //!
 //! - `driver.rs`: [`Driver`], the registers, the queues and the waits;
 //!   `queue.rs`: the queues as the host keeps them ([`AdminQueues`] and
-//!   [`IoQueuePair`] say where they lie).
+//!   [`IoQueuePair`] say where they lie); `io_queue.rs`: [`IoQueue`], a
+//!   pair driven on its own (place while there is room, ring once, reap all,
+//!   wait on the interrupt).
 //! - [`command`]: the commands Linux sends, built as [`Sqe`]s whose every
 //!   field stays settable, and [`Completion`], the entry as read back.
 //! - `prp.rs`: [`Prp`], a buffer as PRP1, PRP2 and a PRP list.
@@ -49,6 +53,7 @@ pub mod command;
 mod driver;
 mod error;
 mod in_process;
+mod io_queue;
 mod prp;
 mod queue;
 mod transport;
@@ -59,6 +64,7 @@ pub use dma::Gpa;
 pub use driver::{Driver, DEFAULT_TIMEOUT};
 pub use error::Error;
 pub use in_process::InProcess;
+pub use io_queue::IoQueue;
 pub use prp::{write_list, Prp};
 pub use queue::{AdminQueues, IoQueuePair};
 pub use transport::{HostMemory, Interrupt, Transport};

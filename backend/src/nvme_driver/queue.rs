@@ -1,6 +1,6 @@
 //! Queues as the host keeps them: where each lies, the submission tail it
-//! has written to, the completion head and phase tag it reads at, and which
-//! doorbell tells the controller.
+//! has written to and the head the controller last reported, the completion
+//! head and phase tag it reads at, and which doorbell tells the controller.
 
 use std::collections::VecDeque;
 
@@ -9,6 +9,7 @@ use dma::Gpa;
 use super::command::{Completion, Sqe};
 use super::error::Error;
 use super::prp::offset;
+use super::transport::HostMemory;
 use crate::nvme::controller::DOORBELLS;
 
 /// Where the admin queues lie and how long they are (AQA, ASQ, ACQ).
@@ -31,16 +32,29 @@ pub struct IoQueuePair {
     pub vector: Option<u16>,
 }
 
-/// A submission queue: the host writes entries at its tail.
+/// A submission queue: the host writes entries at its tail; the controller
+/// says how far it has fetched (its head) in each completion.
 #[derive(Debug)]
 pub(super) struct SubmissionQueue {
     pub base: Gpa,
     pub entries: u16,
     pub tail: u16,
+    /// The head the last completion from this queue reported.
+    pub head: u16,
     pub cqid: u16,
 }
 
 impl SubmissionQueue {
+    pub fn new(base: Gpa, entries: u16, cqid: u16) -> SubmissionQueue {
+        SubmissionQueue {
+            base,
+            entries,
+            tail: 0,
+            head: 0,
+            cqid,
+        }
+    }
+
     /// Where the next entry goes.
     pub fn slot(&self) -> Result<Gpa, Error> {
         offset(self.base, u64::from(self.tail) * Sqe::SIZE as u64)
@@ -48,6 +62,23 @@ impl SubmissionQueue {
 
     pub fn advance(&mut self) {
         self.tail = next(self.tail, self.entries);
+    }
+
+    /// Takes the head a completion reports; one past the end of the ring is
+    /// the controller's mistake, and ignored.
+    pub fn report_head(&mut self, head: u16) {
+        if head < self.entries {
+            self.head = head;
+        }
+    }
+
+    /// Entries that can be placed without overwriting one the controller
+    /// may not have fetched yet: the ring holds one fewer than its size
+    /// (head = tail is empty), less those between the head and the tail.
+    pub fn room(&self) -> u16 {
+        let entries = u32::from(self.entries.max(1));
+        let used = (u32::from(self.tail) + entries - u32::from(self.head) % entries) % entries;
+        u16::try_from(entries - 1 - used).unwrap_or_default()
     }
 }
 
@@ -107,6 +138,23 @@ impl CompletionQueue {
     pub fn len(&self) -> usize {
         usize::from(self.entries) * Completion::SIZE
     }
+
+    /// Whether the entry `i` places past the head is new: its phase tag is
+    /// the one this pass through the ring posts.
+    pub fn posted(&self, mem: &impl HostMemory, i: u16) -> Result<bool, Error> {
+        let (at, phase) = self.peek(i)?;
+        let dw3 = mem.load32(offset(at, 12)?)?;
+        Ok((dw3 >> 16 & 1 == 1) == phase)
+    }
+
+    /// Reads the head entry and moves past it, without ringing.
+    pub fn take(&mut self, mem: &impl HostMemory) -> Result<Completion, Error> {
+        let (at, _) = self.peek(0)?;
+        let mut b = [0u8; Completion::SIZE];
+        mem.read_mem(at, &mut b)?;
+        self.advance();
+        Ok(Completion::parse(&b))
+    }
 }
 
 fn next(index: u16, entries: u16) -> u16 {
@@ -147,6 +195,24 @@ mod tests {
         cq.advance();
         assert_eq!((cq.head, cq.phase), (0, false));
         assert_eq!(cq.peek(1).unwrap(), (Gpa(0x1010), false));
+    }
+
+    #[test]
+    fn room_is_what_lies_between_the_tail_and_the_reported_head() {
+        let mut sq = SubmissionQueue::new(Gpa(0), 4, 1);
+        assert_eq!(sq.room(), 3, "one slot always stays empty");
+        for left in [2, 1, 0] {
+            sq.advance();
+            assert_eq!(sq.room(), left);
+        }
+        sq.report_head(2);
+        assert_eq!((sq.tail, sq.room()), (3, 2));
+        sq.advance();
+        assert_eq!((sq.tail, sq.room()), (0, 1), "the tail wraps");
+        sq.report_head(4);
+        assert_eq!(sq.head, 2, "a head past the ring is ignored");
+        sq.report_head(0);
+        assert_eq!(sq.room(), 3);
     }
 
     #[test]

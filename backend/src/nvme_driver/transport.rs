@@ -4,6 +4,8 @@
 //! way the controller is reached.
 
 use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Duration;
 
 use dma::Gpa;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
@@ -69,12 +71,25 @@ pub trait Transport {
         Ok(Interrupt::Unseen)
     }
 
+    /// Blocks until interrupt vector `vector` (None: a polled queue) may
+    /// have fired, for `within` at most; [`Transport::interrupt`] then says
+    /// whether it did. A transport that cannot block on its interrupts
+    /// sleeps a little (a millisecond at most) and lets the caller look.
+    fn wait_interrupt(&self, _vector: Option<u16>, within: Duration) -> Result<(), Error> {
+        thread::sleep(within.min(POLL));
+        Ok(())
+    }
+
     /// Forgets the interrupts that fired so far: what a controller signalled
     /// before a reset announces nothing in the queues after it.
     fn clear_interrupts(&self) -> Result<(), Error> {
         Ok(())
     }
 }
+
+/// How long a transport that cannot block on an interrupt sleeps before its
+/// caller looks at a completion queue again.
+pub(super) const POLL: Duration = Duration::from_millis(1);
 
 fn memory_error(gpa: Gpa, len: usize) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
     move |source| Error::Memory { gpa, len, source }

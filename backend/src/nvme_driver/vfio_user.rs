@@ -26,7 +26,7 @@ use vfio_user::Client;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use super::error::Error;
-use super::transport::{HostMemory, Interrupt, Transport};
+use super::transport::{HostMemory, Interrupt, Transport, POLL};
 
 /// The seals QEMU's memory-backend-memfd adds (seal=on, its default); the
 /// server refuses memory that could shrink under it.
@@ -91,6 +91,27 @@ pub fn take_count(efd: &File) -> io::Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Blocks until `fd` is readable or `within` has passed (a signal ends the
+/// wait early, as if it had passed).
+fn wait_readable(fd: &File, within: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Rounded up: a wait of less than a millisecond still waits.
+    let ms = libc::c_int::try_from(within.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Host memory: a memfd sealed as QEMU seals it, mapped shared here, so what
@@ -318,6 +339,20 @@ impl Transport for VfioUser {
             Ok(None) => Ok(Interrupt::Quiet),
             Err(source) => Err(Error::EventFd { vector, source }),
         }
+    }
+
+    /// poll(2) on the vector's eventfd, which stays signalled for
+    /// [`Transport::interrupt`] to read.
+    fn wait_interrupt(&self, vector: Option<u16>, within: Duration) -> Result<(), Error> {
+        let Some(vector) = vector else {
+            thread::sleep(within.min(POLL));
+            return Ok(());
+        };
+        let efd = self
+            .irqs
+            .get(usize::from(vector))
+            .ok_or(Error::NoVector { vector })?;
+        wait_readable(efd, within).map_err(|source| Error::EventFd { vector, source })
     }
 
     fn clear_interrupts(&self) -> Result<(), Error> {
