@@ -50,6 +50,20 @@ pub enum Error {
         #[source]
         source: vfio_user::Error,
     },
+    /// Nothing listens at the socket.
+    #[error("Cannot connect to {}", path.display())]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something answers at the socket, but not as a vfio-user server does.
+    #[error("{} does not answer as a vfio-user server", path.display())]
+    NotVfioUser {
+        path: PathBuf,
+        #[source]
+        why: NotVfioUser,
+    },
     /// A vfio-user request failed.
     #[error("vfio-user {request} failed")]
     Vfio {
@@ -91,6 +105,12 @@ pub enum Error {
     /// A completion entry was posted but its interrupt never came.
     #[error("Completion queue {cqid}: a completion was posted but vector {vector} never fired")]
     NoInterrupt { cqid: u16, vector: u16 },
+    /// Identify data shorter than the field read.
+    #[error("Identify data of {len} bytes is too short")]
+    ShortIdentify { len: usize },
+    /// A namespace's LBA format names a block size outside 512 B to 2 GiB.
+    #[error("The namespace's LBA format has LBADS {lbads}")]
+    BadLbaFormat { lbads: u8 },
     /// A PRP needs more pages than it was given.
     #[error("{len} bytes from {start} need {needed} pages after the first, {given} given")]
     TooFewPages {
@@ -108,3 +128,15 @@ pub enum Error {
     LengthMismatch { given: usize, len: usize },
 }
 
+/// How a socket showed that no vfio-user server is behind it.
+#[derive(Debug, thiserror::Error)]
+pub enum NotVfioUser {
+    #[error("It closed the connection without a reply")]
+    Closed,
+    #[error("No reply within {0:?} (is another client connected?)")]
+    Silent(Duration),
+    #[error("Its reply is not a vfio-user VERSION reply")]
+    Foreign,
+    #[error("The exchange failed")]
+    Io(#[source] std::io::Error),
+}

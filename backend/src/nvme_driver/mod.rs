@@ -25,6 +25,8 @@
 //!   [`IoQueuePair`] say where they lie); `io_queue.rs`: [`IoQueue`], a
 //!   pair driven on its own (place while there is room, ring once, reap all,
 //!   wait on the interrupt).
+//! - [`identify`]: [`ControllerData`] and [`NamespaceData`], what a host
+//!   reads of the identify data.
 //! - [`command`]: the commands Linux sends, built as [`Sqe`]s whose every
 //!   field stays settable, and [`Completion`], the entry as read back.
 //! - `prp.rs`: [`Prp`], a buffer as PRP1, PRP2 and a PRP list.
@@ -32,7 +34,8 @@
 //!   ([`HostMemory`]) are reached; `in_process.rs`: [`InProcess`], a
 //!   [`Controller`](crate::nvme::Controller) in this process;
 //!   [`vfio_user`]: [`VfioUser`], a controller behind a vfio-user socket, and
-//!   its memory [`HostRam`].
+//!   its memory [`HostRam`]; [`vfio_user::probe`], whether a vfio-user
+//!   server answers at a socket at all.
 //! - `error.rs`: [`Error`].
 //!
 //! ```no_run
@@ -52,6 +55,7 @@
 pub mod command;
 mod driver;
 mod error;
+pub mod identify;
 mod in_process;
 mod io_queue;
 mod prp;
@@ -62,7 +66,8 @@ pub mod vfio_user;
 pub use command::{Completion, Sqe, CC_LINUX};
 pub use dma::Gpa;
 pub use driver::{Driver, DEFAULT_TIMEOUT};
-pub use error::Error;
+pub use error::{Error, NotVfioUser};
+pub use identify::{ControllerData, NamespaceData};
 pub use in_process::InProcess;
 pub use io_queue::IoQueue;
 pub use prp::{write_list, Prp};

@@ -7,11 +7,15 @@
 //! [`VfioUser::connect`] does the client's part of bringing a function up:
 //! connect (retrying while the server is not yet listening), DMA_MAP,
 //! SET_IRQS, and the command register's memory space and bus master bits.
+//! [`probe`] first asks whether a vfio-user server is there at all: the
+//! crate's [`Client`] waits without end for a reply, and takes one too short
+//! for a VERSION reply for a panic.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -25,7 +29,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::Client;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-use super::error::Error;
+use super::error::{Error, NotVfioUser};
 use super::transport::{HostMemory, Interrupt, Transport, POLL};
 
 /// The seals QEMU's memory-backend-memfd adds (seal=on, its default); the
@@ -281,6 +285,75 @@ impl VfioUser {
                 source,
             })
     }
+}
+
+/// The VERSION command and the reply flag of a message header (vfio-user
+/// 1.0, 2.1 and 3.2).
+const VERSION: u16 = 1;
+const REPLY: u32 = 1;
+/// What a client offers in its VERSION message; the defaults otherwise.
+const CAPABILITIES: &[u8] = b"{\"capabilities\":{}}\0";
+/// A message header, and a VERSION message's major and minor fields.
+const HEADER_LEN: usize = 16;
+const VERSION_LEN: usize = HEADER_LEN + 4;
+/// The message identifier of the probe's VERSION message.
+const PROBE_ID: u16 = 0x7072;
+
+/// Whether a vfio-user server answers at `socket`: a VERSION message on a
+/// connection of its own, and the header of a VERSION reply within `within`
+/// (then the connection closes; a server takes the next client). Nothing
+/// listening is [`Error::Unreachable`]; something else answering, or
+/// nothing answering in time, [`Error::NotVfioUser`].
+pub fn probe(socket: &Path, within: Duration) -> Result<(), Error> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| Error::Unreachable {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let not = |why| Error::NotVfioUser {
+        path: socket.to_owned(),
+        why,
+    };
+    let io = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => not(NotVfioUser::Silent(within)),
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => not(NotVfioUser::Closed),
+        _ => not(NotVfioUser::Io(e)),
+    };
+    let timeout = Some(within.max(Duration::from_millis(1)));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(io)?;
+    let size = u32::try_from(VERSION_LEN + CAPABILITIES.len()).unwrap_or(u32::MAX);
+    let mut message = Vec::with_capacity(VERSION_LEN + CAPABILITIES.len());
+    message.extend(PROBE_ID.to_le_bytes());
+    message.extend(VERSION.to_le_bytes());
+    message.extend(size.to_le_bytes());
+    message.extend([0; 8]); // flags: a command; error: none
+    message.extend([0, 0, 1, 0]); // version 0.1, as the crate's client says
+    message.extend(CAPABILITIES);
+    stream.write_all(&message).map_err(io)?;
+    let mut reply = [0u8; HEADER_LEN];
+    stream.read_exact(&mut reply).map_err(io)?;
+    let id = u16::from_le_bytes([reply[0], reply[1]]);
+    let command = u16::from_le_bytes([reply[2], reply[3]]);
+    let size = u32::from_le_bytes([reply[4], reply[5], reply[6], reply[7]]);
+    let flags = u32::from_le_bytes([reply[8], reply[9], reply[10], reply[11]]);
+    if id != PROBE_ID || command != VERSION || flags & REPLY == 0 {
+        return Err(not(NotVfioUser::Foreign));
+    }
+    // The rest of the reply read, the connection closes cleanly: the server
+    // sees a client that left, not one that reset the connection.
+    let rest = usize::try_from(size)
+        .unwrap_or(0)
+        .saturating_sub(HEADER_LEN);
+    io::copy(
+        &mut (&mut stream).take(rest.min(1 << 16) as u64),
+        &mut io::sink(),
+    )
+    .map_err(io)?;
+    Ok(())
 }
 
 /// Connects a [`Client`] to `socket`, trying again while nobody listens yet
