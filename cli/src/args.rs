@@ -58,9 +58,10 @@ pub enum Command {
     /// Exits 0 when the daemon did what was asked, 1 when it refused or
     /// could not be reached.
     Ctl(crate::ctl::CtlArgs),
-    /// Load any vhost-user-blk backend (dmaprobe, qemu-storage-daemon, ...)
-    /// with requests from one thread per queue, and print IOPS, MB/s and
-    /// latency percentiles per queue and in total.
+    /// Load any vhost-user-blk backend (dmaprobe, qemu-storage-daemon, ...),
+    /// or with --nvme the NVMe controller of `dmaprobe serve --nvme` over
+    /// vfio-user, with requests from one thread per queue, and print IOPS,
+    /// MB/s and latency percentiles per queue and in total.
     ///
     /// Exits 0 when the load ran, 1 when it could not (the message says why).
     Bench(crate::bench::BenchArgs),

@@ -7,7 +7,9 @@
 //! - [`ctl`]: `dmaprobe ctl`, a control-socket client for a person.
 //! - [`bench`](mod@bench): `dmaprobe bench`, a load generator acting as the
 //!   vhost-user frontend (QEMU's side), through
-//!   [`backend::vhost_user_driver`].
+//!   [`backend::vhost_user_driver`], or with `--nvme` as a vfio-user client
+//!   and NVMe host driver (a guest's side), through
+//!   [`backend::nvme_driver`].
 //! - [`kernel`]: `dmaprobe kernel`, the catalogue of kernels fetched by
 //!   name.
 //! - [`kconfig`]: `dmaprobe kconfig`, the kernel options the suite needs,

@@ -1,30 +1,44 @@
-//! `dmaprobe bench`: a load generator for any vhost-user-blk backend.
+//! `dmaprobe bench`: a load generator for any vhost-user-blk backend, and
+//! with `--nvme` for an NVMe controller behind a vfio-user socket
+//! (`dmaprobe serve --nvme`).
 //!
 //! [`BenchArgs`] (the command line) becomes a checked [`BenchConfig`];
-//! [`measure`] connects one [`BlkFrontend`] with a queue per worker, runs one
-//! thread per queue that keeps `iodepth` requests in flight for a warm-up and
-//! then for the measured time, and records each request's latency (submit to
-//! completion) in a log-linear [`Histogram`]. [`run`] prints the
+//! [`measure`] sets up the device with a queue per worker and a data buffer
+//! per request in flight, then runs the load loop ([`load`]) on them: one
+//! thread per queue that keeps `iodepth` requests in flight for a warm-up
+//! and then for the measured time, and records each request's latency
+//! (submit to completion) in a log-linear [`Histogram`]. [`run`] prints the
 //! [`BenchResult`] as a table or as one JSON object.
+//!
+//! - [`load`]: the loop, the workload, the histogram and the figures, for
+//!   any device that implements [`load::LoadQueue`] (submit, kick, wait).
+//! - `vhost_user.rs`: the vhost-user-blk frontend's queues
+//!   ([`backend::vhost_user_driver`]).
+//! - `nvme.rs`: the NVMe host's: one vfio-user connection, an I/O queue pair
+//!   per thread, all ringing doorbells over that one socket
+//!   ([`backend::nvme_driver`]).
 //!
 //! MB/s are 10^6 bytes per second; latencies are in µs, to about 1%.
 
+pub mod load;
+mod nvme;
+mod vhost_user;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use log::info;
 use serde::{Serialize, Serializer};
-use wire::splitmix::SplitMix64;
 
 use backend::config::{self, ConfigError};
-use backend::vhost_user_driver::{
-    self, BlkFrontend, BlkRequest, Buffer, Completion, FrontendConfig, Queue, RequestType, Sector,
-    Segment, StatusByte,
-};
+use backend::nvme_driver::{self, NotVfioUser};
+use backend::vhost_user_driver::{self, Sector};
 
-/// Descriptors one request takes: header, data, status.
+pub use load::{buffer_data, Histogram, Stats};
+
+/// Descriptors one virtio-blk request takes: header, data, status.
 const DESCRIPTORS_PER_REQUEST: u16 = 3;
 /// The largest block size accepted.
 const MAX_BS: u64 = 4 << 20;
@@ -34,20 +48,29 @@ const MAX_BUFFER_BYTES: u64 = 4 << 30;
 const MAX_SECONDS: f64 = 86_400.0;
 /// How long one request may take before the run is declared stuck.
 const STALL: Duration = Duration::from_secs(30);
-/// Guest memory per queue for its rings and scratch space, generously.
-const RING_BYTES: u64 = 2 << 20;
 
 /// Arguments of `dmaprobe bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// The vhost-user-blk socket to connect to.
+    /// The socket to connect to: a vhost-user-blk backend's, or with --nvme
+    /// a vfio-user NVMe controller's.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+    /// Act as a vfio-user client and NVMe host driver instead of a
+    /// vhost-user frontend, against `dmaprobe serve --nvme`: guest memory
+    /// from a memfd, the admin queues and an I/O queue pair per --queues
+    /// (each with its MSI-X eventfd), PRP lists for transfers over two
+    /// pages. All queues share the one vfio-user connection, and each
+    /// doorbell write is a message over it.
+    #[arg(long)]
+    pub nvme: bool,
     /// The workload: randread, randwrite, read, write (sequential), or
     /// mix:N (random, N% reads).
     #[arg(long, value_name = "RW", default_value = "randread")]
     pub rw: String,
-    /// Bytes per request, a multiple of 512 (e.g. 4k, 64k, 1M).
+    /// Bytes per request, a multiple of 512 (e.g. 4k, 64k, 1M; with --nvme a
+    /// multiple of the namespace's block size, at most the controller's
+    /// largest transfer).
     #[arg(long, value_name = "SIZE", default_value = "4k")]
     pub bs: String,
     /// Requests kept in flight on each queue.
@@ -56,8 +79,9 @@ pub struct BenchArgs {
     /// Queues to load, one thread each (the backend must have that many).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u16,
-    /// Descriptors per virtqueue (a power of two, at most what the backend
-    /// accepts); each request takes 3.
+    /// Entries per queue (a power of two, at most what the backend
+    /// accepts): virtqueue descriptors, 3 per request; with --nvme,
+    /// submission and completion queue entries, one fewer in flight.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
     /// Seconds to measure, after the warm-up.
@@ -69,12 +93,35 @@ pub struct BenchArgs {
     /// Use only the first SIZE bytes of the disk (default: all of it).
     #[arg(long, value_name = "SIZE")]
     pub size: Option<String>,
-    /// Seed of the random offsets and the read/write choice of mix:N.
+    /// Seed of the random offsets, the read/write choice of mix:N and the
+    /// data the writes carry.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How the load reaches the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchTransport {
+    /// A vhost-user-blk frontend: virtqueues in shared memory, kicks and
+    /// calls through eventfds.
+    #[default]
+    VhostUser,
+    /// A vfio-user client and NVMe host driver: queue pairs in shared
+    /// memory, doorbells as messages on the socket, MSI-X eventfds.
+    Nvme,
+}
+
+impl fmt::Display for BenchTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BenchTransport::VhostUser => "vhost-user-blk",
+            BenchTransport::Nvme => "nvme",
+        })
+    }
 }
 
 /// What each request does and where.
@@ -144,6 +191,8 @@ impl Serialize for Rw {
 /// A checked benchmark configuration.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BenchConfig {
+    /// How the load reaches the device.
+    pub transport: BenchTransport,
     /// The workload.
     pub rw: Rw,
     /// Bytes per request: a multiple of 512, at most 4 MiB.
@@ -152,7 +201,7 @@ pub struct BenchConfig {
     pub iodepth: u16,
     /// Queues, one thread each.
     pub queues: u16,
-    /// Descriptors per virtqueue.
+    /// Descriptors per virtqueue, or entries per NVMe queue.
     pub queue_size: u16,
     /// Seconds measured.
     pub seconds: f64,
@@ -160,7 +209,7 @@ pub struct BenchConfig {
     pub warmup: f64,
     /// Bytes of the disk to use at most (`None`: all of it).
     pub size: Option<u64>,
-    /// Seed of the offsets and of mix:N's choices.
+    /// Seed of the offsets, of mix:N's choices and of the data written.
     pub seed: u64,
 }
 
@@ -168,6 +217,7 @@ impl Default for BenchConfig {
     /// What `dmaprobe bench` does without options.
     fn default() -> Self {
         BenchConfig {
+            transport: BenchTransport::VhostUser,
             rw: Rw::RandRead,
             bs: 4096,
             iodepth: 32,
@@ -190,12 +240,19 @@ impl BenchConfig {
         }
         config::check_queues(self.queues).map_err(BenchError::Queues)?;
         config::check_queue_size(self.queue_size).map_err(BenchError::QueueSize)?;
-        let max_depth = self.queue_size / DESCRIPTORS_PER_REQUEST;
+        let (max_depth, why) = match self.transport {
+            BenchTransport::VhostUser => (
+                self.queue_size / DESCRIPTORS_PER_REQUEST,
+                "3 descriptors per request",
+            ),
+            BenchTransport::Nvme => (self.queue_size - 1, "a queue holds one entry fewer"),
+        };
         if self.iodepth == 0 || self.iodepth > max_depth {
             return Err(BenchError::IoDepth {
                 iodepth: self.iodepth,
                 queue_size: self.queue_size,
                 max: max_depth,
+                why,
             });
         }
         let buffers = self.buffer_bytes();
@@ -227,9 +284,30 @@ impl BenchConfig {
         u64::from(self.queues) * u64::from(self.iodepth) * per_buffer
     }
 
-    /// Guest memory for the buffers and the rings.
-    fn mem_size(&self) -> u64 {
-        self.buffer_bytes() + u64::from(self.queues) * RING_BYTES + (1 << 20)
+    /// Whether the workload writes.
+    fn writes(&self) -> bool {
+        !matches!(
+            self.rw,
+            Rw::RandRead | Rw::Read | Rw::Mix { read_percent: 100 }
+        )
+    }
+
+    /// The bytes of a disk of `capacity` the offsets are drawn from: all of
+    /// it, or --size of it; at least one block.
+    fn range(&self, capacity: u64) -> Result<u64, BenchError> {
+        let range = self.size.map_or(capacity, |s| s.min(capacity));
+        if range < self.bs {
+            return Err(BenchError::RangeTooSmall { range, bs: self.bs });
+        }
+        Ok(range)
+    }
+
+    /// Says at start what is about to run.
+    fn announce(&self, range: u64, capacity: u64) {
+        info!(
+            "bench: {} over {}: bs={} iodepth={} queues={} over {range} of {capacity} bytes, {} s after {} s warm-up",
+            self.rw, self.transport, self.bs, self.iodepth, self.queues, self.seconds, self.warmup
+        );
     }
 }
 
@@ -241,6 +319,11 @@ impl TryFrom<BenchArgs> for BenchConfig {
             config::parse_size(text).map_err(|source| BenchError::Size { what, source })
         };
         BenchConfig {
+            transport: if a.nvme {
+                BenchTransport::Nvme
+            } else {
+                BenchTransport::VhostUser
+            },
             rw: a.rw.parse()?,
             bs: size("--bs", &a.bs)?,
             iodepth: a.iodepth,
@@ -282,15 +365,17 @@ pub enum BenchError {
     /// iodepth 0, or more requests than the queue holds.
     #[error(
         "iodepth {iodepth} is out of range: at least 1, at most {max} with queue size \
-         {queue_size} (3 descriptors per request; raise --queue-size for more)"
+         {queue_size} ({why}; raise --queue-size for more)"
     )]
     IoDepth {
         /// Asked for.
         iodepth: u16,
-        /// Descriptors per queue.
+        /// Entries per queue.
         queue_size: u16,
         /// The most that fit.
         max: u16,
+        /// Why that many.
+        why: &'static str,
     },
     /// queues × iodepth × bs is too much memory.
     #[error("The data buffers would take {bytes} bytes of guest memory, more than 4 GiB")]
@@ -321,11 +406,58 @@ pub enum BenchError {
         socket: PathBuf,
         /// The cause.
         #[source]
-        source: vhost_user_driver::Error,
+        source: DeviceError,
+    },
+    /// --nvme, and no vfio-user server answers at the socket.
+    #[error(
+        "{} is not a vfio-user NVMe controller's socket (for a vhost-user-blk backend, \
+         leave out --nvme)",
+        socket.display()
+    )]
+    NotNvme {
+        /// The socket.
+        socket: PathBuf,
+        /// What answered instead.
+        #[source]
+        why: NotVfioUser,
     },
     /// The backend cannot take writes.
-    #[error("The device is read-only (VIRTIO_BLK_F_RO) and the workload {0} writes")]
+    #[error("The device is read-only and the workload {0} writes")]
     ReadOnly(Rw),
+    /// The controller's queues are smaller than --queue-size.
+    #[error(
+        "--queue-size {size} is more than the controller's queues hold ({max} entries, CAP.MQES)"
+    )]
+    QueueTooLarge {
+        /// Asked for.
+        size: u16,
+        /// The most the controller takes.
+        max: u32,
+    },
+    /// The controller grants fewer I/O queue pairs than --queues.
+    #[error("The controller grants {granted} I/O queue pairs, fewer than --queues {asked}")]
+    TooFewQueues {
+        /// Asked for.
+        asked: u16,
+        /// Granted.
+        granted: u32,
+    },
+    /// A block is more than one command may move.
+    #[error("Block size {bs} is more than the controller's largest transfer, {max} bytes (MDTS)")]
+    TransferTooLarge {
+        /// Block size.
+        bs: u64,
+        /// MDTS in bytes.
+        max: u64,
+    },
+    /// A block is not a whole number of the namespace's blocks.
+    #[error("Block size {bs} is not a multiple of the namespace's {lba}-byte blocks")]
+    LbaMismatch {
+        /// Block size.
+        bs: u64,
+        /// The namespace's block size.
+        lba: u64,
+    },
     /// Submitting or waiting on a queue failed.
     #[error("Queue {queue} failed")]
     Queue {
@@ -333,21 +465,45 @@ pub enum BenchError {
         queue: u16,
         /// The cause.
         #[source]
-        source: vhost_user_driver::Error,
+        source: DeviceError,
+    },
+    /// Nothing completed on a queue with requests in flight.
+    #[error("q={queue}: nothing completed within {waited:?}")]
+    Stalled {
+        /// Queue index.
+        queue: u16,
+        /// How long.
+        waited: Duration,
+    },
+    /// The device completed a request not in flight.
+    #[error("q={queue}: a completion of slot {slot}, which holds no request in flight")]
+    UnknownCompletion {
+        /// Queue index.
+        queue: u16,
+        /// The slot the completion names.
+        slot: usize,
+    },
+    /// A queue gave a new request the slot of one still in flight.
+    #[error("q={queue}: slot {slot} given to a request while another holds it")]
+    SlotInUse {
+        /// Queue index.
+        queue: u16,
+        /// The slot.
+        slot: usize,
     },
     /// A request completed with a status other than OK.
-    #[error("q={queue} op={op} sector={} len={len} completed with status {status}", sector.0)]
+    #[error("q={queue} op={op} offset={offset} len={len} completed with status {status}")]
     Request {
         /// Queue index.
         queue: u16,
         /// "read" or "write".
         op: &'static str,
-        /// First sector.
-        sector: Sector,
+        /// Byte offset on the disk.
+        offset: u64,
         /// Bytes.
         len: u64,
-        /// The status the device wrote.
-        status: StatusByte,
+        /// The status the device wrote, in its own words.
+        status: String,
     },
     /// A worker thread panicked.
     #[error("The worker of queue {0} panicked")]
@@ -357,148 +513,43 @@ pub enum BenchError {
     Json(#[source] serde_json::Error),
 }
 
-/// Latencies in nanoseconds, in log-linear buckets: exact below 256 ns, then
-/// 128 buckets per power of two (under 0.8% wide).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Histogram {
-    counts: Vec<u64>,
-    total: u64,
-    max: u64,
+/// What went wrong in the driver of a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    VhostUser(#[from] vhost_user_driver::Error),
+    #[error(transparent)]
+    Nvme(#[from] nvme_driver::Error),
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: vec![0; Self::BUCKETS],
-            total: 0,
-            max: 0,
-        }
-    }
+/// What a device's load gave, before the figures are made of it.
+#[derive(Debug)]
+struct Measured {
+    /// Each queue's outcome, in order.
+    outcomes: Vec<Result<load::QueueOutcome, BenchError>>,
+    /// The disk's bytes.
+    capacity: u64,
+    /// The bytes the offsets were drawn from.
+    range: u64,
 }
 
-impl Histogram {
-    const SUB_BITS: u32 = 7;
-    const SUB: u64 = 1 << Self::SUB_BITS;
-    const BUCKETS: usize = (64 - Self::SUB_BITS as usize) * (1 << Self::SUB_BITS) + 256;
-
-    fn bucket(ns: u64) -> usize {
-        let index = if ns < 2 * Self::SUB {
-            ns
-        } else {
-            let shift = u64::from(63 - ns.leading_zeros() - Self::SUB_BITS);
-            shift * Self::SUB + (ns >> shift)
-        };
-        usize::try_from(index).unwrap_or(Self::BUCKETS - 1)
-    }
-
-    /// The middle of bucket `index`, in ns.
-    fn value(index: usize) -> u64 {
-        let i = index as u64;
-        if i < 2 * Self::SUB {
-            i
-        } else {
-            let shift = i / Self::SUB - 1;
-            let mantissa = i - shift * Self::SUB;
-            (mantissa << shift) + (1 << shift) / 2
-        }
-    }
-
-    /// Counts one latency.
-    pub fn record(&mut self, latency: Duration) {
-        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        self.counts[Self::bucket(ns)] += 1;
-        self.total += 1;
-        self.max = self.max.max(ns);
-    }
-
-    /// Adds every count of `other`.
-    pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.total += other.total;
-        self.max = self.max.max(other.max);
-    }
-
-    /// Latencies recorded.
-    pub fn len(&self) -> u64 {
-        self.total
-    }
-
-    /// Whether nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// The latency at quantile `q` (0 < q ≤ 1) in ns: the smallest bucket
-    /// with at least `ceil(q × len)` latencies at or below it. 0 when empty.
-    pub fn quantile_ns(&self, q: f64) -> u64 {
-        if self.total == 0 {
-            return 0;
-        }
-        // The float product is at most `total`, well within u64.
-        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (index, &n) in self.counts.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Self::value(index).min(self.max);
-            }
-        }
-        self.max
-    }
-}
-
-/// Throughput and latency of one queue, or of all of them.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Stats {
-    /// Queue index (absent in the total).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue: Option<u16>,
-    /// Requests completed in the measured time.
-    pub ios: u64,
-    /// Of which reads.
-    pub reads: u64,
-    /// Of which writes.
-    pub writes: u64,
-    /// Bytes moved.
-    pub bytes: u64,
-    /// Seconds measured.
-    pub secs: f64,
-    /// Requests per second.
-    pub iops: f64,
-    /// 10^6 bytes per second.
-    pub mbps: f64,
-    /// Median latency, µs.
-    pub p50_us: f64,
-    /// 99th percentile latency, µs.
-    pub p99_us: f64,
-    /// 99.9th percentile latency, µs.
-    pub p999_us: f64,
-    /// Largest latency, µs.
-    pub max_us: f64,
-}
-
-impl Stats {
-    fn new(queue: Option<u16>, count: &Count, bs: u64, secs: f64, hist: &Histogram) -> Stats {
-        let ios = count.reads + count.writes;
-        let bytes = ios * bs;
-        let us = |ns: u64| ns as f64 / 1000.0;
-        Stats {
-            queue,
-            ios,
-            reads: count.reads,
-            writes: count.writes,
-            bytes,
-            secs,
-            iops: ios as f64 / secs,
-            mbps: bytes as f64 / secs / 1e6,
-            p50_us: us(hist.quantile_ns(0.50)),
-            p99_us: us(hist.quantile_ns(0.99)),
-            p999_us: us(hist.quantile_ns(0.999)),
-            max_us: us(hist.max),
-        }
-    }
+/// Connects to `socket` as `config.transport` says, runs `config`'s
+/// workload, and returns what it measured. A request that completes with a
+/// status other than OK stops the run with its details.
+pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, BenchError> {
+    let config = config.clone().check()?;
+    let measured = match config.transport {
+        BenchTransport::VhostUser => vhost_user::measure(socket, &config)?,
+        BenchTransport::Nvme => nvme::measure(socket, &config)?,
+    };
+    let (total, queues) = load::totals(&config, measured.outcomes)?;
+    Ok(BenchResult {
+        total,
+        queues,
+        capacity_bytes: measured.capacity,
+        range_bytes: measured.range,
+        config,
+    })
 }
 
 /// What [`measure`] found.
@@ -517,354 +568,14 @@ pub struct BenchResult {
     pub config: BenchConfig,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Count {
-    reads: u64,
-    writes: u64,
-}
-
-/// Where one queue's next request goes and what it does.
-struct Workload {
-    rw: Rw,
-    rng: SplitMix64,
-    /// Blocks of `bs` in the range.
-    blocks: u64,
-    /// Next block of a sequential workload.
-    cursor: u64,
-    sectors_per_block: u64,
-}
-
-impl Workload {
-    fn next(&mut self) -> (RequestType, Sector) {
-        let block = if self.rw.random() {
-            self.rng.below(self.blocks)
-        } else {
-            let b = self.cursor;
-            self.cursor = (self.cursor + 1) % self.blocks;
-            b
-        };
-        let kind = match self.rw {
-            Rw::RandRead | Rw::Read => RequestType::In,
-            Rw::RandWrite | Rw::Write => RequestType::Out,
-            Rw::Mix { read_percent } => {
-                if self.rng.below(100) < u64::from(read_percent) {
-                    RequestType::In
-                } else {
-                    RequestType::Out
-                }
-            }
-        };
-        (kind, Sector(block * self.sectors_per_block))
-    }
-}
-
-/// A request in flight.
-#[derive(Clone, Copy)]
-struct InFlight {
-    buffer: usize,
-    kind: RequestType,
-    sector: Sector,
-    submitted: Instant,
-}
-
-struct QueueOutcome {
-    count: Count,
-    hist: Histogram,
-    secs: f64,
-}
-
-/// Keeps `bufs.len()` requests in flight on `q` until `end`, measuring those
-/// that complete after `measure_from`; then drains the queue.
-fn drive(
-    q: &mut Queue,
-    bufs: &[Buffer],
-    mut work: Workload,
-    bs: u64,
-    measure_from: Instant,
-    end: Instant,
-) -> Result<QueueOutcome, BenchError> {
-    let queue = q.index();
-    let qerr = |source| BenchError::Queue { queue, source };
-    let len = u32::try_from(bs).map_err(|_| BenchError::BlockSize(bs))?;
-    let mut in_flight: Vec<Option<InFlight>> = vec![None; usize::from(q.size())];
-    let submit = |q: &mut Queue,
-                  in_flight: &mut [Option<InFlight>],
-                  work: &mut Workload,
-                  buffer: usize|
-     -> Result<(), BenchError> {
-        let (kind, sector) = work.next();
-        let seg = [Segment {
-            gpa: bufs[buffer].gpa(),
-            len,
-        }];
-        let id = q
-            .submit(&BlkRequest {
-                kind,
-                sector,
-                data: &seg,
-            })
-            .map_err(qerr)?;
-        in_flight[id.index()] = Some(InFlight {
-            buffer,
-            kind,
-            sector,
-            submitted: Instant::now(),
-        });
-        Ok(())
-    };
-
-    for buffer in 0..bufs.len() {
-        submit(q, &mut in_flight, &mut work, buffer)?;
-    }
-    q.kick().map_err(qerr)?;
-
-    let mut hist = Histogram::default();
-    let mut count = Count::default();
-    let mut out = Vec::with_capacity(bufs.len());
-    let mut freed = Vec::with_capacity(bufs.len());
-    let mut stopping = false;
-    while !stopping || q.in_flight() > 0 {
-        out.clear();
-        q.wait(&mut out, STALL).map_err(qerr)?;
-        let now = Instant::now();
-        stopping = stopping || now >= end;
-        for c in &out {
-            let req = completed(&mut in_flight, c, queue, q.size())?;
-            check_ok(c, &req, queue, bs)?;
-            if now >= measure_from && now < end {
-                hist.record(now - req.submitted);
-                match req.kind {
-                    RequestType::In => count.reads += 1,
-                    _ => count.writes += 1,
-                }
-            }
-            freed.push(req.buffer);
-        }
-        // Only now: a new chain may reuse the head of any completion above.
-        if !stopping {
-            for buffer in freed.drain(..) {
-                submit(q, &mut in_flight, &mut work, buffer)?;
-            }
-            q.kick().map_err(qerr)?;
-        }
-        freed.clear();
-    }
-    Ok(QueueOutcome {
-        count,
-        hist,
-        secs: end.saturating_duration_since(measure_from).as_secs_f64(),
-    })
-}
-
-/// The request in flight that completion `c` completes, taken out of
-/// `in_flight`; a completion of no request in flight is the device's bug.
-fn completed(
-    in_flight: &mut [Option<InFlight>],
-    c: &Completion,
-    queue: u16,
-    size: u16,
-) -> Result<InFlight, BenchError> {
-    c.chain()
-        .and_then(|id| in_flight.get_mut(id.index()))
-        .and_then(Option::take)
-        .ok_or(BenchError::Queue {
-            queue,
-            source: vhost_user_driver::Error::BadSlot {
-                slot: u16::try_from(c.id).unwrap_or(u16::MAX),
-                size,
-            },
-        })
-}
-
-/// A request that completed with a status other than OK stops the run.
-fn check_ok(c: &Completion, req: &InFlight, queue: u16, bs: u64) -> Result<(), BenchError> {
-    let status = c.status().unwrap_or(StatusByte::UNWRITTEN);
-    if status.is_ok() {
-        return Ok(());
-    }
-    let op = if req.kind == RequestType::In {
-        "read"
-    } else {
-        "write"
-    };
-    Err(BenchError::Request {
-        queue,
-        op,
-        sector: req.sector,
-        len: bs,
-        status,
-    })
-}
-
-/// Connects to `socket`, runs `config`'s workload, and returns what it
-/// measured. A request that completes with a status other than OK stops the
-/// run with its details.
-pub fn measure(socket: &Path, config: &BenchConfig) -> Result<BenchResult, BenchError> {
-    let config = config.clone().check()?;
-    let setup = |source| BenchError::Setup {
-        socket: socket.to_path_buf(),
-        source,
-    };
-    let mut fe = connect(socket, &config)?;
-    let capacity = fe.get_config().map_err(setup)?.capacity_bytes();
-    let range = config.size.map_or(capacity, |s| s.min(capacity));
-    let blocks = range / config.bs;
-    if blocks == 0 {
-        return Err(BenchError::RangeTooSmall {
-            range,
-            bs: config.bs,
-        });
-    }
-    let buffers = buffers(socket, &fe, &config)?;
-    info!(
-        "bench: {} bs={} iodepth={} queues={} over {range} of {capacity} bytes, {} s after {} s warm-up",
-        config.rw, config.bs, config.iodepth, config.queues, config.seconds, config.warmup
-    );
-    let outcomes = run_queues(&mut fe, &buffers, &config, blocks);
-    let (total, queues) = totals(&config, outcomes)?;
-    Ok(BenchResult {
-        total,
-        queues,
-        capacity_bytes: capacity,
-        range_bytes: range,
-        config,
-    })
-}
-
-/// A session with as many queues, of the size and with the guest memory,
-/// as `config` needs; a read-only device is refused for a workload that
-/// writes.
-fn connect(socket: &Path, config: &BenchConfig) -> Result<BlkFrontend, BenchError> {
-    let setup = |source| BenchError::Setup {
-        socket: socket.to_path_buf(),
-        source,
-    };
-    let mem_size = usize::try_from(config.mem_size()).map_err(|_| BenchError::TooMuchMemory {
-        bytes: config.buffer_bytes(),
-    })?;
-    let fe = BlkFrontend::connect(
-        socket,
-        FrontendConfig {
-            mem_size,
-            num_queues: config.queues,
-            queue_size: config.queue_size,
-            timeout: STALL,
-            ..FrontendConfig::default()
-        },
-    )
-    .map_err(setup)?;
-    let writes = !matches!(
-        config.rw,
-        Rw::RandRead | Rw::Read | Rw::Mix { read_percent: 100 }
-    );
-    if writes && fe.negotiated().has(vhost_user_driver::features::BLK_RO) {
-        return Err(BenchError::ReadOnly(config.rw));
-    }
-    Ok(fe)
-}
-
-/// `iodepth` data buffers of one block for each queue, in the guest memory
-/// of the session on `socket`.
-fn buffers(
-    socket: &Path,
-    fe: &BlkFrontend,
-    config: &BenchConfig,
-) -> Result<Vec<Vec<Buffer>>, BenchError> {
-    let buffer_len = usize::try_from(config.bs).map_err(|_| BenchError::BlockSize(config.bs))?;
-    let mut buffers = Vec::with_capacity(usize::from(config.queues));
-    for q in 0..config.queues {
-        let bufs = (0..config.iodepth)
-            .map(|i| {
-                let b = fe.ram().alloc_aligned(buffer_len, 4096)?;
-                // Something other than zeroes for the writes to carry.
-                b.fill(0xa5 ^ q.to_le_bytes()[0] ^ i.to_le_bytes()[0])?;
-                Ok(b)
-            })
-            .collect::<Result<Vec<_>, vhost_user_driver::Error>>()
-            .map_err(|source| BenchError::Setup {
-                socket: socket.to_path_buf(),
-                source,
-            })?;
-        buffers.push(bufs);
-    }
-    Ok(buffers)
-}
-
-/// Drives every queue on a thread of its own, through the warm-up and the
-/// measured seconds, each over its own slice of the `blocks`.
-fn run_queues(
-    fe: &mut BlkFrontend,
-    buffers: &[Vec<Buffer>],
-    config: &BenchConfig,
-    blocks: u64,
-) -> Vec<Result<QueueOutcome, BenchError>> {
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(config.warmup);
-    let end = measure_from + Duration::from_secs_f64(config.seconds);
-    let nqueues = u64::from(config.queues);
-    let bs = config.bs;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = fe
-            .queues_mut()
-            .iter_mut()
-            .zip(buffers)
-            .map(|(q, bufs)| {
-                let index = q.index();
-                let work = Workload {
-                    rw: config.rw,
-                    rng: SplitMix64(
-                        config.seed ^ u64::from(index).wrapping_mul(0x2545_f491_4f6c_dd1d),
-                    ),
-                    blocks,
-                    cursor: blocks / nqueues * u64::from(index),
-                    sectors_per_block: config.bs / Sector::SIZE,
-                };
-                let handle = s.spawn(move || drive(q, bufs, work, bs, measure_from, end));
-                (index, handle)
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|(index, h)| h.join().unwrap_or(Err(BenchError::Panicked(index))))
-            .collect()
-    })
-}
-
-/// The figures of the whole run and of each queue; the first queue that
-/// failed fails the run.
-fn totals(
-    config: &BenchConfig,
-    outcomes: Vec<Result<QueueOutcome, BenchError>>,
-) -> Result<(Stats, Vec<Stats>), BenchError> {
-    let mut total_hist = Histogram::default();
-    let mut total_count = Count::default();
-    let mut queues = Vec::with_capacity(outcomes.len());
-    let mut secs: f64 = 0.0;
-    for (index, outcome) in (0..config.queues).zip(outcomes) {
-        let o = outcome?;
-        total_hist.merge(&o.hist);
-        total_count.reads += o.count.reads;
-        total_count.writes += o.count.writes;
-        secs = secs.max(o.secs);
-        queues.push(Stats::new(
-            Some(index),
-            &o.count,
-            config.bs,
-            o.secs,
-            &o.hist,
-        ));
-    }
-    let total = Stats::new(None, &total_count, config.bs, secs, &total_hist);
-    Ok((total, queues))
-}
-
 /// The result as a table.
 pub fn table(result: &BenchResult) -> String {
     let c = &result.config;
     let mut s = format!(
-        "{} bs={} iodepth={} queues={}: {:.1} s over {} bytes\n\
+        "{} over {} bs={} iodepth={} queues={}: {:.1} s over {} bytes\n\
          {:<6} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
         c.rw,
+        c.transport,
         c.bs,
         c.iodepth,
         c.queues,
@@ -909,33 +620,6 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_continuous_and_tight() {
-        let mut last = 0;
-        for ns in (0..100_000u64).chain([1 << 40, u64::MAX]) {
-            let b = Histogram::bucket(ns);
-            assert!(b >= last && b < Histogram::BUCKETS, "ns={ns} b={b}");
-            last = b;
-            let v = Histogram::value(b);
-            let err = v.abs_diff(ns) as f64 / ns.max(1) as f64;
-            assert!(err <= 0.005, "ns={ns} value={v}");
-        }
-    }
-
-    #[test]
-    fn quantiles_of_a_known_distribution() {
-        let mut h = Histogram::default();
-        for us in 1..=1000u64 {
-            h.record(Duration::from_micros(us));
-        }
-        let p = |q| h.quantile_ns(q) as f64 / 1000.0;
-        assert!((p(0.5) - 500.0).abs() < 5.0, "{}", p(0.5));
-        assert!((p(0.99) - 990.0).abs() < 10.0, "{}", p(0.99));
-        assert!((p(0.999) - 999.0).abs() < 10.0, "{}", p(0.999));
-        assert_eq!(h.quantile_ns(1.0), 1_000_000);
-        assert_eq!(Histogram::default().quantile_ns(0.5), 0);
-    }
 
     #[test]
     fn rw_parses_and_prints() {
@@ -987,15 +671,40 @@ mod tests {
     }
 
     #[test]
-    fn sequential_offsets_wrap() {
-        let mut w = Workload {
-            rw: Rw::Read,
-            rng: SplitMix64(1),
-            blocks: 3,
-            cursor: 2,
-            sectors_per_block: 8,
+    fn an_nvme_queue_holds_one_request_fewer_than_its_size() {
+        let nvme = |iodepth, queue_size| {
+            BenchConfig {
+                transport: BenchTransport::Nvme,
+                iodepth,
+                queue_size,
+                ..BenchConfig::default()
+            }
+            .check()
         };
-        let sectors: Vec<u64> = (0..4).map(|_| w.next().1 .0).collect();
-        assert_eq!(sectors, [16, 0, 8, 16]);
+        assert!(nvme(255, 256).is_ok());
+        let e = nvme(256, 256).unwrap_err();
+        assert!(matches!(e, BenchError::IoDepth { max: 255, .. }), "{e:?}");
+        assert!(e.to_string().contains("one entry fewer"), "{e}");
+        assert!(nvme(1, 2).is_ok());
+    }
+
+    #[test]
+    fn the_range_is_the_disk_or_size_of_it() {
+        let c = BenchConfig {
+            size: Some(1 << 20),
+            ..BenchConfig::default()
+        };
+        assert_eq!(c.range(64 << 20).unwrap(), 1 << 20);
+        assert_eq!(c.range(8192).unwrap(), 8192);
+        assert!(matches!(
+            c.range(2048),
+            Err(BenchError::RangeTooSmall { range: 2048, .. })
+        ));
+        assert!(!BenchConfig::default().writes());
+        let mix = BenchConfig {
+            rw: Rw::Mix { read_percent: 99 },
+            ..BenchConfig::default()
+        };
+        assert!(mix.writes());
     }
 }
