@@ -1,23 +1,28 @@
 //! `dmaprobe bench` against an in-process dmaprobe (`backend::serve::Daemon`)
 //! and against qemu-storage-daemon, through `dmaprobe::bench::measure` and
-//! through the real command line.
+//! through the real command line; `dmaprobe bench --nvme` against a
+//! `dmaprobe serve --nvme` child, and against sockets that are not a
+//! vfio-user controller's.
 //!
 //! Needs `qemu-storage-daemon` on PATH (Debian: qemu-utils); fails, not skips,
 //! without it.
 
 mod common;
 
+use common::child::Serve;
 use common::served::Served;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
+use std::process::{Child, Command as Process, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use dmaprobe::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, Rw};
+use dmaprobe::bench::{self, BenchArgs, BenchConfig, BenchError, BenchResult, BenchTransport, Rw};
+use serde_json::Value;
 use tempfile::TempDir;
 
 const QSD: &str = "qemu-storage-daemon";
@@ -251,4 +256,233 @@ fn the_cli_prints_json() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Block size 1000"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// --nvme
+
+/// How long a `dmaprobe bench` of a second or so may take on a loaded
+/// machine before the test calls it hung.
+const BENCH_WAIT: Duration = Duration::from_secs(60);
+
+/// A `dmaprobe serve --nvme EXTRA` child on a 16 MiB disk file of zeroes,
+/// with its vfio-user socket there. Its write cache is on (the default):
+/// what the writes carry reaches the file when the daemon stops.
+fn serve_nvme(extra: &[&str]) -> Serve {
+    let mut args = vec!["--nvme"];
+    args.extend_from_slice(extra);
+    let s = Serve::with(&args).no_ledger().start();
+    // The control socket is bound first; the device's follows.
+    let deadline = Instant::now() + BENCH_WAIT;
+    while !s.socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no vfio-user socket:\n{}",
+            s.output()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    s
+}
+
+/// `dmaprobe bench ARGS` as a child, killed if it has not exited within
+/// [`BENCH_WAIT`] (the test then fails: a hang).
+fn bench_cli(args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Process::new(env!("CARGO_BIN_EXE_dmaprobe"))
+        .arg("bench")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).expect("stdout file"))
+        .stderr(File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("run dmaprobe bench");
+    let deadline = Instant::now() + BENCH_WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "dmaprobe bench {args:?} hung for {BENCH_WAIT:?}:\n{}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: fs::read(&out).unwrap_or_default(),
+        stderr: fs::read(&err).unwrap_or_default(),
+    }
+}
+
+/// `dmaprobe bench --nvme --socket S --json ARGS` against `s`, which must
+/// succeed: its JSON.
+fn bench_nvme_json(s: &Serve, args: &[&str]) -> Value {
+    let socket = s.socket.to_str().expect("a UTF-8 path");
+    let mut all = vec!["--nvme", "--socket", socket, "--json"];
+    all.extend_from_slice(args);
+    let out = bench_cli(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dmaprobe bench {all:?}: {:?}\n{stdout}\n{}\ndaemon:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        s.output()
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64()
+        .unwrap_or_else(|| panic!("no number {k} in {v}"))
+}
+
+/// Every `bs` block of the disk is zeroes or the whole of one buffer's data
+/// (`bench::buffer_data` of `queues` × `iodepth` buffers): what the writes
+/// carried landed whole and in place, page by page through their PRPs. The
+/// count of blocks written.
+fn assert_disk_holds_whole_buffers(s: &Serve, bs: usize, queues: u16, iodepth: usize) -> usize {
+    let mut buffers: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for q in 0..queues {
+        for i in 0..iodepth {
+            let data = bench::buffer_data(1, q, i, bs);
+            buffers.insert(data[..16].to_vec(), data);
+        }
+    }
+    let disk = fs::read(&s.disk).expect("read the disk file");
+    let mut written = 0;
+    for (n, block) in disk.chunks(bs).enumerate() {
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let whole = buffers
+            .get(&block[..16])
+            .is_some_and(|data| data[..] == *block);
+        assert!(
+            whole,
+            "block {n} of {bs} bytes is neither zeroes nor one buffer's data"
+        );
+        written += 1;
+    }
+    written
+}
+
+#[test]
+fn nvme_randwrite_and_randread_at_4k_and_128k() {
+    for (bs, bytes) in [("4k", 4096), ("128k", 128 << 10)] {
+        // A disk of zeroes for each block size, so every written block is
+        // one write's.
+        let mut s = serve_nvme(&[]);
+        let run = |rw: &str| {
+            let v = bench_nvme_json(
+                &s,
+                &[
+                    "--rw",
+                    rw,
+                    "--bs",
+                    bs,
+                    "--iodepth",
+                    "8",
+                    "--queues",
+                    "2",
+                    "--seconds",
+                    "1",
+                    "--warmup",
+                    "0.2",
+                ],
+            );
+            assert_eq!(v["config"]["transport"], "nvme", "{v}");
+            assert_eq!(v["config"]["bs"], bytes, "{v}");
+            assert!(num(&v, "iops") > 0.0 && num(&v, "mbps") > 0.0, "{v}");
+            assert!(num(&v, "p50_us") <= num(&v, "p99_us"), "{v}");
+            let queues = v["queues"].as_array().expect("queues");
+            assert_eq!(queues.len(), 2, "{v}");
+            assert!(queues.iter().all(|q| num(q, "ios") > 0.0), "{v}");
+            assert_eq!(num(&v, "capacity_bytes"), 16.0 * 1048576.0, "{v}");
+            v
+        };
+        let w = run("randwrite");
+        assert_eq!(num(&w, "reads"), 0.0, "{w}");
+        let r = run("randread");
+        assert_eq!(num(&r, "writes"), 0.0, "{r}");
+        // SIGTERM: the daemon flushes its write cache to the file and stops.
+        assert!(s.terminate().success(), "{}", s.output());
+        let written = assert_disk_holds_whole_buffers(&s, bytes, 2, 8);
+        assert!(written > 0, "bs {bs}: nothing on the disk after {w}");
+    }
+}
+
+#[test]
+fn nvme_refuses_what_the_controller_cannot_run() {
+    let s = serve_nvme(&["--lbs", "4096", "--max-transfer", "128K", "--read-only"]);
+    let nvme = |f: fn(&mut BenchConfig)| {
+        let mut c = BenchConfig {
+            transport: BenchTransport::Nvme,
+            ..short(Rw::RandRead, 1)
+        };
+        f(&mut c);
+        bench::measure(&s.socket, &c)
+    };
+    let e = nvme(|c| c.bs = 256 << 10).unwrap_err();
+    assert!(
+        matches!(e, BenchError::TransferTooLarge { max: 131072, .. }),
+        "{e:?}"
+    );
+    let e = nvme(|c| c.bs = 512).unwrap_err();
+    assert!(
+        matches!(e, BenchError::LbaMismatch { lba: 4096, .. }),
+        "{e:?}"
+    );
+    let e = nvme(|c| c.rw = Rw::RandWrite).unwrap_err();
+    assert!(matches!(e, BenchError::ReadOnly(Rw::RandWrite)), "{e:?}");
+    let e = nvme(|c| c.queue_size = 2048).unwrap_err();
+    assert!(
+        matches!(e, BenchError::QueueTooLarge { max: 1024, .. }),
+        "{e:?}"
+    );
+    // What it can run, it runs, the same daemon after every refusal.
+    let r = nvme(|c| c.seconds = 0.5).expect("a read-only randread");
+    assert_sane(&r, 1);
+    assert_eq!(r.capacity_bytes, 16 << 20);
+}
+
+#[test]
+fn nvme_against_a_vhost_user_socket_fails_at_once_and_says_why() {
+    let served = served();
+    let qsd = Qsd::start(1);
+    let cases = [
+        (served.socket(), "It closed the connection without a reply"),
+        (
+            qsd.socket.clone(),
+            "Its reply is not a vfio-user VERSION reply",
+        ),
+    ];
+    for (socket, why) in cases {
+        let socket = socket.to_str().expect("a UTF-8 path").to_owned();
+        let start = Instant::now();
+        let out = bench_cli(&["--nvme", "--socket", &socket, "--seconds", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(out.stdout.is_empty());
+        let expected = format!(
+            "dmaprobe bench: error: {socket} is not a vfio-user NVMe controller's socket \
+             (for a vhost-user-blk backend, leave out --nvme): {why}"
+        );
+        assert_eq!(stderr.trim(), expected);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    // The vhost-user daemon goes on serving.
+    let r = bench::measure(&served.socket(), &short(Rw::RandRead, 1)).expect("measure");
+    assert_sane(&r, 1);
 }
