@@ -472,8 +472,8 @@ fn nvme_against_a_vhost_user_socket_fails_at_once_and_says_why() {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(out.stdout.is_empty());
         let expected = format!(
-            "dmaprobe bench: error: {socket} is not a vfio-user NVMe controller's socket \
-             (for a vhost-user-blk backend, leave out --nvme): {why}"
+            "dmaprobe bench: error: {socket} does not answer as a vfio-user NVMe \
+             controller (for a vhost-user-blk backend, leave out --nvme): {why}"
         );
         assert_eq!(stderr.trim(), expected);
         assert!(
@@ -485,4 +485,25 @@ fn nvme_against_a_vhost_user_socket_fails_at_once_and_says_why() {
     // The vhost-user daemon goes on serving.
     let r = bench::measure(&served.socket(), &short(Rw::RandRead, 1)).expect("measure");
     assert_sane(&r, 1);
+}
+
+#[test]
+fn nvme_while_another_client_is_connected_says_so() {
+    use backend::nvme_driver::{HostRam, VfioUser};
+    let s = serve_nvme(&[]);
+    // The daemon serves one vfio-user client at a time: a second connection
+    // waits in the listen queue and nobody answers it.
+    let ram = HostRam::new(1 << 20).expect("guest memory");
+    let first = VfioUser::connect(&s.socket, BENCH_WAIT, ram, &[1 << 20], 1).expect("connect");
+    let socket = s.socket.to_str().expect("a UTF-8 path");
+    let out = bench_cli(&["--nvme", "--socket", socket, "--seconds", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.ends_with("No reply within 5s (is another client connected?)\n"),
+        "{stderr}"
+    );
+    drop(first);
+    let v = bench_nvme_json(&s, &["--seconds", "0.5", "--warmup", "0"]);
+    assert!(num(&v, "iops") > 0.0, "{v}");
 }

@@ -410,7 +410,7 @@ pub enum BenchError {
     },
     /// --nvme, and no vfio-user server answers at the socket.
     #[error(
-        "{} is not a vfio-user NVMe controller's socket (for a vhost-user-blk backend, \
+        "{} does not answer as a vfio-user NVMe controller (for a vhost-user-blk backend, \
          leave out --nvme)",
         socket.display()
     )]
