@@ -413,7 +413,8 @@ fn nvme_server(
     shared: &Arc<DaemonState>,
     listener: UnixListener,
 ) -> Result<VfioUserServer, ServeError> {
-    // Commands are served on the vfio-user thread: one queue's worth of CPU.
+    // The I/O pool gets the CPUs that one queue's thread leaves: guests here
+    // have a vCPU or two, and so an I/O queue or two.
     let pipeline = Arc::new(
         Pipeline::new(
             shared.namespace().clone(),

@@ -8,7 +8,7 @@
 //! A completion queue keeps one slot empty: with `entries - 1` unconsumed
 //! entries it is full, and further completions wait here until the host makes
 //! room. The controller fetches no command whose completion would have to
-//! wait (see `Controller::run_sq`), so what waits stays below the queue's
+//! wait (see `Controller::fetch`), so what waits stays below the queue's
 //! size.
 
 use std::collections::{HashSet, VecDeque};
@@ -140,7 +140,7 @@ pub struct CompQueue {
     /// Submission queues completing here.
     pub sqs: u16,
     /// Completions waiting for room. The controller fetches a command only
-    /// if its completion will find room (`Controller::run_sq`), which keeps
+    /// if its completion will find room (`Controller::fetch`), which keeps
     /// this empty, and below `entries` in any case.
     pub waiting: VecDeque<Cqe>,
 }
