@@ -20,9 +20,13 @@
 //! handler, a reset takes it exclusively before telling the handler, so the
 //! handler never receives a command from before a reset after being told
 //! of it.
+//!
+//! With shadow doorbells (`shadow`), an I/O queue's tail or head is read from
+//! the host's buffer whenever the controller looks at the queue, and a
+//! doorbell register write to it only says "look".
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -35,6 +39,7 @@ use super::features::Features;
 use super::handler::{CommandTag, Interrupts, IoCommand, IoHandler};
 use super::identify::{self, Health, Identity};
 use super::queue::{ring_in_memory, CompQueue, QueueError, SubQueue};
+use super::shadow::ShadowBuffers;
 use super::status::NvmeStatus;
 use super::workers::{Workers, BATCH};
 use crate::counters::{bump, RateLimit};
@@ -114,11 +119,21 @@ pub struct NvmeCounters {
     /// Register and doorbell writes ignored: bad size, a disabled or fatal
     /// controller, a queue being deleted, CC fields changed while enabled.
     pub ignored_writes: AtomicU64,
+    /// Doorbell values refused (past the queue, a queue that does not
+    /// exist, a head past the tail), by register or in a shadow slot: each
+    /// made the controller fatal.
+    pub doorbell_errors: AtomicU64,
     /// Times a submission queue with commands in it stopped fetching: its
     /// completion queue had no room left for another completion until the
     /// host consumed some.
     pub sq_stalls: AtomicU64,
     pub resets: AtomicU64,
+    /// Doorbell register writes (each a message from the transport).
+    pub mmio_doorbells: AtomicU64,
+    /// Shadow doorbell slots read that held a new tail or head.
+    pub shadow_updates: AtomicU64,
+    /// Doorbell Buffer Config commands that succeeded.
+    pub dbbuf_configs: AtomicU64,
     // What the SMART / health log reports.
     pub read_commands: AtomicU64,
     pub write_commands: AtomicU64,
@@ -187,6 +202,8 @@ pub(super) struct State {
     pub async_events: Vec<CommandTag>,
     /// Submission queues created so far: each gets a new incarnation.
     pub incarnations: u64,
+    /// The host's shadow doorbell buffers (Doorbell Buffer Config).
+    pub shadow: Option<ShadowBuffers>,
 }
 
 impl State {
@@ -287,6 +304,7 @@ impl Controller {
                 features,
                 async_events: Vec::new(),
                 incarnations: 0,
+                shadow: None,
             }),
             irqs: RwLock::new(None),
             gate: RwLock::new(()),
@@ -568,7 +586,8 @@ impl Controller {
     }
 
     /// A controller reset (CC.EN 1 → 0 or FLR): every queue and held command
-    /// goes, features return to their defaults, CSTS clears.
+    /// goes, the shadow doorbell buffers are forgotten, features return to
+    /// their defaults, CSTS clears.
     fn reset_queues(&self, st: &mut State) {
         bump(&self.counters.resets);
         let held: usize = st.sqs.iter().flatten().map(|sq| sq.in_flight.len()).sum();
@@ -579,11 +598,14 @@ impl Controller {
         st.cqs.iter_mut().for_each(|q| *q = None);
         st.async_events.clear();
         st.features = Features::defaults(&self.identity);
+        st.shadow = None;
         st.csts = 0;
     }
 
-    /// A doorbell register write.
+    /// A doorbell register write. A shadowed I/O queue's value is read from
+    /// its slot instead: the register's may be older.
     fn doorbell(&self, st: &mut State, offset: u64, value: u32, fx: &mut Effects) {
+        bump(&self.counters.mmio_doorbells);
         if st.csts & csts::RDY == 0 || st.fatal() {
             return self.ignored(format_args!(
                 "doorbell {offset:#x} = {value} while the controller is not ready (CSTS {:#x})",
@@ -601,6 +623,12 @@ impl Controller {
         if index % 2 == 1 {
             let result = match st.cq_mut(qid) {
                 None => Err(QueueError::NoSuchQueue { qid }),
+                Some(cq) if cq.shadow.is_some() => cq.read_shadow(&*mem).map(|moved| {
+                    if moved.is_some() {
+                        bump(&self.counters.shadow_updates);
+                    }
+                    cq.vector.filter(|_| moved == Some(true))
+                }),
                 Some(cq) => cq
                     .set_head(&*mem, value)
                     .map(|posted| cq.vector.filter(|_| posted)),
@@ -610,7 +638,7 @@ impl Controller {
                     fx.vectors.extend(vector);
                     self.resume(st, &mem, qid, fx);
                 }
-                Err(e) => self.fatal(st, e.into()),
+                Err(e) => self.doorbell_error(st, e),
             }
         } else {
             let result = match st.sq_mut(qid) {
@@ -620,12 +648,14 @@ impl Controller {
                         "q={qid} tail doorbell while the queue is being deleted"
                     ));
                 }
+                // Fetching reads the slot.
+                Some(sq) if sq.shadow.is_some() => Ok(()),
                 Some(sq) => sq.set_tail(value),
             };
             match result {
                 Ok(()) if qid == 0 => self.run_admin(st, &mem, fx),
                 Ok(()) => fx.serve.push(qid),
-                Err(e) => self.fatal(st, e.into()),
+                Err(e) => self.doorbell_error(st, e),
             }
         }
     }
@@ -673,7 +703,10 @@ impl Controller {
     /// cost falls on a host with more commands outstanding than its
     /// completion queue holds: it waits for its own head doorbell, as on
     /// hardware. Linux never gets there: its queues come in pairs of one
-    /// size, with at most `entries - 1` commands outstanding.
+    /// size, with at most `entries - 1` commands outstanding. With shadow
+    /// doorbells the head the controller knows may lag the host's: the
+    /// queue then reads the slot before it counts the queue full
+    /// ([`Controller::await_room`]).
     fn fetch(&self, st: &mut State, mem: &MappedMemory, qid: u16, fx: &mut Effects) -> Fetched {
         if st.fatal() {
             return Fetched::Stopped;
@@ -687,6 +720,12 @@ impl Controller {
         let cqid = sq.cqid;
         if !st.cq_has_room(cqid) {
             return Fetched::NoRoom(cqid);
+        }
+        if let Some(cq) = st.cq_mut(cqid) {
+            if let Err(e) = cq.set_awaited(mem, false) {
+                self.fatal(st, e.into());
+                return Fetched::Stopped;
+            }
         }
         let Some(sq) = st.sq_mut(qid) else {
             return Fetched::Stopped;
@@ -752,7 +791,10 @@ impl Controller {
     }
 
     /// Fetches up to `limit` commands of I/O submission queue `qid` into
-    /// `out`. Returns whether it stopped at `limit`.
+    /// `out`, the tail first read from its shadow slot. A queue that runs
+    /// out of commands sets its EventIdx and looks once more; one that runs
+    /// out of room reads its completion queue's head and, if still full,
+    /// asks for the head doorbell. Returns whether it stopped at `limit`.
     fn fetch_io(
         &self,
         st: &mut State,
@@ -762,6 +804,9 @@ impl Controller {
         out: &mut Vec<(Sqe, CommandTag)>,
         fx: &mut Effects,
     ) -> bool {
+        if !self.shadow_tail(st, mem, qid, false) {
+            return false;
+        }
         loop {
             if out.len() >= limit {
                 return true;
@@ -769,11 +814,82 @@ impl Controller {
             match self.fetch(st, mem, qid, fx) {
                 Fetched::Command(sqe, tag) => out.push((sqe, tag)),
                 Fetched::Conflict => {}
-                Fetched::NoRoom(cqid) => {
-                    self.stall(qid, cqid);
-                    return false;
+                Fetched::Empty => {
+                    if !self.shadow_tail(st, mem, qid, true) {
+                        return false;
+                    }
+                    if st.sq(qid).is_none_or(SubQueue::is_empty) {
+                        return false;
+                    }
                 }
-                Fetched::Empty | Fetched::Stopped => return false,
+                Fetched::NoRoom(cqid) => {
+                    if !self.await_room(st, mem, cqid, fx) {
+                        self.stall(qid, cqid);
+                        return false;
+                    }
+                }
+                Fetched::Stopped => return false,
+            }
+        }
+    }
+
+    /// Takes submission queue `qid`'s tail from its shadow slot, if it has
+    /// one; first, when `arm`, with the EventIdx set at the tail fetched up
+    /// to and a full fence (the host writes its slot, then reads the
+    /// EventIdx: one of the two sees the other's write). Returns false if
+    /// the controller went fatal.
+    fn shadow_tail(&self, st: &mut State, mem: &MappedMemory, qid: u16, arm: bool) -> bool {
+        let Some(sq) = st.sq_mut(qid).filter(|sq| sq.shadow.is_some()) else {
+            return true;
+        };
+        let read = if arm {
+            sq.arm(mem).and_then(|()| {
+                fence(Ordering::SeqCst);
+                sq.read_shadow(mem)
+            })
+        } else {
+            sq.read_shadow(mem)
+        };
+        match read {
+            Ok(moved) => {
+                if moved {
+                    bump(&self.counters.shadow_updates);
+                }
+                true
+            }
+            Err(e) => {
+                self.doorbell_error(st, e);
+                false
+            }
+        }
+    }
+
+    /// Completion queue `cqid` has no room by the head the controller
+    /// knows. If it is shadowed, reads the host's head from the slot; if
+    /// still full, moves the EventIdx to that head (the host rings its next
+    /// head), fences and reads once more. Returns whether the head moved
+    /// (look again).
+    fn await_room(&self, st: &mut State, mem: &MappedMemory, cqid: u16, fx: &mut Effects) -> bool {
+        let Some(cq) = st.cq_mut(cqid).filter(|cq| cq.shadow.is_some()) else {
+            return false;
+        };
+        let read = cq.read_shadow(mem).and_then(|moved| match moved {
+            Some(posted) => Ok(Some(posted)),
+            None => cq.set_awaited(mem, true).and_then(|()| {
+                fence(Ordering::SeqCst);
+                cq.read_shadow(mem)
+            }),
+        });
+        match read {
+            Ok(Some(posted)) => {
+                bump(&self.counters.shadow_updates);
+                fx.vectors.extend(cq.vector.filter(|_| posted));
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.doorbell_error(st, e);
+                false
             }
         }
     }
@@ -954,6 +1070,13 @@ impl Controller {
         if self.limiter.allow() {
             warn!("nvme: controller fatal status: {fault}");
         }
+    }
+
+    /// A doorbell value the controller cannot take, by register or from a
+    /// shadow slot: fatal.
+    fn doorbell_error(&self, st: &mut State, e: QueueError) {
+        bump(&self.counters.doorbell_errors);
+        self.fatal(st, e.into());
     }
 
     fn ignored(&self, what: fmt::Arguments<'_>) {

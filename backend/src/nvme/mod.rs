@@ -28,12 +28,14 @@
 //! - [`handler`]: what the controller hands on and is handed:
 //!   [`IoHandler`], [`IoCommand`], [`CommandTag`], [`Interrupts`].
 //! - [`features`]: the features the controller keeps (Get / Set Features).
+//! - [`shadow`]: shadow doorbells: Doorbell Buffer Config, and the host's
+//!   Shadow Doorbell and EventIdx buffers.
 //! - `workers`: the threads that serve the I/O submission queues.
 //! - [`device`]: [`NvmeDevice`](device::NvmeDevice), the glue: the
 //!   controller as the vfio-user transport's PCI function, its NVM commands
 //!   taken through the request [`Pipeline`](crate::pipeline::Pipeline).
 //!
-//! A command flows: SQ tail doorbell → fetch the entry
+//! A command flows: SQ tail doorbell (or its shadow slot) → fetch the entry
 //! from guest memory → admin: run, post the completion; NVM (on the queue's
 //! thread): decode, check, walk the PRPs → [`IoHandler::submit`] →
 //! [`Controller::complete`] → completion entry in the CQ, interrupt on its
@@ -57,6 +59,7 @@ pub mod identify;
 pub mod io;
 pub mod prp;
 pub mod queue;
+pub mod shadow;
 pub mod status;
 #[cfg(test)]
 mod test_utils;

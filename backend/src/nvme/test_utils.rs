@@ -64,6 +64,7 @@ pub fn identity(lbs: LbaSize) -> Identity {
         io_queues: 4,
         queue_entries: 64,
         vectors: 5,
+        doorbell_buffer: true,
     }
 }
 
