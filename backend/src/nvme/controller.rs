@@ -104,6 +104,34 @@ pub enum Fault {
     Queue(#[from] QueueError),
 }
 
+/// A count per value of a byte (an opcode) or per status.
+#[derive(Debug)]
+pub struct Tally<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Tally<N> {
+    fn default() -> Self {
+        Tally(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Tally<N> {
+    pub fn bump(&self, i: usize) {
+        if let Some(c) = self.0.get(i) {
+            bump(c);
+        }
+    }
+
+    /// The counts that are not zero, by index.
+    pub fn counted(&self) -> Vec<(usize, u64)> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
 /// What the controller did and refused since it was created.
 #[derive(Debug, Default)]
 pub struct NvmeCounters {
@@ -134,6 +162,11 @@ pub struct NvmeCounters {
     pub shadow_updates: AtomicU64,
     /// Doorbell Buffer Config commands that succeeded.
     pub dbbuf_configs: AtomicU64,
+    /// Commands fetched, by opcode.
+    pub admin_opcodes: Tally<256>,
+    pub io_opcodes: Tally<256>,
+    /// Completions posted, by status (in [`NvmeStatus::ALL`]'s order).
+    pub statuses: Tally<{ NvmeStatus::ALL.len() }>,
     // What the SMART / health log reports.
     pub read_commands: AtomicU64,
     pub write_commands: AtomicU64,
@@ -204,6 +237,8 @@ pub(super) struct State {
     pub incarnations: u64,
     /// The host's shadow doorbell buffers (Doorbell Buffer Config).
     pub shadow: Option<ShadowBuffers>,
+    /// Why the controller went fatal, until a reset.
+    pub fault: Option<Fault>,
 }
 
 impl State {
@@ -305,6 +340,7 @@ impl Controller {
                 async_events: Vec::new(),
                 incarnations: 0,
                 shadow: None,
+                fault: None,
             }),
             irqs: RwLock::new(None),
             gate: RwLock::new(()),
@@ -599,6 +635,7 @@ impl Controller {
         st.async_events.clear();
         st.features = Features::defaults(&self.identity);
         st.shadow = None;
+        st.fault = None;
         st.csts = 0;
     }
 
@@ -738,6 +775,12 @@ impl Controller {
                 return Fetched::Stopped;
             }
         };
+        let opcodes = if qid == 0 {
+            &self.counters.admin_opcodes
+        } else {
+            &self.counters.io_opcodes
+        };
+        opcodes.bump(usize::from(sqe.opcode()));
         let tag = sq.tag(sqe.cid());
         if !sq.in_flight.insert(tag.cid) {
             self.guest_error(format_args!(
@@ -992,6 +1035,7 @@ impl Controller {
         if !status.is_success() {
             bump(&self.counters.failed);
         }
+        self.counters.statuses.bump(status.index());
         let Some((sq_head, cqid)) = st.sq(sqid).map(|sq| (sq.head, sq.cqid)) else {
             return;
         };
@@ -1066,6 +1110,7 @@ impl Controller {
     /// The controller stops: CSTS.CFS, until a reset.
     fn fatal(&self, st: &mut State, fault: Fault) {
         st.csts |= csts::CFS;
+        st.fault.get_or_insert(fault);
         bump(&self.counters.fatal);
         if self.limiter.allow() {
             warn!("nvme: controller fatal status: {fault}");

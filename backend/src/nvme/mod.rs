@@ -31,6 +31,7 @@
 //! - [`shadow`]: shadow doorbells: Doorbell Buffer Config, and the host's
 //!   Shadow Doorbell and EventIdx buffers.
 //! - `workers`: the threads that serve the I/O submission queues.
+//! - [`report`]: what `ctl status` shows of the controller and its transport.
 //! - [`device`]: [`NvmeDevice`](device::NvmeDevice), the glue: the
 //!   controller as the vfio-user transport's PCI function, its NVM commands
 //!   taken through the request [`Pipeline`](crate::pipeline::Pipeline).
@@ -59,6 +60,7 @@ pub mod identify;
 pub mod io;
 pub mod prp;
 pub mod queue;
+pub mod report;
 pub mod shadow;
 pub mod status;
 #[cfg(test)]
