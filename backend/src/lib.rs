@@ -12,8 +12,9 @@
 //!   [`virtio_blk::prepare`] (check it against the namespace) → the pipeline
 //!   → status byte, used ring entry, notification.
 //! - [`nvme`]: an NVMe controller, served over [`vfio_user`] (the PCI function
-//!   on a vfio-user socket). A command flows: SQ doorbell →
-//!   [`nvme::controller`] (fetch, decode and check, PRPs walked) →
+//!   on a vfio-user socket). A command flows: SQ doorbell (or its shadow
+//!   slot) → [`nvme::controller`] (fetch, decode and check, PRPs walked; on
+//!   the I/O queue's own thread) →
 //!   [`nvme::device`] (prepared) → the pipeline → completion entry, MSI-X
 //!   vector.
 //!

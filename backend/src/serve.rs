@@ -38,6 +38,8 @@ use crate::control::state::DaemonState;
 use crate::control::{self};
 use crate::counters::Counters;
 use crate::nvme::device::NvmeDevice;
+use crate::nvme::report::NvmeView;
+use crate::nvme::Controller;
 use crate::pipeline::Pipeline;
 use crate::unix_socket::{bind_socket, check_socket_path, SocketError, SocketFile};
 use crate::vfio_user::{VfioUserOptions, VfioUserServer};
@@ -338,11 +340,11 @@ fn serve_interface(
 ) -> Result<mpsc::Receiver<ServeError>, ServeError> {
     let (failed_tx, failed) = mpsc::channel();
     if config.nvme {
-        let server = nvme_server(config, shared, listener)?;
+        let (server, controller) = nvme_server(config, shared, listener)?;
         thread::Builder::new()
             .name("vfio-user".into())
             .spawn(move || {
-                let err = serve_nvme(server);
+                let err = serve_nvme(server, &controller);
                 let _ = failed_tx.send(err);
             })
             .map_err(ServeError::Device)?
@@ -376,6 +378,9 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     let result = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200)) {
             info!("received {sig}: flushing the media and stopping");
+            if let Some(nvme) = daemon.state().nvme() {
+                log_nvme_counters(&nvme.controller);
+            }
             let failed = daemon.state().fail_waiting();
             if failed > 0 {
                 info!("{failed} waiting requests failed with IOERR");
@@ -412,8 +417,9 @@ fn nvme_server(
     config: &ServeConfig,
     shared: &Arc<DaemonState>,
     listener: UnixListener,
-) -> Result<VfioUserServer, ServeError> {
-    // Commands are served on the vfio-user thread: one queue's worth of CPU.
+) -> Result<(VfioUserServer, Arc<Controller>), ServeError> {
+    // The I/O pool gets the CPUs that one queue's thread leaves: guests here
+    // have a vCPU or two, and so an I/O queue or two.
     let pipeline = Arc::new(
         Pipeline::new(
             shared.namespace().clone(),
@@ -426,21 +432,43 @@ fn nvme_server(
         .map_err(ServeError::Device)?,
     );
     let device = NvmeDevice::new(pipeline.clone(), &config.serial, config.media.deallocate);
+    let controller = device.controller().clone();
     let server =
         VfioUserServer::with_listener(listener, &config.socket, device, VfioUserOptions::default())
             .map_err(ServeError::Nvme)?;
     shared.set_current(Some(pipeline));
-    Ok(server)
+    shared.set_nvme(NvmeView {
+        controller: controller.clone(),
+        transport: server.stats(),
+    });
+    Ok((server, controller))
 }
 
 /// Serves one vfio-user client after another; returns only on a fatal error.
-/// (`status` does not say yet whether a vfio-user client is connected.)
-fn serve_nvme(mut server: VfioUserServer) -> ServeError {
+/// Each time a client leaves, says what the controller has done so far.
+fn serve_nvme(mut server: VfioUserServer, controller: &Controller) -> ServeError {
     loop {
         if let Err(e) = server.serve_connection() {
             return ServeError::Nvme(e);
         }
+        log_nvme_counters(controller);
     }
+}
+
+/// What the NVMe controller has done since the daemon started, in one line.
+fn log_nvme_counters(controller: &Controller) {
+    let c = controller.report().counters;
+    info!(
+        "nvme: since start: {} admin and {} NVM commands, {} doorbell register writes, \
+         {} shadow doorbell updates, {} doorbell buffer configs, {} doorbell errors, {} resets",
+        c.admin_commands,
+        c.io_commands,
+        c.mmio_doorbells,
+        c.shadow_updates,
+        c.dbbuf_configs,
+        c.doorbell_errors,
+        c.resets
+    );
 }
 
 /// Serves one frontend after another; returns only on a fatal error.

@@ -272,10 +272,134 @@ fn status_lines(r: &Value) -> Vec<String> {
     ]
     .into_iter()
     .flatten()
+    .chain(nvme_lines(&r["nvme"]))
     .collect()
 }
 
-/// Version, uptime and whether a frontend is connected.
+/// The NVMe controller, when it is the interface served: the client and the
+/// controller's state, its queues, doorbells, commands and statuses.
+fn nvme_lines(n: &Value) -> Vec<String> {
+    let Some(ctrl) = n["controller"].as_object() else {
+        return Vec::new();
+    };
+    let c = &ctrl["counters"];
+    let state = if let Some(fault) = ctrl["fatal"].as_str() {
+        format!("FATAL (CSTS.CFS): {fault}")
+    } else if ctrl["enabled"] == json!(true) {
+        format!(
+            "enabled, {}",
+            if ctrl["ready"] == json!(true) {
+                "ready"
+            } else {
+                "not ready"
+            }
+        )
+    } else {
+        "disabled".into()
+    };
+    let shutdown = match ctrl["shutdown"].as_str() {
+        Some("none") | None => String::new(),
+        Some(s) => format!(", shutdown {s}"),
+    };
+    let mut lines = vec![format!(
+        "nvme: {}   controller {state}{shutdown}   I/O queues served on {}",
+        if n["client_connected"] == json!(true) {
+            "vfio-user client connected"
+        } else {
+            "no vfio-user client"
+        },
+        if ctrl["queue_threads"] == json!(true) {
+            "a thread each"
+        } else {
+            "the transport's thread"
+        }
+    )];
+    let queues = queue_list(&ctrl["submission_queues"], &ctrl["completion_queues"]);
+    if !queues.is_empty() {
+        lines.push(format!("nvme queues: {}", queues.join("   ")));
+    }
+    let shadow = match ctrl["shadow_doorbells"].as_object() {
+        Some(b) => format!(
+            "shadow buffers at {} (EventIdx {})",
+            b["doorbells"].as_str().unwrap_or("?"),
+            b["event_idx"].as_str().unwrap_or("?")
+        ),
+        None => "no shadow buffers".into(),
+    };
+    lines.push(format!(
+        "nvme doorbells: {} register writes, {} shadow updates, {} buffer configs, {} errors   {shadow}",
+        c["mmio_doorbells"], c["shadow_updates"], c["dbbuf_configs"], c["doorbell_errors"]
+    ));
+    lines.push(format!(
+        "nvme commands: admin {} ({})   io {} ({})",
+        c["admin_commands"],
+        named_counts(&c["admin_opcodes"]),
+        c["io_commands"],
+        named_counts(&c["io_opcodes"])
+    ));
+    lines.push(format!("nvme statuses: {}", named_counts(&c["statuses"])));
+    lines.push(format!(
+        "nvme events: resets {}, fatal {}, stalls {}, stale completions {}, ignored writes {}",
+        c["resets"], c["fatal"], c["sq_stalls"], c["stale_completions"], c["ignored_writes"]
+    ));
+    lines
+}
+
+/// Each submission queue with its depth and size, and its completion queue.
+fn queue_list(sqs: &Value, cqs: &Value) -> Vec<String> {
+    let cqs = cqs.as_array().cloned().unwrap_or_default();
+    sqs.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|sq| {
+            let cq = cqs.iter().find(|cq| cq["qid"] == sq["cq"]);
+            let cq = cq.map_or_else(String::new, |cq| {
+                let vector = cq["vector"]
+                    .as_u64()
+                    .map_or_else(|| "polled".into(), |v| format!("vector {v}"));
+                format!(
+                    " -> cq{} ({} posted, {vector}{})",
+                    cq["qid"],
+                    cq["posted"],
+                    if cq["awaited"] == json!(true) {
+                        ", full"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            format!(
+                "sq{} {} in flight of {}{}{}",
+                sq["qid"],
+                sq["in_flight"],
+                sq["entries"],
+                if sq["deleting"] == json!(true) {
+                    " (deleting)"
+                } else {
+                    ""
+                },
+                cq
+            )
+        })
+        .collect()
+}
+
+/// `{"read": 3, "write": 1}` as "read 3, write 1", or "none".
+fn named_counts(v: &Value) -> String {
+    let counts: Vec<String> = v
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        .unwrap_or_default();
+    if counts.is_empty() {
+        "none".into()
+    } else {
+        counts.join(", ")
+    }
+}
+
+/// Version, uptime and whether a frontend (or vfio-user client) is
+/// connected.
 fn daemon_line(r: &Value) -> String {
     format!(
         "dmaprobe {}  up {:.0} s  {}",
@@ -560,6 +684,67 @@ mod tests {
         // A daemon too old to say leaves the line out.
         let old = json!({"counters": {}, "checks": {}, "ledger": {}});
         assert!(!human(&CtlCommand::Status, &old).contains("process:"));
+    }
+
+    #[test]
+    fn status_shows_the_nvme_controller_its_queues_and_counters() {
+        let status = json!({
+            "counters": {}, "checks": {}, "ledger": {},
+            "nvme": {
+                "client_connected": true,
+                "controller": {
+                    "enabled": true, "ready": true, "fatal": null, "shutdown": "none",
+                    "queue_threads": true,
+                    "shadow_doorbells": {"doorbells": "0x7f000", "event_idx": "0x7e000"},
+                    "submission_queues": [
+                        {"qid": 0, "entries": 32, "cq": 0, "in_flight": 1, "deleting": false},
+                        {"qid": 1, "entries": 1024, "cq": 1, "in_flight": 3, "deleting": false}
+                    ],
+                    "completion_queues": [
+                        {"qid": 0, "entries": 32, "posted": 0, "vector": 0, "awaited": false},
+                        {"qid": 1, "entries": 1024, "posted": 2, "vector": 1, "awaited": false}
+                    ],
+                    "counters": {
+                        "admin_commands": 14, "io_commands": 100, "failed": 0, "fatal": 0,
+                        "stale_completions": 0, "ignored_writes": 0, "doorbell_errors": 0,
+                        "sq_stalls": 0, "resets": 1, "mmio_doorbells": 70,
+                        "shadow_updates": 150, "dbbuf_configs": 1,
+                        "admin_opcodes": {"identify": 6, "doorbell-buffer-config": 1},
+                        "io_opcodes": {"read": 60, "write": 40},
+                        "statuses": {"success": 113}
+                    }
+                }
+            }
+        });
+        let out = human(&CtlCommand::Status, &status);
+        for want in [
+            "nvme: vfio-user client connected   controller enabled, ready   \
+             I/O queues served on a thread each\n",
+            "nvme queues: sq0 1 in flight of 32 -> cq0 (0 posted, vector 0)   \
+             sq1 3 in flight of 1024 -> cq1 (2 posted, vector 1)\n",
+            "nvme doorbells: 70 register writes, 150 shadow updates, 1 buffer configs, \
+             0 errors   shadow buffers at 0x7f000 (EventIdx 0x7e000)\n",
+            "nvme commands: admin 14 (doorbell-buffer-config 1, identify 6)   \
+             io 100 (read 60, write 40)\n",
+            "nvme statuses: success 113\n",
+            "nvme events: resets 1, fatal 0, stalls 0",
+        ] {
+            assert!(out.contains(want), "{want}\nin\n{out}");
+        }
+        let mut fatal = status.clone();
+        fatal["nvme"]["client_connected"] = json!(false);
+        fatal["nvme"]["controller"]["fatal"] = json!("Doorbell of queue 9, which does not exist");
+        let out = human(&CtlCommand::Status, &fatal);
+        assert!(
+            out.contains(
+                "nvme: no vfio-user client   controller FATAL (CSTS.CFS): \
+                 Doorbell of queue 9, which does not exist"
+            ),
+            "{out}"
+        );
+        // virtio-blk: no NVMe lines.
+        let blk = json!({"counters": {}, "checks": {}, "ledger": {}, "nvme": null});
+        assert!(!human(&CtlCommand::Status, &blk).contains("nvme"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::nvme::identify::IDENTIFY_LEN;
+use backend::nvme::shadow::need_event;
 use backend::nvme_driver::command::fid::{NUMBER_OF_QUEUES, VOLATILE_WRITE_CACHE};
 use backend::nvme_driver::command::{self, admin_op, io_op, AD, FUA};
 use backend::nvme_driver::csts::{CFS, RDY};
@@ -1485,4 +1486,193 @@ fn guest_memory_unmapped_under_a_held_read_fails_it_with_a_data_transfer_error()
         &pattern(25, 4096),
         format_args!("a read after the unmap"),
     );
+}
+
+// ---------------------------------------------------------------------------
+// Shadow doorbells and `ctl status`
+
+/// The shadow doorbell and EventIdx pages.
+const SHADOW: u64 = 0x6000;
+const EVENT_IDX: u64 = 0x7000;
+
+impl Nvme {
+    /// Doorbell Buffer Config with the two pages, sent raw as Linux's
+    /// nvme_dbbuf_set sends it (the driver has no helper for it).
+    fn configure_shadow_doorbells(&mut self) {
+        self.ram().fill(Gpa(SHADOW), 0, 2 * PAGE as usize).unwrap();
+        let c =
+            self.admin(Sqe::new(admin_op::DOORBELL_BUFFER_CONFIG, 0).with_prps(SHADOW, EVENT_IDX));
+        assert_eq!(c.code(), SUCCESS, "Doorbell Buffer Config: {c:?}");
+    }
+
+    fn dword(&self, at: u64) -> u16 {
+        let v = self.ram().load32(Gpa(at)).expect("guest memory");
+        u16::try_from(v & 0xffff).unwrap()
+    }
+
+    /// Linux's nvme_dbbuf_update_and_check_event for the doorbell at
+    /// `slot`: the value in the shadow page, a full barrier, the EventIdx,
+    /// and the register rung only if it asks. Returns whether it rang.
+    fn update_shadow(&self, slot: u64, old: u16, new: u16) -> bool {
+        self.ram()
+            .write_mem(Gpa(SHADOW + slot), &u32::from(new).to_le_bytes())
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let ring = need_event(self.dword(EVENT_IDX + slot), new, old);
+        if ring {
+            self.write32(DOORBELLS + slot, u32::from(new));
+        }
+        ring
+    }
+
+    /// Runs `sqe` on I/O queue 1 with its tail in the shadow page (the
+    /// `n`th command since the queue was created), then moves the head
+    /// there. The driver rings the head register too when it takes the
+    /// completion, an older value the controller does not use.
+    fn io_shadowed(&mut self, n: u16, sqe: Sqe) -> Completion {
+        let cid = self.driver.next_cid();
+        self.driver.place(1, &sqe.with_cid(cid)).expect("place");
+        let (old, new) = (n % IO_ENTRIES, (n + 1) % IO_ENTRIES);
+        self.update_shadow(8, old, new);
+        let c = self.completion(1, cid);
+        self.update_shadow(12, old, new);
+        c
+    }
+}
+
+/// `ctl status --json` until `done` says it is there.
+fn status_when(s: &Serve, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = s.ctl_json(&["status"]);
+        if done(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status:#}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctl_status_shows_the_client_the_controller_its_queues_and_shadow_doorbells() {
+    let s = Serve::start(&["--nvme"]);
+    let status = s.ctl_json(&["status"]);
+    assert_eq!(status["connected"], false);
+    assert_eq!(status["nvme"]["client_connected"], false);
+    assert_eq!(status["nvme"]["controller"]["enabled"], false);
+
+    let mut nvme = Nvme::connect(&s);
+    let (ctrl, _) = nvme.probe();
+    assert_eq!(le16(&ctrl, 256), 1 << 8, "OACS: Doorbell Buffer Config");
+    let status = s.ctl_json(&["status"]);
+    let (n, ctrl) = (&status["nvme"], &status["nvme"]["controller"]);
+    assert_eq!(status["connected"], true);
+    assert_eq!(n["client_connected"], true);
+    assert_eq!(n["transport"]["connected"], true);
+    assert_eq!(
+        (
+            &ctrl["enabled"],
+            &ctrl["ready"],
+            &ctrl["fatal"],
+            &ctrl["shutdown"]
+        ),
+        (&json!(true), &json!(true), &Value::Null, &json!("none"))
+    );
+    assert_eq!(ctrl["queue_threads"], true);
+    assert_eq!(ctrl["shadow_doorbells"], Value::Null);
+    let sqs = ctrl["submission_queues"].as_array().unwrap();
+    assert_eq!(sqs.len(), 2, "{ctrl:#}");
+    assert_eq!(
+        (
+            &sqs[1]["qid"],
+            &sqs[1]["entries"],
+            &sqs[1]["cq"],
+            &sqs[1]["in_flight"]
+        ),
+        (&json!(1), &json!(IO_ENTRIES), &json!(1), &json!(0))
+    );
+    assert_eq!(sqs[0]["entries"], ADMIN_ENTRIES);
+    let cqs = ctrl["completion_queues"].as_array().unwrap();
+    assert_eq!((&cqs[1]["qid"], &cqs[1]["vector"]), (&json!(1), &json!(1)));
+    let before = ctrl["counters"].clone();
+    assert_eq!(before["admin_opcodes"]["identify"], 2);
+    assert_eq!(before["admin_opcodes"]["create-cq"], 1);
+
+    // Shadow doorbells, as a Linux guest uses them.
+    nvme.configure_shadow_doorbells();
+    let data = pattern(31, 4096);
+    for n in 0..20u16 {
+        let prp = nvme.contiguous(DATA, data.len(), LISTS);
+        prp.write(nvme.ram(), &data).unwrap();
+        let c = nvme.io_shadowed(n, rw(io_op::WRITE, u64::from(n) * 8, 8, &prp));
+        assert_eq!(c.code(), SUCCESS, "write {n}: {c:?}");
+    }
+    let prp = nvme.contiguous(DATA, 4096, LISTS);
+    let c = nvme.io_shadowed(20, rw(io_op::READ, 8, 8, &prp));
+    assert_eq!(c.code(), SUCCESS);
+    same(
+        &prp.read(nvme.ram()).unwrap(),
+        &data,
+        format_args!("read back"),
+    );
+    assert_eq!(
+        nvme.dword(EVENT_IDX + 8),
+        21,
+        "SQ EventIdx: the tail fetched"
+    );
+    assert_eq!(nvme.dword(EVENT_IDX + 12), 21, "CQ EventIdx: the CQ's tail");
+    assert_eq!(s.disk_at(19 * 8, 4096), data);
+
+    let status = s.ctl_json(&["status"]);
+    let ctrl = &status["nvme"]["controller"];
+    assert_eq!(
+        ctrl["shadow_doorbells"],
+        json!({"doorbells": "0x6000", "event_idx": "0x7000"})
+    );
+    assert_eq!(ctrl["submission_queues"][1]["shadowed"], true);
+    assert_eq!(ctrl["submission_queues"][0]["shadowed"], false);
+    let c = &ctrl["counters"];
+    let grew = |key: &str| c[key].as_u64().unwrap() - before[key].as_u64().unwrap();
+    assert_eq!(c["dbbuf_configs"], 1);
+    assert_eq!(c["admin_opcodes"]["doorbell-buffer-config"], 1);
+    assert_eq!(c["io_opcodes"], json!({"write": 20, "read": 1}));
+    assert_eq!(grew("io_commands"), 21);
+    assert!(grew("shadow_updates") >= 21, "{c:#}");
+    // An idle controller asks for each tail; the driver rings each head
+    // besides (and the admin queue's two).
+    assert_eq!(grew("mmio_doorbells"), 21 + 21 + 2, "{c:#}");
+    assert_eq!(
+        c["statuses"]["success"],
+        c["admin_commands"].as_u64().unwrap() + 21
+    );
+    assert_eq!(
+        (&c["doorbell_errors"], &c["fatal"], &c["sq_stalls"]),
+        (&json!(0), &json!(0), &json!(0))
+    );
+    let human = s.ctl_ok(&["status"]);
+    for want in [
+        "frontend connected",
+        "nvme: vfio-user client connected   controller enabled, ready   I/O queues served on a thread each",
+        "nvme queues: sq0 0 in flight of 32 -> cq0 (0 posted, vector 0)   sq1 0 in flight of 64 -> cq1",
+        "buffer configs, 0 errors   shadow buffers at 0x6000 (EventIdx 0x7000)",
+        "io 21 (read 1, write 20)",
+    ] {
+        assert!(human.contains(want), "{want:?} in\n{human}");
+    }
+
+    // The client goes: the controller is reset and forgets the buffers.
+    let resets = c["resets"].as_u64().unwrap();
+    nvme.disconnect();
+    let status = status_when(&s, "the client gone", |st| {
+        st["nvme"]["client_connected"] == false
+    });
+    let ctrl = &status["nvme"]["controller"];
+    assert_eq!(status["connected"], false);
+    assert_eq!(ctrl["enabled"], false);
+    assert_eq!(ctrl["shadow_doorbells"], Value::Null);
+    assert_eq!(ctrl["submission_queues"], json!([]));
+    assert_eq!(ctrl["counters"]["resets"], resets + 1);
+    assert!(s
+        .ctl_ok(&["status"])
+        .contains("nvme: no vfio-user client   controller disabled"));
 }

@@ -166,6 +166,7 @@ fn identity(config: u8) -> Identity {
         io_queues: 3,
         queue_entries: 16,
         vectors: 4,
+        doorbell_buffer: config & 64 == 0,
     }
 }
 

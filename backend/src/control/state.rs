@@ -3,7 +3,7 @@
 //! being served; and `status`'s answer, the daemon at a glance.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use dma::schedule::{ParkedInfo, Release};
@@ -14,6 +14,7 @@ use super::process_figures::ProcessFigures;
 use super::protocol::checks_json;
 use super::socket::ClientCounters;
 use crate::counters::Counters;
+use crate::nvme::report::NvmeView;
 use crate::pipeline::Pipeline;
 
 /// What outlives each connection, and what the control plane drives.
@@ -28,6 +29,9 @@ pub struct DaemonState {
     current: Mutex<Option<Arc<Pipeline>>>,
     /// Whether a frontend is connected (`current` is set a little before).
     connected: AtomicBool,
+    /// The NVMe controller and its vfio-user transport, when that is the
+    /// interface served.
+    nvme: OnceLock<NvmeView>,
     started: Instant,
     /// Control clients turned away or closed.
     control_clients: Arc<ClientCounters>,
@@ -48,6 +52,7 @@ impl DaemonState {
             latency,
             current: Mutex::new(None),
             connected: AtomicBool::new(false),
+            nvme: OnceLock::new(),
             started: Instant::now(),
             control_clients: Arc::default(),
         }
@@ -86,6 +91,22 @@ impl DaemonState {
         self.connected.store(connected, Ordering::Relaxed);
     }
 
+    /// The NVMe interface served, for `status`; its transport says whether
+    /// a client is connected.
+    pub fn set_nvme(&self, view: NvmeView) {
+        let _ = self.nvme.set(view);
+    }
+
+    /// The NVMe interface served, if that is the interface.
+    pub fn nvme(&self) -> Option<&NvmeView> {
+        self.nvme.get()
+    }
+
+    /// Whether a frontend (vhost-user) or client (vfio-user) is connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) || self.nvme.get().is_some_and(NvmeView::connected)
+    }
+
     /// Fails every request still waiting on the connected frontend (the
     /// daemon is stopping); returns how many.
     pub fn fail_waiting(&self) -> usize {
@@ -119,7 +140,7 @@ impl DaemonState {
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs_f64(),
-            "connected": self.connected.load(Ordering::Relaxed),
+            "connected": self.connected(),
             "capacity_bytes": self.ns.capacity_bytes(),
             "lbs": self.ns.lba_size().bytes(),
             "counters": self.counters.snapshot(),
@@ -161,6 +182,7 @@ impl DaemonState {
             },
             "control": self.control_clients.snapshot(),
             "process": ProcessFigures::now(),
+            "nvme": self.nvme.get().map(NvmeView::status),
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The admin command set (NVMe 1.4, 5): I/O queue creation and deletion,
-//! Identify, Get Log Page, Set / Get Features, Abort and Asynchronous Event
-//! Request. Everything runs under the controller's lock except a write cache
-//! change, which the handler makes.
+//! Identify, Get Log Page, Set / Get Features, Abort, Asynchronous Event
+//! Request, and (NVMe 1.3) Doorbell Buffer Config, in `shadow`. Everything
+//! runs under the controller's lock except a write cache change, which the
+//! handler makes.
 
 use dma::Gpa;
 use log::debug;
@@ -13,6 +14,7 @@ use super::handler::CommandTag;
 use super::identify::{self, ASYNC_EVENT_LIMIT, NSID};
 use super::prp::{self, PAGE};
 use super::queue::{ring_in_memory, CompQueue, SubQueue};
+use super::shadow::new_queue_slot;
 use super::status::NvmeStatus;
 
 /// The most bytes an admin command moves, whatever MDTS says: log pages are
@@ -63,6 +65,7 @@ impl Controller {
             admin_op::SET_FEATURES => self.set_features(st, sqe, tag, fx),
             admin_op::GET_FEATURES => self.get_features(st, sqe),
             admin_op::ASYNC_EVENT_REQUEST => async_event_request(st, tag),
+            admin_op::DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(st, mem, sqe),
             _ => NvmeStatus::InvalidOpcode.into(),
         };
         if let Disposition::Done(status, _) = outcome {
@@ -104,12 +107,12 @@ impl Controller {
         if !base.0.is_multiple_of(PAGE) || !ring_in_memory(mem, base, entries, 16) {
             return NvmeStatus::InvalidField.into();
         }
-        st.cqs[usize::from(qid)] = Some(CompQueue::new(
-            qid,
-            base,
-            entries,
-            interrupts.then_some(vector),
-        ));
+        let mut cq = CompQueue::new(qid, base, entries, interrupts.then_some(vector));
+        match new_queue_slot(st.shadow.and_then(|b| b.cq(qid)), mem) {
+            Ok(slot) => cq.shadow = slot,
+            Err(_) => return NvmeStatus::InvalidField.into(),
+        }
+        st.cqs[usize::from(qid)] = Some(cq);
         debug!("nvme: q={qid} completion queue of {entries} at {base}, vector {vector}");
         NvmeStatus::Success.into()
     }
@@ -140,8 +143,13 @@ impl Controller {
         if !base.0.is_multiple_of(PAGE) || !ring_in_memory(mem, base, entries, Sqe::SIZE) {
             return NvmeStatus::InvalidField.into();
         }
+        let Ok(slot) = new_queue_slot(st.shadow.and_then(|b| b.sq(qid)), mem) else {
+            return NvmeStatus::InvalidField.into();
+        };
         let incarnation = self.next_incarnation(st);
-        st.sqs[usize::from(qid)] = Some(SubQueue::new(qid, base, entries, cqid, incarnation));
+        let mut sq = SubQueue::new(qid, base, entries, cqid, incarnation);
+        sq.shadow = slot;
+        st.sqs[usize::from(qid)] = Some(sq);
         if let Some(cq) = st.cq_mut(cqid) {
             cq.sqs += 1;
         }
@@ -821,7 +829,7 @@ mod tests {
     #[test]
     fn unknown_opcodes_fused_and_sgl_commands() {
         let mut host = Host::probed(identity(LbaSize::B512), 1, 8);
-        for op in [0x03, 0x0d, 0x10, 0x18, 0x7c, 0x80, 0xc0, 0xff] {
+        for op in [0x03, 0x0d, 0x10, 0x18, 0x7d, 0x80, 0xc0, 0xff] {
             let c = host.admin(Sqe::new(op, 0));
             assert_eq!(
                 c.status(),

@@ -16,6 +16,26 @@ pub mod admin_op {
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
     pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
+    /// NVMe 1.3: the host's shadow doorbell and EventIdx buffers.
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
+
+    /// The opcode's name in logs and status, if this controller knows it.
+    pub fn name(op: u8) -> Option<&'static str> {
+        Some(match op {
+            DELETE_SQ => "delete-sq",
+            CREATE_SQ => "create-sq",
+            GET_LOG_PAGE => "get-log-page",
+            DELETE_CQ => "delete-cq",
+            CREATE_CQ => "create-cq",
+            IDENTIFY => "identify",
+            ABORT => "abort",
+            SET_FEATURES => "set-features",
+            GET_FEATURES => "get-features",
+            ASYNC_EVENT_REQUEST => "async-event-request",
+            DOORBELL_BUFFER_CONFIG => "doorbell-buffer-config",
+            _ => return None,
+        })
+    }
 }
 
 /// NVM command set opcodes.
@@ -25,6 +45,18 @@ pub mod io_op {
     pub const READ: u8 = 0x02;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DATASET_MANAGEMENT: u8 = 0x09;
+
+    /// The opcode's name in logs and status, if this controller knows it.
+    pub fn name(op: u8) -> Option<&'static str> {
+        Some(match op {
+            FLUSH => "flush",
+            WRITE => "write",
+            READ => "read",
+            WRITE_ZEROES => "write-zeroes",
+            DATASET_MANAGEMENT => "dataset-management",
+            _ => return None,
+        })
+    }
 }
 
 /// The namespace identifier that names every namespace.

@@ -2,21 +2,32 @@
 //! the doorbells, and the paths a command takes from its submission entry to
 //! its completion.
 //!
-//! All state sits behind one lock. A doorbell write fetches and decodes
-//! commands under it; admin commands run there too. What must happen without
-//! the lock — interrupts, NVM commands for the handler, the handler's write
-//! cache, reset and shutdown calls — is collected in `Effects` and done
+//! All state sits behind one lock, held only to change it: a doorbell write
+//! sets a tail or a head; fetching takes entries off a submission queue and
+//! into its in-flight set; a completion posts an entry. Admin commands run
+//! under the lock on the thread that rang (the transport's). The I/O
+//! submission queues are served on a thread each once
+//! [`Controller::serve_on_threads`] is called (see `workers`), else on the
+//! thread that rang: fetching under the lock, then decoding, checking and
+//! handing each command to the [`IoHandler`] without it, in the order
+//! fetched. What must happen without the lock — interrupts, the handler's
+//! write cache, reset and shutdown calls — is collected in `Effects` and done
 //! after it is released, so a handler may complete a command from inside
 //! [`IoHandler::submit`].
 //!
-//! A second lock, the submission gate, orders submissions before a reset: a
-//! doorbell holds it shared while it fetches and submits, a reset takes it
-//! exclusively before telling the handler, so the handler never receives a
-//! command from before a reset after being told of it.
+//! A second lock, the submission gate, orders submissions before a reset:
+//! whoever fetches holds it shared until what it fetched has reached the
+//! handler, a reset takes it exclusively before telling the handler, so the
+//! handler never receives a command from before a reset after being told
+//! of it.
+//!
+//! With shadow doorbells (`shadow`), an I/O queue's tail or head is read from
+//! the host's buffer whenever the controller looks at the queue, and a
+//! doorbell register write to it only says "look".
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use dma::Gpa;
@@ -28,7 +39,9 @@ use super::features::Features;
 use super::handler::{CommandTag, Interrupts, IoCommand, IoHandler};
 use super::identify::{self, Health, Identity};
 use super::queue::{ring_in_memory, CompQueue, QueueError, SubQueue};
+use super::shadow::ShadowBuffers;
 use super::status::NvmeStatus;
+use super::workers::{Workers, BATCH};
 use crate::counters::{bump, RateLimit};
 use crate::GuestMemory;
 
@@ -91,6 +104,34 @@ pub enum Fault {
     Queue(#[from] QueueError),
 }
 
+/// A count per value of a byte (an opcode) or per status.
+#[derive(Debug)]
+pub struct Tally<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Tally<N> {
+    fn default() -> Self {
+        Tally(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Tally<N> {
+    pub fn bump(&self, i: usize) {
+        if let Some(c) = self.0.get(i) {
+            bump(c);
+        }
+    }
+
+    /// The counts that are not zero, by index.
+    pub fn counted(&self) -> Vec<(usize, u64)> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
 /// What the controller did and refused since it was created.
 #[derive(Debug, Default)]
 pub struct NvmeCounters {
@@ -106,11 +147,26 @@ pub struct NvmeCounters {
     /// Register and doorbell writes ignored: bad size, a disabled or fatal
     /// controller, a queue being deleted, CC fields changed while enabled.
     pub ignored_writes: AtomicU64,
+    /// Doorbell values refused (past the queue, a queue that does not
+    /// exist, a head past the tail), by register or in a shadow slot: each
+    /// made the controller fatal.
+    pub doorbell_errors: AtomicU64,
     /// Times a submission queue with commands in it stopped fetching: its
     /// completion queue had no room left for another completion until the
     /// host consumed some.
     pub sq_stalls: AtomicU64,
     pub resets: AtomicU64,
+    /// Doorbell register writes (each a message from the transport).
+    pub mmio_doorbells: AtomicU64,
+    /// Shadow doorbell slots read that held a new tail or head.
+    pub shadow_updates: AtomicU64,
+    /// Doorbell Buffer Config commands that succeeded.
+    pub dbbuf_configs: AtomicU64,
+    /// Commands fetched, by opcode.
+    pub admin_opcodes: Tally<256>,
+    pub io_opcodes: Tally<256>,
+    /// Completions posted, by status (in [`NvmeStatus::ALL`]'s order).
+    pub statuses: Tally<{ NvmeStatus::ALL.len() }>,
     // What the SMART / health log reports.
     pub read_commands: AtomicU64,
     pub write_commands: AtomicU64,
@@ -140,11 +196,26 @@ impl From<NvmeStatus> for Disposition {
 #[derive(Debug, Default)]
 pub(super) struct Effects {
     pub vectors: Vec<u16>,
-    pub io: Vec<IoCommand>,
     /// Set Features, Volatile Write Cache: the command and the new setting.
     pub write_cache: Vec<(CommandTag, bool)>,
     pub reset: bool,
     pub shutdown: bool,
+    /// I/O submission queues with something to fetch: woken on their
+    /// threads, or served on this one.
+    pub serve: Vec<u16>,
+}
+
+/// What one look at a submission queue found.
+enum Fetched {
+    /// The next command, in flight now.
+    Command(Sqe, CommandTag),
+    /// A command whose identifier was in flight: its completion is posted.
+    Conflict,
+    Empty,
+    /// Its completion queue has no room for another completion.
+    NoRoom(u16),
+    /// Gone, being deleted, or the controller is fatal.
+    Stopped,
 }
 
 /// The registers and queues.
@@ -164,6 +235,10 @@ pub(super) struct State {
     pub async_events: Vec<CommandTag>,
     /// Submission queues created so far: each gets a new incarnation.
     pub incarnations: u64,
+    /// The host's shadow doorbell buffers (Doorbell Buffer Config).
+    pub shadow: Option<ShadowBuffers>,
+    /// Why the controller went fatal, until a reset.
+    pub fault: Option<Fault>,
 }
 
 impl State {
@@ -186,7 +261,7 @@ impl State {
     /// Whether completion queue `cqid` has room for the completion of one
     /// more command, counting what it holds (posted and not consumed, or
     /// waiting) and what the commands in flight to it will post. See
-    /// [`Controller::run_sq`] for the bound this keeps.
+    /// [`Controller::fetch`] for the bound this keeps.
     pub fn cq_has_room(&self, cqid: u16) -> bool {
         let Some(cq) = self.cq(cqid) else {
             return false;
@@ -221,6 +296,8 @@ pub struct Controller {
     state: Mutex<State>,
     irqs: RwLock<Option<Arc<dyn Interrupts>>>,
     gate: RwLock<()>,
+    /// The I/O submission queues' threads, once asked for.
+    workers: OnceLock<Workers>,
     pub(super) counters: NvmeCounters,
     limiter: RateLimit,
     started: Instant,
@@ -241,7 +318,8 @@ impl Controller {
     pub const BAR0_SIZE: u64 = BAR0_SIZE;
 
     /// A disabled controller. Counts out of range in `identity` are clamped
-    /// (see [`Identity`]).
+    /// (see [`Identity`]). Its I/O submission queues are served on the
+    /// thread that rings their doorbells until [`Controller::serve_on_threads`].
     pub fn new(identity: Identity, handler: Arc<dyn IoHandler>) -> Self {
         let identity = identity.clamped();
         let queues = usize::from(identity.io_queues) + 1;
@@ -261,15 +339,31 @@ impl Controller {
                 features,
                 async_events: Vec::new(),
                 incarnations: 0,
+                shadow: None,
+                fault: None,
             }),
             irqs: RwLock::new(None),
             gate: RwLock::new(()),
+            workers: OnceLock::new(),
             handler,
             identity,
             counters: NvmeCounters::default(),
             limiter: RateLimit::default(),
             started: Instant::now(),
         }
+    }
+
+    /// From now on each I/O submission queue is served on a thread of its
+    /// own, started when its doorbell is first rung and woken by each
+    /// doorbell write after: the transport's thread only records the
+    /// doorbell. The threads end with the controller.
+    pub fn serve_on_threads(self: &Arc<Self>) {
+        let _ = self.workers.set(Workers::new(Arc::downgrade(self)));
+    }
+
+    /// Whether the I/O submission queues are served on threads of their own.
+    pub fn on_threads(&self) -> bool {
+        self.workers.get().is_some()
     }
 
     /// Gives the controller guest memory (which the transport may update in
@@ -307,7 +401,7 @@ impl Controller {
 
     /// A write to BAR0 of any size at any offset: registers byte by byte,
     /// doorbells as whole aligned dwords (others are ignored). An SQ tail
-    /// doorbell fetches and runs the commands.
+    /// doorbell runs the admin commands, or has the I/O queue served.
     pub fn bar0_write(&self, offset: u64, data: &[u8]) {
         if data.is_empty() || offset >= BAR0_SIZE {
             return;
@@ -328,7 +422,9 @@ impl Controller {
                 let mut st = self.lock();
                 self.doorbell(&mut st, offset, u32::from_le_bytes(bytes), &mut fx);
             }
+            let serve = std::mem::take(&mut fx.serve);
             self.run(fx);
+            self.serve(serve);
             return;
         }
         let mut fx = Effects::default();
@@ -526,7 +622,8 @@ impl Controller {
     }
 
     /// A controller reset (CC.EN 1 → 0 or FLR): every queue and held command
-    /// goes, features return to their defaults, CSTS clears.
+    /// goes, the shadow doorbell buffers are forgotten, features return to
+    /// their defaults, CSTS clears.
     fn reset_queues(&self, st: &mut State) {
         bump(&self.counters.resets);
         let held: usize = st.sqs.iter().flatten().map(|sq| sq.in_flight.len()).sum();
@@ -537,10 +634,15 @@ impl Controller {
         st.cqs.iter_mut().for_each(|q| *q = None);
         st.async_events.clear();
         st.features = Features::defaults(&self.identity);
+        st.shadow = None;
+        st.fault = None;
         st.csts = 0;
     }
 
+    /// A doorbell register write. A shadowed I/O queue's value is read from
+    /// its slot instead: the register's may be older.
     fn doorbell(&self, st: &mut State, offset: u64, value: u32, fx: &mut Effects) {
+        bump(&self.counters.mmio_doorbells);
         if st.csts & csts::RDY == 0 || st.fatal() {
             return self.ignored(format_args!(
                 "doorbell {offset:#x} = {value} while the controller is not ready (CSTS {:#x})",
@@ -558,6 +660,12 @@ impl Controller {
         if index % 2 == 1 {
             let result = match st.cq_mut(qid) {
                 None => Err(QueueError::NoSuchQueue { qid }),
+                Some(cq) if cq.shadow.is_some() => cq.read_shadow(&*mem).map(|moved| {
+                    if moved.is_some() {
+                        bump(&self.counters.shadow_updates);
+                    }
+                    cq.vector.filter(|_| moved == Some(true))
+                }),
                 Some(cq) => cq
                     .set_head(&*mem, value)
                     .map(|posted| cq.vector.filter(|_| posted)),
@@ -567,7 +675,7 @@ impl Controller {
                     fx.vectors.extend(vector);
                     self.resume(st, &mem, qid, fx);
                 }
-                Err(e) => self.fatal(st, e.into()),
+                Err(e) => self.doorbell_error(st, e),
             }
         } else {
             let result = match st.sq_mut(qid) {
@@ -577,19 +685,44 @@ impl Controller {
                         "q={qid} tail doorbell while the queue is being deleted"
                     ));
                 }
+                // Fetching reads the slot.
+                Some(sq) if sq.shadow.is_some() => Ok(()),
                 Some(sq) => sq.set_tail(value),
             };
             match result {
-                Ok(()) => self.run_sq(st, &mem, qid, fx),
-                Err(e) => self.fatal(st, e.into()),
+                Ok(()) if qid == 0 => self.run_admin(st, &mem, fx),
+                Ok(()) => fx.serve.push(qid),
+                Err(e) => self.doorbell_error(st, e),
             }
         }
     }
 
-    /// Fetches and runs the commands between the queue's head and tail, as
-    /// long as its completion queue has room for their completions; a queue
-    /// being deleted fetches nothing. What stays in the queue is fetched when
-    /// the host consumes completions ([`Controller::resume`]).
+    /// Runs the admin commands between the admin queue's head and tail, as
+    /// long as its completion queue has room for their completions (see
+    /// [`Controller::fetch`]).
+    fn run_admin(&self, st: &mut State, mem: &MappedMemory, fx: &mut Effects) {
+        loop {
+            match self.fetch(st, mem, 0, fx) {
+                Fetched::Command(sqe, tag) => {
+                    bump(&self.counters.admin_commands);
+                    match self.admin(st, mem, &sqe, tag, fx) {
+                        Disposition::Done(status, dw0) => {
+                            self.finish(st, mem, tag, status, dw0, fx);
+                        }
+                        Disposition::Io(_) | Disposition::Held => {}
+                    }
+                }
+                Fetched::Conflict => {}
+                Fetched::NoRoom(cqid) => return self.stall(0, cqid),
+                Fetched::Empty | Fetched::Stopped => return,
+            }
+        }
+    }
+
+    /// Takes the next command off submission queue `qid` into flight, if
+    /// its completion queue has room for its completion; a queue being
+    /// deleted fetches nothing. What stays in the queue is fetched when the
+    /// host consumes completions ([`Controller::resume`]).
     ///
     /// The bound. For a completion queue of `entries` slots, call *owed* the
     /// entries posted there and not yet consumed, plus the completions
@@ -607,62 +740,242 @@ impl Controller {
     /// cost falls on a host with more commands outstanding than its
     /// completion queue holds: it waits for its own head doorbell, as on
     /// hardware. Linux never gets there: its queues come in pairs of one
-    /// size, with at most `entries - 1` commands outstanding.
-    fn run_sq(&self, st: &mut State, mem: &MappedMemory, qid: u16, fx: &mut Effects) {
-        loop {
-            if st.fatal() {
-                return;
+    /// size, with at most `entries - 1` commands outstanding. With shadow
+    /// doorbells the head the controller knows may lag the host's: the
+    /// queue then reads the slot before it counts the queue full
+    /// ([`Controller::await_room`]).
+    fn fetch(&self, st: &mut State, mem: &MappedMemory, qid: u16, fx: &mut Effects) -> Fetched {
+        if st.fatal() {
+            return Fetched::Stopped;
+        }
+        let Some(sq) = st.sq(qid).filter(|sq| sq.deleting.is_none()) else {
+            return Fetched::Stopped;
+        };
+        if sq.is_empty() {
+            return Fetched::Empty;
+        }
+        let cqid = sq.cqid;
+        if !st.cq_has_room(cqid) {
+            return Fetched::NoRoom(cqid);
+        }
+        if let Some(cq) = st.cq_mut(cqid) {
+            if let Err(e) = cq.set_awaited(mem, false) {
+                self.fatal(st, e.into());
+                return Fetched::Stopped;
             }
-            let Some(sq) = st.sq(qid).filter(|sq| sq.deleting.is_none()) else {
-                return;
-            };
-            if sq.is_empty() {
-                return;
+        }
+        let Some(sq) = st.sq_mut(qid) else {
+            return Fetched::Stopped;
+        };
+        let sqe = match sq.fetch(mem) {
+            None => return Fetched::Empty,
+            Some(Ok(sqe)) => sqe,
+            Some(Err(e)) => {
+                self.fatal(st, e.into());
+                return Fetched::Stopped;
             }
-            let cqid = sq.cqid;
-            if !st.cq_has_room(cqid) {
-                bump(&self.counters.sq_stalls);
-                debug!("nvme: q={qid} stops fetching: completion queue {cqid} has no room");
-                return;
-            }
-            let Some(sq) = st.sq_mut(qid) else {
-                return;
+        };
+        let opcodes = if qid == 0 {
+            &self.counters.admin_opcodes
+        } else {
+            &self.counters.io_opcodes
+        };
+        opcodes.bump(usize::from(sqe.opcode()));
+        let tag = sq.tag(sqe.cid());
+        if !sq.in_flight.insert(tag.cid) {
+            self.guest_error(format_args!(
+                "q={qid} cid={} submitted while in flight",
+                tag.cid
+            ));
+            self.post(st, mem, qid, tag.cid, NvmeStatus::CommandIdConflict, 0, fx);
+            return Fetched::Conflict;
+        }
+        Fetched::Command(sqe, tag)
+    }
+
+    /// Serves I/O submission queue `qid` once: fetches up to `limit`
+    /// commands under the lock, then decodes and checks each and hands it
+    /// to the handler (or completes it with its error) without the lock, in
+    /// the order fetched. Returns whether there may be more to fetch. The
+    /// caller holds the submission gate.
+    fn serve_once(&self, qid: u16, limit: usize) -> bool {
+        let mut fx = Effects::default();
+        let mut fetched = Vec::new();
+        let (mem, more) = {
+            let mut st = self.lock();
+            let Some(mem) = st.mem.clone() else {
+                return false;
             };
-            let sqe = match sq.fetch(mem) {
-                None => return,
-                Some(Ok(sqe)) => sqe,
-                Some(Err(e)) => return self.fatal(st, e.into()),
-            };
-            let tag = sq.tag(sqe.cid());
-            if !sq.in_flight.insert(tag.cid) {
-                self.guest_error(format_args!(
-                    "q={qid} cid={} submitted while in flight",
-                    tag.cid
-                ));
-                self.post(st, mem, qid, tag.cid, NvmeStatus::CommandIdConflict, 0, fx);
-                continue;
-            }
-            let outcome = if qid == 0 {
-                bump(&self.counters.admin_commands);
-                self.admin(st, mem, &sqe, tag, fx)
-            } else {
-                self.io(mem, &sqe, tag)
-            };
-            match outcome {
-                Disposition::Done(status, dw0) => self.finish(st, mem, tag, status, dw0, fx),
-                Disposition::Io(cmd) => fx.io.push(cmd),
+            let mem = mem.memory();
+            let more = self.fetch_io(&mut st, &mem, qid, limit, &mut fetched, &mut fx);
+            (mem, more)
+        };
+        self.run(fx);
+        for (sqe, tag) in fetched {
+            match self.io(&mem, &sqe, tag) {
+                Disposition::Io(cmd) => self.handler.submit(cmd),
+                Disposition::Done(status, dw0) => self.complete(tag, status, dw0),
                 Disposition::Held => {}
+            }
+        }
+        more
+    }
+
+    /// Serves I/O submission queue `qid` until it is empty or waits for
+    /// room, `BATCH` commands at a time, each batch under the submission
+    /// gate: the queue's thread.
+    pub(super) fn serve_queue(&self, qid: u16) {
+        loop {
+            let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+            if !self.serve_once(qid, BATCH) {
+                return;
             }
         }
     }
 
+    /// Fetches up to `limit` commands of I/O submission queue `qid` into
+    /// `out`, the tail first read from its shadow slot. A queue that runs
+    /// out of commands sets its EventIdx and looks once more; one that runs
+    /// out of room reads its completion queue's head and, if still full,
+    /// asks for the head doorbell. Returns whether it stopped at `limit`.
+    fn fetch_io(
+        &self,
+        st: &mut State,
+        mem: &MappedMemory,
+        qid: u16,
+        limit: usize,
+        out: &mut Vec<(Sqe, CommandTag)>,
+        fx: &mut Effects,
+    ) -> bool {
+        if !self.shadow_tail(st, mem, qid, false) {
+            return false;
+        }
+        loop {
+            if out.len() >= limit {
+                return true;
+            }
+            match self.fetch(st, mem, qid, fx) {
+                Fetched::Command(sqe, tag) => out.push((sqe, tag)),
+                Fetched::Conflict => {}
+                Fetched::Empty => {
+                    if !self.shadow_tail(st, mem, qid, true) {
+                        return false;
+                    }
+                    if st.sq(qid).is_none_or(SubQueue::is_empty) {
+                        return false;
+                    }
+                }
+                Fetched::NoRoom(cqid) => {
+                    if !self.await_room(st, mem, cqid, fx) {
+                        self.stall(qid, cqid);
+                        return false;
+                    }
+                }
+                Fetched::Stopped => return false,
+            }
+        }
+    }
+
+    /// Takes submission queue `qid`'s tail from its shadow slot, if it has
+    /// one; first, when `arm`, with the EventIdx set at the tail fetched up
+    /// to and a full fence (the host writes its slot, then reads the
+    /// EventIdx: one of the two sees the other's write). Returns false if
+    /// the controller went fatal.
+    fn shadow_tail(&self, st: &mut State, mem: &MappedMemory, qid: u16, arm: bool) -> bool {
+        let Some(sq) = st.sq_mut(qid).filter(|sq| sq.shadow.is_some()) else {
+            return true;
+        };
+        let read = if arm {
+            sq.arm(mem).and_then(|()| {
+                fence(Ordering::SeqCst);
+                sq.read_shadow(mem)
+            })
+        } else {
+            sq.read_shadow(mem)
+        };
+        match read {
+            Ok(moved) => {
+                if moved {
+                    bump(&self.counters.shadow_updates);
+                }
+                true
+            }
+            Err(e) => {
+                self.doorbell_error(st, e);
+                false
+            }
+        }
+    }
+
+    /// Completion queue `cqid` has no room by the head the controller
+    /// knows. If it is shadowed, reads the host's head from the slot; if
+    /// still full, moves the EventIdx to that head (the host rings its next
+    /// head), fences and reads once more. Returns whether the head moved
+    /// (look again).
+    fn await_room(&self, st: &mut State, mem: &MappedMemory, cqid: u16, fx: &mut Effects) -> bool {
+        let Some(cq) = st.cq_mut(cqid).filter(|cq| cq.shadow.is_some()) else {
+            return false;
+        };
+        let read = cq.read_shadow(mem).and_then(|moved| match moved {
+            Some(posted) => Ok(Some(posted)),
+            None => cq.set_awaited(mem, true).and_then(|()| {
+                fence(Ordering::SeqCst);
+                cq.read_shadow(mem)
+            }),
+        });
+        match read {
+            Ok(Some(posted)) => {
+                bump(&self.counters.shadow_updates);
+                fx.vectors.extend(cq.vector.filter(|_| posted));
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.doorbell_error(st, e);
+                false
+            }
+        }
+    }
+
+    fn stall(&self, qid: u16, cqid: u16) {
+        bump(&self.counters.sq_stalls);
+        debug!("nvme: q={qid} stops fetching: completion queue {cqid} has no room");
+    }
+
     /// The host consumed completions of queue `cqid`: the submission queues
-    /// completing to it fetch what they left for want of room.
+    /// completing to it fetch what they left for want of room (an I/O queue
+    /// with nothing left has nothing to be woken for: a new command rings).
     fn resume(&self, st: &mut State, mem: &MappedMemory, cqid: u16, fx: &mut Effects) {
         for sqid in 0..u16::try_from(st.sqs.len()).unwrap_or(u16::MAX) {
-            if st.sq(sqid).is_some_and(|sq| sq.cqid == cqid) {
-                self.run_sq(st, mem, sqid, fx);
+            let Some(sq) = st.sq(sqid).filter(|sq| sq.cqid == cqid) else {
+                continue;
+            };
+            if sqid == 0 {
+                self.run_admin(st, mem, fx);
+            } else if !sq.is_empty() {
+                fx.serve.push(sqid);
             }
+        }
+    }
+
+    /// Has the I/O submission queues in `sqs` served: woken on their
+    /// threads, or here (the caller holds the submission gate).
+    fn serve(&self, mut sqs: Vec<u16>) {
+        sqs.sort_unstable();
+        sqs.dedup();
+        for qid in sqs {
+            if self.workers.get().is_some_and(|w| w.wake(qid)) {
+                continue;
+            }
+            while self.serve_once(qid, usize::MAX) {}
+        }
+    }
+
+    /// Waits until every queue's thread has served what it was woken for.
+    #[cfg(test)]
+    pub(super) fn settle(&self) {
+        if let Some(w) = self.workers.get() {
+            w.settle();
         }
     }
 
@@ -722,6 +1035,7 @@ impl Controller {
         if !status.is_success() {
             bump(&self.counters.failed);
         }
+        self.counters.statuses.bump(status.index());
         let Some((sq_head, cqid)) = st.sq(sqid).map(|sq| (sq.head, sq.cqid)) else {
             return;
         };
@@ -744,9 +1058,6 @@ impl Controller {
     /// Everything that waited for the state lock to be released.
     fn run(&self, mut fx: Effects) {
         self.signal(&mut fx.vectors);
-        for cmd in fx.io {
-            self.handler.submit(cmd);
-        }
         for (tag, enabled) in fx.write_cache {
             let status = match self.handler.set_write_cache(enabled) {
                 Ok(()) => {
@@ -799,10 +1110,18 @@ impl Controller {
     /// The controller stops: CSTS.CFS, until a reset.
     fn fatal(&self, st: &mut State, fault: Fault) {
         st.csts |= csts::CFS;
+        st.fault.get_or_insert(fault);
         bump(&self.counters.fatal);
         if self.limiter.allow() {
             warn!("nvme: controller fatal status: {fault}");
         }
+    }
+
+    /// A doorbell value the controller cannot take, by register or from a
+    /// shadow slot: fatal.
+    fn doorbell_error(&self, st: &mut State, e: QueueError) {
+        bump(&self.counters.doorbell_errors);
+        self.fatal(st, e.into());
     }
 
     fn ignored(&self, what: fmt::Arguments<'_>) {
@@ -859,15 +1178,17 @@ mod tests {
     /// Linux function that takes it.
     #[test]
     fn linux_probe_io_and_shutdown() {
-        let mut host = Host::new(identity(LbaSize::B512));
-        probe_enables(&mut host);
-        identify_controller(&mut host);
-        set_up_io_queues(&mut host);
-        scan_namespaces(&mut host);
-        read_and_write(&mut host);
-        wrap_around(&mut host);
-        delete_io_queues(&mut host);
-        shut_down_and_disable(&mut host);
+        for threads in [false, true] {
+            let mut host = Host::new_on(threads, identity(LbaSize::B512));
+            probe_enables(&mut host);
+            identify_controller(&mut host);
+            set_up_io_queues(&mut host);
+            scan_namespaces(&mut host);
+            read_and_write(&mut host);
+            wrap_around(&mut host);
+            delete_io_queues(&mut host);
+            shut_down_and_disable(&mut host);
+        }
     }
 
     /// nvme_pci_enable: the capabilities and version read, the controller
@@ -1072,29 +1393,31 @@ mod tests {
 
     #[test]
     fn completions_from_the_handler_later_and_out_of_order() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 1, 16);
-        host.handler.immediate.store(false, Relaxed);
-        for cid in 0..4 {
-            host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
+        for threads in [false, true] {
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 1, 16);
+            host.handler.immediate.store(false, Relaxed);
+            for cid in 0..4 {
+                host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
+            }
+            host.ring_sq(1);
+            assert!(host.reap(1).is_empty());
+            let tags = host.held();
+            assert_eq!(tags.len(), 4);
+            for &i in &[2usize, 0, 3, 1] {
+                host.ctrl
+                    .complete(tags[i], NvmeStatus::UnrecoveredReadError, 0);
+            }
+            let got = host.reap(1);
+            let cids: Vec<u16> = got.iter().map(|c| c.cid).collect();
+            assert_eq!(cids, vec![2, 0, 3, 1]);
+            assert!(got
+                .iter()
+                .all(|c| c.status() == Some(NvmeStatus::UnrecoveredReadError) && c.dnr()));
+            // Completing twice does nothing.
+            host.ctrl.complete(tags[0], NvmeStatus::Success, 0);
+            assert!(host.reap(1).is_empty());
+            assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 1);
         }
-        host.ring_sq(1);
-        assert!(host.reap(1).is_empty());
-        let tags = host.held();
-        assert_eq!(tags.len(), 4);
-        for &i in &[2usize, 0, 3, 1] {
-            host.ctrl
-                .complete(tags[i], NvmeStatus::UnrecoveredReadError, 0);
-        }
-        let got = host.reap(1);
-        let cids: Vec<u16> = got.iter().map(|c| c.cid).collect();
-        assert_eq!(cids, vec![2, 0, 3, 1]);
-        assert!(got
-            .iter()
-            .all(|c| c.status() == Some(NvmeStatus::UnrecoveredReadError) && c.dnr()));
-        // Completing twice does nothing.
-        host.ctrl.complete(tags[0], NvmeStatus::Success, 0);
-        assert!(host.reap(1).is_empty());
-        assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 1);
     }
 
     /// The cids, and the SQ heads they report, of completions.
@@ -1104,97 +1427,102 @@ mod tests {
 
     #[test]
     fn a_full_completion_queue_stops_fetching_until_the_host_makes_room() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 1, 8);
-        host.handler.immediate.store(false, Relaxed);
-        // Eight slots, one kept empty: room for seven completions, so seven
-        // commands are fetched and the next seven stay in the SQ.
-        for cid in 0..7 {
-            host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
+        for threads in [false, true] {
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 1, 8);
+            host.handler.immediate.store(false, Relaxed);
+            // Eight slots, one kept empty: room for seven completions, so seven
+            // commands are fetched and the next seven stay in the SQ.
+            for cid in 0..7 {
+                host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
+            }
+            host.ring_sq(1);
+            let first = host.held();
+            assert_eq!(first.len(), 7);
+            for cid in 7..14 {
+                host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
+            }
+            host.ring_sq(1);
+            assert!(host.held().is_empty(), "no room: nothing fetched");
+            // Completing makes no room; only the host consuming does.
+            for t in &first {
+                host.ctrl.complete(*t, NvmeStatus::Success, 0);
+            }
+            assert!(host.held().is_empty());
+            let (cids, heads) = cids_and_heads(&host.reap(1));
+            assert_eq!(cids, (0..7).collect::<Vec<_>>());
+            assert_eq!(heads, vec![7; 7], "the SQ head stopped at 7");
+            // The head doorbell resumed the queue: the rest, in order.
+            let second = host.held();
+            assert_eq!(
+                second.iter().map(|t| t.cid).collect::<Vec<_>>(),
+                (7..14).collect::<Vec<_>>()
+            );
+            for t in &second {
+                host.ctrl.complete(*t, NvmeStatus::Success, 0);
+            }
+            let (cids, heads) = cids_and_heads(&host.reap(1));
+            assert_eq!(cids, (7..14).collect::<Vec<_>>());
+            assert_eq!(heads, vec![6; 7], "14 entries on a ring of 8");
+            assert_eq!(host.ctrl.counters().fatal.load(Relaxed), 0);
         }
-        host.ring_sq(1);
-        let first = host.held();
-        assert_eq!(first.len(), 7);
-        for cid in 7..14 {
-            host.place(1, read(cid, u64::from(cid), 1, DATA, 0));
-        }
-        host.ring_sq(1);
-        assert!(host.held().is_empty(), "no room: nothing fetched");
-        // Completing makes no room; only the host consuming does.
-        for t in &first {
-            host.ctrl.complete(*t, NvmeStatus::Success, 0);
-        }
-        assert!(host.held().is_empty());
-        let (cids, heads) = cids_and_heads(&host.reap(1));
-        assert_eq!(cids, (0..7).collect::<Vec<_>>());
-        assert_eq!(heads, vec![7; 7], "the SQ head stopped at 7");
-        // The head doorbell resumed the queue: the rest, in order.
-        let second = host.held();
-        assert_eq!(
-            second.iter().map(|t| t.cid).collect::<Vec<_>>(),
-            (7..14).collect::<Vec<_>>()
-        );
-        for t in &second {
-            host.ctrl.complete(*t, NvmeStatus::Success, 0);
-        }
-        let (cids, heads) = cids_and_heads(&host.reap(1));
-        assert_eq!(cids, (7..14).collect::<Vec<_>>());
-        assert_eq!(heads, vec![6; 7], "14 entries on a ring of 8");
-        assert_eq!(host.ctrl.counters().fatal.load(Relaxed), 0);
     }
 
     /// Submission queues completing to one completion queue share its room;
     /// consuming completions resumes the one that stopped.
     #[test]
     fn queues_sharing_a_completion_queue_share_its_room() {
-        let mut host = Host::new(identity(LbaSize::B4096));
-        host.enable();
-        let c = host.admin(
-            Sqe::new(admin_op::SET_FEATURES, 0)
-                .with_cdw(10, 7)
-                .with_cdw(11, 1 | 1 << 16),
-        );
-        assert_eq!(c.status(), Some(NvmeStatus::Success));
-        host.track_cq(1, 8);
-        let c = host.admin(
-            Sqe::new(admin_op::CREATE_CQ, 0)
-                .with_prps(cq_base(1), 0)
-                .with_cdw(10, 7 << 16 | 1)
-                .with_cdw(11, 1 << 16 | 0b11),
-        );
-        assert_eq!(c.status(), Some(NvmeStatus::Success));
-        for sqid in [1u16, 2] {
+        for threads in [false, true] {
+            let mut host = Host::new_on(threads, identity(LbaSize::B4096));
+            host.enable();
             let c = host.admin(
-                Sqe::new(admin_op::CREATE_SQ, 0)
-                    .with_prps(sq_base(sqid), 0)
-                    .with_cdw(10, 7 << 16 | u32::from(sqid))
-                    .with_cdw(11, 1 << 16 | 1),
+                Sqe::new(admin_op::SET_FEATURES, 0)
+                    .with_cdw(10, 7)
+                    .with_cdw(11, 1 | 1 << 16),
             );
             assert_eq!(c.status(), Some(NvmeStatus::Success));
-            host.track_sq(sqid, 8);
+            host.track_cq(1, 8);
+            let c = host.admin(
+                Sqe::new(admin_op::CREATE_CQ, 0)
+                    .with_prps(cq_base(1), 0)
+                    .with_cdw(10, 7 << 16 | 1)
+                    .with_cdw(11, 1 << 16 | 0b11),
+            );
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
+            for sqid in [1u16, 2] {
+                let c = host.admin(
+                    Sqe::new(admin_op::CREATE_SQ, 0)
+                        .with_prps(sq_base(sqid), 0)
+                        .with_cdw(10, 7 << 16 | u32::from(sqid))
+                        .with_cdw(11, 1 << 16 | 1),
+                );
+                assert_eq!(c.status(), Some(NvmeStatus::Success));
+                host.track_sq(sqid, 8);
+            }
+            for cid in 0..5 {
+                host.place(1, read(cid, 0, 1, DATA, 0));
+                host.place(2, read(10 + cid, 0, 1, DATA, 0));
+            }
+            host.ring_sq(1);
+            host.ring_sq(2);
+            assert_eq!(
+                host.handler.take().len(),
+                7,
+                "five from SQ 1, two from SQ 2"
+            );
+            let got = host.reap(1);
+            let from: Vec<(u16, u16)> = got.iter().map(|c| (c.sqid, c.cid)).collect();
+            let want: Vec<(u16, u16)> = (0..5)
+                .map(|cid| (1, cid))
+                .chain([(2, 10), (2, 11)])
+                .collect();
+            assert_eq!(from, want);
+            // Consumed: SQ 2 goes on where it stopped.
+            assert_eq!(host.handler.take().len(), 3);
+            let got = host.reap(1);
+            let from: Vec<(u16, u16, u16)> =
+                got.iter().map(|c| (c.sqid, c.cid, c.sq_head)).collect();
+            assert_eq!(from, vec![(2, 12, 5), (2, 13, 5), (2, 14, 5)]);
         }
-        for cid in 0..5 {
-            host.place(1, read(cid, 0, 1, DATA, 0));
-            host.place(2, read(10 + cid, 0, 1, DATA, 0));
-        }
-        host.ring_sq(1);
-        host.ring_sq(2);
-        assert_eq!(
-            host.handler.take().len(),
-            7,
-            "five from SQ 1, two from SQ 2"
-        );
-        let got = host.reap(1);
-        let from: Vec<(u16, u16)> = got.iter().map(|c| (c.sqid, c.cid)).collect();
-        let want: Vec<(u16, u16)> = (0..5)
-            .map(|cid| (1, cid))
-            .chain([(2, 10), (2, 11)])
-            .collect();
-        assert_eq!(from, want);
-        // Consumed: SQ 2 goes on where it stopped.
-        assert_eq!(host.handler.take().len(), 3);
-        let got = host.reap(1);
-        let from: Vec<(u16, u16, u16)> = got.iter().map(|c| (c.sqid, c.cid, c.sq_head)).collect();
-        assert_eq!(from, vec![(2, 12, 5), (2, 13, 5), (2, 14, 5)]);
     }
 
     /// A host that rings the tail doorbell over and over and never consumes a
@@ -1205,98 +1533,181 @@ mod tests {
     /// Conflict, whose completion needs room too).
     #[test]
     fn a_host_that_never_consumes_completions_is_no_longer_fetched_from() {
-        for (qid, holding) in [(0u16, false), (1, false), (1, true)] {
-            let what = format!("q={qid} holding={holding}");
-            let mut host = Host::probed(identity(LbaSize::B4096), 1, 8);
-            host.handler.immediate.store(!holding, Relaxed);
-            let entries = if qid == 0 { ADMIN_ENTRIES } else { 8 };
-            let head = host.ctrl.lock().sq(qid).unwrap().head;
-            for i in 0..100_000u32 {
-                let cid = (i % 4) as u16;
-                let sqe = match qid {
-                    0 => Sqe::new(admin_op::GET_FEATURES, cid).with_cdw(10, 7),
-                    _ => read(cid, 0, 1, DATA, 0),
+        for threads in [false, true] {
+            for (qid, holding) in [(0u16, false), (1, false), (1, true)] {
+                let what = format!("q={qid} holding={holding}");
+                let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 1, 8);
+                host.handler.immediate.store(!holding, Relaxed);
+                let entries = if qid == 0 { ADMIN_ENTRIES } else { 8 };
+                let head = host.ctrl.lock().sq(qid).unwrap().head;
+                // Fewer on threads: each submission waits for the thread.
+                let times = if threads { 10_000 } else { 100_000u32 };
+                for i in 0..times {
+                    let cid = (i % 4) as u16;
+                    let sqe = match qid {
+                        0 => Sqe::new(admin_op::GET_FEATURES, cid).with_cdw(10, 7),
+                        _ => read(cid, 0, 1, DATA, 0),
+                    };
+                    host.submit(qid, sqe);
+                }
+                {
+                    let st = host.ctrl.lock();
+                    let (sq, cq) = (st.sq(qid).unwrap(), st.cq(qid).unwrap());
+                    let owed = usize::from(cq.posted()) + cq.waiting.len() + sq.in_flight.len();
+                    assert_eq!(owed, usize::from(entries - 1), "{what}");
+                    assert!(cq.waiting.len() < usize::from(entries), "{what}");
+                    assert!(sq.in_flight.len() < usize::from(entries), "{what}");
+                }
+                let reached = host.handler.take().len();
+                let want = match (qid, holding) {
+                    (0, _) => 0,
+                    (_, false) => 7,
+                    (_, true) => 4,
                 };
-                host.submit(qid, sqe);
+                assert_eq!(
+                    reached, want,
+                    "{what}: the handler got only what can complete"
+                );
+                // The host sees the SQ head stop where the room ran out.
+                let got = host.reap(qid);
+                let completions = entries - 1 - if holding { 4 } else { 0 };
+                let conflicts = got
+                    .iter()
+                    .filter(|c| c.status() == Some(NvmeStatus::CommandIdConflict))
+                    .count();
+                assert_eq!(got.len(), usize::from(completions), "{what}");
+                assert_eq!(conflicts, if holding { 3 } else { 0 }, "{what}");
+                let last = (head + entries - 1) % entries;
+                assert_eq!(got.last().unwrap().sq_head, last, "{what}");
+                assert_eq!(host.csts() & csts::CFS, 0, "{what}");
             }
-            {
-                let st = host.ctrl.lock();
-                let (sq, cq) = (st.sq(qid).unwrap(), st.cq(qid).unwrap());
-                let owed = usize::from(cq.posted()) + cq.waiting.len() + sq.in_flight.len();
-                assert_eq!(owed, usize::from(entries - 1), "{what}");
-                assert!(cq.waiting.len() < usize::from(entries), "{what}");
-                assert!(sq.in_flight.len() < usize::from(entries), "{what}");
-            }
-            let reached = host.handler.take().len();
-            let want = match (qid, holding) {
-                (0, _) => 0,
-                (_, false) => 7,
-                (_, true) => 4,
-            };
-            assert_eq!(
-                reached, want,
-                "{what}: the handler got only what can complete"
-            );
-            // The host sees the SQ head stop where the room ran out.
-            let got = host.reap(qid);
-            let completions = entries - 1 - if holding { 4 } else { 0 };
-            let conflicts = got
-                .iter()
-                .filter(|c| c.status() == Some(NvmeStatus::CommandIdConflict))
-                .count();
-            assert_eq!(got.len(), usize::from(completions), "{what}");
-            assert_eq!(conflicts, if holding { 3 } else { 0 }, "{what}");
-            let last = (head + entries - 1) % entries;
-            assert_eq!(got.last().unwrap().sq_head, last, "{what}");
-            assert_eq!(host.csts() & csts::CFS, 0, "{what}");
         }
     }
 
     #[test]
     fn deleting_a_queue_waits_for_its_commands_and_late_tags_go_stale() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 1, 8);
-        host.handler.immediate.store(false, Relaxed);
-        host.submit(1, read(1, 0, 1, DATA, 0));
-        let held = host.held();
-        let cid = host.cid();
-        host.submit(0, Sqe::new(admin_op::DELETE_SQ, cid).with_cdw(10, 1));
-        assert!(host.reap(0).is_empty(), "waits for the read");
-        // The queue being deleted fetches nothing.
-        host.submit(1, read(2, 0, 1, DATA, 0));
-        assert!(host.held().is_empty());
-        host.ctrl.complete(held[0], NvmeStatus::Success, 0);
-        assert_eq!(host.reap(1).len(), 1);
-        let c = host.reap(0);
-        assert_eq!((c[0].cid, c[0].status()), (cid, Some(NvmeStatus::Success)));
-        // Gone: its CQ may go; a late tag does nothing.
-        let c = host.admin(Sqe::new(admin_op::DELETE_CQ, 0).with_cdw(10, 1));
-        assert_eq!(c.status(), Some(NvmeStatus::Success));
-        host.forget(1);
-        host.create_pair(1, 8);
-        host.ctrl.complete(held[0], NvmeStatus::Success, 0);
-        assert!(host.reap(1).is_empty());
-        assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 1);
+        for threads in [false, true] {
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 1, 8);
+            host.handler.immediate.store(false, Relaxed);
+            host.submit(1, read(1, 0, 1, DATA, 0));
+            let held = host.held();
+            let cid = host.cid();
+            host.submit(0, Sqe::new(admin_op::DELETE_SQ, cid).with_cdw(10, 1));
+            assert!(host.reap(0).is_empty(), "waits for the read");
+            // The queue being deleted fetches nothing.
+            host.submit(1, read(2, 0, 1, DATA, 0));
+            assert!(host.held().is_empty());
+            host.ctrl.complete(held[0], NvmeStatus::Success, 0);
+            assert_eq!(host.reap(1).len(), 1);
+            let c = host.reap(0);
+            assert_eq!((c[0].cid, c[0].status()), (cid, Some(NvmeStatus::Success)));
+            // Gone: its CQ may go; a late tag does nothing.
+            let c = host.admin(Sqe::new(admin_op::DELETE_CQ, 0).with_cdw(10, 1));
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
+            host.forget(1);
+            host.create_pair(1, 8);
+            host.ctrl.complete(held[0], NvmeStatus::Success, 0);
+            assert!(host.reap(1).is_empty());
+            assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 1);
+        }
     }
 
     #[test]
     fn reset_voids_commands_in_flight() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 2, 8);
+        for threads in [false, true] {
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 2, 8);
+            host.handler.immediate.store(false, Relaxed);
+            host.submit(1, read(1, 0, 1, DATA, 0));
+            host.submit(2, read(2, 0, 1, DATA, 0));
+            let held = host.held();
+            assert_eq!(held.len(), 2);
+            host.ctrl.reset();
+            assert_eq!(host.handler.resets.load(Relaxed), 1);
+            assert_eq!(host.read32(reg::CC), 0);
+            assert_eq!(host.read32(reg::AQA), 0);
+            host.enable();
+            host.create_pair(1, 8);
+            for t in held {
+                host.ctrl.complete(t, NvmeStatus::Success, 0);
+            }
+            assert!(host.reap(1).is_empty());
+            assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 2);
+        }
+    }
+
+    /// On threads, the commands reach the handler on the queue's own thread,
+    /// not the one that rang.
+    #[test]
+    fn io_queues_are_served_on_threads_of_their_own() {
+        let mut host = Host::probed_on(true, identity(LbaSize::B4096), 2, 8);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let theirs = seen.clone();
+        *host.handler.on_submit.lock().unwrap() = Some(Box::new(move |_, cmd| {
+            let name = std::thread::current().name().map(str::to_owned);
+            theirs.lock().unwrap().push((cmd.tag.qid, name));
+        }));
+        host.io(1, read(1, 0, 1, DATA, 0));
+        host.io(2, read(2, 0, 1, DATA, 0));
+        host.io(1, read(3, 0, 1, DATA, 0));
+        let seen = seen.lock().unwrap().clone();
+        let name = |n: &str| Some(n.to_owned());
+        assert_eq!(
+            seen,
+            vec![
+                (1, name("nvme-sq1")),
+                (2, name("nvme-sq2")),
+                (1, name("nvme-sq1"))
+            ]
+        );
+        assert!(host.ctrl.on_threads());
+    }
+
+    /// A reset from the transport's thread while a queue's thread is handing
+    /// over a batch: the handler gets the whole batch before it hears of the
+    /// reset, and their completions are stale.
+    #[test]
+    fn a_reset_waits_for_the_queue_thread_to_hand_over_its_batch() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let mut host = Host::probed_on(true, identity(LbaSize::B4096), 1, 16);
         host.handler.immediate.store(false, Relaxed);
-        host.submit(1, read(1, 0, 1, DATA, 0));
-        host.submit(2, read(2, 0, 1, DATA, 0));
-        let held = host.held();
-        assert_eq!(held.len(), 2);
-        host.ctrl.reset();
+        let (entered, entries) = mpsc::channel();
+        let (go, gone) = mpsc::channel::<()>();
+        let gone = Mutex::new(gone);
+        *host.handler.on_submit.lock().unwrap() = Some(Box::new(move |r, cmd| {
+            entered.send((cmd.tag.cid, r.resets.load(Relaxed))).unwrap();
+            gone.lock().unwrap().recv().unwrap();
+        }));
+        for cid in 0..3 {
+            host.place(1, read(cid, 0, 1, DATA, 0));
+        }
+        host.driver.ring_sq(1).unwrap();
+        let wait = Duration::from_secs(10);
+        assert_eq!(entries.recv_timeout(wait), Ok((0, 0)));
+        let ctrl = host.ctrl.clone();
+        let reset = std::thread::spawn(move || ctrl.reset());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(host.handler.resets.load(Relaxed), 0, "waits for the batch");
+        go.send(()).unwrap();
+        for cid in 1..3 {
+            assert_eq!(entries.recv_timeout(wait), Ok((cid, 0)), "before the reset");
+            go.send(()).unwrap();
+        }
+        reset.join().unwrap();
         assert_eq!(host.handler.resets.load(Relaxed), 1);
-        assert_eq!(host.read32(reg::CC), 0);
-        assert_eq!(host.read32(reg::AQA), 0);
-        host.enable();
-        host.create_pair(1, 8);
-        for t in held {
+        for t in host.held() {
             host.ctrl.complete(t, NvmeStatus::Success, 0);
         }
-        assert!(host.reap(1).is_empty());
-        assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 2);
+        assert_eq!(host.ctrl.counters().stale_completions.load(Relaxed), 3);
+        // The thread serves the next incarnation of its queue.
+        *host.handler.on_submit.lock().unwrap() = None;
+        host.handler.immediate.store(true, Relaxed);
+        host.enable();
+        host.create_pair(1, 16);
+        assert_eq!(
+            host.io(1, read(9, 0, 1, DATA, 0)).status(),
+            Some(NvmeStatus::Success)
+        );
     }
 
     #[test]
@@ -1461,70 +1872,74 @@ mod tests {
 
     #[test]
     fn interrupts_only_for_queues_that_want_them() {
-        let mut host = Host::probed(identity(LbaSize::B4096), 2, 8);
-        // Queue 2 was created with interrupts; delete it and make it polled.
-        for op in [admin_op::DELETE_SQ, admin_op::DELETE_CQ] {
-            let c = host.admin(Sqe::new(op, 0).with_cdw(10, 2));
+        for threads in [false, true] {
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 2, 8);
+            // Queue 2 was created with interrupts; delete it and make it polled.
+            for op in [admin_op::DELETE_SQ, admin_op::DELETE_CQ] {
+                let c = host.admin(Sqe::new(op, 0).with_cdw(10, 2));
+                assert_eq!(c.status(), Some(NvmeStatus::Success));
+            }
+            host.forget(2);
+            host.track_cq(2, 8);
+            let c = host.admin(
+                Sqe::new(admin_op::CREATE_CQ, 0)
+                    .with_prps(cq_base(2), 0)
+                    .with_cdw(10, 7 << 16 | 2)
+                    .with_cdw(11, 1),
+            );
             assert_eq!(c.status(), Some(NvmeStatus::Success));
+            let c = host.admin(
+                Sqe::new(admin_op::CREATE_SQ, 0)
+                    .with_prps(sq_base(2), 0)
+                    .with_cdw(10, 7 << 16 | 2)
+                    .with_cdw(11, 2 << 16 | 1),
+            );
+            assert_eq!(c.status(), Some(NvmeStatus::Success));
+            host.track_sq(2, 8);
+            host.irqs.take();
+            assert_eq!(
+                host.io(2, read(1, 0, 1, DATA, 0)).status(),
+                Some(NvmeStatus::Success)
+            );
+            assert!(host.irqs.take().is_empty(), "polled queue");
+            assert_eq!(
+                host.io(1, read(2, 0, 1, DATA, 0)).status(),
+                Some(NvmeStatus::Success)
+            );
+            assert_eq!(host.irqs.take(), vec![1]);
         }
-        host.forget(2);
-        host.track_cq(2, 8);
-        let c = host.admin(
-            Sqe::new(admin_op::CREATE_CQ, 0)
-                .with_prps(cq_base(2), 0)
-                .with_cdw(10, 7 << 16 | 2)
-                .with_cdw(11, 1),
-        );
-        assert_eq!(c.status(), Some(NvmeStatus::Success));
-        let c = host.admin(
-            Sqe::new(admin_op::CREATE_SQ, 0)
-                .with_prps(sq_base(2), 0)
-                .with_cdw(10, 7 << 16 | 2)
-                .with_cdw(11, 2 << 16 | 1),
-        );
-        assert_eq!(c.status(), Some(NvmeStatus::Success));
-        host.track_sq(2, 8);
-        host.irqs.take();
-        assert_eq!(
-            host.io(2, read(1, 0, 1, DATA, 0)).status(),
-            Some(NvmeStatus::Success)
-        );
-        assert!(host.irqs.take().is_empty(), "polled queue");
-        assert_eq!(
-            host.io(1, read(2, 0, 1, DATA, 0)).status(),
-            Some(NvmeStatus::Success)
-        );
-        assert_eq!(host.irqs.take(), vec![1]);
     }
 
     #[test]
     fn completions_come_from_any_thread() {
-        fn shared<T: Send + Sync>() {}
-        shared::<Controller>();
-        let mut host = Host::probed(identity(LbaSize::B4096), 1, 64);
-        host.handler.immediate.store(false, Relaxed);
-        for cid in 0..32 {
-            host.place(1, read(cid, 0, 1, DATA, 0));
-        }
-        host.ring_sq(1);
-        let tags = host.held();
-        let threads: Vec<_> = tags
-            .chunks(8)
-            .map(|chunk| {
-                let ctrl = host.ctrl.clone();
-                let chunk = chunk.to_vec();
-                std::thread::spawn(move || {
-                    for t in chunk {
-                        ctrl.complete(t, NvmeStatus::Success, 0);
-                    }
+        for threads in [false, true] {
+            fn shared<T: Send + Sync>() {}
+            shared::<Controller>();
+            let mut host = Host::probed_on(threads, identity(LbaSize::B4096), 1, 64);
+            host.handler.immediate.store(false, Relaxed);
+            for cid in 0..32 {
+                host.place(1, read(cid, 0, 1, DATA, 0));
+            }
+            host.ring_sq(1);
+            let tags = host.held();
+            let threads: Vec<_> = tags
+                .chunks(8)
+                .map(|chunk| {
+                    let ctrl = host.ctrl.clone();
+                    let chunk = chunk.to_vec();
+                    std::thread::spawn(move || {
+                        for t in chunk {
+                            ctrl.complete(t, NvmeStatus::Success, 0);
+                        }
+                    })
                 })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let mut cids: Vec<u16> = host.reap(1).iter().map(|c| c.cid).collect();
+            cids.sort_unstable();
+            assert_eq!(cids, (0..32).collect::<Vec<_>>());
         }
-        let mut cids: Vec<u16> = host.reap(1).iter().map(|c| c.cid).collect();
-        cids.sort_unstable();
-        assert_eq!(cids, (0..32).collect::<Vec<_>>());
     }
 }

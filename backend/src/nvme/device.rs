@@ -4,9 +4,10 @@
 //! virtio-blk) and their outcomes posted back as completion queue entries.
 //!
 //! A command's life: SQ doorbell → the controller fetches, decodes and checks
-//! it and walks its PRPs → [`IoHandler::submit`] here: the command becomes a
-//! [`Prepared`] request → [`Pipeline::submit`] → its outcome, now or through a
-//! `CqeReply` later, becomes an NVMe status → [`Controller::complete`].
+//! it and walks its PRPs, on the queue's own thread → [`IoHandler::submit`]
+//! here: the command becomes a [`Prepared`] request → [`Pipeline::submit`] →
+//! its outcome, now or through a `CqeReply` later, becomes an NVMe status →
+//! [`Controller::complete`].
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
@@ -34,17 +35,21 @@ pub struct NvmeDevice {
 }
 
 impl NvmeDevice {
-    /// A controller over the pipeline's namespace; `serial` names it in
-    /// Identify, `deallocate` says what deallocated blocks read as.
+    /// A controller over the pipeline's namespace, its I/O queues served on
+    /// threads of their own; `serial` names it in Identify, `deallocate`
+    /// says what deallocated blocks read as.
     pub fn new(pipeline: Arc<Pipeline>, serial: &str, deallocate: Deallocate) -> Arc<Self> {
         let identity = Identity::for_namespace(&pipeline.core().ns, serial, deallocate);
         let handler = Arc::new(ToPipeline {
             pipeline: pipeline.clone(),
             controller: OnceLock::new(),
-            buf: Mutex::new(Vec::new()),
+            bufs: (0..=identity.io_queues)
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             write_cache_at_reset: identity.write_cache,
         });
         let controller = Arc::new(Controller::new(identity, handler.clone()));
+        controller.serve_on_threads();
         let _ = handler.controller.set(Arc::downgrade(&controller));
         Arc::new(NvmeDevice {
             controller,
@@ -100,8 +105,9 @@ struct ToPipeline {
     pipeline: Arc<Pipeline>,
     /// Set once, right after the controller is made.
     controller: OnceLock<Weak<Controller>>,
-    /// Scratch space for the data of commands served at once.
-    buf: Mutex<Vec<u8>>,
+    /// Scratch space for the data of commands served at once, one per
+    /// queue: each queue's commands come from its own thread.
+    bufs: Vec<Mutex<Vec<u8>>>,
     /// The volatile write cache at power-on (`None`: there is none). A reset
     /// returns the Volatile Write Cache feature to it, and the media with it.
     write_cache_at_reset: Option<bool>,
@@ -141,8 +147,13 @@ impl IoHandler for ToPipeline {
                 tag,
             })
         };
-        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
-        match self.pipeline.submit(&mem, label, prepared, reply, &mut buf) {
+        let mut fallback = Vec::new();
+        let mut buf = self
+            .bufs
+            .get(usize::from(tag.qid))
+            .map(|b| b.lock().unwrap_or_else(PoisonError::into_inner));
+        let buf = buf.as_deref_mut().unwrap_or(&mut fallback);
+        match self.pipeline.submit(&mem, label, prepared, reply, buf) {
             Submitted::Now(outcome, finish) => {
                 let (status, told) = nvme_status(outcome);
                 controller.complete(tag, status, 0);

@@ -64,6 +64,11 @@ pub struct Identity {
     /// queue's vector must be below it. Linux gives I/O queue n vector n, so
     /// `io_queues` below `vectors` lets every queue interrupt.
     pub vectors: u16,
+    /// Doorbell Buffer Config is offered (OACS bit 8): the host may shadow
+    /// its I/O queues' doorbells. Only with at most
+    /// [`MAX_SHADOWED_QID`](super::shadow::MAX_SHADOWED_QID) I/O queues,
+    /// whose slots fit a page.
+    pub doorbell_buffer: bool,
 }
 
 impl Identity {
@@ -84,6 +89,7 @@ impl Identity {
             io_queues: 63,
             queue_entries: 1024,
             vectors: 64,
+            doorbell_buffer: true,
         }
     }
 
@@ -92,6 +98,7 @@ impl Identity {
         self.io_queues = self.io_queues.min(MAX_IO_QUEUES);
         self.queue_entries = self.queue_entries.clamp(2, MAX_QUEUE_ENTRIES);
         self.vectors = self.vectors.max(1);
+        self.doorbell_buffer &= self.io_queues <= super::shadow::MAX_SHADOWED_QID;
         self
     }
 
@@ -127,6 +134,8 @@ impl Identity {
         put(&mut d, 78, &1u16.to_le_bytes()); // CNTLID
         put(&mut d, 80, &VERSION.to_le_bytes()); // VER
         d[111] = 1; // CNTRLTYPE: I/O controller
+        let oacs = u16::from(self.doorbell_buffer) << 8;
+        put(&mut d, 256, &oacs.to_le_bytes()); // OACS
         d[258] = ABORT_LIMIT; // ACL
         d[259] = ASYNC_EVENT_LIMIT; // AERL
         d[260] = 0x03; // FRMW: one slot, slot 1 read-only

@@ -28,14 +28,19 @@
 //! - [`handler`]: what the controller hands on and is handed:
 //!   [`IoHandler`], [`IoCommand`], [`CommandTag`], [`Interrupts`].
 //! - [`features`]: the features the controller keeps (Get / Set Features).
+//! - [`shadow`]: shadow doorbells: Doorbell Buffer Config, and the host's
+//!   Shadow Doorbell and EventIdx buffers.
+//! - `workers`: the threads that serve the I/O submission queues.
+//! - [`report`]: what `ctl status` shows of the controller and its transport.
 //! - [`device`]: [`NvmeDevice`](device::NvmeDevice), the glue: the
 //!   controller as the vfio-user transport's PCI function, its NVM commands
 //!   taken through the request [`Pipeline`](crate::pipeline::Pipeline).
 //!
-//! A command flows: SQ tail doorbell → fetch the entry from guest memory →
-//! admin: run, post the completion; NVM: decode, check, walk the PRPs →
-//! [`IoHandler::submit`] → [`Controller::complete`] → completion entry in the
-//! CQ, interrupt on its vector. A submission queue stops fetching while its
+//! A command flows: SQ tail doorbell (or its shadow slot) → fetch the entry
+//! from guest memory → admin: run, post the completion; NVM (on the queue's
+//! thread): decode, check, walk the PRPs → [`IoHandler::submit`] →
+//! [`Controller::complete`] → completion entry in the CQ, interrupt on its
+//! vector. A submission queue stops fetching while its
 //! completion queue has no room left for another completion, and goes on at
 //! that CQ's head doorbell: what a host leaves unconsumed bounds what the
 //! controller holds.
@@ -55,9 +60,12 @@ pub mod identify;
 pub mod io;
 pub mod prp;
 pub mod queue;
+pub mod report;
+pub mod shadow;
 pub mod status;
 #[cfg(test)]
 mod test_utils;
+mod workers;
 
 pub use controller::{Controller, NvmeCounters, BAR0_SIZE};
 pub use handler::{BlockRange, CommandTag, Interrupts, IoCommand, IoHandler, IoOp};

@@ -8,8 +8,12 @@
 //! A completion queue keeps one slot empty: with `entries - 1` unconsumed
 //! entries it is full, and further completions wait here until the host makes
 //! room. The controller fetches no command whose completion would have to
-//! wait (see `Controller::run_sq`), so what waits stays below the queue's
+//! wait (see `Controller::fetch`), so what waits stays below the queue's
 //! size.
+//!
+//! With shadow doorbells ([`super::shadow`]) an I/O queue also has a slot in
+//! the host's Shadow Doorbell and EventIdx buffers: the tail or head is read
+//! from the first, and the second says when the host must ring.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{fence, Ordering};
@@ -19,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::command::{Cqe, Sqe};
 use super::handler::CommandTag;
+use super::shadow::ShadowSlot;
 
 /// Why a queue cannot go on: each makes the controller fatal (CSTS.CFS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum QueueError {
     },
     #[error("Doorbell of queue {qid}, which does not exist")]
     NoSuchQueue { qid: u16 },
+    #[error("Shadow doorbell of queue {qid} at {gpa} lies outside guest memory")]
+    ShadowUnreachable { qid: u16, gpa: Gpa },
 }
 
 /// A submission queue.
@@ -57,6 +64,8 @@ pub struct SubQueue {
     /// The Delete I/O Submission Queue command waiting for `in_flight` to
     /// drain; the queue fetches nothing meanwhile.
     pub deleting: Option<CommandTag>,
+    /// Its tail doorbell's slots, when the host shadows it.
+    pub shadow: Option<ShadowSlot>,
 }
 
 impl SubQueue {
@@ -71,6 +80,7 @@ impl SubQueue {
             incarnation,
             in_flight: HashSet::new(),
             deleting: None,
+            shadow: None,
         }
     }
 
@@ -100,6 +110,35 @@ impl SubQueue {
     /// Whether the host has submitted nothing past the head.
     pub fn is_empty(&self) -> bool {
         self.head == self.tail
+    }
+
+    /// Takes the tail from the shadow slot, if the queue has one; whether
+    /// it moved. A value past the queue is the error a doorbell write of it
+    /// would be.
+    pub fn read_shadow<M: GuestMemoryBackend>(&mut self, mem: &M) -> Result<bool, QueueError> {
+        let Some(slot) = self.shadow else {
+            return Ok(false);
+        };
+        let qid = self.qid;
+        let value = slot
+            .doorbell(mem)
+            .map_err(|gpa| QueueError::ShadowUnreachable { qid, gpa })?;
+        if value == u32::from(self.tail) {
+            return Ok(false);
+        }
+        self.set_tail(value)?;
+        Ok(true)
+    }
+
+    /// Going idle: the EventIdx at the tail fetched up to, so that the host
+    /// rings for its next command.
+    pub fn arm<M: GuestMemoryBackend>(&self, mem: &M) -> Result<(), QueueError> {
+        let Some(slot) = self.shadow else {
+            return Ok(());
+        };
+        let qid = self.qid;
+        slot.set_event_idx(mem, self.tail)
+            .map_err(|gpa| QueueError::ShadowUnreachable { qid, gpa })
     }
 
     /// Reads the entry at the head and consumes it; `None` when the queue is
@@ -140,9 +179,14 @@ pub struct CompQueue {
     /// Submission queues completing here.
     pub sqs: u16,
     /// Completions waiting for room. The controller fetches a command only
-    /// if its completion will find room (`Controller::run_sq`), which keeps
+    /// if its completion will find room (`Controller::fetch`), which keeps
     /// this empty, and below `entries` in any case.
     pub waiting: VecDeque<Cqe>,
+    /// Its head doorbell's slots, when the host shadows it.
+    pub shadow: Option<ShadowSlot>,
+    /// A submission queue stopped for want of room here: the EventIdx asks
+    /// the host to ring its next head.
+    pub awaited: bool,
 }
 
 impl CompQueue {
@@ -157,6 +201,8 @@ impl CompQueue {
             vector,
             sqs: 0,
             waiting: VecDeque::new(),
+            shadow: None,
+            awaited: false,
         }
     }
 
@@ -217,12 +263,68 @@ impl CompQueue {
         Ok(posted)
     }
 
+    /// Takes the head from the shadow slot, if the queue has one, and posts
+    /// what waited for room: `None` if it did not move, else whether
+    /// anything was posted. A value the head doorbell could not take is the
+    /// same error.
+    pub fn read_shadow<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Option<bool>, QueueError> {
+        let Some(slot) = self.shadow else {
+            return Ok(None);
+        };
+        let qid = self.qid;
+        let value = slot
+            .doorbell(mem)
+            .map_err(|gpa| QueueError::ShadowUnreachable { qid, gpa })?;
+        if value == u32::from(self.head) {
+            return Ok(None);
+        }
+        self.set_head(mem, value).map(Some)
+    }
+
+    /// A submission queue waits for room here (`true`), or found it
+    /// (`false`): the EventIdx moves to the head, or back to the tail.
+    pub fn set_awaited<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        awaited: bool,
+    ) -> Result<(), QueueError> {
+        if self.awaited == awaited {
+            return Ok(());
+        }
+        self.awaited = awaited;
+        self.set_event_idx(mem)
+    }
+
+    /// The EventIdx where the host need not ring (the tail: its head never
+    /// passes it), or, while a submission queue waits for room, at the head
+    /// the controller knows, so that the host's next head rings.
+    pub fn set_event_idx<M: GuestMemoryBackend>(&self, mem: &M) -> Result<(), QueueError> {
+        let Some(slot) = self.shadow else {
+            return Ok(());
+        };
+        let at = if self.awaited { self.head } else { self.tail };
+        let qid = self.qid;
+        slot.set_event_idx(mem, at)
+            .map_err(|gpa| QueueError::ShadowUnreachable { qid, gpa })
+    }
+
     /// Writes `cqe` at the tail: dwords 0-2 first, then dword 3 with the
     /// phase tag, so a host that sees the new phase sees the whole entry.
+    /// A shadowed queue's EventIdx moves with the tail first, so a host
+    /// that sees the entry sees the EventIdx past it.
     fn write<M: GuestMemoryBackend>(&mut self, mem: &M, cqe: Cqe) -> Result<(), QueueError> {
         let unreachable = |gpa| QueueError::CqEntryUnreachable { qid: self.qid, gpa };
         let gpa = slot(self.base, self.tail, Cqe::SIZE).ok_or(unreachable(self.base))?;
         let dw3 = gpa.checked_add(12).ok_or(unreachable(gpa))?;
+        if let Some(shadow) = self.shadow.filter(|_| !self.awaited) {
+            let qid = self.qid;
+            shadow
+                .set_event_idx(mem, next(self.tail, self.entries))
+                .map_err(|gpa| QueueError::ShadowUnreachable { qid, gpa })?;
+        }
         mem.write_slice(&cqe.head_bytes(), gpa.into())
             .map_err(|_| unreachable(gpa))?;
         fence(Ordering::Release);

@@ -139,6 +139,47 @@ impl NvmeStatus {
         }
     }
 
+    /// A short name for status reports and logs.
+    pub const fn name(self) -> &'static str {
+        use NvmeStatus::*;
+        match self {
+            Success => "success",
+            InvalidOpcode => "invalid-opcode",
+            InvalidField => "invalid-field",
+            CommandIdConflict => "command-id-conflict",
+            DataTransferError => "data-transfer-error",
+            InternalError => "internal-error",
+            AbortRequested => "abort-requested",
+            AbortSqDeletion => "abort-sq-deletion",
+            InvalidNamespace => "invalid-namespace",
+            CommandSequenceError => "command-sequence-error",
+            PrpOffsetInvalid => "prp-offset-invalid",
+            NamespaceWriteProtected => "namespace-write-protected",
+            LbaOutOfRange => "lba-out-of-range",
+            CompletionQueueInvalid => "completion-queue-invalid",
+            InvalidQueueIdentifier => "invalid-queue-identifier",
+            InvalidQueueSize => "invalid-queue-size",
+            AbortLimitExceeded => "abort-limit-exceeded",
+            AsyncEventLimitExceeded => "async-event-limit-exceeded",
+            InvalidInterruptVector => "invalid-interrupt-vector",
+            InvalidLogPage => "invalid-log-page",
+            InvalidFormat => "invalid-format",
+            InvalidQueueDeletion => "invalid-queue-deletion",
+            FeatureNotSaveable => "feature-not-saveable",
+            FeatureNotChangeable => "feature-not-changeable",
+            WriteFault => "write-fault",
+            UnrecoveredReadError => "unrecovered-read-error",
+        }
+    }
+
+    /// Where the status sits in [`NvmeStatus::ALL`].
+    pub fn index(self) -> usize {
+        NvmeStatus::ALL
+            .iter()
+            .position(|&s| s == self)
+            .unwrap_or_default()
+    }
+
     pub fn is_success(self) -> bool {
         self == NvmeStatus::Success
     }
@@ -213,6 +254,16 @@ mod tests {
         assert_eq!(NvmeStatus::UnrecoveredReadError.field(), 0x4281);
         assert_eq!(NvmeStatus::InternalError.field(), 0x0006);
         assert_eq!(NvmeStatus::AbortSqDeletion.field(), 0x0008);
+    }
+
+    #[test]
+    fn every_status_has_its_own_name_and_place() {
+        let names: std::collections::HashSet<_> =
+            NvmeStatus::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), NvmeStatus::ALL.len());
+        for (i, s) in NvmeStatus::ALL.into_iter().enumerate() {
+            assert_eq!(s.index(), i);
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! ([`crate::nvme_driver`]) in process, doing the register and queue work a
 //! Linux nvme driver does (enable, admin commands, I/O queue pairs, reaping
 //! completions by their phase tag). A command here runs before its doorbell
-//! write returns, so each is checked to complete at once, alone.
+//! write returns, so each is checked to complete at once, alone; on a
+//! controller serving its I/O queues on threads ([`Host::new_on`]), every
+//! host step that writes a register waits for the threads to settle first,
+//! so the same checks hold.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -61,19 +64,33 @@ pub fn identity(lbs: LbaSize) -> Identity {
         io_queues: 4,
         queue_entries: 64,
         vectors: 5,
+        doorbell_buffer: true,
     }
 }
 
+/// What a test has the handler do as each command arrives.
+pub type SubmitHook = Box<dyn Fn(&Recorder, &IoCommand) + Send + Sync>;
+
 /// Records what the controller hands over; completes at once when told to.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Recorder {
     pub ctrl: OnceLock<Weak<Controller>>,
     pub immediate: AtomicBool,
+    /// Runs first in every `submit`.
+    pub on_submit: Mutex<Option<SubmitHook>>,
     pub submitted: Mutex<Vec<IoCommand>>,
     pub resets: AtomicU32,
     pub shutdowns: AtomicU32,
     pub write_cache: Mutex<Vec<bool>>,
     pub refuse_write_cache: AtomicBool,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("submitted", &self.submitted)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Recorder {
@@ -88,6 +105,9 @@ impl Recorder {
 
 impl IoHandler for Recorder {
     fn submit(&self, cmd: IoCommand) {
+        if let Some(hook) = &*self.on_submit.lock().unwrap() {
+            hook(self, &cmd);
+        }
         let tag = cmd.tag;
         self.submitted.lock().unwrap().push(cmd);
         if self.immediate.load(Ordering::Relaxed) {
@@ -147,12 +167,20 @@ const ADMIN: AdminQueues = AdminQueues {
 impl Host {
     /// A controller with memory and interrupts attached, not yet enabled.
     pub fn new(identity: Identity) -> Host {
+        Host::new_on(false, identity)
+    }
+
+    /// The same, its I/O queues served on threads of their own if `threads`.
+    pub fn new_on(threads: bool, identity: Identity) -> Host {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         );
         let handler = Arc::new(Recorder::default());
         handler.immediate.store(true, Ordering::Relaxed);
         let ctrl = Arc::new(Controller::new(identity, handler.clone()));
+        if threads {
+            ctrl.serve_on_threads();
+        }
         handler.ctrl.set(Arc::downgrade(&ctrl)).unwrap();
         let irqs = Arc::new(Irqs::default());
         ctrl.attach(mem.clone(), irqs.clone());
@@ -169,7 +197,12 @@ impl Host {
     /// A host that has probed the controller as Linux does and has `pairs`
     /// I/O queue pairs of `entries`.
     pub fn probed(identity: Identity, pairs: u16, entries: u16) -> Host {
-        let mut host = Host::new(identity);
+        Host::probed_on(false, identity, pairs, entries)
+    }
+
+    /// The same, its I/O queues served on threads of their own if `threads`.
+    pub fn probed_on(threads: bool, identity: Identity, pairs: u16, entries: u16) -> Host {
+        let mut host = Host::new_on(threads, identity);
         host.enable();
         let c = host.admin(number_of_queues(pairs, pairs));
         assert_eq!(c.status(), Some(NvmeStatus::Success));
@@ -189,11 +222,19 @@ impl Host {
 
     pub fn write32(&self, offset: u64, value: u32) {
         self.driver.write32(offset, value).unwrap();
+        self.settle();
     }
 
     /// Two dword writes, low then high, as Linux's lo_hi_writeq.
     pub fn write64(&self, offset: u64, value: u64) {
         self.driver.write64(offset, value).unwrap();
+        self.settle();
+    }
+
+    /// Waits for the queues' threads, if any, to serve what they were woken
+    /// for.
+    pub fn settle(&self) {
+        self.ctrl.settle();
     }
 
     pub fn csts(&self) -> u32 {
@@ -251,16 +292,20 @@ impl Host {
 
     pub fn ring_sq(&self, qid: u16) {
         self.driver.ring_sq(qid).unwrap();
+        self.settle();
     }
 
     pub fn submit(&mut self, qid: u16, sqe: Sqe) {
         self.driver.submit(qid, &sqe).unwrap();
+        self.settle();
     }
 
     /// Every new completion of the queue, by phase tag; rings its head
     /// doorbell if there were any.
     pub fn reap(&mut self, cqid: u16) -> Vec<Completion> {
-        self.driver.reap(cqid).unwrap()
+        let got = self.driver.reap(cqid).unwrap();
+        self.settle();
+        got
     }
 
     /// Runs an admin command and returns its one completion.

@@ -100,6 +100,7 @@ mod tests {
             io_queues: 1,
             queue_entries: 64,
             vectors: 2,
+            doorbell_buffer: false,
         }
     }
 

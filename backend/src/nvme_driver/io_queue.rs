@@ -215,6 +215,7 @@ mod tests {
             io_queues: 1,
             queue_entries: ENTRIES,
             vectors: 2,
+            doorbell_buffer: false,
         };
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),

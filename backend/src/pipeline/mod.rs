@@ -329,7 +329,7 @@ impl Pipeline {
                 IoPool::submit
             }
             // A long zero-fill always goes, queued behind the pool's work if
-            // need be: the queue's thread (NVMe's one transport thread) would
+            // need be: the queue's thread (virtio-blk's or NVMe's) would
             // stall for as long as it writes zeros. It completes when done; a
             // flush that arrives meanwhile may complete first, as both
             // protocols allow: a flush covers the writes completed before it

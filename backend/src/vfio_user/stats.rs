@@ -1,10 +1,13 @@
 //! What the transport did and refused, counted across connections.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the transport did and refused since it started, for every connection.
 #[derive(Debug, Default)]
 pub struct VfioUserStats {
+    /// A client is connected now: it has sent a request the transport
+    /// answers (the crate answers the handshake itself) and not left.
+    pub connected: AtomicBool,
     /// Connections that ended (the client closed, vanished, or was dropped).
     pub connections: AtomicU64,
     /// Connections dropped because the vfio_user crate panicked on a message.
@@ -34,6 +37,7 @@ pub struct VfioUserStats {
 /// [`VfioUserStats`] at one moment.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VfioUserStatsSnapshot {
+    pub connected: bool,
     pub connections: u64,
     pub broken_connections: u64,
     pub refused: u64,
@@ -53,6 +57,7 @@ impl VfioUserStats {
     pub fn snapshot(&self) -> VfioUserStatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         VfioUserStatsSnapshot {
+            connected: self.connected.load(Ordering::Relaxed),
             connections: get(&self.connections),
             broken_connections: get(&self.broken_connections),
             refused: get(&self.refused),

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{debug, info, warn};
@@ -297,6 +298,7 @@ impl Transport {
     pub(super) fn disconnect(&mut self) {
         bump(&self.stats.connections);
         self.connected = false;
+        self.stats.connected.store(false, Ordering::Relaxed);
         self.warned_unsealed = false;
         self.function.reset();
         self.config.reset();
@@ -310,6 +312,7 @@ impl Transport {
     fn first_contact(&mut self) {
         if !self.connected {
             self.connected = true;
+            self.stats.connected.store(true, Ordering::Relaxed);
             info!("vfio-user: serving a client");
         }
     }
