@@ -10,11 +10,11 @@
 //! pinning test waits on holds, never on timing.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::events::read_events;
+use super::qemu::guest_command;
 use crate::process::Child;
 use crate::protocol::{Event, GuestParams};
 
@@ -168,26 +168,14 @@ pub(super) fn probe_boot(
 ) -> Result<(), String> {
     let console = dir.join("probe-console.log");
     let events = dir.join("probe-events.jsonl");
-    let append = format!(
-        "console=ttyS0 panic=-1 {}",
-        GuestParams::default().to_cmdline()
+    let console_file = format!("file:{}", console.display());
+    let cmd = guest_command(
+        qemu,
+        accel_args,
+        (kernel, initrd),
+        &GuestParams::default(),
+        (&console_file, &events),
     );
-    let mut cmd = Command::new(qemu);
-    cmd.args(accel_args)
-        .args(["-smp", "2", "-m", "512M"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &append])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", events.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let mut child =
         Child::spawn("qemu", cmd).map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
     // QEMU's own messages; the guest's console goes to its file.

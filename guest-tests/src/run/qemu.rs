@@ -188,37 +188,25 @@ impl Boot<'_> {
     }
 
     fn command(&self) -> Command {
-        let append = format!(
-            "console=ttyS0 panic=-1 init_on_free=1 {}",
-            self.params.to_cmdline()
-        );
         let qemu = match self.transport {
             Transport::VirtioBlk => &self.config.qemu,
             Transport::Nvme => &self.config.qemu_nvme,
         };
-        let mut cmd = Command::new(qemu);
-        cmd.args(self.machine.args())
-            .args(["-smp", "2", "-m", "512M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        let mut cmd = guest_command(
+            qemu,
+            &self.machine.args(),
+            (&self.kernel.image, self.initrd),
+            self.params,
+            ("stdio", self.events),
+        );
+        cmd.args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-machine", "q35,memory-backend=mem"])
-            .args(["-nodefaults", "-display", "none", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&self.kernel.image)
-            .arg("-initrd")
-            .arg(self.initrd)
-            .args(["-append", &append])
-            .args(["-serial", "stdio"])
-            .arg("-serial")
-            .arg(format!("file:{}", self.events.display()))
             .args(disk_device(
                 self.transport,
                 self.socket,
                 self.config.queues,
                 self.reconnect,
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            ));
         cmd
     }
 
@@ -255,6 +243,40 @@ impl Boot<'_> {
             }
         }
     }
+}
+
+/// QEMU under `accel_args` booting `kernel` with `initrd` (`boot`) and the
+/// guest's `params`: the guest every boot of a run gets (two vCPUs,
+/// 512 MiB, no default devices, no reboot), its console on the `-serial`
+/// of `serial.0`, its events in the file `serial.1`; stdin closed, stdout
+/// and stderr piped. The caller adds memory and disks.
+pub(super) fn guest_command(
+    qemu: &Path,
+    accel_args: &[&str],
+    boot: (&Path, &Path),
+    params: &GuestParams,
+    serial: (&str, &Path),
+) -> Command {
+    let append = format!(
+        "console=ttyS0 panic=-1 init_on_free=1 {}",
+        params.to_cmdline()
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(accel_args)
+        .args(["-smp", "2", "-m", "512M"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(boot.0)
+        .arg("-initrd")
+        .arg(boot.1)
+        .args(["-append", &append])
+        .args(["-serial", serial.0])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.1.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 /// QEMU's arguments for the disk on `socket`.
