@@ -533,6 +533,24 @@ struct Measured {
     range: u64,
 }
 
+impl Measured {
+    /// Says what loads what, then runs `config`'s workload on `queues` over
+    /// the first `range` bytes of a disk of `capacity`.
+    fn load<Q: load::LoadQueue + Send>(
+        queues: Vec<Q>,
+        config: &BenchConfig,
+        range: u64,
+        capacity: u64,
+    ) -> Measured {
+        config.announce(range, capacity);
+        Measured {
+            outcomes: load::run_queues(queues, config, range / config.bs, STALL),
+            capacity,
+            range,
+        }
+    }
+}
+
 /// Connects to `socket` as `config.transport` says, runs `config`'s
 /// workload, and returns what it measured. A request that completes with a
 /// status other than OK stops the run with its details.

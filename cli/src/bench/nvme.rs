@@ -91,13 +91,7 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<Measured, BenchErr
             completions: Vec::new(),
         });
     }
-    config.announce(range, capacity);
-    let outcomes = load::run_queues(queues, config, range / config.bs, STALL);
-    Ok(Measured {
-        outcomes,
-        capacity,
-        range,
-    })
+    Ok(Measured::load(queues, config, range, capacity))
 }
 
 /// Where everything lies in guest memory: the admin queues, a page for

@@ -38,13 +38,7 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<Measured, BenchErr
             completions: Vec::new(),
         })
         .collect();
-    config.announce(range, capacity);
-    let outcomes = load::run_queues(queues, config, range / config.bs, STALL);
-    Ok(Measured {
-        outcomes,
-        capacity,
-        range,
-    })
+    Ok(Measured::load(queues, config, range, capacity))
 }
 
 /// A session with as many queues, of the size and with the guest memory,
