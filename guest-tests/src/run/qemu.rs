@@ -88,8 +88,9 @@ impl Boot<'_> {
     /// A boot that dies before the guest wrote its first event, with QEMU
     /// killed by a signal (an assertion in QEMU's own device code, seen under
     /// TCG while the kernel probes PCI) or the kernel panicking (an `int3`
-    /// oops while the kernel patches its own code, seen under TCG), never
-    /// reached the test: the guest is booted once more, the console says
+    /// oops while the kernel patches its own code, seen under TCG) or the
+    /// boot hanging (a vCPU starved of its timer under TCG, an RCU stall,
+    /// seen with two guests on two cores), never reached the test: the guest is booted once more, the console says
     /// why, and the dead boot's console is set aside. A second death is
     /// judged as any other run. The boots' time is added to `timing`.
     pub(super) fn run(
@@ -125,12 +126,19 @@ impl Boot<'_> {
         status: &std::io::Result<Option<ExitStatus>>,
         lines: &[String],
     ) -> Option<String> {
-        let Ok(Some(status)) = status else {
-            return None;
-        };
         if !self.guest_silent() {
             return None;
         }
+        let status = match status {
+            Ok(Some(status)) => status,
+            Ok(None) if !crate::process::interrupted() => {
+                return Some(format!(
+                    "the guest had not started when the boot's {:.0} s ran out",
+                    self.timeout.as_secs_f64()
+                ))
+            }
+            _ => return None,
+        };
         if let Some(signal) = status.signal() {
             return Some(format!(
                 "QEMU was killed by signal {signal} before the guest started"
@@ -326,6 +334,8 @@ mod tests {
         /// Exits cleanly after a kernel panic on the console (`panic=-1`
         /// with `-no-reboot`).
         Panic,
+        /// Hangs past the boot's timeout.
+        Hang,
     }
 
     /// Boots a stand-in for QEMU: a script that counts its runs and ends
@@ -346,6 +356,7 @@ mod tests {
                     "echo '[    1.9] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI'; \
                      echo '[    1.9] Kernel panic - not syncing: Fatal exception'; exit 0"
                 }
+                End::Hang => "exec sleep 30",
             };
             script += &format!("[ $n = {} ] && {{ {action}; }}\n", i + 1);
         }
@@ -371,7 +382,12 @@ mod tests {
             socket: &dir.path().join("vhost.sock"),
             events: &events,
             params: &GuestParams::default(),
-            timeout: Duration::from_secs(30),
+            // A hang is waited for a second only.
+            timeout: Duration::from_secs(if ends.iter().any(|e| matches!(e, End::Hang)) {
+                1
+            } else {
+                30
+            }),
             reconnect: false,
         };
         let mut console = Console::default();
@@ -421,6 +437,22 @@ mod tests {
             console.log().contains("Kernel panic - not syncing"),
             "kept in console.log"
         );
+    }
+
+    #[test]
+    fn a_boot_that_hangs_before_the_guest_spoke_is_booted_once_more() {
+        let (result, console, runs) = boot_with(&[End::Hang], false);
+        assert_eq!(result, Ok(()));
+        assert_eq!(runs, 2);
+        let why = &console.repeated[0].why;
+        assert_eq!(why, "the guest had not started when the boot's 1 s ran out");
+        let (result, _, runs) = boot_with(&[End::Hang, End::Hang], false);
+        assert!(result.unwrap_err().contains("did not finish within 1 s"));
+        assert_eq!(runs, 2, "booted once more, not again and again");
+        let (result, console, runs) = boot_with(&[End::Hang], true);
+        assert!(result.unwrap_err().contains("did not finish within 1 s"));
+        assert_eq!(runs, 1, "the guest had started: its run is judged");
+        assert!(console.repeated.is_empty());
     }
 
     #[test]
