@@ -29,3 +29,29 @@ pub fn result(test: &str, kernel: &str, verdict: Verdict, reason: &str) -> TestR
         timing: Default::default(),
     }
 }
+
+/// Writes `script` to `path` as an executable, without this process ever
+/// holding a writable descriptor on it: a test thread that forks while
+/// another writes the file would hand the child that descriptor, and
+/// executing the file until the child execs fails with "Text file busy".
+/// A `sh` child writes it instead.
+pub fn write_executable(path: &std::path::Path, script: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut sh = Command::new("sh")
+        .args(["-c", r#"cat > "$1" && chmod 755 "$1""#, "sh"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sh starts");
+    sh.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        sh.wait().unwrap().success(),
+        "cannot write {}",
+        path.display()
+    );
+}

@@ -304,15 +304,13 @@ mod tests {
     /// Probes with a stand-in for QEMU: a shell script that does `body`
     /// with `$console` and `$events` set to the files QEMU was given.
     fn probe_with(body: &str) -> Result<(), String> {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let qemu = dir.path().join("qemu");
         let script = format!(
             "#!/bin/sh\nfor a; do case $a in file:*console*) console=${{a#file:}};; \
              file:*events*) events=${{a#file:}};; esac; done\n{body}\n"
         );
-        std::fs::write(&qemu, script).unwrap();
-        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::test_utils::write_executable(&qemu, &script);
         let (kernel, initrd) = (dir.path().join("bzImage"), dir.path().join("initrd"));
         probe_boot(&qemu, &kernel, &initrd, dir.path(), &["-accel", "kvm"])
     }

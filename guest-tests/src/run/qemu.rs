@@ -324,7 +324,6 @@ pub(super) fn qemu_opt(p: &Path) -> String {
 mod tests {
     use super::*;
     use crate::run::config::Daemon;
-    use std::os::unix::fs::PermissionsExt;
 
     /// How the stand-in for QEMU ends a run.
     #[derive(Clone, Copy)]
@@ -361,8 +360,7 @@ mod tests {
             script += &format!("[ $n = {} ] && {{ {action}; }}\n", i + 1);
         }
         script += "exit 0\n";
-        std::fs::write(&qemu, script).unwrap();
-        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::test_utils::write_executable(&qemu, &script);
         let events = dir.path().join("events.jsonl");
         std::fs::write(&events, if guest_spoke { "{}\n" } else { "" }).unwrap();
         let mut config = RunConfig::for_tests(Daemon::Dmaprobe);
