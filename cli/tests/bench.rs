@@ -507,3 +507,52 @@ fn nvme_while_another_client_is_connected_says_so() {
     let v = bench_nvme_json(&s, &["--seconds", "0.5", "--warmup", "0"]);
     assert!(num(&v, "iops") > 0.0, "{v}");
 }
+
+/// With shadow doorbells (the default, as Linux takes them) the host
+/// writes no completion head register and a tail register only when the
+/// idle controller asks; with `--doorbells registers`, both for every
+/// command. At one request in flight every command is a batch of its own,
+/// so the counts are exact: the admin queue's commands ring a tail and a
+/// head each.
+#[test]
+fn nvme_shadow_doorbells_spare_the_registers() {
+    let s = serve_nvme(&[]);
+    let counters = || s.ctl_json(&["status"])["nvme"]["controller"]["counters"].clone();
+    let mut before = counters();
+    for how in ["shadow", "registers"] {
+        let v = bench_nvme_json(
+            &s,
+            &[
+                "--doorbells",
+                how,
+                "--iodepth",
+                "1",
+                "--seconds",
+                "0.5",
+                "--warmup",
+                "0",
+            ],
+        );
+        assert_eq!(v["config"]["doorbells"], how, "{v}");
+        let c = counters();
+        let grew = |key: &str| c[key].as_u64().unwrap() - before[key].as_u64().unwrap();
+        let io = grew("io_commands");
+        let io_registers = grew("mmio_doorbells") - 2 * grew("admin_commands");
+        assert!(io > 0, "{c:#}");
+        if how == "shadow" {
+            assert_eq!(grew("dbbuf_configs"), 1, "{c:#}");
+            assert!(grew("shadow_updates") >= io, "{c:#}");
+            assert_eq!(io_registers, io, "tails only: {c:#}");
+        } else {
+            assert_eq!(grew("dbbuf_configs"), 0, "{c:#}");
+            assert_eq!(grew("shadow_updates"), 0, "{c:#}");
+            assert_eq!(io_registers, 2 * io, "{c:#}");
+        }
+        before = c;
+    }
+    let e = BenchConfig::try_from(args(&["--doorbells", "registers"])).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--doorbells is for an NVMe controller: add --nvme, or leave it out"
+    );
+}

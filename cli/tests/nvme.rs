@@ -17,14 +17,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backend::nvme::identify::IDENTIFY_LEN;
-use backend::nvme::shadow::need_event;
+use backend::nvme::shadow::ShadowSlot;
 use backend::nvme_driver::command::fid::{NUMBER_OF_QUEUES, VOLATILE_WRITE_CACHE};
 use backend::nvme_driver::command::{self, admin_op, io_op, AD, FUA};
 use backend::nvme_driver::csts::{CFS, RDY};
 use backend::nvme_driver::reg::{CAP, CSTS, VS};
 use backend::nvme_driver::{
-    write_list, AdminQueues, Completion, Driver, Gpa, HostMemory, HostRam, Interrupt, IoQueuePair,
-    Prp, Sqe, Transport, VfioUser, CC_LINUX, DOORBELLS, PAGE,
+    ring_doorbell, write_list, AdminQueues, Completion, Driver, Gpa, HostMemory, HostRam,
+    Interrupt, IoQueuePair, Prp, ShadowBuffers, Sqe, Transport, VfioUser, CC_LINUX, DOORBELLS,
+    PAGE,
 };
 use common::child::{Serve, PREFILL, SOON};
 use common::pattern;
@@ -1496,13 +1497,17 @@ const SHADOW: u64 = 0x6000;
 const EVENT_IDX: u64 = 0x7000;
 
 impl Nvme {
-    /// Doorbell Buffer Config with the two pages, sent raw as Linux's
-    /// nvme_dbbuf_set sends it (the driver has no helper for it).
+    /// Doorbell Buffer Config with the two pages (zeroed first, as Linux
+    /// allocates them).
     fn configure_shadow_doorbells(&mut self) {
         self.ram().fill(Gpa(SHADOW), 0, 2 * PAGE as usize).unwrap();
-        let c =
-            self.admin(Sqe::new(admin_op::DOORBELL_BUFFER_CONFIG, 0).with_prps(SHADOW, EVENT_IDX));
-        assert_eq!(c.code(), SUCCESS, "Doorbell Buffer Config: {c:?}");
+        let buffers = ShadowBuffers {
+            doorbells: Gpa(SHADOW),
+            event_idx: Gpa(EVENT_IDX),
+        };
+        self.driver
+            .shadow_doorbells(buffers)
+            .expect("Doorbell Buffer Config");
     }
 
     fn dword(&self, at: u64) -> u16 {
@@ -1510,19 +1515,15 @@ impl Nvme {
         u16::try_from(v & 0xffff).unwrap()
     }
 
-    /// Linux's nvme_dbbuf_update_and_check_event for the doorbell at
-    /// `slot`: the value in the shadow page, a full barrier, the EventIdx,
-    /// and the register rung only if it asks. Returns whether it rang.
+    /// The host's side of the doorbell at `slot`, as Linux's nvme driver
+    /// does it: the shadow slot, and the register only if the EventIdx asks.
     fn update_shadow(&self, slot: u64, old: u16, new: u16) -> bool {
-        self.ram()
-            .write_mem(Gpa(SHADOW + slot), &u32::from(new).to_le_bytes())
-            .unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let ring = need_event(self.dword(EVENT_IDX + slot), new, old);
-        if ring {
-            self.write32(DOORBELLS + slot, u32::from(new));
-        }
-        ring
+        let shadow = ShadowSlot {
+            doorbell: Gpa(SHADOW + slot),
+            event_idx: Gpa(EVENT_IDX + slot),
+        };
+        let t = self.driver.transport();
+        ring_doorbell(t, DOORBELLS + slot, Some(shadow), Some(old), new).expect("doorbell")
     }
 
     /// Runs `sqe` on I/O queue 1 with its tail in the shadow page (the

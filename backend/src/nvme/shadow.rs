@@ -220,8 +220,7 @@ pub(super) fn new_queue_slot(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::fence;
-    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    use std::sync::atomic::Ordering::Relaxed;
 
     use nvme_model::LbaSize;
 
@@ -229,6 +228,7 @@ mod tests {
     use crate::nvme::command::{admin_op, io_op};
     use crate::nvme::controller::{csts, reg, DOORBELLS};
     use crate::nvme::test_utils::*;
+    use crate::nvme_driver::ring_doorbell;
 
     /// Where the tests keep the two buffers.
     const DBS: u64 = 0x9_0000;
@@ -292,18 +292,16 @@ mod tests {
             u32_at(&self.host, EIS + cq_slot(1))
         }
 
-        /// Linux's nvme_dbbuf_update_and_check_event: the value to the
-        /// shadow slot, a full barrier, the EventIdx read; rings the
-        /// register if it says so. Returns whether it rang.
+        /// The driver's side of the doorbell at `slot` (the host's, as
+        /// Linux's): the shadow slot, and the register if the EventIdx asks.
+        /// Returns whether it rang.
         fn update(&self, slot: u64, old: u16, new: u16) -> bool {
-            self.host
-                .write_mem(DBS + slot, &u32::from(new).to_le_bytes());
-            fence(SeqCst);
-            let event_idx = u16::try_from(u32_at(&self.host, EIS + slot)).unwrap();
-            let ring = need_event(event_idx, new, old);
-            if ring {
-                self.host.write32(DOORBELLS + slot, u32::from(new));
-            }
+            let shadow = ShadowSlot {
+                doorbell: Gpa(DBS + slot),
+                event_idx: Gpa(EIS + slot),
+            };
+            let t = self.host.driver.transport();
+            let ring = ring_doorbell(t, DOORBELLS + slot, Some(shadow), Some(old), new).unwrap();
             self.host.settle();
             ring
         }

@@ -13,6 +13,7 @@ use nvme_model::Lba;
 
 use super::prp::Prp;
 use crate::nvme::command::{high16, low16, low32};
+use crate::nvme::shadow::ShadowBuffers;
 use crate::nvme::NvmeStatus;
 
 pub use crate::nvme::admin::fid;
@@ -46,6 +47,13 @@ pub fn set_features(fid: u32, value: u32) -> Sqe {
     Sqe::new(admin_op::SET_FEATURES, 0)
         .with_cdw(10, fid)
         .with_cdw(11, value)
+}
+
+/// Doorbell Buffer Config: the Shadow Doorbell buffer in PRP1, the
+/// EventIdx buffer in PRP2, a page each.
+pub fn doorbell_buffer_config(buffers: ShadowBuffers) -> Sqe {
+    Sqe::new(admin_op::DOORBELL_BUFFER_CONFIG, 0)
+        .with_prps(buffers.doorbells.0, buffers.event_idx.0)
 }
 
 /// Set Features, Number of Queues: `sqs` submission and `cqs` completion

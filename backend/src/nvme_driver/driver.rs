@@ -14,6 +14,7 @@ use super::queue::{AdminQueues, CompletionQueue, Doorbells, IoQueuePair, Submiss
 use super::transport::{HostMemory, Interrupt, Transport};
 use crate::nvme::controller::{cc, csts, reg};
 use crate::nvme::identify::IDENTIFY_LEN;
+use crate::nvme::shadow::ShadowBuffers;
 
 /// How long a command may take before the driver gives up on it, unless
 /// told otherwise ([`Driver::set_timeout`]).
@@ -45,7 +46,10 @@ impl<T: Transport> Driver<T> {
             transport,
             sqs: BTreeMap::new(),
             cqs: BTreeMap::new(),
-            doorbells: Doorbells { stride: 4 },
+            doorbells: Doorbells {
+                stride: 4,
+                shadow: None,
+            },
             next_cid: 0,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -125,7 +129,11 @@ impl<T: Transport> Driver<T> {
         self.disable()?;
         self.transport.clear_interrupts()?;
         let dstrd = self.read64(reg::CAP)? >> 32 & 0xf;
-        self.doorbells = Doorbells { stride: 4 << dstrd };
+        // A reset forgot any shadow doorbells.
+        self.doorbells = Doorbells {
+            stride: 4 << dstrd,
+            shadow: None,
+        };
         self.track_cq(0, admin.cq, admin.entries, Some(0))?;
         self.track_sq(0, admin.sq, admin.entries, 0);
         let size = u32::from(admin.entries.wrapping_sub(1));
@@ -192,6 +200,20 @@ impl<T: Transport> Driver<T> {
         Ok(((c.dw0 & 0xffff) + 1, (c.dw0 >> 16) + 1))
     }
 
+    /// Doorbell Buffer Config: from now on the I/O queues' doorbells are
+    /// `buffers`' shadow slots (the controller set each existing queue's to
+    /// what it knows). Queues taken out as [`IoQueue`]s afterwards write a
+    /// register only when the controller's EventIdx asks; this driver's own
+    /// rings write both. Before any queue is taken out.
+    pub fn shadow_doorbells(&mut self, buffers: ShadowBuffers) -> Result<(), Error> {
+        self.admin_ok(
+            "Doorbell Buffer Config",
+            command::doorbell_buffer_config(buffers),
+        )?;
+        self.doorbells.shadow = Some(buffers);
+        Ok(())
+    }
+
     /// Identify with CNS `cns` for `nsid` into the page at `data`: the 4 KiB
     /// the controller wrote.
     pub fn identify(&mut self, cns: u32, nsid: u32, data: Gpa) -> Result<Vec<u8>, Error> {
@@ -242,10 +264,14 @@ impl<T: Transport> Driver<T> {
         Ok(IoQueue::new(qid, sq, cq, self.doorbells))
     }
 
-    /// Tells the controller of what was placed: the tail doorbell.
+    /// Tells the controller of what was placed: the tail doorbell (with
+    /// shadow doorbells, the shadow slot and then the register all the same:
+    /// this driver shows the controller every doorbell).
     pub fn ring_sq(&self, qid: u16) -> Result<(), Error> {
         let tail = self.sqs.get(&qid).ok_or_else(|| no_sq(qid))?.tail;
-        self.write32(self.doorbells.sq_tail(qid), u32::from(tail))
+        self.doorbells
+            .tell_sq_tail(&self.transport, qid, None, tail)
+            .map(drop)
     }
 
     /// Places `sqe`, command identifier and all, and rings.
@@ -436,7 +462,9 @@ impl<T: Transport> Driver<T> {
 
     fn ring_cq(&self, cqid: u16) -> Result<(), Error> {
         let head = self.cq(cqid)?.head;
-        self.write32(self.doorbells.cq_head(cqid), u32::from(head))
+        self.doorbells
+            .tell_cq_head(&self.transport, cqid, None, head)
+            .map(drop)
     }
 
     fn cq(&self, cqid: u16) -> Result<&CompletionQueue, Error> {

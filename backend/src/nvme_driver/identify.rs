@@ -1,6 +1,7 @@
 //! What a host needs of the identify data it reads back: the controller's
-//! largest transfer and namespace count, and a namespace's size, block size
-//! and write protection (NVMe 1.4, figures 247 and 249).
+//! largest transfer, namespace count and whether it offers shadow
+//! doorbells, and a namespace's size, block size and write protection
+//! (NVMe 1.4, figures 247 and 249).
 
 use super::error::Error;
 
@@ -12,6 +13,8 @@ pub struct ControllerData {
     pub mdts: u8,
     /// NN: the highest namespace identifier.
     pub namespaces: u32,
+    /// OACS bit 8: Doorbell Buffer Config is offered.
+    pub doorbell_buffer: bool,
 }
 
 impl ControllerData {
@@ -19,6 +22,7 @@ impl ControllerData {
         Ok(ControllerData {
             mdts: *d.get(77).ok_or(Error::ShortIdentify { len: d.len() })?,
             namespaces: le32(d, 516)?,
+            doorbell_buffer: d.get(257).ok_or(Error::ShortIdentify { len: d.len() })? & 1 == 1,
         })
     }
 
@@ -106,9 +110,15 @@ mod tests {
 
     #[test]
     fn what_the_controller_writes_reads_back() {
-        let id = identity(LbaSize::B4096, Some(128 << 10), true);
+        let mut id = identity(LbaSize::B4096, Some(128 << 10), true);
         let c = ControllerData::parse(&id.controller()).unwrap();
-        assert_eq!((c.mdts, c.namespaces), (5, 1));
+        assert_eq!((c.mdts, c.namespaces, c.doorbell_buffer), (5, 1, false));
+        id.doorbell_buffer = true;
+        assert!(
+            ControllerData::parse(&id.controller())
+                .unwrap()
+                .doorbell_buffer
+        );
         assert_eq!(c.max_transfer(4096), Some(128 << 10));
         let ns = NamespaceData::parse(&id.namespace()).unwrap();
         assert_eq!(

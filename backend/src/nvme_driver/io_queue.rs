@@ -1,8 +1,10 @@
 //! [`IoQueue`]: an I/O queue pair taken out of the [`Driver`](super::Driver)
 //! to be driven on a thread of its own, as a load generator drives it: as
 //! many commands placed as there is room for, one tail doorbell for all of
-//! them, every completion posted reaped at once with one head doorbell, and
-//! a wait that blocks on the queue's interrupt rather than polling. Register
+//! them, every completion posted reaped at once with one head doorbell
+//! (each a shadow slot when the controller was given shadow doorbells, and
+//! a register only when its EventIdx asks), and a wait that blocks on the
+//! queue's interrupt rather than polling. Register
 //! accesses go through the shared [`Transport`], which every queue borrows.
 
 use std::time::{Duration, Instant};
@@ -21,8 +23,20 @@ pub struct IoQueue {
     sq: SubmissionQueue,
     cq: CompletionQueue,
     doorbells: Doorbells,
-    /// Entries placed since the tail doorbell was last rung.
-    unrung: u16,
+    /// The tail the controller was last told of: entries placed past it
+    /// are not yet rung.
+    told_tail: u16,
+    doorbell_counts: DoorbellCounts,
+}
+
+/// How an [`IoQueue`] told the controller of its doorbells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoorbellCounts {
+    /// Doorbell register writes.
+    pub registers: u64,
+    /// Doorbells told through a shadow slot alone (the EventIdx did not ask
+    /// for the register).
+    pub shadow_only: u64,
 }
 
 impl IoQueue {
@@ -34,10 +48,11 @@ impl IoQueue {
     ) -> IoQueue {
         IoQueue {
             qid,
+            told_tail: sq.tail,
             sq,
             cq,
             doorbells,
-            unrung: 0,
+            doorbell_counts: DoorbellCounts::default(),
         }
     }
 
@@ -69,18 +84,37 @@ impl IoQueue {
         let at = self.sq.slot()?;
         transport.memory().write_mem(at, &sqe.to_bytes())?;
         self.sq.advance();
-        self.unrung = self.unrung.saturating_add(1);
         Ok(())
     }
 
-    /// Rings the tail doorbell if anything was placed since it last rang.
+    /// Rings the tail doorbell if anything was placed since it last rang
+    /// (with shadow doorbells, writes the slot and the register only if
+    /// the controller's EventIdx asks).
     pub fn ring<T: Transport>(&mut self, transport: &T) -> Result<(), Error> {
-        if self.unrung == 0 {
+        let (old, new) = (self.told_tail, self.sq.tail);
+        if old == new {
             return Ok(());
         }
-        transport.write32(self.doorbells.sq_tail(self.qid), u32::from(self.sq.tail))?;
-        self.unrung = 0;
+        let rung = self
+            .doorbells
+            .tell_sq_tail(transport, self.qid, Some(old), new)?;
+        self.told_tail = new;
+        self.count(rung);
         Ok(())
+    }
+
+    /// How this queue told the controller of its doorbells so far.
+    pub fn doorbell_counts(&self) -> DoorbellCounts {
+        self.doorbell_counts
+    }
+
+    fn count(&mut self, rung: bool) {
+        let c = &mut self.doorbell_counts;
+        if rung {
+            c.registers += 1;
+        } else {
+            c.shadow_only += 1;
+        }
     }
 
     /// Appends every completion posted now to `out`, at most one pass of the
@@ -92,6 +126,7 @@ impl IoQueue {
         out: &mut Vec<Completion>,
     ) -> Result<usize, Error> {
         let mem = transport.memory();
+        let old = self.cq.head;
         let mut n = 0;
         while n < usize::from(self.cq.entries) && self.cq.posted(mem, 0)? {
             let c = self.cq.take(mem)?;
@@ -102,7 +137,10 @@ impl IoQueue {
             n += 1;
         }
         if n > 0 {
-            transport.write32(self.doorbells.cq_head(self.qid), u32::from(self.cq.head))?;
+            let rung = self
+                .doorbells
+                .tell_cq_head(transport, self.qid, Some(old), self.cq.head)?;
+            self.count(rung);
         }
         Ok(n)
     }
@@ -154,7 +192,7 @@ mod tests {
     use crate::nvme::NvmeStatus;
     use crate::nvme::{CommandTag, Controller, Identity, Interrupts, IoCommand, IoHandler};
     use crate::nvme_driver::command::{self, io_op, CC_LINUX};
-    use crate::nvme_driver::{AdminQueues, Driver, InProcess, IoQueuePair, Prp};
+    use crate::nvme_driver::{AdminQueues, Driver, InProcess, IoQueuePair, Prp, ShadowBuffers};
 
     const ENTRIES: u16 = 8;
 
@@ -200,6 +238,13 @@ mod tests {
     /// A controller in process with I/O queue pair 1 of `ENTRIES`, taken
     /// out of the driver.
     fn queue() -> (Driver<InProcess>, IoQueue, Arc<Handler>) {
+        queue_with(false)
+    }
+
+    /// The same; with `shadow`, the controller offers shadow doorbells and
+    /// the driver takes them (buffers at 0x4000 and 0x5000) before it
+    /// creates the pair.
+    fn queue_with(shadow: bool) -> (Driver<InProcess>, IoQueue, Arc<Handler>) {
         let lbs = LbaSize::B512;
         let identity = Identity {
             serial: "io-queue".into(),
@@ -215,7 +260,7 @@ mod tests {
             io_queues: 1,
             queue_entries: ENTRIES,
             vectors: 2,
-            doorbell_buffer: false,
+            doorbell_buffer: shadow,
         };
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
@@ -232,6 +277,13 @@ mod tests {
         };
         driver.enable(admin, CC_LINUX).unwrap();
         driver.request_queues(1, 1).unwrap();
+        if shadow {
+            let buffers = ShadowBuffers {
+                doorbells: Gpa(0x4000),
+                event_idx: Gpa(0x5000),
+            };
+            driver.shadow_doorbells(buffers).unwrap();
+        }
         let pair = IoQueuePair {
             qid: 1,
             sq: Gpa(0x2000),
@@ -280,14 +332,45 @@ mod tests {
 
     #[test]
     fn batches_wrap_both_rings_many_times() {
-        let (driver, mut q, _handler) = queue();
+        for shadow in [false, true] {
+            let (driver, mut q, _handler) = queue_with(shadow);
+            let batches = run_batches(&driver, &mut q);
+            let registers = driver.transport().controller().counters();
+            let counts = q.doorbell_counts();
+            if shadow {
+                // The controller is idle at each batch: the tail rings; it
+                // never waits for room: the head does not.
+                assert_eq!(
+                    counts,
+                    DoorbellCounts {
+                        registers: batches,
+                        shadow_only: batches
+                    }
+                );
+                assert!(registers.shadow_updates.load(Ordering::Relaxed) >= batches);
+            } else {
+                let both = DoorbellCounts {
+                    registers: 2 * batches,
+                    shadow_only: 0,
+                };
+                assert_eq!(counts, both);
+                assert_eq!(registers.shadow_updates.load(Ordering::Relaxed), 0);
+            }
+        }
+    }
+
+    /// Batches of one to `ENTRIES - 1` reads, each rung once and waited
+    /// for, checked in order; how many batches.
+    fn run_batches(driver: &Driver<InProcess>, q: &mut IoQueue) -> u64 {
         let t = driver.transport();
         let mut out = Vec::new();
         let mut next = 0u16;
+        let mut batches = 0;
         for batch in (1..=ENTRIES - 1).cycle().take(40) {
+            batches += 1;
             let first = next;
             for _ in 0..batch {
-                q.place(t, &read(&driver, next)).unwrap();
+                q.place(t, &read(driver, next)).unwrap();
                 next = next.wrapping_add(1);
             }
             q.ring(t).unwrap();
@@ -298,8 +381,10 @@ mod tests {
             );
             let cids: Vec<u16> = out.iter().map(|c| c.cid).collect();
             assert_eq!(cids, (first..next).collect::<Vec<_>>());
+            assert!(out.iter().all(Completion::is_success));
             assert_eq!(q.room(), ENTRIES - 1);
         }
+        batches
     }
 
     #[test]

@@ -69,9 +69,9 @@ pub use driver::{Driver, DEFAULT_TIMEOUT};
 pub use error::{Error, NotVfioUser};
 pub use identify::{ControllerData, NamespaceData};
 pub use in_process::InProcess;
-pub use io_queue::IoQueue;
+pub use io_queue::{DoorbellCounts, IoQueue};
 pub use prp::{write_list, Prp};
-pub use queue::{AdminQueues, IoQueuePair};
+pub use queue::{ring_doorbell, AdminQueues, IoQueuePair};
 pub use transport::{HostMemory, Interrupt, Transport};
 pub use vfio_user::{HostRam, VfioUser};
 
@@ -79,4 +79,5 @@ pub use vfio_user::{HostRam, VfioUser};
 pub use crate::nvme::controller::{cc, csts, reg, DOORBELLS};
 /// The memory page size the driver builds PRPs for (CC.MPS 0).
 pub use crate::nvme::prp::PAGE;
+pub use crate::nvme::shadow::ShadowBuffers;
 pub use crate::nvme::NvmeStatus;

@@ -1,16 +1,19 @@
 //! Queues as the host keeps them: where each lies, the submission tail it
 //! has written to and the head the controller last reported, the completion
-//! head and phase tag it reads at, and which doorbell tells the controller.
+//! head and phase tag it reads at, and which doorbell tells the controller
+//! (a register, or a shadow slot in host memory).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{fence, Ordering};
 
 use dma::Gpa;
 
 use super::command::{Completion, Sqe};
 use super::error::Error;
 use super::prp::offset;
-use super::transport::HostMemory;
+use super::transport::{HostMemory, Transport};
 use crate::nvme::controller::DOORBELLS;
+use crate::nvme::shadow::{need_event, ShadowBuffers, ShadowSlot};
 
 /// Where the admin queues lie and how long they are (AQA, ASQ, ACQ).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,10 +166,13 @@ fn next(index: u16, entries: u16) -> u16 {
 }
 
 /// The doorbells, `stride` bytes apart (4 << CAP.DSTRD): queue `qid`'s
-/// submission tail, then its completion head.
+/// submission tail, then its completion head; with `shadow`, the I/O
+/// queues' doorbells are the host's shadow slots, and a register is written
+/// only when the controller's EventIdx asks for it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Doorbells {
     pub stride: u64,
+    pub shadow: Option<ShadowBuffers>,
 }
 
 impl Doorbells {
@@ -177,6 +183,62 @@ impl Doorbells {
     pub fn cq_head(self, qid: u16) -> u64 {
         DOORBELLS + (2 * u64::from(qid) + 1) * self.stride
     }
+
+    /// Tells the controller that submission queue `qid`'s tail moved from
+    /// `old` to `new` (`old` None: the register is written whatever the
+    /// EventIdx says); whether the register was written.
+    pub fn tell_sq_tail<T: Transport>(
+        self,
+        transport: &T,
+        qid: u16,
+        old: Option<u16>,
+        new: u16,
+    ) -> Result<bool, Error> {
+        let slot = self.shadow.and_then(|s| s.sq(qid));
+        ring_doorbell(transport, self.sq_tail(qid), slot, old, new)
+    }
+
+    /// Tells the controller that completion queue `qid`'s head moved from
+    /// `old` to `new`, as [`Doorbells::tell_sq_tail`] does.
+    pub fn tell_cq_head<T: Transport>(
+        self,
+        transport: &T,
+        qid: u16,
+        old: Option<u16>,
+        new: u16,
+    ) -> Result<bool, Error> {
+        let slot = self.shadow.and_then(|s| s.cq(qid));
+        ring_doorbell(transport, self.cq_head(qid), slot, old, new)
+    }
+}
+
+/// Writes `new` to the doorbell register at `register`; with a shadow
+/// `slot`, to the slot first, then (after a full barrier, which pairs with
+/// the controller's fence after its EventIdx write) to the register only if
+/// `new` went past the EventIdx since `old`, as Linux's
+/// `nvme_dbbuf_update_and_check_event` does (or, `old` None, whatever it
+/// says). Whether the register was written.
+pub fn ring_doorbell<T: Transport>(
+    transport: &T,
+    register: u64,
+    slot: Option<ShadowSlot>,
+    old: Option<u16>,
+    new: u16,
+) -> Result<bool, Error> {
+    if let Some(slot) = slot {
+        let mem = transport.memory();
+        mem.store32(slot.doorbell, u32::from(new))?;
+        if let Some(old) = old {
+            fence(Ordering::SeqCst);
+            // The slot is a dword; the index is its low 16 bits.
+            let event_idx = mem.load32(slot.event_idx)? as u16;
+            if !need_event(event_idx, new, old) {
+                return Ok(false);
+            }
+        }
+    }
+    transport.write32(register, u32::from(new))?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -217,12 +279,18 @@ mod tests {
 
     #[test]
     fn doorbells_follow_the_stride() {
-        let d = Doorbells { stride: 4 };
+        let d = Doorbells {
+            stride: 4,
+            shadow: None,
+        };
         assert_eq!(
             (d.sq_tail(0), d.cq_head(0), d.sq_tail(1), d.cq_head(1)),
             (0x1000, 0x1004, 0x1008, 0x100c)
         );
-        let d = Doorbells { stride: 16 };
+        let d = Doorbells {
+            stride: 16,
+            shadow: None,
+        };
         assert_eq!((d.sq_tail(1), d.cq_head(1)), (0x1020, 0x1030));
     }
 }

@@ -25,6 +25,11 @@ pub trait HostMemory {
     /// of the entry is read only after the dword that says it is there.
     fn load32(&self, gpa: Gpa) -> Result<u32, Error>;
 
+    /// A little-endian dword written at once with release ordering: a
+    /// shadow doorbell, which the controller reads while the host may be
+    /// writing it, announces the entries written before it.
+    fn store32(&self, gpa: Gpa, value: u32) -> Result<(), Error>;
+
     /// `len` bytes from `gpa`.
     fn read_vec(&self, gpa: Gpa, len: usize) -> Result<Vec<u8>, Error> {
         let mut out = vec![0; len];
@@ -111,6 +116,11 @@ impl HostMemory for GuestMemoryMmap<()> {
             .map(u32::from_le)
             .map_err(memory_error(gpa, 4))
     }
+
+    fn store32(&self, gpa: Gpa, value: u32) -> Result<(), Error> {
+        self.store(value.to_le(), GuestAddress(gpa.0), Ordering::Release)
+            .map_err(memory_error(gpa, 4))
+    }
 }
 
 /// Memory as the daemon's transports hand it to a controller: the host side
@@ -126,5 +136,9 @@ impl HostMemory for GuestMemory {
 
     fn load32(&self, gpa: Gpa) -> Result<u32, Error> {
         self.memory().load32(gpa)
+    }
+
+    fn store32(&self, gpa: Gpa, value: u32) -> Result<(), Error> {
+        self.memory().store32(gpa, value)
     }
 }

@@ -193,6 +193,10 @@ impl HostMemory for HostRam {
     fn load32(&self, gpa: Gpa) -> Result<u32, Error> {
         self.mem.load32(gpa)
     }
+
+    fn store32(&self, gpa: Gpa, value: u32) -> Result<(), Error> {
+        self.mem.store32(gpa, value)
+    }
 }
 
 /// A vfio-user connection to an NVMe function: the client, the host memory

@@ -61,9 +61,17 @@ pub struct BenchArgs {
     /// from a memfd, the admin queues and an I/O queue pair per --queues
     /// (each with its MSI-X eventfd), PRP lists for transfers over two
     /// pages. All queues share the one vfio-user connection, and each
-    /// doorbell write is a message over it.
+    /// doorbell register write is a message over it.
     #[arg(long)]
     pub nvme: bool,
+    /// With --nvme, how the host tells the controller of new commands and
+    /// consumed completions: `shadow` (the default) as Linux's nvme driver
+    /// does when the controller offers Doorbell Buffer Config: doorbells in
+    /// host memory, a register write only when the controller's EventIdx
+    /// asks (every doorbell a register write if it is not offered);
+    /// `registers`: every doorbell a register write.
+    #[arg(long, value_name = "HOW", value_enum)]
+    pub doorbells: Option<Doorbells>,
     /// The workload: randread, randwrite, read, write (sequential), or
     /// mix:N (random, N% reads).
     #[arg(long, value_name = "RW", default_value = "randread")]
@@ -100,6 +108,17 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How an NVMe host rings its I/O queues' doorbells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Doorbells {
+    /// Shadow doorbells when the controller offers them.
+    #[default]
+    Shadow,
+    /// Every doorbell a register write.
+    Registers,
 }
 
 /// How the load reaches the device.
@@ -211,6 +230,8 @@ pub struct BenchConfig {
     pub size: Option<u64>,
     /// Seed of the offsets, of mix:N's choices and of the data written.
     pub seed: u64,
+    /// With NVMe, how the doorbells are rung.
+    pub doorbells: Doorbells,
 }
 
 impl Default for BenchConfig {
@@ -227,6 +248,7 @@ impl Default for BenchConfig {
             warmup: 1.0,
             size: None,
             seed: 1,
+            doorbells: Doorbells::Shadow,
         }
     }
 }
@@ -318,6 +340,9 @@ impl TryFrom<BenchArgs> for BenchConfig {
         let size = |what: &'static str, text: &str| {
             config::parse_size(text).map_err(|source| BenchError::Size { what, source })
         };
+        if a.doorbells.is_some() && !a.nvme {
+            return Err(BenchError::NvmeOnly("--doorbells"));
+        }
         BenchConfig {
             transport: if a.nvme {
                 BenchTransport::Nvme
@@ -333,6 +358,7 @@ impl TryFrom<BenchArgs> for BenchConfig {
             warmup: a.warmup,
             size: a.size.as_deref().map(|s| size("--size", s)).transpose()?,
             seed: a.seed,
+            doorbells: a.doorbells.unwrap_or_default(),
         }
         .check()
     }
@@ -421,6 +447,9 @@ pub enum BenchError {
         #[source]
         why: NotVfioUser,
     },
+    /// An option of the NVMe host without --nvme.
+    #[error("{0} is for an NVMe controller: add --nvme, or leave it out")]
+    NvmeOnly(&'static str),
     /// The backend cannot take writes.
     #[error("The device is read-only and the workload {0} writes")]
     ReadOnly(Rw),

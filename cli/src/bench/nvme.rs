@@ -3,10 +3,13 @@
 //! server at IOVA 0, the admin queues, then an I/O queue pair per bench
 //! queue (queue q + 1 on MSI-X vector q + 1) and a data buffer per request
 //! in flight, each with its PRP list built once when it spans more than two
-//! pages. Each thread drives its pair as an [`IoQueue`]; all of them ring
-//! their doorbells through the one vfio-user connection (the `vfio_user`
-//! server serves one client at a time, so there is no second connection to
-//! be had), and sleep on their vector's eventfd.
+//! pages. With shadow doorbells (the default, when the controller offers
+//! them, as Linux takes them), the doorbells are slots in guest memory and
+//! a register is written only when the controller's EventIdx asks. Each
+//! thread drives its pair as an [`IoQueue`]; all of them write their
+//! doorbell registers through the one vfio-user connection (the
+//! `vfio_user` server serves one client at a time, so there is no second
+//! connection to be had), and sleep on their vector's eventfd.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,12 +19,13 @@ use backend::nvme_driver::reg::CAP;
 use backend::nvme_driver::vfio_user::probe;
 use backend::nvme_driver::{
     AdminQueues, Completion, ControllerData, Driver, Error, Gpa, HostRam, IoQueue, IoQueuePair,
-    NamespaceData, Prp, Sqe, VfioUser, CC_LINUX, PAGE,
+    NamespaceData, Prp, ShadowBuffers, Sqe, VfioUser, CC_LINUX, PAGE,
 };
+use log::info;
 use nvme_model::Lba;
 
 use super::load::{self, Done, Io, LoadQueue, Op};
-use super::{BenchConfig, BenchError, DeviceError, Measured, STALL};
+use super::{BenchConfig, BenchError, DeviceError, Doorbells, Measured, STALL};
 
 /// Entries of each admin queue (Linux's NVME_AQ_DEPTH).
 const ADMIN_ENTRIES: u16 = 32;
@@ -95,12 +99,13 @@ pub fn measure(socket: &Path, config: &BenchConfig) -> Result<Measured, BenchErr
 }
 
 /// Where everything lies in guest memory: the admin queues, a page for
-/// identify data, each I/O queue pair, and each buffer with the PRP list
-/// pages it needs.
+/// identify data, the two pages of shadow doorbells, each I/O queue pair,
+/// and each buffer with the PRP list pages it needs.
 #[derive(Debug)]
 struct Plan {
     admin: AdminQueues,
     identify: Gpa,
+    shadow: ShadowBuffers,
     pairs: Vec<IoQueuePair>,
     /// Per queue, per buffer: the data, and its PRP list's first page.
     buffers: Vec<Vec<(Gpa, Option<Gpa>)>>,
@@ -131,6 +136,10 @@ impl Plan {
             entries: ADMIN_ENTRIES,
         };
         let identify = take(PAGE)?;
+        let shadow = ShadowBuffers {
+            doorbells: take(PAGE)?,
+            event_idx: take(PAGE)?,
+        };
         let entries = u64::from(config.queue_size);
         let pairs = (1..=config.queues)
             .map(|qid| {
@@ -167,6 +176,7 @@ impl Plan {
         Ok(Plan {
             admin,
             identify,
+            shadow,
             pairs,
             buffers,
             size: next,
@@ -228,6 +238,17 @@ fn bring_up(
             asked: config.queues,
             granted,
         });
+    }
+    match (config.doorbells, ctrl.doorbell_buffer) {
+        (Doorbells::Shadow, true) => {
+            driver.shadow_doorbells(plan.shadow)?;
+            info!("bench: nvme: shadow doorbells (Doorbell Buffer Config)");
+        }
+        (Doorbells::Shadow, false) => info!(
+            "bench: nvme: the controller does not offer Doorbell Buffer Config: \
+             every doorbell is a register write"
+        ),
+        (Doorbells::Registers, _) => info!("bench: nvme: every doorbell is a register write"),
     }
     for &pair in &plan.pairs {
         driver.create_io_pair(pair)?;
@@ -334,6 +355,8 @@ mod tests {
                 (plan.admin.sq.0, 32 * 64),
                 (plan.admin.cq.0, 32 * 16),
                 (plan.identify.0, PAGE),
+                (plan.shadow.doorbells.0, PAGE),
+                (plan.shadow.event_idx.0, PAGE),
             ];
             for p in &plan.pairs {
                 spans.push((p.sq.0, 256 * 64));
