@@ -556,3 +556,27 @@ fn nvme_shadow_doorbells_spare_the_registers() {
         "--doorbells is for an NVMe controller: add --nvme, or leave it out"
     );
 }
+
+/// More MSI-X eventfds than the `vfio_user` server takes in one message
+/// (16): the driver hands them over one per message, as QEMU does by the
+/// server's max_msg_fds, and every queue runs.
+#[test]
+fn nvme_on_twenty_queues_hands_over_twenty_one_eventfds() {
+    let s = serve_nvme(&[]);
+    let v = bench_nvme_json(
+        &s,
+        &[
+            "--queues",
+            "20",
+            "--iodepth",
+            "1",
+            "--seconds",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
+    let queues = v["queues"].as_array().expect("queues");
+    assert_eq!(queues.len(), 20, "{v}");
+    assert!(queues.iter().all(|q| num(q, "ios") > 0.0), "{v}");
+}

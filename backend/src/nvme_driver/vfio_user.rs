@@ -232,17 +232,21 @@ impl VfioUser {
         let irqs = (0..vectors)
             .map(|_| eventfd())
             .collect::<Result<Vec<_>, _>>()?;
-        let fds: Vec<_> = irqs.iter().map(AsRawFd::as_raw_fd).collect();
         let vfio = |request| move |source| Error::Vfio { request, source };
-        client
-            .set_irqs(
-                VFIO_PCI_MSIX_IRQ_INDEX,
-                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                0,
-                u32::from(vectors),
-                &fds,
-            )
-            .map_err(vfio("SET_IRQS"))?;
+        // One eventfd per message, as QEMU splits SET_IRQS by the server's
+        // max_msg_fds: the `vfio_user` crate's server says 1 and drops a
+        // connection whose message carries more than 16.
+        for (vector, irq) in (0..).zip(&irqs) {
+            client
+                .set_irqs(
+                    VFIO_PCI_MSIX_IRQ_INDEX,
+                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    vector,
+                    1,
+                    &[irq.as_raw_fd()],
+                )
+                .map_err(vfio("SET_IRQS"))?;
+        }
         client
             .region_write(
                 VFIO_PCI_CONFIG_REGION_INDEX,
