@@ -10,7 +10,9 @@ use dma::Gpa;
 use super::command::{self, Completion, Sqe};
 use super::error::Error;
 use super::io_queue::IoQueue;
-use super::queue::{AdminQueues, CompletionQueue, Doorbells, IoQueuePair, SubmissionQueue};
+use super::queue::{
+    AdminQueues, CompletionQueue, Doorbell, Doorbells, IoQueuePair, SubmissionQueue,
+};
 use super::transport::{HostMemory, Interrupt, Transport};
 use crate::nvme::controller::{cc, csts, reg};
 use crate::nvme::identify::IDENTIFY_LEN;
@@ -270,7 +272,7 @@ impl<T: Transport> Driver<T> {
     pub fn ring_sq(&self, qid: u16) -> Result<(), Error> {
         let tail = self.sqs.get(&qid).ok_or_else(|| no_sq(qid))?.tail;
         self.doorbells
-            .tell_sq_tail(&self.transport, qid, None, tail)
+            .tell(&self.transport, qid, Doorbell::SqTail, None, tail)
             .map(drop)
     }
 
@@ -463,7 +465,7 @@ impl<T: Transport> Driver<T> {
     fn ring_cq(&self, cqid: u16) -> Result<(), Error> {
         let head = self.cq(cqid)?.head;
         self.doorbells
-            .tell_cq_head(&self.transport, cqid, None, head)
+            .tell(&self.transport, cqid, Doorbell::CqHead, None, head)
             .map(drop)
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::command::{Completion, Sqe};
 use super::error::Error;
-use super::queue::{CompletionQueue, Doorbells, SubmissionQueue};
+use super::queue::{CompletionQueue, Doorbell, Doorbells, SubmissionQueue};
 use super::transport::{HostMemory, Transport};
 
 /// A submission queue and the completion queue that it alone completes to,
@@ -97,7 +97,7 @@ impl IoQueue {
         }
         let rung = self
             .doorbells
-            .tell_sq_tail(transport, self.qid, Some(old), new)?;
+            .tell(transport, self.qid, Doorbell::SqTail, Some(old), new)?;
         self.told_tail = new;
         self.count(rung);
         Ok(())
@@ -137,9 +137,13 @@ impl IoQueue {
             n += 1;
         }
         if n > 0 {
-            let rung = self
-                .doorbells
-                .tell_cq_head(transport, self.qid, Some(old), self.cq.head)?;
+            let rung = self.doorbells.tell(
+                transport,
+                self.qid,
+                Doorbell::CqHead,
+                Some(old),
+                self.cq.head,
+            )?;
             self.count(rung);
         }
         Ok(n)

@@ -175,40 +175,36 @@ pub(super) struct Doorbells {
     pub shadow: Option<ShadowBuffers>,
 }
 
+/// Which of a queue pair's two doorbells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Doorbell {
+    SqTail,
+    CqHead,
+}
+
 impl Doorbells {
-    pub fn sq_tail(self, qid: u16) -> u64 {
-        DOORBELLS + 2 * u64::from(qid) * self.stride
+    /// The register of queue `qid`'s doorbell `which`.
+    pub fn register(self, qid: u16, which: Doorbell) -> u64 {
+        let index = 2 * u64::from(qid) + u64::from(which == Doorbell::CqHead);
+        DOORBELLS + index * self.stride
     }
 
-    pub fn cq_head(self, qid: u16) -> u64 {
-        DOORBELLS + (2 * u64::from(qid) + 1) * self.stride
-    }
-
-    /// Tells the controller that submission queue `qid`'s tail moved from
+    /// Tells the controller that queue `qid`'s doorbell `which` moved from
     /// `old` to `new` (`old` None: the register is written whatever the
     /// EventIdx says); whether the register was written.
-    pub fn tell_sq_tail<T: Transport>(
+    pub fn tell<T: Transport>(
         self,
         transport: &T,
         qid: u16,
+        which: Doorbell,
         old: Option<u16>,
         new: u16,
     ) -> Result<bool, Error> {
-        let slot = self.shadow.and_then(|s| s.sq(qid));
-        ring_doorbell(transport, self.sq_tail(qid), slot, old, new)
-    }
-
-    /// Tells the controller that completion queue `qid`'s head moved from
-    /// `old` to `new`, as [`Doorbells::tell_sq_tail`] does.
-    pub fn tell_cq_head<T: Transport>(
-        self,
-        transport: &T,
-        qid: u16,
-        old: Option<u16>,
-        new: u16,
-    ) -> Result<bool, Error> {
-        let slot = self.shadow.and_then(|s| s.cq(qid));
-        ring_doorbell(transport, self.cq_head(qid), slot, old, new)
+        let slot = self.shadow.and_then(|s| match which {
+            Doorbell::SqTail => s.sq(qid),
+            Doorbell::CqHead => s.cq(qid),
+        });
+        ring_doorbell(transport, self.register(qid, which), slot, old, new)
     }
 }
 
@@ -284,13 +280,24 @@ mod tests {
             shadow: None,
         };
         assert_eq!(
-            (d.sq_tail(0), d.cq_head(0), d.sq_tail(1), d.cq_head(1)),
+            (
+                d.register(0, Doorbell::SqTail),
+                d.register(0, Doorbell::CqHead),
+                d.register(1, Doorbell::SqTail),
+                d.register(1, Doorbell::CqHead)
+            ),
             (0x1000, 0x1004, 0x1008, 0x100c)
         );
         let d = Doorbells {
             stride: 16,
             shadow: None,
         };
-        assert_eq!((d.sq_tail(1), d.cq_head(1)), (0x1020, 0x1030));
+        assert_eq!(
+            (
+                d.register(1, Doorbell::SqTail),
+                d.register(1, Doorbell::CqHead)
+            ),
+            (0x1020, 0x1030)
+        );
     }
 }
