@@ -4,8 +4,8 @@
 //! them, every completion posted reaped at once with one head doorbell
 //! (each a shadow slot when the controller was given shadow doorbells, and
 //! a register only when its EventIdx asks), and a wait that blocks on the
-//! queue's interrupt rather than polling. Register
-//! accesses go through the shared [`Transport`], which every queue borrows.
+//! queue's interrupt rather than polling. Register accesses go through the
+//! shared [`Transport`], which every queue borrows.
 
 use std::time::{Duration, Instant};
 

@@ -200,7 +200,9 @@ impl From<Error> for Setup {
 /// What Linux does at probe, checking the configuration against what the
 /// controller says: enable it (CAP.MQES against --queue-size), identify it
 /// (MDTS against --bs) and namespace 1 (its block size and write
-/// protection), ask for --queues I/O queue pairs and create them.
+/// protection), ask for --queues I/O queue pairs, hand over the shadow
+/// doorbells if the controller offers them and --doorbells wants them, and
+/// create the pairs.
 fn bring_up(
     driver: &mut Driver<VfioUser>,
     plan: &Plan,
