@@ -11,8 +11,10 @@ use std::process::Command;
 
 use crate::cpio::CpioWriter;
 
-/// The modules every guest loads (with their dependencies) unless built in.
-pub const BASE_MODULES: [&str; 2] = ["virtio_pci", "virtio_blk"];
+/// The modules a guest over virtio-blk loads (with their dependencies)
+/// unless built in. Over NVMe there are none: the nvme driver must be built
+/// in (`kconfig` checks it).
+pub const VIRTIO_BLK_MODULES: [&str; 2] = ["virtio_pci", "virtio_blk"];
 
 /// Where busybox-static installs its binary on Debian.
 pub const BUSYBOX: &str = "/bin/busybox";

@@ -19,7 +19,7 @@ pub mod spec;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::initramfs::BASE_MODULES;
+use crate::initramfs::VIRTIO_BLK_MODULES;
 use spec::{KernelSpec, Source};
 
 /// The kernels `dmaprobe run` boots when none is named.
@@ -247,11 +247,12 @@ impl Kernel {
     }
 }
 
-/// The modules every guest needs (virtio_pci, virtio_blk) that the kernel
-/// configuration `config` builds as modules (`CONFIG_VIRTIO_BLK=m`).
+/// The modules a guest over virtio-blk needs (virtio_pci, virtio_blk) that
+/// the kernel configuration `config` builds as modules
+/// (`CONFIG_VIRTIO_BLK=m`).
 fn modules_needed(config: &Path) -> Result<Vec<&'static str>, KernelError> {
     let text = fs::read_to_string(config).map_err(|e| KernelError::Read(config.to_owned(), e))?;
-    Ok(BASE_MODULES
+    Ok(VIRTIO_BLK_MODULES
         .into_iter()
         .filter(|m| {
             let line = format!("CONFIG_{}=m", m.to_uppercase());

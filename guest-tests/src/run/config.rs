@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::accel::Accel;
 use super::logs::path_component;
+use crate::initramfs::VIRTIO_BLK_MODULES;
 use crate::kernel::Kernel;
 use crate::suite::TestSpec;
 
@@ -146,6 +147,14 @@ impl Transport {
         match self {
             Transport::VirtioBlk => "virtio-blk",
             Transport::Nvme => "nvme",
+        }
+    }
+
+    /// The modules a guest over this transport loads unless built in.
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            Transport::VirtioBlk => &VIRTIO_BLK_MODULES,
+            Transport::Nvme => &[],
         }
     }
 

@@ -51,7 +51,7 @@ use result::Evidence;
 use sampler::Sampler;
 use verdict::judge;
 
-use crate::initramfs::{self, Contents, BASE_MODULES};
+use crate::initramfs::{self, Contents};
 use crate::kconfig::{self, KernelConfig};
 use crate::kernel::{Kernel, Modules};
 use crate::modules::{self, ModuleIndex};
@@ -178,18 +178,17 @@ fn prepare(
             job.skip = kconfig::skip_reason(&kconfig, job.test, job.transport.name());
         }
     }
-    // The initramfs packs the modules of the tests that will boot.
-    let mut booted: Vec<&TestSpec> = Vec::new();
-    for job in jobs.iter().filter(|j| j.skip.is_none()) {
-        if !booted.contains(&job.test) {
-            booted.push(job.test);
-        }
-    }
+    let booted: Vec<&Job> = jobs
+        .iter()
+        .map(|j| &**j)
+        .filter(|j| j.skip.is_none())
+        .collect();
     if booted.is_empty() {
         return Ok(());
     }
     progress(&format!("[{}] building the initramfs", kernel.name));
-    build_initramfs(config, &booted, kernel, scratch, initrd).map_err(|source| {
+    let wanted = modules_wanted(&booted);
+    build_initramfs(config, &wanted, kernel, scratch, initrd).map_err(|source| {
         RunError::Initramfs {
             kernel: kernel.name.clone(),
             source,
@@ -309,25 +308,39 @@ fn kernel_config(kernel: &Kernel, progress: &mut dyn FnMut(&str)) -> Option<Kern
     }
 }
 
-/// The initramfs `kernel` boots for `tests`, at `out`; modules without an
-/// index are indexed in `scratch` first.
+/// The modules the initramfs of `jobs` (the ones that boot) packs: their
+/// transports' (virtio-blk's, unless built in), then their tests', each
+/// once. A run over NVMe alone needs no virtio module, so a kernel built
+/// without virtio-blk runs it.
+fn modules_wanted(jobs: &[&Job]) -> Vec<&'static str> {
+    let transports = jobs.iter().flat_map(|j| j.transport.modules());
+    let tests = jobs.iter().flat_map(|j| j.test.modules);
+    let mut wanted = Vec::new();
+    for &m in transports.chain(tests) {
+        if !wanted.contains(&m) {
+            wanted.push(m);
+        }
+    }
+    wanted
+}
+
+/// The initramfs `kernel` boots, with the modules `wanted` (and their
+/// dependencies, those not built in), at `out`; modules without an index
+/// are indexed in `scratch` first.
 fn build_initramfs(
     config: &RunConfig,
-    tests: &[&TestSpec],
+    wanted: &[&str],
     kernel: &Kernel,
     scratch: &Path,
     out: &Path,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    // Every module the tests need goes into the kernel's one initramfs.
-    let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
-    wanted.extend(tests.iter().flat_map(|t| t.modules.iter().copied()));
     let modules = match &kernel.modules {
-        Some(Modules::Indexed(dir)) => ModuleIndex::load(dir)?.load_order(&wanted)?,
+        Some(Modules::Indexed(dir)) => ModuleIndex::load(dir)?.load_order(wanted)?,
         Some(Modules::Unindexed(dir)) => {
             // depmod wants a release that starts as a version does.
             let release = kernel.release.as_deref().unwrap_or("0.0.0");
             let dir = modules::index_privately(dir, release, scratch)?;
-            ModuleIndex::load(&dir)?.load_order(&wanted)?
+            ModuleIndex::load(&dir)?.load_order(wanted)?
         }
         None => Vec::new(),
     };
@@ -614,6 +627,32 @@ mod tests {
         assert_eq!(verdicts(&config), [Verdict::Error, Verdict::Skip]);
         fs::remove_file(dir.path().join("linux/.config")).unwrap();
         assert_eq!(verdicts(&config), [Verdict::Error, Verdict::Error]);
+    }
+
+    #[test]
+    fn an_nvme_run_packs_no_virtio_module_and_each_module_once() {
+        let kernel = Kernel {
+            name: "k".into(),
+            image: PathBuf::new(),
+            modules: None,
+            release: None,
+        };
+        let job = |transport, test| Job {
+            number: 0,
+            kernel: &kernel,
+            transport,
+            test: suite::find(test).unwrap(),
+            skip: None,
+            initrd: None,
+        };
+        let smoke = job(Transport::Nvme, "smoke");
+        let udf = job(Transport::Nvme, "dio-zeroing-udf");
+        assert_eq!(modules_wanted(&[&smoke, &udf]), ["udf"]);
+        let udf_virtio = job(Transport::VirtioBlk, "dio-zeroing-udf");
+        assert_eq!(
+            modules_wanted(&[&smoke, &udf, &udf_virtio]),
+            ["virtio_pci", "virtio_blk", "udf"]
+        );
     }
 
     #[test]
