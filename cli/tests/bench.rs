@@ -510,10 +510,11 @@ fn nvme_while_another_client_is_connected_says_so() {
 
 /// With shadow doorbells (the default, as Linux takes them) the host
 /// writes no completion head register and a tail register only when the
-/// idle controller asks; with `--doorbells registers`, both for every
-/// command. At one request in flight every command is a batch of its own,
-/// so the counts are exact: the admin queue's commands ring a tail and a
-/// head each.
+/// controller asks (an idle one asks for each; one that has not yet written
+/// its EventIdx after the last command fetches the next from the slot
+/// unasked); with `--doorbells registers`, both for every command. At one
+/// request in flight every command is a batch of its own; the admin
+/// queue's commands ring a tail and a head each.
 #[test]
 fn nvme_shadow_doorbells_spare_the_registers() {
     let s = serve_nvme(&[]);
@@ -542,7 +543,7 @@ fn nvme_shadow_doorbells_spare_the_registers() {
         if how == "shadow" {
             assert_eq!(grew("dbbuf_configs"), 1, "{c:#}");
             assert!(grew("shadow_updates") >= io, "{c:#}");
-            assert_eq!(io_registers, io, "tails only: {c:#}");
+            assert!(0 < io_registers && io_registers <= io, "tails only: {c:#}");
         } else {
             assert_eq!(grew("dbbuf_configs"), 0, "{c:#}");
             assert_eq!(grew("shadow_updates"), 0, "{c:#}");
