@@ -36,6 +36,9 @@ pub struct Driver<T: Transport> {
     sqs: BTreeMap<u16, SubmissionQueue>,
     cqs: BTreeMap<u16, CompletionQueue>,
     doorbells: Doorbells,
+    /// Whether an I/O queue was taken out: it keeps the doorbells it was
+    /// taken with.
+    lent: bool,
     next_cid: u16,
     timeout: Duration,
 }
@@ -52,6 +55,7 @@ impl<T: Transport> Driver<T> {
                 stride: 4,
                 shadow: None,
             },
+            lent: false,
             next_cid: 0,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -206,8 +210,14 @@ impl<T: Transport> Driver<T> {
     /// `buffers`' shadow slots (the controller set each existing queue's to
     /// what it knows). Queues taken out as [`IoQueue`]s afterwards write a
     /// register only when the controller's EventIdx asks; this driver's own
-    /// rings write both. Before any queue is taken out.
+    /// rings write both. Refused once a queue was taken out: it would go on
+    /// writing registers the controller no longer reads.
     pub fn shadow_doorbells(&mut self, buffers: ShadowBuffers) -> Result<(), Error> {
+        if self.lent {
+            return Err(Error::InvalidConfig(
+                "shadow doorbells come before any I/O queue is taken out",
+            ));
+        }
         self.admin_ok(
             "Doorbell Buffer Config",
             command::doorbell_buffer_config(buffers),
@@ -263,6 +273,7 @@ impl<T: Transport> Driver<T> {
         let (Some(sq), Some(cq)) = (self.sqs.remove(&qid), self.cqs.remove(&qid)) else {
             return Err(no_cq(qid));
         };
+        self.lent = true;
         Ok(IoQueue::new(qid, sq, cq, self.doorbells))
     }
 

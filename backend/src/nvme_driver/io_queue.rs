@@ -416,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_pair_of_its_own_is_taken() {
+    fn only_a_pair_of_its_own_is_taken_and_shadow_doorbells_come_first() {
         let (mut driver, _q, _handler) = queue();
         assert!(matches!(
             driver.take_io_queue(1),
@@ -424,6 +424,15 @@ mod tests {
         ));
         assert!(matches!(
             driver.take_io_queue(0),
+            Err(Error::InvalidConfig(_))
+        ));
+        // A queue taken out keeps ringing registers: no shadow doorbells now.
+        let buffers = ShadowBuffers {
+            doorbells: Gpa(0x4000),
+            event_idx: Gpa(0x5000),
+        };
+        assert!(matches!(
+            driver.shadow_doorbells(buffers),
             Err(Error::InvalidConfig(_))
         ));
     }
