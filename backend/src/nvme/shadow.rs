@@ -228,14 +228,19 @@ mod tests {
     use crate::nvme::command::{admin_op, io_op};
     use crate::nvme::controller::{csts, reg, DOORBELLS};
     use crate::nvme::test_utils::*;
+    use crate::nvme_driver::command::doorbell_buffer_config;
     use crate::nvme_driver::ring_doorbell;
 
     /// Where the tests keep the two buffers.
     const DBS: u64 = 0x9_0000;
     const EIS: u64 = 0x9_1000;
 
+    /// The command as the driver builds it, with any two addresses.
     fn config(dbs: u64, eis: u64) -> Sqe {
-        Sqe::new(admin_op::DOORBELL_BUFFER_CONFIG, 0).with_prps(dbs, eis)
+        doorbell_buffer_config(ShadowBuffers {
+            doorbells: Gpa(dbs),
+            event_idx: Gpa(eis),
+        })
     }
 
     fn read(cid: u16) -> Sqe {
